@@ -1,0 +1,318 @@
+"""EPLBConfig: every EPLB key, its default and meaning, validated in one place.
+
+Seed keys keep their seed names (SwiftBalancer / xLLM); our own keys start with ``eplb_``.  Every key is
+also a command-line flag: the key in kebab case (``--dynamic-eplb``, ``--eplb-policy``).
+
+Sources, lowest to highest precedence: defaults, ds_config ``"eplb"`` section, YAML file
+(``--eplb-config``), the seed-style JSON string (``--additional-config``), individual flags.
+Unknown keys are errors that name the closest valid key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EPLBConfig", "EPLBConfigError", "add_eplb_args", "POLICIES"]
+
+POLICIES = ("auto", "greedy", "hierarchical", "low_churn", "deepseek")
+REPLICA_DISPATCH = ("even", "local_first")
+NODE_LOCALITY = ("relaxed", "strict")
+
+
+class EPLBConfigError(ValueError):
+    """An EPLB configuration key is unknown, has a wrong type or value, or does not fit the model."""
+
+
+def _key(default: Any, doc: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"doc": doc, **meta})
+
+
+@dataclass
+class EPLBConfig:
+    """Expert-parallel load balancing settings (one object for training and inference)."""
+
+    dynamic_eplb: bool = _key(False, "Rebalance while running (record, plan, move, commit).")
+    num_iterations_eplb_update: int = _key(400, "Steps between rebalances.", min=1)
+    num_wait_worker_iterations: int = _key(
+        30, "Steps the policy worker gets before its plan is awaited (bounded by eplb_worker_timeout).", min=0
+    )
+    gate_eplb: bool = _key(False, "Rebalance only once, then keep that placement.")
+    expert_map_path: str | None = _key(
+        None, "Start from (static) placement in this expert-map JSON file (record one with expert_map_record_path)."
+    )
+    expert_map_record_path: str | None = _key(
+        None, "Write the placement and the [L, E] load heat map here whenever a rebalance completes."
+    )
+    init_redundancy_expert: int = _key(
+        0, "Redundant physical slots per layer at start (R); (num_experts + R) must divide by the EP size.", min=0
+    )
+    eplb_update_interval: float | None = _key(
+        None, "Seconds between rebalances (alternative to num_iterations_eplb_update; whichever comes first).", gt=0
+    )
+    eplb_update_threshold: float | None = _key(
+        None,
+        "Re-plan a layer only if cosine similarity(new load, load at its last update) < threshold (None: every layer).",
+        min=0,
+        max=1,
+    )
+    eplb_policy: str = _key("auto", "Placement policy: " + ", ".join(POLICIES) + ".", choices=POLICIES)
+    eplb_num_nodes: int = _key(1, "Nodes the EP group spans (node-aware placement when > 1).", min=1)
+    eplb_num_groups: int = _key(1, "Expert groups (group-limited routing) for node-aware placement.", min=1)
+    eplb_node_locality: str = _key(
+        "relaxed",
+        "Node-aware placement: 'strict' keeps every copy on its group's node, 'relaxed' only the primary copy.",
+        choices=NODE_LOCALITY,
+    )
+    eplb_window_size: int = _key(100, "Steps of load kept in the sliding window the planner sees.", min=1)
+    eplb_worker_timeout: float = _key(
+        30.0, "Seconds the awaited plan may be late before this rebalance is skipped.", gt=0
+    )
+    eplb_layers_per_step: int = _key(1, "MoE layers transferred and committed per step.", min=1)
+    eplb_churn_weight: float = _key(
+        0.01,
+        "Moves-vs-balance knob: a move must cut the hottest rank's load by at least this fraction of the mean "
+        "rank load (0 = chase balance, larger = fewer moves).",
+        min=0,
+    )
+    eplb_replica_dispatch: str = _key(
+        "even", "How tokens of a replicated expert pick a copy: 'even' round-robin or 'local_first'.",
+        choices=REPLICA_DISPATCH,
+    )
+    eplb_log_interval: int = _key(10, "Steps between metric logs.", min=1)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, _check_value(f, getattr(self, f.name)))
+        if self.expert_map_path is not None and not Path(self.expert_map_path).is_file():
+            raise EPLBConfigError(
+                f"expert_map_path={self.expert_map_path!r} does not exist; record a map first by running with "
+                "expert_map_record_path set (or `megatron-eplb plan ... --out MAP.json`)"
+            )
+
+    # --------------------------------------------------------------- sources
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, base: EPLBConfig | None = None, source: str = "config") -> EPLBConfig:
+        """Build from a mapping; keys must be valid (an unknown key names the closest one)."""
+        data = dict(data or {})
+        _check_keys(data, source)
+        merged = {**(dataclasses.asdict(base) if base is not None else {}), **data}
+        try:
+            return cls(**merged)
+        except EPLBConfigError as exc:
+            raise EPLBConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str, *, base: EPLBConfig | None = None) -> EPLBConfig:
+        """The seed-style ``--additional-config`` JSON string, e.g. ``'{"dynamic_eplb": true}'``."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise EPLBConfigError(f"--additional-config is not valid JSON ({exc}): {text!r:.120}") from None
+        if not isinstance(data, dict):
+            raise EPLBConfigError(f"--additional-config must be a JSON object, got {type(data).__name__}")
+        if isinstance(data.get("eplb"), dict):
+            data = data["eplb"]
+        return cls.from_dict(data, base=base, source="--additional-config")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, *, base: EPLBConfig | None = None) -> EPLBConfig:
+        """A Megatron-style YAML file: an ``eplb:`` section, or EPLB keys at the top level.
+
+        Within an ``eplb:`` section every key must be valid.  At the top level, keys that belong to
+        Megatron are ignored, but a key that looks like an EPLB key and is not one is an error.
+        """
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise EPLBConfigError(f"EPLB config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise EPLBConfigError(f"{path}: malformed YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise EPLBConfigError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
+        if "eplb" in data:
+            section = data["eplb"] or {}
+            if not isinstance(section, dict):
+                raise EPLBConfigError(f"{path}: the 'eplb' section must be a mapping")
+            return cls.from_dict(section, base=base, source=str(path))
+        known = set(cls.keys())
+        picked = {}
+        for key, value in data.items():
+            if key in known:
+                picked[key] = value
+            elif _looks_like_eplb_key(str(key)):
+                _check_keys({key: value}, str(path))
+        return cls.from_dict(picked, base=base, source=str(path))
+
+    @classmethod
+    def from_ds_config(cls, ds_config: dict | str | os.PathLike | None, *, base: EPLBConfig | None = None) -> EPLBConfig:
+        """The ``"eplb"`` section of a DeepSpeed config (a dict or a JSON file path)."""
+        if ds_config is None:
+            return base if base is not None else cls()
+        if not isinstance(ds_config, dict):
+            path = Path(ds_config)
+            if not path.is_file():
+                raise EPLBConfigError(f"ds_config {str(path)!r} does not exist")
+            ds_config = json.loads(path.read_text())
+        section = ds_config.get("eplb", {}) or {}
+        if not isinstance(section, dict):
+            raise EPLBConfigError("ds_config: the 'eplb' section must be an object")
+        return cls.from_dict(section, base=base, source="ds_config 'eplb'")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, ds_config: dict | str | None = None) -> EPLBConfig:
+        """All sources with their precedence: defaults < ds_config < YAML < --additional-config < flags."""
+        cfg = cls.from_ds_config(ds_config)
+        yaml_path = getattr(args, "eplb_config", None)
+        if yaml_path:
+            cfg = cls.from_yaml(yaml_path, base=cfg)
+        extra = getattr(args, "additional_config", None)
+        if extra:
+            cfg = cls.from_json(extra, base=cfg)
+        flags = {k: getattr(args, k) for k in cls.keys() if getattr(args, k, None) is not None}
+        return cls.from_dict(flags, base=cfg, source="command-line flags")
+
+    # ---------------------------------------------------------------- output
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **changes: Any) -> EPLBConfig:
+        return self.from_dict(changes, base=self, source="replace()")
+
+    # ------------------------------------------------------- model-dependent
+    def validate_for(self, num_layers: int, num_experts: int, ep_size: int, num_nodes: int = 1) -> EPLBConfig:
+        """Check what needs the model: redundancy divides, topology fits, a given map matches."""
+        r = self.init_redundancy_expert
+        if (num_experts + r) % ep_size:
+            from .placement import nearest_valid_redundancy
+
+            raise EPLBConfigError(
+                f"init_redundancy_expert={r}: {num_experts} experts + {r} redundant = {num_experts + r} slots do "
+                f"not divide over EP size {ep_size}; use one of {nearest_valid_redundancy(num_experts, ep_size, r)}"
+            )
+        nodes = max(num_nodes, self.eplb_num_nodes)
+        if ep_size % nodes:
+            raise EPLBConfigError(f"eplb_num_nodes={nodes} does not divide the EP size {ep_size}")
+        if num_experts % self.eplb_num_groups:
+            raise EPLBConfigError(
+                f"eplb_num_groups={self.eplb_num_groups} does not divide the {num_experts} experts"
+            )
+        if self.eplb_num_groups > 1 and self.eplb_num_groups % nodes:
+            raise EPLBConfigError(
+                f"eplb_num_groups={self.eplb_num_groups} must be a multiple of eplb_num_nodes={nodes}"
+            )
+        if self.expert_map_path is not None:
+            from .placement import ExpertMapError, ExpertPlacement
+
+            try:
+                ExpertPlacement.from_json(self.expert_map_path, allow_same_rank_copies=True).validate(
+                    num_layers=num_layers, num_experts=num_experts, num_ranks=ep_size
+                )
+            except ExpertMapError as exc:
+                raise EPLBConfigError(f"expert_map_path={self.expert_map_path!r}: {exc}") from None
+        return self
+
+    @property
+    def rebalancing(self) -> bool:
+        """Whether placements change while running."""
+        return self.dynamic_eplb
+
+
+def _looks_like_eplb_key(key: str) -> bool:
+    k = key.lower().replace("-", "_")
+    if any(t in k for t in ("eplb", "expert_map", "redundan")):
+        return True
+    return bool(difflib.get_close_matches(k, EPLBConfig.keys(), n=1, cutoff=0.85))
+
+
+def _check_keys(data: dict, source: str) -> None:
+    valid = EPLBConfig.keys()
+    for key in data:
+        if key not in valid:
+            norm = str(key).replace("-", "_").lstrip("_")
+            close = difflib.get_close_matches(norm, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+            raise EPLBConfigError(f"{source}: unknown EPLB key {key!r}{hint}")
+
+
+def _check_value(f: dataclasses.Field, value: Any) -> Any:
+    meta = f.metadata
+    name = f.name
+    kind = f.type if isinstance(f.type, str) else str(f.type)
+    optional = "None" in kind
+    if value is None:
+        if optional:
+            return None
+        raise EPLBConfigError(f"{name} must not be None")
+    if kind.startswith("bool"):
+        if not isinstance(value, bool):
+            raise EPLBConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if kind.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise EPLBConfigError(f"{name} must be an integer, got {value!r}")
+    elif kind.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EPLBConfigError(f"{name} must be a number, got {value!r}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise EPLBConfigError(f"{name} must be finite, got {value!r}")
+    elif kind.startswith("str"):
+        if not isinstance(value, (str, os.PathLike)):
+            raise EPLBConfigError(f"{name} must be a string, got {value!r}")
+        value = os.fspath(value)
+        if "choices" in meta and value not in meta["choices"]:
+            close = difflib.get_close_matches(value, meta["choices"], n=1, cutoff=0.4)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise EPLBConfigError(f"{name}={value!r} is not one of {', '.join(meta['choices'])}{hint}")
+        if not value:
+            raise EPLBConfigError(f"{name} must not be empty")
+    if "min" in meta and value < meta["min"]:
+        raise EPLBConfigError(f"{name}={value!r} must be >= {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise EPLBConfigError(f"{name}={value!r} must be <= {meta['max']}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise EPLBConfigError(f"{name}={value!r} must be > {meta['gt']}")
+    return value
+
+
+def add_eplb_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add every EPLB key as a flag (``--dynamic-eplb``, ``--eplb-policy`` ...), plus ``--eplb-config FILE``
+    and ``--additional-config JSON``.  Flags default to None so that only given flags override."""
+    group = parser.add_argument_group("EPLB (expert-parallel load balancing)")
+    for f in fields(EPLBConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        doc = f"{f.metadata['doc']} (default: {f.default})"
+        if kind.startswith("bool"):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=doc)
+        elif kind.startswith("int"):
+            group.add_argument(flag, dest=f.name, type=int, default=None, help=doc)
+        elif kind.startswith("float"):
+            group.add_argument(flag, dest=f.name, type=float, default=None, help=doc)
+        else:
+            group.add_argument(flag, dest=f.name, type=str, default=None, choices=f.metadata.get("choices"), help=doc)
+    group.add_argument("--eplb-config", dest="eplb_config", default=None, help="Megatron-style YAML with EPLB keys")
+    group.add_argument(
+        "--additional-config", dest="additional_config", default=None, help="seed-style JSON string of EPLB keys"
+    )
+    return parser

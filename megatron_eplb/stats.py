@@ -1,0 +1,189 @@
+"""Load statistics: rank loads, balancedness, imbalance ratio, churn, similarity, load files.
+
+Pure functions over numpy arrays (torch tensors are accepted and converted).  Shapes: ``L`` layers,
+``E`` logical experts, ``P`` physical slots per layer, ``N`` ranks.
+
+Balancedness of a layer = mean rank load / max rank load (1.0 is perfect); the two aggregates used in the
+field are the mean over layers of that ratio and ``sum(mean) / sum(max)``.  The seeds' metric
+``expert_load_balance_ratio`` is max / mean.  A logical expert's load splits evenly over its copies (the
+default dispatch) unless measured per-slot loads are given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .placement import ExpertPlacement
+
+__all__ = [
+    "balancedness",
+    "balance_summary",
+    "expert_load_balance_ratio",
+    "load_similarity",
+    "moved_slots",
+    "moved_bytes",
+    "rank_loads",
+    "read_load_file",
+    "slot_loads_from_logical",
+]
+
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def slot_loads_from_logical(phy2log: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """Split each logical expert's load evenly over its copies.
+
+    Args:
+        phy2log: int ``[L, P]`` (``-1`` = empty slot).
+        load: float ``[L, E]`` tokens per logical expert.
+    Returns:
+        float64 ``[L, P]`` load of each physical slot (0 for empty slots).
+    """
+    phy2log = np.asarray(phy2log, dtype=np.int64)
+    load = _np(load)
+    if load.shape[0] != phy2log.shape[0]:
+        raise ValueError(f"load has {load.shape[0]} layers, placement has {phy2log.shape[0]}")
+    num_layers, num_experts = load.shape
+    valid = phy2log >= 0
+    rows = np.broadcast_to(np.arange(num_layers)[:, None], phy2log.shape)
+    counts = np.zeros((num_layers, num_experts), dtype=np.float64)
+    np.add.at(counts, (rows[valid], phy2log[valid]), 1.0)
+    safe = np.where(valid, phy2log, 0)
+    per_copy = np.divide(load, counts, out=np.zeros_like(load), where=counts > 0)
+    return np.where(valid, np.take_along_axis(per_copy, safe, axis=1), 0.0)
+
+
+def rank_loads(placement: ExpertPlacement, load: np.ndarray, *, per_slot: bool = False) -> np.ndarray:
+    """Load of every rank.
+
+    Args:
+        placement: the placement (``[L, P]`` slots on ``N`` ranks).
+        load: float ``[L, E]`` per logical expert (split evenly over copies), or with ``per_slot=True``
+            measured ``[L, P]`` per physical slot.
+    Returns:
+        float64 ``[L, N]``.
+    """
+    slot_load = _np(load) if per_slot else slot_loads_from_logical(placement.phy2log, load)
+    if slot_load.shape != placement.phy2log.shape:
+        raise ValueError(f"slot load shape {slot_load.shape} does not match placement {placement.phy2log.shape}")
+    num_layers = slot_load.shape[0]
+    return slot_load.reshape(num_layers, placement.num_ranks, placement.slots_per_rank).sum(axis=2)
+
+
+def balancedness(rank_load: np.ndarray, active_ranks: np.ndarray | None = None) -> np.ndarray:
+    """Per-layer balancedness = mean rank load / max rank load.
+
+    Args:
+        rank_load: float ``[L, N]``.
+        active_ranks: optional bool ``[N]``; excluded ranks (no slots) do not count in the mean.
+    Returns:
+        float64 ``[L]``; a layer with no load is 1.0.
+    """
+    rank_load = _np(rank_load)
+    if active_ranks is not None:
+        rank_load = rank_load[:, np.asarray(active_ranks, dtype=bool)]
+    mean = rank_load.mean(axis=1)
+    peak = rank_load.max(axis=1)
+    return np.divide(mean, peak, out=np.ones_like(mean), where=peak > 0)
+
+
+def expert_load_balance_ratio(rank_load: np.ndarray) -> np.ndarray:
+    """The seeds' per-layer imbalance: max rank load / mean rank load. ``[L, N]`` -> ``[L]`` (>= 1)."""
+    rank_load = _np(rank_load)
+    mean = rank_load.mean(axis=1)
+    return np.divide(rank_load.max(axis=1), mean, out=np.ones_like(mean), where=mean > 0)
+
+
+def balance_summary(placement: ExpertPlacement, load: np.ndarray, *, per_slot: bool = False) -> dict:
+    """Balancedness of ``placement`` under ``load`` with both aggregates.
+
+    Returns a dict: ``per_layer`` (list ``[L]``), ``mean`` (mean over layers of mean/max),
+    ``sum_ratio`` (sum of means / sum of maxes), ``max_over_mean`` (mean over layers of max/mean).
+    """
+    rl = rank_loads(placement, load, per_slot=per_slot)
+    active = np.ones(placement.num_ranks, dtype=bool)
+    active[list(placement.excluded_ranks)] = False
+    rl = rl[:, active]
+    per_layer = balancedness(rl)
+    peak = rl.max(axis=1).sum()
+    return {
+        "per_layer": per_layer.tolist(),
+        "mean": float(per_layer.mean()),
+        "sum_ratio": float(rl.mean(axis=1).sum() / peak) if peak > 0 else 1.0,
+        "max_over_mean": float(expert_load_balance_ratio(rl).mean()),
+    }
+
+
+def moved_slots(old: ExpertPlacement, new: ExpertPlacement) -> np.ndarray:
+    """Churn per layer: slots of ``new`` whose expert is not already on that rank in ``old``.
+
+    Slots that only change position within a rank are not moves; empty new slots never count.
+    Returns int64 ``[L]``.
+    """
+    if old.phy2log.shape != new.phy2log.shape or old.num_ranks != new.num_ranks:
+        raise ValueError(
+            f"placements differ in shape: {old.phy2log.shape} on {old.num_ranks} ranks vs "
+            f"{new.phy2log.shape} on {new.num_ranks} ranks"
+        )
+    num_layers = old.num_layers
+    n, s = old.num_ranks, old.slots_per_rank
+    e = max(old.num_experts, new.num_experts)
+    held = np.zeros((num_layers, n, e + 1), dtype=bool)
+    old_r = old.phy2log.reshape(num_layers, n, s)
+    li, ri, _ = np.indices(old_r.shape)
+    held[li, ri, np.where(old_r >= 0, old_r, e)] = True
+    new_r = new.phy2log.reshape(num_layers, n, s)
+    present = held[li, ri, np.where(new_r >= 0, new_r, e)]
+    return ((~present) & (new_r >= 0)).sum(axis=(1, 2)).astype(np.int64)
+
+
+def moved_bytes(old: ExpertPlacement, new: ExpertPlacement, bytes_per_slot: int) -> int:
+    """Bytes a switch from ``old`` to ``new`` transfers (moved slots x bytes of one slot's tensors)."""
+    return int(moved_slots(old, new).sum()) * int(bytes_per_slot)
+
+
+def load_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-layer cosine similarity of two load matrices (xLLM's update test).
+
+    Args: a, b: float ``[L, E]``. Returns float64 ``[L]``; 1.0 where either row is all zero.
+    """
+    a, b = _np(a), _np(b)
+    if a.shape != b.shape:
+        raise ValueError(f"load shapes differ: {a.shape} vs {b.shape}")
+    dot = (a * b).sum(axis=1)
+    norm = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.divide(dot, norm, out=np.ones_like(dot), where=norm > 0)
+
+
+def read_load_file(path: str | os.PathLike, *, keep_dense_rows: bool = False) -> np.ndarray:
+    """Read a load heat map ``{"logical_count": [[...]]}`` (or an expert map with ``expert_load``).
+
+    All-zero rows are dense layers and are dropped (MoE layer ids count MoE layers only).
+    Returns float64 ``[L, E]``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: malformed JSON ({exc})") from None
+    key = "logical_count" if "logical_count" in data else "expert_load" if "expert_load" in data else None
+    if key is None:
+        raise ValueError(f"{path}: expected a 'logical_count' (or 'expert_load') [layers, experts] array")
+    load = np.asarray(data[key], dtype=np.float64)
+    if load.ndim != 2:
+        raise ValueError(f"{path}: {key} must be 2-D [layers, experts], got shape {load.shape}")
+    if not np.isfinite(load).all() or (load < 0).any():
+        raise ValueError(f"{path}: {key} has negative or non-finite entries")
+    if not keep_dense_rows:
+        load = load[load.sum(axis=1) > 0]
+    return load

@@ -29,7 +29,7 @@ def cmd_validate_map(args: argparse.Namespace) -> int:
         placement = ExpertPlacement.from_json(args.map, allow_same_rank_copies=args.allow_same_rank_copies)
         placement.validate(num_layers=args.num_layers, num_experts=args.num_experts, num_ranks=args.ep_size)
     except ExpertMapError as exc:
-        print(f"INVALID {args.map}: {exc}")
+        print(f"INVALID {exc}")
         return 1
     print(
         f"OK {args.map}: {placement.num_layers} MoE layers, {placement.num_experts} logical experts, "

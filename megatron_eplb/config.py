@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .placement import ExpertMapError, ExpertPlacement, nearest_valid_redundancy
+
 __all__ = ["EPLBConfig", "EPLBConfigError", "add_eplb_args", "POLICIES"]
 
 POLICIES = ("auto", "greedy", "hierarchical", "low_churn", "deepseek")
@@ -198,10 +200,15 @@ class EPLBConfig:
     # ------------------------------------------------------- model-dependent
     def validate_for(self, num_layers: int, num_experts: int, ep_size: int, num_nodes: int = 1) -> EPLBConfig:
         """Check what needs the model: redundancy divides, topology fits, a given map matches."""
+        if self.expert_map_path is not None:  # the map fixes the redundancy
+            try:
+                ExpertPlacement.from_json(self.expert_map_path, allow_same_rank_copies=True).validate(
+                    num_layers=num_layers, num_experts=num_experts, num_ranks=ep_size
+                )
+            except ExpertMapError as exc:
+                raise EPLBConfigError(f"expert_map_path={self.expert_map_path!r}: {exc}") from None
         r = self.init_redundancy_expert
-        if (num_experts + r) % ep_size:
-            from .placement import nearest_valid_redundancy
-
+        if self.expert_map_path is None and (num_experts + r) % ep_size:
             raise EPLBConfigError(
                 f"init_redundancy_expert={r}: {num_experts} experts + {r} redundant = {num_experts + r} slots do "
                 f"not divide over EP size {ep_size}; use one of {nearest_valid_redundancy(num_experts, ep_size, r)}"
@@ -217,15 +224,6 @@ class EPLBConfig:
             raise EPLBConfigError(
                 f"eplb_num_groups={self.eplb_num_groups} must be a multiple of eplb_num_nodes={nodes}"
             )
-        if self.expert_map_path is not None:
-            from .placement import ExpertMapError, ExpertPlacement
-
-            try:
-                ExpertPlacement.from_json(self.expert_map_path, allow_same_rank_copies=True).validate(
-                    num_layers=num_layers, num_experts=num_experts, num_ranks=ep_size
-                )
-            except ExpertMapError as exc:
-                raise EPLBConfigError(f"expert_map_path={self.expert_map_path!r}: {exc}") from None
         return self
 
     @property

@@ -1,0 +1,61 @@
+"""`megatron-eplb validate-map` and `inspect`."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_eplb.cli import main
+from megatron_eplb.placement import ExpertPlacement
+
+REAL = Path(__file__).resolve().parents[2] / "shared/data/real_traces/sglang_deepseek_v3"
+
+
+@pytest.fixture
+def map_file(tmp_path):
+    path = tmp_path / "map.json"
+    ExpertPlacement.default(3, 8, 2, 2).to_json(path)
+    return path
+
+
+def test_validate_map_ok_and_mismatch(map_file, capsys):
+    assert main(["validate-map", str(map_file), "--num-layers", "3", "--num-experts", "8", "--ep-size", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("OK") and "2 redundant" in out[0]
+    assert main(["validate-map", str(map_file), "--ep-size", "4"]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("INVALID") and "expert-parallel size is 4" in out[0]
+
+
+def test_validate_map_names_the_first_problem(tmp_path, capsys):
+    data = json.loads(ExpertPlacement.default(2, 4, 2, 2).to_json())
+    data["layer_list"][1]["device_list"][1]["device_expert"] = [3, 3, 1]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    assert main(["validate-map", str(path)]) == 1
+    assert "layer 1 rank 1 slot 1: a second copy of expert 3" in capsys.readouterr().out
+    assert main(["validate-map", str(tmp_path / "missing.json")]) == 1
+    assert "does not exist" in capsys.readouterr().out
+
+
+def test_inspect_with_load(map_file, tmp_path, capsys):
+    load = tmp_path / "load.json"
+    load.write_text(json.dumps({"logical_count": [[0] * 8] + [list(range(1, 9))] * 3}))
+    assert main(["inspect", str(map_file), "--load", str(load)]) == 0
+    out = capsys.readouterr().out
+    assert "0x2, 1x2" in out and "balancedness: mean over layers" in out
+    bad = tmp_path / "bad_load.json"
+    bad.write_text(json.dumps({"logical_count": [list(range(1, 9))] * 2}))
+    assert main(["inspect", str(map_file), "--load", str(bad)]) == 2
+    assert "load has shape [2, 8] but the map has 3 MoE layers" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/real_traces not present")
+def test_inspect_real_trace(tmp_path, capsys):
+    path = tmp_path / "map.json"
+    ExpertPlacement.default(58, 256, 32, 32).to_json(path)
+    assert main(["inspect", str(path), "--load", str(REAL / "prefill_in512.json")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    mean = float(line.split("mean over layers ")[1].split(",")[0])
+    assert 0.2 < mean < 0.8  # the default contiguous layout is badly balanced on real loads

@@ -1,0 +1,43 @@
+"""`megatron_eplb.patches` imports both from the installed package and from a source checkout (DESIGN §3)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE = "import megatron_eplb.patches as p, megatron_eplb as m; print(p.__file__); print(m.__file__)"
+
+
+def _run(cwd):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", CODE], cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_import_from_checkout():
+    patches, package = _run(ROOT)
+    assert Path(patches) == ROOT / "patches" / "__init__.py"
+    assert Path(package) == ROOT / "megatron_eplb" / "__init__.py"
+
+
+def test_import_from_installed_package(tmp_path):
+    probe = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; s = u.find_spec('megatron_eplb'); print(s.origin if s else '')"],
+        cwd=tmp_path, capture_output=True, text=True,
+    ).stdout.strip()
+    if not probe or Path(probe).is_relative_to(ROOT / "megatron_eplb"):
+        pytest.skip("megatron_eplb is not installed (run `make test`, which installs it)")
+    patches, package = _run(tmp_path)
+    assert "site-packages" in patches and patches.endswith(os.path.join("megatron_eplb", "patches", "__init__.py"))
+    assert "site-packages" in package
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "megatron-eplb"
+    if not script.exists():
+        pytest.skip("console script not installed (run `make test`)")
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "validate-map" in out and "inspect" in out

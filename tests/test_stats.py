@@ -1,0 +1,66 @@
+"""Balancedness, imbalance ratio, churn, similarity and load files (DESIGN §5)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from megatron_eplb import stats
+from megatron_eplb.placement import ExpertPlacement
+
+
+def test_balancedness_splits_a_replicated_expert_evenly():
+    # 2 ranks x 3 slots, 4 experts; expert 0 (load 6) has copies on both ranks.
+    p = ExpertPlacement(np.array([[0, 1, 2, 0, 3, 3]]), 2, 4, allow_same_rank_copies=True)
+    load = np.array([[6.0, 1.0, 2.0, 4.0]])
+    np.testing.assert_allclose(stats.slot_loads_from_logical(p.phy2log, load), [[3, 1, 2, 3, 2, 2]])
+    rl = stats.rank_loads(p, load)
+    np.testing.assert_allclose(rl, [[6.0, 7.0]])
+    np.testing.assert_allclose(stats.balancedness(rl), [6.5 / 7.0])
+    np.testing.assert_allclose(stats.expert_load_balance_ratio(rl), [7.0 / 6.5])
+
+
+def test_aggregates_are_reduced_over_the_right_axis():
+    p = ExpertPlacement.default(2, 4, 2)
+    load = np.array([[1.0, 1.0, 1.0, 1.0], [3.0, 3.0, 1.0, 1.0]])  # layer 0 perfect, layer 1 6 vs 2
+    s = stats.balance_summary(p, load)
+    np.testing.assert_allclose(s["per_layer"], [1.0, 4.0 / 6.0])
+    assert s["mean"] == pytest.approx((1.0 + 4.0 / 6.0) / 2)
+    assert s["sum_ratio"] == pytest.approx((2.0 + 4.0) / (2.0 + 6.0))
+    assert s["max_over_mean"] == pytest.approx((1.0 + 1.5) / 2)
+
+
+def test_measured_per_slot_loads():
+    p = ExpertPlacement(np.array([[0, 1, 0, 2]]), 2, 3)
+    s = stats.balance_summary(p, np.array([[5.0, 1.0, 2.0, 2.0]]), per_slot=True)
+    assert s["mean"] == pytest.approx(5.0 / 6.0)
+
+
+def test_excluded_ranks_do_not_count_in_the_mean():
+    p = ExpertPlacement(np.array([[0, 1, 2, 3, -1, -1]]), 3, 4)
+    assert stats.balance_summary(p, np.ones((1, 4)))["mean"] == pytest.approx(1.0)
+
+
+def test_moved_slots_ignore_moves_within_a_rank():
+    old = ExpertPlacement(np.array([[0, 1, 2, 3], [0, 1, 2, 3]]), 2, 4)
+    new = ExpertPlacement(np.array([[1, 0, 3, 2], [0, 2, 1, 3]]), 2, 4)
+    assert stats.moved_slots(old, new).tolist() == [0, 2]
+    assert stats.moved_bytes(old, new, 100) == 200
+    assert stats.moved_slots(old, old).tolist() == [0, 0]
+
+
+def test_similarity():
+    a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    b = np.array([[0.0, 1.0], [2.0, 2.0], [1.0, 1.0]])
+    np.testing.assert_allclose(stats.load_similarity(a, b), [0.0, 1.0, 1.0])
+
+
+def test_read_load_file_drops_dense_rows(tmp_path):
+    path = tmp_path / "load.json"
+    path.write_text(json.dumps({"logical_count": [[0, 0, 0], [1, 2, 3], [0, 0, 0], [4, 5, 6]]}))
+    np.testing.assert_array_equal(stats.read_load_file(path), [[1, 2, 3], [4, 5, 6]])
+    path.write_text(json.dumps({"logical_count": [[1, -2, 3]]}))
+    with pytest.raises(ValueError, match="negative or non-finite"):
+        stats.read_load_file(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        stats.read_load_file(tmp_path / "none.json")

@@ -39,4 +39,11 @@ _register_checkout_patches()
 from .config import EPLBConfig, EPLBConfigError, add_eplb_args  # noqa: E402
 from .placement import ExpertMapError, ExpertPlacement  # noqa: E402
 
-__all__ = ["EPLBConfig", "EPLBConfigError", "ExpertMapError", "ExpertPlacement", "add_eplb_args", "__version__"]
+__all__ = [
+    "EPLBConfig",
+    "EPLBConfigError",
+    "ExpertMapError",
+    "ExpertPlacement",
+    "add_eplb_args",
+    "__version__",
+]

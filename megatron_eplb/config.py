@@ -47,16 +47,21 @@ class EPLBConfig:
     )
     gate_eplb: bool = _key(False, "Rebalance only once, then keep that placement.")
     expert_map_path: str | None = _key(
-        None, "Start from (static) placement in this expert-map JSON file (record one with expert_map_record_path)."
+        None,
+        "Start from (static) placement in this expert-map JSON file (record one with expert_map_record_path).",
     )
     expert_map_record_path: str | None = _key(
         None, "Write the placement and the [L, E] load heat map here whenever a rebalance completes."
     )
     init_redundancy_expert: int = _key(
-        0, "Redundant physical slots per layer at start (R); (num_experts + R) must divide by the EP size.", min=0
+        0,
+        "Redundant physical slots per layer at start (R); (num_experts + R) must divide by the EP size.",
+        min=0,
     )
     eplb_update_interval: float | None = _key(
-        None, "Seconds between rebalances (alternative to num_iterations_eplb_update; whichever comes first).", gt=0
+        None,
+        "Seconds between rebalances (alternative to num_iterations_eplb_update; whichever comes first).",
+        gt=0,
     )
     eplb_update_threshold: float | None = _key(
         None,
@@ -84,7 +89,8 @@ class EPLBConfig:
         min=0,
     )
     eplb_replica_dispatch: str = _key(
-        "even", "How tokens of a replicated expert pick a copy: 'even' round-robin or 'local_first'.",
+        "even",
+        "How tokens of a replicated expert pick a copy: 'even' round-robin or 'local_first'.",
         choices=REPLICA_DISPATCH,
     )
     eplb_log_interval: int = _key(10, "Steps between metric logs.", min=1)
@@ -104,7 +110,9 @@ class EPLBConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, *, base: EPLBConfig | None = None, source: str = "config") -> EPLBConfig:
+    def from_dict(
+        cls, data: dict[str, Any] | None, *, base: EPLBConfig | None = None, source: str = "config"
+    ) -> EPLBConfig:
         """Build from a mapping; keys must be valid (an unknown key names the closest one)."""
         data = dict(data or {})
         _check_keys(data, source)
@@ -160,7 +168,9 @@ class EPLBConfig:
         return cls.from_dict(picked, base=base, source=str(path))
 
     @classmethod
-    def from_ds_config(cls, ds_config: dict | str | os.PathLike | None, *, base: EPLBConfig | None = None) -> EPLBConfig:
+    def from_ds_config(
+        cls, ds_config: dict | str | os.PathLike | None, *, base: EPLBConfig | None = None
+    ) -> EPLBConfig:
         """The ``"eplb"`` section of a DeepSpeed config (a dict or a JSON file path)."""
         if ds_config is None:
             return base if base is not None else cls()
@@ -302,15 +312,24 @@ def add_eplb_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         kind = str(f.type)
         doc = f"{f.metadata['doc']} (default: {f.default})"
         if kind.startswith("bool"):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=doc)
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=doc
+            )
         elif kind.startswith("int"):
             group.add_argument(flag, dest=f.name, type=int, default=None, help=doc)
         elif kind.startswith("float"):
             group.add_argument(flag, dest=f.name, type=float, default=None, help=doc)
         else:
-            group.add_argument(flag, dest=f.name, type=str, default=None, choices=f.metadata.get("choices"), help=doc)
-    group.add_argument("--eplb-config", dest="eplb_config", default=None, help="Megatron-style YAML with EPLB keys")
+            group.add_argument(
+                flag, dest=f.name, type=str, default=None, choices=f.metadata.get("choices"), help=doc
+            )
     group.add_argument(
-        "--additional-config", dest="additional_config", default=None, help="seed-style JSON string of EPLB keys"
+        "--eplb-config", dest="eplb_config", default=None, help="Megatron-style YAML with EPLB keys"
+    )
+    group.add_argument(
+        "--additional-config",
+        dest="additional_config",
+        default=None,
+        help="seed-style JSON string of EPLB keys",
     )
     return parser

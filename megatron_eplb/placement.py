@@ -192,9 +192,13 @@ class ExpertPlacement:
         if num_layers_here < 1:
             raise ExpertMapError("the map has no layers")
         if self.num_ranks < 1 or self.num_experts < 1:
-            raise ExpertMapError(f"num_ranks={self.num_ranks} and num_experts={self.num_experts} must be >= 1")
+            raise ExpertMapError(
+                f"num_ranks={self.num_ranks} and num_experts={self.num_experts} must be >= 1"
+            )
         if num_slots % self.num_ranks:
-            raise ExpertMapError(f"{num_slots} slots per layer do not divide equally over {self.num_ranks} ranks")
+            raise ExpertMapError(
+                f"{num_slots} slots per layer do not divide equally over {self.num_ranks} ranks"
+            )
         spr = num_slots // self.num_ranks
         if slots_per_rank is not None and spr != slots_per_rank:
             raise ExpertMapError(f"the map has {spr} slots per rank but the model has {slots_per_rank}")
@@ -251,7 +255,10 @@ class ExpertPlacement:
         layers = []
         for layer in range(self.num_layers):
             devices = [
-                {"device_id": r, "device_expert": [int(x) for x in self.phy2log[layer, r * spr : (r + 1) * spr]]}
+                {
+                    "device_id": r,
+                    "device_expert": [int(x) for x in self.phy2log[layer, r * spr : (r + 1) * spr]],
+                }
                 for r in range(self.num_ranks)
             ]
             layers.append({"layer_id": layer, "device_count": self.num_ranks, "device_list": devices})
@@ -273,7 +280,9 @@ class ExpertPlacement:
         return text
 
     @classmethod
-    def from_dict(cls, data: dict, *, allow_same_rank_copies: bool = False, source: str = "expert map") -> ExpertPlacement:
+    def from_dict(
+        cls, data: dict, *, allow_same_rank_copies: bool = False, source: str = "expert map"
+    ) -> ExpertPlacement:
         if not isinstance(data, dict):
             raise ExpertMapError(f"{source}: expected a JSON object, got {type(data).__name__}")
         for key in ("moe_layer_count", "layer_list"):
@@ -291,7 +300,9 @@ class ExpertPlacement:
         num_ranks = None
         for i, layer in enumerate(layers):
             if not isinstance(layer, dict) or layer.get("layer_id") != i:
-                raise ExpertMapError(f"{source}: layer ids must be 0..{len(layers) - 1}; layer entry {i} is {layer!r:.80}")
+                raise ExpertMapError(
+                    f"{source}: layer ids must be 0..{len(layers) - 1}; layer entry {i} is {layer!r:.80}"
+                )
             devices = layer.get("device_list")
             if not isinstance(devices, list) or not devices:
                 raise ExpertMapError(f"{source}: layer {i}: 'device_list' must be a non-empty list")
@@ -302,15 +313,21 @@ class ExpertPlacement:
             if num_ranks is None:
                 num_ranks = len(devices)
             elif len(devices) != num_ranks:
-                raise ExpertMapError(f"{source}: layer {i} has {len(devices)} devices, layer 0 has {num_ranks}")
+                raise ExpertMapError(
+                    f"{source}: layer {i} has {len(devices)} devices, layer 0 has {num_ranks}"
+                )
             devices = sorted(devices, key=lambda d: d.get("device_id", -1) if isinstance(d, dict) else -1)
             row = []
             for r, dev in enumerate(devices):
                 if not isinstance(dev, dict) or dev.get("device_id") != r:
                     raise ExpertMapError(f"{source}: layer {i}: device ids must be 0..{num_ranks - 1}")
                 experts = dev.get("device_expert")
-                if not isinstance(experts, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in experts):
-                    raise ExpertMapError(f"{source}: layer {i} rank {r}: 'device_expert' must be a list of integers")
+                if not isinstance(experts, list) or not all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in experts
+                ):
+                    raise ExpertMapError(
+                        f"{source}: layer {i} rank {r}: 'device_expert' must be a list of integers"
+                    )
                 if row and len(experts) != len(row[0]):
                     raise ExpertMapError(
                         f"{source}: layer {i} rank {r} has {len(experts)} slots, rank 0 has {len(row[0])}: "
@@ -326,7 +343,9 @@ class ExpertPlacement:
         if num_experts is None:
             num_experts = int(phy2log.max()) + 1
         elif not isinstance(num_experts, int) or num_experts < 1:
-            raise ExpertMapError(f"{source}: num_logical_experts must be a positive integer, got {num_experts!r}")
+            raise ExpertMapError(
+                f"{source}: num_logical_experts must be a positive integer, got {num_experts!r}"
+            )
         load = data.get("expert_load")
         if load is not None:
             try:
@@ -334,12 +353,20 @@ class ExpertPlacement:
             except (TypeError, ValueError) as exc:
                 raise ExpertMapError(f"{source}: expert_load is not a numeric [L, E] array") from exc
         try:
-            return cls(phy2log, num_ranks, num_experts, expert_load=load, allow_same_rank_copies=allow_same_rank_copies)
+            return cls(
+                phy2log,
+                num_ranks,
+                num_experts,
+                expert_load=load,
+                allow_same_rank_copies=allow_same_rank_copies,
+            )
         except ExpertMapError as exc:
             raise ExpertMapError(f"{source}: {exc}") from None
 
     @classmethod
-    def from_json(cls, path_or_text: str | os.PathLike, *, allow_same_rank_copies: bool = False) -> ExpertPlacement:
+    def from_json(
+        cls, path_or_text: str | os.PathLike, *, allow_same_rank_copies: bool = False
+    ) -> ExpertPlacement:
         """Read an expert map from a file path or from JSON text."""
         if isinstance(path_or_text, str) and path_or_text.lstrip().startswith("{"):
             text, source = path_or_text, "expert map"

@@ -73,7 +73,9 @@ def rank_loads(placement: ExpertPlacement, load: np.ndarray, *, per_slot: bool =
     """
     slot_load = _np(load) if per_slot else slot_loads_from_logical(placement.phy2log, load)
     if slot_load.shape != placement.phy2log.shape:
-        raise ValueError(f"slot load shape {slot_load.shape} does not match placement {placement.phy2log.shape}")
+        raise ValueError(
+            f"slot load shape {slot_load.shape} does not match placement {placement.phy2log.shape}"
+        )
     num_layers = slot_load.shape[0]
     return slot_load.reshape(num_layers, placement.num_ranks, placement.slots_per_rank).sum(axis=2)
 

@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from megatron_eplb.cli import main
@@ -20,7 +19,10 @@ def map_file(tmp_path):
 
 
 def test_validate_map_ok_and_mismatch(map_file, capsys):
-    assert main(["validate-map", str(map_file), "--num-layers", "3", "--num-experts", "8", "--ep-size", "2"]) == 0
+    assert (
+        main(["validate-map", str(map_file), "--num-layers", "3", "--num-experts", "8", "--ep-size", "2"])
+        == 0
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("OK") and "2 redundant" in out[0]
     assert main(["validate-map", str(map_file), "--ep-size", "4"]) == 1

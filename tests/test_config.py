@@ -23,8 +23,15 @@ SEED_KEYS = [
 def test_every_design_key_exists_with_documented_defaults():
     keys = EPLBConfig.keys()
     for key in SEED_KEYS + [
-        "eplb_policy", "eplb_num_nodes", "eplb_num_groups", "eplb_window_size", "eplb_worker_timeout",
-        "eplb_layers_per_step", "eplb_churn_weight", "eplb_replica_dispatch", "eplb_log_interval",
+        "eplb_policy",
+        "eplb_num_nodes",
+        "eplb_num_groups",
+        "eplb_window_size",
+        "eplb_worker_timeout",
+        "eplb_layers_per_step",
+        "eplb_churn_weight",
+        "eplb_replica_dispatch",
+        "eplb_log_interval",
     ]:
         assert key in keys
     ours = [k for k in keys if k not in SEED_KEYS]
@@ -35,7 +42,9 @@ def test_every_design_key_exists_with_documented_defaults():
 
 
 def test_dict_and_json_round_trip():
-    cfg = EPLBConfig.from_dict({"dynamic_eplb": True, "init_redundancy_expert": 2, "eplb_update_interval": 30})
+    cfg = EPLBConfig.from_dict(
+        {"dynamic_eplb": True, "init_redundancy_expert": 2, "eplb_update_interval": 30}
+    )
     assert cfg.eplb_update_interval == 30.0
     assert EPLBConfig.from_json(cfg.to_json()) == cfg
     assert EPLBConfig.from_dict(cfg.to_dict()) == cfg
@@ -70,18 +79,30 @@ def test_flags_are_kebab_case_and_precedence_is_ds_yaml_json_flags(tmp_path):
 
     yaml_file = tmp_path / "e.yaml"
     yaml_file.write_text("eplb:\n  eplb_window_size: 7\n  eplb_log_interval: 3\n  eplb_layers_per_step: 2\n")
-    ds = {"eplb": {"eplb_window_size": 5, "eplb_log_interval": 5, "eplb_layers_per_step": 5, "gate_eplb": True}}
-    args = parser.parse_args([
-        "--eplb-config", str(yaml_file),
-        "--additional-config", json.dumps({"eplb_log_interval": 11, "eplb_layers_per_step": 11}),
-        "--eplb-layers-per-step", "13",
-    ])
+    ds = {
+        "eplb": {"eplb_window_size": 5, "eplb_log_interval": 5, "eplb_layers_per_step": 5, "gate_eplb": True}
+    }
+    args = parser.parse_args(
+        [
+            "--eplb-config",
+            str(yaml_file),
+            "--additional-config",
+            json.dumps({"eplb_log_interval": 11, "eplb_layers_per_step": 11}),
+            "--eplb-layers-per-step",
+            "13",
+        ]
+    )
     cfg = EPLBConfig.from_args(args, ds_config=ds)
     assert cfg.gate_eplb is True  # ds_config only
     assert cfg.eplb_window_size == 7  # YAML beats ds_config
     assert cfg.eplb_log_interval == 11  # --additional-config beats YAML
     assert cfg.eplb_layers_per_step == 13  # a flag beats everything
-    assert EPLBConfig.from_args(parser.parse_args(["--no-dynamic-eplb"]), ds_config={"eplb": {"dynamic_eplb": True}}).dynamic_eplb is False
+    assert (
+        EPLBConfig.from_args(
+            parser.parse_args(["--no-dynamic-eplb"]), ds_config={"eplb": {"dynamic_eplb": True}}
+        ).dynamic_eplb
+        is False
+    )
 
 
 BAD = [
@@ -95,13 +116,21 @@ BAD = [
     ({"eplb_update_threshold": 1.5}, r"eplb_update_threshold=1.5 must be <= 1"),
     ({"init_redundancy_expert": -1}, r"init_redundancy_expert=-1 must be >= 0"),
     ({"eplb_policy": "grredy"}, r"eplb_policy='grredy' is not one of .* \(did you mean 'greedy'\?\)"),
-    ({"eplb_replica_dispatch": "nearest"}, r"eplb_replica_dispatch='nearest' is not one of even, local_first"),
+    (
+        {"eplb_replica_dispatch": "nearest"},
+        r"eplb_replica_dispatch='nearest' is not one of even, local_first",
+    ),
     ({"eplb_worker_timeout": float("nan")}, r"eplb_worker_timeout must be finite"),
-    ({"expert_map_path": "/nonexistent/map.json"}, r"does not exist; record a map first .*expert_map_record_path"),
+    (
+        {"expert_map_path": "/nonexistent/map.json"},
+        r"does not exist; record a map first .*expert_map_record_path",
+    ),
 ]
 
 
-@pytest.mark.parametrize("data,message", BAD, ids=[str(next(iter(b[0]))) + "=" + repr(next(iter(b[0].values()))) for b in BAD])
+@pytest.mark.parametrize(
+    "data,message", BAD, ids=[str(next(iter(b[0]))) + "=" + repr(next(iter(b[0].values()))) for b in BAD]
+)
 def test_bad_keys_and_values_give_one_clear_error(data, message):
     with pytest.raises(EPLBConfigError, match=message):
         EPLBConfig.from_dict(data)
@@ -116,7 +145,10 @@ def test_additional_config_must_be_a_json_object():
 
 def test_validate_for_model(tmp_path):
     EPLBConfig(init_redundancy_expert=2).validate_for(num_layers=4, num_experts=16, ep_size=2)
-    with pytest.raises(EPLBConfigError, match=r"init_redundancy_expert=1: 16 experts \+ 1 redundant = 17 slots do not divide over EP size 4; use one of \[0, 4\]"):
+    with pytest.raises(
+        EPLBConfigError,
+        match=r"init_redundancy_expert=1: 16 experts \+ 1 redundant = 17 slots do not divide over EP size 4; use one of \[0, 4\]",
+    ):
         EPLBConfig(init_redundancy_expert=1).validate_for(num_layers=4, num_experts=16, ep_size=4)
     with pytest.raises(EPLBConfigError, match="eplb_num_nodes=3 does not divide the EP size 8"):
         EPLBConfig(eplb_num_nodes=3).validate_for(num_layers=4, num_experts=16, ep_size=8)

@@ -13,7 +13,9 @@ CODE = "import megatron_eplb.patches as p, megatron_eplb as m; print(p.__file__)
 
 def _run(cwd):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", CODE], cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CODE], cwd=cwd, env=env, capture_output=True, text=True, check=True
+    )
     return out.stdout.split()
 
 
@@ -25,13 +27,21 @@ def test_import_from_checkout():
 
 def test_import_from_installed_package(tmp_path):
     probe = subprocess.run(
-        [sys.executable, "-c", "import importlib.util as u; s = u.find_spec('megatron_eplb'); print(s.origin if s else '')"],
-        cwd=tmp_path, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import importlib.util as u; s = u.find_spec('megatron_eplb'); print(s.origin if s else '')",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     if not probe or Path(probe).is_relative_to(ROOT / "megatron_eplb"):
         pytest.skip("megatron_eplb is not installed (run `make test`, which installs it)")
     patches, package = _run(tmp_path)
-    assert "site-packages" in patches and patches.endswith(os.path.join("megatron_eplb", "patches", "__init__.py"))
+    assert "site-packages" in patches and patches.endswith(
+        os.path.join("megatron_eplb", "patches", "__init__.py")
+    )
     assert "site-packages" in package
 
 

@@ -87,18 +87,37 @@ def _corrupt(data, fn):
 
 
 BAD_MAPS = [
-    ("id out of range", lambda d: d["layer_list"][0]["device_list"][1]["device_expert"].__setitem__(0, -5),
-     r"layer 0 rank 1 slot 0: expert id -5 is out of range"),
-    ("missing expert", lambda d: d["layer_list"][0]["device_list"][0]["device_expert"].__setitem__(2, 4),
-     r"layer 0: logical expert 0 has no copy"),
-    ("unequal slots", lambda d: d["layer_list"][0]["device_list"][1]["device_expert"].pop(),
-     r"layer 0 rank 1 has 4 slots, rank 0 has 5"),
-    ("same-rank copy", lambda d: d["layer_list"][0]["device_list"][1]["device_expert"].__setitem__(4, 6),
-     r"layer 0 rank 1 slot 4: a second copy of expert 6"),
-    ("layer count", lambda d: d.__setitem__("moe_layer_count", 2), r"moe_layer_count is 2 but layer_list has 1"),
+    (
+        "id out of range",
+        lambda d: d["layer_list"][0]["device_list"][1]["device_expert"].__setitem__(0, -5),
+        r"layer 0 rank 1 slot 0: expert id -5 is out of range",
+    ),
+    (
+        "missing expert",
+        lambda d: d["layer_list"][0]["device_list"][0]["device_expert"].__setitem__(2, 4),
+        r"layer 0: logical expert 0 has no copy",
+    ),
+    (
+        "unequal slots",
+        lambda d: d["layer_list"][0]["device_list"][1]["device_expert"].pop(),
+        r"layer 0 rank 1 has 4 slots, rank 0 has 5",
+    ),
+    (
+        "same-rank copy",
+        lambda d: d["layer_list"][0]["device_list"][1]["device_expert"].__setitem__(4, 6),
+        r"layer 0 rank 1 slot 4: a second copy of expert 6",
+    ),
+    (
+        "layer count",
+        lambda d: d.__setitem__("moe_layer_count", 2),
+        r"moe_layer_count is 2 but layer_list has 1",
+    ),
     ("device count", lambda d: d["layer_list"][0].__setitem__("device_count", 3), r"device_count is 3"),
-    ("not integers", lambda d: d["layer_list"][0]["device_list"][0]["device_expert"].__setitem__(0, "7"),
-     r"layer 0 rank 0: 'device_expert' must be a list of integers"),
+    (
+        "not integers",
+        lambda d: d["layer_list"][0]["device_list"][0]["device_expert"].__setitem__(0, "7"),
+        r"layer 0 rank 0: 'device_expert' must be a list of integers",
+    ),
     ("missing key", lambda d: d.pop("layer_list"), r"missing key 'layer_list'"),
 ]
 
@@ -152,7 +171,11 @@ def valid_placements(draw):
         for i, e in enumerate(rng.permutation(num_experts)):
             slots[i % num_ranks].append(int(e))
         for held in slots:
-            free = [e for e in range(num_experts) if e not in held] if spr <= num_experts else list(range(num_experts))
+            free = (
+                [e for e in range(num_experts) if e not in held]
+                if spr <= num_experts
+                else list(range(num_experts))
+            )
             extra = spr - len(held)
             held.extend(int(e) for e in rng.choice(free, extra, replace=spr > num_experts))
         rows.append([x for r in slots for x in r])
@@ -169,7 +192,11 @@ def test_valid_placements_pass_and_round_trip(p):
 
 
 @settings(max_examples=300, deadline=None)
-@given(valid_placements(), st.integers(0, 10**6), st.sampled_from(["range", "drop", "duplicate", "layers", "ranks"]))
+@given(
+    valid_placements(),
+    st.integers(0, 10**6),
+    st.sampled_from(["range", "drop", "duplicate", "layers", "ranks"]),
+)
 def test_any_single_corruption_is_caught(p, pick, kind):
     phy2log = p.phy2log.copy()
     layer, slot = pick % p.num_layers, pick % p.num_slots

@@ -1,0 +1,566 @@
+"""Placement-aware Megatron-core MoE (``megatron_eplb.patches.megatron``) against the unpatched model.
+
+Each multi-process launch (gloo, CPU, fp32) runs many checks and returns their results; the tests
+assert on them.  Launches: EP=2 (allgather, top-2, 3 MoE layers, + error cases + checkpoint save),
+EP=4 (alltoall, top-4, checkpoint saved at EP=2 loaded at EP=4), GPTModel training at EP=2.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from dist import run_distributed  # noqa: E402
+
+from megatron_eplb import checkpoint as ckpt  # noqa: E402
+from megatron_eplb.placement import ExpertPlacement  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+E = 8  # logical experts
+H = 16  # hidden size
+RTOL = 1e-5
+
+
+# ====================================================================== helpers run in every rank
+
+
+def _init(ep: int) -> None:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    eplb_mcore.enable_cpu()
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=ep)
+    model_parallel_cuda_manual_seed(1234)
+
+
+def _moe_config(dispatcher: str, topk: int, num_layers: int = 3):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=H,
+        num_attention_heads=2,
+        num_moe_experts=E,
+        moe_router_topk=topk,
+        moe_ffn_hidden_size=8,
+        ffn_hidden_size=8,
+        moe_token_dispatcher_type=dispatcher,
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+        moe_aux_loss_coeff=0.0,
+    )
+
+
+class _MoEStack(torch.nn.Module):
+    """``num_layers`` MoE layers with residuals (the smallest model holding several MoELayers)."""
+
+    def __init__(self, config):
+        super().__init__()
+        from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+        from megatron.core.transformer.spec_utils import build_module
+
+        spec = get_moe_module_spec(use_te=False, num_experts=E, moe_grouped_gemm=False)
+        self.layers = torch.nn.ModuleList(
+            [build_module(spec, config=config) for _ in range(config.num_layers)]
+        )
+
+    def forward(self, x):
+        for layer in self.layers:
+            y, _ = layer(x)
+            x = x + y
+        return x
+
+
+def _twin_models(config):
+    """An unpatched model and an identical one to patch."""
+    torch.manual_seed(0)
+    ref = _MoEStack(config)
+    # Same router on every rank (as after data-parallel sync), and a hot expert 0 so replicas matter.
+    with torch.no_grad():
+        for layer in ref.layers:
+            torch.distributed.broadcast(layer.router.weight, 0)
+            layer.router.weight[0] += 0.5 * layer.router.weight[1:].mean(0)
+    pat = _MoEStack(config)
+    pat.load_state_dict(ref.state_dict())
+    return ref, pat
+
+
+def _random_placement(rng, num_layers: int, ep: int, redundant: int) -> ExpertPlacement:
+    """Random placement with ``redundant`` replicas, no two copies of an expert on one rank."""
+    rows = []
+    for _ in range(num_layers):
+        while True:
+            extra = rng.choice(E, size=redundant, replace=redundant > E)
+            row = rng.permutation(np.concatenate([np.arange(E), extra]))
+            per_rank = row.reshape(ep, -1)
+            if all(len(set(r)) == len(r) for r in per_rank):
+                rows.append(row)
+                break
+    return ExpertPlacement(np.stack(rows), ep, E)
+
+
+def _hot_spread_placement(num_layers: int, ep: int, redundant: int) -> ExpertPlacement:
+    """Expert 0 (the hottest) with a copy on every rank, the others spread, extra copies of 1, 2, ..."""
+    slots = (E + redundant) // ep
+    ranks = [[0] for _ in range(ep)]
+    pool = list(range(1, E)) + [1 + i % (E - 1) for i in range(ep * slots - ep - (E - 1))]
+    for expert in pool:
+        free = [r for r in range(ep) if len(ranks[r]) < slots and expert not in ranks[r]]
+        ranks[min(free, key=lambda r: len(ranks[r]))].append(expert)
+    return ExpertPlacement(np.tile(np.concatenate(ranks), (num_layers, 1)), ep, E)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _expert_grads_logical(model) -> list[torch.Tensor]:
+    """``[L]`` of ``[E, n]`` expert gradients of the unpatched model (gathered, logical order)."""
+    out = []
+    for layer in model.layers:
+        local = torch.stack(
+            [torch.cat([p.grad.reshape(-1) for p in m.parameters()]) for m in layer.experts.local_experts]
+        )
+        parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, local)
+        out.append(torch.cat(parts))
+    return out
+
+
+def _compare(ref, pat, handle, x, w) -> dict:
+    """Forward+backward both models on ``x``; the relative errors and recorded load checks."""
+    router_counts = []
+    hooks = [
+        layer.router.register_forward_hook(lambda m, i, o: router_counts.append(o[1].sum(0).to(torch.int64)))
+        for layer in ref.layers
+    ]
+    handle.reset_loads()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref.zero_grad(set_to_none=True)
+    pat.zero_grad(set_to_none=True)
+    out1, out2 = ref(x1), pat(x2)
+    loss1, loss2 = (out1 * w).square().sum(), (out2 * w).square().sum()
+    loss1.backward()
+    loss2.backward()
+    for h in hooks:
+        h.remove()
+    handle.sum_replica_grads()
+    res = {
+        "out": _rel(out2, out1),
+        "loss": _rel(loss2.detach(), loss1.detach()),
+        "x_grad": _rel(x2.grad, x1.grad),
+        "router_grad": max(
+            _rel(b.router.weight.grad, a.router.weight.grad) for a, b in zip(ref.layers, pat.layers)
+        ),
+    }
+    # Expert gradients: every copy holds the logical expert's gradient of the unpatched model.
+    logical = _expert_grads_logical(ref)
+    worst = 0.0
+    for layer in range(handle.num_layers):
+        for k, slot in enumerate(handle.local_slots()):
+            e = int(handle.placement.phy2log[layer, slot])
+            g = torch.cat([p.grad.reshape(-1) for p in handle.slot_params(layer, k)])
+            worst = max(worst, _rel(g, logical[layer][e]))
+    res["expert_grad"] = worst
+    # Recording: loads equal the router's top-k count; slot loads map back to all ranks' logical counts.
+    loads = handle.loads().clone()
+    res["loads_match"] = bool(torch.equal(loads, torch.stack(router_counts)))
+    all_loads = loads.clone()
+    torch.distributed.all_reduce(all_loads)
+    slot_loads = handle.slot_loads().clone()
+    parts = [torch.empty_like(slot_loads) for _ in range(handle.ep_size)]
+    torch.distributed.all_gather(parts, slot_loads)
+    gathered = torch.cat(parts, dim=1)  # [L, P]
+    mapped = torch.zeros_like(all_loads)
+    phy2log = torch.tensor(handle.placement.phy2log)
+    mapped.scatter_add_(1, phy2log, gathered)
+    res["slot_loads_match"] = bool(torch.equal(mapped, all_loads))
+    spread = 0
+    for layer in range(handle.num_layers):
+        for e in range(E):
+            copies = gathered[layer, phy2log[layer] == e]
+            spread = max(spread, int(copies.max() - copies.min()))
+    res["copy_spread"] = spread
+    return res
+
+
+def _copies_identical(handle) -> bool:
+    """Every copy of an expert holds the same weights (gathered over the EP group)."""
+    for layer in range(handle.num_layers):
+        local = torch.stack(
+            [
+                torch.cat([t.reshape(-1) for t in handle.slot_tensors(layer, k)])
+                for k in range(handle.slots_per_rank)
+            ]
+        )
+        parts = [torch.empty_like(local) for _ in range(handle.ep_size)]
+        torch.distributed.all_gather(parts, local)
+        every = torch.cat(parts)
+        for e in range(E):
+            copies = every[torch.as_tensor(handle.placement.phy2log[layer] == e)]
+            if not torch.equal(copies, copies[:1].expand_as(copies)):
+                return False
+    return True
+
+
+def _expect_error(fn, *words) -> str:
+    from megatron_eplb.patches.megatron import EPLBPatchError
+
+    try:
+        fn()
+    except EPLBPatchError as exc:
+        msg = str(exc)
+        missing = [w for w in words if w not in msg]
+        return f"missing {missing} in: {msg}" if missing else "ok"
+    return "no error raised"
+
+
+# ====================================================================== launches
+
+
+def _ep2_checks(rank: int, world: int, out_dir: str) -> dict:
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    _init(world)
+    config = _moe_config("allgather", topk=2)
+    num_layers = config.num_layers
+    rng = np.random.default_rng(7)
+    results: dict = {}
+    torch.manual_seed(100 + rank)
+    x = torch.randn(8, 3, H)
+    w = torch.randn(8, 3, H)
+
+    # --- errors before anything changes
+    errs = {}
+    ref, pat = _twin_models(config)
+    before = [id(layer.experts) for layer in pat.layers]
+    errs["layers"] = _expect_error(
+        lambda: eplb_mcore.apply(pat, ExpertPlacement.default(2, E, world)), "2 MoE layers", "3"
+    )
+    errs["experts"] = _expect_error(
+        lambda: eplb_mcore.apply(pat, ExpertPlacement.default(num_layers, 6, world)), "6 logical experts"
+    )
+    errs["ranks"] = _expect_error(
+        lambda: eplb_mcore.apply(pat, ExpertPlacement.default(num_layers, E, 4)), "4 ranks"
+    )
+    errs["no_moe"] = _expect_error(
+        lambda: eplb_mcore.apply(torch.nn.Linear(2, 2)), "no Megatron-core MoELayer"
+    )
+    real = pat.layers[1].experts
+    pat.layers[1].experts = torch.nn.Identity()
+    errs["expert_class"] = _expect_error(lambda: eplb_mcore.apply(pat), "Identity", "SequentialMLP")
+    pat.layers[1].experts = real
+    errs["dispatch"] = _expect_error(
+        lambda: eplb_mcore.apply(pat, replica_dispatch="nearest"), "even", "local_first"
+    )
+    errs["unchanged"] = "ok" if before == [id(layer.experts) for layer in pat.layers] else "model changed"
+
+    # --- default placement, then random with replicas, then hot experts spread, via set_placement
+    handle = eplb_mcore.apply(pat)
+    errs["twice"] = _expect_error(lambda: eplb_mcore.apply(pat), "already")
+    results["default"] = _compare(ref, pat, handle, x, w)
+    params_before = [id(p) for p in pat.parameters()]
+    placements = {
+        "random_replicas": _random_placement(rng, num_layers, world, redundant=4),
+        "hot_spread": _hot_spread_placement(num_layers, world, redundant=4),
+    }
+    errs["slots_per_rank"] = _expect_error(
+        lambda: handle.set_placement(_random_placement(rng, num_layers, world, redundant=2)), "slots per rank"
+    )
+    errs["same_params"] = "ok"
+    # A fresh handle for P = 12 slots (the slot count is fixed at apply).
+    ref, pat = _twin_models(config)
+    handle = eplb_mcore.apply(pat, placements["random_replicas"])
+    params_before = [id(p) for p in pat.parameters()]
+    for name, placement in placements.items():
+        handle.set_placement(placement)
+        results[name] = _compare(ref, pat, handle, x, w)
+        results[name]["copies_identical"] = _copies_identical(handle)
+    if params_before != [id(p) for p in pat.parameters()]:
+        errs["same_params"] = "set_placement re-created parameters"
+    # local_first: same math, more pairs stay on their rank
+    ref_lf, pat_lf = _twin_models(config)
+    handle_lf = eplb_mcore.apply(pat_lf, placements["hot_spread"], replica_dispatch="local_first")
+    results["local_first"] = _compare(ref_lf, pat_lf, handle_lf, x, w)
+
+    # --- commit_layer: a mover filled the slots of layer 1 for a new row, then commits it
+    row = placements["random_replicas"].phy2log[1]
+    logical = handle._gather_logical(1)
+    for k, slot in enumerate(handle.local_slots()):
+        handle.write_slot(1, k, handle._unflatten(logical[int(row[slot])]))
+    handle.commit_layer(1, row)
+    results["commit_layer"] = _compare(ref, pat, handle, x, w)
+    errs["commit_bad_row"] = _expect_error(lambda: handle.commit_layer(0, row[:-1]), "slots")
+
+    # --- logical checkpoint: save with one placement, load into another placement
+    sd = handle.logical_state_dict()
+    results["ckpt_keys"] = sorted(k for k in sd if ".local_experts." in k)[:3]
+    ref_sd = ref.state_dict()
+    prefixes = handle.expert_key_prefixes()
+    default = ExpertPlacement.default(num_layers, E, world)
+    ref_logical = ckpt.physical_to_logical(
+        {k: v for k, v in sd.items()}, np.tile(np.arange(E), (num_layers, 1)), prefixes
+    )
+    expected = ckpt.logical_to_physical(
+        ref_logical, default.phy2log, prefixes, rank=rank, slots_per_rank=E // world
+    )
+    results["ckpt_matches_ref"] = all(
+        torch.equal(expected[k], ref_sd[k]) for k in ref_sd if ".local_experts." in k and k.endswith("weight")
+    )
+    _, other = _twin_models(config)
+    with torch.no_grad():  # scramble, so the load must fill everything
+        for p in other.parameters():
+            p.normal_()
+    handle2 = eplb_mcore.apply(
+        other, _random_placement(np.random.default_rng(3), num_layers, world, redundant=2)
+    )
+    handle2.load_logical_state_dict(sd)
+    results["ckpt_reload"] = _compare(ref, other, handle2, x, w)
+    if rank == 0:
+        torch.save(sd, os.path.join(out_dir, "logical.pt"))
+        ckpt.save_expert_map(handle.placement, os.path.join(out_dir, "logical.pt"))
+    torch.distributed.barrier()
+    results["errors"] = errs
+    return results
+
+
+def _ep4_checks(rank: int, world: int, ckpt_path: str) -> dict:
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    _init(world)
+    config = _moe_config("alltoall", topk=4, num_layers=2)
+    num_layers = config.num_layers
+    rng = np.random.default_rng(11)
+    torch.manual_seed(200 + rank)
+    x = torch.randn(6, 2, H)
+    w = torch.randn(6, 2, H)
+    results: dict = {}
+    for name, placement in {
+        "default": None,
+        "random_replicas": _random_placement(rng, num_layers, world, redundant=4),
+        "hot_spread": _hot_spread_placement(num_layers, world, redundant=4),
+    }.items():
+        ref, pat = _twin_models(config)
+        handle = eplb_mcore.apply(pat, placement)
+        results[name] = _compare(ref, pat, handle, x, w)
+    # set_placement on the last handle, then back
+    handle.set_placement(_random_placement(rng, num_layers, world, redundant=4))
+    results["set_placement"] = _compare(ref, pat, handle, x, w)
+    results["set_placement"]["copies_identical"] = _copies_identical(handle)
+    # A checkpoint saved at EP=2 (3 layers there: take a 3-layer model here)
+    config3 = _moe_config("alltoall", topk=4, num_layers=3)
+    sd = torch.load(ckpt_path)
+    saved_map = ckpt.load_expert_map(ckpt_path)
+    results["saved_map_ranks"] = saved_map.num_ranks
+    ref3, pat3 = _twin_models(config3)
+    ref_handle_prefixes = [f"layers.{i}.experts.local_experts." for i in range(3)]
+    ref3.load_state_dict(
+        ckpt.logical_to_physical(
+            sd,
+            ExpertPlacement.default(3, E, world).phy2log,
+            ref_handle_prefixes,
+            rank=rank,
+            slots_per_rank=E // world,
+        )
+    )
+    handle3 = eplb_mcore.apply(pat3, _hot_spread_placement(3, world, redundant=4))
+    handle3.load_logical_state_dict(sd)
+    results["ckpt_other_ep"] = _compare(ref3, pat3, handle3, x, w)
+    return results
+
+
+def _gpt_training(rank: int, world: int, steps: int) -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    from megatron_eplb.config import EPLBConfig
+
+    _init(world)
+    config = TransformerConfig(
+        num_layers=3,
+        hidden_size=H,
+        num_attention_heads=2,
+        num_moe_experts=E,
+        moe_layer_freq=[0, 1, 1],  # a dense layer first: MoE layer ids count MoE layers only
+        moe_router_topk=2,
+        moe_ffn_hidden_size=8,
+        ffn_hidden_size=16,
+        moe_token_dispatcher_type="allgather",
+        expert_model_parallel_size=world,  # marks expert params allreduce=False (not data-parallel)
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+        moe_aux_loss_coeff=0.01,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+
+    def build():
+        torch.manual_seed(0)
+        return GPTModel(config, spec, vocab_size=32, max_sequence_length=8)
+
+    ref, pat = build(), build()
+    pat.load_state_dict(ref.state_dict())
+    handle = eplb_mcore.apply(pat, config=EPLBConfig(init_redundancy_expert=2))
+    hot = _random_placement(np.random.default_rng(5), 2, world, redundant=2)
+    dp_group = parallel_state.get_data_parallel_group()
+    losses: dict[str, list[float]] = {"ref": [], "pat": []}
+    opts = {
+        "ref": torch.optim.Adam(ref.parameters(), lr=1e-2),
+        "pat": torch.optim.Adam(pat.parameters(), lr=1e-2),
+    }
+    gen = torch.Generator().manual_seed(300 + rank)
+    for step in range(steps):
+        if step == 2:
+            handle.set_placement(hot, opts["pat"])  # re-place mid-training; Adam state moves with the weights
+        tokens = torch.randint(0, 32, (2, 8), generator=gen)
+        position_ids = torch.arange(8).expand(2, 8)
+        mask = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril().logical_not()
+        for name, model in (("ref", ref), ("pat", pat)):
+            opts[name].zero_grad(set_to_none=True)
+            loss = model(tokens, position_ids, mask, labels=tokens).mean()
+            loss.backward()
+            if model is pat:
+                handle.sum_replica_grads()
+            for p in model.parameters():
+                if p.grad is not None and getattr(p, "allreduce", True):
+                    torch.distributed.all_reduce(p.grad, group=dp_group)
+                    p.grad /= torch.distributed.get_world_size(dp_group)
+            opts[name].step()
+            losses[name].append(float(loss.detach()))
+    return {
+        "losses": losses,
+        "moe_layers": handle.layer_names,
+        "placement_layers": handle.num_layers,
+        "copies_identical": _copies_identical(handle),
+    }
+
+
+# ====================================================================== tests
+
+
+@pytest.fixture(scope="module")
+def ep2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eplb_ckpt")
+    results = run_distributed(_ep2_checks, 2, str(out), timeout=300)
+    return results, out
+
+
+def _assert_equivalent(res: dict, where: str) -> None:
+    for key in ("out", "loss", "x_grad", "router_grad", "expert_grad"):
+        assert res[key] <= RTOL, f"{where}: {key} differs by {res[key]:.2e}"
+    assert res["loads_match"], f"{where}: loads() != router top-k counts"
+    assert res["slot_loads_match"], f"{where}: slot_loads() mapped through phy2log != logical loads"
+
+
+def test_ep2_allgather_top2_equivalence(ep2):
+    results, _ = ep2
+    for rank, res in enumerate(results):
+        for name in (
+            "default",
+            "random_replicas",
+            "hot_spread",
+            "local_first",
+            "commit_layer",
+            "ckpt_reload",
+        ):
+            _assert_equivalent(res[name], f"rank {rank} {name}")
+        for name in ("random_replicas", "hot_spread"):
+            assert res[name]["copies_identical"]
+            # even dispatch: copies of one expert differ by at most one pair per rank
+            assert res[name]["copy_spread"] <= 2, res[name]["copy_spread"]
+
+
+def test_ep2_errors_are_clear_and_change_nothing(ep2):
+    results, _ = ep2
+    for res in results:
+        bad = {k: v for k, v in res["errors"].items() if v != "ok"}
+        assert not bad, bad
+
+
+def test_ep2_logical_checkpoint(ep2):
+    results, out = ep2
+    for res in results:
+        assert res["ckpt_matches_ref"]
+        assert res["ckpt_keys"][0].startswith("layers.0.experts.local_experts.0.")
+    assert (out / "logical.pt").is_file()
+    assert ckpt.load_expert_map(out / "logical.pt").num_ranks == 2
+
+
+def test_ep4_alltoall_top4_equivalence_and_other_ep_checkpoint(ep2):
+    _, out = ep2
+    results = run_distributed(_ep4_checks, 4, str(out / "logical.pt"), timeout=400)
+    for rank, res in enumerate(results):
+        for name in ("default", "random_replicas", "hot_spread", "set_placement", "ckpt_other_ep"):
+            _assert_equivalent(res[name], f"rank {rank} {name}")
+        assert res["set_placement"]["copies_identical"]
+        assert res["hot_spread"]["copy_spread"] <= 4
+        assert res["saved_map_ranks"] == 2
+
+
+def test_gpt_model_trains_like_unpatched():
+    results = run_distributed(_gpt_training, 2, 4, timeout=300)
+    for res in results:
+        ref, pat = np.array(res["losses"]["ref"]), np.array(res["losses"]["pat"])
+        np.testing.assert_allclose(pat, ref, rtol=RTOL)
+        assert res["placement_layers"] == 2
+        assert res["moe_layers"] == ["decoder.layers.1.mlp", "decoder.layers.2.mlp"]
+        assert res["copies_identical"]
+
+
+# ====================================================================== single-process
+
+
+def test_route_to_slots_even_split():
+    from megatron_eplb.patches.megatron import route_to_slots
+
+    placement = ExpertPlacement(np.array([[0, 1, 2, 0, 3, 0]]), 3, 4)
+    routing_map = torch.zeros(7, 4, dtype=torch.bool)
+    routing_map[:, 0] = True
+    routing_map[::2, 2] = True
+    probs = torch.rand(7, 4) * routing_map
+    log2phy = torch.tensor(placement.log2phy[0])
+    count = torch.tensor(placement.replica_count[0])
+    phys_probs, phys_map = route_to_slots(probs, routing_map, log2phy, count, 6)
+    assert phys_map.shape == (7, 6)
+    assert phys_map[:, [0, 3, 5]].sum(0).tolist() == [3, 2, 2]  # 7 pairs of expert 0 over 3 copies
+    assert phys_map[:, 2].sum() == 4 and phys_map[:, [1, 4]].sum() == 0
+    # each pair lands in exactly one copy with its probability
+    logical = torch.zeros(7, 4).index_add_(1, torch.as_tensor(placement.phy2log[0]), phys_probs)
+    torch.testing.assert_close(logical, probs)
+    # local_first: rank 1 holds slots 2, 3 -> expert 0 stays on slot 3
+    local = torch.tensor([3, -1, 2, -1])
+    _, lf_map = route_to_slots(probs, routing_map, log2phy, count, 6, local_slot=local)
+    assert lf_map[:, 3].sum() == 7
+
+
+def test_checkpoint_conversion_roundtrip():
+    prefixes = ["a.local_experts.", "b.local_experts."]
+    phy2log = np.array([[0, 1, 2, 0], [2, 1, 0, 1]])
+    logical = {
+        f"{p}{e}.w": torch.full((2,), float(10 * i + e)) for i, p in enumerate(prefixes) for e in range(3)
+    }
+    logical["other"] = torch.ones(1)
+    physical = ckpt.logical_to_physical(logical, phy2log, prefixes)
+    assert physical["b.local_experts.3.w"][0] == 11
+    assert ckpt.physical_to_logical(physical, phy2log, prefixes).keys() == logical.keys()
+    local = ckpt.logical_to_physical(logical, phy2log, prefixes, rank=1, slots_per_rank=2)
+    assert local["a.local_experts.1.w"][0] == 0 and "a.local_experts.2.w" not in local
+    physical["a.local_experts.3.w"] = physical["a.local_experts.3.w"] + 1
+    with pytest.raises(ckpt.CheckpointError, match="differs"):
+        ckpt.physical_to_logical(physical, phy2log, prefixes)
+    with pytest.raises(ckpt.CheckpointError, match="no logical expert 2"):
+        ckpt.logical_to_physical(
+            {k: v for k, v in logical.items() if "b.local_experts.2" not in k}, phy2log, prefixes
+        )

@@ -1,0 +1,311 @@
+"""`megatron-eplb plan | evaluate | simulate`: the policy commands of the CLI (added by ``cli.build_parser``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .placement import ExpertMapError, ExpertPlacement
+from .policy import POLICY_NAMES, PolicyError, placement_diagnostics, rebalance_with_info
+from .stats import read_load_file
+
+__all__ = ["add_commands", "cmd_plan", "cmd_evaluate", "cmd_simulate"]
+
+
+def _cli_error():
+    """``megatron_eplb.cli.CLIError`` (imported late: cli imports this module).  Under ``python -m
+    megatron_eplb.cli`` the running module is ``__main__``, whose own CLIError is the one caught."""
+    main = sys.modules.get("__main__")
+    if getattr(main, "__spec__", None) is not None and main.__spec__.name == "megatron_eplb.cli":
+        return main.CLIError
+    from .cli import CLIError
+
+    return CLIError
+
+
+def _load(path: str) -> np.ndarray:
+    try:
+        return read_load_file(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _cli_error()(str(exc)) from None
+
+
+def _read_map(path: str) -> ExpertPlacement:
+    try:
+        return ExpertPlacement.from_json(path, allow_same_rank_copies=True)
+    except ExpertMapError as exc:
+        raise _cli_error()(str(exc)) from None
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise _cli_error()(f"{flag} must be a comma-separated list of integers, got {text!r}") from None
+    if not values:
+        raise _cli_error()(f"{flag} is empty")
+    return values
+
+
+def _fmt_metrics(d: dict) -> str:
+    text = (
+        f"balancedness {d['balancedness']:.4f} (sum(mean)/sum(max) {d['sum_ratio']:.4f}, "
+        f"max/mean {d['max_over_mean']:.4f}), same-rank duplicates {d['same_rank_duplicates']}"
+    )
+    if "cross_node_share" in d:
+        text += (
+            f", cross-node load {100 * d['cross_node_share']:.2f}%, copies off their home node "
+            f"{d['node_local_violations']}"
+        )
+    return text
+
+
+# ------------------------------------------------------------------------------------------------- plan
+def cmd_plan(args: argparse.Namespace) -> int:
+    load = _load(args.load)
+    num_layers, num_experts = load.shape
+    previous = _read_map(args.previous) if args.previous else None
+    exclude = _int_list(args.exclude_ranks, "--exclude-ranks") if args.exclude_ranks else ()
+    options = {"churn_weight": args.churn_weight, "node_locality": args.node_locality}
+    try:
+        placement, info = rebalance_with_info(
+            load,
+            args.num_slots,
+            args.ep_size,
+            num_nodes=args.num_nodes,
+            num_groups=args.num_groups,
+            previous=previous,
+            policy=args.policy,
+            exclude_ranks=exclude,
+            **options,
+        )
+    except PolicyError as exc:
+        raise _cli_error()(str(exc)) from None
+    if previous is not None:
+        before, before_name = previous, f"previous map {args.previous}"
+    else:
+        before = ExpertPlacement.default(num_layers, num_experts, args.ep_size, args.num_slots - num_experts)
+        before_name = "default placement"
+    topo = {"num_nodes": args.num_nodes, "num_groups": args.num_groups}
+    d_before = placement_diagnostics(before, load, **topo)
+    d_after = placement_diagnostics(placement, load, previous=before, home_node=info["home_node"], **topo)
+    print(
+        f"plan: {num_layers} MoE layers x {num_experts} experts -> {args.num_slots} slots on {args.ep_size} ranks, "
+        f"policy {info['policy']} (locality {info['locality']})"
+    )
+    print(f"before ({before_name}): {_fmt_metrics(d_before)}")
+    print(f"after: {_fmt_metrics(d_after)}")
+    print(
+        f"moved slots: {d_after['moved_slots']} of {placement.phy2log.size} "
+        f"({100 * d_after['moved_fraction']:.2f}%) vs {before_name}; time {1e3 * info['seconds']:.1f} ms"
+    )
+    if "fallback" in info:
+        print(f"note: {info['fallback']}")
+    placement.to_json(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    load = _load(args.load)
+    placement = _read_map(args.map)
+    if load.shape != (placement.num_layers, placement.num_experts):
+        raise _cli_error()(
+            f"load has shape {list(load.shape)} but the map has {placement.num_layers} MoE layers x "
+            f"{placement.num_experts} experts"
+        )
+    previous = _read_map(args.previous) if args.previous else None
+    if previous is not None and previous.phy2log.shape != placement.phy2log.shape:
+        raise _cli_error()(
+            f"--previous has shape {list(previous.phy2log.shape)}, the map {list(placement.phy2log.shape)}"
+        )
+    d = placement_diagnostics(
+        placement, load, num_nodes=args.num_nodes, num_groups=args.num_groups, previous=previous
+    )
+    print(repr(placement))
+    print(_fmt_metrics(d))
+    per_layer = np.asarray(d["per_layer"])
+    worst = int(per_layer.argmin())
+    print(
+        f"worst layer {worst}: balancedness {per_layer[worst]:.4f}; MoE step slowdown vs perfect balance x{d['max_over_mean']:.4f}"
+    )
+    if previous is not None:
+        print(f"moved slots vs {args.previous}: {d['moved_slots']} ({100 * d['moved_fraction']:.2f}%)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- simulate
+def _redundancy_for(spec: str, num_experts: int, ep: int) -> int:
+    """Redundant slots for one EP size: ``ep`` (one per rank), ``N`` (rounded up to a valid count)."""
+    if spec == "ep":
+        r = ep
+    else:
+        try:
+            r = int(spec)
+        except ValueError:
+            raise _cli_error()(f"--redundancy values must be integers or 'ep', got {spec!r}") from None
+        if r < 0:
+            raise _cli_error()(f"--redundancy values must be >= 0, got {r}")
+    return r + (-(num_experts + r)) % ep
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    load = _load(args.load)
+    num_layers, num_experts = load.shape
+    eps = _int_list(args.ep_sizes, "--ep-sizes")
+    specs = [s.strip() for s in args.redundancy.split(",") if s.strip()]
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for p in policies:
+        if p != "none" and p not in POLICY_NAMES:
+            raise _cli_error()(
+                f"unknown policy {p!r} in --policies; choose from none, {', '.join(POLICY_NAMES)}"
+            )
+    for ep in eps:
+        if ep < 1:
+            raise _cli_error()(f"--ep-sizes: {ep} must be >= 1")
+        if args.num_nodes > 1 and ep % args.num_nodes:
+            raise _cli_error()(f"--ep-sizes: {ep} is not a multiple of --num-nodes {args.num_nodes}")
+    jobs = [(p, ep, spec) for spec in specs for p in policies for ep in eps]
+    rows = []
+    for policy, ep, spec in tqdm(jobs, desc="simulate", unit="plan", disable=args.no_progress):
+        r = 0 if policy == "none" else _redundancy_for(spec, num_experts, ep)
+        slots = num_experts + r
+        if slots % ep:  # "none": contiguous experts need E % EP == 0
+            slots += (-slots) % ep
+            r = slots - num_experts
+        start = time.perf_counter()
+        try:
+            if policy == "none":
+                placement = ExpertPlacement.default(num_layers, num_experts, ep, r)
+                info = {"home_node": None}
+            else:
+                placement, info = rebalance_with_info(
+                    load,
+                    slots,
+                    ep,
+                    num_nodes=args.num_nodes,
+                    num_groups=args.num_groups,
+                    policy=policy,
+                    node_locality=args.node_locality,
+                )
+        except PolicyError as exc:
+            raise _cli_error()(f"{policy} at EP {ep}: {exc}") from None
+        seconds = time.perf_counter() - start
+        d = placement_diagnostics(
+            placement,
+            load,
+            num_nodes=args.num_nodes,
+            num_groups=args.num_groups,
+            home_node=info["home_node"],
+        )
+        rows.append(
+            {
+                "policy": policy,
+                "redundancy": spec if policy != "none" else "0",
+                "ep_size": ep,
+                "num_slots": slots,
+                "balancedness": d["balancedness"],
+                "slowdown": d["max_over_mean"],
+                "duplicates": d["same_rank_duplicates"],
+                "cross_node_share": d.get("cross_node_share"),
+                "ms": 1e3 * seconds,
+            }
+        )
+    print(
+        f"{'policy':<14}{'R':>6}{'EP':>6}{'slots':>7}{'balancedness':>14}{'slowdown':>10}{'dups':>6}{'ms':>9}"
+    )
+    for row in rows:
+        print(
+            f"{row['policy']:<14}{row['redundancy']:>6}{row['ep_size']:>6}{row['num_slots']:>7}"
+            f"{row['balancedness']:>14.4f}{row['slowdown']:>10.4f}{row['duplicates']:>6}{row['ms']:>9.1f}"
+        )
+    print("slowdown = MoE step time vs perfect balance (mean over layers of max rank load / mean rank load)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"load": args.load, "rows": rows}, indent=1))
+        print(f"wrote {args.out}")
+    plot = args.plot
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for key in dict.fromkeys((r["policy"], r["redundancy"]) for r in rows):
+            sel = [r for r in rows if (r["policy"], r["redundancy"]) == key]
+            label = key[0] if key[0] == "none" else f"{key[0]} (R={key[1]})"
+            ax.plot([r["ep_size"] for r in sel], [r["slowdown"] for r in sel], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("EP size (ranks)")
+        ax.set_ylabel("MoE step slowdown vs perfect balance (max/mean)")
+        ax.set_title(Path(args.load).name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(plot, dpi=120)
+        plt.close(fig)
+        print(f"wrote {plot}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def _topology(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes the EP group spans (default 1)")
+    p.add_argument(
+        "--num-groups", type=int, default=1, help="expert groups of group-limited routing (default 1)"
+    )
+
+
+def add_commands(subparsers) -> None:
+    """Add ``plan``, ``evaluate`` and ``simulate`` to the ``megatron-eplb`` sub-command parser."""
+    load_help = (
+        'load file {"logical_count": [[...]]} (all-zero rows are dense layers) or a map with expert_load'
+    )
+
+    p = subparsers.add_parser("plan", help="plan a placement from a load file and write the expert map")
+    p.add_argument("--load", required=True, help=load_help)
+    p.add_argument("--ep-size", type=int, required=True, help="ranks of the expert-parallel group")
+    p.add_argument(
+        "--num-slots", type=int, required=True, help="physical slots per layer (experts + redundant)"
+    )
+    _topology(p)
+    p.add_argument("--previous", help="current expert map (low_churn starts from it)")
+    p.add_argument("--policy", default="auto", choices=POLICY_NAMES)
+    p.add_argument("--churn-weight", type=float, default=0.01, help="low_churn knob (eplb_churn_weight)")
+    p.add_argument("--node-locality", default="relaxed", choices=("relaxed", "strict"))
+    p.add_argument("--exclude-ranks", help="comma-separated ranks to leave empty (failed GPUs)")
+    p.add_argument("--out", required=True, help="expert map JSON to write")
+    p.set_defaults(func=cmd_plan)
+
+    p = subparsers.add_parser("evaluate", help="balance metrics of an expert map under a load")
+    p.add_argument("--load", required=True, help=load_help)
+    p.add_argument("--map", required=True, help="expert map JSON")
+    p.add_argument("--previous", help="an earlier map, to count moved slots")
+    _topology(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser("simulate", help="balancedness and MoE slowdown per policy and EP size")
+    p.add_argument("--load", required=True, help=load_help)
+    p.add_argument("--ep-sizes", default="8,16,32,64,128,256", help="comma-separated EP sizes")
+    p.add_argument(
+        "--redundancy",
+        default="ep",
+        help="comma-separated redundant slots per layer ('ep' = one per rank); rounded up to fill every rank",
+    )
+    p.add_argument("--policies", default="none,deepseek,greedy", help="comma-separated; 'none' = no EPLB")
+    _topology(p)
+    p.add_argument("--node-locality", default="relaxed", choices=("relaxed", "strict"))
+    p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument("--plot", default="simulate.png", help="PNG of slowdown vs EP size ('' = none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_simulate)

@@ -1,0 +1,351 @@
+"""Shared pieces of the placement policies: argument checks, replication, packing, local search.
+
+Terms as in :mod:`megatron_eplb.placement`: ``L`` layers, ``E`` logical experts, ``N`` ranks, ``P`` slots
+per layer, ``S = P / N`` slots per rank, ``K`` items (expert copies) to place.  Every function here is
+pure and vectorised across layers: Python loops run over slots, copies or iterations, never over the
+experts of one layer.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..placement import ExpertPlacement
+
+__all__ = ["PolicyError", "Problem", "make_problem", "replicate", "lpt_pack", "items_from_counts"]
+
+POLICY_NAMES = ("auto", "greedy", "hierarchical", "low_churn", "deepseek")
+NODE_LOCALITY = ("relaxed", "strict")
+
+
+class PolicyError(ValueError):
+    """Bad arguments to a placement policy (the message says which and what to do)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A checked placement problem.
+
+    Attributes:
+        load: float64 ``[L, E]``.
+        num_slots, num_ranks, num_nodes, num_groups: ``P``, ``N``, nodes, expert groups.
+        active: bool ``[N]``, False for excluded ranks.
+        rank_node: int64 ``[N]``, node of each rank (``rank // (N / nodes)``).
+    """
+
+    load: np.ndarray
+    num_slots: int
+    num_ranks: int
+    num_nodes: int
+    num_groups: int
+    active: np.ndarray
+    rank_node: np.ndarray
+
+    @property
+    def num_layers(self) -> int:
+        return self.load.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.load.shape[1]
+
+    @property
+    def slots_per_rank(self) -> int:
+        return self.num_slots // self.num_ranks
+
+    @property
+    def excluded(self) -> tuple[int, ...]:
+        return tuple(int(r) for r in np.nonzero(~self.active)[0])
+
+    @property
+    def num_active_slots(self) -> int:
+        return int(self.active.sum()) * self.slots_per_rank
+
+    @property
+    def dup_unavoidable(self) -> bool:
+        """More slots per rank than experts: some rank must hold two copies of one expert."""
+        return self.slots_per_rank > self.num_experts
+
+
+def as_load(load, name: str = "load") -> np.ndarray:
+    """float64 ``[L, E]`` from a numpy array, torch tensor or nested list; rejects NaN/inf/negative."""
+    if hasattr(load, "detach"):
+        load = load.detach().cpu().double().numpy()
+    try:
+        arr = np.array(load, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise PolicyError(f"{name} must be a numeric [layers, experts] array ({exc})") from None
+    if arr.ndim == 1:
+        raise PolicyError(
+            f"{name} must be 2-D [layers, experts], got shape {list(arr.shape)}; use load[None] for one layer"
+        )
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise PolicyError(
+            f"{name} must be 2-D [layers, experts] with at least one of each, got shape {list(arr.shape)}"
+        )
+    bad = np.argwhere(~np.isfinite(arr) | (arr < 0))
+    if len(bad):
+        layer, expert = (int(v) for v in bad[0])
+        raise PolicyError(
+            f"{name}[{layer}, {expert}] = {float(arr[layer, expert])}: loads must be finite and non-negative "
+            f"({len(bad)} bad entries)"
+        )
+    return arr
+
+
+def check_policy_name(policy: str) -> str:
+    if policy not in POLICY_NAMES:
+        close = difflib.get_close_matches(str(policy), POLICY_NAMES, n=1, cutoff=0.4)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise PolicyError(f"unknown policy {policy!r}: choose one of {', '.join(POLICY_NAMES)}{hint}")
+    return policy
+
+
+def _as_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise PolicyError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise PolicyError(f"{name}={value} must be >= {minimum}")
+    return int(value)
+
+
+def make_problem(
+    load,
+    num_slots,
+    num_ranks,
+    *,
+    num_nodes=1,
+    num_groups=1,
+    previous: ExpertPlacement | None = None,
+    exclude_ranks=(),
+) -> Problem:
+    """Check every argument of :func:`megatron_eplb.policy.rebalance`; raise :class:`PolicyError`."""
+    load = as_load(load)
+    num_layers, num_experts = load.shape
+    num_slots = _as_int(num_slots, "num_slots")
+    num_ranks = _as_int(num_ranks, "num_ranks")
+    num_nodes = _as_int(num_nodes, "num_nodes")
+    num_groups = _as_int(num_groups, "num_groups")
+    if num_slots % num_ranks:
+        below = num_slots - num_slots % num_ranks
+        raise PolicyError(
+            f"num_slots={num_slots} is not a multiple of num_ranks={num_ranks}: every rank needs the same "
+            f"number of slots; use {below if below >= num_experts else below + num_ranks} or {below + num_ranks}"
+        )
+    if num_slots < num_experts:
+        raise PolicyError(
+            f"num_slots={num_slots} is fewer than the {num_experts} logical experts: every expert needs a slot"
+        )
+    if num_ranks % num_nodes:
+        raise PolicyError(f"num_nodes={num_nodes} does not divide num_ranks={num_ranks}")
+    if num_groups > 1 and num_experts % num_groups:
+        raise PolicyError(f"num_groups={num_groups} does not divide the {num_experts} experts")
+    active = np.ones(num_ranks, dtype=bool)
+    if exclude_ranks is None:
+        exclude_ranks = ()
+    try:
+        excl = [int(r) for r in exclude_ranks]
+    except (TypeError, ValueError):
+        raise PolicyError(f"exclude_ranks must be a sequence of rank ids, got {exclude_ranks!r}") from None
+    for r, raw in zip(excl, exclude_ranks):
+        if isinstance(raw, bool) or r != raw:
+            raise PolicyError(f"exclude_ranks: {raw!r} is not a rank id")
+        if not 0 <= r < num_ranks:
+            raise PolicyError(f"exclude_ranks: rank {r} is out of range [0, {num_ranks})")
+    active[excl] = False
+    if not active.any():
+        raise PolicyError(f"exclude_ranks excludes all {num_ranks} ranks: nothing is left to hold experts")
+    spr = num_slots // num_ranks
+    if int(active.sum()) * spr < num_experts:
+        raise PolicyError(
+            f"exclude_ranks={sorted(set(excl))} leaves {int(active.sum())} ranks x {spr} slots = "
+            f"{int(active.sum()) * spr} slots, fewer than the {num_experts} experts"
+        )
+    if previous is not None:
+        if not isinstance(previous, ExpertPlacement):
+            raise PolicyError(f"previous must be an ExpertPlacement, got {type(previous).__name__}")
+        if previous.phy2log.shape != (num_layers, num_slots) or previous.num_ranks != num_ranks:
+            raise PolicyError(
+                f"previous placement has {previous.num_layers} layers x {previous.num_slots} slots on "
+                f"{previous.num_ranks} ranks, but the load has {num_layers} layers and the call asks for "
+                f"{num_slots} slots on {num_ranks} ranks"
+            )
+        if previous.num_experts != num_experts:
+            raise PolicyError(
+                f"previous placement is for {previous.num_experts} logical experts, the load has {num_experts}"
+            )
+    rank_node = np.arange(num_ranks) // (num_ranks // num_nodes)
+    return Problem(load, num_slots, num_ranks, num_nodes, num_groups, active, rank_node)
+
+
+# ---------------------------------------------------------------------------------------------- replicas
+def replicate(weight: np.ndarray, extra: np.ndarray, max_copies) -> np.ndarray:
+    """Give redundant copies greedily to the expert with the highest load per copy (``argmax w / c``).
+
+    Args:
+        weight: float ``[B, E]``.
+        extra: int ``[B]`` redundant copies to hand out in each row (``>= 0``).
+        max_copies: most copies of one expert (the ranks available, so copies never share a rank); an
+            int or int ``[B]`` per row.  Where every expert is capped, copies go over the cap.
+    Returns:
+        int64 ``[B, E]`` copies of each expert (``>= 1``; rows sum to ``E + extra``).
+    """
+    rows, num_experts = weight.shape
+    counts = np.ones((rows, num_experts), dtype=np.int64)
+    extra = np.asarray(extra, dtype=np.int64)
+    idx = np.arange(rows)
+    cap = np.broadcast_to(np.asarray(max_copies), (rows,))[:, None]
+    for k in range(int(extra.max(initial=0))):
+        ratio = weight / counts
+        capped = counts >= cap
+        ratio[capped & ~capped.all(axis=1, keepdims=True)] = -np.inf
+        best = ratio.argmax(axis=1)
+        live = extra > k
+        counts[idx[live], best[live]] += 1
+    return counts
+
+
+def items_from_counts(counts: np.ndarray, weight: np.ndarray, home: np.ndarray | None = None):
+    """Expand copy counts into items (one per copy), the first copy of each expert marked primary.
+
+    Args:
+        counts: int ``[L, E]``, every row summing to the same ``K``.
+        weight: float ``[L, E]``.
+        home: optional int ``[L, E]`` home node of each expert.
+    Returns:
+        item_expert int64 ``[L, K]``, item_weight float64 ``[L, K]`` (load per copy),
+        item_primary bool ``[L, K]``, item_home int64 ``[L, K]`` (``-1`` without ``home``).
+    """
+    num_layers, num_experts = counts.shape
+    flat_experts = np.tile(np.arange(num_experts), num_layers)
+    item_expert = np.repeat(flat_experts, counts.ravel()).reshape(num_layers, -1)
+    rows = np.arange(num_layers)[:, None]
+    item_weight = (weight / counts)[rows, item_expert]
+    first = np.ones_like(item_expert, dtype=bool)
+    first[:, 1:] = item_expert[:, 1:] != item_expert[:, :-1]
+    item_home = home[rows, item_expert] if home is not None else np.full_like(item_expert, -1)
+    return item_expert, item_weight, first, item_home
+
+
+# ----------------------------------------------------------------------------------------------- packing
+def lpt_pack(
+    item_weight: np.ndarray,
+    item_expert: np.ndarray,
+    num_experts: int,
+    rank_capacity: np.ndarray,
+    *,
+    item_node: np.ndarray | None = None,
+    rank_node: np.ndarray | None = None,
+) -> np.ndarray:
+    """Longest-processing-time packing with equal slot counts, no two copies of one expert on a rank.
+
+    Items are taken heaviest first (stable sort: ties keep item order); each goes to the least loaded rank
+    with a free slot that does not yet hold its expert (if none exists, the least loaded rank with a free
+    slot).  Items with ``item_node >= 0`` may only go to ranks of that node; the others go anywhere, but
+    leave every node room for the bound items still to come.
+
+    Args:
+        item_weight: float ``[L, K]``; item_expert: int ``[L, K]``.
+        rank_capacity: int ``[N]`` slots of each rank (0 for excluded ranks); sums to ``K``.
+        item_node: optional int ``[L, K]`` (``-1`` = free); rank_node: int ``[N]``.
+    Returns:
+        int64 ``[L, K]`` rank of each item.
+    """
+    num_layers, num_items = item_weight.shape
+    num_ranks = len(rank_capacity)
+    rows = np.arange(num_layers)
+    order = np.argsort(-item_weight, axis=1, kind="stable")
+    if item_node is None or not (item_node >= 0).any():
+        return _lpt_pack_free(item_weight, item_expert, num_experts, rank_capacity, order)
+    load = np.zeros((num_layers, num_ranks))
+    used = np.zeros((num_layers, num_ranks), dtype=np.int64)
+    has = np.zeros((num_layers, num_ranks, num_experts + 1), dtype=bool)
+    cap = np.broadcast_to(np.asarray(rank_capacity, dtype=np.int64), (num_layers, num_ranks))
+    item_rank = np.full((num_layers, num_items), -1, dtype=np.int64)
+    bound = item_node is not None and (item_node >= 0).any()
+    if bound:
+        num_nodes = int(rank_node.max()) + 1
+        node_onehot = rank_node[None, :] == np.arange(num_nodes)[:, None]  # [nodes, N]
+        free = np.broadcast_to(node_onehot @ np.asarray(rank_capacity), (num_layers, num_nodes)).copy()
+        pending = np.stack([(item_node == n).sum(axis=1) for n in range(num_nodes)], axis=1)
+    for t in range(num_items):
+        i = order[:, t]
+        e = item_expert[rows, i]
+        room = used < cap
+        if bound:
+            b = item_node[rows, i]
+            spare = ((free - pending) > 0)[:, rank_node]
+            allowed = np.where(b[:, None] >= 0, rank_node[None, :] == b[:, None], spare)
+            room &= allowed
+        ok = room & ~has[rows, :, e]
+        ok = np.where(ok.any(axis=1)[:, None], ok, room)
+        r = np.where(ok, load, np.inf).argmin(axis=1)
+        item_rank[rows, i] = r
+        load[rows, r] += item_weight[rows, i]
+        used[rows, r] += 1
+        has[rows, r, e] = True
+        if bound:
+            free[rows, rank_node[r]] -= 1
+            pending[rows, np.maximum(b, 0)] -= b >= 0
+    return item_rank
+
+
+def _lpt_pack_free(item_weight, item_expert, num_experts, rank_capacity, order) -> np.ndarray:
+    """:func:`lpt_pack` without node constraints (the hot path of the global policy)."""
+    num_layers, num_items = item_weight.shape
+    num_ranks = len(rank_capacity)
+    rows = np.arange(num_layers)
+    cap = np.asarray(rank_capacity, dtype=np.int64)
+    # key = rank load while the rank has room, inf once full; has[l, e, r]: rank r holds expert e.
+    key = np.where(cap > 0, 0.0, np.inf)[None, :].repeat(num_layers, axis=0)
+    used = np.zeros((num_layers, num_ranks), dtype=np.int64)
+    has = np.zeros((num_layers, num_experts, num_ranks), dtype=bool)
+    w_sorted = np.take_along_axis(item_weight, order, axis=1)
+    e_sorted = np.take_along_axis(item_expert, order, axis=1)
+    rank_sorted = np.empty((num_layers, num_items), dtype=np.int64)
+    for t in range(num_items):
+        e = e_sorted[:, t]
+        held = has[rows, e]
+        r = np.where(held, np.inf, key).argmin(axis=1)
+        blocked = held[rows, r] | np.isinf(key[rows, r])
+        if blocked.any():  # every rank with room holds the expert: accept a second copy
+            r = np.where(blocked, key.argmin(axis=1), r)
+        rank_sorted[:, t] = r
+        used[rows, r] += 1
+        key[rows, r] = np.where(used[rows, r] >= cap[r], np.inf, key[rows, r] + w_sorted[:, t])
+        has[rows, e, r] = True
+    item_rank = np.empty_like(rank_sorted)
+    np.put_along_axis(item_rank, order, rank_sorted, axis=1)
+    return item_rank
+
+
+def phy2log_from_items(item_rank: np.ndarray, item_expert: np.ndarray, num_ranks: int, slots_per_rank: int):
+    """Lay items out into slots: rank ``r``'s items fill slots ``r*S .. r*S+S-1`` in item order.
+
+    Args:
+        item_rank, item_expert: int ``[L, K]``; every rank gets ``S`` or 0 items.
+    Returns:
+        int64 ``[L, N * S]`` (``-1`` on ranks with no items).
+    """
+    num_layers, num_items = item_rank.shape
+    order = np.argsort(item_rank, axis=1, kind="stable")
+    sorted_rank = np.take_along_axis(item_rank, order, axis=1)
+    sorted_expert = np.take_along_axis(item_expert, order, axis=1)
+    # Position within the rank: index minus the index where this rank's run starts.
+    idx = np.broadcast_to(np.arange(num_items), order.shape)
+    starts = np.where(np.diff(sorted_rank, axis=1, prepend=-1) != 0, idx, 0)
+    pos = idx - np.maximum.accumulate(starts, axis=1)
+    out = np.full((num_layers, num_ranks * slots_per_rank), -1, dtype=np.int64)
+    rows = np.broadcast_to(np.arange(num_layers)[:, None], order.shape)
+    out[rows, sorted_rank * slots_per_rank + pos] = sorted_expert
+    return out
+
+
+def count_same_rank_duplicates(phy2log: np.ndarray, num_ranks: int) -> int:
+    """Copies beyond the first of one expert on one rank, summed over layers and ranks."""
+    num_layers, num_slots = phy2log.shape
+    per_rank = np.sort(phy2log.reshape(num_layers, num_ranks, num_slots // num_ranks), axis=2)
+    return int(((per_rank[:, :, 1:] == per_rank[:, :, :-1]) & (per_rank[:, :, 1:] >= 0)).sum())

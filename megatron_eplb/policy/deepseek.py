@@ -1,0 +1,133 @@
+"""Exact-parity mode with DeepSeek's EPLB (``eplb.py`` of deepseek-ai/EPLB), written here in numpy.
+
+Same steps and the same arithmetic (float32 loads, first index on ties, stable descending sorts):
+pack expert groups to nodes → replicate experts within nodes (``argmax w / c``) → pack the copies to GPUs
+with equal counts (sorted LPT).  Global mode is the same with one group and one node.  Kept as the
+baseline the other policies are measured against: it is stateless and may put two copies of one expert
+on one GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["balanced_packing", "replicate_experts", "rebalance_experts_hierarchical", "deepseek_phy2log"]
+
+
+def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pack ``n`` weighted items into ``num_packs`` packs of ``n / num_packs`` items each (sorted LPT).
+
+    Args:
+        weight: float32 ``[X, n]``.
+        num_packs: packs.
+    Returns:
+        pack_index: int64 ``[X, n]`` pack of each item; rank_in_pack: int64 ``[X, n]`` position in it.
+    """
+    rows, num_items = weight.shape
+    per_pack = num_items // num_packs
+    if per_pack == 1:
+        return (
+            np.broadcast_to(np.arange(num_items), weight.shape).copy(),
+            np.zeros(weight.shape, dtype=np.int64),
+        )
+    order = np.argsort(-weight, axis=1, kind="stable")
+    pack_weight = np.zeros((rows, num_packs), dtype=np.float32)
+    pack_items = np.zeros((rows, num_packs), dtype=np.int64)
+    pack_index = np.full(weight.shape, -1, dtype=np.int64)
+    rank_in_pack = np.full(weight.shape, -1, dtype=np.int64)
+    idx = np.arange(rows)
+    for t in range(num_items):
+        item = order[:, t]
+        pack = np.where(pack_items < per_pack, pack_weight, np.inf).argmin(axis=1)
+        pack_index[idx, item] = pack
+        rank_in_pack[idx, item] = pack_items[idx, pack]
+        pack_weight[idx, pack] += weight[idx, item]
+        pack_items[idx, pack] += 1
+    return pack_index, rank_in_pack
+
+
+def replicate_experts(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Replicate ``num_log`` experts into ``num_phy`` copies, minimising the heaviest copy.
+
+    Args:
+        weight: float32 ``[X, num_log]``.
+        num_phy: copies in all (``>= num_log``).
+    Returns:
+        phy2log: int64 ``[X, num_phy]``; rank: int64 ``[X, num_phy]`` replica index of each copy;
+        logcnt: int64 ``[X, num_log]`` copies of each expert.
+    """
+    rows, num_log = weight.shape
+    phy2log = np.tile(np.arange(num_phy, dtype=np.int64), (rows, 1))
+    rank = np.zeros((rows, num_phy), dtype=np.int64)
+    logcnt = np.ones((rows, num_log), dtype=np.int64)
+    idx = np.arange(rows)
+    for i in range(num_log, num_phy):
+        best = (weight / logcnt.astype(np.float32)).argmax(axis=1)
+        phy2log[:, i] = best
+        rank[:, i] = logcnt[idx, best]
+        logcnt[idx, best] += 1
+    return phy2log, rank, logcnt
+
+
+def _inverse(perm: np.ndarray) -> np.ndarray:
+    inv = np.empty_like(perm)
+    np.put_along_axis(inv, perm, np.broadcast_to(np.arange(perm.shape[1]), perm.shape), axis=1)
+    return inv
+
+
+def rebalance_experts_hierarchical(
+    weight: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DeepSeek's hierarchical policy.
+
+    Args:
+        weight: float32 ``[L, E]``.
+        num_physical: ``P`` copies per layer; num_groups, num_nodes, num_gpus: topology.
+    Returns:
+        phy2log: int64 ``[L, P]``; phyrank: int64 ``[L, P]``; logcnt: int64 ``[L, E]``.
+    """
+    num_layers, num_log = weight.shape
+    group_size = num_log // num_groups
+    groups_per_node = num_groups // num_nodes
+    per_gpu = num_physical // num_gpus
+    # 1. expert groups to nodes
+    tokens_per_group = weight.reshape(num_layers, num_groups, group_size).sum(axis=2, dtype=np.float32)
+    group_pack, group_rank = balanced_packing(tokens_per_group, num_nodes)
+    log2mlog = (
+        ((group_pack * groups_per_node + group_rank) * group_size)[:, :, None] + np.arange(group_size)
+    ).reshape(num_layers, -1)
+    mlog2log = _inverse(log2mlog)
+    # 2. redundant experts within nodes: [L * nodes, E / nodes]
+    tokens_per_mlog = np.take_along_axis(weight, mlog2log, axis=1).reshape(-1, num_log // num_nodes)
+    phy2mlog, phyrank, mlogcnt = replicate_experts(tokens_per_mlog, num_physical // num_nodes)
+    # 3. copies to GPUs within nodes: [L * nodes, P / nodes]
+    tokens_per_phy = np.take_along_axis(tokens_per_mlog / mlogcnt.astype(np.float32), phy2mlog, axis=1)
+    pack_index, rank_in_pack = balanced_packing(tokens_per_phy, num_gpus // num_nodes)
+    pphy2phy = _inverse(pack_index * per_gpu + rank_in_pack)
+    pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, axis=1)
+    pphy2mlog = (
+        pphy2mlog.reshape(num_layers, num_nodes, -1)
+        + np.arange(0, num_log, num_log // num_nodes)[None, :, None]
+    ).reshape(num_layers, -1)
+    pphy2log = np.take_along_axis(mlog2log, pphy2mlog, axis=1)
+    pphyrank = np.take_along_axis(phyrank, pphy2phy, axis=1).reshape(num_layers, -1)
+    logcnt = np.take_along_axis(mlogcnt.reshape(num_layers, -1), log2mlog, axis=1)
+    return pphy2log, pphyrank, logcnt
+
+
+def deepseek_phy2log(
+    weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> np.ndarray:
+    """DeepSeek's ``rebalance_experts``: hierarchical when ``num_groups % num_nodes == 0``, else global.
+
+    Args:
+        weight: float ``[L, E]``.
+    Returns:
+        int64 ``[L, num_replicas]`` logical expert of each physical slot.
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    if num_groups % num_nodes == 0 and weight.shape[1] % num_groups == 0:
+        phy2log, _, _ = rebalance_experts_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    else:
+        phy2log, _, _ = rebalance_experts_hierarchical(weight, num_replicas, 1, 1, num_gpus)
+    return phy2log

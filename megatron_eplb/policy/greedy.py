@@ -1,0 +1,61 @@
+"""Global greedy placement: replicate (``argmax w / c``) → LPT pack with equal slots per rank and no two
+copies of one expert on a rank → swap refinement between the hottest rank and the coldest ranks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .common import Problem, items_from_counts, lpt_pack, phy2log_from_items, replicate
+from .search import SearchState, local_search, pair_rounds
+
+__all__ = ["plan_global", "refine"]
+
+# Swap partners of the hottest rank: the slots of this many coldest ranks (enough on every trace tried).
+_PARTNERS = 4
+# Swaps of the hottest rank after the pair rounds (each lowers the peak a little).
+_POLISH_ITERS = 4
+# ... with node constraints (pair rounds help less there).
+_POLISH_ITERS_NODES = 64
+# Pair swap rounds.
+_ROUNDS = 3
+
+
+def refine(state: SearchState, *, rounds: int | None = None, polish_iters: int | None = None) -> SearchState:
+    """Refinement after packing (no churn cost): swap rounds between hot/cold rank pairs, then swaps of the
+    hottest rank with the coldest ranks."""
+    layers = np.arange(state.num_layers)
+    mean = state.mean_load(layers)
+    if state.locality != "strict":
+        if rounds is None:
+            rounds = _ROUNDS if state.locality == "none" else 8 * _ROUNDS
+        pair_rounds(state, layers, mean * 1e-6, max_rounds=rounds)
+    partners = None if state.locality != "none" else _PARTNERS
+    if polish_iters is not None:
+        iters = polish_iters
+    else:
+        iters = _POLISH_ITERS if state.locality == "none" else _POLISH_ITERS_NODES
+    return local_search(state, layers, mean * 1e-9, partners=partners, max_iters=iters)
+
+
+def plan_global(problem: Problem, *, refine_passes: bool = True) -> np.ndarray:
+    """Global placement on the active ranks.
+
+    Args:
+        problem: the checked problem (``load [L, E]``, ``P`` slots on ``N`` ranks, excluded ranks).
+    Returns:
+        int64 ``[L, P]`` phy2log (``-1`` on excluded ranks).
+    """
+    load = problem.load
+    num_layers, num_experts = load.shape
+    n_active = int(problem.active.sum())
+    active_slots = problem.num_active_slots
+    max_copies = active_slots if problem.dup_unavoidable else n_active
+    counts = replicate(load, np.full(num_layers, active_slots - num_experts), max_copies)
+    item_expert, item_weight, _, _ = items_from_counts(counts, load)
+    capacity = np.where(problem.active, problem.slots_per_rank, 0)
+    item_rank = lpt_pack(item_weight, item_expert, num_experts, capacity)
+    phy2log = phy2log_from_items(item_rank, item_expert, problem.num_ranks, problem.slots_per_rank)
+    if not refine_passes:
+        return phy2log
+    state = SearchState(load, phy2log, problem.num_ranks, allow_duplicates=problem.dup_unavoidable)
+    return refine(state).slot_e

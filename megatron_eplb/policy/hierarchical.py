@@ -1,0 +1,164 @@
+"""Node-aware placement for group-limited routing (``E`` experts in ``G`` groups, ranks on ``nodes`` nodes).
+
+Steps: pack expert groups to nodes (equal group counts, sorted LPT; with two groups per node this is the
+optimal pairing) → replicate → LPT pack copies to ranks → refinement swaps.
+
+- ``strict``: every copy of a group's experts stays on the group's node (DeepSeek's rule); each node
+  replicates within its own slots.  The pairing of groups caps balance.
+- ``relaxed``: the first (primary) copy of each expert stays on its group's node; redundant copies go where
+  they balance best, across nodes too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .common import PolicyError, Problem, items_from_counts, lpt_pack, phy2log_from_items, replicate
+from .greedy import refine
+from .search import SearchState
+
+__all__ = ["group_home_nodes", "plan_hierarchical", "node_aware", "strict_duplicates"]
+
+
+def node_aware(problem: Problem) -> bool:
+    """Whether the topology supports node-aware placement (more than one node, groups spread evenly)."""
+    g, n = problem.num_groups, problem.num_nodes
+    return n > 1 and g >= n and g % n == 0 and problem.num_experts % g == 0
+
+
+def strict_duplicates(problem: Problem) -> bool:
+    """Strict locality with more slots per rank than a node's experts: a rank must hold two copies."""
+    return problem.slots_per_rank > problem.num_experts // problem.num_nodes
+
+
+def group_home_nodes(load: np.ndarray, num_groups: int, num_nodes: int) -> np.ndarray:
+    """Pack expert groups to nodes, ``G / nodes`` groups per node, heaviest group first to the lightest node.
+
+    Args:
+        load: float ``[L, E]``.
+    Returns:
+        int64 ``[L, E]`` home node of every expert.
+    """
+    num_layers, num_experts = load.shape
+    group_load = load.reshape(num_layers, num_groups, -1).sum(axis=2)
+    groups = np.broadcast_to(np.arange(num_groups), group_load.shape)
+    group_node = lpt_pack(group_load, groups, num_groups, np.full(num_nodes, num_groups // num_nodes))
+    return np.repeat(group_node, num_experts // num_groups, axis=1)
+
+
+def _check_capacity(problem: Problem, home: np.ndarray) -> np.ndarray:
+    """int ``[nodes]`` slots per node; raise when a node cannot hold one copy of each of its experts."""
+    node_slots = (
+        np.bincount(problem.rank_node[problem.active], minlength=problem.num_nodes) * problem.slots_per_rank
+    )
+    need = problem.num_experts // problem.num_nodes
+    short = np.nonzero(node_slots < need)[0]
+    if len(short):
+        n = int(short[0])
+        raise PolicyError(
+            f"node {n} has {int(node_slots[n])} slots on its active ranks but must hold its "
+            f"{need} experts (exclude_ranks leaves too few); exclude fewer ranks there or use policy='greedy'"
+        )
+    return node_slots
+
+
+def replicate_relaxed(
+    load: np.ndarray, home: np.ndarray, node_slots: np.ndarray, ranks_per_node: np.ndarray, dup_ok: bool
+) -> np.ndarray:
+    """Redundant copies for relaxed locality, and the node each one lives on.
+
+    Each step looks at the two lower bounds on the hottest rank: the hottest node's load over its ranks, and
+    the heaviest copy.  If the node bound is higher, the step copies the expert whose new copy takes most
+    load off the hottest node; otherwise the heaviest copy's expert.  The copy goes to the node with the
+    lowest load per rank that has a free slot (and a rank without that expert).
+
+    Args:
+        load: float ``[L, E]``; home: int ``[L, E]`` home node of each expert (its primary copy).
+        node_slots: int ``[nodes]`` slots per node; ranks_per_node: int ``[nodes]`` active ranks.
+        dup_ok: copies of one expert may exceed a node's ranks.
+    Returns:
+        int64 ``[L, E, nodes]`` copies of each expert on each node.
+    """
+    num_layers, num_experts = load.shape
+    nodes = len(node_slots)
+    rows = np.arange(num_layers)
+    on_node = (home[:, :, None] == np.arange(nodes)).astype(np.int64)
+    free = np.broadcast_to(node_slots - on_node.sum(axis=1)[0], (num_layers, nodes)).copy()
+    per_rank = np.maximum(ranks_per_node, 1).astype(np.float64)
+    node_cap = np.where(dup_ok, np.iinfo(np.int64).max, ranks_per_node)
+    for _ in range(int(free.sum(axis=1).max(initial=0))):
+        copies = on_node.sum(axis=2)
+        per_copy = load / copies
+        node_load = np.einsum("le,len->ln", per_copy, on_node) / per_rank
+        hot = node_load.argmax(axis=1)
+        heaviest = per_copy.max(axis=1)
+        on_hot = on_node[rows, :, hot]
+        can_go = ((free[:, None, :] > 0) & (on_node < node_cap)).any(axis=2)  # [L, E]
+        relief = np.where(can_go, on_hot * load / (copies * (copies + 1.0)), -1.0)
+        room = can_go.any(axis=1)
+        e = np.where(
+            node_load[rows, hot] > heaviest,
+            relief.argmax(axis=1),
+            np.where(can_go, per_copy, -1.0).argmax(axis=1),
+        )
+        fits = (free > 0) & (on_node[rows, e] < node_cap)
+        target = np.where(fits, node_load, np.inf).argmin(axis=1)
+        ok = room & fits[rows, target]
+        on_node[rows[ok], e[ok], target[ok]] += 1
+        free[rows[ok], target[ok]] -= 1
+    return on_node
+
+
+def plan_hierarchical(problem: Problem, locality: str = "relaxed", *, refine_passes: bool = True):
+    """Node-aware placement.
+
+    Args:
+        problem: checked problem with ``num_nodes > 1`` and ``num_groups`` a multiple of ``num_nodes``.
+        locality: ``"relaxed"`` or ``"strict"``.
+    Returns:
+        phy2log: int64 ``[L, P]``; home: int64 ``[L, E]`` home node of every expert.
+    """
+    load = problem.load
+    num_layers, num_experts = load.shape
+    nodes = problem.num_nodes
+    home = group_home_nodes(load, problem.num_groups, nodes)
+    node_slots = _check_capacity(problem, home)
+    ranks_per_node = np.bincount(problem.rank_node[problem.active], minlength=nodes)
+    if locality == "strict":
+        # Replicate within each node: rows [L * nodes, E / nodes], experts ordered by home node (stable).
+        order = np.argsort(home, axis=1, kind="stable")
+        node_weight = np.take_along_axis(load, order, axis=1).reshape(num_layers * nodes, -1)
+        extra = np.tile(node_slots - num_experts // nodes, num_layers)
+        max_copies = (
+            np.tile(ranks_per_node, num_layers) if not strict_duplicates(problem) else int(node_slots.max())
+        )
+        node_counts = replicate(node_weight, extra, max_copies).reshape(num_layers, num_experts)
+        counts = np.empty_like(node_counts)
+        np.put_along_axis(counts, order, node_counts, axis=1)
+        item_expert, item_weight, _, item_node = items_from_counts(counts, load, home)
+    else:
+        copies_on_node = replicate_relaxed(load, home, node_slots, ranks_per_node, problem.dup_unavoidable)
+        flat = copies_on_node.reshape(num_layers, -1)  # [L, E * nodes]
+        item_index = np.repeat(np.tile(np.arange(flat.shape[1]), num_layers), flat.ravel()).reshape(
+            num_layers, -1
+        )
+        item_expert, item_node = np.divmod(item_index, nodes)
+        counts = copies_on_node.sum(axis=2)
+        item_weight = (load / counts)[np.arange(num_layers)[:, None], item_expert]
+    capacity = np.where(problem.active, problem.slots_per_rank, 0)
+    item_rank = lpt_pack(
+        item_weight, item_expert, num_experts, capacity, item_node=item_node, rank_node=problem.rank_node
+    )
+    phy2log = phy2log_from_items(item_rank, item_expert, problem.num_ranks, problem.slots_per_rank)
+    if refine_passes:
+        state = SearchState(
+            load,
+            phy2log,
+            problem.num_ranks,
+            home=home,
+            rank_node=problem.rank_node,
+            locality=locality,
+            allow_duplicates=problem.dup_unavoidable or (locality == "strict" and strict_duplicates(problem)),
+        )
+        phy2log = refine(state).slot_e
+    return phy2log, home

@@ -1,0 +1,301 @@
+"""megatron_eplb.policy: invariants (hypothesis), DeepSeek parity, low churn, node locality, errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from megatron_eplb.placement import ExpertPlacement
+from megatron_eplb.policy import PolicyError, placement_diagnostics, rebalance, rebalance_with_info
+from megatron_eplb.policy.common import count_same_rank_duplicates
+from megatron_eplb.stats import balance_summary, moved_slots, rank_loads, read_load_file
+
+REAL = Path(__file__).resolve().parents[2] / "shared/data/real_traces/sglang_deepseek_v3"
+
+README_LOAD = [
+    [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+    [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+]
+README_PHY2LOG = [
+    [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+    [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+]
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def problems(draw, nodes=False):
+    """(load [L, E], num_slots, num_ranks, num_nodes, num_groups, exclude_ranks)."""
+    num_layers = draw(st.integers(1, 3))
+    if nodes:
+        num_nodes = draw(st.sampled_from([2, 4]))
+        ranks_per_node = draw(st.integers(1, 3))
+        num_ranks = num_nodes * ranks_per_node
+        num_groups = num_nodes * draw(st.integers(1, 2))
+        num_experts = num_groups * draw(st.integers(1, 4))
+    else:
+        num_nodes, num_groups = 1, 1
+        num_ranks = draw(st.integers(1, 8))
+        num_experts = draw(st.integers(1, 24))
+    spr_min = -(-num_experts // num_ranks)
+    spr = draw(st.integers(spr_min, spr_min + 3))
+    exclude = ()
+    if num_ranks > 1 and draw(st.booleans()):
+        k = draw(st.integers(1, num_ranks - 1))
+        if (num_ranks - k) * spr >= num_experts:
+            exclude = tuple(draw(st.permutations(range(num_ranks)))[:k])
+    kind = draw(st.sampled_from(["uniform", "skewed", "zeros", "ties"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    if kind == "uniform":
+        load = rng.uniform(0, 100, (num_layers, num_experts))
+    elif kind == "skewed":
+        load = rng.pareto(1.2, (num_layers, num_experts)) * 100
+    elif kind == "zeros":
+        load = np.zeros((num_layers, num_experts))
+        load[:, 0] = rng.integers(0, 10)
+    else:
+        load = rng.integers(0, 3, (num_layers, num_experts)).astype(float)
+    return load, num_ranks * spr, num_ranks, num_nodes, num_groups, exclude
+
+
+def check_invariants(
+    p: ExpertPlacement, load, num_ranks, exclude=(), allow_dups=False, experts_per_rank_pool=None
+):
+    """``experts_per_rank_pool``: the experts one rank may choose from (a node's, under strict locality)."""
+    num_layers, num_experts = np.asarray(load).shape
+    pool = num_experts if experts_per_rank_pool is None else experts_per_rank_pool
+    assert p.phy2log.shape[0] == num_layers
+    per_rank = p.phy2log.reshape(num_layers, num_ranks, -1)
+    # every expert in every layer
+    assert (p.replica_count >= 1).all()
+    # excluded ranks empty, the others full
+    for r in range(num_ranks):
+        if r in exclude:
+            assert (per_rank[:, r] == -1).all()
+        else:
+            assert (per_rank[:, r] >= 0).all()
+    if not allow_dups and p.slots_per_rank <= pool:
+        assert count_same_rank_duplicates(p.phy2log, num_ranks) == 0
+
+
+@pytest.mark.parametrize("policy", ["greedy", "hierarchical", "low_churn", "auto", "deepseek"])
+@SETTINGS
+@given(data=problems())
+def test_invariants_global(policy, data):
+    load, num_slots, num_ranks, _, _, exclude = data
+    p = rebalance(load, num_slots, num_ranks, policy=policy, exclude_ranks=exclude)
+    check_invariants(p, load, num_ranks, exclude, allow_dups=policy == "deepseek")
+    again = rebalance(load.copy(), num_slots, num_ranks, policy=policy, exclude_ranks=exclude)
+    assert np.array_equal(p.phy2log, again.phy2log)  # deterministic
+
+
+@pytest.mark.parametrize("locality", ["strict", "relaxed"])
+@SETTINGS
+@given(data=problems(nodes=True))
+def test_invariants_node_aware(locality, data):
+    load, num_slots, num_ranks, num_nodes, num_groups, exclude = data
+    topo = dict(num_nodes=num_nodes, num_groups=num_groups, node_locality=locality, exclude_ranks=exclude)
+    try:
+        p, info = rebalance_with_info(load, num_slots, num_ranks, **topo)
+    except PolicyError as exc:  # a node left with fewer slots than its experts
+        assert exclude and "must hold its" in str(exc)
+        return
+    pool = load.shape[1] // num_nodes if locality == "strict" else None
+    check_invariants(p, load, num_ranks, exclude, experts_per_rank_pool=pool)
+    d = placement_diagnostics(
+        p, load, num_nodes=num_nodes, num_groups=num_groups, home_node=info["home_node"]
+    )
+    assert d["experts_without_home_copy"] == 0
+    if locality == "strict":
+        assert d["node_local_violations"] == 0 and d["cross_node_share"] == 0.0
+    # low_churn from it keeps the locality rule
+    load2 = load[:, ::-1].copy()
+    q, info2 = rebalance_with_info(load2, num_slots, num_ranks, previous=p, **topo)
+    check_invariants(q, load2, num_ranks, exclude, experts_per_rank_pool=pool)
+    d2 = placement_diagnostics(
+        q, load2, num_nodes=num_nodes, num_groups=num_groups, home_node=info2["home_node"]
+    )
+    assert d2["experts_without_home_copy"] == 0
+    if locality == "strict":
+        assert d2["node_local_violations"] == 0
+
+
+@SETTINGS
+@given(data=problems(), seed=st.integers(0, 2**31), excl_seed=st.integers(0, 2**31))
+def test_low_churn_invariants_and_never_worse(data, seed, excl_seed):
+    load, num_slots, num_ranks, _, _, exclude = data
+    rng = np.random.default_rng(seed)
+    prev = rebalance(rng.uniform(0, 100, load.shape), num_slots, num_ranks, policy="greedy")
+    new, info = rebalance_with_info(load, num_slots, num_ranks, previous=prev, exclude_ranks=exclude)
+    assert info["policy"] == "low_churn"
+    check_invariants(new, load, num_ranks, exclude)
+    if not exclude:  # without forced moves, each layer ends no worse than it started
+        before = balance_summary(prev, load)["per_layer"]
+        after = balance_summary(new, load)["per_layer"]
+        assert all(a >= b - 1e-12 for a, b in zip(after, before))
+    # newly excluded ranks in a previous with excluded ranks: include them again
+    if exclude:
+        back = rebalance(load, num_slots, num_ranks, previous=new)
+        check_invariants(back, load, num_ranks)
+
+
+@SETTINGS
+@given(data=problems(), churn=st.sampled_from([0.0, 0.01, 0.1]))
+def test_low_churn_leaves_balanced_layers_alone(data, churn):
+    load, num_slots, num_ranks, _, _, _ = data
+    prev = rebalance(load, num_slots, num_ranks, policy="greedy")
+    rl = rank_loads(prev, load)
+    mean, peak = rl.mean(axis=1), rl.max(axis=1)
+    balanced = peak - mean < max(churn, 1e-9) * mean
+    new = rebalance(load, num_slots, num_ranks, previous=prev, churn_weight=churn)
+    moved = moved_slots(prev, new)
+    assert (moved[balanced] == 0).all()
+    assert np.array_equal(new.phy2log[balanced], prev.phy2log[balanced])
+
+
+def test_low_churn_is_a_fixed_point():
+    rng = np.random.default_rng(1)
+    load = rng.pareto(1.5, (4, 64)) * 100
+    prev = rebalance(load, 72, 8)
+    first = rebalance(load, 72, 8, previous=prev)
+    assert moved_slots(prev, first).sum() <= 4  # greedy is nearly a low_churn optimum already
+    again = rebalance(load, 72, 8, previous=first)
+    assert moved_slots(first, again).sum() == 0
+
+
+def test_low_churn_knob_trades_moves_for_balance():
+    rng = np.random.default_rng(2)
+    a = rng.pareto(1.2, (6, 64)) * 100
+    b = rng.pareto(1.2, (6, 64)) * 100
+    prev = rebalance(a, 80, 16)
+    results = []
+    for cw in (0.0, 0.01, 0.1):
+        new = rebalance(b, 80, 16, previous=prev, churn_weight=cw)
+        results.append((moved_slots(prev, new).sum(), balance_summary(new, b)["mean"]))
+    moves = [m for m, _ in results]
+    bal = [x for _, x in results]
+    assert moves[0] >= moves[1] >= moves[2]
+    assert bal[0] >= bal[1] - 1e-9 >= bal[2] - 2e-9
+    assert bal[2] >= balance_summary(prev, b)["mean"] - 1e-12
+
+
+def test_low_churn_keeps_experts_in_their_slots():
+    rng = np.random.default_rng(3)
+    a = rng.pareto(1.2, (3, 32)) * 100
+    prev = rebalance(a, 48, 8)
+    new = rebalance(a[:, ::-1].copy(), 48, 8, previous=prev, churn_weight=0.0)
+    spr = 6
+    for layer in range(3):
+        for r in range(8):
+            old = prev.phy2log[layer, r * spr : (r + 1) * spr]
+            cur = new.phy2log[layer, r * spr : (r + 1) * spr]
+            kept = np.isin(cur, old)
+            assert np.array_equal(cur[kept], old[kept])  # an expert that stays keeps its slot
+    assert moved_slots(prev, new).sum() > 0
+
+
+def test_exclude_ranks_and_low_churn_repair():
+    rng = np.random.default_rng(4)
+    load = rng.pareto(1.3, (3, 32)) * 100
+    prev = rebalance(load, 48, 8)
+    new = rebalance(load, 48, 8, previous=prev, exclude_ranks=[2, 5])
+    assert new.excluded_ranks == (2, 5)
+    check_invariants(new, load, 8, (2, 5))
+    # only the slots of the lost ranks' experts had to move (plus what pays)
+    assert moved_slots(prev, new).sum() < prev.phy2log.size // 2
+    back = rebalance(load, 48, 8, previous=new)
+    assert back.excluded_ranks == ()
+
+
+def test_deepseek_readme_parity():
+    p = rebalance(README_LOAD, 16, 8, num_nodes=2, num_groups=4, policy="deepseek")
+    assert p.phy2log.tolist() == README_PHY2LOG
+    import torch
+
+    p2 = rebalance(torch.tensor(README_LOAD), 16, 8, num_nodes=2, num_groups=4, policy="deepseek")
+    assert p2.phy2log.tolist() == README_PHY2LOG
+
+
+def test_ours_beat_deepseek_on_readme_and_have_no_duplicates():
+    ds = rebalance(README_LOAD, 16, 8, num_nodes=2, num_groups=4, policy="deepseek")
+    for locality in ("strict", "relaxed"):
+        ours = rebalance(README_LOAD, 16, 8, num_nodes=2, num_groups=4, node_locality=locality)
+        assert count_same_rank_duplicates(ours.phy2log, 8) == 0
+        if locality == "strict":
+            assert (
+                balance_summary(ours, README_LOAD)["mean"] >= balance_summary(ds, README_LOAD)["mean"] - 1e-12
+            )
+    rng = np.random.default_rng(5)
+    load = rng.pareto(1.2, (8, 64)) * 100
+    for slots, ranks in ((72, 8), (80, 16)):
+        g = rebalance(load, slots, ranks, policy="greedy")
+        dg = rebalance(load, slots, ranks, policy="deepseek")
+        assert balance_summary(g, load)["mean"] > balance_summary(dg, load)["mean"]
+
+
+def test_auto_resolution():
+    load = np.arange(1, 17, dtype=float)[None].repeat(2, 0)
+    _, info = rebalance_with_info(load, 16, 4)
+    assert info["policy"] == "greedy"
+    p, info = rebalance_with_info(load, 16, 4, num_nodes=2, num_groups=4)
+    assert info["policy"] == "hierarchical" and info["locality"] == "relaxed"
+    _, info = rebalance_with_info(load, 16, 4, previous=p)
+    assert info["policy"] == "low_churn"
+    _, info = rebalance_with_info(load, 16, 4, num_nodes=2, num_groups=1, policy="hierarchical")
+    assert "fallback" in info
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_slots=30, num_ranks=4), "not a multiple of num_ranks=4"),
+        (dict(num_slots=8, num_ranks=4), "fewer than the 16 logical experts"),
+        (dict(policy="gredy"), "did you mean 'greedy'"),
+        (dict(exclude_ranks=[9]), "rank 9 is out of range"),
+        (dict(exclude_ranks=[0, 1, 2, 3]), "excludes all 4 ranks"),
+        (dict(exclude_ranks=[0, 1, 2]), "fewer than the 16 experts"),
+        (dict(num_nodes=3), "num_nodes=3 does not divide num_ranks=4"),
+        (dict(num_groups=3), "num_groups=3 does not divide the 16 experts"),
+        (dict(churn_weight=-1.0), "churn_weight must be"),
+        (dict(node_locality="loose"), "node_locality='loose'"),
+        (dict(churn_wieght=0.1), "did you mean 'churn_weight'"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    args = dict(num_slots=20, num_ranks=4)
+    args.update(kwargs)
+    load = np.ones((2, 16))
+    with pytest.raises(PolicyError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        rebalance(load, args.pop("num_slots"), args.pop("num_ranks"), **args)
+
+
+def test_bad_loads_and_previous():
+    with pytest.raises(PolicyError, match=r"load\[1, 2\] = nan"):
+        bad = np.ones((2, 8))
+        bad[1, 2] = np.nan
+        rebalance(bad, 8, 2)
+    with pytest.raises(PolicyError, match="finite and non-negative"):
+        rebalance(-np.ones((1, 8)), 8, 2)
+    with pytest.raises(PolicyError, match="2-D"):
+        rebalance(np.ones(8), 8, 2)
+    prev = rebalance(np.ones((2, 8)), 8, 2)
+    with pytest.raises(PolicyError, match="previous placement has 2 layers x 8 slots on 2 ranks"):
+        rebalance(np.ones((3, 8)), 8, 2, previous=prev)
+    with pytest.raises(PolicyError, match="previous placement is for 8 logical experts"):
+        rebalance(np.ones((2, 6)), 8, 2, previous=prev)
+    assert issubclass(PolicyError, ValueError)
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/data/real_traces not present")
+def test_real_trace_targets():
+    load = read_load_file(REAL / "prefill_in512.json")
+    greedy = rebalance(load, 288, 32, policy="greedy")
+    ds = rebalance(load, 288, 32, policy="deepseek")
+    assert balance_summary(greedy, load)["mean"] >= 0.993 > 0
+    assert balance_summary(greedy, load)["mean"] > balance_summary(ds, load)["mean"]
+    assert count_same_rank_duplicates(greedy.phy2log, 32) == 0
+    relaxed = rebalance(load, 288, 32, num_nodes=4, num_groups=8)
+    assert balance_summary(relaxed, load)["mean"] >= 0.97

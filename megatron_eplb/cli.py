@@ -86,12 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", help='load file {"logical_count": [[...]]} (all-zero rows are dense layers)')
     p.set_defaults(func=cmd_inspect)
 
-    try:
-        from . import cli_policy
-    except ImportError:  # pragma: no cover - only while the policy commands are absent
-        cli_policy = None
-    if cli_policy is not None:
-        cli_policy.add_commands(sub)
+    from . import cli_policy  # plan / evaluate / simulate
+
+    cli_policy.add_commands(sub)
     return parser
 
 

@@ -1,0 +1,749 @@
+"""Moving experts between ranks: a transfer plan (pure) and an executor (torch.distributed P2P, async).
+
+Terms as in :mod:`megatron_eplb.placement`: ``L`` MoE layers, ``N`` ranks, ``P`` physical slots per layer,
+``S = P / N`` slots per rank; slot ``s`` lives on rank ``s // S`` as local slot ``s % S``.
+
+The plan (:func:`plan_transfer`) is a pure, deterministic function of the old and the new placement, so every
+rank computes the identical plan without communication.  Per layer (vLLM's rules):
+
+* a slot whose expert is unchanged is skipped;
+* a slot whose new expert is already on its rank (in the old placement) is a **local copy**, never a send;
+* every other slot is **received exactly once**, from one holder of the expert in the old placement; the
+  senders are spread over all holders (least sends so far first, ties round-robin in rank order,
+  optionally preferring a holder on the receiver's node).
+
+The number of sends of a layer equals :func:`megatron_eplb.stats.moved_slots` (the churn).
+
+The executor (:class:`TransferExecutor`) runs one layer at a time: ``start_layer`` snapshots every slot the
+layer reads (sources of sends and of local copies) into a staging buffer and posts the sends/receives with
+one ``batch_isend_irecv``; ``finish_layer`` waits, lets all ranks vote, and only when every rank received
+everything writes the staged data into the destination slots.  Because all reads come from the snapshot, a
+slot may be both a source and a destination in the same layer (swap chains), and a failure or timeout
+leaves every rank's old tensors untouched (:class:`TransferError`).
+
+Model protocol (vLLM style, kept small): ``slot_tensors(layer, local_slot) -> list[torch.Tensor]`` returns
+every per-slot tensor of that local slot — weights and, in training, the slot's optimizer state (fp32
+master, Adam ``exp_avg``/``exp_avg_sq``).  For a given layer every slot on every rank must return the same
+list of shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .placement import ExpertPlacement
+
+__all__ = [
+    "FAIL_AFTER_SENDS_ENV",
+    "LayerHandle",
+    "LayerTransfer",
+    "TransferError",
+    "TransferExecutor",
+    "TransferPlan",
+    "plan_transfer",
+    "slot_checksum",
+    "slot_nbytes",
+]
+
+#: Test hook: when set (an integer ``k``), every executor built without ``fail_after_sends`` posts only the
+#: first ``k`` send messages of each layer and then fails that layer.
+FAIL_AFTER_SENDS_ENV = "MEGATRON_EPLB_TRANSFER_FAIL_AFTER_SENDS"
+
+_ALIGN = 64  # byte alignment of every tensor inside a staged slot
+_EMPTY_SENDS = np.zeros((0, 4), dtype=np.int64)
+_EMPTY_COPIES = np.zeros((0, 3), dtype=np.int64)
+
+
+class TransferError(RuntimeError):
+    """A layer's transfer failed; no rank wrote anything for that layer (old tensors are intact).
+
+    Attributes:
+        layer: the MoE layer.
+        rank: the rank (in the transfer group) that raised.
+        group_broken: True when a wait timed out or a peer vanished; the transfer process group should then
+            be destroyed and created anew before the next transfer (gloo closes the pair on a timeout).
+    """
+
+    def __init__(self, message: str, *, layer: int, rank: int, group_broken: bool = False) -> None:
+        super().__init__(f"layer {layer} rank {rank}: {message}")
+        self.layer = layer
+        self.rank = rank
+        self.group_broken = group_broken
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class LayerTransfer:
+    """What one layer's transfer does.
+
+    Attributes:
+        layer: MoE layer id.
+        sends: int64 ``[K, 4]`` rows ``(src_rank, src_local_slot, dst_rank, dst_local_slot)``, sorted by
+            destination slot; each destination slot appears at most once.
+        send_experts: int64 ``[K]`` logical expert carried by each send.
+        local_copies: int64 ``[C, 3]`` rows ``(rank, src_local_slot, dst_local_slot)``: the expert is already
+            on ``rank`` (old placement) and is copied into its new slot there.
+    """
+
+    layer: int
+    sends: np.ndarray = field(default_factory=lambda: _EMPTY_SENDS)
+    send_experts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    local_copies: np.ndarray = field(default_factory=lambda: _EMPTY_COPIES)
+
+    @property
+    def num_sends(self) -> int:
+        return int(self.sends.shape[0])
+
+    @property
+    def num_local_copies(self) -> int:
+        return int(self.local_copies.shape[0])
+
+    @property
+    def is_empty(self) -> bool:
+        return self.num_sends == 0 and self.num_local_copies == 0
+
+    def sends_from(self, rank: int) -> np.ndarray:
+        """int64 ``[k, 4]``: the sends ``rank`` makes, in plan order."""
+        return self.sends[self.sends[:, 0] == rank]
+
+    def recvs_to(self, rank: int) -> np.ndarray:
+        """int64 ``[k, 4]``: the sends ``rank`` receives, in plan order."""
+        return self.sends[self.sends[:, 2] == rank]
+
+    def copies_on(self, rank: int) -> np.ndarray:
+        """int64 ``[c, 3]``: the local copies on ``rank``."""
+        return self.local_copies[self.local_copies[:, 0] == rank]
+
+    def for_rank(self, rank: int) -> LayerTransfer:
+        """The part of this layer that involves ``rank`` (its sends, receives and local copies)."""
+        keep = (self.sends[:, 0] == rank) | (self.sends[:, 2] == rank)
+        return LayerTransfer(self.layer, self.sends[keep], self.send_experts[keep], self.copies_on(rank))
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """Per-layer transfers from an old to a new placement (see :func:`plan_transfer`).
+
+    Attributes:
+        num_ranks, slots_per_rank: ``N`` and ``S`` of both placements.
+        transfers: one :class:`LayerTransfer` per layer of the placements (``L`` entries; layers that were
+            not planned or did not change are empty).
+        rank: ``None`` for the full plan, else the rank this view was restricted to (:meth:`for_rank`).
+    """
+
+    num_ranks: int
+    slots_per_rank: int
+    transfers: tuple[LayerTransfer, ...]
+    rank: int | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.transfers)
+
+    def layer(self, layer: int) -> LayerTransfer:
+        return self.transfers[layer]
+
+    @property
+    def layers_changed(self) -> tuple[int, ...]:
+        """Layers with at least one send or local copy (those whose weights must be touched)."""
+        return tuple(t.layer for t in self.transfers if not t.is_empty)
+
+    def moved_slots(self) -> np.ndarray:
+        """int64 ``[L]``: sends per layer (equals ``stats.moved_slots`` for a full plan of all layers)."""
+        return np.array([t.num_sends for t in self.transfers], dtype=np.int64)
+
+    def local_copy_count(self) -> np.ndarray:
+        """int64 ``[L]``: local copies per layer."""
+        return np.array([t.num_local_copies for t in self.transfers], dtype=np.int64)
+
+    def sends_per_rank(self) -> np.ndarray:
+        """int64 ``[L, N]``: how many slots each rank sends in each layer."""
+        out = np.zeros((self.num_layers, self.num_ranks), dtype=np.int64)
+        for t in self.transfers:
+            np.add.at(out[t.layer], t.sends[:, 0], 1)
+        return out
+
+    def recvs_per_rank(self) -> np.ndarray:
+        """int64 ``[L, N]``: how many slots each rank receives in each layer."""
+        out = np.zeros((self.num_layers, self.num_ranks), dtype=np.int64)
+        for t in self.transfers:
+            np.add.at(out[t.layer], t.sends[:, 2], 1)
+        return out
+
+    def bytes(self, bytes_per_slot: int) -> int:
+        """Bytes sent over the network: moved slots x ``bytes_per_slot`` (all of a slot's tensors)."""
+        return int(self.moved_slots().sum()) * int(bytes_per_slot)
+
+    def staging_slots(self, rank: int) -> np.ndarray:
+        """int64 ``[L]``: slots ``rank`` stages per layer (its sends + receives + distinct local-copy sources).
+
+        Times the bytes of one slot (:func:`slot_nbytes`), the maximum is the staging buffer of a
+        one-layer-at-a-time transfer.
+        """
+        return np.array(
+            [
+                len(t.sends_from(rank)) + len(t.recvs_to(rank)) + len(np.unique(t.copies_on(rank)[:, 1]))
+                for t in self.transfers
+            ],
+            dtype=np.int64,
+        )
+
+    def for_rank(self, rank: int) -> TransferPlan:
+        """The sends, receives and local copies that involve ``rank``."""
+        if not 0 <= rank < self.num_ranks:
+            raise ValueError(f"rank {rank} is out of range [0, {self.num_ranks})")
+        return TransferPlan(
+            self.num_ranks, self.slots_per_rank, tuple(t.for_rank(rank) for t in self.transfers), rank
+        )
+
+
+def plan_transfer(
+    old: ExpertPlacement,
+    new: ExpertPlacement,
+    layers: Iterable[int] | None = None,
+    *,
+    ranks_per_node: int | None = None,
+) -> TransferPlan:
+    """Plan the switch from ``old`` to ``new`` placement (pure and deterministic: equal on every rank).
+
+    Args:
+        old, new: placements with the same ``[L, P]`` shape and ``N``.
+        layers: the layers to plan (default all); others get an empty :class:`LayerTransfer`.
+        ranks_per_node: when given, a receiver prefers holders on its own node (``rank // ranks_per_node``).
+    Returns:
+        :class:`TransferPlan` with one :class:`LayerTransfer` per layer.
+    """
+    if old.phy2log.shape != new.phy2log.shape or old.num_ranks != new.num_ranks:
+        raise ValueError(
+            f"placements differ in shape: {old.phy2log.shape} on {old.num_ranks} ranks vs "
+            f"{new.phy2log.shape} on {new.num_ranks} ranks"
+        )
+    if ranks_per_node is not None and ranks_per_node < 1:
+        raise ValueError(f"ranks_per_node must be >= 1, got {ranks_per_node}")
+    num_layers = old.num_layers
+    wanted = set(range(num_layers)) if layers is None else {int(x) for x in layers}
+    bad = [x for x in wanted if not 0 <= x < num_layers]
+    if bad:
+        raise ValueError(f"layers {sorted(bad)} are out of range [0, {num_layers})")
+    num_experts = max(old.num_experts, new.num_experts)
+    transfers = tuple(
+        _plan_layer(layer, old.phy2log[layer], new.phy2log[layer], old.num_ranks, num_experts, ranks_per_node)
+        if layer in wanted
+        else LayerTransfer(layer)
+        for layer in range(num_layers)
+    )
+    return TransferPlan(old.num_ranks, old.slots_per_rank, transfers)
+
+
+def _plan_layer(
+    layer: int,
+    old_row: np.ndarray,
+    new_row: np.ndarray,
+    num_ranks: int,
+    num_experts: int,
+    ranks_per_node: int | None,
+) -> LayerTransfer:
+    """One layer of :func:`plan_transfer`. ``old_row``, ``new_row``: int64 ``[P]``."""
+    num_slots = old_row.shape[0]
+    spr = num_slots // num_ranks
+    rank_of = np.arange(num_slots) // spr
+    local_of = np.arange(num_slots) % spr
+    # first_slot[r, e]: lowest local slot of rank r holding expert e in the old placement (spr = none).
+    first_slot = np.full((num_ranks, num_experts), spr, dtype=np.int64)
+    held = old_row >= 0
+    np.minimum.at(first_slot, (rank_of[held], old_row[held]), local_of[held])
+    changed = (new_row >= 0) & (new_row != old_row)
+    dst = np.nonzero(changed)[0]
+    expert = new_row[dst]
+    src_local = first_slot[rank_of[dst], expert]
+    is_local = src_local < spr
+    copies = np.stack([rank_of[dst[is_local]], src_local[is_local], local_of[dst[is_local]]], axis=1)
+
+    remote = dst[~is_local]
+    remote_expert = expert[~is_local]
+    sends = np.zeros((len(remote), 4), dtype=np.int64)
+    send_count = np.zeros(num_ranks, dtype=np.int64)
+    last_used = np.full(num_experts, -1, dtype=np.int64)
+    for i, (slot, e) in enumerate(zip(remote.tolist(), remote_expert.tolist())):
+        holders = np.nonzero(first_slot[:, e] < spr)[0]
+        if len(holders) == 0:
+            raise ValueError(f"layer {layer}: expert {e} is needed in slot {slot} but no rank holds it")
+        dst_rank = slot // spr
+        # Least sends so far; then (optionally) same node; then round-robin after the last holder used.
+        rotation = (holders - last_used[e] - 1) % num_ranks
+        keys = [send_count[holders], rotation]
+        if ranks_per_node is not None:
+            keys.insert(1, (holders // ranks_per_node != dst_rank // ranks_per_node).astype(np.int64))
+        src = int(holders[np.lexsort(keys[::-1])[0]])
+        send_count[src] += 1
+        last_used[e] = src
+        sends[i] = (src, first_slot[src, e], dst_rank, slot % spr)
+    return LayerTransfer(
+        layer,
+        sends.reshape(-1, 4),
+        remote_expert.astype(np.int64),
+        copies.astype(np.int64).reshape(-1, 3),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- checksum
+_MOD = (1 << 61) - 1
+_CHUNK = 1 << 20
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D uint8 view (or copy, if not contiguous) of ``t``'s bytes."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def slot_nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of one slot's tensors (what one moved slot sends; see :meth:`TransferPlan.bytes`)."""
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def slot_checksum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A bit-level hash of a slot's tensors (order, dtypes and every byte count).
+
+    Exact integer arithmetic, so the value does not depend on the device or on reduction order: the
+    receiver's checksum equals the sender's iff the bytes are equal (up to hash collisions).
+    Returns an int64 scalar tensor on the CPU (in ``[0, 2**61 - 1)``).
+    """
+    h = 0
+    for index, t in enumerate(tensors):
+        raw = _bytes_of(t)
+        words = raw.view(torch.int16) if raw.numel() % 2 == 0 else raw
+        h = (h * 1_000_003 + index * 7919 + raw.numel()) % _MOD
+        for start in range(0, words.numel(), _CHUNK):
+            x = words[start : start + _CHUNK].to(torch.int64)
+            w = torch.arange(start, start + x.numel(), device=x.device, dtype=torch.int64) % 65521 + 1
+            # |x| < 2**15, w <= 2**16, chunk 2**20 -> |sum| < 2**51: no overflow.
+            s1 = int((x * w).sum())
+            s2 = int(x.sum())
+            h = (h * 1_000_003 + s1 * 31 + s2) % _MOD
+    return torch.tensor(h, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------- executor
+@dataclass(frozen=True)
+class _SlotLayout:
+    """Where each of a slot's tensors lives inside a staged slot (byte offsets, ``_ALIGN``-aligned)."""
+
+    offsets: tuple[int, ...]
+    nbytes: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    slot_nbytes: int
+    device: torch.device
+
+    @classmethod
+    def of(cls, tensors: Sequence[torch.Tensor]) -> _SlotLayout:
+        if not tensors:
+            raise ValueError("slot_tensors returned no tensors")
+        offsets, nbytes, pos = [], [], 0
+        for t in tensors:
+            offsets.append(pos)
+            n = t.numel() * t.element_size()
+            nbytes.append(n)
+            pos += -(-n // _ALIGN) * _ALIGN
+        return cls(
+            tuple(offsets),
+            tuple(nbytes),
+            tuple(t.dtype for t in tensors),
+            tuple(tuple(t.shape) for t in tensors),
+            max(pos, _ALIGN),
+            tensors[0].device,
+        )
+
+    def matches(self, tensors: Sequence[torch.Tensor]) -> bool:
+        return (
+            tuple(t.dtype for t in tensors) == self.dtypes
+            and tuple(tuple(t.shape) for t in tensors) == self.shapes
+        )
+
+
+@dataclass
+class LayerHandle:
+    """An in-flight layer transfer, returned by :meth:`TransferExecutor.start_layer`.
+
+    Attributes:
+        layer: the MoE layer.
+        transfer: the full (all-rank) :class:`LayerTransfer` of the layer.
+        staging_bytes: bytes of the staging buffer this layer uses on this rank.
+        finished: True once :meth:`TransferExecutor.finish_layer` committed the layer.
+    """
+
+    layer: int
+    transfer: LayerTransfer
+    staging_bytes: int = 0
+    finished: bool = False
+    started_at: float = 0.0
+    _layout: _SlotLayout | None = None
+    _buffer: torch.Tensor | None = None
+    _works: list = field(default_factory=list)
+    _send_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # into sends
+    _recv_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    _recv_base: int = 0  # first staged slot index of the receives
+    _copy_src: dict = field(default_factory=dict)  # src_local_slot -> staged slot index
+    _injected: bool = False
+    _checksums: tuple | None = None  # (sender checksums of my sends, of my local copies) when enabled
+
+
+class TransferExecutor:
+    """Execute a :class:`TransferPlan` on this rank, layer by layer, through a staging buffer.
+
+    ``start_layer`` and ``finish_layer`` are collective over ``group``: every rank calls them for the same
+    layers in the same order (layers in ``plan.layers_changed``; other layers are no-ops).  Several layers
+    may be in flight at once (each has its own staging buffer); buffers are reused across layers.  Between
+    ``start_layer`` and ``finish_layer`` the layer's slot tensors may be read (forward) but not modified
+    (no optimizer step on them).  After a :class:`TransferError` with ``group_broken`` the group must be
+    recreated.  With NCCL, the first use of ``group`` must involve all its ranks (as for any NCCL
+    ``batch_isend_irecv``); a barrier on the new group does that.
+
+    Args:
+        plan: the full plan (from :func:`plan_transfer`), identical on every rank.
+        slot_tensors: ``(layer, local_slot) -> list[Tensor]``, every per-slot tensor of a local slot.
+        group: a (dedicated) process group whose ranks are the plan's ranks ``0..N-1``; default WORLD.
+        vote: let all ranks agree (one tiny all-reduce per layer) that every rank received everything before
+            anyone writes; without it a rank only knows about its own receives.
+        checksums: keep the sender-side checksums so that :meth:`verify_layer` can run after the commit.
+        fail_after_sends: test hook: post only the first ``k`` send messages of every layer, then fail the
+            layer (default: the env var ``MEGATRON_EPLB_TRANSFER_FAIL_AFTER_SENDS``, else off).
+        use_side_stream: on CUDA, stage and write on a side stream (the caller's stream waits on it at the
+            end of ``finish_layer``).
+    """
+
+    def __init__(
+        self,
+        plan: TransferPlan,
+        slot_tensors: Callable[[int, int], Sequence[torch.Tensor]],
+        group=None,
+        *,
+        vote: bool = True,
+        checksums: bool = False,
+        fail_after_sends: int | None = None,
+        use_side_stream: bool = True,
+    ) -> None:
+        import torch.distributed as dist
+
+        if plan.rank is not None:
+            raise ValueError("pass the full plan (not plan.for_rank(...)); the executor filters it itself")
+        self._dist = dist
+        self.plan = plan
+        self.slot_tensors = slot_tensors
+        self.group = group
+        self.rank = dist.get_rank(group)
+        world = dist.get_world_size(group)
+        if world != plan.num_ranks:
+            raise ValueError(f"the plan is for {plan.num_ranks} ranks but the process group has {world}")
+        if group is None or group is dist.group.WORLD:
+            self._global = list(range(world))
+        else:
+            self._global = [dist.get_global_rank(group, r) for r in range(world)]
+        self.vote = vote
+        self.checksums = checksums
+        if fail_after_sends is None and os.environ.get(FAIL_AFTER_SENDS_ENV, "").strip():
+            fail_after_sends = int(os.environ[FAIL_AFTER_SENDS_ENV])
+        self.fail_after_sends = fail_after_sends
+        backend = str(dist.get_backend(group)).lower()
+        self._collective_device = (
+            torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+        )
+        self._stream = None
+        if use_side_stream and torch.cuda.is_available() and "nccl" in backend:
+            self._stream = torch.cuda.Stream()
+        self._pool: list[torch.Tensor] = []
+        self._in_flight_bytes = 0
+        self.peak_staging_bytes = 0
+
+    # ------------------------------------------------------------------ memory
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of staging buffers held now (free pool + layers in flight)."""
+        return sum(b.numel() for b in self._pool) + self._in_flight_bytes
+
+    def _take_buffer(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        for i, b in enumerate(self._pool):
+            if b.numel() >= nbytes and b.device == device:
+                buf = self._pool.pop(i)
+                break
+        else:
+            # Replace a too-small free buffer instead of keeping both.
+            self._pool = [b for b in self._pool if b.device != device]
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self._in_flight_bytes += buf.numel()
+        self.peak_staging_bytes = max(self.peak_staging_bytes, self.staging_bytes)
+        return buf
+
+    def _release(self, handle: LayerHandle, *, reuse: bool) -> None:
+        if handle._buffer is None:
+            return
+        self._in_flight_bytes -= handle._buffer.numel()
+        if reuse:  # after a failure a late message could still land in it: drop it instead
+            self._pool.append(handle._buffer)
+        handle._buffer = None
+
+    # ---------------------------------------------------------------- transfer
+    def _stream_ctx(self):
+        if self._stream is None:
+            import contextlib
+
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self._stream)
+
+    def _layout(self, layer: int, local_slot: int) -> _SlotLayout:
+        return _SlotLayout.of(list(self.slot_tensors(layer, local_slot)))
+
+    def _tensors(self, layer: int, local_slot: int, layout: _SlotLayout) -> list[torch.Tensor]:
+        tensors = list(self.slot_tensors(layer, local_slot))
+        if not layout.matches(tensors):
+            raise TransferError(
+                f"slot {local_slot} returned tensors {[(tuple(t.shape), t.dtype) for t in tensors]}, "
+                f"expected {list(zip(layout.shapes, layout.dtypes))} (every slot of a layer must match)",
+                layer=layer,
+                rank=self.rank,
+            )
+        return tensors
+
+    @staticmethod
+    def _slot_view(buf: torch.Tensor, index: int, layout: _SlotLayout) -> torch.Tensor:
+        return buf[index * layout.slot_nbytes : (index + 1) * layout.slot_nbytes]
+
+    def _pack(
+        self, buf: torch.Tensor, index: int, tensors: Sequence[torch.Tensor], layout: _SlotLayout
+    ) -> None:
+        view = self._slot_view(buf, index, layout)
+        for t, off, n in zip(tensors, layout.offsets, layout.nbytes):
+            view[off : off + n].copy_(_bytes_of(t), non_blocking=True)
+
+    def _unpack(
+        self, buf: torch.Tensor, index: int, tensors: Sequence[torch.Tensor], layout: _SlotLayout
+    ) -> None:
+        view = self._slot_view(buf, index, layout)
+        for t, off, n, dt, shape in zip(tensors, layout.offsets, layout.nbytes, layout.dtypes, layout.shapes):
+            t.copy_(view[off : off + n].view(dt).view(shape), non_blocking=True)
+
+    def _staged_tensors(self, buf: torch.Tensor, index: int, layout: _SlotLayout) -> list[torch.Tensor]:
+        view = self._slot_view(buf, index, layout)
+        return [
+            view[off : off + n].view(dt).view(shape)
+            for off, n, dt, shape in zip(layout.offsets, layout.nbytes, layout.dtypes, layout.shapes)
+        ]
+
+    def start_layer(self, layer: int) -> LayerHandle:
+        """Snapshot this rank's source slots of ``layer`` and post its sends/receives. Returns a handle."""
+        dist = self._dist
+        transfer = self.plan.layer(layer)
+        handle = LayerHandle(layer, transfer, started_at=time.monotonic())
+        if transfer.is_empty:
+            return handle
+        me = self.rank
+        sends = transfer.sends
+        send_rows = np.nonzero(sends[:, 0] == me)[0]
+        recv_rows = np.nonzero(sends[:, 2] == me)[0]
+        # Group by peer (stable, so per-peer order = plan order on both sides): one message per peer.
+        send_rows = send_rows[np.argsort(sends[send_rows, 2], kind="stable")]
+        recv_rows = recv_rows[np.argsort(sends[recv_rows, 0], kind="stable")]
+        copies = transfer.copies_on(me)
+        copy_srcs = sorted(set(copies[:, 1].tolist()))
+        handle._send_rows, handle._recv_rows = send_rows, recv_rows
+        if len(send_rows) == 0 and len(recv_rows) == 0 and not copy_srcs:
+            return handle
+        layout = self._layout(layer, 0)
+        handle._layout = layout
+        n_staged = len(send_rows) + len(copy_srcs) + len(recv_rows)
+        caller = torch.cuda.current_stream() if self._stream is not None else None
+        with self._stream_ctx():
+            if caller is not None:
+                self._stream.wait_stream(caller)  # the slots' latest values are visible to the snapshot
+            buf = self._take_buffer(n_staged * layout.slot_nbytes, layout.device)
+            handle._buffer = buf
+            handle.staging_bytes = buf.numel()
+            with torch.no_grad():
+                for i, row in enumerate(send_rows.tolist()):
+                    self._pack(buf, i, self._tensors(layer, int(sends[row, 1]), layout), layout)
+                base = len(send_rows)
+                for j, src in enumerate(copy_srcs):
+                    self._pack(buf, base + j, self._tensors(layer, src, layout), layout)
+                    handle._copy_src[src] = base + j
+            handle._recv_base = len(send_rows) + len(copy_srcs)
+            ops = []
+            sent = 0
+            for peer, first, count in _runs(sends[send_rows, 2]):
+                if self.fail_after_sends is not None and sent >= self.fail_after_sends:
+                    break
+                region = buf[first * layout.slot_nbytes : (first + count) * layout.slot_nbytes]
+                ops.append(dist.P2POp(dist.isend, region, self._global[peer], self.group))
+                sent += 1
+            if self.fail_after_sends is not None:
+                handle._injected = True
+            base = handle._recv_base
+            for peer, first, count in _runs(sends[recv_rows, 0]):
+                region = buf[
+                    (base + first) * layout.slot_nbytes : (base + first + count) * layout.slot_nbytes
+                ]
+                ops.append(dist.P2POp(dist.irecv, region, self._global[peer], self.group))
+            if ops:
+                handle._works = dist.batch_isend_irecv(ops)
+        return handle
+
+    def finish_layer(self, handle: LayerHandle, timeout: float | None = None) -> int:
+        """Wait for ``handle``'s layer, vote, and write the staged slots. Returns slots written on this rank.
+
+        Args:
+            handle: from :meth:`start_layer`.
+            timeout: seconds to wait for this rank's receives (and again for the vote); ``None`` waits as
+                long as the process group's own timeout.
+        Raises:
+            TransferError: a receive failed or timed out on any rank, or the failure hook fired; nothing of
+                this layer was written on any rank.
+        """
+        if handle.finished:
+            raise ValueError(f"layer {handle.layer} was already finished")
+        transfer = handle.transfer
+        if transfer.is_empty:
+            handle.finished = True
+            return 0
+        layer, me = handle.layer, self.rank
+        problem, broken = None, False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with self._stream_ctx():  # on CUDA, the side stream (which writes later) waits for the receives
+                for work in handle._works:
+                    if deadline is None:
+                        work.wait()
+                    else:
+                        left = max(deadline - time.monotonic(), 0.001)
+                        work.wait(datetime.timedelta(seconds=left))
+        except Exception as exc:  # gloo/NCCL raise RuntimeError on timeouts and dead peers
+            problem, broken = f"receive failed: {exc}", True
+        if problem is None and handle._injected:
+            problem = f"injected failure after {self.fail_after_sends} send message(s) (test hook)"
+        agreed = problem is None
+        if self.vote:
+            flag = torch.tensor([1 if agreed else 0], dtype=torch.int64, device=self._collective_device)
+            try:
+                work = self._dist.all_reduce(
+                    flag, op=self._dist.ReduceOp.MIN, group=self.group, async_op=True
+                )
+                if timeout is None:
+                    work.wait()
+                else:
+                    work.wait(datetime.timedelta(seconds=2 * timeout + 1))
+                agreed = bool(flag.item() == 1)
+            except Exception as exc:
+                agreed, broken = False, True
+                problem = problem or f"the commit vote failed: {exc}"
+            if not agreed and problem is None:
+                problem = "another rank failed to receive its part of this layer"
+        if not agreed:
+            self._release(handle, reuse=not broken)
+            handle._works = []
+            raise TransferError(
+                f"{problem}; no slot of this layer was written", layer=layer, rank=me, group_broken=broken
+            )
+        written = self._commit(handle)
+        handle.finished = True
+        return written
+
+    def _commit(self, handle: LayerHandle) -> int:
+        layer, transfer, layout, buf = handle.layer, handle.transfer, handle._layout, handle._buffer
+        if layout is None or buf is None:
+            return 0
+        me = self.rank
+        sends = transfer.sends
+        copies = transfer.copies_on(me)
+        with self._stream_ctx(), torch.no_grad():
+            if self.checksums:
+                send_sums = {
+                    int(row): int(slot_checksum(self._staged_tensors(buf, i, layout)))
+                    for i, row in enumerate(handle._send_rows.tolist())
+                }
+                copy_sums = {
+                    int(src): int(slot_checksum(self._staged_tensors(buf, idx, layout)))
+                    for src, idx in handle._copy_src.items()
+                }
+                handle._checksums = (send_sums, copy_sums)
+            # Resolve (and check) every destination first, so a bad slot cannot leave a partial write.
+            writes = [
+                (handle._recv_base + i, self._tensors(layer, int(sends[row, 3]), layout))
+                for i, row in enumerate(handle._recv_rows.tolist())
+            ]
+            writes += [
+                (handle._copy_src[src], self._tensors(layer, dst, layout)) for _, src, dst in copies.tolist()
+            ]
+            for index, tensors in writes:
+                self._unpack(buf, index, tensors, layout)
+        if self._stream is not None:
+            torch.cuda.current_stream().wait_stream(self._stream)
+        self._release(handle, reuse=True)
+        handle._works = []
+        return len(handle._recv_rows) + len(copies)
+
+    def run(self, layers: Iterable[int] | None = None, timeout: float | None = None) -> int:
+        """Transfer ``layers`` (default: every changed layer) one after the other. Returns slots written."""
+        todo = self.plan.layers_changed if layers is None else tuple(layers)
+        return sum(self.finish_layer(self.start_layer(layer), timeout) for layer in todo)
+
+    # ------------------------------------------------------------------ canary
+    def verify_layer(self, handle: LayerHandle, timeout: float | None = None) -> list[tuple[int, int]]:
+        """Compare each written slot's checksum with its sender's (after :meth:`finish_layer`).
+
+        Collective over the group (one all-reduce of ``2 x (K + C)`` int64).  Needs ``checksums=True``.
+        Returns the mismatching destination slots as ``(rank, local_slot)``, sorted; equal on every rank.
+        """
+        if not handle.finished:
+            raise ValueError(f"layer {handle.layer} is not finished; call finish_layer first")
+        transfer = handle.transfer
+        if transfer.is_empty:
+            return []
+        if not self.checksums:
+            raise ValueError("verify_layer needs TransferExecutor(..., checksums=True)")
+        send_sums, copy_sums = handle._checksums or ({}, {})
+        k, c = transfer.num_sends, transfer.num_local_copies
+        table = torch.zeros(2, k + c, dtype=torch.int64)
+        me = self.rank
+        layer = handle.layer
+        for row in range(k):
+            src_rank, _, dst_rank, dst = (int(v) for v in transfer.sends[row])
+            if src_rank == me:
+                table[0, row] = send_sums[row]
+            if dst_rank == me:
+                table[1, row] = int(slot_checksum(list(self.slot_tensors(layer, dst))))
+        for j in range(c):
+            rank, src, dst = (int(v) for v in transfer.local_copies[j])
+            if rank == me:
+                table[0, k + j] = copy_sums[src]
+                table[1, k + j] = int(slot_checksum(list(self.slot_tensors(layer, dst))))
+        table = table.to(self._collective_device)
+        work = self._dist.all_reduce(table, group=self.group, async_op=True)
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(datetime.timedelta(seconds=timeout))
+        bad = np.nonzero((table[0] != table[1]).cpu().numpy())[0]
+        out = []
+        for i in bad.tolist():
+            if i < k:
+                out.append((int(transfer.sends[i, 2]), int(transfer.sends[i, 3])))
+            else:
+                out.append((int(transfer.local_copies[i - k, 0]), int(transfer.local_copies[i - k, 2])))
+        return sorted(out)
+
+
+def _runs(keys: np.ndarray) -> list[tuple[int, int, int]]:
+    """Runs of equal values in a sorted 1-D array: ``[(value, first_index, count), ...]``."""
+    out = []
+    start = 0
+    values = keys.tolist()
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            out.append((int(values[start]), start, i - start))
+            start = i
+    return out

@@ -412,6 +412,8 @@ class TransferExecutor:
         group: a (dedicated) process group whose ranks are the plan's ranks ``0..N-1``; default WORLD.
         vote: let all ranks agree (one tiny all-reduce per layer) that every rank received everything before
             anyone writes; without it a rank only knows about its own receives.
+        vote_group: the group that votes (default ``group``); with expert data parallelism pass the group of
+            every rank that transfers (all EP groups), so every data-parallel copy commits the same layers.
         checksums: keep the sender-side checksums so that :meth:`verify_layer` can run after the commit.
         fail_after_sends: test hook: post only the first ``k`` send messages of every layer, then fail the
             layer (default: the env var ``MEGATRON_EPLB_TRANSFER_FAIL_AFTER_SENDS``, else off).
@@ -426,6 +428,7 @@ class TransferExecutor:
         group=None,
         *,
         vote: bool = True,
+        vote_group=None,
         checksums: bool = False,
         fail_after_sends: int | None = None,
         use_side_stream: bool = True,
@@ -447,6 +450,7 @@ class TransferExecutor:
         else:
             self._global = [dist.get_global_rank(group, r) for r in range(world)]
         self.vote = vote
+        self.vote_group = group if vote_group is None else vote_group
         self.checksums = checksums
         if fail_after_sends is None and os.environ.get(FAIL_AFTER_SENDS_ENV, "").strip():
             fail_after_sends = int(os.environ[FAIL_AFTER_SENDS_ENV])
@@ -630,7 +634,7 @@ class TransferExecutor:
             flag = torch.tensor([1 if agreed else 0], dtype=torch.int64, device=self._collective_device)
             try:
                 work = self._dist.all_reduce(
-                    flag, op=self._dist.ReduceOp.MIN, group=self.group, async_op=True
+                    flag, op=self._dist.ReduceOp.MIN, group=self.vote_group, async_op=True
                 )
                 if timeout is None:
                     work.wait()

@@ -95,7 +95,7 @@ def run_distributed(
         ctx.Process(
             target=_worker,
             args=(rank, world_size, port, fn, args, kwargs, results, dict(env or {})),
-            daemon=True,
+            daemon=False,  # ranks may start processes of their own (the policy worker)
         )
         for rank in range(world_size)
     ]

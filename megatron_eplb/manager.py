@@ -1,0 +1,398 @@
+"""EPLBManager: the explicit state machine that runs record → gather → plan → move → commit.
+
+Two calls per training step::
+
+    loss.backward()
+    manager.before_optimizer_step()   # replica gradients summed, so every copy takes the identical update
+    optimizer.step()
+    manager.step()                    # record this step's loads; maybe gather / plan / move / commit
+
+In inference only ``manager.step()``, once per forward pass.
+
+States (one transition function, every transition logged)::
+
+    RECORDING ──due──▶ PLANNING ──plan arrived──▶ TRANSFERRING(layer k…) ──last layer──▶ RECORDING
+        ▲                 │ late / dead worker / no change                                     │
+        └─────────────────┴──────────────────────────────────────────── gate_eplb ──▶ GATED ◀─┘
+
+The model side is a *handle* (``megatron_eplb.patches.megatron.apply`` returns one); this module never
+imports Megatron or DeepSpeed.  What the manager needs of it:
+
+``placement``, ``num_layers``, ``num_experts``, ``slots_per_rank``, ``ep_rank``, ``ep_size``,
+``ep_group``, ``loads()`` ``[L, E]``, ``slot_loads()`` ``[L, S]``, ``reset_loads()``,
+``slot_params(layer, local_slot)``, ``commit_layer(layer, phy2log_row)``, ``sum_replica_grads()``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import EPLBConfig
+from .placement import ExpertPlacement
+from .stats import balance_summary, load_similarity, moved_slots
+from .transfer import TransferError, TransferExecutor, plan_transfer
+from .worker import PolicyWorker, PolicyWorkerError, broadcast_placement
+
+__all__ = ["EPLBManager", "Phase", "RebalanceRecord", "OptimizerSlotState"]
+
+log = logging.getLogger("megatron_eplb")
+
+
+class Phase(enum.Enum):
+    RECORDING = "recording"
+    PLANNING = "planning"
+    TRANSFERRING = "transferring"
+    GATED = "gated"  # gate_eplb: the one rebalance is done; loads are still recorded for metrics
+
+
+@dataclass
+class RebalanceRecord:
+    """What one rebalance did (returned by ``step()`` when it completes, kept in ``manager.history``)."""
+
+    started_step: int
+    layers_planned: list[int]
+    completed_step: int | None = None
+    outcome: str = "pending"  # committed | no_change | late_plan | failed_layers
+    layers_committed: list[int] = field(default_factory=list)
+    layers_rolled_back: list[int] = field(default_factory=list)
+    balancedness_before: float = float("nan")  # predicted from the window's counts, old placement
+    balancedness_after: float = float("nan")  # predicted from the window's counts, new placement
+    measured_balancedness_before: float = float("nan")  # per-slot counts actually computed, old placement
+    measured_balancedness_after: float = float("nan")  # filled from the next window (see history)
+    moved_slots: int = 0
+    moved_bytes: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # gather, plan_wait, transfer
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class OptimizerSlotState:
+    """The per-slot optimizer tensors of a plain torch optimizer (per-parameter ``state`` dicts).
+
+    DeepSpeed's optimizers provide the same two calls through ``megatron_eplb.patches.deepspeed``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def tensors(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """State tensors of ``params`` in a fixed order (key-sorted), empty before the first step."""
+        out = []
+        for p in params:
+            state = self.optimizer.state.get(p, {})
+            out.extend(v for _, v in sorted(state.items()) if torch.is_tensor(v))
+        return out
+
+
+class EPLBManager:
+    """Runs the EPLB pipeline for one model handle. One instance per process; all ranks call it in step."""
+
+    def __init__(
+        self,
+        handle: Any,
+        config: EPLBConfig | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        optimizer_state: Any = None,
+        load_group: Any = None,
+        policy_fn: Any = None,
+        monitor: Any = None,
+    ) -> None:
+        self.handle = handle
+        self.config = config or EPLBConfig()
+        self.config.validate_for(handle.num_layers, handle.num_experts, handle.ep_size)
+        self.optimizer_state = optimizer_state or (
+            OptimizerSlotState(optimizer) if optimizer is not None else None
+        )
+        self.load_group = load_group  # all ranks that route tokens (EP x expert-DP); None = world
+        self.monitor = monitor
+        self.phase = Phase.RECORDING
+        self.step_count = 0
+        self.history: list[RebalanceRecord] = []
+        self._rank = dist.get_rank() if dist.is_initialized() else 0
+        self._planner_rank = 0
+        device = handle.loads().device
+        num_layers, num_experts = handle.num_layers, handle.num_experts
+        window = self.config.eplb_window_size
+        self._device = device
+        self._load_ring = torch.zeros(window, num_layers, num_experts, dtype=torch.int64, device=device)
+        self._slot_ring = torch.zeros(
+            window, num_layers, handle.slots_per_rank, dtype=torch.int64, device=device
+        )
+        self._ring_filled = 0
+        self._last_update_load: np.ndarray | None = None  # [L, E] load at each layer's last update
+        self._last_rebalance_step = 0
+        self._last_rebalance_time = time.monotonic()
+        self._record: RebalanceRecord | None = None
+        self._pending_placement: ExpertPlacement | None = None
+        self._transfer_plan = None
+        self._transfer_queue: list[int] = []
+        self._plan_due_step = 0
+        self._plan_submitted_at = 0.0
+        self._worker: PolicyWorker | None = None
+        self._policy_fn = policy_fn
+        self._executor: TransferExecutor | None = None
+        self._transfer_group = self._new_transfer_group() if self.config.dynamic_eplb else None
+
+    # ------------------------------------------------------------- the calls
+    def before_optimizer_step(self) -> None:
+        """Sum the gradients of every logical expert's copies (collective over the EP group)."""
+        self.handle.sum_replica_grads()
+
+    def step(self) -> RebalanceRecord | None:
+        """Advance one step. Returns the record of a rebalance that completed in this step, else None."""
+        self.step_count += 1
+        self._record_step()
+        if self.phase is Phase.RECORDING and self._due():
+            self._start_planning()
+        if self.phase is Phase.PLANNING and self.step_count >= self._plan_due_step:
+            self._await_plan()
+        if self.phase is Phase.TRANSFERRING:
+            return self._transfer_layers()
+        return None
+
+    # ---------------------------------------------------------- transitions
+    def _transition(self, new: Phase, why: str) -> None:
+        if self._rank == 0:
+            log.info("EPLB step %d: %s -> %s (%s)", self.step_count, self.phase.value, new.value, why)
+        self.phase = new
+
+    def _due(self) -> bool:
+        cfg = self.config
+        if not cfg.dynamic_eplb:
+            return False
+        by_steps = self.step_count - self._last_rebalance_step >= cfg.num_iterations_eplb_update
+        by_time = False
+        if cfg.eplb_update_interval is not None:
+            # Agree across ranks: one scalar all-reduce per step, only when a time interval is configured.
+            by_time = self._any_rank(time.monotonic() - self._last_rebalance_time >= cfg.eplb_update_interval)
+        return by_steps or by_time
+
+    # ------------------------------------------------------------- record
+    def _record_step(self) -> None:
+        slot = (self.step_count - 1) % self._load_ring.shape[0]
+        self._load_ring[slot].copy_(self.handle.loads())
+        self._slot_ring[slot].copy_(self.handle.slot_loads())
+        self._ring_filled = min(self._ring_filled + 1, self._load_ring.shape[0])
+        self.handle.reset_loads()
+
+    def gather_window(self) -> tuple[np.ndarray, np.ndarray]:
+        """Loads of the window summed over every rank that routes tokens.
+
+        Returns (logical ``[L, E]``, measured per physical slot ``[L, P]``), both int64 numpy.
+        """
+        h = self.handle
+        logical = self._load_ring.sum(0)
+        per_slot = torch.zeros(h.num_layers, h.placement.num_slots, dtype=torch.int64, device=self._device)
+        s = h.slots_per_rank
+        per_slot[:, h.ep_rank * s : (h.ep_rank + 1) * s] = self._slot_ring.sum(0)
+        if dist.is_initialized():
+            dist.all_reduce(logical, group=self.load_group)
+            dist.all_reduce(per_slot, group=self.load_group)
+        return logical.cpu().numpy(), per_slot.cpu().numpy()
+
+    # --------------------------------------------------------------- plan
+    def _start_planning(self) -> None:
+        cfg = self.config
+        t0 = time.monotonic()
+        load, per_slot = self.gather_window()
+        placement = self.handle.placement
+        layers = self._layers_to_replan(load)
+        record = RebalanceRecord(started_step=self.step_count, layers_planned=layers)
+        before = balance_summary(placement, load)
+        record.balancedness_before = before["mean"]
+        if per_slot.sum() > 0:
+            record.measured_balancedness_before = balance_summary(placement, per_slot, per_slot=True)["mean"]
+        if self.history and np.isnan(self.history[-1].measured_balancedness_after) and per_slot.sum() > 0:
+            self.history[-1].measured_balancedness_after = record.measured_balancedness_before
+        record.seconds["gather"] = time.monotonic() - t0
+        self._record = record
+        self._window_load = load
+        self._last_rebalance_step = self.step_count
+        self._last_rebalance_time = time.monotonic()
+        if not layers:
+            self._finish("no_change", "every layer's load is similar to its last update")
+            return
+        if self._rank == self._planner_rank:
+            if self._worker is None:
+                self._worker = PolicyWorker(policy_fn=self._policy_fn)
+            sub = ExpertPlacement(
+                placement.phy2log[layers],
+                placement.num_ranks,
+                placement.num_experts,
+                allow_same_rank_copies=True,
+                validate=False,
+            )
+            self._worker.submit(
+                load[layers].astype(np.float64),
+                sub,
+                dict(
+                    num_nodes=cfg.eplb_num_nodes,
+                    num_groups=cfg.eplb_num_groups,
+                    policy=cfg.eplb_policy,
+                    churn_weight=cfg.eplb_churn_weight,
+                    node_locality=cfg.eplb_node_locality,
+                ),
+            )
+        self._plan_submitted_at = time.monotonic()
+        self._plan_due_step = self.step_count + cfg.num_wait_worker_iterations
+        self._transition(Phase.PLANNING, f"window of {self._ring_filled} steps, {len(layers)} layers to plan")
+
+    def _layers_to_replan(self, load: np.ndarray) -> list[int]:
+        threshold = self.config.eplb_update_threshold
+        if threshold is None or self._last_update_load is None:
+            return list(range(self.handle.num_layers))
+        similarity = load_similarity(load, self._last_update_load)
+        return [int(layer) for layer in np.nonzero(similarity < threshold)[0]]
+
+    def _await_plan(self) -> None:
+        t0 = time.monotonic()
+        new_sub = None
+        if self._rank == self._planner_rank:
+            remaining = self.config.eplb_worker_timeout - (time.monotonic() - self._plan_submitted_at)
+            try:
+                new_sub = self._worker.result(timeout=max(0.0, remaining))
+            except PolicyWorkerError as exc:
+                log.error("EPLB step %d: %s", self.step_count, exc)
+        new_sub = broadcast_placement(new_sub, src=self._planner_rank)
+        self._record.seconds["plan_wait"] = time.monotonic() - t0
+        if new_sub is None:
+            if self._rank == 0:
+                log.warning(
+                    "EPLB step %d: the plan did not arrive within eplb_worker_timeout=%.1fs; keeping the current "
+                    "placement for this round",
+                    self.step_count,
+                    self.config.eplb_worker_timeout,
+                )
+            self._finish("late_plan", "plan late or worker dead")
+            return
+        old = self.handle.placement
+        layers = self._record.layers_planned
+        phy2log = old.phy2log.copy()
+        phy2log[layers] = new_sub.phy2log
+        new = ExpertPlacement(phy2log, old.num_ranks, old.num_experts, allow_same_rank_copies=True)
+        self._record.balancedness_after = balance_summary(new, self._window_load)["mean"]
+        self._pending_placement = new
+        self._transfer_plan = plan_transfer(old, new)
+        self._transfer_queue = list(self._transfer_plan.layers_changed)
+        self._executor = TransferExecutor(
+            self._transfer_plan, self._slot_tensors, group=self._transfer_group, vote_group=self.load_group
+        )
+        self._update_similarity_baseline(layers)
+        if not self._transfer_queue:
+            self._finish("no_change", "the policy kept every slot")
+            return
+        churn = moved_slots(old, new)
+        self._record.moved_slots = int(churn.sum())
+        self._transition(
+            Phase.TRANSFERRING,
+            f"{len(self._transfer_queue)} layers, {self._record.moved_slots} slots to move",
+        )
+
+    def _update_similarity_baseline(self, layers: list[int]) -> None:
+        if self._last_update_load is None:
+            self._last_update_load = self._window_load.astype(np.float64).copy()
+        else:
+            self._last_update_load[layers] = self._window_load[layers]
+
+    # --------------------------------------------------------------- move
+    def _slot_tensors(self, layer: int, local_slot: int) -> list[torch.Tensor]:
+        params = list(self.handle.slot_params(layer, local_slot))
+        tensors = [p.data for p in params]
+        if self.optimizer_state is not None:
+            tensors += self.optimizer_state.tensors(params)
+        return tensors
+
+    def _transfer_layers(self) -> RebalanceRecord | None:
+        """Move and commit the next ``eplb_layers_per_step`` layers (collective over every rank)."""
+        t0 = time.monotonic()
+        count = self.config.eplb_layers_per_step
+        batch, self._transfer_queue = self._transfer_queue[:count], self._transfer_queue[count:]
+        new = self._pending_placement
+        handles = [(layer, self._executor.start_layer(layer)) for layer in batch]
+        broken = False
+        for layer, handle in handles:
+            try:
+                self._executor.finish_layer(handle, timeout=self.config.eplb_worker_timeout)
+            except TransferError as exc:
+                log.error(
+                    "EPLB step %d: %s; layer %d keeps its old placement and weights",
+                    self.step_count,
+                    exc,
+                    layer,
+                )
+                self._record.layers_rolled_back.append(layer)
+                broken |= exc.group_broken
+                continue
+            self.handle.commit_layer(layer, new.phy2log[layer])
+            self._record.layers_committed.append(layer)
+            self._record.moved_bytes += self._transfer_plan.layer(layer).num_sends * self._slot_bytes(layer)
+        if self._record.layers_rolled_back and self._any_rank(broken):
+            self._transfer_group = self._new_transfer_group()  # a timed-out receive closes gloo's pair
+            self._executor.group = self._transfer_group
+        self._record.seconds["transfer"] = self._record.seconds.get("transfer", 0.0) + time.monotonic() - t0
+        if self._transfer_queue:
+            return None
+        self._executor = None
+        outcome = "committed" if not self._record.layers_rolled_back else "failed_layers"
+        return self._finish(outcome, f"{len(self._record.layers_committed)} layers committed")
+
+    def _slot_bytes(self, layer: int) -> int:
+        return sum(t.numel() * t.element_size() for t in self._slot_tensors(layer, 0))
+
+    def _any_rank(self, flag: bool) -> bool:
+        if not dist.is_initialized():
+            return flag
+        t = torch.tensor([int(flag)], device=self._device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.load_group)
+        return bool(t.item())
+
+    def _new_transfer_group(self):
+        """A dedicated process group per EP group (same ranks), so transfers never queue behind the model's
+        collectives. Collective over the world: every rank creates every EP group's copy, in one order."""
+        if not dist.is_initialized():
+            return None
+        mine = dist.get_process_group_ranks(self.handle.ep_group)
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        made = None
+        for ranks in sorted({tuple(r) for r in every}):
+            group = dist.new_group(list(ranks))
+            if self._rank in ranks:
+                made = group
+        return made
+
+    def _finish(self, outcome: str, why: str) -> RebalanceRecord:
+        record = self._record
+        record.outcome = outcome
+        record.completed_step = self.step_count
+        self.history.append(record)
+        self._record = None
+        self._pending_placement = None
+        self._transfer_plan = None
+        if (
+            outcome in ("committed", "failed_layers")
+            and self.config.expert_map_record_path
+            and self._rank == 0
+        ):
+            self.handle.placement.with_load(self._window_load).to_json(self.config.expert_map_record_path)
+        if self.monitor is not None:
+            self.monitor.rebalance(self.step_count, record, self.handle.placement, self._window_load)
+        gated = self.config.gate_eplb and outcome == "committed"
+        self._transition(Phase.GATED if gated else Phase.RECORDING, why)
+        return record
+
+    # -------------------------------------------------------------- misc
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None

@@ -1,0 +1,265 @@
+"""Dynamic EPLB while training (EPLBManager): real Megatron-core GPTModel, gloo, fp32, skewed routing.
+
+The EPLB run and an unpatched twin see the same batches; with EPLB moving experts (weights + Adam state)
+the losses must stay equal step by step. Fault injection (a killed worker, a transfer failing half-way)
+must leave training on the old placement with the losses still equal.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from dist import run_distributed  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+E, H, V, SEQ = 8, 16, 32, 8
+RTOL = 1e-5
+
+
+def slow_policy(load, num_slots, num_ranks, **kwargs):
+    """A policy that takes long enough for the test to kill its worker mid-plan."""
+    time.sleep(30)
+    from megatron_eplb.policy import rebalance
+
+    return rebalance(load, num_slots, num_ranks, **kwargs)
+
+
+def _build(ep: int):
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    eplb_mcore.enable_cpu()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=ep)
+    model_parallel_cuda_manual_seed(1234)
+    config = TransformerConfig(
+        num_layers=3,
+        hidden_size=H,
+        num_attention_heads=2,
+        num_moe_experts=E,
+        moe_layer_freq=[0, 1, 1],
+        moe_router_topk=2,
+        moe_ffn_hidden_size=8,
+        ffn_hidden_size=16,
+        moe_token_dispatcher_type="allgather",
+        expert_model_parallel_size=ep,
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+        moe_aux_loss_coeff=0.0,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    torch.manual_seed(0)
+    model = GPTModel(config, spec, vocab_size=V, max_sequence_length=SEQ)
+    # Skewed routing: make a few experts' router rows dominate.
+    for name, p in model.named_parameters():
+        if name.endswith("router.weight"):
+            with torch.no_grad():
+                p[:2] *= 6.0
+    return model
+
+
+def _expert_table(model) -> list[torch.Tensor]:
+    """Per MoE layer, the logical experts' flattened weights ``[E, numel]`` gathered over the EP group."""
+    from megatron.core import parallel_state
+    from megatron_eplb.patches.megatron import find_moe_layers
+
+    group = parallel_state.get_expert_model_parallel_group()
+    out = []
+    for _, layer in find_moe_layers(model):
+        local = torch.stack(
+            [torch.cat([p.detach().reshape(-1) for p in e.parameters()]) for e in layer.experts.local_experts]
+        )
+        parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, local, group=group)
+        out.append(torch.cat(parts))
+    return out
+
+
+def _dp_allreduce(model, dp_group) -> None:
+    n = torch.distributed.get_world_size(dp_group)
+    for p in model.parameters():
+        if p.grad is not None and getattr(p, "allreduce", True):
+            torch.distributed.all_reduce(p.grad, group=dp_group)
+            p.grad /= n
+
+
+def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict, record_dir: str) -> dict:
+    from megatron.core import parallel_state
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    from megatron_eplb.config import EPLBConfig
+    from megatron_eplb.manager import EPLBManager
+
+    ref, pat = _build(ep), _build(ep)
+    cfg = EPLBConfig.from_dict(eplb)
+    handle = eplb_mcore.apply(pat, config=cfg)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    opt_pat = torch.optim.Adam(pat.parameters(), lr=1e-2)
+    policy_fn = slow_policy if faults.get("slow_policy_once") else None
+    manager = EPLBManager(handle, cfg, opt_pat, policy_fn=policy_fn)
+    dp_group = parallel_state.get_data_parallel_group()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    gen = torch.Generator().manual_seed(100 + dp_rank)
+    eval_tokens = torch.randint(0, V, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    position_ids = torch.arange(SEQ).expand(2, SEQ)
+    mask = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).tril().logical_not()
+    losses = {"ref": [], "pat": []}
+    eval_diffs, records, phases = [], [], []
+    for step in range(steps):
+        # ranks of one EP group see different tokens; DP copies of a rank too
+        tokens = (
+            torch.randint(0, V, (2, SEQ), generator=gen)
+            if rank % 2 == 0
+            else torch.randint(0, V // 2, (2, SEQ), generator=gen)
+        )
+        for name, model, opt in (("ref", ref, opt_ref), ("pat", pat, opt_pat)):
+            opt.zero_grad(set_to_none=True)
+            loss = model(tokens, position_ids, mask, labels=tokens).mean()
+            loss.backward()
+            if model is pat:
+                manager.before_optimizer_step()
+            _dp_allreduce(model, dp_group)
+            opt.step()
+            losses[name].append(float(loss.detach()))
+        if faults.get("kill_worker_at") == step and manager._worker is not None:
+            manager._worker._process.kill()
+        if faults.get("fail_transfer_at") == step and rank == 1:
+            os.environ["MEGATRON_EPLB_TRANSFER_FAIL_AFTER_SENDS"] = "0"
+        if faults.get("fail_transfer_at") is not None and step == faults["fail_transfer_at"] + 3:
+            os.environ.pop("MEGATRON_EPLB_TRANSFER_FAIL_AFTER_SENDS", None)
+        transferring = manager.phase.value == "transferring"
+        if transferring:
+            pat.eval()
+            with torch.no_grad():
+                before = pat(eval_tokens, position_ids, mask)
+        rec = manager.step()
+        phases.append(manager.phase.value)
+        if transferring:
+            with torch.no_grad():
+                after = pat(eval_tokens, position_ids, mask)
+            pat.train()
+            eval_diffs.append(float((after - before).abs().max()))
+        if rec is not None:
+            records.append(rec.as_dict())
+    manager.close()
+    ref_table = _expert_table(ref)
+    # the patched model's slots, mapped to logical experts, must equal the reference's experts
+    weights_equal = True
+    for layer, table in enumerate(ref_table):
+        for slot in range(handle.slots_per_rank):
+            e = int(handle.placement.phy2log[layer, handle.ep_rank * handle.slots_per_rank + slot])
+            flat = torch.cat([t.reshape(-1) for t in handle.slot_tensors(layer, slot)])
+            weights_equal &= bool(torch.allclose(flat, table[e], rtol=RTOL, atol=1e-6))
+    return {
+        "losses": losses,
+        "records": records,
+        "eval_diffs": eval_diffs,
+        "weights_equal": weights_equal,
+        "history": [r.as_dict() for r in manager.history],
+        "phases": phases,
+        "placement": handle.placement.phy2log.tolist(),
+    }
+
+
+def _run_scenarios(rank: int, world: int, record_dir: str) -> dict:
+    out = {}
+    base = dict(
+        dynamic_eplb=True,
+        init_redundancy_expert=2,
+        num_iterations_eplb_update=8,
+        num_wait_worker_iterations=1,
+        eplb_window_size=8,
+        eplb_policy="greedy",
+        eplb_worker_timeout=20.0,
+        expert_map_record_path=os.path.join(record_dir, "map.json"),
+    )
+    out["main"] = _train(rank, world, world, 44, base, {}, record_dir)
+    faults = dict(kill_worker_at=9, slow_policy_once=True)
+    out["killed_worker"] = _train(
+        rank, world, world, 12, dict(base, eplb_worker_timeout=3.0), faults, record_dir
+    )
+    out["failed_transfer"] = _train(rank, world, world, 20, base, {"fail_transfer_at": 8}, record_dir)
+    out["gate"] = _train(rank, world, world, 28, dict(base, gate_eplb=True), {}, record_dir)
+    return out
+
+
+def _assert_same_losses(res: dict, where: str) -> None:
+    ref, pat = np.array(res["losses"]["ref"]), np.array(res["losses"]["pat"])
+    np.testing.assert_allclose(pat, ref, rtol=RTOL, err_msg=where)
+
+
+@pytest.fixture(scope="module")
+def ep2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eplb_manager")
+    return run_distributed(_run_scenarios, 2, str(out), timeout=900), out
+
+
+def test_rebalances_move_experts_and_losses_equal_the_run_without_eplb(ep2):
+    results, _ = ep2
+    for rank, res in enumerate(results):
+        main = res["main"]
+        _assert_same_losses(main, f"rank {rank}")
+        committed = [r for r in main["history"] if r["outcome"] == "committed"]
+        assert len(committed) >= 3, main["history"]
+        assert all(r["moved_slots"] > 0 for r in committed)
+        assert main["weights_equal"], "slot weights differ from the unpatched model's logical experts"
+        assert main["eval_diffs"] and max(main["eval_diffs"]) <= 1e-5, main[
+            "eval_diffs"
+        ]  # fp32 summation order
+    first = results[0]["main"]["history"][0]
+    assert first["balancedness_after"] > first["balancedness_before"]
+    measured = [
+        (r["measured_balancedness_before"], r["measured_balancedness_after"])
+        for r in results[0]["main"]["history"]
+    ]
+    assert measured[0][1] > measured[0][0], measured
+    assert results[0]["main"]["placement"] == results[1]["main"]["placement"]
+
+
+def test_record_path_written_after_a_rebalance(ep2):
+    from megatron_eplb.placement import ExpertPlacement
+
+    _, out = ep2
+    placement = ExpertPlacement.from_json(out / "map.json", allow_same_rank_copies=True)
+    assert placement.num_layers == 2 and placement.num_slots == E + 2
+    assert placement.expert_load is not None and placement.expert_load.sum() > 0
+
+
+def test_killed_worker_keeps_the_old_placement_and_training_exact(ep2):
+    results, _ = ep2
+    for res in results:
+        run = res["killed_worker"]
+        _assert_same_losses(run, "killed worker")
+        assert run["history"][0]["outcome"] == "late_plan"
+
+
+def test_failed_transfer_rolls_back_and_training_stays_exact(ep2):
+    results, _ = ep2
+    for res in results:
+        run = res["failed_transfer"]
+        _assert_same_losses(run, "failed transfer")
+        assert run["weights_equal"]
+        assert run["history"][0]["layers_rolled_back"], run["history"]
+
+
+def test_gate_eplb_rebalances_exactly_once(ep2):
+    results, _ = ep2
+    for res in results:
+        run = res["gate"]
+        _assert_same_losses(run, "gate")
+        assert [r["outcome"] for r in run["history"]] == ["committed"]
+        assert run["phases"][-1] == "gated"

@@ -194,7 +194,24 @@ def _run_scenarios(rank: int, world: int, record_dir: str) -> dict:
     )
     out["failed_transfer"] = _train(rank, world, world, 20, base, {"fail_transfer_at": 8}, record_dir)
     out["gate"] = _train(rank, world, world, 28, dict(base, gate_eplb=True), {}, record_dir)
+    # xLLM's threshold: similarity is always >= 0, so a threshold of 0 re-plans no layer after the first update
+    out["threshold"] = _train(rank, world, world, 26, dict(base, eplb_update_threshold=0.0), {}, record_dir)
+    # seconds instead of iterations: a tiny interval triggers although the iteration count never comes
+    timed = dict(base, num_iterations_eplb_update=10_000, eplb_update_interval=1e-3, num_wait_worker_iterations=0)
+    out["interval"] = _train(rank, world, world, 6, timed, {}, record_dir)
     return out
+
+
+def _run_dp(rank: int, world: int, record_dir: str) -> dict:
+    base = dict(
+        dynamic_eplb=True,
+        init_redundancy_expert=2,
+        num_iterations_eplb_update=6,
+        num_wait_worker_iterations=1,
+        eplb_window_size=6,
+        eplb_policy="greedy",
+    )
+    return _train(rank, world, 2, 16, base, {}, record_dir)
 
 
 def _assert_same_losses(res: dict, where: str) -> None:
@@ -254,6 +271,29 @@ def test_failed_transfer_rolls_back_and_training_stays_exact(ep2):
         _assert_same_losses(run, "failed transfer")
         assert run["weights_equal"]
         assert run["history"][0]["layers_rolled_back"], run["history"]
+
+
+def test_threshold_and_interval_keys(ep2):
+    results, _ = ep2
+    for res in results:
+        thr = res["threshold"]
+        _assert_same_losses(thr, "threshold")
+        outcomes = [r["outcome"] for r in thr["history"]]
+        assert outcomes[0] == "committed" and set(outcomes[1:]) == {"no_change"}, outcomes
+        assert all(r["layers_planned"] == [] for r in thr["history"][1:])
+        timed = res["interval"]
+        _assert_same_losses(timed, "interval")
+        assert len(timed["history"]) >= 2  # every step is due by time; 10 000 iterations never come
+
+
+def test_expert_data_parallel_ep2_dp2(tmp_path):
+    results = run_distributed(_run_dp, 4, str(tmp_path), timeout=600)
+    placements = {str(r["placement"]) for r in results}
+    assert len(placements) == 1  # every expert-DP copy committed the same placement
+    for rank, res in enumerate(results):
+        _assert_same_losses(res, f"rank {rank}")
+        assert res["weights_equal"]
+        assert [r["outcome"] for r in res["history"]].count("committed") >= 2, res["history"]
 
 
 def test_gate_eplb_rebalances_exactly_once(ep2):

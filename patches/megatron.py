@@ -22,7 +22,11 @@ What :func:`apply` changes in each ``MoELayer`` (MoE layer ids ``l`` count MoE l
   (``local_first``);
 * the token dispatcher is rebuilt for ``P`` "experts" with ``S = P / EP`` local ones, and the experts
   module (``SequentialMLP``) for ``S`` local slots whose weights are filled from their logical experts;
-* a forward pre-hook on the experts module counts the tokens each local slot computes (``[L, S]``).
+* a forward pre-hook on the experts module counts the tokens each local slot computes (``[L, S]``);
+* the experts module's ``sharded_state_dict`` (Megatron dist checkpointing) gives the logical layout: each
+  logical expert once, keyed and offset as the unpatched model keys it (the first copy is the saved main
+  replica, copies on other ranks load it too); a load-state-dict pre-hook fills a second copy on one rank.
+  So checkpoints load across placements, EP sizes and the unpatched model.
 
 Supported: megatron-core 0.16–0.19, ``SequentialMLP`` experts, ``allgather`` and ``alltoall`` dispatchers,
 expert-TP = 1, PP = 1, dropless or capacity-dropping routers without padding to capacity.
@@ -128,8 +132,12 @@ def _build_experts(layer: torch.nn.Module, num_local: int) -> torch.nn.Module:
     config = layer.config
     saved = config.perform_initialization
     config.perform_initialization = False  # every slot is filled from its logical expert right after
+    spec = layer.submodules.experts
     try:
-        new = build_module(layer.submodules.experts, num_local, config, pg_collection=pgc)
+        if isinstance(spec, functools.partial):  # 0.18+: a builder, called like the class
+            new = spec(num_local, config, pg_collection=pgc)
+        else:
+            new = build_module(spec, num_local, config, pg_collection=pgc)
     finally:
         config.perform_initialization = saved
     return new.to(device=_param_device(old))
@@ -178,6 +186,7 @@ def enable_cpu() -> list[str]:
 
     * ``torch.cuda.current_device`` returns ``"cpu"`` (Megatron allocates on it; ``Router.gating`` then
       leaves the router weight on CPU instead of moving it to CUDA);
+    * ``torch.cuda.synchronize`` does nothing (Megatron's dist-checkpoint writer calls it before saving);
     * ``moe_utils.te_general_gemm = None`` where Transformer Engine is absent (0.16 references the name);
     * the model-parallel RNG tracker (``model_parallel_cuda_manual_seed``, ``get_cuda_rng_tracker().fork``)
       keeps CPU generator states;
@@ -192,7 +201,13 @@ def enable_cpu() -> list[str]:
             return []
         if _CPU_FIXES:
             return list(_CPU_FIXES)
-        fixes = [_fix_current_device(), _fix_te_general_gemm(), _fix_rng_tracker(), _fix_alltoall()]
+        fixes = [
+            _fix_current_device(),
+            _fix_synchronize(),
+            _fix_te_general_gemm(),
+            _fix_rng_tracker(),
+            _fix_alltoall(),
+        ]
         _CPU_FIXES.extend(f for f in fixes if f)
         for fix in _CPU_FIXES:
             logger.info("enable_cpu: %s", fix)
@@ -202,6 +217,11 @@ def enable_cpu() -> list[str]:
 def _fix_current_device() -> str:
     torch.cuda.current_device = lambda: "cpu"
     return "torch.cuda.current_device() -> 'cpu'"
+
+
+def _fix_synchronize() -> str:
+    torch.cuda.synchronize = lambda device=None: None
+    return "torch.cuda.synchronize() is a no-op (dist-checkpoint writers call it)"
 
 
 def _fix_te_general_gemm() -> str | None:
@@ -732,6 +752,69 @@ class MegatronEPLB:
 
         layer.route = route
         new.register_forward_pre_hook(self._make_slot_counter(idx))
+        new.sharded_state_dict = self._make_sharded_state_dict(idx, new)
+        new.register_load_state_dict_pre_hook(self._make_fill_same_rank_copies(idx))
+
+    def _make_sharded_state_dict(self, idx: int, experts: torch.nn.Module):
+        """Wrap ``experts.sharded_state_dict`` (Megatron dist checkpointing) to give the logical layout.
+
+        Each local slot holding expert ``e`` (the first of its copies on this rank) is passed to Megatron's own
+        ``sharded_state_dict`` as the one local expert of a view that claims EP rank ``e`` of ``E`` ranks, so
+        the ShardedTensors get the keys, global shape ``[E, ...]`` and offset ``e`` the unpatched model gives
+        expert ``e``.  The globally first copy (``log2phy[l, e, 0]``) is the main replica that is saved; the
+        copies on other ranks get a non-zero replica id (loaded, never saved); a second copy on one rank is
+        left out and filled on load by :meth:`_make_fill_same_rank_copies`.
+        """
+        original = type(experts).sharded_state_dict
+
+        def sharded_state_dict(prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+            row = self.placement.phy2log[idx]
+            copies = self.placement.log2phy[idx]  # [E, C]: slots of each expert, first copy first
+            dp_size = experts.dp_group.size()
+            out: dict[str, Any] = {}
+            done: set[int] = set()
+            for k, slot in enumerate(self.local_slots()):
+                expert = int(row[slot])
+                if expert < 0 or expert in done:
+                    continue
+                done.add(expert)
+                view = _OneExpertView(experts, experts.local_experts[k], expert, self.num_experts)
+                copy = int(np.flatnonzero(copies[expert] == slot)[0])
+                src, dst = f"{prefix}local_experts.0.", f"{prefix}local_experts.{k}."
+                for key, sharded in original(view, prefix, sharded_offsets, metadata).items():
+                    if copy > 0:  # replication over expert-DP ranks and over copies
+                        pp, tp, dp = sharded.replica_id
+                        sharded.replica_id = (pp, tp, dp + copy * dp_size)
+                    out[dst + key[len(src) :] if key.startswith(src) else key] = sharded
+            return out
+
+        return sharded_state_dict
+
+    def _make_fill_same_rank_copies(self, idx: int):
+        """A load-state-dict pre-hook: a slot whose keys are missing takes them from another local slot of
+        the same expert (a second copy on one rank, left out of the sharded state dict)."""
+
+        def fill(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+            row = self.placement.phy2log[idx]
+            base = f"{prefix}local_experts."
+            by_slot: dict[int, list[str]] = {}  # local slot -> its keys in state_dict
+            for key in state_dict:
+                if key.startswith(base):
+                    index, _, _ = key[len(base) :].partition(".")
+                    if index.isdigit():
+                        by_slot.setdefault(int(index), []).append(key)
+            source: dict[int, int] = {}  # logical expert -> a local slot whose keys are present
+            for k, slot in enumerate(self.local_slots()):
+                if row[slot] >= 0 and k in by_slot:
+                    source.setdefault(int(row[slot]), k)
+            for k, slot in enumerate(self.local_slots()):
+                if row[slot] < 0 or k in by_slot or int(row[slot]) not in source:
+                    continue
+                src, dst = f"{base}{source[int(row[slot])]}.", f"{base}{k}."
+                for key in by_slot[source[int(row[slot])]]:
+                    state_dict[dst + key[len(src) :]] = state_dict[key]
+
+        return fill
 
     def _make_slot_counter(self, idx: int):
         def count(module, args):
@@ -863,3 +946,33 @@ def _set_grad(p: torch.nn.Parameter, g: torch.Tensor) -> None:
         return
     if p.grad is None:
         p.grad = g
+
+
+class _ExpertRank:
+    """Stands in for the EP group in :class:`_OneExpertView`: ``rank()`` is the expert, ``size()`` the count."""
+
+    def __init__(self, expert: int, num_experts: int) -> None:
+        self._rank, self._size = expert, num_experts
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+class _OneExpertView:
+    """An experts module seen as holding only logical expert ``expert`` of ``num_experts``, as local expert 0
+    of EP rank ``expert``: Megatron's ``SequentialMLP.sharded_state_dict`` run on it keys and offsets the slot
+    exactly as the unpatched model keys that expert.  Other attributes are the real module's."""
+
+    def __init__(
+        self, experts: torch.nn.Module, slot: torch.nn.Module, expert: int, num_experts: int
+    ) -> None:
+        self._experts = experts
+        self.local_experts = [slot]
+        self.num_local_experts = 1
+        self.ep_group = _ExpertRank(expert, num_experts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._experts, name)

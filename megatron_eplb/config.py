@@ -94,6 +94,11 @@ class EPLBConfig:
         choices=REPLICA_DISPATCH,
     )
     eplb_log_interval: int = _key(10, "Steps between metric logs.", min=1)
+    eplb_transfer_canary: bool = _key(
+        True,
+        "After each layer's transfer compare every moved slot's checksum with its sender's; roll the layer back "
+        "on a mismatch.",
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):

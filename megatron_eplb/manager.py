@@ -142,14 +142,24 @@ class EPLBManager:
         self._policy_fn = policy_fn
         self._executor: TransferExecutor | None = None
         self._transfer_group = self._new_transfer_group() if self.config.dynamic_eplb else None
+        self._in_flight: dict[int, tuple[Any, Any]] = {}  # layer -> (transfer handle, forward pre-hook)
+        self._completed: list[RebalanceRecord] = []
 
     # ------------------------------------------------------------- the calls
     def before_optimizer_step(self) -> None:
-        """Sum the gradients of every logical expert's copies (collective over the EP group)."""
+        """Sum the gradients of every logical expert's copies (collective over the EP group).
+
+        A layer still in flight here did not run its forward this step; its transfer is rolled back (its
+        staged copy would be stale after the optimizer step)."""
+        self._finish_in_flight(reason="optimizer")
         self.handle.sum_replica_grads()
 
     def step(self) -> RebalanceRecord | None:
-        """Advance one step. Returns the record of a rebalance that completed in this step, else None."""
+        """Advance one step (after the optimizer step; in inference after each forward).
+
+        Returns the record of the last rebalance that completed since the previous call, else None.
+        """
+        self._finish_in_flight()  # inference: layers whose forward has not run since their transfer began
         self.step_count += 1
         self._record_step()
         if self.phase is Phase.RECORDING and self._due():
@@ -157,8 +167,9 @@ class EPLBManager:
         if self.phase is Phase.PLANNING and self.step_count >= self._plan_due_step:
             self._await_plan()
         if self.phase is Phase.TRANSFERRING:
-            return self._transfer_layers()
-        return None
+            self._start_transfers()
+        done, self._completed = self._completed, []
+        return done[-1] if done else None
 
     # ---------------------------------------------------------- transitions
     def _transition(self, new: Phase, why: str) -> None:
@@ -285,7 +296,11 @@ class EPLBManager:
         self._transfer_plan = plan_transfer(old, new)
         self._transfer_queue = list(self._transfer_plan.layers_changed)
         self._executor = TransferExecutor(
-            self._transfer_plan, self._slot_tensors, group=self._transfer_group, vote_group=self.load_group
+            self._transfer_plan,
+            self._slot_tensors,
+            group=self._transfer_group,
+            vote_group=self.load_group,
+            checksums=self.config.eplb_transfer_canary,
         )
         self._update_similarity_baseline(layers)
         if not self._transfer_queue:
@@ -312,39 +327,91 @@ class EPLBManager:
             tensors += self.optimizer_state.tensors(params)
         return tensors
 
-    def _transfer_layers(self) -> RebalanceRecord | None:
-        """Move and commit the next ``eplb_layers_per_step`` layers (collective over every rank)."""
+    def _start_transfers(self) -> None:
+        """Post the next ``eplb_layers_per_step`` layers' transfers (collective). Each layer finishes and
+        commits just before its next forward — the transfer overlaps the rest of this step and the forward
+        of the layers before it — or at the latest before the next optimizer step."""
         t0 = time.monotonic()
         count = self.config.eplb_layers_per_step
         batch, self._transfer_queue = self._transfer_queue[:count], self._transfer_queue[count:]
-        new = self._pending_placement
-        handles = [(layer, self._executor.start_layer(layer)) for layer in batch]
-        broken = False
-        for layer, handle in handles:
-            try:
-                self._executor.finish_layer(handle, timeout=self.config.eplb_worker_timeout)
-            except TransferError as exc:
-                log.error(
-                    "EPLB step %d: %s; layer %d keeps its old placement and weights",
-                    self.step_count,
-                    exc,
-                    layer,
+        layers = self.handle.moe_layers()
+        for layer in batch:
+            transfer = self._executor.start_layer(layer)
+            hook = layers[layer].register_forward_pre_hook(self._commit_hook(layer))
+            self._in_flight[layer] = (transfer, hook)
+        self._add_seconds("transfer", t0)
+
+    def _commit_hook(self, layer: int):
+        def hook(module, args):
+            self._finish_in_flight(upto=layer, reason="forward")
+
+        return hook
+
+    def _finish_in_flight(self, upto: int | None = None, reason: str = "step") -> None:
+        """Finish in-flight layers in layer order (every rank runs the same collectives in one order)."""
+        for layer in sorted(self._in_flight):
+            if upto is not None and layer > upto:
+                break
+            self._finish_layer(layer, commit=reason != "optimizer")
+        if self.phase is Phase.TRANSFERRING and not self._in_flight and not self._transfer_queue:
+            self._executor = None
+            outcome = "committed" if not self._record.layers_rolled_back else "failed_layers"
+            self._finish(outcome, f"{len(self._record.layers_committed)} layers committed")
+
+    def _finish_layer(self, layer: int, commit: bool = True) -> None:
+        """Wait for one layer's transfer, check it, then switch the layer to its new placement — or leave
+        the layer's old weights and placement intact (failed receive, canary mismatch, or ``commit=False``:
+        the layer's forward did not run before the optimizer step, so its staged copy would be stale)."""
+        t0 = time.monotonic()
+        transfer, hook = self._in_flight.pop(layer)
+        hook.remove()
+        undo = self._snapshot_destinations(layer)
+        problem, broken = None, False
+        try:
+            self._executor.finish_layer(transfer, timeout=self.config.eplb_worker_timeout)
+        except TransferError as exc:
+            problem, broken = str(exc), exc.group_broken
+        if problem is None and self.config.eplb_transfer_canary:
+            bad = self._executor.verify_layer(transfer, timeout=self.config.eplb_worker_timeout)
+            if self._any_rank(bool(bad)):
+                problem = (
+                    f"canary: moved slots {bad or '(on another expert-DP copy)'} differ from their senders"
                 )
-                self._record.layers_rolled_back.append(layer)
-                broken |= exc.group_broken
-                continue
-            self.handle.commit_layer(layer, new.phy2log[layer])
+        if problem is None and commit:
+            self.handle.commit_layer(layer, self._pending_placement.phy2log[layer])
             self._record.layers_committed.append(layer)
             self._record.moved_bytes += self._transfer_plan.layer(layer).num_sends * self._slot_bytes(layer)
-        if self._record.layers_rolled_back and self._any_rank(broken):
-            self._transfer_group = self._new_transfer_group()  # a timed-out receive closes gloo's pair
-            self._executor.group = self._transfer_group
-        self._record.seconds["transfer"] = self._record.seconds.get("transfer", 0.0) + time.monotonic() - t0
-        if self._transfer_queue:
-            return None
-        self._executor = None
-        outcome = "committed" if not self._record.layers_rolled_back else "failed_layers"
-        return self._finish(outcome, f"{len(self._record.layers_committed)} layers committed")
+        else:
+            if problem is None:
+                problem = "its forward did not run before the optimizer step"
+            elif self._any_rank(broken):
+                self._transfer_group = self._new_transfer_group()  # a timed-out receive closes gloo's pair
+                self._executor.group = self._transfer_group
+            self._restore(layer, undo)
+            self._record.layers_rolled_back.append(layer)
+            log.error(
+                "EPLB step %d: layer %d transfer rolled back (%s); it keeps its old placement and weights",
+                self.step_count,
+                layer,
+                problem,
+            )
+        self._add_seconds("transfer", t0)
+
+    def _snapshot_destinations(self, layer: int) -> dict[int, list[torch.Tensor]]:
+        """Copies of the local slots this layer's transfer overwrites (for a rollback after the write)."""
+        part = self._transfer_plan.layer(layer)
+        me = self.handle.ep_rank
+        slots = set(part.recvs_to(me)[:, 3].tolist()) | set(part.copies_on(me)[:, 2].tolist())
+        return {s: [t.detach().clone() for t in self._slot_tensors(layer, s)] for s in sorted(slots)}
+
+    def _restore(self, layer: int, undo: dict[int, list[torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for slot, saved in undo.items():
+                for dst, src in zip(self._slot_tensors(layer, slot), saved):
+                    dst.copy_(src)
+
+    def _add_seconds(self, phase: str, since: float) -> None:
+        self._record.seconds[phase] = self._record.seconds.get(phase, 0.0) + time.monotonic() - since
 
     def _slot_bytes(self, layer: int) -> int:
         return sum(t.numel() * t.element_size() for t in self._slot_tensors(layer, 0))
@@ -376,6 +443,7 @@ class EPLBManager:
         record.outcome = outcome
         record.completed_step = self.step_count
         self.history.append(record)
+        self._completed.append(record)
         self._record = None
         self._pending_placement = None
         self._transfer_plan = None

@@ -89,6 +89,22 @@ def _expert_table(model) -> list[torch.Tensor]:
     return out
 
 
+def _corrupt_first_write(executor, plan, handle) -> None:
+    """Fault injection: after the real write of each layer, flip the first slot this rank wrote."""
+    real = executor.finish_layer
+
+    def corrupting(transfer, timeout=None):
+        written = real(transfer, timeout)
+        part = plan.layer(transfer.layer)
+        slots = part.recvs_to(handle.ep_rank)[:, 3].tolist() + part.copies_on(handle.ep_rank)[:, 2].tolist()
+        if slots:
+            handle.slot_tensors(transfer.layer, slots[0])[0].add_(1.0)
+        return written
+
+    executor.finish_layer = corrupting
+    executor._hooked = 1
+
+
 def _dp_allreduce(model, dp_group) -> None:
     n = torch.distributed.get_world_size(dp_group)
     for p in model.parameters():
@@ -118,7 +134,7 @@ def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict,
     position_ids = torch.arange(SEQ).expand(2, SEQ)
     mask = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).tril().logical_not()
     losses = {"ref": [], "pat": []}
-    eval_diffs, records, phases = [], [], []
+    eval_diffs, records, phases, in_flight = [], [], [], []
     for step in range(steps):
         # ranks of one EP group see different tokens; DP copies of a rank too
         tokens = (
@@ -148,6 +164,13 @@ def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict,
                 before = pat(eval_tokens, position_ids, mask)
         rec = manager.step()
         phases.append(manager.phase.value)
+        in_flight.append(len(manager._in_flight))
+        if (
+            faults.get("corrupt")
+            and manager._executor is not None
+            and not getattr(manager._executor, "_hooked", 0)
+        ):
+            _corrupt_first_write(manager._executor, manager._transfer_plan, handle)
         if transferring:
             with torch.no_grad():
                 after = pat(eval_tokens, position_ids, mask)
@@ -171,6 +194,7 @@ def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict,
         "weights_equal": weights_equal,
         "history": [r.as_dict() for r in manager.history],
         "phases": phases,
+        "in_flight": in_flight,
         "placement": handle.placement.phy2log.tolist(),
     }
 
@@ -193,11 +217,14 @@ def _run_scenarios(rank: int, world: int, record_dir: str) -> dict:
         rank, world, world, 12, dict(base, eplb_worker_timeout=3.0), faults, record_dir
     )
     out["failed_transfer"] = _train(rank, world, world, 20, base, {"fail_transfer_at": 8}, record_dir)
+    out["canary"] = _train(rank, world, world, 12, base, {"corrupt": True}, record_dir)
     out["gate"] = _train(rank, world, world, 28, dict(base, gate_eplb=True), {}, record_dir)
     # xLLM's threshold: similarity is always >= 0, so a threshold of 0 re-plans no layer after the first update
     out["threshold"] = _train(rank, world, world, 26, dict(base, eplb_update_threshold=0.0), {}, record_dir)
     # seconds instead of iterations: a tiny interval triggers although the iteration count never comes
-    timed = dict(base, num_iterations_eplb_update=10_000, eplb_update_interval=1e-3, num_wait_worker_iterations=0)
+    timed = dict(
+        base, num_iterations_eplb_update=10_000, eplb_update_interval=1e-3, num_wait_worker_iterations=0
+    )
     out["interval"] = _train(rank, world, world, 6, timed, {}, record_dir)
     return out
 
@@ -294,6 +321,23 @@ def test_expert_data_parallel_ep2_dp2(tmp_path):
         _assert_same_losses(res, f"rank {rank}")
         assert res["weights_equal"]
         assert [r["outcome"] for r in res["history"]].count("committed") >= 2, res["history"]
+
+
+def test_transfers_overlap_the_next_forward(ep2):
+    results, _ = ep2
+    for res in results:
+        # after step() returns, a layer's P2P is still in flight; it commits before that layer's forward
+        assert max(res["main"]["in_flight"]) > 0
+
+
+def test_canary_rolls_back_a_corrupted_slot(ep2):
+    results, _ = ep2
+    for res in results:
+        run = res["canary"]
+        _assert_same_losses(run, "canary")
+        assert run["weights_equal"]
+        assert run["history"][0]["layers_rolled_back"], run["history"]
+        assert not run["history"][0]["layers_committed"]
 
 
 def test_gate_eplb_rebalances_exactly_once(ep2):

@@ -26,15 +26,19 @@ imports Megatron or DeepSpeed.  What the manager needs of it:
 from __future__ import annotations
 
 import enum
+import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from .checkpoint import save_expert_map
 from .config import EPLBConfig
 from .placement import ExpertPlacement
 from .stats import balance_summary, load_similarity, moved_slots
@@ -110,6 +114,7 @@ class EPLBManager:
         self.handle = handle
         self.config = config or EPLBConfig()
         self.config.validate_for(handle.num_layers, handle.num_experts, handle.ep_size)
+        self.optimizer = optimizer
         self.optimizer_state = optimizer_state or (
             OptimizerSlotState(optimizer) if optimizer is not None else None
         )
@@ -460,7 +465,123 @@ class EPLBManager:
         return record
 
     # -------------------------------------------------------------- misc
+    # --------------------------------------------------------- checkpoints
+    def save_checkpoint(self, directory: str | os.PathLike) -> Path:
+        """Save a logical training checkpoint (collective over every rank; rank 0 writes).
+
+        ``model.pt``: the model's state dict with each logical expert once (``handle.logical_state_dict()``),
+        ``optimizer.pt``: the torch optimizer's state — dense parameters by name, expert state per logical
+        expert (taken from its first copy), ``expert_map.json``: the placement and the last window's load,
+        ``eplb.json``: the manager's step. Any placement or EP size can load it (:meth:`load_checkpoint`).
+        """
+        directory = Path(directory)
+        model_state = self.handle.logical_state_dict()
+        expert_state = self._gather_logical_optimizer_state()
+        if self._rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            torch.save(model_state, directory / "model.pt")
+            torch.save(
+                {"dense": self._dense_optimizer_state(), "experts": expert_state}, directory / "optimizer.pt"
+            )
+            load = self._last_update_load if self._last_update_load is not None else None
+            save_expert_map(self.handle.placement.with_load(load), directory)
+            (directory / "eplb.json").write_text(json.dumps({"step": self.step_count}))
+        if dist.is_initialized():
+            dist.barrier(group=self.load_group)
+        return directory
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> dict[str, Any]:
+        """Load :meth:`save_checkpoint`'s files into this model and optimizer, whatever the current
+        placement or EP size (every slot from its logical expert, Adam state included). Local reads only."""
+        directory = Path(directory)
+        if not (directory / "model.pt").is_file():
+            raise FileNotFoundError(f"no EPLB checkpoint in {str(directory)!r} (expected model.pt there)")
+        self.handle.load_logical_state_dict(torch.load(directory / "model.pt", weights_only=False))
+        opt = (
+            torch.load(directory / "optimizer.pt", weights_only=False) if self.optimizer is not None else None
+        )
+        if opt is not None:
+            params = dict(self.handle.model.named_parameters())
+            for name, state in opt["dense"].items():
+                p = params[name]
+                self.optimizer.state[p] = {k: _to(v, p) for k, v in state.items()}
+            h = self.handle
+            for layer, per_param in enumerate(opt["experts"]):
+                for slot in range(h.slots_per_rank):
+                    e = int(h.placement.phy2log[layer, h.ep_rank * h.slots_per_rank + slot])
+                    for p, state in zip(h.slot_params(layer, slot), per_param):
+                        self.optimizer.state[p] = {k: _to(v[e], p) for k, v in state.items()}
+        meta = json.loads((directory / "eplb.json").read_text())
+        self.step_count = self._last_rebalance_step = int(meta["step"])
+        if self._rank == 0:
+            log.info(
+                "EPLB: resumed from %s at step %d into %r", directory, self.step_count, self.handle.placement
+            )
+        return meta
+
+    def _dense_optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        if self.optimizer is None:
+            return {}
+        expert = {
+            id(p)
+            for layer in range(self.handle.num_layers)
+            for s in range(self.handle.slots_per_rank)
+            for p in self.handle.slot_params(layer, s)
+        }
+        return {
+            name: {
+                k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+                for k, v in self.optimizer.state[p].items()
+            }
+            for name, p in self.handle.model.named_parameters()
+            if id(p) not in expert and p in self.optimizer.state
+        }
+
+    def _gather_logical_optimizer_state(self) -> list[list[dict[str, torch.Tensor]]]:
+        """Per MoE layer, per slot parameter: ``{state key: [E, *shape]}`` from each expert's first copy."""
+        if self.optimizer is None:
+            return []
+        h = self.handle
+        out = []
+        group = h.ep_group
+        world = dist.get_world_size(group) if dist.is_initialized() else 1
+        for layer in range(h.num_layers):
+            first = h.placement.log2phy[layer, :, 0]  # [E] global slot of each expert's first copy
+            per_param = []
+            for i in range(len(h.slot_params(layer, 0))):
+                keys = sorted(self.optimizer.state.get(h.slot_params(layer, 0)[i], {}))
+                state = {}
+                for key in keys:
+                    local = torch.stack(
+                        [
+                            _as_tensor(self.optimizer.state[h.slot_params(layer, s)[i]][key])
+                            for s in range(h.slots_per_rank)
+                        ]
+                    )
+                    parts = [torch.empty_like(local) for _ in range(world)]
+                    if dist.is_initialized():
+                        dist.all_gather(parts, local, group=group)
+                    else:
+                        parts = [local]
+                    state[key] = torch.cat(parts)[torch.as_tensor(first, device=local.device)].cpu()
+                per_param.append(state)
+            out.append(per_param)
+        return out
+
     def close(self) -> None:
         if self._worker is not None:
             self._worker.close()
             self._worker = None
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    return value if torch.is_tensor(value) else torch.tensor(value)
+
+
+def _to(value: Any, param: torch.Tensor) -> Any:
+    """An optimizer state value placed like ``param`` (Adam's ``step`` stays a CPU scalar)."""
+    if not torch.is_tensor(value):
+        return value
+    if value.dim() == 0:
+        return value.clone()
+    return value.to(param.device).clone()

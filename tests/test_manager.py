@@ -41,6 +41,9 @@ def _build(ep: int):
     from megatron_eplb.patches import megatron as eplb_mcore
 
     eplb_mcore.enable_cpu()
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_expert_model_parallel_world_size() != ep:
+            parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=ep)
     model_parallel_cuda_manual_seed(1234)
@@ -106,11 +109,17 @@ def _corrupt_first_write(executor, plan, handle) -> None:
 
 
 def _dp_allreduce(model, dp_group) -> None:
-    n = torch.distributed.get_world_size(dp_group)
+    """Gradients of the mean loss over all ranks, whatever the EP size: dense grads summed over data
+    parallel, expert grads over expert data parallel (EP already brought every rank's tokens to them)."""
+    from megatron.core import parallel_state
+
+    expert_dp = parallel_state.get_expert_data_parallel_group()
+    world = torch.distributed.get_world_size()
     for p in model.parameters():
-        if p.grad is not None and getattr(p, "allreduce", True):
-            torch.distributed.all_reduce(p.grad, group=dp_group)
-            p.grad /= n
+        if p.grad is not None:
+            group = dp_group if getattr(p, "allreduce", True) else expert_dp
+            torch.distributed.all_reduce(p.grad, group=group)
+            p.grad /= world
 
 
 def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict, record_dir: str) -> dict:
@@ -128,8 +137,7 @@ def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict,
     policy_fn = slow_policy if faults.get("slow_policy_once") else None
     manager = EPLBManager(handle, cfg, opt_pat, policy_fn=policy_fn)
     dp_group = parallel_state.get_data_parallel_group()
-    dp_rank = parallel_state.get_data_parallel_rank()
-    gen = torch.Generator().manual_seed(100 + dp_rank)
+    gen = torch.Generator().manual_seed(100 + rank)
     eval_tokens = torch.randint(0, V, (2, SEQ), generator=torch.Generator().manual_seed(7))
     position_ids = torch.arange(SEQ).expand(2, SEQ)
     mask = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).tril().logical_not()
@@ -241,6 +249,74 @@ def _run_dp(rank: int, world: int, record_dir: str) -> dict:
     return _train(rank, world, 2, 16, base, {}, record_dir)
 
 
+def _train_eplb(rank, ep, steps, eplb, *, seed=0, save_at=None, load_from=None, start=0):
+    """The EPLB model alone: ``steps`` steps from ``start`` (after loading ``load_from``), saving at ``save_at``."""
+    from megatron.core import parallel_state
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    from megatron_eplb.config import EPLBConfig
+    from megatron_eplb.manager import EPLBManager
+
+    model = _build(ep)
+    if seed:  # a different start, so that a load that did nothing would show
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    cfg = EPLBConfig.from_dict(eplb)
+    handle = eplb_mcore.apply(model, config=cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    manager = EPLBManager(handle, cfg, opt)
+    if load_from:
+        manager.load_checkpoint(load_from)
+    dp_group = parallel_state.get_data_parallel_group()
+    gen = torch.Generator().manual_seed(100 + rank)
+    position_ids = torch.arange(SEQ).expand(2, SEQ)
+    mask = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).tril().logical_not()
+    losses = []
+    for step in range(steps):
+        high = V if rank % 2 == 0 else V // 2
+        tokens = torch.randint(0, high, (2, SEQ), generator=gen)
+        if step < start:
+            continue
+        opt.zero_grad(set_to_none=True)
+        loss = model(tokens, position_ids, mask, labels=tokens).mean()
+        loss.backward()
+        manager.before_optimizer_step()
+        _dp_allreduce(model, dp_group)
+        opt.step()
+        manager.step()
+        losses.append(float(loss.detach()))
+        if save_at is not None and step + 1 == save_at:
+            manager.save_checkpoint(save_at_dir(save_at))
+    manager.close()
+    return losses, [r.outcome for r in manager.history]
+
+
+_CKPT_ROOT = {}
+
+
+def save_at_dir(step: int) -> str:
+    return os.path.join(_CKPT_ROOT["dir"], f"step{step}")
+
+
+def _run_resume(rank: int, world: int, ckpt_dir: str) -> dict:
+    _CKPT_ROOT["dir"] = ckpt_dir
+    dynamic = dict(
+        dynamic_eplb=True,
+        init_redundancy_expert=2,
+        num_iterations_eplb_update=6,
+        num_wait_worker_iterations=1,
+        eplb_window_size=6,
+        eplb_policy="greedy",
+    )
+    full, outcomes = _train_eplb(rank, 2, 24, dynamic, save_at=12)
+    same_ep, _ = _train_eplb(rank, 2, 24, dynamic, seed=5, load_from=save_at_dir(12), start=12)
+    static_ep1 = dict(init_redundancy_expert=2)
+    other_ep, _ = _train_eplb(rank, 1, 24, static_ep1, seed=5, load_from=save_at_dir(12), start=12)
+    return {"full": full, "outcomes": outcomes, "same_ep": same_ep, "other_ep": other_ep}
+
+
 def _assert_same_losses(res: dict, where: str) -> None:
     ref, pat = np.array(res["losses"]["ref"]), np.array(res["losses"]["pat"])
     np.testing.assert_allclose(pat, ref, rtol=RTOL, err_msg=where)
@@ -338,6 +414,17 @@ def test_canary_rolls_back_a_corrupted_slot(ep2):
         assert run["weights_equal"]
         assert run["history"][0]["layers_rolled_back"], run["history"]
         assert not run["history"][0]["layers_committed"]
+
+
+def test_checkpoint_mid_run_resumes_with_the_same_losses_also_at_another_ep_size(tmp_path):
+    results = run_distributed(_run_resume, 2, str(tmp_path), timeout=600)
+    for rank, res in enumerate(results):
+        assert res["outcomes"].count("committed") >= 2, res[
+            "outcomes"
+        ]  # experts really moved before the save
+        tail = np.array(res["full"][12:])
+        np.testing.assert_allclose(res["same_ep"], tail, rtol=RTOL, err_msg=f"rank {rank}, EP=2 -> EP=2")
+        np.testing.assert_allclose(res["other_ep"], tail, rtol=RTOL, err_msg=f"rank {rank}, EP=2 -> EP=1")
 
 
 def test_gate_eplb_rebalances_exactly_once(ep2):

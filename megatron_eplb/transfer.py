@@ -14,12 +14,13 @@ rank computes the identical plan without communication.  Per layer (vLLM's rules
 
 The number of sends of a layer equals :func:`megatron_eplb.stats.moved_slots` (the churn).
 
-The executor (:class:`TransferExecutor`) runs one layer at a time: ``start_layer`` snapshots every slot the
-layer reads (sources of sends and of local copies) into a staging buffer and posts the sends/receives with
-one ``batch_isend_irecv``; ``finish_layer`` waits, lets all ranks vote, and only when every rank received
-everything writes the staged data into the destination slots.  Because all reads come from the snapshot, a
-slot may be both a source and a destination in the same layer (swap chains), and a failure or timeout
-leaves every rank's old tensors untouched (:class:`TransferError`).
+The executor (:class:`TransferExecutor`) runs one layer at a time: ``start_layer`` snapshots the slots the
+layer sends into a staging buffer and posts the sends/receives with one ``batch_isend_irecv``;
+``finish_layer`` waits, lets all ranks vote, and only when every rank received everything writes the
+destination slots: local copies first, slot to slot in an order where no source is overwritten before it
+is read (a cycle of local copies goes through one staged scratch slot, :func:`local_copy_schedule`), then the
+received slots.  A slot may be both a source and a destination in the same layer (swap chains), and a
+failure or timeout leaves every rank's old tensors untouched (:class:`TransferError`).
 
 Model protocol (vLLM style, kept small): ``slot_tensors(layer, local_slot) -> list[torch.Tensor]`` returns
 every per-slot tensor of that local slot — weights and, in training, the slot's optimizer state (fp32
@@ -47,6 +48,7 @@ __all__ = [
     "TransferError",
     "TransferExecutor",
     "TransferPlan",
+    "local_copy_schedule",
     "plan_transfer",
     "slot_checksum",
     "slot_nbytes",
@@ -182,14 +184,15 @@ class TransferPlan:
         return int(self.moved_slots().sum()) * int(bytes_per_slot)
 
     def staging_slots(self, rank: int) -> np.ndarray:
-        """int64 ``[L]``: slots ``rank`` stages per layer (its sends + receives + distinct local-copy sources).
+        """int64 ``[L]``: slots ``rank`` stages per layer (its sends + receives + the scratch slots that break
+        cycles of local copies, :func:`local_copy_schedule`).
 
         Times the bytes of one slot (:func:`slot_nbytes`), the maximum is the staging buffer of a
         one-layer-at-a-time transfer.
         """
         return np.array(
             [
-                len(t.sends_from(rank)) + len(t.recvs_to(rank)) + len(np.unique(t.copies_on(rank)[:, 1]))
+                len(t.sends_from(rank)) + len(t.recvs_to(rank)) + local_copy_schedule(t.copies_on(rank))[1]
                 for t in self.transfers
             ],
             dtype=np.int64,
@@ -293,6 +296,57 @@ def _plan_layer(
     )
 
 
+def local_copy_schedule(copies: np.ndarray) -> tuple[list[tuple[str, int, int]], int]:
+    """Order one rank's local copies so that every slot is read before it is overwritten (pure).
+
+    A copy whose destination no pending copy still reads runs first; when only cycles are left (a
+    permutation of slots), one slot of the cycle is staged into a scratch slot and its readers read the
+    scratch instead.  So a permutation of ``n`` slots costs ``n`` slot copies plus one per cycle, and the
+    staging is one scratch slot (reused from cycle to cycle) instead of a snapshot of every source.
+
+    Args:
+        copies: int64 ``[C, 3]`` rows ``(rank, src_local_slot, dst_local_slot)`` of one rank (each
+            destination once), e.g. ``LayerTransfer.copies_on(rank)``.
+    Returns:
+        ``(ops, num_scratch)``: ops in execution order, each ``("copy", src, dst)`` (slot to slot),
+        ``("stage", scratch, src)`` (slot into scratch slot ``scratch``) or ``("unstage", scratch, dst)``
+        (scratch slot into ``dst``); ``num_scratch`` scratch slots are needed.
+    """
+    pending = [
+        (int(src), int(dst)) for _, src, dst in np.asarray(copies).reshape(-1, 3).tolist() if src != dst
+    ]
+    readers: dict[int, int] = {}
+    for src, _ in pending:
+        readers[src] = readers.get(src, 0) + 1
+    ops: list[tuple[str, int, int]] = []
+    scratch_of: dict[int, int] = {}  # slot -> scratch holding its old contents
+    scratch_readers: dict[int, int] = {}  # scratch -> pending copies reading it
+    num_scratch = 0
+    while pending:
+        ready = [c for c in pending if readers.get(c[1], 0) == 0]
+        if not ready:  # only cycles left: stage the destination of the first pending copy
+            victim = pending[0][1]
+            free = [k for k in range(num_scratch) if scratch_readers.get(k, 0) == 0]
+            scratch = free[0] if free else num_scratch
+            num_scratch = max(num_scratch, scratch + 1)
+            ops.append(("stage", scratch, victim))
+            scratch_of[victim] = scratch
+            scratch_readers[scratch] = readers.pop(victim)
+            continue
+        done = set()
+        for src, dst in ready:
+            if src in scratch_of:
+                scratch = scratch_of[src]
+                ops.append(("unstage", scratch, dst))
+                scratch_readers[scratch] -= 1
+            else:
+                ops.append(("copy", src, dst))
+                readers[src] -= 1
+            done.add(dst)
+        pending = [c for c in pending if c[1] not in done]
+    return ops, num_scratch
+
+
 # ---------------------------------------------------------------------------------------------- checksum
 _MOD = (1 << 61) - 1
 _CHUNK = 1 << 20
@@ -312,7 +366,10 @@ def slot_checksum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """A bit-level hash of a slot's tensors (order, dtypes and every byte count).
 
     Exact integer arithmetic, so the value does not depend on the device or on reduction order: the
-    receiver's checksum equals the sender's iff the bytes are equal (up to hash collisions).
+    receiver's checksum equals the sender's iff the bytes are equal (up to hash collisions).  Per chunk of
+    ``2**20`` 16-bit words ``x_i`` (global index ``i``): ``s1 = sum(x_i * (i % 65521 + 1))``, ``s2 = sum(x_i)``,
+    folded into the hash chunk by chunk; the chunks' sums are computed ``_SUPER_CHUNKS`` at a time on the
+    tensor's device (one host transfer per group of chunks).
     Returns an int64 scalar tensor on the CPU (in ``[0, 2**61 - 1)``).
     """
     h = 0
@@ -320,14 +377,48 @@ def slot_checksum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         raw = _bytes_of(t)
         words = raw.view(torch.int16) if raw.numel() % 2 == 0 else raw
         h = (h * 1_000_003 + index * 7919 + raw.numel()) % _MOD
-        for start in range(0, words.numel(), _CHUNK):
-            x = words[start : start + _CHUNK].to(torch.int64)
-            w = torch.arange(start, start + x.numel(), device=x.device, dtype=torch.int64) % 65521 + 1
-            # |x| < 2**15, w <= 2**16, chunk 2**20 -> |sum| < 2**51: no overflow.
-            s1 = int((x * w).sum())
-            s2 = int(x.sum())
-            h = (h * 1_000_003 + s1 * 31 + s2) % _MOD
+        span = _CHUNK * _SUPER_CHUNKS
+        for start in range(0, words.numel(), span):
+            x = words[start : start + span].to(torch.int32)
+            n = x.numel()
+            offset = start % _WEIGHT_PERIOD
+            w = _checksum_weights(x.device, offset + n)[offset : offset + n]
+            xw = x * w  # |x| <= 2**15, w <= 65521: |x * w| < 2**31, exact in int32
+            full = n // _CHUNK
+            parts = [
+                torch.stack(
+                    [
+                        xw[: full * _CHUNK].view(full, _CHUNK).sum(1, dtype=torch.int64),
+                        x[: full * _CHUNK].view(full, _CHUNK).sum(1, dtype=torch.int64),
+                    ]
+                )
+            ]
+            if n > full * _CHUNK:  # the last, shorter chunk
+                tail = torch.stack(
+                    [xw[full * _CHUNK :].sum(dtype=torch.int64), x[full * _CHUNK :].sum(dtype=torch.int64)]
+                )
+                parts.append(tail.view(2, 1))
+            s1s, s2s = torch.cat(parts, dim=1).cpu().tolist()
+            for s1, s2 in zip(s1s, s2s):
+                h = (h * 1_000_003 + s1 * 31 + s2) % _MOD
     return torch.tensor(h, dtype=torch.int64)
+
+
+_WEIGHT_PERIOD = 65521
+_SUPER_CHUNKS = 32  # chunks summed per device pass (int32 temporaries of 2 x 128 MiB at most)
+_WEIGHTS: dict = {}
+
+
+def _checksum_weights(device: torch.device, n: int) -> torch.Tensor:
+    """int32 ``[>= n]``: ``j % 65521 + 1``, cached per device."""
+    key = str(device)
+    w = _WEIGHTS.get(key)
+    if w is None or w.numel() < n:
+        size = min(max(n, 2 * (0 if w is None else w.numel())), _CHUNK * _SUPER_CHUNKS + _WEIGHT_PERIOD)
+        size = max(size, n)
+        w = (torch.arange(size, device=device, dtype=torch.int64) % _WEIGHT_PERIOD + 1).to(torch.int32)
+        _WEIGHTS[key] = w
+    return w
 
 
 # ---------------------------------------------------------------------------------------------- executor
@@ -390,7 +481,9 @@ class LayerHandle:
     _send_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # into sends
     _recv_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     _recv_base: int = 0  # first staged slot index of the receives
-    _copy_src: dict = field(default_factory=dict)  # src_local_slot -> staged slot index
+    _copy_src: dict = field(default_factory=dict)  # src_local_slot -> staged slot index (staged copies)
+    _copy_ops: list | None = None  # local_copy_schedule ops (direct local copies)
+    _scratch_base: int = 0  # first staged slot index of the scratch slots (direct local copies)
     _injected: bool = False
     _checksums: tuple | None = None  # (sender checksums of my sends, of my local copies) when enabled
 
@@ -419,6 +512,9 @@ class TransferExecutor:
             layer (default: the env var ``MEGATRON_EPLB_TRANSFER_FAIL_AFTER_SENDS``, else off).
         use_side_stream: on CUDA, stage and write on a side stream (the caller's stream waits on it at the
             end of ``finish_layer``).
+        direct_local_copies: copy local slots slot to slot at commit time (:func:`local_copy_schedule`: half
+            the memory traffic, one scratch slot of staging per cycle) instead of snapshotting every source at
+            ``start_layer``.  Equivalent, since a layer's slots are not modified between start and finish.
     """
 
     def __init__(
@@ -432,6 +528,7 @@ class TransferExecutor:
         checksums: bool = False,
         fail_after_sends: int | None = None,
         use_side_stream: bool = True,
+        direct_local_copies: bool = True,
     ) -> None:
         import torch.distributed as dist
 
@@ -451,6 +548,9 @@ class TransferExecutor:
             self._global = [dist.get_global_rank(group, r) for r in range(world)]
         self.vote = vote
         self.vote_group = group if vote_group is None else vote_group
+        # A vote among one rank decides nothing: skip its all-reduce and host sync.
+        self._vote_size = dist.get_world_size(self.vote_group)
+        self.direct_local_copies = direct_local_copies
         self.checksums = checksums
         if fail_after_sends is None and os.environ.get(FAIL_AFTER_SENDS_ENV, "").strip():
             fail_after_sends = int(os.environ[FAIL_AFTER_SENDS_ENV])
@@ -555,13 +655,18 @@ class TransferExecutor:
         send_rows = send_rows[np.argsort(sends[send_rows, 2], kind="stable")]
         recv_rows = recv_rows[np.argsort(sends[recv_rows, 0], kind="stable")]
         copies = transfer.copies_on(me)
-        copy_srcs = sorted(set(copies[:, 1].tolist()))
         handle._send_rows, handle._recv_rows = send_rows, recv_rows
-        if len(send_rows) == 0 and len(recv_rows) == 0 and not copy_srcs:
+        if len(send_rows) == 0 and len(recv_rows) == 0 and len(copies) == 0:
             return handle
+        if self.direct_local_copies:
+            handle._copy_ops, n_scratch = local_copy_schedule(copies)
+            copy_srcs = []
+        else:
+            copy_srcs, n_scratch = sorted(set(copies[:, 1].tolist())), 0
         layout = self._layout(layer, 0)
         handle._layout = layout
-        n_staged = len(send_rows) + len(copy_srcs) + len(recv_rows)
+        handle._scratch_base = len(send_rows) + len(copy_srcs)
+        n_staged = len(send_rows) + len(copy_srcs) + n_scratch + len(recv_rows)
         caller = torch.cuda.current_stream() if self._stream is not None else None
         with self._stream_ctx():
             if caller is not None:
@@ -576,7 +681,7 @@ class TransferExecutor:
                 for j, src in enumerate(copy_srcs):
                     self._pack(buf, base + j, self._tensors(layer, src, layout), layout)
                     handle._copy_src[src] = base + j
-            handle._recv_base = len(send_rows) + len(copy_srcs)
+            handle._recv_base = len(send_rows) + len(copy_srcs) + n_scratch
             ops = []
             sent = 0
             for peer, first, count in _runs(sends[send_rows, 2]):
@@ -630,7 +735,7 @@ class TransferExecutor:
         if problem is None and handle._injected:
             problem = f"injected failure after {self.fail_after_sends} send message(s) (test hook)"
         agreed = problem is None
-        if self.vote:
+        if self.vote and self._vote_size > 1:
             flag = torch.tensor([1 if agreed else 0], dtype=torch.int64, device=self._collective_device)
             try:
                 work = self._dist.all_reduce(
@@ -663,6 +768,9 @@ class TransferExecutor:
         me = self.rank
         sends = transfer.sends
         copies = transfer.copies_on(me)
+        if self._stream is not None and handle._copy_ops:
+            # Direct local copies read the slots now: order them after the caller's latest work.
+            self._stream.wait_stream(torch.cuda.current_stream())
         with self._stream_ctx(), torch.no_grad():
             if self.checksums:
                 send_sums = {
@@ -673,15 +781,29 @@ class TransferExecutor:
                     int(src): int(slot_checksum(self._staged_tensors(buf, idx, layout)))
                     for src, idx in handle._copy_src.items()
                 }
+                if handle._copy_ops:  # direct copies: the sources are still unwritten here
+                    for src in sorted(set(copies[:, 1].tolist())):
+                        copy_sums[int(src)] = int(slot_checksum(self._tensors(layer, int(src), layout)))
                 handle._checksums = (send_sums, copy_sums)
             # Resolve (and check) every destination first, so a bad slot cannot leave a partial write.
+            slots = {
+                int(k): self._tensors(layer, int(k), layout) for k in set(copies[:, 1:].reshape(-1).tolist())
+            }
             writes = [
                 (handle._recv_base + i, self._tensors(layer, int(sends[row, 3]), layout))
                 for i, row in enumerate(handle._recv_rows.tolist())
             ]
-            writes += [
-                (handle._copy_src[src], self._tensors(layer, dst, layout)) for _, src, dst in copies.tolist()
-            ]
+            if handle._copy_ops is None:
+                writes = [(handle._copy_src[src], slots[dst]) for _, src, dst in copies.tolist()] + writes
+            else:  # local copies first: a received slot may be the source of a local copy
+                for op, a, b in handle._copy_ops:
+                    if op == "copy":
+                        for dst, src in zip(slots[b], slots[a]):
+                            dst.copy_(src, non_blocking=True)
+                    elif op == "stage":
+                        self._pack(buf, handle._scratch_base + a, slots[b], layout)
+                    else:
+                        self._unpack(buf, handle._scratch_base + a, slots[b], layout)
             for index, tensors in writes:
                 self._unpack(buf, index, tensors, layout)
         if self._stream is not None:

@@ -461,7 +461,13 @@ class MegatronEPLB:
         self._slot_loads = torch.zeros(
             self.num_layers, self.slots_per_rank, dtype=torch.int64, device=self.device
         )
-        self._tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [None] * self.num_layers
+        # Slot counts that arrive on the host (the dispatchers hand SequentialMLP its split sizes on the CPU)
+        # are summed here, without a device launch, and folded into ``_slot_loads`` by ``slot_loads()``.
+        self._slot_loads_host = torch.zeros(self.num_layers, self.slots_per_rank, dtype=torch.int64)
+        self._host_counted = False
+        self._tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | bool | None]] = [
+            None
+        ] * self.num_layers
         for idx in range(self.num_layers):
             self._tables[idx] = self._routing_tables(placement.phy2log[idx])
         for idx, layer in enumerate(self._layers):
@@ -497,13 +503,21 @@ class MegatronEPLB:
         return self._loads
 
     def slot_loads(self) -> torch.Tensor:
-        """int64 ``[L, S]``: tokens each local physical slot computed since the last :meth:`reset_loads`."""
+        """int64 ``[L, S]``: tokens each local physical slot computed since the last :meth:`reset_loads`.
+
+        The live buffer on the device (counts gathered on the host are added to it here, one small copy)."""
+        if self._host_counted:
+            self._slot_loads += self._slot_loads_host.to(self.device)
+            self._slot_loads_host.zero_()
+            self._host_counted = False
         return self._slot_loads
 
     def reset_loads(self) -> None:
         """Zero both load buffers (in place, no host sync)."""
         self._loads.zero_()
         self._slot_loads.zero_()
+        self._slot_loads_host.zero_()
+        self._host_counted = False
 
     # ---------------------------------------------------------------- slots
     def slot_params(self, layer: int, slot: int) -> list[torch.nn.Parameter]:
@@ -706,21 +720,32 @@ class MegatronEPLB:
         first_copy = torch.tensor(self.placement.log2phy[layer, :, 0], device=everything.device)
         return everything[first_copy]
 
-    def _routing_tables(self, row: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _routing_tables(
+        self, row: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | bool | None]:
         """Device tables of one layer: log2phy ``[E, C]``, replica_count ``[E]``, local_slot ``[E]``
-        (a slot of this rank holding the expert, else -1)."""
+        (a slot of this rank holding the expert, else -1), and the direct map: ``True`` when slot ``s``
+        holds expert ``s`` (the routing passes through unchanged), an int64 ``[P]`` ``phy2log`` row when every
+        slot holds a distinct expert (a column gather), else ``None`` (replicas or empty slots: the
+        round-robin split of :func:`route_to_slots`)."""
         from megatron_eplb.placement import build_log2phy
 
-        log2phy, count = build_log2phy(np.asarray(row, dtype=np.int64)[None, :], self.num_experts)
+        row = np.asarray(row, dtype=np.int64)
+        log2phy, count = build_log2phy(row[None, :], self.num_experts)
         local_slot = np.full(self.num_experts, -1, dtype=np.int64)
         for slot in reversed(self.local_slots()):  # lowest local slot wins
             if row[slot] >= 0:
                 local_slot[row[slot]] = slot
         dev = self.device
+        direct: torch.Tensor | bool | None = None
+        if row.shape[0] == self.num_experts and np.array_equal(np.sort(row), np.arange(self.num_experts)):
+            identity = np.array_equal(row, np.arange(self.num_experts))
+            direct = True if identity else torch.as_tensor(row.copy(), device=dev)
         return (
             torch.as_tensor(log2phy[0], device=dev),
             torch.as_tensor(np.maximum(count[0], 1), device=dev),
             torch.as_tensor(local_slot, device=dev),
+            direct,
         )
 
     def _convert_layer(self, idx: int, layer: torch.nn.Module) -> None:
@@ -821,9 +846,12 @@ class MegatronEPLB:
             if _recomputing():
                 return
             tokens_per_slot = args[1]
-            self._slot_loads[idx] += torch.as_tensor(tokens_per_slot).to(
-                self.device, torch.int64, non_blocking=True
-            )
+            if not torch.is_tensor(tokens_per_slot) or tokens_per_slot.device.type == "cpu":
+                # Already on the host (the dispatcher moved it there): add on the host, no device launch.
+                self._slot_loads_host[idx] += torch.as_tensor(tokens_per_slot, dtype=torch.int64)
+                self._host_counted = True
+            else:
+                self._slot_loads[idx] += tokens_per_slot.to(self.device, torch.int64)
 
         return count
 
@@ -836,7 +864,11 @@ class MegatronEPLB:
             if padding_mask is not None:  # Megatron's router: True marks padding
                 routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)
             self._loads[idx] += routed.sum(dim=0, dtype=torch.int64)
-        log2phy, count, local_slot = self._tables[idx]
+        log2phy, count, local_slot, direct = self._tables[idx]
+        if direct is True:  # slot s holds expert s: physical routing is the logical routing
+            return probs, routing_map
+        if direct is not None:  # one copy of each expert: a column gather (phys[:, s] = log[:, phy2log[s]])
+            return probs.index_select(1, direct), routing_map.index_select(1, direct)
         return route_to_slots(
             probs,
             routing_map,

@@ -1,0 +1,714 @@
+"""GPU performance of megatron-eplb on one GPU (issue #7): recording, rebalance stall, transfer speed, memory.
+
+Usage::
+
+    python benchmarks/gpu_perf.py --out DIR [--parts bw,record,transfer,train] [--small]
+
+Writes ``DIR/gpu_perf.json`` and prints a table.  Without CUDA it runs tiny sizes on CPU (gloo), a smoke test of
+the script itself; its numbers mean nothing.
+
+Parts (one process, one GPU, EP = 1):
+
+* ``bw``: device copy bandwidth (a large device-to-device copy, bytes read + written).
+* ``record``: one Megatron-core MoE layer (hidden 4096, ffn 2048, 64 experts, top-8, 8192 tokens, bf16,
+  alltoall dispatcher, SequentialMLP) unpatched vs patched at the default placement, forward and
+  forward+backward, CUDA events, variants interleaved sample by sample.  The patch is timed with its
+  recording on and off (``_recomputing`` forced true), and with the previous implementation ("before", copied
+  below) of the routing and the slot counter; plus a permuted placement without replicas.
+* ``transfer``: :class:`TransferExecutor` moving a permutation of 16 slots of that layer's size (weights bf16
+  + fp32 master + Adam ``exp_avg``/``exp_avg_sq`` fp32) through its staged path (before) and its direct path.
+* ``train``: a Megatron-core GPTModel MoE (4 MoE layers, 16 experts + 4 redundant slots, top-2, bf16, fused
+  torch Adam) with :class:`EPLBManager`: dynamic EPLB off (baseline), dynamic with a policy that rotates the
+  slots every rebalance (forced moves, the stall), and with the default policy (planning in the worker).
+  Every step ends with ``loss.item()`` (a host sync, as a training loop that logs does); step time is the
+  wall time between those syncs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_eplb.placement import ExpertPlacement  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+# ============================================================================ helpers
+def _init() -> torch.device:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    if not CUDA:
+        eplb_mcore.enable_cpu()
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None  # megatron-core 0.16 without Transformer Engine
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    if CUDA:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if CUDA else "gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+    model_parallel_cuda_manual_seed(1234)
+    return torch.device("cuda", 0) if CUDA else torch.device("cpu")
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+class _Timer:
+    """Start/stop pairs: CUDA events on the GPU (read after a sync), perf_counter on the CPU."""
+
+    def __init__(self) -> None:
+        self.pairs: list = []
+
+    def start(self):
+        if CUDA:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def stop(self, started) -> None:
+        if CUDA:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.pairs.append((started, e))
+        else:
+            self.pairs.append((started, time.perf_counter()))
+
+    def ms(self) -> list[float]:
+        _sync()
+        if CUDA:
+            return [a.elapsed_time(b) for a, b in self.pairs]
+        return [(b - a) * 1e3 for a, b in self.pairs]
+
+
+def _stats(ms: list[float]) -> dict:
+    if not ms:
+        return {"n": 0}
+    a = np.asarray(ms)
+    return {
+        "n": len(ms),
+        "median_ms": float(np.median(a)),
+        "p10_ms": float(np.percentile(a, 10)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "max_ms": float(a.max()),
+    }
+
+
+def _moe_config(h, ffn, experts, topk, dtype, layers=1, **kw):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=layers,
+        hidden_size=h,
+        num_attention_heads=kw.pop("heads", 32 if h >= 1024 else 4),
+        num_moe_experts=experts,
+        moe_router_topk=topk,
+        moe_ffn_hidden_size=ffn,
+        ffn_hidden_size=kw.pop("dense_ffn", ffn),
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        add_bias_linear=False,
+        moe_aux_loss_coeff=0.0,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_cpu_initialization=not CUDA,
+        **kw,
+    )
+
+
+class _OneMoE(torch.nn.Module):
+    def __init__(self, config, device) -> None:
+        super().__init__()
+        from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+        from megatron.core.transformer.spec_utils import build_module
+
+        spec = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts, moe_grouped_gemm=False)
+        if isinstance(spec, functools.partial):
+            layer = spec(config=config, layer_number=1)
+        else:
+            layer = build_module(spec, config=config, layer_number=1)
+        self.layer = layer.to(device)
+
+    def forward(self, x):
+        return self.layer(x)[0]
+
+
+# ============================================================================ "before" (previous code)
+# The routing and slot counter of patches/megatron.py before this benchmark's changes, bound onto a handle
+# to time both implementations in one run.
+def _before_route_physical(self, idx, probs, routing_map, padding_mask):
+    from megatron_eplb.patches import megatron as m
+
+    if not m._recomputing():
+        routed = routing_map
+        if padding_mask is not None:
+            routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)
+        self._loads[idx] += routed.sum(dim=0, dtype=torch.int64)
+    log2phy, count, local_slot = self._tables[idx][:3]
+    return m.route_to_slots(
+        probs,
+        routing_map,
+        log2phy,
+        count,
+        self.num_slots,
+        offset=self.ep_rank,
+        local_slot=local_slot if self.replica_dispatch == "local_first" else None,
+    )
+
+
+def _before_slot_counter(handle, idx):
+    from megatron_eplb.patches import megatron as m
+
+    def count(module, args):
+        if m._recomputing():
+            return
+        handle._slot_loads[idx] += torch.as_tensor(args[1]).to(handle.device, torch.int64, non_blocking=True)
+
+    return count
+
+
+class _Modes:
+    """Switch a patched model between the current and the previous implementation, recording on/off."""
+
+    def __init__(self, handle) -> None:
+        from megatron_eplb.patches import megatron as m
+
+        self.m, self.handle = m, handle
+        self.real_recomputing = m._recomputing
+        self.hooks = []  # (hook dict, key, current fn, before fn)
+        for idx, layer in enumerate(handle.moe_layers()):
+            hooks = layer.experts._forward_pre_hooks
+            for key, fn in hooks.items():
+                if "slot_counter" in getattr(fn, "__qualname__", ""):
+                    self.hooks.append((hooks, key, fn, _before_slot_counter(handle, idx)))
+
+    def set(self, impl: str, record: bool) -> None:
+        h = self.handle
+        if impl == "before":
+            h._route_physical = types.MethodType(_before_route_physical, h)
+        else:
+            h.__dict__.pop("_route_physical", None)
+        for hooks, key, now, before in self.hooks:
+            hooks[key] = before if impl == "before" else now
+        self.m._recomputing = self.real_recomputing if record else (lambda: True)
+
+
+# ============================================================================ parts
+def part_bandwidth(device, small: bool) -> dict:
+    n = (1 << 20) if small else (2 << 30)
+    a = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    t = _Timer()
+    for _ in range(20):
+        s = t.start()
+        b.copy_(a)
+        t.stop(s)
+    ms = statistics.median(t.ms())
+    assert torch.equal(a[:4096], b[:4096])
+    del a, b
+    return {"bytes": n, "median_ms": ms, "copy_bandwidth_GBps": 2 * n / ms / 1e6}
+
+
+def part_record(device, small: bool) -> dict:
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    if small:
+        h, ffn, experts, topk, tokens, iters, warm = 64, 128, 8, 2, 256, 6, 2
+    else:
+        h, ffn, experts, topk, tokens, iters, warm = 4096, 2048, 64, 8, 8192, 60, 10
+    config = _moe_config(h, ffn, experts, topk, dtype)
+    torch.manual_seed(0)
+    ref = _OneMoE(config, device)
+    pat = _OneMoE(config, device)
+    pat.load_state_dict(ref.state_dict())
+    handle = eplb_mcore.apply(pat)
+    modes = _Modes(handle)
+    x = torch.randn(tokens, 1, h, device=device, dtype=dtype)
+    g = torch.randn_like(x)
+    variants = {
+        "unpatched": (ref, None),
+        "unpatched_again": (ref, None),  # A/A control: the noise floor
+        "after": (pat, ("after", True)),
+        "after_norecord": (pat, ("after", False)),
+        "before": (pat, ("before", True)),
+        "before_norecord": (pat, ("before", False)),
+    }
+
+    # Correctness: outputs bitwise equal to the unpatched layer; loads equal the router's counts.
+    out = {"setup": dict(hidden=h, ffn=ffn, experts=experts, topk=topk, tokens=tokens, dtype=str(dtype))}
+    with torch.no_grad():
+        y_ref = ref(x)
+        for impl in ("after", "before"):
+            modes.set(impl, True)
+            handle.reset_loads()
+            y = pat(x)
+            out[f"bitwise_equal_{impl}"] = bool(torch.equal(y, y_ref))
+            loads, slots = handle.loads().clone(), handle.slot_loads().clone()
+            out[f"loads_sum_ok_{impl}"] = bool(int(loads.sum()) == tokens * topk)
+            out[f"slot_loads_equal_loads_{impl}"] = bool(torch.equal(loads, slots))
+    modes.set("after", True)
+
+    def timed(names, fwd_only, n, w):
+        timers = {k: _Timer() for k in names}
+        for it in range(w + n):
+            order = names[it % len(names) :] + names[: it % len(names)]  # rotate: no position bias
+            for name in order:
+                model, mode = variants[name]
+                if mode is not None:
+                    modes.set(*mode)
+                xi = x.detach().requires_grad_(not fwd_only)
+                s = timers[name].start()
+                y = model(xi)
+                if not fwd_only:
+                    y.backward(g)
+                if it >= w:
+                    timers[name].stop(s)
+                del y, xi
+            if it % 10 == 0:
+                _sync()
+        modes.set("after", True)
+        return {k: _stats(t.ms()) for k, t in timers.items()}
+
+    names = list(variants)
+    out["forward"] = timed(names, True, iters, warm)
+    out["forward_backward"] = timed(names, False, max(iters // 2, 3), max(warm // 2, 1))
+
+    # A permuted placement without replicas: the column gather (after) vs the round-robin split (before).
+    perm = np.random.default_rng(0).permutation(experts)[None, :]
+    handle.set_placement(ExpertPlacement(perm, 1, experts))
+    with torch.no_grad():
+        for impl in ("after", "before"):
+            modes.set(impl, True)
+            out[f"perm_bitwise_equal_{impl}"] = bool(torch.equal(pat(x), y_ref))
+    variants["perm_after"] = (pat, ("after", True))
+    variants["perm_before"] = (pat, ("before", True))
+    out["forward_permuted"] = timed(["unpatched", "perm_after", "perm_before"], True, iters, warm)
+
+    f = out["forward"]
+    base = f["unpatched"]["median_ms"]
+
+    def pct(name, ref_name="unpatched", table=f):
+        return 100.0 * (table[name]["median_ms"] - table[ref_name]["median_ms"]) / base
+
+    out["overhead_pct"] = {
+        "patch_after": pct("after"),
+        "patch_before": pct("before"),
+        "recording_only_after": pct("after", "after_norecord"),
+        "recording_only_before": pct("before", "before_norecord"),
+        "noise_aa": pct("unpatched_again"),
+        "permuted_after": pct("perm_after", table=out["forward_permuted"]),
+        "permuted_before": pct("perm_before", table=out["forward_permuted"]),
+    }
+    fb = out["forward_backward"]
+    out["overhead_pct_forward_backward"] = {
+        "patch_after": 100.0
+        * (fb["after"]["median_ms"] - fb["unpatched"]["median_ms"])
+        / fb["unpatched"]["median_ms"],
+        "patch_before": 100.0
+        * (fb["before"]["median_ms"] - fb["unpatched"]["median_ms"])
+        / fb["unpatched"]["median_ms"],
+    }
+
+    # The counting itself, isolated: one call = what the route wrapper adds per layer per forward.
+    rm = torch.rand(tokens, experts, device=device) < topk / experts
+    loads = torch.zeros(experts, dtype=torch.int64, device=device)
+    t = _Timer()
+    reps = 200
+    for _ in range(3):
+        s = t.start()
+        for _ in range(reps):
+            loads += rm.sum(dim=0, dtype=torch.int64)
+        t.stop(s)
+    out["counting_us_per_call"] = 1e3 * min(t.ms()) / reps
+    # Alternative: two-stage reduction (more parallel outputs in the first stage).
+    if tokens % 128 == 0:
+        two = torch.zeros_like(loads)
+        two += rm.view(-1, 128, experts).sum(1, dtype=torch.int32).sum(0)
+        out["counting_two_stage_equal"] = bool(torch.equal(two, rm.sum(0)))
+        t = _Timer()
+        for _ in range(3):
+            s = t.start()
+            for _ in range(reps):
+                loads += rm.view(-1, 128, experts).sum(1, dtype=torch.int32).sum(0)
+            t.stop(s)
+        out["counting_two_stage_us_per_call"] = 1e3 * min(t.ms()) / reps
+    # Host time of the whole recording (route wrapper + slot counter) is in recording_only_*.
+    # Under CUDA graph replay the in-place add on a fixed buffer counts every replay.
+    out["cuda_graph_replay_counts_ok"] = None
+    if CUDA:
+        loads.zero_()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            loads += rm.sum(dim=0, dtype=torch.int64)  # warm-up on the capture stream
+        torch.cuda.current_stream().wait_stream(stream)
+        loads.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loads += rm.sum(dim=0, dtype=torch.int64)
+        loads.zero_()
+        for _ in range(5):
+            graph.replay()
+        _sync()
+        out["cuda_graph_replay_counts_ok"] = bool(torch.equal(loads, 5 * rm.sum(0)))
+    del ref, pat, handle
+    return out
+
+
+def _slot_store(num_slots: int, h: int, ffn: int, device) -> list[list[torch.Tensor]]:
+    """Per slot: bf16 fc1, fc2; fp32 master of each; Adam exp_avg and exp_avg_sq (fp32) of each."""
+    out = []
+    for _ in range(num_slots):
+        w = [torch.randn(ffn, h, device=device).bfloat16(), torch.randn(h, ffn, device=device).bfloat16()]
+        fp32 = [torch.randn(ffn, h, device=device), torch.randn(h, ffn, device=device)]
+        out.append(w + fp32 + [torch.randn_like(t) for t in fp32] + [torch.rand_like(t) for t in fp32])
+    return out
+
+
+def part_transfer(device, small: bool, copy_gbps: float) -> dict:
+    from megatron_eplb.transfer import TransferExecutor, plan_transfer, slot_nbytes
+
+    h, ffn, slots = (64, 128, 6) if small else (4096, 2048, 16)
+    store = _slot_store(slots, h, ffn, device)
+    old = ExpertPlacement(np.arange(slots)[None, :], 1, slots)
+    new = ExpertPlacement(np.roll(np.arange(slots), 1)[None, :], 1, slots)  # one cycle through every slot
+    plan = plan_transfer(old, new)
+    nbytes = slot_nbytes(store[0])
+    moved_bytes = plan.layer(0).num_local_copies * nbytes
+    out = {
+        "slots": slots,
+        "slot_bytes": nbytes,
+        "slot_tensors": "bf16 fc1+fc2, fp32 master x2, Adam exp_avg x2, exp_avg_sq x2",
+        "moved_slots": plan.layer(0).num_local_copies,
+    }
+    for mode, direct in (("staged_before", False), ("direct_after", True)):
+        ex = TransferExecutor(plan, lambda layer, k: store[k], direct_local_copies=direct)
+        expect = [t.clone() for t in store[slots - 1]]
+        ex.run()
+        ok = all(torch.equal(a, b) for a, b in zip(store[0], expect))
+        t = _Timer()
+        for _ in range(8):
+            s = t.start()
+            ex.run()
+            t.stop(s)
+        ms = statistics.median(t.ms())
+        gbps = 2 * moved_bytes / ms / 1e6  # payload read + written, as the copy bandwidth counts
+        out[mode] = {
+            "correct": ok,
+            "median_ms": ms,
+            "achieved_GBps": gbps,
+            "fraction_of_copy_bandwidth": gbps / copy_gbps if copy_gbps else None,
+            "peak_staging_bytes": ex.peak_staging_bytes,
+        }
+    store.clear()
+    return out
+
+
+# ---------------------------------------------------------------------------------------- training
+def permute_policy(load, num_slots, num_ranks, previous=None, **kwargs):
+    """Test policy: rotate every layer's slots by one (every slot gets another expert: forced moves)."""
+    return np.roll(previous.phy2log, 1, axis=1)
+
+
+_EVENTS: dict[str, int] = {}
+
+
+def _count_calls(owner, name: str) -> None:
+    original = getattr(owner, name, None)
+    if original is None or getattr(original, "_gpu_perf_counted", False):
+        return
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        _EVENTS[name] = _EVENTS.get(name, 0) + 1
+        return original(*args, **kwargs)
+
+    wrapper._gpu_perf_counted = True
+    setattr(owner, name, wrapper)
+
+
+def _build_gpt(device, small: bool, redundant: int):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    if small:
+        h, ffn, experts, layers, vocab, seq, mbs, heads = 64, 64, 8, 2, 128, 32, 2, 4
+    else:
+        h, ffn, experts, layers, vocab, seq, mbs, heads = 2048, 2048, 16, 4, 16384, 2048, 4, 16
+    config = _moe_config(h, ffn, experts, 2, dtype, layers=layers, heads=heads, dense_ffn=4 * h)
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    torch.manual_seed(0)
+    model = GPTModel(config, spec, vocab_size=vocab, max_sequence_length=seq).to(device)
+    if CUDA:  # bf16 parameters: Megatron's Float16Module casts the float activations at the boundaries
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(config, model)
+    setup = dict(
+        hidden=h, moe_ffn=ffn, experts=experts, redundant=redundant, moe_layers=layers, topk=2,
+        vocab=vocab, seq=seq, micro_batch=mbs, tokens=seq * mbs, dtype=str(dtype),
+    )  # fmt: skip
+    return model, setup, (vocab, seq, mbs)
+
+
+def part_train(device, small: bool, canary: bool = True) -> dict:
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    from megatron_eplb.config import EPLBConfig
+    from megatron_eplb.manager import EPLBManager
+    from megatron_eplb.transfer import TransferExecutor
+
+    redundant = 4 if not small else 2
+    model, setup, (vocab, seq, mbs) = _build_gpt(device, small, redundant)
+    base_cfg = dict(
+        init_redundancy_expert=redundant,
+        num_iterations_eplb_update=10,
+        num_wait_worker_iterations=2,
+        eplb_window_size=10,
+        eplb_layers_per_step=1,
+        eplb_transfer_canary=canary,
+    )
+    handle = eplb_mcore.apply(model, config=EPLBConfig.from_dict(base_cfg))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5, fused=CUDA)
+    for name in ("gather_window", "_await_plan", "_start_planning"):
+        _count_calls(EPLBManager, name)
+    for name in ("start_layer", "finish_layer", "verify_layer"):
+        _count_calls(TransferExecutor, name)
+    _count_calls(type(handle), "commit_layer")
+    peaks: list[int] = []
+    original_init = TransferExecutor.__init__
+
+    def init(self, *a, **k):
+        original_init(self, *a, **k)
+        peaks.append(self)
+
+    TransferExecutor.__init__ = init
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    position_ids = torch.arange(seq, device=device).expand(mbs, seq)
+    mask = torch.ones(1, 1, seq, seq, dtype=torch.bool, device=device).tril().logical_not()
+
+    def run(label: str, steps: int, skip: int, **cfg) -> dict:
+        config = EPLBConfig.from_dict({**base_cfg, **{k: v for k, v in cfg.items() if k != "policy_fn"}})
+        manager = EPLBManager(handle, config, opt, policy_fn=cfg.get("policy_fn"))
+        rows = []
+        for step in range(steps):
+            tokens = torch.randint(0, vocab, (mbs, seq), generator=gen).to(device)
+            _EVENTS.clear()
+            phase_before = manager.phase.value
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = model(tokens, position_ids, mask, labels=tokens).float().mean()
+            loss.backward()
+            manager.before_optimizer_step()
+            opt.step()
+            record = manager.step()
+            loss_value = loss.item()
+            wall = (time.perf_counter() - t0) * 1e3
+            rows.append(
+                dict(step=step, ms=wall, before=phase_before, after=manager.phase.value, events=dict(_EVENTS),
+                     completed=record.outcome if record is not None else None, loss=loss_value)
+            )  # fmt: skip
+        manager.close()
+        hist = [r.as_dict() for r in manager.history]
+        rows = rows[skip:]
+        steady = [r["ms"] for r in rows if not r["events"] and r["before"] == r["after"] == "recording"]
+        moving = [
+            r["ms"]
+            for r in rows
+            if any(k in r["events"] for k in ("start_layer", "finish_layer", "commit_layer", "_await_plan"))
+        ]
+        gather = [r["ms"] for r in rows if "gather_window" in r["events"]]
+        planning = [r["ms"] for r in rows if not r["events"] and r["before"] == r["after"] == "planning"]
+        return {
+            "label": label,
+            "steps": steps,
+            "skipped_warmup_steps": skip,
+            "steady": _stats(steady),
+            "transfer_steps": _stats(moving),
+            "gather_steps": _stats(gather),
+            "planning_steps": _stats(planning),
+            "rebalances": len(hist),
+            "outcomes": sorted({h["outcome"] for h in hist}),
+            "moved_slots_total": int(sum(h["moved_slots"] for h in hist)),
+            "moved_bytes_total": int(sum(h["moved_bytes"] for h in hist)),
+            "seconds_last": hist[-1]["seconds"] if hist else {},
+            "rows": rows,
+        }
+
+    steps, skip = (30, 12) if small else (150, 25)
+    out = {"setup": setup}
+    out["off"] = run("dynamic EPLB off", steps // 2 if not small else 20, skip // 2, dynamic_eplb=False)
+    out["permute"] = run(
+        "dynamic EPLB, rotate-slots test policy", steps, skip, dynamic_eplb=True, policy_fn=permute_policy
+    )
+    out["policy"] = run("dynamic EPLB, default policy", steps // 2 + 20, skip, dynamic_eplb=True)
+    # Memory (per rank; EP = 1 here, so R/EP = R slots).
+    slot_params = handle.slot_params(0, 0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in slot_params)
+    state_bytes = sum(
+        t.numel() * t.element_size()
+        for p in slot_params
+        for t in opt.state.get(p, {}).values()
+        if torch.is_tensor(t)
+    )
+    layers = handle.num_layers
+    out["memory"] = {
+        "slot_weight_bytes": weight_bytes,
+        "slot_optimizer_state_bytes": state_bytes,
+        "redundant_slots_per_rank_per_layer": redundant,
+        "redundant_weight_bytes_per_rank": redundant * layers * weight_bytes,
+        "redundant_optimizer_state_bytes_per_rank": redundant * layers * state_bytes,
+        "peak_staging_bytes": max((ex.peak_staging_bytes for ex in peaks), default=0),
+    }
+    TransferExecutor.__init__ = original_init
+    steady = out["off"]["steady"].get("median_ms")
+    moving = out["permute"]["transfer_steps"].get("median_ms")
+    out["rebalance_stall_ratio"] = moving / steady if steady and moving else None
+    out["rebalance_stall_ratio_in_run"] = (
+        moving / out["permute"]["steady"]["median_ms"] if moving and out["permute"]["steady"]["n"] else None
+    )
+    plan = out["policy"]["planning_steps"].get("median_ms")
+    out["planning_step_ratio"] = plan / steady if plan and steady else None
+    return out
+
+
+# ============================================================================ main
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--parts", default="bw,record,transfer,train")
+    parser.add_argument("--small", action="store_true", help="tiny sizes (CPU smoke test)")
+    parser.add_argument("--no-canary", action="store_true", help="train with eplb_transfer_canary=False")
+    args = parser.parse_args(argv)
+    small = args.small or not CUDA
+    parts = args.parts.split(",")
+    started = time.time()
+    device = _init()
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    result: dict = {
+        "script": "benchmarks/gpu_perf.py",
+        "device": torch.cuda.get_device_name(0) if CUDA else "cpu",
+        "torch": torch.__version__,
+        "megatron_core": ".".join(map(str, eplb_mcore.mcore_version())),
+        "small": small,
+    }
+    try:
+        import grouped_gemm  # noqa: F401
+
+        result["grouped_gemm"] = "importable"
+    except Exception as exc:  # noqa: BLE001
+        result["grouped_gemm"] = f"not available ({type(exc).__name__}); GroupedMLP not measured"
+    copy_gbps = 0.0
+    if "bw" in parts or "transfer" in parts:
+        result["bandwidth"] = part_bandwidth(device, small)
+        copy_gbps = result["bandwidth"]["copy_bandwidth_GBps"]
+        print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
+    if "record" in parts:
+        result["record"] = part_record(device, small)
+        _dump(args.out, result)
+        result["recording_overhead_pct"] = result["record"]["overhead_pct"]["recording_only_after"]
+        result["patch_overhead_pct"] = result["record"]["overhead_pct"]["patch_after"]
+        print(json.dumps(result["record"]["overhead_pct"]), flush=True)
+        _sync()
+        if CUDA:
+            torch.cuda.empty_cache()
+    if "transfer" in parts:
+        result["transfer"] = part_transfer(device, small, copy_gbps)
+        print(json.dumps({k: v for k, v in result["transfer"].items()}), flush=True)
+        _dump(args.out, result)
+        if CUDA:
+            torch.cuda.empty_cache()
+    if "train" in parts:
+        result["train"] = part_train(device, small, canary=not args.no_canary)
+        result["rebalance_stall_ratio"] = result["train"]["rebalance_stall_ratio"]
+    result["seconds"] = round(time.time() - started, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "gpu_perf_nocanary.json" if args.no_canary else "gpu_perf.json"
+    (out / name).write_text(json.dumps(result, indent=1))
+    print(_table(result))
+    dist.destroy_process_group()
+    return result
+
+
+def _dump(out: str, result: dict) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "gpu_perf.json").write_text(json.dumps(result, indent=1))
+
+
+def _table(r: dict) -> str:
+    lines = [f"{r['device']}  torch {r['torch']}  megatron-core {r['megatron_core']}  ({r['seconds']} s)"]
+    if "record" in r:
+        f = r["record"]["forward"]
+        lines.append(
+            "MoE layer forward, median ms: " + ", ".join(f"{k} {v['median_ms']:.3f}" for k, v in f.items())
+        )
+        fb = r["record"]["forward_backward"]
+        lines.append("fwd+bwd, median ms: " + ", ".join(f"{k} {v['median_ms']:.3f}" for k, v in fb.items()))
+        lines.append("overhead % of the unpatched forward: " + json.dumps(r["record"]["overhead_pct"]))
+        lines.append(
+            f"counting {r['record']['counting_us_per_call']:.1f} us/call, two-stage "
+            f"{r['record'].get('counting_two_stage_us_per_call', float('nan')):.1f}"
+        )
+    if "transfer" in r:
+        t = r["transfer"]
+        for mode in ("staged_before", "direct_after"):
+            m = t[mode]
+            lines.append(
+                f"transfer {mode}: {m['median_ms']:.2f} ms, {m['achieved_GBps']:.0f} GB/s "
+                f"({100 * (m['fraction_of_copy_bandwidth'] or 0):.0f}% of copy), staging {m['peak_staging_bytes'] / 2**20:.0f} MiB, ok={m['correct']}"
+            )
+    if "train" in r:
+        t = r["train"]
+        for key in ("off", "permute", "policy"):
+            run = t[key]
+            parts = [
+                f"{c} {run[c]['median_ms']:.1f} (n={run[c]['n']}, max {run[c]['max_ms']:.1f})"
+                for c in ("steady", "transfer_steps", "gather_steps", "planning_steps")
+                if run[c]["n"]
+            ]
+            lines.append(
+                f"train {key}: " + "; ".join(parts) + f"; rebalances {run['rebalances']} {run['outcomes']}"
+            )
+        lines.append(
+            f"rebalance_stall_ratio {t['rebalance_stall_ratio']}, in-run {t['rebalance_stall_ratio_in_run']}, "
+            f"planning_step_ratio {t['planning_step_ratio']}"
+        )
+        lines.append("memory: " + json.dumps(t["memory"]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -482,7 +482,7 @@ def _build_gpt(device, small: bool, redundant: int):
     return model, setup, (vocab, seq, mbs)
 
 
-def part_train(device, small: bool, canary: bool = True) -> dict:
+def part_train(device, small: bool, canary: str = "sampled") -> dict:
     from megatron_eplb.patches import megatron as eplb_mcore
 
     from megatron_eplb.config import EPLBConfig
@@ -609,7 +609,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", default="bw,record,transfer,train")
     parser.add_argument("--small", action="store_true", help="tiny sizes (CPU smoke test)")
-    parser.add_argument("--no-canary", action="store_true", help="train with eplb_transfer_canary=False")
+    parser.add_argument(
+        "--canary",
+        default="sampled",
+        choices=("sampled", "full", "off"),
+        help="eplb_transfer_canary for the training part",
+    )
     args = parser.parse_args(argv)
     small = args.small or not CUDA
     parts = args.parts.split(",")
@@ -651,12 +656,12 @@ def main(argv: list[str] | None = None) -> dict:
         if CUDA:
             torch.cuda.empty_cache()
     if "train" in parts:
-        result["train"] = part_train(device, small, canary=not args.no_canary)
+        result["train"] = part_train(device, small, canary=args.canary)
         result["rebalance_stall_ratio"] = result["train"]["rebalance_stall_ratio"]
     result["seconds"] = round(time.time() - started, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "gpu_perf_nocanary.json" if args.no_canary else "gpu_perf.json"
+    name = "gpu_perf.json" if args.canary == "sampled" else f"gpu_perf_canary_{args.canary}.json"
     (out / name).write_text(json.dumps(result, indent=1))
     print(_table(result))
     dist.destroy_process_group()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default="outputs/demo")
     parser.add_argument("--train-iters", type=int, default=None)
+    parser.add_argument(
+        "--train-args",
+        default="",
+        help="extra examples/train.py flags (one string, shell syntax); they come last, so they win",
+    )
     args = parser.parse_args(argv)
     out = REPO / args.out
     if out.exists():
@@ -91,6 +97,7 @@ def main(argv=None) -> int:
         "--expert-map-record-path", str(expert_map),
         "--output-dir", str(out), "--save", str(out / "checkpoint"),
         "--metrics-out", str(out / "train_metrics.json"),
+        *shlex.split(args.train_args),
     ]  # fmt: skip
     t0 = time.monotonic()
     run(

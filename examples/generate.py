@@ -51,6 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prompt-len", type=int, default=64)
     g.add_argument("--new-tokens", type=int, default=32)
     g.add_argument("--metrics-out", default=None)
+    g.add_argument(
+        "--no-eplb",
+        action="store_true",
+        help="baseline: Megatron's own expert layout (no EPLB patch), same checkpoint",
+    )
     add_eplb_args(parser)
     return parser.parse_args(argv)
 
@@ -61,10 +66,87 @@ def _gather_floats(values: list[float]) -> list[float]:
     return [v for part in out for v in part]
 
 
-def generate(args: argparse.Namespace) -> dict:
+def resolve_placement(args: argparse.Namespace, ckpt: Path):
+    """The static placement to serve with: ``--expert-map-path``, else the map saved beside the checkpoint.
+    Returns ``(ExpertPlacement, where it came from)``."""
+    from megatron_eplb.checkpoint import load_expert_map
+    from megatron_eplb.placement import ExpertPlacement
+
+    eplb = EPLBConfig.from_args(args)
+    if eplb.expert_map_path is None:
+        saved = load_expert_map(ckpt)
+        if saved is None:
+            raise FileNotFoundError(f"{ckpt}: no expert_map.json; pass --expert-map-path")
+        return saved, str(ckpt / "expert_map.json")
+    return ExpertPlacement.from_json(eplb.expert_map_path, allow_same_rank_copies=True), eplb.expert_map_path
+
+
+def load_unpatched(model: torch.nn.Module, logical_state: dict) -> None:
+    """Load a logical checkpoint into a model *without* EPLB: Megatron's own layout, logical expert ``e``
+    on EP rank ``e // (E / EP)`` as its local expert ``e % (E / EP)``."""
+    from megatron.core import parallel_state as ps
     from megatron_eplb.patches import megatron as eplb_mcore
 
-    from megatron_eplb.checkpoint import load_expert_map
+    from megatron_eplb.checkpoint import logical_to_physical
+
+    layers = eplb_mcore.find_moe_layers(model)
+    num_experts = int(layers[0][1].config.num_moe_experts)
+    ep_size = ps.get_expert_model_parallel_world_size()
+    physical = logical_to_physical(
+        logical_state,
+        np.tile(np.arange(num_experts), (len(layers), 1)),
+        [f"{name}.experts.local_experts." for name, _ in layers],
+        rank=ps.get_expert_model_parallel_rank(),
+        slots_per_rank=num_experts // ep_size,
+    )
+    model.load_state_dict(physical, strict=False)
+
+
+def load_model(args: argparse.Namespace, ep: int, ckpt: Path, placement=None):
+    """Build the model and load the logical checkpoint ``ckpt`` into it.
+
+    With ``placement`` (static EPLB) the model is patched (``megatron.apply``) and every slot filled from
+    its logical expert; with ``None`` it stays Megatron's own model.  Returns ``(model, handle or None,
+    payload metadata)``."""
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    model = build_model(args, ep)
+    payload = torch.load(ckpt / "model_logical.pt", map_location="cpu", weights_only=False)
+    handle = None
+    if placement is not None:
+        handle = eplb_mcore.apply(model, placement, EPLBConfig.from_args(args))
+        handle.load_logical_state_dict(payload["model"], strict=False)
+    else:
+        load_unpatched(model, payload["model"])
+    model.eval()
+    return model, handle, {k: v for k, v in payload.items() if k not in ("model", "optimizer")}
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: torch.nn.Module, tokens: torch.Tensor, new_tokens: int, seq_length: int
+) -> tuple[torch.Tensor, list[float]]:
+    """Greedy decoding (full recompute per token, window of ``seq_length``).
+
+    Args:
+        tokens: int64 ``[B, T]`` prompts.
+    Returns:
+        (int64 ``[B, T + new_tokens]``, ``[new_tokens]`` seconds from the start to each token).
+    """
+    times = []
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        window = tokens[:, -seq_length:]
+        n = window.shape[1]
+        pos = torch.arange(n)[None].expand(window.shape[0], -1)
+        logits = model(window, pos, causal_mask(n))
+        nxt = logits[:, -1].float().argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, nxt], dim=1)
+        times.append(time.perf_counter() - t0)
+    return tokens, times
+
+
+def generate(args: argparse.Namespace) -> dict:
     from megatron_eplb.placement import ExpertPlacement
     from megatron_eplb.stats import balance_summary, balancedness
 
@@ -73,90 +155,65 @@ def generate(args: argparse.Namespace) -> dict:
     load_dir = Path(args.load)
     tag = args.tag or (load_dir / "latest").read_text().strip()
     ckpt = load_dir / tag
-    eplb = EPLBConfig.from_args(args)
-    if eplb.expert_map_path is None:
-        saved = load_expert_map(ckpt)
-        if saved is None:
-            raise FileNotFoundError(f"{ckpt}: no expert_map.json; pass --expert-map-path")
-        placement = saved
-        map_source = str(ckpt / "expert_map.json")
-    else:
-        placement = ExpertPlacement.from_json(eplb.expert_map_path, allow_same_rank_copies=True)
-        map_source = eplb.expert_map_path
-    model = build_model(args, ep)
-    handle = eplb_mcore.apply(model, placement, eplb)
-    payload = torch.load(ckpt / "model_logical.pt", map_location="cpu", weights_only=False)
-    handle.load_logical_state_dict(payload["model"], strict=False)
-    model.eval()
+    placement, map_source = (None, "none (--no-eplb)") if args.no_eplb else resolve_placement(args, ckpt)
+    model, handle, meta = load_model(args, ep, ckpt, placement)
     if rank == 0:
         log.info(
-            "static EPLB: %r from %s, checkpoint %s (step %s)",
+            "%s: %r from %s, checkpoint %s (step %s)",
+            "no EPLB" if handle is None else "static EPLB",
             placement,
             map_source,
             ckpt,
-            payload.get("global_steps"),
+            meta.get("global_steps"),
         )
     data = ByteBatches(
         load_domain(args.domain), args.batch_size, args.prompt_len, seed=args.seed + 7, rank=rank
     )
     ttft, tpot = [], []
     sample = ""
-    handle.reset_loads()
-    with torch.no_grad():
-        for _ in range(max(1, args.requests // args.batch_size)):
-            tokens, _ = data.next()
-            dist.barrier()
-            t0 = time.perf_counter()
-            for i in range(args.new_tokens):
-                n = tokens.shape[1]
-                if n > args.seq_length:
-                    tokens = tokens[:, -args.seq_length :]
-                    n = args.seq_length
-                pos = torch.arange(n)[None].expand(tokens.shape[0], -1)
-                logits = model(tokens, pos, causal_mask(n))
-                nxt = logits[:, -1].float().argmax(-1, keepdim=True)
-                tokens = torch.cat([tokens, nxt], dim=1)
-                now = time.perf_counter()
-                if i == 0:
-                    ttft.extend([now - t0] * tokens.shape[0])
-                    t_prev = now
-                else:
-                    tpot.append(now - t_prev)
-                    t_prev = now
-            sample = decode(tokens[0, -args.new_tokens :].tolist())
-    slot = handle.slot_loads().clone()
-    logical = handle.loads().clone()
-    full = torch.zeros(handle.num_layers, handle.num_slots, dtype=torch.int64)
-    s = handle.slots_per_rank
-    full[:, handle.ep_rank * s : (handle.ep_rank + 1) * s] = slot
-    dist.all_reduce(full)
-    dist.all_reduce(logical)
-    rank_load = full.reshape(handle.num_layers, handle.ep_size, s).sum(-1).numpy()
-    measured = balancedness(rank_load)
-    default = ExpertPlacement.default(handle.num_layers, handle.num_experts, handle.ep_size, 0)
-    default_bal = balance_summary(default, logical.numpy())
+    if handle is not None:
+        handle.reset_loads()
+    for _ in range(max(1, args.requests // args.batch_size)):
+        tokens, _ = data.next()
+        dist.barrier()
+        tokens, times = greedy_generate(model, tokens, args.new_tokens, args.seq_length)
+        ttft.extend([times[0]] * tokens.shape[0])
+        tpot.extend(np.diff(times).tolist())
+        sample = decode(tokens[0, -args.new_tokens :].tolist())
     ttft_all, tpot_all = _gather_floats(ttft), _gather_floats(tpot)
     result = {
         "ttft_p50_ms": float(np.percentile(ttft_all, 50) * 1e3),
         "ttft_p99_ms": float(np.percentile(ttft_all, 99) * 1e3),
         "tpot_mean_ms": float(np.mean(tpot_all) * 1e3) if tpot_all else float("nan"),
         "requests": len(ttft_all),
-        "balancedness": float(measured.mean()),
-        "balancedness_per_layer": measured.tolist(),
-        "balancedness_default_placement": default_bal["mean"],
         "expert_map": map_source,
         "sample": sample,
     }
+    if handle is not None:
+        slot = handle.slot_loads().clone()
+        logical = handle.loads().clone()
+        full = torch.zeros(handle.num_layers, handle.num_slots, dtype=torch.int64)
+        s = handle.slots_per_rank
+        full[:, handle.ep_rank * s : (handle.ep_rank + 1) * s] = slot
+        dist.all_reduce(full)
+        dist.all_reduce(logical)
+        rank_load = full.reshape(handle.num_layers, handle.ep_size, s).sum(-1).numpy()
+        measured = balancedness(rank_load)
+        default = ExpertPlacement.default(handle.num_layers, handle.num_experts, handle.ep_size, 0)
+        result["balancedness"] = float(measured.mean())
+        result["balancedness_per_layer"] = measured.tolist()
+        result["balancedness_default_placement"] = balance_summary(default, logical.numpy())["mean"]
     if rank == 0:
         log.info(
-            "inference: %d requests | TTFT p50 %.1f ms p99 %.1f ms | TPOT mean %.1f ms | balancedness %.3f with the "
-            "recorded map (default placement without replicas on the same loads: %.3f)",
+            "inference: %d requests | TTFT p50 %.1f ms p99 %.1f ms | TPOT mean %.1f ms%s",
             result["requests"],
             result["ttft_p50_ms"],
             result["ttft_p99_ms"],
             result["tpot_mean_ms"],
-            result["balancedness"],
-            result["balancedness_default_placement"],
+            ""
+            if handle is None
+            else f" | balancedness {result['balancedness']:.3f} with the recorded map (default placement "
+            f"without replicas on the same loads: {result['balancedness_default_placement']:.3f})",
         )
         log.info("sample continuation: %r", sample)
         if args.metrics_out:

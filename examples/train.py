@@ -11,6 +11,9 @@ EPLB flags are the config keys in kebab case (``--dynamic-eplb``, ``--num-iterat
 plus ``--eplb-config FILE.yaml`` and ``--additional-config JSON``; the ds_config ``"eplb"`` section is the
 lowest-precedence source.  Half-way (``--switch-at``) the data switches domain (code -> Wikipedia prose),
 which shifts the routing; every completed rebalance prints the balancedness before and after.
+
+bf16 + ZeRO 1 + gradient accumulation: ``--deepspeed_config configs/ds_config_zero1_bf16.json --bf16``.
+Resume on fewer ranks (e.g. one GPU lost): ``deepspeed --num_gpus 1 examples/train.py --load CKPT ...``.
 """
 
 from __future__ import annotations
@@ -73,6 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--train-iters", type=int, default=200)
     t.add_argument("--micro-batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=None,
+        help="override ds_config gradient_accumulation_steps (EPLB steps at accumulation boundaries only)",
+    )
     t.add_argument("--zero-stage", type=int, default=None, help="override zero_optimization.stage")
     t.add_argument(
         "--gradient-clipping", type=float, default=None, help="override ds_config gradient_clipping"
@@ -82,7 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--log-interval", type=int, default=10)
     t.add_argument("--no-eplb", action="store_true", help="DeepSpeed + Megatron MoE without EPLB (baseline)")
     t.add_argument("--save", default=None, help="checkpoint directory (logical experts + expert map)")
-    t.add_argument("--load", default=None, help="load a checkpoint written by --save before training")
+    t.add_argument(
+        "--load",
+        default=None,
+        help="resume from a checkpoint written by --save (any EP size: at another EP size, e.g. one GPU "
+        "lost, the placement is re-planned for the new EP size from the recorded load)",
+    )
     t.add_argument("--output-dir", default="outputs/train")
     t.add_argument("--metrics-out", default=None, help="write losses/rebalances as JSON (rank 0)")
     t.add_argument(
@@ -189,12 +203,16 @@ def ds_config_for(args: argparse.Namespace) -> dict:
     cfg["train_micro_batch_size_per_gpu"] = args.micro_batch_size
     cfg.pop("train_batch_size", None)
     cfg.setdefault("gradient_accumulation_steps", 1)
+    if args.gradient_accumulation_steps is not None:
+        cfg["gradient_accumulation_steps"] = args.gradient_accumulation_steps
     if args.zero_stage is not None:
         cfg.setdefault("zero_optimization", {})["stage"] = args.zero_stage
     if args.gradient_clipping is not None:
         cfg["gradient_clipping"] = args.gradient_clipping
     if args.bf16:
         cfg["bf16"] = {"enabled": True}
+    elif (cfg.get("bf16") or {}).get("enabled", False):
+        args.bf16 = True  # a bf16 ds_config needs the bf16 model (build_model reads args.bf16)
     cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})["params"]["lr"] = args.lr
     return cfg
 

@@ -26,6 +26,7 @@ __all__ = ["EPLBConfig", "EPLBConfigError", "add_eplb_args", "POLICIES"]
 POLICIES = ("auto", "greedy", "hierarchical", "low_churn", "deepseek")
 REPLICA_DISPATCH = ("even", "local_first")
 NODE_LOCALITY = ("relaxed", "strict")
+CANARY = ("sampled", "full", "off")
 
 
 class EPLBConfigError(ValueError):
@@ -94,10 +95,11 @@ class EPLBConfig:
         choices=REPLICA_DISPATCH,
     )
     eplb_log_interval: int = _key(10, "Steps between metric logs.", min=1)
-    eplb_transfer_canary: bool = _key(
-        True,
-        "After each layer's transfer compare every moved slot's checksum with its sender's; roll the layer back "
-        "on a mismatch.",
+    eplb_transfer_canary: str = _key(
+        "sampled",
+        "After each layer's transfer compare every moved slot's checksum with its sender's and roll the layer "
+        "back on a mismatch: 'sampled' (a strided sample of 65536 words per tensor), 'full' (every byte), 'off'.",
+        choices=CANARY,
     )
 
     def __post_init__(self) -> None:

@@ -49,6 +49,8 @@ __all__ = ["EPLBManager", "Phase", "RebalanceRecord", "OptimizerSlotState"]
 
 log = logging.getLogger("megatron_eplb")
 
+CANARY_SAMPLE_WORDS = 65536  # 16-bit words hashed per tensor by the 'sampled' canary
+
 
 class Phase(enum.Enum):
     RECORDING = "recording"
@@ -70,7 +72,8 @@ class RebalanceRecord:
     balancedness_before: float = float("nan")  # predicted from the window's counts, old placement
     balancedness_after: float = float("nan")  # predicted from the window's counts, new placement
     measured_balancedness_before: float = float("nan")  # per-slot counts actually computed, old placement
-    measured_balancedness_after: float = float("nan")  # filled from the next window (see history)
+    measured_balancedness_after: float = float("nan")  # per-slot counts of the next window (new placement)
+    old_placement_next_window: float = float("nan")  # what the old placement would have given on that window
     moved_slots: int = 0
     moved_bytes: int = 0
     seconds: dict[str, float] = field(default_factory=dict)  # gather, plan_wait, transfer
@@ -139,6 +142,7 @@ class EPLBManager:
         self._last_rebalance_time = time.monotonic()
         self._record: RebalanceRecord | None = None
         self._pending_placement: ExpertPlacement | None = None
+        self._placement_before_last: ExpertPlacement | None = None  # for the next window's comparison
         self._transfer_plan = None
         self._transfer_queue: list[int] = []
         self._plan_due_step = 0
@@ -158,6 +162,43 @@ class EPLBManager:
         staged copy would be stale after the optimizer step)."""
         self._finish_in_flight(reason="optimizer")
         self.handle.sum_replica_grads()
+
+    def grad_norm(self) -> float:
+        """L2 norm of the logical model's gradient: dense gradients once (already data-parallel reduced,
+        identical on every rank), each logical expert once (its first copy; copies hold the same summed
+        gradient after :meth:`before_optimizer_step`). Collective over the EP group."""
+        h = self.handle
+        expert_params = {}
+        for layer in range(h.num_layers):
+            first = set(h.placement.log2phy[layer, :, 0].tolist())
+            for slot in range(h.slots_per_rank):
+                primary = h.ep_rank * h.slots_per_rank + slot in first
+                for p in h.slot_params(layer, slot):
+                    expert_params[id(p)] = primary
+        dense = torch.zeros((), dtype=torch.float64, device=self._device)
+        expert = torch.zeros((), dtype=torch.float64, device=self._device)
+        for p in h.model.parameters():
+            g = getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad
+            if g is None:
+                continue
+            sq = g.detach().double().pow(2).sum()
+            if id(p) not in expert_params:
+                dense += sq
+            elif expert_params[id(p)]:
+                expert += sq
+        if dist.is_initialized() and h.ep_size > 1:
+            dist.all_reduce(expert, group=h.ep_group)
+        return float((dense + expert).sqrt())
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Scale every gradient so that :meth:`grad_norm` is at most ``max_norm``; returns the norm before."""
+        norm = self.grad_norm()
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for p in self.handle.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return norm
 
     def step(self) -> RebalanceRecord | None:
         """Advance one step (after the optimizer step; in inference after each forward).
@@ -228,8 +269,11 @@ class EPLBManager:
         record.balancedness_before = before["mean"]
         if per_slot.sum() > 0:
             record.measured_balancedness_before = balance_summary(placement, per_slot, per_slot=True)["mean"]
-        if self.history and np.isnan(self.history[-1].measured_balancedness_after) and per_slot.sum() > 0:
-            self.history[-1].measured_balancedness_after = record.measured_balancedness_before
+        last = self.history[-1] if self.history else None
+        if last is not None and np.isnan(last.measured_balancedness_after) and per_slot.sum() > 0:
+            last.measured_balancedness_after = record.measured_balancedness_before
+            if self._placement_before_last is not None:
+                last.old_placement_next_window = balance_summary(self._placement_before_last, load)["mean"]
         record.seconds["gather"] = time.monotonic() - t0
         self._record = record
         self._window_load = load
@@ -298,6 +342,7 @@ class EPLBManager:
         new = ExpertPlacement(phy2log, old.num_ranks, old.num_experts, allow_same_rank_copies=True)
         self._record.balancedness_after = balance_summary(new, self._window_load)["mean"]
         self._pending_placement = new
+        self._placement_before_last = old
         self._transfer_plan = plan_transfer(old, new)
         self._transfer_queue = list(self._transfer_plan.layers_changed)
         self._executor = TransferExecutor(
@@ -305,7 +350,8 @@ class EPLBManager:
             self._slot_tensors,
             group=self._transfer_group,
             vote_group=self.load_group,
-            checksums=self.config.eplb_transfer_canary,
+            checksums=self.config.eplb_transfer_canary != "off",
+            checksum_words=CANARY_SAMPLE_WORDS if self.config.eplb_transfer_canary == "sampled" else None,
         )
         self._update_similarity_baseline(layers)
         if not self._transfer_queue:
@@ -376,7 +422,7 @@ class EPLBManager:
             self._executor.finish_layer(transfer, timeout=self.config.eplb_worker_timeout)
         except TransferError as exc:
             problem, broken = str(exc), exc.group_broken
-        if problem is None and self.config.eplb_transfer_canary:
+        if problem is None and self.config.eplb_transfer_canary != "off":
             bad = self._executor.verify_layer(transfer, timeout=self.config.eplb_worker_timeout)
             if self._any_rank(bool(bad)):
                 problem = (
@@ -512,12 +558,17 @@ class EPLBManager:
                     for p, state in zip(h.slot_params(layer, slot), per_param):
                         self.optimizer.state[p] = {k: _to(v[e], p) for k, v in state.items()}
         meta = json.loads((directory / "eplb.json").read_text())
-        self.step_count = self._last_rebalance_step = int(meta["step"])
+        self.resume_at(int(meta["step"]))
         if self._rank == 0:
             log.info(
                 "EPLB: resumed from %s at step %d into %r", directory, self.step_count, self.handle.placement
             )
         return meta
+
+    def resume_at(self, step: int) -> None:
+        """Continue counting from ``step`` (a resumed run); the next rebalance is a full interval away."""
+        self.step_count = self._last_rebalance_step = int(step)
+        self._last_rebalance_time = time.monotonic()
 
     def _dense_optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         if self.optimizer is None:

@@ -362,8 +362,11 @@ def slot_nbytes(tensors: Sequence[torch.Tensor]) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
-def slot_checksum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def slot_checksum(tensors: Sequence[torch.Tensor], max_words: int | None = None) -> torch.Tensor:
     """A bit-level hash of a slot's tensors (order, dtypes and every byte count).
+
+    With ``max_words``, each tensor is hashed on an evenly strided sample of at most that many 16-bit words
+    (the same sample on every rank): a cheap canary that still catches a wrong, missing or garbled slot.
 
     Exact integer arithmetic, so the value does not depend on the device or on reduction order: the
     receiver's checksum equals the sender's iff the bytes are equal (up to hash collisions).  Per chunk of
@@ -377,6 +380,8 @@ def slot_checksum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         raw = _bytes_of(t)
         words = raw.view(torch.int16) if raw.numel() % 2 == 0 else raw
         h = (h * 1_000_003 + index * 7919 + raw.numel()) % _MOD
+        if max_words is not None and words.numel() > max_words:
+            words = words[:: -(-words.numel() // max_words)]
         span = _CHUNK * _SUPER_CHUNKS
         for start in range(0, words.numel(), span):
             x = words[start : start + span].to(torch.int32)
@@ -508,6 +513,7 @@ class TransferExecutor:
         vote_group: the group that votes (default ``group``); with expert data parallelism pass the group of
             every rank that transfers (all EP groups), so every data-parallel copy commits the same layers.
         checksums: keep the sender-side checksums so that :meth:`verify_layer` can run after the commit.
+        checksum_words: hash a strided sample of at most this many 16-bit words per tensor (None: every byte).
         fail_after_sends: test hook: post only the first ``k`` send messages of every layer, then fail the
             layer (default: the env var ``MEGATRON_EPLB_TRANSFER_FAIL_AFTER_SENDS``, else off).
         use_side_stream: on CUDA, stage and write on a side stream (the caller's stream waits on it at the
@@ -526,6 +532,7 @@ class TransferExecutor:
         vote: bool = True,
         vote_group=None,
         checksums: bool = False,
+        checksum_words: int | None = None,
         fail_after_sends: int | None = None,
         use_side_stream: bool = True,
         direct_local_copies: bool = True,
@@ -552,6 +559,7 @@ class TransferExecutor:
         self._vote_size = dist.get_world_size(self.vote_group)
         self.direct_local_copies = direct_local_copies
         self.checksums = checksums
+        self.checksum_words = checksum_words
         if fail_after_sends is None and os.environ.get(FAIL_AFTER_SENDS_ENV, "").strip():
             fail_after_sends = int(os.environ[FAIL_AFTER_SENDS_ENV])
         self.fail_after_sends = fail_after_sends
@@ -774,16 +782,18 @@ class TransferExecutor:
         with self._stream_ctx(), torch.no_grad():
             if self.checksums:
                 send_sums = {
-                    int(row): int(slot_checksum(self._staged_tensors(buf, i, layout)))
+                    int(row): int(slot_checksum(self._staged_tensors(buf, i, layout), self.checksum_words))
                     for i, row in enumerate(handle._send_rows.tolist())
                 }
                 copy_sums = {
-                    int(src): int(slot_checksum(self._staged_tensors(buf, idx, layout)))
+                    int(src): int(slot_checksum(self._staged_tensors(buf, idx, layout), self.checksum_words))
                     for src, idx in handle._copy_src.items()
                 }
                 if handle._copy_ops:  # direct copies: the sources are still unwritten here
                     for src in sorted(set(copies[:, 1].tolist())):
-                        copy_sums[int(src)] = int(slot_checksum(self._tensors(layer, int(src), layout)))
+                        copy_sums[int(src)] = int(
+                            slot_checksum(self._tensors(layer, int(src), layout), self.checksum_words)
+                        )
                 handle._checksums = (send_sums, copy_sums)
             # Resolve (and check) every destination first, so a bad slot cannot leave a partial write.
             slots = {
@@ -841,12 +851,12 @@ class TransferExecutor:
             if src_rank == me:
                 table[0, row] = send_sums[row]
             if dst_rank == me:
-                table[1, row] = int(slot_checksum(list(self.slot_tensors(layer, dst))))
+                table[1, row] = int(slot_checksum(list(self.slot_tensors(layer, dst)), self.checksum_words))
         for j in range(c):
             rank, src, dst = (int(v) for v in transfer.local_copies[j])
             if rank == me:
                 table[0, k + j] = copy_sums[src]
-                table[1, k + j] = int(slot_checksum(list(self.slot_tensors(layer, dst))))
+                table[1, k + j] = int(slot_checksum(list(self.slot_tensors(layer, dst)), self.checksum_words))
         table = table.to(self._collective_device)
         work = self._dist.all_reduce(table, group=self.group, async_op=True)
         if timeout is None:

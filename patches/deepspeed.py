@@ -24,8 +24,11 @@ What it does, because DeepSpeed decides MoE handling inside the engine's constru
 * slot optimizer state (fp32 master + Adam moments) moves with the weights through
   :class:`DeepSpeedSlotState` (in-place views of DeepSpeed's partitions).
 
-Supported: ZeRO stage 0 and 1, fp32 and bf16, TP = PP = 1.  Checkpoints: :func:`save_checkpoint` /
-:func:`load_checkpoint` keep every logical expert (weights and optimizer state) and the expert map.
+Supported: ZeRO stage 0 and 1, fp32 and bf16 (bf16 gradient accumulation, DeepSpeed's default; masters
+and Adam moments fp32), gradient accumulation, TP = PP = 1.  Checkpoints: :func:`save_checkpoint` /
+:func:`load_checkpoint` keep every logical expert (weights and optimizer state) and the expert map with the
+recorded ``[L, E]`` load; a resume at another EP size (e.g. one GPU lost) re-plans the placement for the new
+EP size from that load and fills every slot from the logical checkpoint.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -105,6 +109,14 @@ def _check_ds_config(ds_config: dict) -> int:
         )
     if (ds_config.get("fp16", {}) or {}).get("enabled", False):
         raise DeepSpeedEPLBError("fp16 is not supported with megatron-eplb; use fp32 or bf16")
+    bf16 = (ds_config.get("bf16", {}) or {}).get("enabled", False)
+    accum = str((ds_config.get("data_types", {}) or {}).get("grad_accum_dtype") or "").lower()
+    if bf16 and accum in ("fp32", "float32", "float", "torch.float32"):
+        raise DeepSpeedEPLBError(
+            "bf16 with data_types.grad_accum_dtype=fp32 is not supported with megatron-eplb (DeepSpeed's "
+            "BF16_Optimizer copies gradients into fp32 partitions inside backward, before replica gradients "
+            "can be summed); leave grad_accum_dtype unset (bf16): masters and Adam moments stay fp32"
+        )
     return stage
 
 
@@ -268,30 +280,59 @@ def _scale_grads(model: torch.nn.Module, coef: float) -> None:
 class DeepSpeedSlotState:
     """Per-slot optimizer tensors under DeepSpeed, the interface of ``manager.OptimizerSlotState``.
 
-    ``tensors(params)`` returns tensors that *are* the optimizer's storage (writing them writes the state):
+    ``tensors(params)`` returns tensors that *are* the optimizer's storage (writing them writes the state),
+    for each of the optimizers DeepSpeed builds at ZeRO 0 and 1:
 
-    * ZeRO 0 without master weights (fp32, or bf16 with bf16 accumulation): the torch optimizer's
-      per-parameter state (``exp_avg``, ``exp_avg_sq``);
-    * ZeRO 1 (fp32 or bf16): for each parameter its fp32 master fragment (``param._hp_mapping``, what
-      ``deepspeed.utils.safe_get_full_fp32_param`` reads) and the matching slices of the Adam moments of
-      DeepSpeed's flat fp32 partition (``safe_get_full_optimizer_state``'s source).  Fragments of one
-      (layer, slot) have the same shape on every EP rank (identical parameter layout), so they are
-      exchanged between EP ranks in place.
+    * ZeRO 0, fp32 (a plain torch optimizer): its per-parameter state (``exp_avg``, ``exp_avg_sq``);
+    * ZeRO 0, bf16 (DeepSpeed's ``FP16_UnfusedOptimizer`` in bf16): each parameter's fp32 master copy
+      (``optimizer.fp32_groups``) and the torch optimizer's state of that master;
+    * ZeRO 1, fp32 or bf16 (``DeepSpeedZeroOptimizer``): for each parameter its fp32 master fragment
+      (``param._hp_mapping``, what ``deepspeed.utils.safe_get_full_fp32_param`` reads) and the matching
+      slices of the Adam moments of DeepSpeed's flat fp32 partition (``safe_get_full_optimizer_state``'s
+      source).  Fragments of one (layer, slot) have the same shape on every EP rank (identical parameter
+      layout), so they are exchanged between EP ranks in place.
 
-    ``full_state`` / ``set_full_state`` read/write whole tensors (collective over the parameter's
-    DeepSpeed DP group under ZeRO) for logical checkpoints.
+    Per parameter the order is ``fp32`` (when there is a master) then the moment keys sorted, the same on
+    every rank.  ``full_state`` / ``set_full_state`` read/write whole tensors (collective over the
+    parameter's DeepSpeed DP group under ZeRO) for logical checkpoints.
     """
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self._group_of: dict[int, int] | None = None
+        self._master_of: dict[int, torch.Tensor] | None = None
 
-    # ----------------------------------------------------------- in place
+    # ----------------------------------------------------------- layouts
     def _torch_optimizer(self):
+        """The torch optimizer whose ``state`` is keyed by the model's own parameters (ZeRO 0 fp32)."""
         opt = self.engine.optimizer
-        if hasattr(opt, "bit16_groups"):
+        if hasattr(opt, "bit16_groups") or hasattr(opt, "fp32_groups"):
             return None
         return opt if isinstance(getattr(opt, "state", None), dict) else None
+
+    def master(self, p) -> torch.Tensor | None:
+        """The fp32 master copy of ``p`` kept per parameter (ZeRO 0 bf16), else None."""
+        if self._master_of is None:
+            opt = self.engine.optimizer
+            self._master_of = {}
+            lp_groups, hp_groups = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+            if isinstance(lp_groups, list) and isinstance(hp_groups, list):
+                for lp_group, hp_group in zip(lp_groups, hp_groups):
+                    if not isinstance(hp_group, (list, tuple)):
+                        continue  # the fused FP16_Optimizer keeps flat groups: not a per-parameter layout
+                    for lp, hp in zip(lp_group, hp_group):
+                        if hp.shape == lp.shape:
+                            self._master_of[id(lp)] = hp
+        return self._master_of.get(id(p))
+
+    def _master_state(self, p) -> dict[str, torch.Tensor] | None:
+        hp = self.master(p)
+        if hp is None:
+            return None
+        state = self.engine.optimizer.optimizer.state.get(hp, {})
+        out = {"fp32": hp.data}
+        out.update((k, v) for k, v in sorted(state.items()) if torch.is_tensor(v) and v.shape == hp.shape)
+        return out
 
     def _flat_state(self, p) -> tuple[torch.Tensor | None, dict]:
         opt = self.engine.optimizer
@@ -343,12 +384,18 @@ class DeepSpeedSlotState:
                 out[key] = value.narrow(0, addr.start, addr.numel)
         return out
 
+    # ----------------------------------------------------------- in place
     def tensors(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The optimizer storage of ``params`` (masters and moments), in a fixed order."""
         out: list[torch.Tensor] = []
         for p in params:
             if hasattr(p, "_hp_mapping"):
                 frags = self.fragments(p)
                 out.extend(frags[k] for k in sorted(frags))
+                continue
+            master = self._master_state(p)
+            if master is not None:
+                out.extend(master.values())
                 continue
             opt = self._torch_optimizer()
             if opt is not None:
@@ -370,6 +417,13 @@ class DeepSpeedSlotState:
                 dist.all_reduce(buf, group=p._dp_group)
                 out[key] = buf.reshape(p.shape)
             return out
+        master = self._master_state(p)
+        if master is not None:
+            out = {k: v.detach().clone() for k, v in master.items()}
+            step = self.engine.optimizer.optimizer.state.get(self.master(p), {}).get("step")
+            if torch.is_tensor(step):
+                out["step"] = step.detach().clone()
+            return out
         opt = self._torch_optimizer()
         state = opt.state.get(p, {}) if opt is not None else {}
         return {k: v.detach().clone() for k, v in state.items() if torch.is_tensor(v)}
@@ -385,6 +439,17 @@ class DeepSpeedSlotState:
                 if key in frags:
                     frags[key].copy_(value.reshape(-1).narrow(0, addr.start, addr.numel).to(frags[key].dtype))
             return
+        hp = self.master(p)
+        if hp is not None:
+            state = self.engine.optimizer.optimizer.state.setdefault(hp, {})
+            for key, value in values.items():
+                if key == "fp32":
+                    hp.data.copy_(value.reshape(hp.shape))
+                elif key in state and torch.is_tensor(state[key]):
+                    state[key].copy_(value)
+                else:
+                    state[key] = value.clone()
+            return
         opt = self._torch_optimizer()
         if opt is None:
             return
@@ -399,19 +464,24 @@ class DeepSpeedSlotState:
 # ============================================================================ the engine hooks
 
 
-def _update_expert_bias(layers: list, dp_group) -> None:
-    """Megatron's aux-loss-free expert-bias update (its finalize_model_grads does it; DeepSpeed does not)."""
+def _update_expert_bias(layers: list) -> None:
+    """Megatron's aux-loss-free expert-bias update, once per applied optimizer step.
+
+    Megatron runs it in ``finalize_model_grads`` (which DeepSpeed never calls): the router's
+    ``local_tokens_per_expert`` of the global batch, all-reduced over TP x CP x DP, moves each bias by
+    ``moe_router_bias_update_rate`` towards the mean.  Megatron's own ``get_updated_expert_bias`` computes it.
+    """
+    from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
+
     routers = [layer.router for _, layer in layers if getattr(layer.router, "expert_bias", None) is not None]
     if not routers:
         return
-    config = routers[0].config
-    tokens = torch.stack([r.local_tokens_per_expert for r in routers]).float()
-    if dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(tokens, group=dp_group)
-    mean = tokens.mean(dim=-1, keepdim=True)
+    tokens = torch.stack([r.local_tokens_per_expert for r in routers])
+    bias = torch.stack([r.expert_bias for r in routers])
+    updated = get_updated_expert_bias(tokens, bias, routers[0].config.moe_router_bias_update_rate)
     with torch.no_grad():
-        for r, t, m in zip(routers, tokens, mean):
-            r.expert_bias.add_(torch.sign(m - t) * config.moe_router_bias_update_rate)
+        for r, b in zip(routers, updated):
+            r.expert_bias.copy_(b)
             r.local_tokens_per_expert.zero_()
 
 
@@ -437,9 +507,10 @@ def _install_hooks(engine, manager, handle, model, clip: float, ep_group, layers
 
     def step(*args, **kwargs):
         boundary = engine.is_gradient_accumulation_boundary()
+        engine.eplb_last_record = None  # a record belongs to the one step() that completed it
         out = original_step(*args, **kwargs)
         if boundary and engine.was_step_applied():
-            _update_expert_bias(layers, _dense_dp_group())
+            _update_expert_bias(layers)
             if manager is not None:
                 engine.eplb_last_record = manager.step()
         return out
@@ -583,6 +654,12 @@ def save_checkpoint(engine, manager, save_dir: str | os.PathLike, tag: str | Non
     slot_state = DeepSpeedSlotState(engine)
     model_state = handle.logical_state_dict()
     optim_state = _logical_optimizer_state(engine, handle, slot_state)
+    # The [L, E] load of the manager's window goes into the map: a resume at another EP size plans from it.
+    load = handle.placement.expert_load
+    if manager is not None:
+        window, _ = manager.gather_window()  # collective over every rank that routes tokens
+        if window.sum() > 0:
+            load = window
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -597,7 +674,7 @@ def save_checkpoint(engine, manager, save_dir: str | os.PathLike, tag: str | Non
             "eplb_step_count": manager.step_count if manager is not None else None,
         }
         torch.save(payload, out / "model_logical.pt")
-        save_expert_map(handle.placement, out)
+        save_expert_map(handle.placement.with_load(load), out)
         (Path(save_dir) / "latest").write_text(tag)
     dist.barrier()
     return out
@@ -647,8 +724,11 @@ def _gather_layer_state(handle, layer: int, slot_state: DeepSpeedSlotState) -> d
 def load_checkpoint(engine, manager, load_dir: str | os.PathLike, tag: str | None = None) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` into any placement / EP size.
 
-    Every slot is filled from its logical expert (weights, fp32 master, optimizer state).  Every rank
-    reads the file.  Returns the payload's metadata (``global_steps``, ...).
+    First the placement to resume with (:func:`_restore_placement`): the saved one when it fits, else a new
+    plan for the current EP size and slot count from the map's recorded load (logged on rank 0).  Then
+    every slot is filled from its logical expert (weights, fp32 master, optimizer state).  Every rank reads
+    the file; collective over the EP group.  Returns the payload's metadata (``global_steps``, ...) and
+    ``placement``: ``{"action": "restored" | "replanned" | "kept", "saved_ep_size", "ep_size", ...}``.
     """
     handle = engine.eplb_handle if manager is None else manager.handle
     load_dir = Path(load_dir)
@@ -662,6 +742,7 @@ def load_checkpoint(engine, manager, load_dir: str | os.PathLike, tag: str | Non
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     payload = torch.load(path, map_location="cpu", weights_only=False)
     model_state = payload["model"]
+    placement_info = _restore_placement(handle, manager, path.parent) if handle is not None else None
     if handle is not None:
         handle.load_logical_state_dict(model_state, strict=False)
     else:
@@ -673,19 +754,91 @@ def load_checkpoint(engine, manager, load_dir: str | os.PathLike, tag: str | Non
     with torch.no_grad():
         for name, p in engine.module.named_parameters():
             logical = physical_names.get(name, name)
-            values = optim.get(logical)
+            values = dict(optim.get(logical) or {})
+            has_master = hasattr(p, "_hp_mapping") or slot_state.master(p) is not None
+            if has_master and "fp32" not in values and logical in model_state:
+                values["fp32"] = model_state[logical].float()  # saved without masters (an fp32 run)
             if values:
                 slot_state.set_full_state(p, {k: v.to(p.device) for k, v in values.items()})
-            elif getattr(p, "_hp_mapping", None) is not None and logical in model_state:
-                from deepspeed.utils import safe_set_full_fp32_param
-
-                safe_set_full_fp32_param(p, model_state[logical].float())
     if engine.lr_scheduler is not None and payload.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(payload["lr_scheduler"])
     engine.global_steps = payload.get("global_steps", 0)
     if manager is not None and payload.get("eplb_step_count") is not None:
-        manager.step_count = payload["eplb_step_count"]
-    return {k: v for k, v in payload.items() if k not in ("model", "optimizer")}
+        manager.resume_at(payload["eplb_step_count"])
+    out = {k: v for k, v in payload.items() if k not in ("model", "optimizer")}
+    out["placement"] = placement_info
+    return out
+
+
+def _restore_placement(handle, manager, ckpt_dir: Path) -> dict:
+    """Choose the placement to resume with (collective over the EP group when it changes); return what happened.
+
+    * the map saved beside the checkpoint fits (same EP size, slots, layers, experts): resume with it;
+    * it was saved for another EP size (e.g. one GPU lost) or slot count: plan a new placement for the
+      current EP size and slot count with :func:`megatron_eplb.policy.rebalance` on the map's recorded
+      ``expert_load``; without a recorded load keep the current (default) placement;
+    * ``expert_map_path`` was given: that map wins (static EPLB), the saved one is ignored.
+
+    Every slot is then filled from its logical expert by the caller.
+    """
+    from megatron_eplb.checkpoint import expert_map_path, load_expert_map
+    from megatron_eplb.stats import balance_summary
+
+    config = manager.config if manager is not None else None
+    current = handle.placement
+    saved = load_expert_map(ckpt_dir)
+    info = {
+        "action": "kept",
+        "saved_ep_size": None if saved is None else saved.num_ranks,
+        "saved_num_slots": None if saved is None else saved.num_slots,
+        "ep_size": handle.ep_size,
+        "num_slots": handle.num_slots,
+        "balancedness": None,
+    }
+    if saved is None:
+        why = f"the checkpoint has no {expert_map_path(ckpt_dir).name}; keeping the current placement"
+    elif config is not None and config.expert_map_path is not None:
+        why = f"expert_map_path={config.expert_map_path!r} is given; the checkpoint's map is not used"
+    elif (saved.num_layers, saved.num_experts) != (handle.num_layers, handle.num_experts):
+        raise DeepSpeedEPLBError(
+            f"{ckpt_dir}: the checkpoint's expert map has {saved.num_layers} MoE layers x {saved.num_experts} "
+            f"experts, the model {handle.num_layers} x {handle.num_experts}; it was saved for another model"
+        )
+    elif (saved.num_ranks, saved.num_slots) == (handle.ep_size, handle.num_slots):
+        handle.set_placement(saved)
+        info["action"] = "restored"
+        why = f"resuming with the saved placement ({saved.num_slots} slots on EP={saved.num_ranks})"
+    elif saved.expert_load is None or not np.any(saved.expert_load > 0):
+        why = (
+            f"the map was saved for EP={saved.num_ranks} with {saved.num_slots} slots per layer but records no "
+            f"expert_load; keeping the default placement for EP={handle.ep_size} ({handle.num_slots} slots)"
+        )
+    else:
+        from megatron_eplb.policy import rebalance
+
+        load = np.asarray(saved.expert_load, dtype=np.float64)
+        policy = "auto" if config is None or config.eplb_policy == "low_churn" else config.eplb_policy
+        nodes = (
+            config.eplb_num_nodes if config is not None and handle.ep_size % config.eplb_num_nodes == 0 else 1
+        )
+        groups = config.eplb_num_groups if config is not None and nodes > 1 else 1
+        new = rebalance(
+            load, handle.num_slots, handle.ep_size, num_nodes=nodes, num_groups=groups, policy=policy
+        )
+        before = balance_summary(current, load)["mean"]
+        after = balance_summary(new, load)["mean"]
+        handle.set_placement(new.with_load(load))
+        info.update(action="replanned", balancedness=after, balancedness_default=before)
+        why = (
+            f"it was saved at EP={saved.num_ranks} with {saved.num_slots} slots per layer; re-planned for "
+            f"EP={handle.ep_size} with {handle.num_slots} slots per layer from its recorded [L, E] load (policy "
+            f"{policy}): predicted balancedness {after:.3f} (default placement {before:.3f}); every logical "
+            "expert (weights and optimizer state) is restored from the logical checkpoint"
+        )
+    if dist.get_rank() == 0:
+        log.info("megatron-eplb: loading %s: %s", ckpt_dir, why)
+    info["message"] = why
+    return info
 
 
 def _physical_names(engine, handle) -> dict[str, str]:

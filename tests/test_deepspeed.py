@@ -1,14 +1,18 @@
-"""DeepSpeed engine wiring (patches/deepspeed.py), the training example through the launcher, the monitor.
+"""DeepSpeed engine wiring (patches/deepspeed.py), the examples through the launcher, the monitor.
 
-Launches are shared: one `deepspeed` launcher run (config sources + training + checkpoint + wandb), one
-2-rank in-process run for the engine checks (losses with/without EPLB under ZeRO 0 and 1, checkpoint
-round trip, pitfalls at initialize).
+Launches are shared: one ``examples/demo.py --quick`` run (the CI demo: `deepspeed` launcher training with
+every config source, checkpoint, recorded map, wandb, then static-EPLB generation through the launcher),
+one 2-rank in-process run for the engine checks (fp32 and bf16 under ZeRO 0 and 1, expert bias, gradient
+accumulation, checkpoint round trip, generation equality, pitfalls at initialize) and one 1-process run
+that resumes the demo's EP=2 checkpoint at EP=1.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +21,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the checkout (megatron_eplb.patches from patches/), as examples/ do
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "examples"))
 
@@ -24,6 +29,10 @@ pytestmark = pytest.mark.slow
 ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 SMALL = ["--num-layers", "2", "--hidden-size", "32", "--num-experts", "8", "--ffn-hidden-size", "64",
          "--seq-length", "32", "--micro-batch-size", "2"]  # fmt: skip
+# bf16 tolerance of a run with replicas against the run without EPLB: the copies' gradients are bf16 and
+# their sum rounds once more than the single expert's gradient (bf16 ulp = 2^-8 = 3.9e-3 relative);
+# measured max relative loss difference over 10 steps: 2.1e-4 (ZeRO 0), 3.8e-4 (ZeRO 1).
+BF16_REPLICA_RTOL = 2e-3
 
 
 # ============================================================================ pure checks
@@ -36,6 +45,8 @@ def test_unsupported_zero_stage_names_supported_stages():
     for stage in (2, 3):
         with pytest.raises(DeepSpeedEPLBError, match="supported stages: 0, 1"):
             _check_ds_config({"zero_optimization": {"stage": stage}})
+    with pytest.raises(DeepSpeedEPLBError, match="grad_accum_dtype"):
+        _check_ds_config({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}})
 
 
 def test_config_pitfalls_are_clear_errors(tmp_path):
@@ -45,6 +56,17 @@ def test_config_pitfalls_are_clear_errors(tmp_path):
         EPLBConfig(expert_map_path=str(tmp_path / "missing.json"))
     with pytest.raises(EPLBConfigError, match="do not divide over EP size 2"):
         EPLBConfig(init_redundancy_expert=1).validate_for(4, 16, 2)
+
+
+def test_train_script_missing_expert_map_is_a_clear_error(tmp_path):
+    """examples/train.py (what the launcher runs) resolves every config source before training."""
+    import train
+
+    from megatron_eplb.config import EPLBConfigError
+
+    args = train.parse_args(["--print-config", "--expert-map-path", str(tmp_path / "nothing.json")])
+    with pytest.raises(EPLBConfigError, match="expert_map_record_path"):
+        train.train(args)
 
 
 def test_monitor_writes_wandb_images_tables_and_tensorboard(tmp_path):
@@ -72,54 +94,66 @@ def test_monitor_writes_wandb_images_tables_and_tensorboard(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.*"))
 
 
-# ============================================================================ the launcher
+# ============================================================================ the demo (CI path)
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    """One `deepspeed --num_gpus 2 examples/train.py` run with every config source (quick demo settings)."""
-    out = tmp_path_factory.mktemp("launch")
+def demo(tmp_path_factory):
+    """`examples/demo.py --quick` end to end (train through the `deepspeed` launcher, then generate through
+    it), with every EPLB config source added to the training command."""
+    out = tmp_path_factory.mktemp("demo")
     ds = json.loads((REPO / "configs" / "ds_config.json").read_text())
     ds["eplb"] = {"init_redundancy_expert": 2, "eplb_churn_weight": 0.05, "eplb_window_size": 3}
     (out / "ds.json").write_text(json.dumps(ds))
     (out / "eplb.yaml").write_text(
-        "eplb:\n  dynamic_eplb: true\n  num_iterations_eplb_update: 8\n  num_wait_worker_iterations: 1\n"
-        "  eplb_window_size: 5\n  eplb_worker_timeout: 20\n  eplb_layers_per_step: 2\n"
+        "eplb:\n  dynamic_eplb: true\n  num_wait_worker_iterations: 1\n  eplb_window_size: 5\n"
+        "  eplb_worker_timeout: 20\n  eplb_layers_per_step: 2\n"
     )
-    exe = str(Path(sys.executable).with_name("deepspeed"))
-    cmd = [
-        exe, "--num_gpus", "2", "examples/train.py", "--deepspeed_config", str(out / "ds.json"),
-        "--eplb-config", str(out / "eplb.yaml"),
-        "--additional-config", json.dumps({"eplb_window_size": 7, "eplb_worker_timeout": 11.0}),
-        "--eplb-window-size", "8", *SMALL, "--train-iters", "30", "--log-interval", "5",
-        "--expert-map-record-path", str(out / "map.json"), "--output-dir", str(out / "run"),
-        "--save", str(out / "ckpt"), "--metrics-out", str(out / "metrics.json"),
-    ]  # fmt: skip
+    extra = (
+        f"--deepspeed_config {out / 'ds.json'} --eplb-config {out / 'eplb.yaml'} "
+        f"--additional-config '{json.dumps({'eplb_window_size': 7, 'eplb_worker_timeout': 11.0})}' "
+        "--eplb-window-size 8"
+    )
+    run_dir = out / "run"
     proc = subprocess.run(
-        cmd, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=400
+        [sys.executable, "examples/demo.py", "--quick", "--out", str(run_dir), "--train-args", extra],
+        cwd=REPO,
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, json.loads((out / "metrics.json").read_text()), proc.stdout + proc.stderr
+    return (
+        run_dir,
+        json.loads((run_dir / "train_metrics.json").read_text()),
+        json.loads((run_dir / "generate_metrics.json").read_text()),
+        proc.stdout,
+    )
 
 
-def test_launcher_config_precedence(launched):
-    _, metrics, _ = launched
+def test_demo_config_precedence(demo):
+    _, metrics, _, _ = demo
     cfg = metrics["eplb"]
     assert cfg["eplb_window_size"] == 8  # flag > --additional-config > YAML > ds_config
     assert cfg["eplb_worker_timeout"] == 11.0  # --additional-config > YAML
-    assert cfg["num_iterations_eplb_update"] == 8 and cfg["dynamic_eplb"] is True  # YAML
+    assert cfg["num_wait_worker_iterations"] == 1 and cfg["dynamic_eplb"] is True  # YAML
     assert cfg["eplb_churn_weight"] == 0.05 and cfg["init_redundancy_expert"] == 2  # ds_config "eplb"
 
 
-def test_launcher_trains_rebalances_and_records(launched):
-    out, metrics, log = launched
+def test_demo_trains_rebalances_records_and_serves(demo):
+    out, metrics, gen, stdout = demo
     losses = metrics["losses"]
-    assert len(losses) == 30 and all(np.isfinite(losses))
-    assert metrics["rebalances"], f"no rebalance completed:\n{log[-3000:]}"
-    assert (out / "map.json").is_file()
-    assert (out / "ckpt" / "final" / "model_logical.pt").is_file()
-    assert (out / "ckpt" / "final" / "expert_map.json").is_file()
-    assert list((out / "run" / "wandb").glob("offline-run-*/files/media/images/**/*.png"))
+    assert len(losses) == 60 and all(np.isfinite(losses))
+    assert len(metrics["rebalances"]) >= 3, f"too few rebalances:\n{stdout[-3000:]}"
+    assert losses[-1] < losses[0]
+    assert (out / "expert_map.json").is_file()
+    assert (out / "checkpoint" / "final" / "model_logical.pt").is_file()
+    saved = json.loads((out / "checkpoint" / "final" / "expert_map.json").read_text())
+    assert np.asarray(saved["expert_load"]).shape == (4, 16)  # the recorded load travels with the map
+    assert list((out / "wandb").glob("offline-run-*/files/media/images/**/*.png"))
+    assert gen["requests"] == 8 and np.isfinite(gen["ttft_p50_ms"]) and 0 < gen["balancedness"] <= 1
+    assert "==> summary" in stdout and "inference: TTFT" in stdout
 
 
 # ============================================================================ the engine, in process
@@ -131,37 +165,209 @@ def _shift_policy(load, num_slots, num_ranks, previous=None, **kwargs):
     return np.roll(phy2log, num_slots // num_ranks + 1, axis=1)
 
 
-def _train(stage: int, eplb, steps: int, extra=(), policy_fn=None, save=None):
+def _train(stage: int, eplb, steps: int, extra=(), policy_fn=None, model=SMALL, step_counts=None):
     import torch
     import torch.distributed as dist
     import train
     from megatron_eplb.patches import deepspeed as eplb_ds
 
     args = train.parse_args(
-        [*SMALL, "--zero-stage", str(stage), "--gradient-clipping", "0.5", "--no-wandb", *extra]
+        [*model, "--zero-stage", str(stage), "--gradient-clipping", "0.5", "--no-wandb", *extra]
     )
     ep = train.init_parallel(None, args.seed)
-    model = train.build_model(args, ep)
+    net = train.build_model(args, ep)
     engine, _, _, _, manager = eplb_ds.initialize(
-        model=model, config=train.ds_config_for(args), eplb=eplb, args=args, policy_fn=policy_fn
+        model=net, config=train.ds_config_for(args), eplb=eplb, args=args, policy_fn=policy_fn
     )
     gen = torch.Generator().manual_seed(dist.get_rank())
-    pos = torch.arange(32)[None].expand(2, -1)
+    b, t = args.micro_batch_size, args.seq_length
+    pos = torch.arange(t)[None].expand(b, -1)
     losses, records = [], 0
     for _ in range(steps):
-        tok = torch.randint(0, 256, (2, 33), generator=gen)
-        loss = engine(tok[:, :-1], pos, train.causal_mask(32), labels=tok[:, 1:]).float().mean()
+        tok = torch.randint(0, 256, (b, t + 1), generator=gen)
+        loss = engine(tok[:, :-1], pos, train.causal_mask(t), labels=tok[:, 1:]).float().mean()
         engine.backward(loss)
         engine.step()
         value = loss.detach().clone()
         dist.all_reduce(value)
-        losses.append(float(value) / 2)
+        losses.append(float(value) / dist.get_world_size())
         records += engine.eplb_last_record is not None
+        if step_counts is not None:
+            step_counts.append(manager.step_count if manager is not None else None)
     return engine, manager, losses, records
 
 
-def _engine_checks(rank, world):
+def _logical_state(engine, manager) -> dict:
+    """``{logical param name: {"weight", "fp32", "exp_avg", ...}}`` of a trained engine (collective), with
+    or without EPLB (without: Megatron's layout, expert ``e`` on EP rank ``e // (E / EP)``)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron_eplb.patches import deepspeed as eplb_ds
+
+    state = eplb_ds.DeepSpeedSlotState(engine)
+    if manager is not None:
+        weights = manager.handle.logical_state_dict()
+        optim = eplb_ds._logical_optimizer_state(engine, manager.handle, state)
+        return {k: {"weight": weights[k].detach().float(), **v} for k, v in optim.items()}
+    num_local = engine.module.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
+    first = ps.get_expert_model_parallel_rank() * num_local
+    local = {}
+    for name, p in engine.module.named_parameters():
+        entry = {"weight": p.detach().float().clone(), **state.full_state(p)}
+        m = re.match(r"(.*local_experts\.)(\d+)(\..*)", name)
+        local[f"{m[1]}{first + int(m[2])}{m[3]}" if m else name] = entry
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return {k: {s: torch.as_tensor(v) for s, v in d.items()} for part in parts for k, d in part.items()}
+
+
+def _state_diff(a: dict, b: dict) -> dict[str, float]:
+    """Largest |a - b| / max|b| per state key over all parameters (``step`` ignored)."""
+    assert set(a) == set(b), set(a) ^ set(b)
+    worst: dict[str, float] = {}
+    for name in b:
+        for key, y in b[name].items():
+            if key == "step":
+                continue
+            x = a[name][key].detach().float()
+            d = float((x - y.detach().float()).abs().max() / (y.detach().float().abs().max() + 1e-30))
+            worst[key] = max(worst.get(key, 0.0), d)
+    return worst
+
+
+def _rel(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+def _bf16_checks(stage: int, dyn: dict) -> dict:
+    """bf16: the run without EPLB, static replicas (no moves), moves without and with replicas."""
+    engine, manager, base, _ = _train(stage, False, 10, extra=["--bf16"])
+    out = {"optimizer": type(engine.optimizer).__name__}
+    ref = _logical_state(engine, manager)
+    runs = {
+        "static_r2": ({"init_redundancy_expert": 2}, None),
+        "moves_r0": ({**dyn, "init_redundancy_expert": 0}, _shift_policy),
+        "moves_r2": (dyn, _shift_policy),
+    }
+    states = {}
+    for name, (cfg, policy) in runs.items():
+        engine, manager, losses, records = _train(stage, cfg, 10, extra=["--bf16"], policy_fn=policy)
+        states[name] = _logical_state(engine, manager)
+        out[name] = {
+            "losses": losses,
+            "records": records,
+            "loss_rel": _rel(losses, base),
+            "state_diff": _state_diff(states[name], ref),
+            "keys": sorted(states[name]["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"]),
+        }
+    out["moves_r2_vs_static_r2"] = _state_diff(states["moves_r2"], states["static_r2"])
+    out["base"] = base
+    return out
+
+
+def _expert_bias_checks(dyn: dict) -> dict:
+    from megatron_eplb.patches.megatron import find_moe_layers
+
+    out = {}
+    for name, eplb in (("base", False), ("eplb", dyn)):
+        engine, _, losses, records = _train(
+            0, eplb, 6, extra=["--moe-router-enable-expert-bias"], policy_fn=_shift_policy
+        )
+        routers = [layer.router for _, layer in find_moe_layers(engine.module)]
+        out[name] = {
+            "losses": losses,
+            "records": records,
+            "bias": [r.expert_bias.detach().clone() for r in routers],
+            "score": routers[0].config.moe_router_score_function,
+        }
+    return out
+
+
+def _accumulation_checks(dyn: dict) -> dict:
+    out = {}
+    for name, eplb in (("base", False), ("eplb", {**dyn, "num_iterations_eplb_update": 2})):
+        counts: list = []
+        engine, _, losses, records = _train(
+            1,
+            eplb,
+            12,
+            extra=["--gradient-accumulation-steps", "2"],
+            policy_fn=_shift_policy,
+            step_counts=counts,
+        )
+        out[name] = {
+            "losses": losses,
+            "records": records,
+            "step_counts": counts,
+            "gas": engine.gradient_accumulation_steps(),
+        }
+    return out
+
+
+def _generation_checks(ckpt_dir: str) -> dict:
+    """Greedy generation through examples/generate.py's functions: static EPLB map vs no EPLB."""
+    import generate
+    import torch
+    import torch.distributed as dist
+    from data import ByteBatches, load_domain
+    from demo import MODEL
+
+    args = generate.parse_args([*MODEL, "--load", ckpt_dir])
+    ckpt = Path(ckpt_dir) / "final"
+    ep = generate.init_parallel(args.expert_model_parallel_size, args.seed)
+    placement, _ = generate.resolve_placement(args, ckpt)
+    prompts, _ = ByteBatches(load_domain("wikipedia"), 2, 64, seed=99, rank=dist.get_rank()).next()
+    model, handle, _ = generate.load_model(args, ep, ckpt, placement)
+    with_eplb, _ = generate.greedy_generate(model, prompts, 12, args.seq_length)
+    replica_slots = [
+        k
+        for k, slot in enumerate(handle.local_slots())
+        if placement.replica_count[0, placement.phy2log[0, slot]] > 1
+    ]
+    replica_tokens = int(handle.slot_loads()[0, replica_slots].sum()) if replica_slots else 0
+    model, none, _ = generate.load_model(args, ep, ckpt, None)
+    without, _ = generate.greedy_generate(model, prompts, 12, args.seq_length)
+    assert none is None
+    total = torch.tensor([replica_tokens])
+    dist.all_reduce(total)
+    return {
+        "equal": bool(torch.equal(with_eplb, without)),
+        "new_tokens": int(with_eplb.shape[1] - prompts.shape[1]),
+        "num_slots": placement.num_slots,
+        "replica_tokens": int(total),
+    }
+
+
+def _pitfalls(tmp: Path) -> dict:
+    import train
+    from megatron_eplb.patches import deepspeed as eplb_ds
+
+    from megatron_eplb.placement import ExpertPlacement
+
+    out = {}
+
+    def error(fn):
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    out["redundancy"] = error(lambda: _train(0, {"init_redundancy_expert": 1}, 0))
+    out["ep_vs_world"] = error(lambda: train.init_parallel(3))
+    out["missing_map"] = error(lambda: _train(0, {"expert_map_path": str(tmp / "never_recorded.json")}, 0))
+    wrong = tmp / f"map_ep4_{os.getpid()}.json"
+    ExpertPlacement.default(2, 8, 4, 0).to_json(wrong)
+    out["map_for_other_ep"] = error(lambda: _train(0, {"expert_map_path": str(wrong)}, 0))
+    out["error_type"] = eplb_ds.DeepSpeedEPLBError.__mro__[1].__name__
+    return out
+
+
+def _engine_checks(rank, world, demo_ckpt):
     os.environ.update(ENV)
+    import tempfile
+
     import torch
     from megatron_eplb.patches import deepspeed as eplb_ds
 
@@ -172,16 +378,15 @@ def _engine_checks(rank, world):
         _, _, base, _ = _train(stage, False, 10)
         engine, manager, eplb, records = _train(stage, dyn, 10, policy_fn=_shift_policy)
         out[f"z{stage}"] = (base, eplb, records)
+        out[f"bf16_z{stage}"] = _bf16_checks(stage, dyn)
     # checkpoint: save under one placement, load into another; every logical expert and its state survive
-    import tempfile
-
     tmp = Path(tempfile.gettempdir()) / f"eplb_ds_ckpt_{os.environ['MASTER_PORT']}"
     eplb_ds.save_checkpoint(engine, manager, tmp, tag="t")
     before = manager.handle.logical_state_dict()
-    state = eplb_ds.DeepSpeedSlotState(engine)
-    opt_before = eplb_ds._logical_optimizer_state(engine, manager.handle, state)
+    opt_before = eplb_ds._logical_optimizer_state(engine, manager.handle, eplb_ds.DeepSpeedSlotState(engine))
     engine2, manager2, _, _ = _train(1, {"init_redundancy_expert": 4}, 0)
-    eplb_ds.load_checkpoint(engine2, manager2, tmp, tag="t")
+    info = eplb_ds.load_checkpoint(engine2, manager2, tmp, tag="t")
+    out["ckpt_placement"] = info["placement"]
     after = manager2.handle.logical_state_dict()
     opt_after = eplb_ds._logical_optimizer_state(
         engine2, manager2.handle, eplb_ds.DeepSpeedSlotState(engine2)
@@ -200,28 +405,68 @@ def _engine_checks(rank, world):
     out["ckpt_optim_experts"] = len(
         [k for k in opt_before if ".local_experts." in k and k.endswith("weight")]
     )
-    # pitfalls at initialize
-    try:
-        _train(0, {"init_redundancy_expert": 1}, 0)
-        out["redundancy_error"] = None
-    except Exception as exc:  # noqa: BLE001
-        out["redundancy_error"] = str(exc)
+    out["bias"] = _expert_bias_checks(dyn)
+    out["gas"] = _accumulation_checks(dyn)
+    out["generation"] = _generation_checks(demo_ckpt)
+    out["pitfalls"] = _pitfalls(tmp)
+    torch.distributed.barrier()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 @pytest.fixture(scope="module")
-def engine_checks():
+def engine_checks(demo):
     from dist import run_distributed
 
-    return run_distributed(_engine_checks, 2, timeout=420, env=ENV)[0]
+    out, _, _, _ = demo
+    return run_distributed(_engine_checks, 2, str(out / "checkpoint"), timeout=480, env=ENV)[0]
 
 
 @pytest.mark.parametrize("stage", [0, 1])
 def test_losses_same_as_without_eplb(engine_checks, stage):
     base, eplb, records = engine_checks[f"z{stage}"]
     assert records >= 2, "no rebalance completed"
-    rel = max(abs(a - b) / abs(b) for a, b in zip(eplb, base))
-    assert rel <= 1e-5, (rel, base, eplb)
+    assert _rel(eplb, base) <= 1e-5, (base, eplb)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_bf16_moves_are_exact_and_replicas_within_bf16_rounding(engine_checks, stage):
+    c = engine_checks[f"bf16_z{stage}"]
+    # the optimizer DeepSpeed builds: per-parameter fp32 masters (ZeRO 0) or flat fp32 partitions (ZeRO 1)
+    assert c["optimizer"] == ("FP16_UnfusedOptimizer" if stage == 0 else "DeepSpeedZeroOptimizer")
+    moved = c["moves_r0"]
+    assert moved["records"] >= 2 and {"exp_avg", "exp_avg_sq", "fp32", "weight"} <= set(moved["keys"])
+    # Without replicas the math is the same, in the same order: moving experts (bf16 weights, fp32 masters,
+    # Adam moments) leaves the run bit-identical; a master or moment left behind would break this.
+    assert moved["losses"] == c["base"]
+    assert all(d == 0.0 for d in moved["state_diff"].values()), moved["state_diff"]
+    # With replicas, moves add nothing to the static-replica run; both stay within bf16 rounding of the
+    # replica-gradient sum against the run without EPLB.
+    assert c["moves_r2"]["records"] >= 2 and c["static_r2"]["records"] == 0
+    assert c["moves_r2"]["losses"] == c["static_r2"]["losses"]
+    assert all(d == 0.0 for d in c["moves_r2_vs_static_r2"].values()), c["moves_r2_vs_static_r2"]
+    assert c["moves_r2"]["loss_rel"] <= BF16_REPLICA_RTOL, c["moves_r2"]["loss_rel"]
+
+
+def test_expert_bias_updates_under_deepspeed(engine_checks):
+    c = engine_checks["bias"]
+    assert c["eplb"]["score"] == "sigmoid" and c["eplb"]["records"] >= 1
+    for layer, (base, eplb) in enumerate(zip(c["base"]["bias"], c["eplb"]["bias"])):
+        assert base.abs().sum() > 0, f"layer {layer}: expert bias never updated"
+        assert (base.float().abs() <= 6 * 1e-3 + 1e-9).all()  # at most one step of the rate per step
+        assert np.array_equal(base.numpy(), eplb.numpy()), (layer, base, eplb)
+    assert _rel(c["eplb"]["losses"], c["base"]["losses"]) <= 1e-5
+
+
+def test_gradient_accumulation_steps_eplb_at_boundaries_only(engine_checks):
+    c = engine_checks["gas"]
+    assert c["eplb"]["gas"] == 2
+    assert c["eplb"]["step_counts"] == [
+        (i + 1) // 2 for i in range(12)
+    ]  # manager.step() every 2nd micro-step
+    assert 1 <= c["eplb"]["records"] <= 3  # a record is returned by the one step() that completed it
+    assert _rel(c["eplb"]["losses"], c["base"]["losses"]) <= 1e-5
 
 
 def test_checkpoint_keeps_every_expert(engine_checks):
@@ -229,10 +474,114 @@ def test_checkpoint_keeps_every_expert(engine_checks):
     assert engine_checks["ckpt_optim_experts"] == 2 * 8 * 2
     assert engine_checks["ckpt_weights_equal"]
     assert engine_checks["ckpt_optim_equal"]
+    # saved with 10 slots, loaded into 12: re-planned for the new slot count from the recorded load
+    assert engine_checks["ckpt_placement"]["action"] == "replanned"
 
 
-def test_redundancy_that_does_not_fit_is_a_clear_error(engine_checks):
+def test_generation_from_checkpoint_equals_generation_without_eplb(engine_checks):
+    c = engine_checks["generation"]
+    assert c["num_slots"] == 18 and c["replica_tokens"] > 0  # the recorded map with replicas was used
+    assert c["new_tokens"] == 12 and c["equal"]
+
+
+def test_pitfalls_at_initialize_are_clear_errors(engine_checks):
+    c = engine_checks["pitfalls"]
+    assert "do not divide over EP size 2" in c["redundancy"]
+    assert "DeepSpeedEPLBError" in c["ep_vs_world"] and "does not divide the world size 2" in c["ep_vs_world"]
+    assert "EPLBConfigError" in c["missing_map"] and "expert_map_record_path" in c["missing_map"]
     assert (
-        engine_checks["redundancy_error"]
-        and "do not divide over EP size 2" in engine_checks["redundancy_error"]
+        "the map is for 4 ranks" in c["map_for_other_ep"]
+        and "expert-parallel size is 2" in c["map_for_other_ep"]
     )
+
+
+# ============================================================================ resume at another EP size
+
+
+def _resume_checks(rank, world, ckpt_dir):
+    """One process (world 1, EP=1) resumes the demo's EP=2 checkpoint, restores every expert, trains on."""
+    import logging
+
+    import torch
+    from demo import MODEL
+    from megatron_eplb.patches import deepspeed as eplb_ds
+
+    os.environ.update(ENV)
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    logging.getLogger("megatron_eplb").addHandler(Keep())
+    logging.getLogger("megatron_eplb").setLevel(logging.INFO)
+    cfg = {"init_redundancy_expert": 2, "dynamic_eplb": True, "num_iterations_eplb_update": 2,
+           "num_wait_worker_iterations": 0}  # fmt: skip
+    model = [*MODEL[:-4], "--seq-length", "128", "--micro-batch-size", "2"]  # EP from the world size (1)
+    engine, manager, _, _ = _train(0, cfg, 0, model=model)
+    info = eplb_ds.load_checkpoint(engine, manager, ckpt_dir)
+    payload = torch.load(Path(ckpt_dir) / "final" / "model_logical.pt", weights_only=False)
+    weights = manager.handle.logical_state_dict()
+    optim = eplb_ds._logical_optimizer_state(engine, manager.handle, eplb_ds.DeepSpeedSlotState(engine))
+    weights_equal = set(payload["model"]) <= set(weights) and all(
+        torch.equal(v.float(), weights[k].float()) for k, v in payload["model"].items()
+    )
+    optim_equal = set(payload["optimizer"]) == set(optim) and all(
+        torch.equal(v.float(), optim[k][s].float())
+        for k, states in payload["optimizer"].items()
+        for s, v in states.items()
+    )
+    experts = len([k for k in payload["optimizer"] if ".local_experts." in k])
+    # continue training in the new layout: the resumed model trains on and rebalances
+    import train
+    from megatron_eplb.patches.megatron import find_moe_layers
+
+    args = train.parse_args([*model, "--no-wandb"])
+    b, t = args.micro_batch_size, args.seq_length
+    gen = torch.Generator().manual_seed(0)
+    losses, records = [], 0
+    for _ in range(4):
+        tok = torch.randint(0, 256, (b, t + 1), generator=gen)
+        pos = torch.arange(t)[None].expand(b, -1)
+        loss = engine(tok[:, :-1], pos, train.causal_mask(t), labels=tok[:, 1:]).float().mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+        records += engine.eplb_last_record is not None
+    manager.close()
+    return {
+        "info": info,
+        "ep_size": manager.handle.ep_size,
+        "num_layers": len(find_moe_layers(engine.module)),
+        "weights_equal": weights_equal,
+        "optim_equal": optim_equal,
+        "experts": experts,
+        "placement": manager.handle.placement.phy2log.tolist(),
+        "losses": losses,
+        "records": records,
+        "history": len(manager.history),
+        "messages": messages,
+    }
+
+
+@pytest.fixture(scope="module")
+def resumed(demo):
+    from dist import run_distributed
+
+    out, _, _, _ = demo
+    return run_distributed(_resume_checks, 1, str(out / "checkpoint"), timeout=300, env=ENV)[0]
+
+
+def test_resume_on_fewer_ranks_replans_and_restores_every_expert(resumed):
+    info = resumed["info"]["placement"]
+    assert resumed["ep_size"] == 1
+    assert info["action"] == "replanned" and info["saved_ep_size"] == 2 and info["ep_size"] == 1
+    assert info["num_slots"] == 18 and 0.9 <= info["balancedness"] <= 1.0
+    placement = np.asarray(resumed["placement"])
+    assert placement.shape == (4, 18) and all(set(row) == set(range(16)) for row in placement)
+    assert resumed["experts"] == 4 * 16 * 2  # every logical expert's fc1 + fc2 with its optimizer state
+    assert resumed["weights_equal"] and resumed["optim_equal"]
+    assert any("re-planned for EP=1" in m and "saved at EP=2" in m for m in resumed["messages"]), resumed[
+        "messages"
+    ]
+    assert all(np.isfinite(resumed["losses"])) and resumed["history"] >= 1

@@ -416,13 +416,14 @@ class EPLBManager:
         t0 = time.monotonic()
         transfer, hook = self._in_flight.pop(layer)
         hook.remove()
-        undo = self._snapshot_destinations(layer)
+        canary = self.config.eplb_transfer_canary != "off"
+        undo = self._snapshot_destinations(layer) if canary or not commit else {}
         problem, broken = None, False
         try:
             self._executor.finish_layer(transfer, timeout=self.config.eplb_worker_timeout)
         except TransferError as exc:
             problem, broken = str(exc), exc.group_broken
-        if problem is None and self.config.eplb_transfer_canary != "off":
+        if problem is None and canary:
             bad = self._executor.verify_layer(transfer, timeout=self.config.eplb_worker_timeout)
             if self._any_rank(bool(bad)):
                 problem = (

@@ -264,7 +264,8 @@ def _run_scenarios(rank: int, world: int, record_dir: str) -> dict:
         rank, world, world, 12, dict(base, eplb_worker_timeout=3.0), faults, record_dir
     )
     out["failed_transfer"] = _train(rank, world, world, 20, base, {"fail_transfer_at": 8}, record_dir)
-    out["canary"] = _train(rank, world, world, 12, base, {"corrupt": True}, record_dir)
+    canary = dict(base, eplb_transfer_canary="sampled")
+    out["canary"] = _train(rank, world, world, 12, canary, {"corrupt": True}, record_dir)
     out["gate"] = _train(rank, world, world, 28, dict(base, gate_eplb=True), {}, record_dir)
     # xLLM's threshold: similarity is always >= 0, so a threshold of 0 re-plans no layer after the first update
     out["threshold"] = _train(rank, world, world, 26, dict(base, eplb_update_threshold=0.0), {}, record_dir)

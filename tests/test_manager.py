@@ -246,7 +246,7 @@ def _run_scenarios(rank: int, world: int, record_dir: str) -> dict:
         eplb_worker_timeout=20.0,
         expert_map_record_path=os.path.join(record_dir, "map.json"),
     )
-    out["main"] = _train(rank, world, world, 44, base, {"clip": True}, record_dir)
+    out["main"] = _train(rank, world, world, 52, base, {"clip": True}, record_dir)
     torch.distributed.barrier()
     from megatron_eplb.patches import megatron as eplb_mcore
 
@@ -275,6 +275,19 @@ def _run_scenarios(rank: int, world: int, record_dir: str) -> dict:
     )
     out["interval"] = _train(rank, world, world, 6, timed, {}, record_dir)
     return out
+
+
+def _run_ep4(rank: int, world: int, record_dir: str) -> dict:
+    base = dict(
+        dynamic_eplb=True,
+        init_redundancy_expert=4,
+        num_iterations_eplb_update=12,
+        num_wait_worker_iterations=2,
+        eplb_window_size=12,
+        eplb_policy="auto",  # low_churn after the first plan
+        eplb_layers_per_step=2,
+    )
+    return _train(rank, world, 4, 52, base, {}, record_dir)
 
 
 def _run_dp(rank: int, world: int, record_dir: str) -> dict:
@@ -441,6 +454,16 @@ def test_threshold_and_interval_keys(ep2):
         timed = res["interval"]
         _assert_same_losses(timed, "interval")
         assert len(timed["history"]) >= 2  # every step is due by time; 10 000 iterations never come
+
+
+def test_ep4_fifty_steps_with_rebalances_equal_the_run_without_eplb(tmp_path):
+    results = run_distributed(_run_ep4, 4, str(tmp_path), timeout=900)
+    assert len({str(r["placement"]) for r in results}) == 1
+    for rank, res in enumerate(results):
+        _assert_same_losses(res, f"EP=4 rank {rank}")
+        assert res["weights_equal"]
+        committed = [r for r in res["history"] if r["outcome"] == "committed"]
+        assert len(committed) >= 3 and all(r["moved_slots"] > 0 for r in committed), res["history"]
 
 
 def test_expert_data_parallel_ep2_dp2(tmp_path):

@@ -17,10 +17,10 @@ import torch
 pytest.importorskip("megatron.core")
 
 from dist import run_distributed  # noqa: E402
+from models import SEQ, E, V, init_megatron, tiny_gpt  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-E, H, V, SEQ = 8, 16, 32, 8
 RTOL = 1e-5
 
 
@@ -33,40 +33,8 @@ def slow_policy(load, num_slots, num_ranks, **kwargs):
 
 
 def _build(ep: int):
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.transformer_config import TransformerConfig
-    from megatron_eplb.patches import megatron as eplb_mcore
-
-    eplb_mcore.enable_cpu()
-    if parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_expert_model_parallel_world_size() != ep:
-            parallel_state.destroy_model_parallel()
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=ep)
-    model_parallel_cuda_manual_seed(1234)
-    config = TransformerConfig(
-        num_layers=3,
-        hidden_size=H,
-        num_attention_heads=2,
-        num_moe_experts=E,
-        moe_layer_freq=[0, 1, 1],
-        moe_router_topk=2,
-        moe_ffn_hidden_size=8,
-        ffn_hidden_size=16,
-        moe_token_dispatcher_type="allgather",
-        expert_model_parallel_size=ep,
-        use_cpu_initialization=True,
-        add_bias_linear=False,
-        moe_aux_loss_coeff=0.0,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-    )
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
-    torch.manual_seed(0)
-    model = GPTModel(config, spec, vocab_size=V, max_sequence_length=SEQ)
+    init_megatron(ep)
+    model = tiny_gpt(ep)
     # Skewed routing: make a few experts' router rows dominate.
     for name, p in model.named_parameters():
         if name.endswith("router.weight"):

@@ -20,58 +20,21 @@ import torch
 pytest.importorskip("megatron.core")
 
 from dist import run_distributed  # noqa: E402
+from models import SEQ, E, H, V, init_megatron, tiny_gpt  # noqa: E402
 
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-E = 8  # logical experts
-H = 16  # hidden size
-V = 32  # vocabulary
-SEQ = 8
 RTOL = 1e-5
 
 
 # ====================================================================== helpers run in every rank
 
 
-def _init(ep: int) -> None:
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron_eplb.patches import megatron as eplb_mcore
-
-    eplb_mcore.enable_cpu()
-    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=ep)
-    model_parallel_cuda_manual_seed(1234)
-
-
 def _gpt(seed: int, ep: int, **recompute):
     """A 3-layer GPTModel (dense, MoE, MoE; alltoall, top-2) initialised from ``seed``."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    config = TransformerConfig(
-        num_layers=3,
-        hidden_size=H,
-        num_attention_heads=2,
-        num_moe_experts=E,
-        moe_layer_freq=[0, 1, 1],
-        moe_router_topk=2,
-        moe_ffn_hidden_size=8,
-        ffn_hidden_size=16,
-        moe_token_dispatcher_type="alltoall",
-        expert_model_parallel_size=ep,
-        use_cpu_initialization=True,
-        add_bias_linear=False,
-        moe_aux_loss_coeff=0.0,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        **recompute,
-    )
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
-    torch.manual_seed(seed)
-    model = GPTModel(config, spec, vocab_size=V, max_sequence_length=SEQ)
+    model = tiny_gpt(ep, dispatcher="alltoall", seed=seed, **recompute)
     with torch.no_grad():  # the same router on every rank (as after data-parallel sync), expert 0 hot
         for name, p in model.named_parameters():
             if name.endswith("router.weight"):
@@ -207,7 +170,7 @@ def _recompute_check(rank: int, ep: int, **recompute) -> dict:
 
 
 def _ep2_checks(rank: int, world: int, out_dir: str) -> dict:
-    _init(world)
+    init_megatron(world)
     res: dict = {}
     ref = _gpt(0, world)
     expected = _logits(ref, rank)
@@ -271,7 +234,7 @@ def _ep2_checks(rank: int, world: int, out_dir: str) -> dict:
 
 def _ep4_checks(rank: int, world: int, out_dir: str) -> dict:
     """The EP=2 checkpoints at EP=4: the unpatched one into a patched model, the patched one into both."""
-    _init(world)
+    init_megatron(world)
     res: dict = {}
     unpatched = _gpt(1, world)
     _load(unpatched, f"{out_dir}/ref")

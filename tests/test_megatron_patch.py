@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from dist import run_distributed  # noqa: E402
+from models import tiny_gpt  # noqa: E402
 
 from megatron_eplb import checkpoint as ckpt  # noqa: E402
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
@@ -379,36 +380,14 @@ def _ep4_checks(rank: int, world: int, ckpt_path: str) -> dict:
 
 def _gpt_training(rank: int, world: int, steps: int) -> dict:
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
     from megatron_eplb.patches import megatron as eplb_mcore
 
     from megatron_eplb.config import EPLBConfig
 
     _init(world)
-    config = TransformerConfig(
-        num_layers=3,
-        hidden_size=H,
-        num_attention_heads=2,
-        num_moe_experts=E,
-        moe_layer_freq=[0, 1, 1],  # a dense layer first: MoE layer ids count MoE layers only
-        moe_router_topk=2,
-        moe_ffn_hidden_size=8,
-        ffn_hidden_size=16,
-        moe_token_dispatcher_type="allgather",
-        expert_model_parallel_size=world,  # marks expert params allreduce=False (not data-parallel)
-        use_cpu_initialization=True,
-        add_bias_linear=False,
-        moe_aux_loss_coeff=0.01,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-    )
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
 
     def build():
-        torch.manual_seed(0)
-        return GPTModel(config, spec, vocab_size=32, max_sequence_length=8)
+        return tiny_gpt(world, moe_aux_loss_coeff=0.01)
 
     ref, pat = build(), build()
     pat.load_state_dict(ref.state_dict())

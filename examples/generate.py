@@ -1,4 +1,6 @@
-"""Static-EPLB inference from a checkpoint written by ``examples/train.py --save``, with a recorded expert map.
+"""EPLB inference from a checkpoint written by ``examples/train.py --save``: static (a recorded expert map)
+or dynamic (``--dynamic-eplb``: the same manager as in training re-places experts while serving; it steps
+once per forward pass).
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 examples/generate.py \\
         --load outputs/demo/checkpoint --expert-map-path outputs/demo/expert_map.json \\
@@ -124,12 +126,13 @@ def load_model(args: argparse.Namespace, ep: int, ckpt: Path, placement=None):
 
 @torch.no_grad()
 def greedy_generate(
-    model: torch.nn.Module, tokens: torch.Tensor, new_tokens: int, seq_length: int
+    model: torch.nn.Module, tokens: torch.Tensor, new_tokens: int, seq_length: int, after_forward=None
 ) -> tuple[torch.Tensor, list[float]]:
     """Greedy decoding (full recompute per token, window of ``seq_length``).
 
     Args:
         tokens: int64 ``[B, T]`` prompts.
+        after_forward: called after every forward pass (dynamic EPLB: ``manager.step``).
     Returns:
         (int64 ``[B, T + new_tokens]``, ``[new_tokens]`` seconds from the start to each token).
     """
@@ -140,6 +143,8 @@ def greedy_generate(
         n = window.shape[1]
         pos = torch.arange(n)[None].expand(window.shape[0], -1)
         logits = model(window, pos, causal_mask(n))
+        if after_forward is not None:
+            after_forward()
         nxt = logits[:, -1].float().argmax(-1, keepdim=True)
         tokens = torch.cat([tokens, nxt], dim=1)
         times.append(time.perf_counter() - t0)
@@ -160,7 +165,7 @@ def generate(args: argparse.Namespace) -> dict:
     if rank == 0:
         log.info(
             "%s: %r from %s, checkpoint %s (step %s)",
-            "no EPLB" if handle is None else "static EPLB",
+            "no EPLB" if handle is None else "dynamic EPLB from" if args.dynamic_eplb else "static EPLB",
             placement,
             map_source,
             ckpt,
@@ -171,12 +176,20 @@ def generate(args: argparse.Namespace) -> dict:
     )
     ttft, tpot = [], []
     sample = ""
+    manager = None
     if handle is not None:
         handle.reset_loads()
+        eplb = EPLBConfig.from_args(args)
+        if eplb.dynamic_eplb:
+            from megatron_eplb.manager import EPLBManager
+
+            manager = EPLBManager(handle, eplb)
     for _ in range(max(1, args.requests // args.batch_size)):
         tokens, _ = data.next()
         dist.barrier()
-        tokens, times = greedy_generate(model, tokens, args.new_tokens, args.seq_length)
+        tokens, times = greedy_generate(
+            model, tokens, args.new_tokens, args.seq_length, manager.step if manager else None
+        )
         ttft.extend([times[0]] * tokens.shape[0])
         tpot.extend(np.diff(times).tolist())
         sample = decode(tokens[0, -args.new_tokens :].tolist())
@@ -189,7 +202,12 @@ def generate(args: argparse.Namespace) -> dict:
         "expert_map": map_source,
         "sample": sample,
     }
-    if handle is not None:
+    if manager is not None:  # loads of the manager's last window, placement as it is now
+        logical_np, full_np = manager.gather_window()
+        logical, full = torch.from_numpy(logical_np), torch.from_numpy(full_np)
+        result["rebalances"] = [r.as_dict() for r in manager.history]
+        manager.close()
+    elif handle is not None:
         slot = handle.slot_loads().clone()
         logical = handle.loads().clone()
         full = torch.zeros(handle.num_layers, handle.num_slots, dtype=torch.int64)
@@ -197,6 +215,8 @@ def generate(args: argparse.Namespace) -> dict:
         full[:, handle.ep_rank * s : (handle.ep_rank + 1) * s] = slot
         dist.all_reduce(full)
         dist.all_reduce(logical)
+    if handle is not None:
+        s = handle.slots_per_rank
         rank_load = full.reshape(handle.num_layers, handle.ep_size, s).sum(-1).numpy()
         measured = balancedness(rank_load)
         default = ExpertPlacement.default(handle.num_layers, handle.num_experts, handle.ep_size, 0)
@@ -212,8 +232,9 @@ def generate(args: argparse.Namespace) -> dict:
             result["tpot_mean_ms"],
             ""
             if handle is None
-            else f" | balancedness {result['balancedness']:.3f} with the recorded map (default placement "
-            f"without replicas on the same loads: {result['balancedness_default_placement']:.3f})",
+            else f" | balancedness {result['balancedness']:.3f} with {'dynamic EPLB' if manager else 'the recorded map'}"
+            f" (default placement without replicas on the same loads: "
+            f"{result['balancedness_default_placement']:.3f})",
         )
         log.info("sample continuation: %r", sample)
         if args.metrics_out:

@@ -326,6 +326,23 @@ def _generation_checks(ckpt_dir: str) -> dict:
         if placement.replica_count[0, placement.phy2log[0, slot]] > 1
     ]
     replica_tokens = int(handle.slot_loads()[0, replica_slots].sum()) if replica_slots else 0
+    # dynamic EPLB while serving: the manager steps once per forward and re-places experts mid-generation
+    from megatron_eplb.config import EPLBConfig
+    from megatron_eplb.manager import EPLBManager
+
+    model, handle, _ = generate.load_model(args, ep, ckpt, placement)
+    cfg = EPLBConfig(
+        dynamic_eplb=True,
+        init_redundancy_expert=placement.num_redundant,
+        num_iterations_eplb_update=3,
+        num_wait_worker_iterations=1,
+        eplb_window_size=3,
+        eplb_policy="greedy",
+    )
+    manager = EPLBManager(handle, cfg)
+    dynamic, _ = generate.greedy_generate(model, prompts, 12, args.seq_length, manager.step)
+    committed = sum(r.outcome == "committed" for r in manager.history)
+    manager.close()
     model, none, _ = generate.load_model(args, ep, ckpt, None)
     without, _ = generate.greedy_generate(model, prompts, 12, args.seq_length)
     assert none is None
@@ -333,6 +350,8 @@ def _generation_checks(ckpt_dir: str) -> dict:
     dist.all_reduce(total)
     return {
         "equal": bool(torch.equal(with_eplb, without)),
+        "dynamic_equal": bool(torch.equal(dynamic, without)),
+        "dynamic_rebalances": committed,
         "new_tokens": int(with_eplb.shape[1] - prompts.shape[1]),
         "num_slots": placement.num_slots,
         "replica_tokens": int(total),
@@ -482,6 +501,7 @@ def test_generation_from_checkpoint_equals_generation_without_eplb(engine_checks
     c = engine_checks["generation"]
     assert c["num_slots"] == 18 and c["replica_tokens"] > 0  # the recorded map with replicas was used
     assert c["new_tokens"] == 12 and c["equal"]
+    assert c["dynamic_rebalances"] >= 2 and c["dynamic_equal"]  # experts moved mid-generation, same tokens
 
 
 def test_pitfalls_at_initialize_are_clear_errors(engine_checks):

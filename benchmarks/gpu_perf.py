@@ -246,7 +246,7 @@ def part_record(device, small: bool) -> dict:
     if small:
         h, ffn, experts, topk, tokens, iters, warm = 64, 128, 8, 2, 256, 6, 2
     else:
-        h, ffn, experts, topk, tokens, iters, warm = 4096, 2048, 64, 8, 8192, 60, 10
+        h, ffn, experts, topk, tokens, iters, warm = 4096, 2048, 64, 8, 8192, 240, 10
     config = _moe_config(h, ffn, experts, topk, dtype)
     torch.manual_seed(0)
     ref = _OneMoE(config, device)
@@ -281,6 +281,7 @@ def part_record(device, small: bool) -> dict:
 
     def timed(names, fwd_only, n, w):
         timers = {k: _Timer() for k in names}
+        out_paired = {}
         for it in range(w + n):
             order = names[it % len(names) :] + names[: it % len(names)]  # rotate: no position bias
             for name in order:
@@ -298,7 +299,21 @@ def part_record(device, small: bool) -> dict:
             if it % 10 == 0:
                 _sync()
         modes.set("after", True)
-        return {k: _stats(t.ms()) for k, t in timers.items()}
+        res = {k: _stats(t.ms()) for k, t in timers.items()}
+        # Paired differences: each sample minus the unpatched sample of the same rotation (same moment of
+        # the machine), median and a bootstrap 95% interval, in % of the unpatched median.
+        ms = {k: np.asarray(t.ms()) for k, t in timers.items()}
+        base_ms = ms[names[0]]
+        rng = np.random.default_rng(0)
+        for k in names[1:]:
+            d = 100.0 * (ms[k] - base_ms) / np.median(base_ms)
+            boot = np.median(rng.choice(d, size=(2000, d.size)), axis=1)
+            out_paired[k] = {
+                "median_pct": float(np.median(d)),
+                "ci95_pct": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+            }
+        res["paired_vs_" + names[0]] = out_paired
+        return res
 
     names = list(variants)
     out["forward"] = timed(names, True, iters, warm)
@@ -315,7 +330,7 @@ def part_record(device, small: bool) -> dict:
     variants["perm_before"] = (pat, ("before", True))
     out["forward_permuted"] = timed(["unpatched", "perm_after", "perm_before"], True, iters, warm)
 
-    f = out["forward"]
+    f = {k: v for k, v in out["forward"].items() if not k.startswith("paired")}
     base = f["unpatched"]["median_ms"]
 
     def pct(name, ref_name="unpatched", table=f):
@@ -351,6 +366,19 @@ def part_record(device, small: bool) -> dict:
             loads += rm.sum(dim=0, dtype=torch.int64)
         t.stop(s)
     out["counting_us_per_call"] = 1e3 * min(t.ms()) / reps
+    for label, fn in (
+        ("colsum_int64", lambda: rm.sum(dim=0, dtype=torch.int64)),
+        ("colsum_int32", lambda: rm.sum(dim=0, dtype=torch.int32)),
+        ("transposed", lambda: rm.t().contiguous().sum(dim=1, dtype=torch.int64)),
+    ):
+        assert torch.equal(fn().long(), rm.sum(0))
+        t = _Timer()
+        for _ in range(3):
+            s = t.start()
+            for _ in range(reps):
+                loads.add_(fn())
+            t.stop(s)
+        out[f"counting_{label}_us_per_call"] = 1e3 * min(t.ms()) / reps
     # Alternative: two-stage reduction (more parallel outputs in the first stage).
     if tokens % 128 == 0:
         two = torch.zeros_like(loads)
@@ -412,24 +440,66 @@ def part_transfer(device, small: bool, copy_gbps: float) -> dict:
         "slot_tensors": "bf16 fc1+fc2, fp32 master x2, Adam exp_avg x2, exp_avg_sq x2",
         "moved_slots": plan.layer(0).num_local_copies,
     }
-    for mode, direct in (("staged_before", False), ("direct_after", True)):
-        ex = TransferExecutor(plan, lambda layer, k: store[k], direct_local_copies=direct)
-        expect = [t.clone() for t in store[slots - 1]]
-        ex.run()
-        ok = all(torch.equal(a, b) for a, b in zip(store[0], expect))
-        t = _Timer()
-        for _ in range(8):
-            s = t.start()
+    modes = (
+        ("staged_before", False, 1),
+        ("direct_after", True, 1),  # direct local copies, every copy in order on the side stream
+        ("direct_streams2", True, 2),  # the same copies split over 2 streams by tensor position
+        ("direct_streams4", True, 4),
+    )
+    for _round in range(2):  # two rounds, interleaved: the spread between them shows the noise
+        for mode, direct, streams in modes:
+            key = mode if _round == 0 else f"{mode}_again"
+            ex = TransferExecutor(
+                plan, lambda layer, k: store[k], direct_local_copies=direct, copy_streams=streams
+            )
+            expect = [t.clone() for t in store[slots - 1]]
             ex.run()
-            t.stop(s)
-        ms = statistics.median(t.ms())
-        gbps = 2 * moved_bytes / ms / 1e6  # payload read + written, as the copy bandwidth counts
-        out[mode] = {
-            "correct": ok,
-            "median_ms": ms,
-            "achieved_GBps": gbps,
-            "fraction_of_copy_bandwidth": gbps / copy_gbps if copy_gbps else None,
-            "peak_staging_bytes": ex.peak_staging_bytes,
+            ok = all(torch.equal(a, b) for a, b in zip(store[0], expect))
+            t = _Timer()
+            for _ in range(15):
+                s = t.start()
+                ex.run()
+                t.stop(s)
+            ms = statistics.median(t.ms())
+            gbps = 2 * moved_bytes / ms / 1e6  # payload read + written, as the copy bandwidth counts
+            out[key] = {
+                "correct": ok,
+                "median_ms": ms,
+                "achieved_GBps": gbps,
+                "fraction_of_copy_bandwidth": gbps / copy_gbps if copy_gbps else None,
+                "peak_staging_bytes": ex.peak_staging_bytes,
+            }
+    # The canary on this layer (sampled and full): one start/finish/verify, wall time incl. its host sync.
+    for words, label in ((65536, "sampled"), (None, "full")):
+        ex = TransferExecutor(plan, lambda layer, k: store[k], checksums=True, checksum_words=words)
+        walls, bad = [], None
+        for i in range(6):
+            _sync()
+            t0 = time.perf_counter()
+            handle = ex.start_layer(0)
+            ex.finish_layer(handle)
+            bad = ex.verify_layer(handle)
+            _sync()
+            if i:
+                walls.append((time.perf_counter() - t0) * 1e3)
+        ex_plain = TransferExecutor(plan, lambda layer, k: store[k])
+        plain = []
+        for i in range(6):
+            _sync()
+            t0 = time.perf_counter()
+            ex_plain.run()
+            _sync()
+            if i:
+                plain.append((time.perf_counter() - t0) * 1e3)
+        handle = ex.start_layer(0)
+        ex.finish_layer(handle)
+        store[5][1].view(-1)[0] += 1  # corrupt a written slot (a sampled word): the canary must see it
+        caught = ex.verify_layer(handle)
+        out[f"canary_{label}"] = {
+            "transfer_and_verify_ms": statistics.median(walls),
+            "transfer_only_ms": statistics.median(plain),
+            "clean": bad == [],
+            "corruption_caught": caught == [(0, 5)],
         }
     store.clear()
     return out
@@ -482,7 +552,7 @@ def _build_gpt(device, small: bool, redundant: int):
     return model, setup, (vocab, seq, mbs)
 
 
-def part_train(device, small: bool, canary: str = "sampled") -> dict:
+def part_train(device, small: bool, canary: str = "sampled", more_canaries: tuple[str, ...] = ()) -> dict:
     from megatron_eplb.patches import megatron as eplb_mcore
 
     from megatron_eplb.config import EPLBConfig
@@ -572,6 +642,15 @@ def part_train(device, small: bool, canary: str = "sampled") -> dict:
     out["permute"] = run(
         "dynamic EPLB, rotate-slots test policy", steps, skip, dynamic_eplb=True, policy_fn=permute_policy
     )
+    for other in more_canaries:  # the same forced moves with another canary setting, same model and baseline
+        out[f"permute_canary_{other}"] = run(
+            f"dynamic EPLB, rotate-slots test policy, canary {other}",
+            steps,
+            skip,
+            dynamic_eplb=True,
+            policy_fn=permute_policy,
+            eplb_transfer_canary=other,
+        )
     out["policy"] = run("dynamic EPLB, default policy", steps // 2 + 20, skip, dynamic_eplb=True)
     # Memory (per rank; EP = 1 here, so R/EP = R slots).
     slot_params = handle.slot_params(0, 0)
@@ -598,6 +677,18 @@ def part_train(device, small: bool, canary: str = "sampled") -> dict:
     out["rebalance_stall_ratio_in_run"] = (
         moving / out["permute"]["steady"]["median_ms"] if moving and out["permute"]["steady"]["n"] else None
     )
+    out["canary"] = canary
+    for other in more_canaries:
+        run_other = out[f"permute_canary_{other}"]
+        moving_other = run_other["transfer_steps"].get("median_ms")
+        out[f"rebalance_stall_ratio_canary_{other}"] = (
+            moving_other / steady if steady and moving_other else None
+        )
+        out[f"rebalance_stall_ratio_in_run_canary_{other}"] = (
+            moving_other / run_other["steady"]["median_ms"]
+            if moving_other and run_other["steady"]["n"]
+            else None
+        )
     plan = out["policy"]["planning_steps"].get("median_ms")
     out["planning_step_ratio"] = plan / steady if plan and steady else None
     return out
@@ -614,6 +705,11 @@ def main(argv: list[str] | None = None) -> dict:
         default="sampled",
         choices=("sampled", "full", "off"),
         help="eplb_transfer_canary for the training part",
+    )
+    parser.add_argument(
+        "--more-canaries",
+        default="",
+        help="comma-separated canary settings to time too (rotate-slots runs only), e.g. full,off",
     )
     args = parser.parse_args(argv)
     small = args.small or not CUDA
@@ -656,7 +752,8 @@ def main(argv: list[str] | None = None) -> dict:
         if CUDA:
             torch.cuda.empty_cache()
     if "train" in parts:
-        result["train"] = part_train(device, small, canary=args.canary)
+        more = tuple(c for c in args.more_canaries.split(",") if c)
+        result["train"] = part_train(device, small, canary=args.canary, more_canaries=more)
         result["rebalance_stall_ratio"] = result["train"]["rebalance_stall_ratio"]
     result["seconds"] = round(time.time() - started, 1)
     out = Path(args.out)
@@ -678,18 +775,32 @@ def _table(r: dict) -> str:
     if "record" in r:
         f = r["record"]["forward"]
         lines.append(
-            "MoE layer forward, median ms: " + ", ".join(f"{k} {v['median_ms']:.3f}" for k, v in f.items())
+            "MoE layer forward, median ms: "
+            + ", ".join(f"{k} {v['median_ms']:.3f}" for k, v in f.items() if "median_ms" in v)
         )
         fb = r["record"]["forward_backward"]
-        lines.append("fwd+bwd, median ms: " + ", ".join(f"{k} {v['median_ms']:.3f}" for k, v in fb.items()))
+        lines.append(
+            "fwd+bwd, median ms: "
+            + ", ".join(f"{k} {v['median_ms']:.3f}" for k, v in fb.items() if "median_ms" in v)
+        )
         lines.append("overhead % of the unpatched forward: " + json.dumps(r["record"]["overhead_pct"]))
+        lines.append(
+            "paired fwd % (median, ci95): " + json.dumps(r["record"]["forward"]["paired_vs_unpatched"])
+        )
+        lines.append(
+            "counting us/call: "
+            + json.dumps(
+                {k: round(v, 1) for k, v in r["record"].items() if k.startswith("counting_") and "us" in k}
+            )
+        )
         lines.append(
             f"counting {r['record']['counting_us_per_call']:.1f} us/call, two-stage "
             f"{r['record'].get('counting_two_stage_us_per_call', float('nan')):.1f}"
         )
     if "transfer" in r:
         t = r["transfer"]
-        for mode in ("staged_before", "direct_after"):
+        lines.append("canary: " + json.dumps({k: v for k, v in t.items() if k.startswith("canary_")}))
+        for mode in [k for k in t if k.startswith(("staged", "direct"))]:
             m = t[mode]
             lines.append(
                 f"transfer {mode}: {m['median_ms']:.2f} ms, {m['achieved_GBps']:.0f} GB/s "
@@ -697,7 +808,9 @@ def _table(r: dict) -> str:
             )
     if "train" in r:
         t = r["train"]
-        for key in ("off", "permute", "policy"):
+        for key in [k for k in ("off", "permute", "policy") if k in t] + [
+            k for k in t if k.startswith("permute_canary_")
+        ]:
             run = t[key]
             parts = [
                 f"{c} {run[c]['median_ms']:.1f} (n={run[c]['n']}, max {run[c]['max_ms']:.1f})"
@@ -710,6 +823,10 @@ def _table(r: dict) -> str:
         lines.append(
             f"rebalance_stall_ratio {t['rebalance_stall_ratio']}, in-run {t['rebalance_stall_ratio_in_run']}, "
             f"planning_step_ratio {t['planning_step_ratio']}"
+        )
+        lines.append(
+            "canary stall ratios: "
+            + json.dumps({k: v for k, v in t.items() if k.startswith("rebalance_stall_ratio")})
         )
         lines.append("memory: " + json.dumps(t["memory"]))
     return "\n".join(lines)

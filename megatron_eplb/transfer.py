@@ -48,10 +48,12 @@ __all__ = [
     "TransferError",
     "TransferExecutor",
     "TransferPlan",
+    "fold_checksum",
     "local_copy_schedule",
     "plan_transfer",
     "slot_checksum",
     "slot_nbytes",
+    "slot_sums",
 ]
 
 #: Test hook: when set (an integer ``k``), every executor built without ``fail_after_sends`` posts only the
@@ -349,7 +351,9 @@ def local_copy_schedule(copies: np.ndarray) -> tuple[list[tuple[str, int, int]],
 
 # ---------------------------------------------------------------------------------------------- checksum
 _MOD = (1 << 61) - 1
-_CHUNK = 1 << 20
+_WEIGHT_PERIOD = 65521
+_PASS_WORDS = 1 << 25  # 16-bit words summed per device pass (int16 input + int32 product: 192 MiB at most)
+_WEIGHTS: dict = {}
 
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
@@ -362,56 +366,13 @@ def slot_nbytes(tensors: Sequence[torch.Tensor]) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
-def slot_checksum(tensors: Sequence[torch.Tensor], max_words: int | None = None) -> torch.Tensor:
-    """A bit-level hash of a slot's tensors (order, dtypes and every byte count).
-
-    With ``max_words``, each tensor is hashed on an evenly strided sample of at most that many 16-bit words
-    (the same sample on every rank): a cheap canary that still catches a wrong, missing or garbled slot.
-
-    Exact integer arithmetic, so the value does not depend on the device or on reduction order: the
-    receiver's checksum equals the sender's iff the bytes are equal (up to hash collisions).  Per chunk of
-    ``2**20`` 16-bit words ``x_i`` (global index ``i``): ``s1 = sum(x_i * (i % 65521 + 1))``, ``s2 = sum(x_i)``,
-    folded into the hash chunk by chunk; the chunks' sums are computed ``_SUPER_CHUNKS`` at a time on the
-    tensor's device (one host transfer per group of chunks).
-    Returns an int64 scalar tensor on the CPU (in ``[0, 2**61 - 1)``).
-    """
-    h = 0
-    for index, t in enumerate(tensors):
-        raw = _bytes_of(t)
-        words = raw.view(torch.int16) if raw.numel() % 2 == 0 else raw
-        h = (h * 1_000_003 + index * 7919 + raw.numel()) % _MOD
-        if max_words is not None and words.numel() > max_words:
-            words = words[:: -(-words.numel() // max_words)]
-        span = _CHUNK * _SUPER_CHUNKS
-        for start in range(0, words.numel(), span):
-            x = words[start : start + span].to(torch.int32)
-            n = x.numel()
-            offset = start % _WEIGHT_PERIOD
-            w = _checksum_weights(x.device, offset + n)[offset : offset + n]
-            xw = x * w  # |x| <= 2**15, w <= 65521: |x * w| < 2**31, exact in int32
-            full = n // _CHUNK
-            parts = [
-                torch.stack(
-                    [
-                        xw[: full * _CHUNK].view(full, _CHUNK).sum(1, dtype=torch.int64),
-                        x[: full * _CHUNK].view(full, _CHUNK).sum(1, dtype=torch.int64),
-                    ]
-                )
-            ]
-            if n > full * _CHUNK:  # the last, shorter chunk
-                tail = torch.stack(
-                    [xw[full * _CHUNK :].sum(dtype=torch.int64), x[full * _CHUNK :].sum(dtype=torch.int64)]
-                )
-                parts.append(tail.view(2, 1))
-            s1s, s2s = torch.cat(parts, dim=1).cpu().tolist()
-            for s1, s2 in zip(s1s, s2s):
-                h = (h * 1_000_003 + s1 * 31 + s2) % _MOD
-    return torch.tensor(h, dtype=torch.int64)
-
-
-_WEIGHT_PERIOD = 65521
-_SUPER_CHUNKS = 32  # chunks summed per device pass (int32 temporaries of 2 x 128 MiB at most)
-_WEIGHTS: dict = {}
+def _words(t: torch.Tensor, max_words: int | None) -> torch.Tensor:
+    """The 16-bit words of ``t`` (bytes if their count is odd), strided down to at most ``max_words``."""
+    raw = _bytes_of(t)
+    words = raw.view(torch.int16) if raw.numel() % 2 == 0 else raw
+    if max_words is not None and words.numel() > max_words:
+        words = words[:: -(-words.numel() // max_words)]
+    return words
 
 
 def _checksum_weights(device: torch.device, n: int) -> torch.Tensor:
@@ -419,11 +380,77 @@ def _checksum_weights(device: torch.device, n: int) -> torch.Tensor:
     key = str(device)
     w = _WEIGHTS.get(key)
     if w is None or w.numel() < n:
-        size = min(max(n, 2 * (0 if w is None else w.numel())), _CHUNK * _SUPER_CHUNKS + _WEIGHT_PERIOD)
-        size = max(size, n)
+        size = max(n, min(2 * (0 if w is None else w.numel()), _PASS_WORDS + _WEIGHT_PERIOD))
         w = (torch.arange(size, device=device, dtype=torch.int64) % _WEIGHT_PERIOD + 1).to(torch.int32)
         _WEIGHTS[key] = w
     return w
+
+
+def slot_sums(slots: Sequence[Sequence[torch.Tensor]], max_words: int | None = None) -> torch.Tensor:
+    """The exact word sums behind :func:`slot_checksum`, for many slots at once, left on their device.
+
+    Every slot must hold the same list of shapes and dtypes (as the slots of one layer do).  For tensor ``j``
+    of slot ``n`` with 16-bit words ``x_i`` (bytes if their count is odd; with ``max_words`` an evenly
+    strided sample of at most that many, the same on every rank):
+    ``out[n, j] = (sum(x_i * (i % 65521 + 1)), sum(x_i))``.  Both are exact in int64 for tensors of up to
+    ``2**32`` words (``|x_i * w_i| < 2**31``), so they do not depend on the device or on reduction order.
+
+    One batched device pass per tensor position (more only for very large tensors, ``_PASS_WORDS`` words
+    per pass): a handful of kernels for all slots together and no host synchronisation.
+    Returns int64 ``[len(slots), T, 2]`` on the slots' device (CPU for no slots).
+    """
+    if not slots:
+        return torch.zeros(0, 0, 2, dtype=torch.int64)
+    per_tensor = []
+    for j in range(len(slots[0])):
+        words = [_words(slot[j], max_words) for slot in slots]
+        m = words[0].numel()
+        device = words[0].device
+        if m == 0:
+            per_tensor.append(torch.zeros(len(slots), 2, dtype=torch.int64, device=device))
+            continue
+        step = max(1, min(m, _PASS_WORDS))  # columns per pass
+        rows = max(1, _PASS_WORDS // step)  # slots per pass
+        parts = []
+        for r0 in range(0, len(words), rows):
+            acc = None
+            for c0 in range(0, m, step):
+                x = torch.stack([w[c0 : c0 + step] for w in words[r0 : r0 + rows]])  # [rows, cols]
+                offset = c0 % _WEIGHT_PERIOD
+                w = _checksum_weights(device, offset + x.shape[1])[offset : offset + x.shape[1]]
+                s = torch.stack([(x * w).sum(1, dtype=torch.int64), x.sum(1, dtype=torch.int64)], dim=1)
+                acc = s if acc is None else acc + s
+            parts.append(acc)
+        per_tensor.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+    return torch.stack(per_tensor, dim=1)
+
+
+def fold_checksum(sums: torch.Tensor | np.ndarray, nbytes: Sequence[int]) -> int:
+    """Fold one slot's ``[T, 2]`` word sums (:func:`slot_sums`, on the host) with its tensors' byte counts
+    into one hash in ``[0, 2**61 - 1)`` (exact integer arithmetic)."""
+    h = 0
+    for index, ((s1, s2), n) in enumerate(zip(np.asarray(sums).reshape(-1, 2).tolist(), nbytes)):
+        h = (h * 1_000_003 + index * 7919 + int(n)) % _MOD
+        h = (h * 1_000_003 + s1 * 31 + s2) % _MOD
+    return h
+
+
+def slot_checksum(tensors: Sequence[torch.Tensor], max_words: int | None = None) -> torch.Tensor:
+    """A bit-level hash of a slot's tensors (order and every byte count and byte).
+
+    With ``max_words``, each tensor is hashed on an evenly strided sample of at most that many 16-bit words
+    (the same sample on every rank): a cheap canary that still catches a wrong, missing or garbled slot.
+
+    Exact integer arithmetic, so the value does not depend on the device or on reduction order: the
+    receiver's checksum equals the sender's iff the bytes are equal (up to hash collisions).  Per tensor the
+    word sums of :func:`slot_sums` (one device pass, one host transfer for the slot), folded by
+    :func:`fold_checksum`.  Many slots: :func:`slot_sums` on all of them at once (what the executor does).
+    Returns an int64 scalar tensor on the CPU (in ``[0, 2**61 - 1)``).
+    """
+    sums = slot_sums([list(tensors)], max_words)[0].cpu()
+    return torch.tensor(
+        fold_checksum(sums, [t.numel() * t.element_size() for t in tensors]), dtype=torch.int64
+    )
 
 
 # ---------------------------------------------------------------------------------------------- executor
@@ -490,7 +517,8 @@ class LayerHandle:
     _copy_ops: list | None = None  # local_copy_schedule ops (direct local copies)
     _scratch_base: int = 0  # first staged slot index of the scratch slots (direct local copies)
     _injected: bool = False
-    _checksums: tuple | None = None  # (sender checksums of my sends, of my local copies) when enabled
+    # (local copy source -> row of sums, sender-side slot_sums of my sends then my copy sources) when enabled
+    _checksums: tuple | None = None
 
 
 class TransferExecutor:
@@ -521,6 +549,10 @@ class TransferExecutor:
         direct_local_copies: copy local slots slot to slot at commit time (:func:`local_copy_schedule`: half
             the memory traffic, one scratch slot of staging per cycle) instead of snapshotting every source at
             ``start_layer``.  Equivalent, since a layer's slots are not modified between start and finish.
+        copy_streams: on CUDA (with the side stream), split the commit's copies over this many streams by
+            tensor position (a slot's tensor ``j`` only ever touches tensor ``j`` of other slots and its own
+            region of the staging buffer, so the positions are independent): the copies of one position
+            overlap the launch gaps and tails of another's.  1: every copy in order on the side stream.
     """
 
     def __init__(
@@ -536,6 +568,7 @@ class TransferExecutor:
         fail_after_sends: int | None = None,
         use_side_stream: bool = True,
         direct_local_copies: bool = True,
+        copy_streams: int = 2,
     ) -> None:
         import torch.distributed as dist
 
@@ -570,6 +603,12 @@ class TransferExecutor:
         self._stream = None
         if use_side_stream and torch.cuda.is_available() and "nccl" in backend:
             self._stream = torch.cuda.Stream()
+        if copy_streams < 1:
+            raise ValueError(f"copy_streams must be >= 1, got {copy_streams}")
+        self.copy_streams = copy_streams
+        self._copy_streams: list = []
+        if self._stream is not None and copy_streams > 1:
+            self._copy_streams = [torch.cuda.Stream() for _ in range(copy_streams)]
         self._pool: list[torch.Tensor] = []
         self._in_flight_bytes = 0
         self.peak_staging_bytes = 0
@@ -628,18 +667,44 @@ class TransferExecutor:
         return buf[index * layout.slot_nbytes : (index + 1) * layout.slot_nbytes]
 
     def _pack(
-        self, buf: torch.Tensor, index: int, tensors: Sequence[torch.Tensor], layout: _SlotLayout
+        self,
+        buf: torch.Tensor,
+        index: int,
+        tensors: Sequence[torch.Tensor],
+        layout: _SlotLayout,
+        only: Sequence[int] | None = None,
     ) -> None:
         view = self._slot_view(buf, index, layout)
-        for t, off, n in zip(tensors, layout.offsets, layout.nbytes):
-            view[off : off + n].copy_(_bytes_of(t), non_blocking=True)
+        for j in range(len(tensors)) if only is None else only:
+            off, n = layout.offsets[j], layout.nbytes[j]
+            view[off : off + n].copy_(_bytes_of(tensors[j]), non_blocking=True)
 
     def _unpack(
-        self, buf: torch.Tensor, index: int, tensors: Sequence[torch.Tensor], layout: _SlotLayout
+        self,
+        buf: torch.Tensor,
+        index: int,
+        tensors: Sequence[torch.Tensor],
+        layout: _SlotLayout,
+        only: Sequence[int] | None = None,
     ) -> None:
         view = self._slot_view(buf, index, layout)
-        for t, off, n, dt, shape in zip(tensors, layout.offsets, layout.nbytes, layout.dtypes, layout.shapes):
-            t.copy_(view[off : off + n].view(dt).view(shape), non_blocking=True)
+        for j in range(len(tensors)) if only is None else only:
+            off, n = layout.offsets[j], layout.nbytes[j]
+            tensors[j].copy_(
+                view[off : off + n].view(layout.dtypes[j]).view(layout.shapes[j]), non_blocking=True
+            )
+
+    @staticmethod
+    def _position_groups(layout: _SlotLayout, parts: int) -> list[list[int]]:
+        """Split a slot's tensor positions into at most ``parts`` groups of about equal bytes (greedy)."""
+        parts = max(1, min(parts, len(layout.nbytes)))
+        groups: list[list[int]] = [[] for _ in range(parts)]
+        load = [0] * parts
+        for j in sorted(range(len(layout.nbytes)), key=lambda i: -layout.nbytes[i]):
+            g = load.index(min(load))
+            groups[g].append(j)
+            load[g] += layout.nbytes[j]
+        return [sorted(g) for g in groups if g]
 
     def _staged_tensors(self, buf: torch.Tensor, index: int, layout: _SlotLayout) -> list[torch.Tensor]:
         view = self._slot_view(buf, index, layout)
@@ -781,20 +846,19 @@ class TransferExecutor:
             self._stream.wait_stream(torch.cuda.current_stream())
         with self._stream_ctx(), torch.no_grad():
             if self.checksums:
-                send_sums = {
-                    int(row): int(slot_checksum(self._staged_tensors(buf, i, layout), self.checksum_words))
-                    for i, row in enumerate(handle._send_rows.tolist())
-                }
-                copy_sums = {
-                    int(src): int(slot_checksum(self._staged_tensors(buf, idx, layout), self.checksum_words))
-                    for src, idx in handle._copy_src.items()
-                }
+                # Sender side of the canary: the word sums of every slot this rank sends or copies, in one
+                # batched device pass, kept on the device (no host sync here; verify_layer reads them).
+                sources = [self._staged_tensors(buf, i, layout) for i in range(len(handle._send_rows))]
+                copy_index: dict[int, int] = {}
+                for src, idx in handle._copy_src.items():
+                    copy_index[int(src)] = len(sources)
+                    sources.append(self._staged_tensors(buf, idx, layout))
                 if handle._copy_ops:  # direct copies: the sources are still unwritten here
                     for src in sorted(set(copies[:, 1].tolist())):
-                        copy_sums[int(src)] = int(
-                            slot_checksum(self._tensors(layer, int(src), layout), self.checksum_words)
-                        )
-                handle._checksums = (send_sums, copy_sums)
+                        copy_index[int(src)] = len(sources)
+                        sources.append(self._tensors(layer, int(src), layout))
+                sums = slot_sums(sources, self.checksum_words) if sources else None
+                handle._checksums = (copy_index, sums)
             # Resolve (and check) every destination first, so a bad slot cannot leave a partial write.
             slots = {
                 int(k): self._tensors(layer, int(k), layout) for k in set(copies[:, 1:].reshape(-1).tolist())
@@ -805,17 +869,32 @@ class TransferExecutor:
             ]
             if handle._copy_ops is None:
                 writes = [(handle._copy_src[src], slots[dst]) for _, src, dst in copies.tolist()] + writes
-            else:  # local copies first: a received slot may be the source of a local copy
-                for op, a, b in handle._copy_ops:
+
+            def write(only: Sequence[int]) -> None:
+                # Local copies first: a received slot may be the source of a local copy.
+                for op, a, b in handle._copy_ops or ():
                     if op == "copy":
-                        for dst, src in zip(slots[b], slots[a]):
-                            dst.copy_(src, non_blocking=True)
+                        for j in only:
+                            slots[b][j].copy_(slots[a][j], non_blocking=True)
                     elif op == "stage":
-                        self._pack(buf, handle._scratch_base + a, slots[b], layout)
+                        self._pack(buf, handle._scratch_base + a, slots[b], layout, only)
                     else:
-                        self._unpack(buf, handle._scratch_base + a, slots[b], layout)
-            for index, tensors in writes:
-                self._unpack(buf, index, tensors, layout)
+                        self._unpack(buf, handle._scratch_base + a, slots[b], layout, only)
+                for index, tensors in writes:
+                    self._unpack(buf, index, tensors, layout, only)
+
+            groups = self._position_groups(layout, self.copy_streams)
+            if len(groups) > 1 and self._copy_streams:  # independent tensor positions on parallel streams
+                side = torch.cuda.current_stream()
+                for stream, only in zip(self._copy_streams, groups):
+                    stream.wait_stream(side)
+                    with torch.cuda.stream(stream):
+                        write(only)
+                for stream in self._copy_streams[: len(groups)]:
+                    side.wait_stream(stream)
+            else:  # in order (without CUDA streams: position group after position group, equivalent)
+                for only in groups:
+                    write(only)
         if self._stream is not None:
             torch.cuda.current_stream().wait_stream(self._stream)
         self._release(handle, reuse=True)
@@ -831,7 +910,10 @@ class TransferExecutor:
     def verify_layer(self, handle: LayerHandle, timeout: float | None = None) -> list[tuple[int, int]]:
         """Compare each written slot's checksum with its sender's (after :meth:`finish_layer`).
 
-        Collective over the group (one all-reduce of ``2 x (K + C)`` int64).  Needs ``checksums=True``.
+        Collective over the group (one all-reduce of ``2 x (K + C) x T x 2`` int64: per moved slot and tensor
+        the sender's and the receiver's exact word sums, :func:`slot_sums`).  Needs ``checksums=True``.  All
+        written slots are summed in one batched device pass and the table makes one host transfer: no
+        per-slot or per-tensor host synchronisation.
         Returns the mismatching destination slots as ``(rank, local_slot)``, sorted; equal on every rank.
         """
         if not handle.finished:
@@ -841,29 +923,54 @@ class TransferExecutor:
             return []
         if not self.checksums:
             raise ValueError("verify_layer needs TransferExecutor(..., checksums=True)")
-        send_sums, copy_sums = handle._checksums or ({}, {})
+        copy_index, sent = handle._checksums or ({}, None)
         k, c = transfer.num_sends, transfer.num_local_copies
-        table = torch.zeros(2, k + c, dtype=torch.int64)
         me = self.rank
         layer = handle.layer
+        # Row r of the table: (sender's sums, receiver's sums) of send r (r < k) or local copy r - k; each
+        # side is filled by the one rank that holds it, zeros elsewhere, so one all-reduce (sum) joins them.
+        send_index = {int(row): i for i, row in enumerate(handle._send_rows.tolist())}
+        first: list[int | None] = [send_index.get(row) for row in range(k)]
+        first += [
+            copy_index[int(src)] if rank == me else None for rank, src, _ in transfer.local_copies.tolist()
+        ]
+        dests: list[int] = []
+        second: list[int | None] = [None] * (k + c)
         for row in range(k):
-            src_rank, _, dst_rank, dst = (int(v) for v in transfer.sends[row])
-            if src_rank == me:
-                table[0, row] = send_sums[row]
-            if dst_rank == me:
-                table[1, row] = int(slot_checksum(list(self.slot_tensors(layer, dst)), self.checksum_words))
-        for j in range(c):
-            rank, src, dst = (int(v) for v in transfer.local_copies[j])
+            if int(transfer.sends[row, 2]) == me:
+                second[row] = len(dests)
+                dests.append(int(transfer.sends[row, 3]))
+        for j, (rank, _, dst) in enumerate(transfer.local_copies.tolist()):
             if rank == me:
-                table[0, k + j] = copy_sums[src]
-                table[1, k + j] = int(slot_checksum(list(self.slot_tensors(layer, dst)), self.checksum_words))
-        table = table.to(self._collective_device)
-        work = self._dist.all_reduce(table, group=self.group, async_op=True)
-        if timeout is None:
-            work.wait()
+                second[k + j] = len(dests)
+                dests.append(int(dst))
+        # Receiver side: every written slot in one batched pass (no per-slot host sync).
+        got = (
+            slot_sums([list(self.slot_tensors(layer, d)) for d in dests], self.checksum_words)
+            if dests
+            else None
+        )
+        ref = got if got is not None else sent
+        if ref is None:  # this rank neither sends nor writes any slot of this layer
+            num_tensors = len(self.slot_tensors(layer, 0))
+            zero = torch.zeros(1, num_tensors, 2, dtype=torch.int64)
         else:
-            work.wait(datetime.timedelta(seconds=timeout))
-        bad = np.nonzero((table[0] != table[1]).cpu().numpy())[0]
+            zero = torch.zeros_like(ref[:1])
+
+        def side(index: list[int | None], sums: torch.Tensor | None) -> torch.Tensor:
+            return torch.cat([zero if i is None else sums[i : i + 1] for i in index] or [zero[:0]])
+
+        table = torch.stack([side(first, sent), side(second, got)])  # [2, k + c, T, 2]
+        if table.device != self._collective_device:
+            table = table.to(self._collective_device)  # at most one device <-> host transfer per layer
+        if self._dist.get_world_size(self.group) > 1:
+            work = self._dist.all_reduce(table, group=self.group, async_op=True)
+            if timeout is None:
+                work.wait()
+            else:
+                work.wait(datetime.timedelta(seconds=timeout))
+        table = table.cpu().reshape(2, k + c, -1)
+        bad = np.nonzero((table[0] != table[1]).any(dim=1).numpy())[0]
         out = []
         for i in bad.tolist():
             if i < k:

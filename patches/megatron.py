@@ -465,6 +465,11 @@ class MegatronEPLB:
         # are summed here, without a device launch, and folded into ``_slot_loads`` by ``slot_loads()``.
         self._slot_loads_host = torch.zeros(self.num_layers, self.slots_per_rank, dtype=torch.int64)
         self._host_counted = False
+        # Per-layer row views, made once: the per-forward adds go straight into them (no indexing or
+        # ``__setitem__`` on the hot path).  The buffers are only ever zeroed in place, so the views stay live.
+        self._loads_rows = list(self._loads.unbind(0))
+        self._slot_loads_rows = list(self._slot_loads.unbind(0))
+        self._slot_loads_host_rows = list(self._slot_loads_host.unbind(0))
         self._tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | bool | None]] = [
             None
         ] * self.num_layers
@@ -621,22 +626,28 @@ class MegatronEPLB:
         DDP keeps one, else ``param.grad``.  Layers without replicas are skipped.
         """
         for layer in range(self.num_layers):
-            if int(self.placement.replica_count[layer].max()) <= 1:
+            # Only experts with several copies need a sum, and only their rows travel: [R_e, n], not [E, n].
+            replicated = np.nonzero(self.placement.replica_count[layer] > 1)[0]
+            if len(replicated) == 0:
                 continue
-            names_params = [self.slot_params(layer, k) for k in range(self.slots_per_rank)]
-            grads = [[_grad_of(p) for p in params] for params in names_params]
-            flat = torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in grads])  # [S, n]
-            experts = torch.as_tensor(self.placement.phy2log[layer, self.local_slots()], device=flat.device)
-            valid = experts >= 0
-            total = torch.zeros(self.num_experts, flat.shape[1], dtype=flat.dtype, device=flat.device)
-            total.index_add_(0, experts[valid], flat[valid])
+            row_of = np.full(self.num_experts, -1, dtype=np.int64)
+            row_of[replicated] = np.arange(len(replicated))
+            local = self.placement.phy2log[layer, self.local_slots()]
+            mine = [k for k in range(self.slots_per_rank) if local[k] >= 0 and row_of[local[k]] >= 0]
+            grads = {k: [_grad_of(p) for p in self.slot_params(layer, k)] for k in mine}
+            width = sum(p.numel() for p in self.slot_params(layer, 0))
+            like = _grad_of(self.slot_params(layer, 0)[0])
+            acc = (
+                torch.float32 if like.dtype in (torch.bfloat16, torch.float16) else like.dtype
+            )  # one rounding
+            total = torch.zeros(len(replicated), width, dtype=acc, device=like.device)
+            for k in mine:
+                total[row_of[local[k]]] += torch.cat([g.reshape(-1) for g in grads[k]]).to(acc)
             dist.all_reduce(total, group=self.ep_group)
-            for k in range(self.slots_per_rank):
-                if not valid[k]:
-                    continue
-                src = total[experts[k]]
+            for k in mine:
+                src = total[row_of[local[k]]]
                 offset = 0
-                for p, g in zip(names_params[k], grads[k]):
+                for p, g in zip(self.slot_params(layer, k), grads[k]):
                     g.copy_(src[offset : offset + g.numel()].view_as(g))
                     offset += g.numel()
                     _set_grad(p, g)
@@ -848,10 +859,10 @@ class MegatronEPLB:
             tokens_per_slot = args[1]
             if not torch.is_tensor(tokens_per_slot) or tokens_per_slot.device.type == "cpu":
                 # Already on the host (the dispatcher moved it there): add on the host, no device launch.
-                self._slot_loads_host[idx] += torch.as_tensor(tokens_per_slot, dtype=torch.int64)
+                self._slot_loads_host_rows[idx].add_(torch.as_tensor(tokens_per_slot))
                 self._host_counted = True
             else:
-                self._slot_loads[idx] += tokens_per_slot.to(self.device, torch.int64)
+                self._slot_loads_rows[idx].add_(tokens_per_slot.to(self.device))
 
         return count
 
@@ -863,7 +874,7 @@ class MegatronEPLB:
             routed = routing_map
             if padding_mask is not None:  # Megatron's router: True marks padding
                 routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)
-            self._loads[idx] += routed.sum(dim=0, dtype=torch.int64)
+            self._loads_rows[idx].add_(routed.sum(dim=0, dtype=torch.int64))
         log2phy, count, local_slot, direct = self._tables[idx]
         if direct is True:  # slot s holds expert s: physical routing is the logical routing
             return probs, routing_map

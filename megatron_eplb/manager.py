@@ -19,8 +19,15 @@ The model side is a *handle* (``megatron_eplb.patches.megatron.apply`` returns o
 imports Megatron or DeepSpeed.  What the manager needs of it:
 
 ``placement``, ``num_layers``, ``num_experts``, ``slots_per_rank``, ``ep_rank``, ``ep_size``,
-``ep_group``, ``loads()`` ``[L, E]``, ``slot_loads()`` ``[L, S]``, ``reset_loads()``,
-``slot_params(layer, local_slot)``, ``commit_layer(layer, phy2log_row)``, ``sum_replica_grads()``.
+``ep_group``, ``model``, ``moe_layers()`` (a transfer commits in its layer's forward pre-hook),
+``loads()`` ``[L, E]``, ``slot_loads()`` ``[L, S]``, ``reset_loads()``, ``slot_params(layer, local_slot)``,
+``commit_layer(layer, phy2log_row)``, ``sum_replica_grads()``, and for checkpoints
+``logical_state_dict()`` / ``load_logical_state_dict(state)``.
+
+A transfer never blocks a step: ``step()`` posts a layer's P2P sends/receives and returns; the layer
+finishes, is checked and switches placement just before its next forward (the weights and optimizer
+state it carries do not change in between), or is rolled back if that forward did not run before the
+next optimizer step.
 """
 
 from __future__ import annotations
@@ -138,6 +145,7 @@ class EPLBManager:
         )
         self._ring_filled = 0
         self._last_update_load: np.ndarray | None = None  # [L, E] load at each layer's last update
+        self._window_load: np.ndarray | None = None  # [L, E] the window the current rebalance planned on
         self._last_rebalance_step = 0
         self._last_rebalance_time = time.monotonic()
         self._record: RebalanceRecord | None = None

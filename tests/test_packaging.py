@@ -51,3 +51,15 @@ def test_console_script_is_installed():
         pytest.skip("console script not installed (run `make test`)")
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
     assert "validate-map" in out and "inspect" in out
+
+
+def test_core_imports_neither_megatron_nor_deepspeed():
+    code = (
+        "import sys, importlib, pkgutil, megatron_eplb\n"
+        "for m in pkgutil.walk_packages(megatron_eplb.__path__, 'megatron_eplb.'):\n"
+        "    if not m.name.startswith('megatron_eplb.patches.'):\n"
+        "        importlib.import_module(m.name)\n"
+        "print(sorted(k for k in sys.modules if k.split('.')[0] in ('megatron', 'deepspeed')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

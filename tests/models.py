@@ -53,3 +53,22 @@ def tiny_gpt(ep: int, *, dispatcher: str = "allgather", seed: int = 0, **config)
     spec = get_gpt_decoder_block_spec(transformer_config, use_transformer_engine=False)
     torch.manual_seed(seed)
     return GPTModel(transformer_config, spec, vocab_size=V, max_sequence_length=SEQ)
+
+
+def copies_identical(handle) -> bool:
+    """Every copy of an expert holds the same weights (gathered over the EP group; collective)."""
+    for layer in range(handle.num_layers):
+        local = torch.stack(
+            [
+                torch.cat([t.reshape(-1) for t in handle.slot_tensors(layer, k)])
+                for k in range(handle.slots_per_rank)
+            ]
+        )
+        parts = [torch.empty_like(local) for _ in range(handle.ep_size)]
+        torch.distributed.all_gather(parts, local, group=handle.ep_group)
+        every = torch.cat(parts)
+        for e in range(handle.num_experts):
+            copies = every[torch.as_tensor(handle.placement.phy2log[layer] == e)]
+            if not torch.equal(copies, copies[:1].expand_as(copies)):
+                return False
+    return True

@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from dist import run_distributed  # noqa: E402
-from models import SEQ, E, H, V, init_megatron, tiny_gpt  # noqa: E402
+from models import SEQ, E, H, V, copies_identical, init_megatron, tiny_gpt  # noqa: E402
 
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
 
@@ -111,24 +111,6 @@ def _saved_layout(model) -> list[tuple]:
     return sorted(x for part in everyone for x in part)
 
 
-def _copies_identical(handle) -> bool:
-    for layer in range(handle.num_layers):
-        local = torch.stack(
-            [
-                torch.cat([t.reshape(-1) for t in handle.slot_tensors(layer, k)])
-                for k in range(handle.slots_per_rank)
-            ]
-        )
-        parts = [torch.empty_like(local) for _ in range(handle.ep_size)]
-        torch.distributed.all_gather(parts, local)
-        every = torch.cat(parts)
-        for e in range(E):
-            copies = every[torch.as_tensor(handle.placement.phy2log[layer] == e)]
-            if not torch.equal(copies, copies[:1].expand_as(copies)):
-                return False
-    return True
-
-
 def _recompute_check(rank: int, ep: int, **recompute) -> dict:
     """Patched model (with replicas) under recompute vs the unpatched one without: loss, grads, loads."""
     from megatron_eplb.patches.megatron import find_moe_layers
@@ -202,19 +184,19 @@ def _ep2_checks(rank: int, world: int, out_dir: str) -> dict:
     pat_b, handle_b = _patched(1, world, _placement(2, world, redundant=2))
     _load(pat_b, f"{out_dir}/patched")
     res["patched_to_other_placement"] = _rel(_logits(pat_b, rank), expected)
-    res["copies_identical_b"] = _copies_identical(handle_b)
+    res["copies_identical_b"] = copies_identical(handle_b)
     # unpatched -> patched with replicas
     pat_c, handle_c = _patched(1, world, _placement(3, world, redundant=4))
     _load(pat_c, f"{out_dir}/ref")
     res["unpatched_to_patched"] = _rel(_logits(pat_c, rank), expected)
-    res["copies_identical_c"] = _copies_identical(handle_c)
+    res["copies_identical_c"] = copies_identical(handle_c)
     # S = 9 > E slots per rank: two copies of an expert on one rank (one left out, filled on load)
     rng = np.random.default_rng(6)
     rows = [np.concatenate([rng.permutation(np.append(np.arange(E), r)) for r in (0, 1)]) for _ in range(2)]
     pat_d, handle_d = _patched(1, world, ExpertPlacement(np.stack(rows), world, E))
     _load(pat_d, f"{out_dir}/patched")
     res["patched_to_same_rank_copies"] = _rel(_logits(pat_d, rank), expected)
-    res["copies_identical_d"] = _copies_identical(handle_d)
+    res["copies_identical_d"] = copies_identical(handle_d)
     res["same_saved_layout_d"] = _saved_layout(pat_d) == _saved_layout(ref)
     _save(pat_d, f"{out_dir}/same_rank_copies")
     unpatched_d = _gpt(2, world)
@@ -244,7 +226,7 @@ def _ep4_checks(rank: int, world: int, out_dir: str) -> dict:
     pat, handle = _patched(1, world, _placement(4, world, redundant=4))  # S = 3
     _load(pat, f"{out_dir}/patched")
     res["patched_ep2_to_patched_ep4"] = _rel(_logits(pat, rank), expected)
-    res["copies_identical"] = _copies_identical(handle)
+    res["copies_identical"] = copies_identical(handle)
     pat2, _ = _patched(2, world, _placement(5, world, redundant=4))
     _load(pat2, f"{out_dir}/ref")
     res["unpatched_ep2_to_patched_ep4"] = _rel(_logits(pat2, rank), expected)

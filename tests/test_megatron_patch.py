@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from dist import run_distributed  # noqa: E402
-from models import tiny_gpt  # noqa: E402
+from models import copies_identical, tiny_gpt  # noqa: E402
 
 from megatron_eplb import checkpoint as ckpt  # noqa: E402
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
@@ -193,25 +193,6 @@ def _compare(ref, pat, handle, x, w) -> dict:
     return res
 
 
-def _copies_identical(handle) -> bool:
-    """Every copy of an expert holds the same weights (gathered over the EP group)."""
-    for layer in range(handle.num_layers):
-        local = torch.stack(
-            [
-                torch.cat([t.reshape(-1) for t in handle.slot_tensors(layer, k)])
-                for k in range(handle.slots_per_rank)
-            ]
-        )
-        parts = [torch.empty_like(local) for _ in range(handle.ep_size)]
-        torch.distributed.all_gather(parts, local)
-        every = torch.cat(parts)
-        for e in range(E):
-            copies = every[torch.as_tensor(handle.placement.phy2log[layer] == e)]
-            if not torch.equal(copies, copies[:1].expand_as(copies)):
-                return False
-    return True
-
-
 def _expect_error(fn, *words) -> str:
     from megatron_eplb.patches.megatron import EPLBPatchError
 
@@ -284,7 +265,7 @@ def _ep2_checks(rank: int, world: int, out_dir: str) -> dict:
     for name, placement in placements.items():
         handle.set_placement(placement)
         results[name] = _compare(ref, pat, handle, x, w)
-        results[name]["copies_identical"] = _copies_identical(handle)
+        results[name]["copies_identical"] = copies_identical(handle)
     if params_before != [id(p) for p in pat.parameters()]:
         errs["same_params"] = "set_placement re-created parameters"
     # local_first: same math, more pairs stay on their rank
@@ -355,7 +336,7 @@ def _ep4_checks(rank: int, world: int, ckpt_path: str) -> dict:
     # set_placement on the last handle, then back
     handle.set_placement(_random_placement(rng, num_layers, world, redundant=4))
     results["set_placement"] = _compare(ref, pat, handle, x, w)
-    results["set_placement"]["copies_identical"] = _copies_identical(handle)
+    results["set_placement"]["copies_identical"] = copies_identical(handle)
     # A checkpoint saved at EP=2 (3 layers there: take a 3-layer model here)
     config3 = _moe_config("alltoall", topk=4, num_layers=3)
     sd = torch.load(ckpt_path)
@@ -422,7 +403,7 @@ def _gpt_training(rank: int, world: int, steps: int) -> dict:
         "losses": losses,
         "moe_layers": handle.layer_names,
         "placement_layers": handle.num_layers,
-        "copies_identical": _copies_identical(handle),
+        "copies_identical": copies_identical(handle),
     }
 
 

@@ -202,18 +202,22 @@ def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict,
     }
 
 
-def _run_scenarios(rank: int, world: int, record_dir: str) -> dict:
-    out = {}
-    base = dict(
+def _dynamic(every: int, **overrides) -> dict:
+    """Dynamic EPLB config: a rebalance every ``every`` steps on a window of that many steps, greedy."""
+    config = dict(
         dynamic_eplb=True,
         init_redundancy_expert=2,
-        num_iterations_eplb_update=8,
+        num_iterations_eplb_update=every,
         num_wait_worker_iterations=1,
-        eplb_window_size=8,
+        eplb_window_size=every,
         eplb_policy="greedy",
-        eplb_worker_timeout=20.0,
-        expert_map_record_path=os.path.join(record_dir, "map.json"),
     )
+    return {**config, **overrides}
+
+
+def _run_scenarios(rank: int, world: int, record_dir: str) -> dict:
+    out = {}
+    base = _dynamic(8, eplb_worker_timeout=20.0, expert_map_record_path=os.path.join(record_dir, "map.json"))
     out["main"] = _train(rank, world, world, 52, base, {"clip": True}, record_dir)
     torch.distributed.barrier()
     from megatron_eplb.patches import megatron as eplb_mcore
@@ -246,27 +250,14 @@ def _run_scenarios(rank: int, world: int, record_dir: str) -> dict:
 
 
 def _run_ep4(rank: int, world: int, record_dir: str) -> dict:
-    base = dict(
-        dynamic_eplb=True,
-        init_redundancy_expert=4,
-        num_iterations_eplb_update=12,
-        num_wait_worker_iterations=2,
-        eplb_window_size=12,
-        eplb_policy="auto",  # low_churn after the first plan
-        eplb_layers_per_step=2,
+    base = _dynamic(  # auto: low_churn after the first plan
+        12, eplb_policy="auto", eplb_layers_per_step=2, init_redundancy_expert=4, num_wait_worker_iterations=2
     )
     return _train(rank, world, 4, 52, base, {}, record_dir)
 
 
 def _run_dp(rank: int, world: int, record_dir: str) -> dict:
-    base = dict(
-        dynamic_eplb=True,
-        init_redundancy_expert=2,
-        num_iterations_eplb_update=6,
-        num_wait_worker_iterations=1,
-        eplb_window_size=6,
-        eplb_policy="greedy",
-    )
+    base = _dynamic(6)
     return _train(rank, world, 2, 16, base, {}, record_dir)
 
 
@@ -323,14 +314,7 @@ def save_at_dir(step: int) -> str:
 
 def _run_resume(rank: int, world: int, ckpt_dir: str) -> dict:
     _CKPT_ROOT["dir"] = ckpt_dir
-    dynamic = dict(
-        dynamic_eplb=True,
-        init_redundancy_expert=2,
-        num_iterations_eplb_update=6,
-        num_wait_worker_iterations=1,
-        eplb_window_size=6,
-        eplb_policy="greedy",
-    )
+    dynamic = _dynamic(6)
     full, outcomes = _train_eplb(rank, 2, 24, dynamic, save_at=12)
     same_ep, _ = _train_eplb(rank, 2, 24, dynamic, seed=5, load_from=save_at_dir(12), start=12)
     static_ep1 = dict(init_redundancy_expert=2)

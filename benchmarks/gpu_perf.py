@@ -199,6 +199,74 @@ def _before_slot_counter(handle, idx):
     return count
 
 
+# ============================================================================ counting variants
+# Implementations of ``MegatronEPLB._count_routed(idx, routed)`` (bool ``[T, E]``, padding masked) timed side by
+# side by ``record_profile``; each is bound onto the handle in place of the current one.  ``fold`` (if any)
+# moves what the variant holds elsewhere into ``handle._loads`` (what ``loads()`` would do on read).
+_SUM_DIM = torch.ops.aten.sum.dim_IntList
+_ADD_ = torch.ops.aten.add_.Tensor
+
+
+def _count_colsum_out(self, idx, routed):
+    """Column sum into a preallocated int64 scratch row (no output allocation), then ``add_``."""
+    scratch = self.__dict__.setdefault("_bench_scratch", {}).get(idx)
+    if scratch is None:
+        scratch = self._bench_scratch[idx] = torch.empty_like(self._loads_rows[idx])
+    torch.sum(routed, 0, dtype=torch.int64, out=scratch)
+    self._loads_rows[idx].add_(scratch)
+
+
+def _count_colsum_nodtype(self, idx, routed):
+    """``sum(0)`` of the bool map without ``dtype`` (bool sums to int64 by default)."""
+    self._loads_rows[idx].add_(routed.sum(0))
+
+
+def _count_aten(self, idx, routed):
+    """The same two ops through ``torch.ops.aten`` overloads (no Python arg parsing of the torch API)."""
+    _ADD_(self._loads_rows[idx], _SUM_DIM(routed, [0], False, dtype=torch.int64))
+
+
+def _count_colsum(self, idx, routed):
+    """The previous code: column sum with ``dtype`` (cast copy, memset, reduce), then ``add_``."""
+    self._loads_rows[idx].add_(routed.sum(dim=0, dtype=torch.int64))
+
+
+def _count_accmap_u8(self, idx, routed):
+    """As ``accmap`` with a uint8 accumulator (the map's own size): folded every 255 forwards, before it can
+    overflow, and on read."""
+    st = self.__dict__.setdefault("_bench_acc8", {}).get(idx)
+    if st is None or st[0].shape != routed.shape:
+        if st is not None:
+            self._loads_rows[idx].add_(st[0].sum(0, dtype=torch.int64))
+        st = self._bench_acc8[idx] = [torch.zeros(routed.shape, dtype=torch.uint8, device=routed.device), 0]
+    st[0].add_(routed)
+    st[1] += 1
+    if st[1] == 255:
+        self._loads_rows[idx].add_(st[0].sum(0, dtype=torch.int64))
+        st[0].zero_()
+        st[1] = 0
+
+
+def _fold_accmap_u8(self):
+    for idx, st in self.__dict__.get("_bench_acc8", {}).items():
+        self._loads_rows[idx].add_(st[0].sum(0, dtype=torch.int64))
+        st[0].zero_()
+        st[1] = 0
+
+
+COUNTERS = {
+    "accmap": (
+        None,
+        None,
+    ),  # the current code (MegatronEPLB._count_routed): int32 [T, E] += routed, summed on read
+    "colsum": (_count_colsum, None),
+    "colsum_out": (_count_colsum_out, None),
+    "colsum_nodtype": (_count_colsum_nodtype, None),
+    "aten": (_count_aten, None),
+    "accmap_u8": (_count_accmap_u8, _fold_accmap_u8),
+}
+
+
 class _Modes:
     """Switch a patched model between the current and the previous implementation, recording on/off."""
 
@@ -214,12 +282,17 @@ class _Modes:
                 if "slot_counter" in getattr(fn, "__qualname__", ""):
                     self.hooks.append((hooks, key, fn, _before_slot_counter(handle, idx)))
 
-    def set(self, impl: str, record: bool) -> None:
+    def set(self, impl: str, record: bool, counter: str = "accmap") -> None:
         h = self.handle
         if impl == "before":
             h._route_physical = types.MethodType(_before_route_physical, h)
         else:
             h.__dict__.pop("_route_physical", None)
+        fn = COUNTERS[counter][0]
+        if fn is None:
+            h.__dict__.pop("_count_routed", None)
+        else:
+            h._count_routed = types.MethodType(fn, h)
         for hooks, key, now, before in self.hooks:
             hooks[key] = before if impl == "before" else now
         self.m._recomputing = self.real_recomputing if record else (lambda: True)
@@ -484,7 +557,7 @@ def part_record_profile(device, small: bool) -> dict:
         rounds, per_session, host_n, wall_n, warm = 3, 2, 50, 6, 2
     else:
         h, ffn, experts, topk, tokens = 4096, 2048, 64, 8, 8192
-        rounds, per_session, host_n, wall_n, warm = 12, 10, 3000, 400, 10
+        rounds, per_session, host_n, wall_n, warm = 8, 10, 3000, 400, 10
     config = _moe_config(h, ffn, experts, topk, dtype)
     torch.manual_seed(0)
     ref = _OneMoE(config, device)
@@ -496,9 +569,12 @@ def part_record_profile(device, small: bool) -> dict:
     variants = {
         "unpatched": (ref, None),
         "unpatched_again": (ref, None),  # A/A control
-        "patched": (pat, ("after", True)),
-        "patched_norecord": (pat, ("after", False)),  # the patch with its recording skipped
+        "patched": (pat, ("after", True, "accmap")),  # the code as it is
+        "patched_norecord": (pat, ("after", False, "accmap")),  # the patch with its recording skipped
     }
+    for c in COUNTERS:  # the other counting implementations, same patched model
+        if c != "accmap":
+            variants[f"patched_{c}"] = (pat, ("after", True, c))
     names = list(variants)
     out: dict = {
         "setup": dict(hidden=h, ffn=ffn, experts=experts, topk=topk, tokens=tokens, dtype=str(dtype)),
@@ -515,6 +591,18 @@ def part_record_profile(device, small: bool) -> dict:
         out["bitwise_equal"] = bool(torch.equal(pat(x), y_ref))
         out["loads_sum_ok"] = bool(int(handle.loads().sum()) == tokens * topk)
         out["slot_loads_equal_loads"] = bool(torch.equal(handle.loads(), handle.slot_loads()))
+        want = handle.loads().clone()
+        out["counter_loads_equal"] = {}
+        for c, (_, fold) in COUNTERS.items():  # every variant counts exactly what the current code counts
+            modes.set("after", True, c)
+            handle.reset_loads()
+            pat(x)
+            pat(x)
+            if fold is not None:
+                fold(handle)
+            out["counter_loads_equal"][c] = bool(torch.equal(handle.loads(), 2 * want))
+        modes.set("after", True)
+        handle.reset_loads()
 
     def forward(name):
         model, mode = variants[name]
@@ -577,6 +665,9 @@ def part_record_profile(device, small: bool) -> dict:
     out["added_kernels_patched_norecord"] = added("patched_norecord")
     out["added_kernels_recording"] = added("patched", "patched_norecord")
     out["kernels_per_forward"] = {k: sum(len(v) for v in kernels[k].values()) / n_fwd for k in names}
+    out["added_kernels_by_counter"] = {
+        c: added("patched" if c == "accmap" else f"patched_{c}", "patched_norecord") for c in COUNTERS
+    }
 
     # (b) host time of the recording code, on the real inputs of this layer.
     layer = pat.layer
@@ -606,6 +697,7 @@ def part_record_profile(device, small: bool) -> dict:
         "slot_counter_norecord": lambda: counter(layer.experts, captured["args"]),
         "count_sum_only": lambda: rmap.sum(dim=0, dtype=torch.int64),
         "count_sum_add": lambda: row.add_(rmap.sum(dim=0, dtype=torch.int64)),
+        **{f"count_{c}": (lambda: handle._count_routed(0, rmap)) for c in COUNTERS},
         "route_wrapped": lambda: layer.route(x),
         "route_megatron": lambda: original_route(x),
         "empty_call": lambda: None,
@@ -613,7 +705,8 @@ def part_record_profile(device, small: bool) -> dict:
     with torch.no_grad():
         for _ in range(3):  # three interleaved rounds; the median of the round medians
             for key, fn in loops.items():
-                modes.set("after", not key.endswith("norecord"))
+                c = key[len("count_") :] if key[len("count_") :] in COUNTERS else "accmap"
+                modes.set("after", not key.endswith("norecord"), c)
                 host.setdefault(key, []).append(_host_us(fn, host_n // 3 or 1))
     modes.set("after", True)
     handle.reset_loads()
@@ -655,6 +748,12 @@ def part_record_profile(device, small: bool) -> dict:
     out["wall_paired_recording"] = _paired(
         {k: wall[k] for k in ("patched", "patched_norecord")}, "patched_norecord", fwd_ms
     )["patched"]
+    # Each counting implementation: its recording alone (vs recording off) and against the current one.
+    pvars = [k for k in names if k == "patched" or k.startswith("patched_") and k != "patched_norecord"]
+    out["wall_paired_recording_by_counter"] = _paired(
+        {k: wall[k] for k in pvars + ["patched_norecord"]}, "patched_norecord", fwd_ms
+    )
+    out["wall_paired_vs_current_counter"] = _paired({k: wall[k] for k in pvars}, "patched", fwd_ms)
 
     # Overheads in % of the unpatched forward (wall median).  device_plus_isolated_host: every added µs of
     # device and host time on the critical path; NOT an upper bound: host time timed alone (warm caches, a hot
@@ -1087,6 +1186,18 @@ def _table(r: dict) -> str:
         lines.append("kernels added by the patch: " + json.dumps(p["added_kernels_patched"]))
         lines.append("host us: " + json.dumps(p["host_us"]))
         lines.append("wall paired %: " + json.dumps(p["wall_paired_vs_unpatched"]))
+        if "wall_paired_recording_by_counter" in p:
+            lines.append(
+                "recording by counter, wall paired %: " + json.dumps(p["wall_paired_recording_by_counter"])
+            )
+            lines.append(
+                "vs current counter, wall paired %: " + json.dumps(p["wall_paired_vs_current_counter"])
+            )
+            lines.append(
+                "device us added by counter: "
+                + json.dumps({c: v["added_us_per_forward"] for c, v in p["added_kernels_by_counter"].items()})
+            )
+            lines.append("counter loads equal: " + json.dumps(p["counter_loads_equal"]))
     if "transfer" in r:
         t = r["transfer"]
         lines.append("canary: " + json.dumps({k: v for k, v in t.items() if k.startswith("canary_")}))

@@ -66,6 +66,10 @@ SUPPORTED_DISPATCHERS = ("allgather", "alltoall")
 REPLICA_DISPATCH = ("even", "local_first")
 
 
+# Routed-map accumulators kept per MoE layer (distinct token counts ``T``); see ``MegatronEPLB._route_acc``.
+_MAX_ACC_SHAPES = 4
+
+
 class EPLBPatchError(ValueError):
     """The model, its configuration or a placement cannot be used by the Megatron-core patch."""
 
@@ -470,6 +474,13 @@ class MegatronEPLB:
         self._loads_rows = list(self._loads.unbind(0))
         self._slot_loads_rows = list(self._slot_loads.unbind(0))
         self._slot_loads_host_rows = list(self._slot_loads_host.unbind(0))
+        # Per layer, int32 accumulators of the routed map, keyed by its shape ``[T, E]``: each forward adds its
+        # bool map with ONE elementwise op (``acc += routed``); the column sums are taken on read (``loads()``).
+        # One op instead of four (cast, memset, column sum, add) is what makes the recording cheap: the MoE
+        # forward is host-bound, and every op launched is host time on its critical path.  The accumulators
+        # are never replaced (graph-safe), at most ``_MAX_ACC_SHAPES`` per layer; other shapes are counted
+        # with the direct column sum.
+        self._route_acc: list[dict[torch.Size, torch.Tensor]] = [{} for _ in range(self.num_layers)]
         self._tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | bool | None]] = [
             None
         ] * self.num_layers
@@ -504,7 +515,12 @@ class MegatronEPLB:
     def loads(self) -> torch.Tensor:
         """int64 ``[L, E]``: (token, expert) pairs routed on this rank per MoE layer and logical expert
         since the last :meth:`reset_loads` (real forward passes only, padding tokens excluded).  The live
-        buffer on the device; clone it to keep a snapshot."""
+        buffer on the device, brought up to date by this call (the per-forward counts are folded in here,
+        two small ops per layer and shape, no host sync); clone it to keep a snapshot."""
+        for row, accs in zip(self._loads_rows, self._route_acc):
+            for acc in accs.values():
+                row.add_(acc.sum(dim=0, dtype=torch.int64))
+                acc.zero_()
         return self._loads
 
     def slot_loads(self) -> torch.Tensor:
@@ -520,6 +536,9 @@ class MegatronEPLB:
     def reset_loads(self) -> None:
         """Zero both load buffers (in place, no host sync)."""
         self._loads.zero_()
+        for accs in self._route_acc:
+            for acc in accs.values():
+                acc.zero_()
         self._slot_loads.zero_()
         self._slot_loads_host.zero_()
         self._host_counted = False
@@ -866,6 +885,18 @@ class MegatronEPLB:
 
         return count
 
+    def _count_routed(self, idx: int, routed: torch.Tensor) -> None:
+        """Count the bool ``[T, E]`` map ``routed`` (padding already masked) into layer ``idx``'s logical
+        loads: one in-place add into the layer's accumulator of that shape (summed by :meth:`loads`)."""
+        accs = self._route_acc[idx]
+        acc = accs.get(routed.shape)
+        if acc is None:
+            if len(accs) >= _MAX_ACC_SHAPES:  # many token counts: count directly, hold no more memory
+                self._loads_rows[idx].add_(routed.sum(dim=0, dtype=torch.int64))
+                return
+            acc = accs[routed.shape] = torch.zeros(routed.shape, dtype=torch.int32, device=routed.device)
+        acc.add_(routed)  # int32 += bool; overflows only after 2**31 forwards between two reads
+
     def _route_physical(
         self, idx: int, probs: torch.Tensor, routing_map: torch.Tensor, padding_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -874,7 +905,7 @@ class MegatronEPLB:
             routed = routing_map
             if padding_mask is not None:  # Megatron's router: True marks padding
                 routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)
-            self._loads_rows[idx].add_(routed.sum(dim=0, dtype=torch.int64))
+            self._count_routed(idx, routed)
         log2phy, count, local_slot, direct = self._tables[idx]
         if direct is True:  # slot s holds expert s: physical routing is the logical routing
             return probs, routing_map

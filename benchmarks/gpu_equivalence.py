@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_common import init_single_rank  # noqa: E402
 
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
 
@@ -40,34 +40,6 @@ LAYERS = 2  # MoE layers
 TOKENS = (128, 4)  # [sequence, batch]
 # Relative tolerance (max |patched - unpatched| / max |unpatched|) per dtype.
 TOLERANCE = {"bfloat16": 2e-2, "float32": 1e-5}
-
-
-def _init() -> torch.device:
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron_eplb.patches import megatron as eplb_mcore
-
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        eplb_mcore.enable_cpu()
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        # megatron-core 0.16 without Transformer Engine: the router reads this name, which its failed TE
-        # import left undefined (a NameError on GPU too); None is its "no TE" value (enable_cpu does the same).
-        moe_utils.te_general_gemm = None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-    )
-    if cuda:
-        torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
-    model_parallel_cuda_manual_seed(1234)
-    return torch.device("cuda", 0) if cuda else torch.device("cpu")
 
 
 def _config(dtype: torch.dtype):
@@ -224,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="folder for gpu_equivalence_mcore<version>.json")
     args = parser.parse_args(argv)
     started = time.time()
-    device = _init()
+    device = init_single_rank()
     from megatron_eplb.patches import megatron as eplb_mcore
 
     version = ".".join(map(str, eplb_mcore.mcore_version()))

@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import socket
 import statistics
 import sys
 import time
@@ -47,37 +45,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import count_calls, init_single_rank  # noqa: E402
+
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
 
 # ============================================================================ helpers
-def _init() -> torch.device:
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron_eplb.patches import megatron as eplb_mcore
-
-    if not CUDA:
-        eplb_mcore.enable_cpu()
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None  # megatron-core 0.16 without Transformer Engine
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-    )
-    if CUDA:
-        torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if CUDA else "gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
-    model_parallel_cuda_manual_seed(1234)
-    return torch.device("cuda", 0) if CUDA else torch.device("cpu")
-
-
 def _sync() -> None:
     if CUDA:
         torch.cuda.synchronize()
@@ -878,20 +853,6 @@ def permute_policy(load, num_slots, num_ranks, previous=None, **kwargs):
 _EVENTS: dict[str, int] = {}
 
 
-def _count_calls(owner, name: str) -> None:
-    original = getattr(owner, name, None)
-    if original is None or getattr(original, "_gpu_perf_counted", False):
-        return
-
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
-        _EVENTS[name] = _EVENTS.get(name, 0) + 1
-        return original(*args, **kwargs)
-
-    wrapper._gpu_perf_counted = True
-    setattr(owner, name, wrapper)
-
-
 def _build_gpt(device, small: bool, redundant: int):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -936,10 +897,10 @@ def part_train(device, small: bool, canary: str = "sampled", more_canaries: tupl
     handle = eplb_mcore.apply(model, config=EPLBConfig.from_dict(base_cfg))
     opt = torch.optim.Adam(model.parameters(), lr=1e-5, fused=CUDA)
     for name in ("gather_window", "_await_plan", "_start_planning"):
-        _count_calls(EPLBManager, name)
+        count_calls(EPLBManager, name, _EVENTS)
     for name in ("start_layer", "finish_layer", "verify_layer"):
-        _count_calls(TransferExecutor, name)
-    _count_calls(type(handle), "commit_layer")
+        count_calls(TransferExecutor, name, _EVENTS)
+    count_calls(type(handle), "commit_layer", _EVENTS)
     peaks: list[int] = []
     original_init = TransferExecutor.__init__
 
@@ -1079,7 +1040,7 @@ def main(argv: list[str] | None = None) -> dict:
     small = args.small or not CUDA
     parts = args.parts.split(",")
     started = time.time()
-    device = _init()
+    device = init_single_rank()
     from megatron_eplb.patches import megatron as eplb_mcore
 
     result: dict = {

@@ -61,6 +61,7 @@ sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402  (examples/data.py: byte-level text domains)
 import train  # noqa: E402  (examples/train.py: model, DeepSpeed config, parallel init)
+from bench_common import count_calls  # noqa: E402
 from data import ByteBatches, load_domain  # noqa: E402
 
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
@@ -152,20 +153,6 @@ def rotate_policy(load, num_slots, num_ranks, previous=None, **kwargs):
     """Test policy: every rank's slots go to the next rank (``phy2log [L, P]`` rolled by the slots per rank),
     so every slot whose expert is not already on its new rank is sent over the network: forced moves."""
     return np.roll(previous.phy2log, previous.phy2log.shape[1] // num_ranks, axis=1)
-
-
-def _count_calls(owner, name: str) -> None:
-    original = getattr(owner, name)
-    if getattr(original, "_multi_gpu_counted", False):
-        return
-
-    @functools.wraps(original)
-    def wrapper(*a, **k):
-        _EVENTS[name] = _EVENTS.get(name, 0) + 1
-        return original(*a, **k)
-
-    wrapper._multi_gpu_counted = True
-    setattr(owner, name, wrapper)
 
 
 def _sync() -> None:
@@ -614,9 +601,9 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_eplb.transfer import TransferExecutor
 
     for name in TRANSFER_EVENTS:
-        _count_calls(TransferExecutor, name)
+        count_calls(TransferExecutor, name, _EVENTS)
     for name in PLAN_EVENTS:
-        _count_calls(EPLBManager, name)
+        count_calls(EPLBManager, name, _EVENTS)
     t0 = time.monotonic()
     ep = init(args)
     rank = dist.get_rank()

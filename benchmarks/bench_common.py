@@ -1,0 +1,55 @@
+"""Pieces the benchmark scripts share (imported as ``bench_common``: each script's folder is on ``sys.path``)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["count_calls", "init_single_rank"]
+
+
+def init_single_rank() -> torch.device:
+    """One process, one device: Megatron's parallel state at TP = PP = EP = 1, NCCL on GPU, gloo on CPU."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.moe import moe_utils
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        eplb_mcore.enable_cpu()
+    if not hasattr(moe_utils, "te_general_gemm"):
+        # megatron-core 0.16 without Transformer Engine: the router reads this name, which its failed TE
+        # import left undefined (a NameError on GPU too, unpatched models included); None means "no TE".
+        moe_utils.te_general_gemm = None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    if cuda:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+    model_parallel_cuda_manual_seed(1234)
+    return torch.device("cuda", 0) if cuda else torch.device("cpu")
+
+
+def count_calls(owner, name: str, events: dict[str, int]) -> None:
+    """Wrap ``owner.name`` (once) so that each call adds 1 to ``events[name]``."""
+    original = getattr(owner, name)
+    if getattr(original, "_bench_counted", False):
+        return
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        events[name] = events.get(name, 0) + 1
+        return original(*args, **kwargs)
+
+    wrapper._bench_counted = True
+    setattr(owner, name, wrapper)

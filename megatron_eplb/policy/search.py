@@ -172,20 +172,10 @@ class SearchState:
                 + self._moved(la, rb[:, None, :], ea[:, :, None])
                 - self._moved(la, rb[:, None, :], eb[:, None, :])
             )
-            score = gain / np.maximum(cost, 0.5)
         else:
-            cost = np.zeros(gain.shape, dtype=np.int64)
-            score = gain
-        score = np.where(valid, score, -np.inf).reshape(n_a, -1)
-        best = score.argmax(axis=1)
-        i, j = np.divmod(best, slot_b.shape[1])
-        return (
-            score[ar, best],
-            gain.reshape(n_a, -1)[ar, best],
-            slot_a[ar, i],
-            slot_b[ar, j],
-            cost.reshape(n_a, -1)[ar, best],
-        )
+            cost = None
+        score, gain, i, j, cost = _best_move(gain, cost, valid, slot_b.shape[1])
+        return score, gain, slot_a[ar, i], slot_b[ar, j], cost
 
     def best_repoint(self, A, rl, per_copy, min_gain, use_cost: bool):
         """Best re-point of each layer in ``A`` -> (score, gain, slot, new_expert, cost), each ``[A]``."""
@@ -247,20 +237,10 @@ class SearchState:
             cost = self._moved(la, r[:, None, :], y[:, :, None]) - self._moved(
                 la, r[:, None, :], x[:, None, :]
             )
-            score = gain / np.maximum(cost, 0.5)
         else:
-            cost = np.zeros(gain.shape, dtype=np.int64)
-            score = gain
-        score = np.where(valid, score, -np.inf).reshape(n_a, -1)
-        best = score.argmax(axis=1)
-        i, j = np.divmod(best, k)
-        return (
-            score[ar, best],
-            gain.reshape(n_a, -1)[ar, best],
-            slot[ar, j],
-            y[ar, i],
-            cost.reshape(n_a, -1)[ar, best],
-        )
+            cost = None
+        score, gain, i, j, cost = _best_move(gain, cost, valid, k)
+        return score, gain, slot[ar, j], y[ar, i], cost
 
     # ------------------------------------------------------------------- moves
     def _home_delta(self, A, experts, rank_from, rank_to):
@@ -420,3 +400,26 @@ def local_search(
             state.apply_repoint(A[use_r], slot[use_r], y[use_r])
         A = A[use_s | use_r]
     return state
+
+
+def _best_move(gain: np.ndarray, cost: np.ndarray | None, valid: np.ndarray, width: int):
+    """The best valid candidate of each layer: the largest gain per moved slot (gain alone without ``cost``).
+
+    Args:
+        gain: float ``[A, a, width]`` cut of the hottest rank's load per candidate move.
+        cost: int ``[A, a, width]`` slots each candidate moves, or None (moves are free).
+        valid: bool, broadcastable to ``gain``.
+    Returns:
+        score, gain, index along ``a``, index along ``width``, cost — each ``[A]`` (score ``-inf``: none valid).
+    """
+    n_a = gain.shape[0]
+    ar = np.arange(n_a)
+    if cost is None:
+        cost = np.zeros(gain.shape, dtype=np.int64)
+        score = gain
+    else:
+        score = gain / np.maximum(cost, 0.5)
+    score = np.where(valid, score, -np.inf).reshape(n_a, -1)
+    best = score.argmax(axis=1)
+    i, j = np.divmod(best, width)
+    return score[ar, best], gain.reshape(n_a, -1)[ar, best], i, j, cost.reshape(n_a, -1)[ar, best]

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/gpu_perf.py --out DIR [--parts bw,record,record_profile,transfer,train] [--small]
+    python benchmarks/gpu_perf.py --out DIR [--parts bw,record,transfer,train] [--small] [--canary off]
 
 Writes ``DIR/gpu_perf.json`` and prints a table.  Without CUDA it runs tiny sizes on CPU (gloo), a smoke test of
 the script itself; its numbers mean nothing.
@@ -11,14 +11,9 @@ Parts (one process, one GPU, EP = 1):
 
 * ``bw``: device copy bandwidth (a large device-to-device copy, bytes read + written).
 * ``record``: one Megatron-core MoE layer (hidden 4096, ffn 2048, 64 experts, top-8, 8192 tokens, bf16,
-  alltoall dispatcher, SequentialMLP) unpatched vs patched at the default placement, forward and
-  forward+backward, CUDA events, variants interleaved sample by sample.  The patch is timed with its
-  recording on and off (``_recomputing`` forced true), and with the previous implementation ("before", copied
-  below) of the routing and the slot counter; plus a permuted placement without replicas.
-* ``record_profile``: the same layer, the patch's cost resolved below the wall-clock noise: device time
-  from ``torch.profiler`` (the kernels the patch adds, by multiset difference of the kernel lists per
-  forward, and their durations), host time of the recording code timed alone on the real inputs, and the
-  paired wall clock with more samples (see :func:`part_record_profile`).
+  alltoall dispatcher, SequentialMLP) unpatched, patched at the default placement, and patched with its
+  recording off; two separately built instances of each, forwards interleaved, paired CUDA-event wall clock;
+  the kernels the patch adds (profiler); the count under CUDA graph replay (see :func:`part_record`).
 * ``transfer``: :class:`TransferExecutor` moving a permutation of 16 slots of that layer's size (weights bf16
   + fp32 master + Adam ``exp_avg``/``exp_avg_sq`` fp32) through its staged path (before) and its direct path.
 * ``train``: a Megatron-core GPTModel MoE (4 MoE layers, 16 experts + 4 redundant slots, top-2, bf16, fused
@@ -36,7 +31,6 @@ import json
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -140,139 +134,6 @@ class _OneMoE(torch.nn.Module):
         return self.layer(x)[0]
 
 
-# ============================================================================ "before" (previous code)
-# The routing and slot counter of patches/megatron.py before this benchmark's changes, bound onto a handle
-# to time both implementations in one run.
-def _before_route_physical(self, idx, probs, routing_map, padding_mask):
-    from megatron_eplb.patches import megatron as m
-
-    if not m._recomputing():
-        routed = routing_map
-        if padding_mask is not None:
-            routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)
-        self._loads[idx] += routed.sum(dim=0, dtype=torch.int64)
-    log2phy, count, local_slot = self._tables[idx][:3]
-    return m.route_to_slots(
-        probs,
-        routing_map,
-        log2phy,
-        count,
-        self.num_slots,
-        offset=self.ep_rank,
-        local_slot=local_slot if self.replica_dispatch == "local_first" else None,
-    )
-
-
-def _before_slot_counter(handle, idx):
-    from megatron_eplb.patches import megatron as m
-
-    def count(module, args):
-        if m._recomputing():
-            return
-        handle._slot_loads[idx] += torch.as_tensor(args[1]).to(handle.device, torch.int64, non_blocking=True)
-
-    return count
-
-
-# ============================================================================ counting variants
-# Implementations of ``MegatronEPLB._count_routed(idx, routed)`` (bool ``[T, E]``, padding masked) timed side by
-# side by ``record_profile``; each is bound onto the handle in place of the current one.  ``fold`` (if any)
-# moves what the variant holds elsewhere into ``handle._loads`` (what ``loads()`` would do on read).
-_SUM_DIM = torch.ops.aten.sum.dim_IntList
-_ADD_ = torch.ops.aten.add_.Tensor
-
-
-def _count_colsum_out(self, idx, routed):
-    """Column sum into a preallocated int64 scratch row (no output allocation), then ``add_``."""
-    scratch = self.__dict__.setdefault("_bench_scratch", {}).get(idx)
-    if scratch is None:
-        scratch = self._bench_scratch[idx] = torch.empty_like(self._loads_rows[idx])
-    torch.sum(routed, 0, dtype=torch.int64, out=scratch)
-    self._loads_rows[idx].add_(scratch)
-
-
-def _count_colsum_nodtype(self, idx, routed):
-    """``sum(0)`` of the bool map without ``dtype`` (bool sums to int64 by default)."""
-    self._loads_rows[idx].add_(routed.sum(0))
-
-
-def _count_aten(self, idx, routed):
-    """The same two ops through ``torch.ops.aten`` overloads (no Python arg parsing of the torch API)."""
-    _ADD_(self._loads_rows[idx], _SUM_DIM(routed, [0], False, dtype=torch.int64))
-
-
-def _count_colsum(self, idx, routed):
-    """The previous code: column sum with ``dtype`` (cast copy, memset, reduce), then ``add_``."""
-    self._loads_rows[idx].add_(routed.sum(dim=0, dtype=torch.int64))
-
-
-def _count_accmap_u8(self, idx, routed):
-    """As ``accmap`` with a uint8 accumulator (the map's own size): folded every 255 forwards, before it can
-    overflow, and on read."""
-    st = self.__dict__.setdefault("_bench_acc8", {}).get(idx)
-    if st is None or st[0].shape != routed.shape:
-        if st is not None:
-            self._loads_rows[idx].add_(st[0].sum(0, dtype=torch.int64))
-        st = self._bench_acc8[idx] = [torch.zeros(routed.shape, dtype=torch.uint8, device=routed.device), 0]
-    st[0].add_(routed)
-    st[1] += 1
-    if st[1] == 255:
-        self._loads_rows[idx].add_(st[0].sum(0, dtype=torch.int64))
-        st[0].zero_()
-        st[1] = 0
-
-
-def _fold_accmap_u8(self):
-    for idx, st in self.__dict__.get("_bench_acc8", {}).items():
-        self._loads_rows[idx].add_(st[0].sum(0, dtype=torch.int64))
-        st[0].zero_()
-        st[1] = 0
-
-
-COUNTERS = {
-    "accmap": (
-        None,
-        None,
-    ),  # the current code (MegatronEPLB._count_routed): int32 [T, E] += routed, summed on read
-    "colsum": (_count_colsum, None),
-    "colsum_out": (_count_colsum_out, None),
-    "colsum_nodtype": (_count_colsum_nodtype, None),
-    "aten": (_count_aten, None),
-    "accmap_u8": (_count_accmap_u8, _fold_accmap_u8),
-}
-
-
-class _Modes:
-    """Switch a patched model between the current and the previous implementation, recording on/off."""
-
-    def __init__(self, handle) -> None:
-        from megatron_eplb.patches import megatron as m
-
-        self.m, self.handle = m, handle
-        self.real_recomputing = m._recomputing
-        self.hooks = []  # (hook dict, key, current fn, before fn)
-        for idx, layer in enumerate(handle.moe_layers()):
-            hooks = layer.experts._forward_pre_hooks
-            for key, fn in hooks.items():
-                if "slot_counter" in getattr(fn, "__qualname__", ""):
-                    self.hooks.append((hooks, key, fn, _before_slot_counter(handle, idx)))
-
-    def set(self, impl: str, record: bool, counter: str = "accmap") -> None:
-        h = self.handle
-        if impl == "before":
-            h._route_physical = types.MethodType(_before_route_physical, h)
-        else:
-            h.__dict__.pop("_route_physical", None)
-        fn = COUNTERS[counter][0]
-        if fn is None:
-            h.__dict__.pop("_count_routed", None)
-        else:
-            h._count_routed = types.MethodType(fn, h)
-        for hooks, key, now, before in self.hooks:
-            hooks[key] = before if impl == "before" else now
-        self.m._recomputing = self.real_recomputing if record else (lambda: True)
-
-
 # ============================================================================ parts
 def part_bandwidth(device, small: bool) -> dict:
     n = (1 << 20) if small else (2 << 30)
@@ -291,182 +152,7 @@ def part_bandwidth(device, small: bool) -> dict:
     return {"bytes": n, "median_ms": ms, "copy_bandwidth_GBps": 2 * n / ms / 1e6}
 
 
-def part_record(device, small: bool) -> dict:
-    from megatron_eplb.patches import megatron as eplb_mcore
-
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    if small:
-        h, ffn, experts, topk, tokens, iters, warm = 64, 128, 8, 2, 256, 6, 2
-    else:
-        h, ffn, experts, topk, tokens, iters, warm = 4096, 2048, 64, 8, 8192, 240, 10
-    config = _moe_config(h, ffn, experts, topk, dtype)
-    torch.manual_seed(0)
-    ref = _OneMoE(config, device)
-    pat = _OneMoE(config, device)
-    pat.load_state_dict(ref.state_dict())
-    handle = eplb_mcore.apply(pat)
-    modes = _Modes(handle)
-    x = torch.randn(tokens, 1, h, device=device, dtype=dtype)
-    g = torch.randn_like(x)
-    variants = {
-        "unpatched": (ref, None),
-        "unpatched_again": (ref, None),  # A/A control: the noise floor
-        "after": (pat, ("after", True)),
-        "after_norecord": (pat, ("after", False)),
-        "before": (pat, ("before", True)),
-        "before_norecord": (pat, ("before", False)),
-    }
-
-    # Correctness: outputs bitwise equal to the unpatched layer; loads equal the router's counts.
-    out = {"setup": dict(hidden=h, ffn=ffn, experts=experts, topk=topk, tokens=tokens, dtype=str(dtype))}
-    with torch.no_grad():
-        y_ref = ref(x)
-        for impl in ("after", "before"):
-            modes.set(impl, True)
-            handle.reset_loads()
-            y = pat(x)
-            out[f"bitwise_equal_{impl}"] = bool(torch.equal(y, y_ref))
-            loads, slots = handle.loads().clone(), handle.slot_loads().clone()
-            out[f"loads_sum_ok_{impl}"] = bool(int(loads.sum()) == tokens * topk)
-            out[f"slot_loads_equal_loads_{impl}"] = bool(torch.equal(loads, slots))
-    modes.set("after", True)
-
-    def timed(names, fwd_only, n, w):
-        timers = {k: _Timer() for k in names}
-        out_paired = {}
-        for it in range(w + n):
-            order = names[it % len(names) :] + names[: it % len(names)]  # rotate: no position bias
-            for name in order:
-                model, mode = variants[name]
-                if mode is not None:
-                    modes.set(*mode)
-                xi = x.detach().requires_grad_(not fwd_only)
-                s = timers[name].start()
-                y = model(xi)
-                if not fwd_only:
-                    y.backward(g)
-                if it >= w:
-                    timers[name].stop(s)
-                del y, xi
-            if it % 10 == 0:
-                _sync()
-        modes.set("after", True)
-        res = {k: _stats(t.ms()) for k, t in timers.items()}
-        # Paired differences: each sample minus the unpatched sample of the same rotation (same moment of
-        # the machine), median and a bootstrap 95% interval, in % of the unpatched median.
-        ms = {k: np.asarray(t.ms()) for k, t in timers.items()}
-        base_ms = ms[names[0]]
-        rng = np.random.default_rng(0)
-        for k in names[1:]:
-            d = 100.0 * (ms[k] - base_ms) / np.median(base_ms)
-            boot = np.median(rng.choice(d, size=(2000, d.size)), axis=1)
-            out_paired[k] = {
-                "median_pct": float(np.median(d)),
-                "ci95_pct": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-            }
-        res["paired_vs_" + names[0]] = out_paired
-        return res
-
-    names = list(variants)
-    out["forward"] = timed(names, True, iters, warm)
-    out["forward_backward"] = timed(names, False, max(iters // 2, 3), max(warm // 2, 1))
-
-    # A permuted placement without replicas: the column gather (after) vs the round-robin split (before).
-    perm = np.random.default_rng(0).permutation(experts)[None, :]
-    handle.set_placement(ExpertPlacement(perm, 1, experts))
-    with torch.no_grad():
-        for impl in ("after", "before"):
-            modes.set(impl, True)
-            out[f"perm_bitwise_equal_{impl}"] = bool(torch.equal(pat(x), y_ref))
-    variants["perm_after"] = (pat, ("after", True))
-    variants["perm_before"] = (pat, ("before", True))
-    out["forward_permuted"] = timed(["unpatched", "perm_after", "perm_before"], True, iters, warm)
-
-    f = {k: v for k, v in out["forward"].items() if not k.startswith("paired")}
-    base = f["unpatched"]["median_ms"]
-
-    def pct(name, ref_name="unpatched", table=f):
-        return 100.0 * (table[name]["median_ms"] - table[ref_name]["median_ms"]) / base
-
-    out["overhead_pct"] = {
-        "patch_after": pct("after"),
-        "patch_before": pct("before"),
-        "recording_only_after": pct("after", "after_norecord"),
-        "recording_only_before": pct("before", "before_norecord"),
-        "noise_aa": pct("unpatched_again"),
-        "permuted_after": pct("perm_after", table=out["forward_permuted"]),
-        "permuted_before": pct("perm_before", table=out["forward_permuted"]),
-    }
-    fb = out["forward_backward"]
-    out["overhead_pct_forward_backward"] = {
-        "patch_after": 100.0
-        * (fb["after"]["median_ms"] - fb["unpatched"]["median_ms"])
-        / fb["unpatched"]["median_ms"],
-        "patch_before": 100.0
-        * (fb["before"]["median_ms"] - fb["unpatched"]["median_ms"])
-        / fb["unpatched"]["median_ms"],
-    }
-
-    # The counting itself, isolated: one call = what the route wrapper adds per layer per forward.
-    rm = torch.rand(tokens, experts, device=device) < topk / experts
-    loads = torch.zeros(experts, dtype=torch.int64, device=device)
-    t = _Timer()
-    reps = 200
-    for _ in range(3):
-        s = t.start()
-        for _ in range(reps):
-            loads += rm.sum(dim=0, dtype=torch.int64)
-        t.stop(s)
-    out["counting_us_per_call"] = 1e3 * min(t.ms()) / reps
-    for label, fn in (
-        ("colsum_int64", lambda: rm.sum(dim=0, dtype=torch.int64)),
-        ("colsum_int32", lambda: rm.sum(dim=0, dtype=torch.int32)),
-        ("transposed", lambda: rm.t().contiguous().sum(dim=1, dtype=torch.int64)),
-    ):
-        assert torch.equal(fn().long(), rm.sum(0))
-        t = _Timer()
-        for _ in range(3):
-            s = t.start()
-            for _ in range(reps):
-                loads.add_(fn())
-            t.stop(s)
-        out[f"counting_{label}_us_per_call"] = 1e3 * min(t.ms()) / reps
-    # Alternative: two-stage reduction (more parallel outputs in the first stage).
-    if tokens % 128 == 0:
-        two = torch.zeros_like(loads)
-        two += rm.view(-1, 128, experts).sum(1, dtype=torch.int32).sum(0)
-        out["counting_two_stage_equal"] = bool(torch.equal(two, rm.sum(0)))
-        t = _Timer()
-        for _ in range(3):
-            s = t.start()
-            for _ in range(reps):
-                loads += rm.view(-1, 128, experts).sum(1, dtype=torch.int32).sum(0)
-            t.stop(s)
-        out["counting_two_stage_us_per_call"] = 1e3 * min(t.ms()) / reps
-    # Host time of the whole recording (route wrapper + slot counter) is in recording_only_*.
-    # Under CUDA graph replay the in-place add on a fixed buffer counts every replay.
-    out["cuda_graph_replay_counts_ok"] = None
-    if CUDA:
-        loads.zero_()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            loads += rm.sum(dim=0, dtype=torch.int64)  # warm-up on the capture stream
-        torch.cuda.current_stream().wait_stream(stream)
-        loads.zero_()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            loads += rm.sum(dim=0, dtype=torch.int64)
-        loads.zero_()
-        for _ in range(5):
-            graph.replay()
-        _sync()
-        out["cuda_graph_replay_counts_ok"] = bool(torch.equal(loads, 5 * rm.sum(0)))
-    del ref, pat, handle
-    return out
-
-
-# ---------------------------------------------------------------------------------------- record_profile
+# ---------------------------------------------------------------------------------------- record
 def _kernel_events(prof) -> list[tuple[str, float]]:
     """``(name, µs)`` of the device activity a profiler session saw (kernels, memcpy, memset) in launch
     order; without CUDA, the leaf CPU ops (a smoke test: the numbers mean nothing there)."""
@@ -480,24 +166,9 @@ def _kernel_events(prof) -> list[tuple[str, float]]:
     return out
 
 
-def _host_us(fn, n: int, sync_every: int = 25) -> float:
-    """Median host time (µs) of one call of ``fn``: each call timed alone with ``perf_counter_ns``; the
-    device is synchronised every ``sync_every`` calls (outside the timed calls) so the launch queue never
-    fills and blocks the host."""
-    ts = []
-    for i in range(n):
-        if i % sync_every == 0:
-            _sync()
-        t0 = time.perf_counter_ns()
-        fn()
-        ts.append(time.perf_counter_ns() - t0)
-    _sync()
-    return float(np.median(ts)) / 1e3
-
-
 def _paired(ms: dict[str, np.ndarray], base: str, scale: float) -> dict:
     """Paired differences (sample minus the ``base`` sample of the same round) in % of ``scale``: median
-    and a bootstrap 95 % interval of the median."""
+    and a bootstrap 95 % interval of the median.  ``ms``: name -> ``[rounds]`` times."""
     rng = np.random.default_rng(0)
     out = {}
     for k, v in ms.items():
@@ -512,16 +183,30 @@ def _paired(ms: dict[str, np.ndarray], base: str, scale: float) -> dict:
     return out
 
 
-def part_record_profile(device, small: bool) -> dict:
-    """The patch's cost at the default placement, resolved below the wall-clock noise.
+def _recording_off(handle) -> None:
+    """Switch one patched model's recording off for good (its own handle only; nothing is toggled per
+    forward): the logical count and the slot counter hook become no-ops."""
+    handle._count_routed = lambda idx, routed: None
+    for layer in handle.moe_layers():
+        hooks = layer.experts._forward_pre_hooks
+        for key, fn in list(hooks.items()):
+            if "slot_counter" in getattr(fn, "__qualname__", ""):
+                hooks[key] = lambda module, args: None
 
-    (a) device time: ``torch.profiler`` (CUDA activity only) over ``fwd_per_session`` forwards of one
-    variant per session, sessions of all variants interleaved round by round; per forward the sum of the
-    device activity durations and the multiset of kernel names.  The kernels the patch adds are the
-    multiset difference patched - unpatched (exact, no timing noise in *which* kernels); their summed
-    durations are the added device time.  (b) host time: the CPU time of the recording calls themselves on
-    the real inputs (route wrapper, slot counter hook), timed alone many times.  (c) the paired wall-clock
-    comparison (CUDA events), more samples than ``record``.
+
+def part_record(device, small: bool, copies: int = 2) -> dict:
+    """The patch's cost on one MoE layer at the default placement, forward (as in training: weights
+    require grad, the autograd graph is built).
+
+    Three kinds of the same layer (same weights, same input): ``unpatched``, ``patched`` (the code as it
+    is) and ``norecord`` (patched, recording switched off), ``copies`` separately built instances of each
+    (built interleaved), so the comparison is not one allocation of one model against another.  Every
+    round runs one forward of every instance in a rotating order and times each with CUDA events.
+    Reported, paired by round (a kind's time in a round = the mean of its instances): the whole patch
+    (patched vs unpatched), the recording alone (patched vs norecord), and the instance noise (A/A: the
+    first instance of a kind against the second), median and bootstrap 95 % CI in % of the unpatched
+    median.  Plus, exact and free of timing noise: the kernels the patch adds per forward (``torch.profiler``,
+    multiset difference of kernel names), and the recording's count under CUDA graph replay.
     """
     from megatron_eplb.patches import megatron as eplb_mcore
     from torch.profiler import ProfilerActivity, profile
@@ -529,61 +214,64 @@ def part_record_profile(device, small: bool) -> dict:
     dtype = torch.bfloat16 if CUDA else torch.float32
     if small:
         h, ffn, experts, topk, tokens = 64, 128, 8, 2, 256
-        rounds, per_session, host_n, wall_n, warm = 3, 2, 50, 6, 2
+        rounds, warm, prof_fwd = 8, 2, 2
     else:
         h, ffn, experts, topk, tokens = 4096, 2048, 64, 8, 8192
-        rounds, per_session, host_n, wall_n, warm = 8, 10, 3000, 400, 10
+        rounds, warm, prof_fwd = 500, 10, 40
     config = _moe_config(h, ffn, experts, topk, dtype)
     torch.manual_seed(0)
-    ref = _OneMoE(config, device)
-    pat = _OneMoE(config, device)
-    pat.load_state_dict(ref.state_dict())
-    handle = eplb_mcore.apply(pat)
-    modes = _Modes(handle)
+    weights = _OneMoE(config, device).state_dict()
+    models: dict[str, torch.nn.Module] = {}
+    handles = {}
+    for i in range(copies):
+        for kind in ("unpatched", "patched", "norecord"):
+            m = _OneMoE(config, device)
+            m.load_state_dict(weights)
+            if kind != "unpatched":
+                handles[f"{kind}{i}"] = eplb_mcore.apply(m)
+                if kind == "norecord":
+                    _recording_off(handles[f"{kind}{i}"])
+            models[f"{kind}{i}"] = m
+    del weights
     x = torch.randn(tokens, 1, h, device=device, dtype=dtype)
-    variants = {
-        "unpatched": (ref, None),
-        "unpatched_again": (ref, None),  # A/A control
-        "patched": (pat, ("after", True, "accmap")),  # the code as it is
-        "patched_norecord": (pat, ("after", False, "accmap")),  # the patch with its recording skipped
-    }
-    for c in COUNTERS:  # the other counting implementations, same patched model
-        if c != "accmap":
-            variants[f"patched_{c}"] = (pat, ("after", True, c))
-    names = list(variants)
     out: dict = {
-        "setup": dict(hidden=h, ffn=ffn, experts=experts, topk=topk, tokens=tokens, dtype=str(dtype)),
-        "method": (
-            "device: torch.profiler CUDA activity, sum of kernel/memcpy/memset durations per forward; "
-            "added kernels = multiset difference patched - unpatched. host: perf_counter_ns per call of "
-            "the recording code on the real inputs, median. wall: CUDA events, paired, interleaved."
-        ),
+        "setup": dict(hidden=h, ffn=ffn, experts=experts, topk=topk, tokens=tokens, dtype=str(dtype))
     }
-    with torch.no_grad():
-        y_ref = ref(x)
-        modes.set("after", True)
-        handle.reset_loads()
-        out["bitwise_equal"] = bool(torch.equal(pat(x), y_ref))
-        out["loads_sum_ok"] = bool(int(handle.loads().sum()) == tokens * topk)
-        out["slot_loads_equal_loads"] = bool(torch.equal(handle.loads(), handle.slot_loads()))
-        want = handle.loads().clone()
-        out["counter_loads_equal"] = {}
-        for c, (_, fold) in COUNTERS.items():  # every variant counts exactly what the current code counts
-            modes.set("after", True, c)
-            handle.reset_loads()
-            pat(x)
-            pat(x)
-            if fold is not None:
-                fold(handle)
-            out["counter_loads_equal"][c] = bool(torch.equal(handle.loads(), 2 * want))
-        modes.set("after", True)
-        handle.reset_loads()
 
-    def forward(name):
-        model, mode = variants[name]
-        if mode is not None:
-            modes.set(*mode)
-        y = model(x)  # as in training: weights require grad, the autograd graph is built
+    # Correctness: every instance's output is bitwise equal; the loads are the router's counts.
+    with torch.no_grad():
+        y_ref = models["unpatched0"](x)
+        out["bitwise_equal"] = all(bool(torch.equal(m(x), y_ref)) for m in models.values())
+        h0 = handles["patched0"]
+        h0.reset_loads()
+        models["patched0"](x)
+        out["loads_sum_ok"] = int(h0.loads().sum()) == tokens * topk
+        out["slot_loads_equal_loads"] = bool(torch.equal(h0.loads(), h0.slot_loads()))
+        out["norecord_counts_nothing"] = int(handles["norecord0"].loads().sum()) == 0
+
+        # Under CUDA graph replay the count (an in-place add into a buffer that is never replaced) counts
+        # every replay.
+        out["cuda_graph_replay_counts_ok"] = None
+        if CUDA:
+            routed = torch.rand(tokens, experts, device=device) < topk / experts
+            h0.reset_loads()
+            h0._count_routed(0, routed)  # creates the accumulator for this shape outside the capture
+            h0.reset_loads()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                h0._count_routed(0, routed)
+            h0.reset_loads()
+            for _ in range(5):
+                graph.replay()
+            out["cuda_graph_replay_counts_ok"] = bool(torch.equal(h0.loads()[0], 5 * routed.sum(0)))
+            del graph
+        for hd in handles.values():
+            hd.reset_loads()
+
+    names = list(models)
+
+    def forward(name: str) -> None:
+        y = models[name](x)
         del y
 
     for _ in range(warm):
@@ -591,122 +279,42 @@ def part_record_profile(device, small: bool) -> dict:
             forward(name)
     _sync()
 
-    # (a) device time.
+    # Device activity: the kernels each kind launches per forward (first instance of each kind).
     activities = [ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
-    per_fwd_us: dict[str, list[float]] = {k: [] for k in names}
-    kernels: dict[str, dict[str, list[float]]] = {k: {} for k in names}  # name -> kernel -> durations
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
+    kernels: dict[str, dict[str, list[float]]] = {}
+    for kind in ("unpatched", "patched", "norecord"):
+        with profile(activities=activities) as prof:
+            for _ in range(prof_fwd):
+                forward(f"{kind}0")
             _sync()
-            with profile(activities=activities) as prof:
-                for _ in range(per_session):
-                    forward(name)
-                _sync()
-            ev = _kernel_events(prof)
-            per_fwd_us[name].append(sum(d for _, d in ev) / per_session)
-            for kname, d in ev:
-                kernels[name].setdefault(kname, []).append(d)
-    modes.set("after", True)
-    n_fwd = rounds * per_session
-    dev = {k: np.asarray(v) for k, v in per_fwd_us.items()}
-    base_us = float(np.median(dev["unpatched"]))
-    out["device_us_per_forward"] = {k: float(np.median(v)) for k, v in dev.items()}
-    out["device_paired_vs_unpatched"] = _paired(dev, "unpatched", base_us)
+        kernels[kind] = {}
+        for kname, d in _kernel_events(prof):
+            kernels[kind].setdefault(kname, []).append(d)
 
-    def added(variant: str, against: str = "unpatched") -> dict:
+    def added(variant: str, against: str) -> dict:
         """Kernels ``variant`` launches more often than ``against`` per forward, with their durations."""
         rows = {}
         for kname, ds in kernels[variant].items():
-            extra = len(ds) / n_fwd - len(kernels[against].get(kname, [])) / n_fwd
+            extra = (len(ds) - len(kernels[against].get(kname, []))) / prof_fwd
             if extra > 1e-9:
-                rows[kname[:160]] = {
-                    "extra_per_forward": extra,
-                    "median_us": float(np.median(ds)),
-                    "added_us_per_forward": extra * float(np.median(ds)),
-                }
-        missing = {
-            kname[:160]: len(ds) / n_fwd - len(kernels[variant].get(kname, [])) / n_fwd
-            for kname, ds in kernels[against].items()
-            if len(ds) > len(kernels[variant].get(kname, []))
-        }
+                rows[kname[:160]] = {"extra_per_forward": extra, "median_us": float(np.median(ds))}
         return {
             "kernels": rows,
-            "fewer": missing,
-            "added_us_per_forward": float(sum(v["added_us_per_forward"] for v in rows.values())),
+            "added_us_per_forward": float(
+                sum(r["extra_per_forward"] * r["median_us"] for r in rows.values())
+            ),
+            "device_us_per_forward": {
+                k: float(sum(sum(ds) for ds in kernels[k].values())) / prof_fwd for k in (variant, against)
+            },
         }
 
-    out["added_kernels_patched"] = added("patched")
-    out["added_kernels_patched_norecord"] = added("patched_norecord")
-    out["added_kernels_recording"] = added("patched", "patched_norecord")
-    out["kernels_per_forward"] = {k: sum(len(v) for v in kernels[k].values()) / n_fwd for k in names}
-    out["added_kernels_by_counter"] = {
-        c: added("patched" if c == "accmap" else f"patched_{c}", "patched_norecord") for c in COUNTERS
-    }
+    out["kernels_added_by_patch"] = added("patched", "unpatched")
+    out["kernels_added_by_recording"] = added("patched", "norecord")
 
-    # (b) host time of the recording code, on the real inputs of this layer.
-    layer = pat.layer
-    original_route = layer.route.__defaults__[-1]  # the wrapper keeps Megatron's bound route
-    captured = {}
-
-    def grab(module, args):
-        captured["args"] = args
-
-    grab_handle = layer.experts.register_forward_pre_hook(grab)
-    with torch.no_grad():
-        pat(x)
-    grab_handle.remove()
-    counter = next(fn for _, _, fn, _ in modes.hooks)
-    with torch.no_grad():
-        probs, rmap = original_route(x)
-    out["slot_counter_input"] = (
-        f"{type(captured['args'][1]).__name__} on "
-        f"{getattr(captured['args'][1], 'device', 'host')}"  # where the dispatcher hands tokens_per_expert
-    )
-    host: dict[str, float] = {}
-    row = handle._loads_rows[0]
-    loops = {
-        "route_physical_record": lambda: handle._route_physical(0, probs, rmap, None),
-        "route_physical_norecord": lambda: handle._route_physical(0, probs, rmap, None),
-        "slot_counter_record": lambda: counter(layer.experts, captured["args"]),
-        "slot_counter_norecord": lambda: counter(layer.experts, captured["args"]),
-        "count_sum_only": lambda: rmap.sum(dim=0, dtype=torch.int64),
-        "count_sum_add": lambda: row.add_(rmap.sum(dim=0, dtype=torch.int64)),
-        **{f"count_{c}": (lambda: handle._count_routed(0, rmap)) for c in COUNTERS},
-        "route_wrapped": lambda: layer.route(x),
-        "route_megatron": lambda: original_route(x),
-        "empty_call": lambda: None,
-    }
-    with torch.no_grad():
-        for _ in range(3):  # three interleaved rounds; the median of the round medians
-            for key, fn in loops.items():
-                c = key[len("count_") :] if key[len("count_") :] in COUNTERS else "accmap"
-                modes.set("after", not key.endswith("norecord"), c)
-                host.setdefault(key, []).append(_host_us(fn, host_n // 3 or 1))
-    modes.set("after", True)
-    handle.reset_loads()
-    host_us = {k: float(np.median(v)) for k, v in host.items()}
-    out["host_us"] = host_us
-    out["host_us_rounds"] = host
-    host_added = (
-        host_us["route_physical_record"]
-        - host_us["route_physical_norecord"]
-        + host_us["slot_counter_record"]
-        - host_us["slot_counter_norecord"]
-    )
-    host_patch = (
-        host_us["route_wrapped"]
-        - host_us["route_megatron"]
-        + host_us["slot_counter_record"]
-        - host_us["empty_call"]
-    )
-    out["host_added_us_recording"] = host_added
-    out["host_added_us_patch"] = host_patch
-
-    # (c) paired wall clock, more samples.
+    # Paired wall clock.
     timers = {k: _Timer() for k in names}
-    for it in range(warm + wall_n):
-        order = names[it % len(names) :] + names[: it % len(names)]
+    for it in range(warm + rounds):
+        order = names[it % len(names) :] + names[: it % len(names)]  # rotate: no position bias
         for name in order:
             s = timers[name].start()
             forward(name)
@@ -714,42 +322,24 @@ def part_record_profile(device, small: bool) -> dict:
                 timers[name].stop(s)
         if it % 10 == 0:
             _sync()
-    modes.set("after", True)
-    wall = {k: np.asarray(t.ms()) for k, t in timers.items()}
-    fwd_ms = float(np.median(wall["unpatched"]))
-    out["wall_ms"] = {k: _stats(list(v)) for k, v in wall.items()}
-    out["wall_paired_vs_unpatched"] = _paired(wall, "unpatched", fwd_ms)
-    # The recording alone: patched minus the patch with its recording off, paired the same way.
-    out["wall_paired_recording"] = _paired(
-        {k: wall[k] for k in ("patched", "patched_norecord")}, "patched_norecord", fwd_ms
-    )["patched"]
-    # Each counting implementation: its recording alone (vs recording off) and against the current one.
-    pvars = [k for k in names if k == "patched" or k.startswith("patched_") and k != "patched_norecord"]
-    out["wall_paired_recording_by_counter"] = _paired(
-        {k: wall[k] for k in pvars + ["patched_norecord"]}, "patched_norecord", fwd_ms
-    )
-    out["wall_paired_vs_current_counter"] = _paired({k: wall[k] for k in pvars}, "patched", fwd_ms)
-
-    # Overheads in % of the unpatched forward (wall median).  device_plus_isolated_host: every added µs of
-    # device and host time on the critical path; NOT an upper bound: host time timed alone (warm caches, a hot
-    # loop) came out below what the same calls cost inside the forward (H100 run: 0.36 % vs 0.75 % wall).
-    fwd_us = 1e3 * fwd_ms
-    dev_rec = out["added_kernels_recording"]["added_us_per_forward"]
-    dev_patch = out["added_kernels_patched"]["added_us_per_forward"]
-    out["forward_us"] = fwd_us
-    out["overhead_pct"] = {
-        "recording_device": 100.0 * dev_rec / fwd_us,
-        "recording_host": 100.0 * max(host_added, 0.0) / fwd_us,
-        "recording_device_plus_isolated_host": 100.0 * (dev_rec + max(host_added, 0.0)) / fwd_us,
-        "patch_device": 100.0 * dev_patch / fwd_us,
-        "patch_host": 100.0 * max(host_patch, 0.0) / fwd_us,
-        "patch_device_plus_isolated_host": 100.0 * (dev_patch + max(host_patch, 0.0)) / fwd_us,
-        "device_total_paired_patched": out["device_paired_vs_unpatched"]["patched"]["median_pct"],
-        "device_total_paired_aa": out["device_paired_vs_unpatched"]["unpatched_again"]["median_pct"],
-        "wall_paired_patched": out["wall_paired_vs_unpatched"]["patched"]["median_pct"],
-        "wall_paired_recording": out["wall_paired_recording"]["median_pct"],
-        "wall_paired_aa": out["wall_paired_vs_unpatched"]["unpatched_again"]["median_pct"],
+    ms = {k: np.asarray(t.ms()) for k, t in timers.items()}
+    kind_ms = {
+        kind: np.mean([ms[f"{kind}{i}"] for i in range(copies)], axis=0)
+        for kind in ("unpatched", "patched", "norecord")
     }
+    fwd_ms = float(np.median(kind_ms["unpatched"]))
+    out["forward_ms"] = fwd_ms
+    out["wall_ms"] = {k: _stats(list(v)) for k, v in ms.items()}
+    out["patch_pct"] = _paired(kind_ms, "unpatched", fwd_ms)["patched"]
+    out["recording_pct"] = _paired(kind_ms, "norecord", fwd_ms)["patched"]
+    out["patch_without_recording_pct"] = _paired(kind_ms, "unpatched", fwd_ms)["norecord"]
+    out["instance_aa_pct"] = {
+        kind: _paired({"a": ms[f"{kind}0"], "b": ms[f"{kind}1"]}, "a", fwd_ms)["b"]
+        for kind in ("unpatched", "patched", "norecord")
+        if copies > 1
+    }
+    out["per_instance_vs_unpatched0_pct"] = _paired(ms, "unpatched0", fwd_ms)
+    out["rounds"] = rounds
     return out
 
 
@@ -877,7 +467,7 @@ def _build_gpt(device, small: bool, redundant: int):
     return model, setup, (vocab, seq, mbs)
 
 
-def part_train(device, small: bool, canary: str = "sampled", more_canaries: tuple[str, ...] = ()) -> dict:
+def part_train(device, small: bool, canary: str = "off", more_canaries: tuple[str, ...] = ()) -> dict:
     from megatron_eplb.patches import megatron as eplb_mcore
 
     from megatron_eplb.config import EPLBConfig
@@ -1027,8 +617,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small", action="store_true", help="tiny sizes (CPU smoke test)")
     parser.add_argument(
         "--canary",
-        default="sampled",
-        choices=("sampled", "full", "off"),
+        default="off",
+        choices=("off", "sampled", "full"),
         help="eplb_transfer_canary for the training part",
     )
     parser.add_argument(
@@ -1062,25 +652,13 @@ def main(argv: list[str] | None = None) -> dict:
         copy_gbps = result["bandwidth"]["copy_bandwidth_GBps"]
         print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     if "record" in parts:
-        result["record"] = part_record(device, small)
-        _dump(args.out, result)
-        result["recording_overhead_pct"] = result["record"]["overhead_pct"]["recording_only_after"]
-        result["patch_overhead_pct"] = result["record"]["overhead_pct"]["patch_after"]
-        print(json.dumps(result["record"]["overhead_pct"]), flush=True)
-        _sync()
-        if CUDA:
-            torch.cuda.empty_cache()
-    if "record_profile" in parts:
-        result["record_profile"] = part_record_profile(device, small)
-        o = result["record_profile"]["overhead_pct"]
-        # The best-resolved number: the paired wall clock (its A/A interval is ±0.25 % with 400 samples); the
-        # profiler splits it into device time (the added kernels) and host time.
-        result["recording_overhead_pct"] = o["wall_paired_recording"]
+        rec = result["record"] = part_record(device, small)
+        result["recording_overhead_pct"] = rec["recording_pct"]["median_pct"]
+        result["patch_overhead_pct"] = rec["patch_pct"]["median_pct"]
         result["recording_overhead_method"] = (
-            "record_profile: paired wall clock, patched minus patched with recording off, median of 400"
+            "record: paired CUDA-event wall clock of the layer forward, patched vs patched with recording "
+            f"off, {rec['rounds']} rounds, two separately built instances of each kind; median"
         )
-        result["patch_overhead_pct"] = o["wall_paired_patched"]
-        print(json.dumps(o), flush=True)
         _dump(args.out, result)
         _sync()
         if CUDA:
@@ -1098,7 +676,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["seconds"] = round(time.time() - started, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "gpu_perf.json" if args.canary == "sampled" else f"gpu_perf_canary_{args.canary}.json"
+    name = "gpu_perf.json" if args.canary == "off" else f"gpu_perf_canary_{args.canary}.json"
     (out / name).write_text(json.dumps(result, indent=1))
     print(_table(result))
     dist.destroy_process_group()
@@ -1113,52 +691,25 @@ def _dump(out: str, result: dict) -> None:
 def _table(r: dict) -> str:
     lines = [f"{r['device']}  torch {r['torch']}  megatron-core {r['megatron_core']}  ({r['seconds']} s)"]
     if "record" in r:
-        f = r["record"]["forward"]
+        p = r["record"]
+        ci = lambda d: f"{d['median_pct']:+.2f} % ({d['ci95_pct'][0]:+.2f} ... {d['ci95_pct'][1]:+.2f})"  # noqa: E731
         lines.append(
-            "MoE layer forward, median ms: "
-            + ", ".join(f"{k} {v['median_ms']:.3f}" for k, v in f.items() if "median_ms" in v)
+            f"MoE layer forward, unpatched: {p['forward_ms']:.3f} ms (median of {p['rounds']} rounds)"
         )
-        fb = r["record"]["forward_backward"]
+        lines.append(f"  whole patch:            {ci(p['patch_pct'])}")
+        lines.append(f"  recording alone:        {ci(p['recording_pct'])}")
+        lines.append(f"  patch, recording off:   {ci(p['patch_without_recording_pct'])}")
+        for kind, d in p["instance_aa_pct"].items():
+            lines.append(f"  A/A {kind + ' instances:':22s}{ci(d)}")
+        k = p["kernels_added_by_patch"]
         lines.append(
-            "fwd+bwd, median ms: "
-            + ", ".join(f"{k} {v['median_ms']:.3f}" for k, v in fb.items() if "median_ms" in v)
-        )
-        lines.append("overhead % of the unpatched forward: " + json.dumps(r["record"]["overhead_pct"]))
-        lines.append(
-            "paired fwd % (median, ci95): " + json.dumps(r["record"]["forward"]["paired_vs_unpatched"])
-        )
-        lines.append(
-            "counting us/call: "
-            + json.dumps(
-                {k: round(v, 1) for k, v in r["record"].items() if k.startswith("counting_") and "us" in k}
-            )
+            f"  kernels added by the patch per forward: {json.dumps(k['kernels'])} = "
+            f"{k['added_us_per_forward']:.1f} us device"
         )
         lines.append(
-            f"counting {r['record']['counting_us_per_call']:.1f} us/call, two-stage "
-            f"{r['record'].get('counting_two_stage_us_per_call', float('nan')):.1f}"
+            f"  bitwise equal {p['bitwise_equal']}, loads ok {p['loads_sum_ok']}, "
+            f"CUDA graph replay counts ok {p['cuda_graph_replay_counts_ok']}"
         )
-    if "record_profile" in r:
-        p = r["record_profile"]
-        lines.append(
-            f"record_profile: forward {p['forward_us']:.0f} us; overhead %: " + json.dumps(p["overhead_pct"])
-        )
-        lines.append("device us/forward: " + json.dumps(p["device_us_per_forward"]))
-        lines.append("kernels added by the recording: " + json.dumps(p["added_kernels_recording"]))
-        lines.append("kernels added by the patch: " + json.dumps(p["added_kernels_patched"]))
-        lines.append("host us: " + json.dumps(p["host_us"]))
-        lines.append("wall paired %: " + json.dumps(p["wall_paired_vs_unpatched"]))
-        if "wall_paired_recording_by_counter" in p:
-            lines.append(
-                "recording by counter, wall paired %: " + json.dumps(p["wall_paired_recording_by_counter"])
-            )
-            lines.append(
-                "vs current counter, wall paired %: " + json.dumps(p["wall_paired_vs_current_counter"])
-            )
-            lines.append(
-                "device us added by counter: "
-                + json.dumps({c: v["added_us_per_forward"] for c, v in p["added_kernels_by_counter"].items()})
-            )
-            lines.append("counter loads equal: " + json.dumps(p["counter_loads_equal"]))
     if "transfer" in r:
         t = r["transfer"]
         lines.append("canary: " + json.dumps({k: v for k, v in t.items() if k.startswith("canary_")}))

@@ -185,17 +185,6 @@ def _paired(ms: dict[str, np.ndarray], base: str, scale: float) -> dict:
     return out
 
 
-def _recording_off(handle) -> None:
-    """Switch one patched model's recording off for good (its own handle only; nothing is toggled per
-    forward): the logical count and the slot counter hook become no-ops."""
-    handle._count_routed = lambda idx, routed: None
-    for layer in handle.moe_layers():
-        hooks = layer.experts._forward_pre_hooks
-        for key, fn in list(hooks.items()):
-            if "slot_counter" in getattr(fn, "__qualname__", ""):
-                hooks[key] = lambda module, args: None
-
-
 def part_record(device, small: bool, copies: int = 2, rounds: int = 500) -> dict:
     """The patch's cost on one MoE layer at the default placement, forward (as in training: weights
     require grad, the autograd graph is built).
@@ -232,8 +221,7 @@ def part_record(device, small: bool, copies: int = 2, rounds: int = 500) -> dict
             m.load_state_dict(weights)
             if kind != "unpatched":
                 handles[f"{kind}{i}"] = eplb_mcore.apply(m)
-                if kind == "norecord":
-                    _recording_off(handles[f"{kind}{i}"])
+                handles[f"{kind}{i}"].recording = kind == "patched"
             models[f"{kind}{i}"] = m
     del weights
     x = torch.randn(tokens, 1, h, device=device, dtype=dtype)

@@ -68,6 +68,7 @@ REPLICA_DISPATCH = ("even", "local_first")
 
 # Routed-map accumulators kept per MoE layer (distinct token counts ``T``); see ``MegatronEPLB._route_acc``.
 _MAX_ACC_SHAPES = 4
+_MAX_PENDING_SLOT_COUNTS = 256  # per layer, slot counts kept between two reads before they are summed
 
 
 class EPLBPatchError(ValueError):
@@ -465,15 +466,18 @@ class MegatronEPLB:
         self._slot_loads = torch.zeros(
             self.num_layers, self.slots_per_rank, dtype=torch.int64, device=self.device
         )
-        # Slot counts that arrive on the host (the dispatchers hand SequentialMLP its split sizes on the CPU)
-        # are summed here, without a device launch, and folded into ``_slot_loads`` by ``slot_loads()``.
-        self._slot_loads_host = torch.zeros(self.num_layers, self.slots_per_rank, dtype=torch.int64)
-        self._host_counted = False
+        #: Record loads (``loads()``, ``slot_loads()``) on real forwards; ``False`` pauses recording (e.g. for
+        #: evaluation forwards that should not steer the placement).
+        self.recording = True
+        # Per layer, the per-slot token counts exactly as the dispatcher hands them to the experts (a host
+        # tensor for the alltoall and allgather dispatchers): a forward only keeps a reference (a list
+        # append, no op); ``slot_loads()`` sums them all at once.  In the middle of the host-bound MoE
+        # forward even one small op costs tens of µs.
+        self._slot_counts_pending: list[list] = [[] for _ in range(self.num_layers)]
         # Per-layer row views, made once: the per-forward adds go straight into them (no indexing or
         # ``__setitem__`` on the hot path).  The buffers are only ever zeroed in place, so the views stay live.
         self._loads_rows = list(self._loads.unbind(0))
         self._slot_loads_rows = list(self._slot_loads.unbind(0))
-        self._slot_loads_host_rows = list(self._slot_loads_host.unbind(0))
         # Per layer, int32 accumulators of the routed map, keyed by its shape ``[T, E]``: each forward adds its
         # bool map with ONE elementwise op (``acc += routed``); the column sums are taken on read (``loads()``).
         # One op instead of four (cast, memset, column sum, add) is what makes the recording cheap: the MoE
@@ -526,12 +530,26 @@ class MegatronEPLB:
     def slot_loads(self) -> torch.Tensor:
         """int64 ``[L, S]``: tokens each local physical slot computed since the last :meth:`reset_loads`.
 
-        The live buffer on the device (counts gathered on the host are added to it here, one small copy)."""
-        if self._host_counted:
-            self._slot_loads += self._slot_loads_host.to(self.device)
-            self._slot_loads_host.zero_()
-            self._host_counted = False
+        The live buffer on the device, brought up to date by this call (the counts kept since the last call
+        are summed in: a few ops for all layers together)."""
+        self._fold_slot_counts()
         return self._slot_loads
+
+    def _fold_slot_counts(self) -> None:
+        """Add the kept per-forward slot counts into ``_slot_loads`` and drop them: per device they came on,
+        one stack ``[N, S]``, one ``index_add_`` into an ``[L, S]`` table, one copy to the device."""
+        by_device: dict[torch.device, tuple[list[int], list[torch.Tensor]]] = {}
+        for idx, pending in enumerate(self._slot_counts_pending):
+            for counts in pending:
+                counts = torch.as_tensor(counts)
+                layers, rows = by_device.setdefault(counts.device, ([], []))
+                layers.append(idx)
+                rows.append(counts.reshape(-1))
+            pending.clear()
+        for device, (layers, rows) in by_device.items():
+            table = torch.zeros(self.num_layers, self.slots_per_rank, dtype=torch.int64, device=device)
+            table.index_add_(0, torch.tensor(layers, device=device), torch.stack(rows).to(torch.int64))
+            self._slot_loads.add_(table.to(self.device))
 
     def reset_loads(self) -> None:
         """Zero both load buffers (in place, no host sync)."""
@@ -540,8 +558,8 @@ class MegatronEPLB:
             for acc in accs.values():
                 acc.zero_()
         self._slot_loads.zero_()
-        self._slot_loads_host.zero_()
-        self._host_counted = False
+        for pending in self._slot_counts_pending:
+            pending.clear()
 
     # ---------------------------------------------------------------- slots
     def slot_params(self, layer: int, slot: int) -> list[torch.nn.Parameter]:
@@ -806,7 +824,7 @@ class MegatronEPLB:
             return self._route_physical(_idx, probs, routing_map, padding_mask)
 
         layer.route = route
-        new.register_forward_pre_hook(self._make_slot_counter(idx))
+        new.forward = self._make_slot_counting_forward(idx, new.forward)
         new.sharded_state_dict = self._make_sharded_state_dict(idx, new)
         new.register_load_state_dict_pre_hook(self._make_fill_same_rank_copies(idx))
 
@@ -871,19 +889,24 @@ class MegatronEPLB:
 
         return fill
 
-    def _make_slot_counter(self, idx: int):
-        def count(module, args):
-            if _recomputing():
-                return
-            tokens_per_slot = args[1]
-            if not torch.is_tensor(tokens_per_slot) or tokens_per_slot.device.type == "cpu":
-                # Already on the host (the dispatcher moved it there): add on the host, no device launch.
-                self._slot_loads_host_rows[idx].add_(torch.as_tensor(tokens_per_slot))
-                self._host_counted = True
-            else:
-                self._slot_loads_rows[idx].add_(tokens_per_slot.to(self.device))
+    def _make_slot_counting_forward(self, idx: int, experts_forward):
+        """The experts' ``forward(hidden, tokens_per_slot, probs)``, keeping ``tokens_per_slot`` for
+        :meth:`slot_loads` first.  A wrapper rather than a forward pre-hook: a module without hooks takes
+        ``Module.__call__``'s fast path."""
 
-        return count
+        def forward(*args, **kwargs):
+            if self.recording and not _recomputing():
+                counts = args[1] if len(args) > 1 else kwargs["tokens_per_expert"]
+                if getattr(counts, "is_cuda", False) and torch.cuda.is_current_stream_capturing():
+                    self._slot_loads_rows[idx].add_(counts)  # graph-safe: in place into a live buffer
+                else:
+                    pending = self._slot_counts_pending[idx]
+                    pending.append(counts)
+                    if len(pending) >= _MAX_PENDING_SLOT_COUNTS:  # nobody reads: bound what is kept
+                        self._fold_slot_counts()
+            return experts_forward(*args, **kwargs)
+
+        return forward
 
     def _count_routed(self, idx: int, routed: torch.Tensor) -> None:
         """Count the bool ``[T, E]`` map ``routed`` (padding already masked) into layer ``idx``'s logical
@@ -901,7 +924,7 @@ class MegatronEPLB:
         self, idx: int, probs: torch.Tensor, routing_map: torch.Tensor, padding_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Record logical loads; map ``[T, E]`` probs / routing map to ``[T, P]`` physical slots."""
-        if not _recomputing():
+        if self.recording and not _recomputing():
             routed = routing_map
             if padding_mask is not None:  # Megatron's router: True marks padding
                 routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)

@@ -19,7 +19,14 @@ def test_gpu_perf_small_runs_every_part_and_checks_hold(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "gpu_perf.json").read_text())
-    for key in ("device", "torch", "megatron_core", "recording_overhead_pct", "recording_alone_pct", "rebalance_stall_ratio"):
+    for key in (
+        "device",
+        "torch",
+        "megatron_core",
+        "recording_overhead_pct",
+        "recording_alone_pct",
+        "rebalance_stall_ratio",
+    ):
         assert key in r
     rec = r["record"]
     assert rec["bitwise_equal"] and rec["loads_sum_ok"] and rec["slot_loads_equal_loads"]

@@ -282,6 +282,25 @@ def _ep2_checks(rank: int, world: int, out_dir: str) -> dict:
     results["commit_layer"] = _compare(ref, pat, handle, x, w)
     errs["commit_bad_row"] = _expect_error(lambda: handle.commit_layer(0, row[:-1]), "slots")
 
+    # --- recording switched off counts nothing; forwards never read keep a bounded number of slot counts
+    handle.reset_loads()
+    handle.recording = False
+    with torch.no_grad():
+        pat(x)
+    results["recording_off_counted"] = int(handle.loads().sum()) + int(handle.slot_loads().sum())
+    handle.recording = True
+    forwards = eplb_mcore._MAX_PENDING_SLOT_COUNTS + 3
+    with torch.no_grad():
+        for _ in range(forwards):
+            pat(x)
+    results["pending_kept_max"] = max(len(p) for p in handle._slot_counts_pending)
+    slot_total = handle.slot_loads().sum(dim=1)
+    torch.distributed.all_reduce(slot_total)
+    pairs = x.shape[0] * x.shape[1] * config.moe_router_topk * forwards  # per rank and layer
+    results["loads_after_many"] = handle.loads().sum(dim=1).tolist() == [pairs] * num_layers
+    results["slot_loads_after_many"] = slot_total.tolist() == [pairs * world] * num_layers
+    handle.reset_loads()
+
     # --- logical checkpoint: save with one placement, load into another placement
     sd = handle.logical_state_dict()
     results["ckpt_keys"] = sorted(k for k in sd if ".local_experts." in k)[:3]
@@ -440,6 +459,16 @@ def test_ep2_allgather_top2_equivalence(ep2):
             assert res[name]["copies_identical"]
             # even dispatch: copies of one expert differ by at most one pair per rank
             assert res[name]["copy_spread"] <= 2, res[name]["copy_spread"]
+
+
+def test_ep2_recording_switch_and_bounded_slot_counts(ep2):
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    results, _ = ep2
+    for res in results:
+        assert res["recording_off_counted"] == 0
+        assert res["pending_kept_max"] < eplb_mcore._MAX_PENDING_SLOT_COUNTS
+        assert res["loads_after_many"] and res["slot_loads_after_many"]
 
 
 def test_ep2_errors_are_clear_and_change_nothing(ep2):

@@ -784,15 +784,27 @@ class MegatronEPLB:
         for slot in reversed(self.local_slots()):  # lowest local slot wins
             if row[slot] >= 0:
                 local_slot[row[slot]] = slot
-        dev = self.device
-        direct: torch.Tensor | bool | None = None
-        if row.shape[0] == self.num_experts and np.array_equal(np.sort(row), np.arange(self.num_experts)):
-            identity = np.array_equal(row, np.arange(self.num_experts))
-            direct = True if identity else torch.as_tensor(row.copy(), device=dev)
+        num_experts, copies = log2phy.shape[1:]
+        parts = [log2phy[0].reshape(-1), np.maximum(count[0], 1), local_slot]
+        permutation = row.shape[0] == self.num_experts and np.array_equal(
+            np.sort(row), np.arange(num_experts)
+        )
+        identity = permutation and np.array_equal(row, np.arange(num_experts))
+        if permutation and not identity:
+            parts.append(row)
+        # One host-to-device copy for all tables; on CUDA from pinned memory, asynchronous: a commit lands in
+        # a layer's forward pre-hook, where a pageable copy would synchronise the stream mid-forward.
+        flat = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        else:
+            flat = flat.to(self.device)
+        ec, e2 = num_experts * copies, 2 * num_experts
+        direct = True if identity else flat[ec + e2 :] if permutation else None
         return (
-            torch.as_tensor(log2phy[0], device=dev),
-            torch.as_tensor(np.maximum(count[0], 1), device=dev),
-            torch.as_tensor(local_slot, device=dev),
+            flat[:ec].view(num_experts, copies),
+            flat[ec : ec + num_experts],
+            flat[ec + num_experts : ec + e2],
             direct,
         )
 

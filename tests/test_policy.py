@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from megatron_eplb.placement import ExpertPlacement
 from megatron_eplb.policy import PolicyError, placement_diagnostics, rebalance, rebalance_with_info
-from megatron_eplb.policy.common import count_same_rank_duplicates
+from megatron_eplb.policy.common import (
+    _argsort_descending,
+    count_same_rank_duplicates,
+    items_from_counts,
+    lpt_pack,
+    replicate,
+)
+from megatron_eplb.policy.search import SearchState, local_search, pair_rounds
 from megatron_eplb.stats import balance_summary, moved_slots, rank_loads, read_load_file
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/real_traces/sglang_deepseek_v3"
@@ -299,3 +306,137 @@ def test_real_trace_targets():
     assert count_same_rank_duplicates(greedy.phy2log, 32) == 0
     relaxed = rebalance(load, 288, 32, num_nodes=4, num_groups=8)
     assert balance_summary(relaxed, load)["mean"] >= 0.97
+
+
+# ------------------------------------------------------------------ fast paths against one-at-a-time rules
+def lpt_one_at_a_time(item_weight, item_expert, rank_capacity):
+    """The rule of :func:`lpt_pack` without node constraints, item by item: heaviest first (ties in item
+    order), each to the least loaded rank (lowest index on ties) with room that lacks its expert, else to the
+    least loaded rank with room."""
+    item_rank = np.full(item_weight.shape, -1)
+    for layer, (weights, experts) in enumerate(zip(item_weight, item_expert)):
+        load = [0.0] * len(rank_capacity)
+        room = [int(c) for c in rank_capacity]
+        held = [set() for _ in rank_capacity]
+        for i in sorted(range(len(weights)), key=lambda i: -weights[i]):  # (sorted() is stable)
+            open_ranks = [r for r in range(len(room)) if room[r] > 0]
+            free = [r for r in open_ranks if experts[i] not in held[r]] or open_ranks
+            r = min(free, key=lambda r: load[r])
+            item_rank[layer, i] = r
+            load[r] += weights[i]
+            room[r] -= 1
+            held[r].add(experts[i])
+    return item_rank
+
+
+@st.composite
+def packing_problems(draw):
+    """(item_weight [L, K], item_expert [L, K], num_experts, rank_capacity [N])."""
+    num_layers, num_ranks, spr = draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 5))
+    capacity = np.array([spr * draw(st.booleans()) for _ in range(num_ranks)])
+    capacity[draw(st.integers(0, num_ranks - 1))] = spr
+    num_items = int(capacity.sum())
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    kind = draw(st.sampled_from(["uniform", "skewed", "zeros", "ties"]))
+    if draw(st.booleans()):  # replicated experts, as the policies make them
+        num_experts = draw(st.integers(1, num_items))
+        load = {
+            "uniform": lambda: rng.uniform(0, 100, (num_layers, num_experts)),
+            "skewed": lambda: rng.pareto(0.8, (num_layers, num_experts)),
+            "zeros": lambda: np.where(rng.random((num_layers, num_experts)) < 0.7, 0.0, 1.0),
+            "ties": lambda: rng.integers(0, 3, (num_layers, num_experts)).astype(float),
+        }[kind]()
+        max_copies = (capacity > 0).sum() if spr <= num_experts else num_items
+        counts = replicate(load, np.full(num_layers, num_items - num_experts), max_copies)
+        item_expert, item_weight, _, _ = items_from_counts(counts, load)
+    else:  # any items: copies apart, unequal copies
+        num_experts = draw(st.integers(1, num_items + 2))
+        item_expert = rng.integers(0, num_experts, (num_layers, num_items))
+        item_weight = {
+            "uniform": lambda: rng.uniform(0, 10, (num_layers, num_items)),
+            "skewed": lambda: rng.pareto(0.8, (num_layers, num_items)),
+            "zeros": lambda: np.zeros((num_layers, num_items)),
+            "ties": lambda: rng.integers(0, 3, (num_layers, num_items)).astype(float),
+        }[kind]()
+    return item_weight, item_expert, num_experts, capacity
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=packing_problems())
+def test_lpt_pack_is_exactly_one_at_a_time(data):
+    item_weight, item_expert, num_experts, capacity = data
+    expected = lpt_one_at_a_time(item_weight, item_expert, capacity)
+    assert np.array_equal(lpt_pack(item_weight, item_expert, num_experts, capacity), expected)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "zeros", "ties"])
+def test_lpt_pack_large_matches_one_at_a_time(kind):
+    """Many layers and ranks: every step rule of the fast path gets used (spread, fill, weightless, copies)."""
+    rng = np.random.default_rng(7)
+    load = {
+        "uniform": rng.uniform(0, 100, (6, 64)),
+        "skewed": rng.pareto(0.7, (6, 64)),
+        "zeros": np.where(rng.random((6, 64)) < 0.5, 0.0, rng.uniform(0, 9, (6, 64))),
+        "ties": rng.integers(0, 3, (6, 64)).astype(float),
+    }[kind]
+    load[0] = 0.0  # an empty layer: copies of weightless experts
+    capacity = np.array([5] * 15 + [0])
+    counts = replicate(load, np.full(6, 75 - 64), 15)
+    item_expert, item_weight, _, _ = items_from_counts(counts, load)
+    expected = lpt_one_at_a_time(item_weight, item_expert, capacity)
+    assert np.array_equal(lpt_pack(item_weight, item_expert, 64, capacity), expected)
+
+
+def replicate_one_at_a_time(weight, extra, max_copies):
+    """The rule of :func:`replicate`, copy by copy."""
+    counts = np.ones(weight.shape, dtype=np.int64)
+    cap = np.broadcast_to(np.asarray(max_copies), (len(weight),))
+    for row in range(len(weight)):
+        for _ in range(int(extra[row])):
+            ratio = weight[row] / counts[row]
+            capped = counts[row] >= cap[row]
+            if not capped.all():
+                ratio[capped] = -np.inf
+            counts[row, ratio.argmax()] += 1
+    return counts
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31), kind=st.sampled_from(["uniform", "zeros", "ties"]), per_row=st.booleans())
+def test_replicate_is_exactly_copy_by_copy(seed, kind, per_row):
+    rng = np.random.default_rng(seed)
+    rows, num_experts = rng.integers(1, 5), rng.integers(1, 12)
+    weight = {
+        "uniform": rng.uniform(0, 100, (rows, num_experts)),
+        "zeros": np.zeros((rows, num_experts)),
+        "ties": rng.integers(0, 3, (rows, num_experts)).astype(float),
+    }[kind]
+    extra = rng.integers(0, 3 * num_experts, rows)
+    max_copies = rng.integers(1, 5, rows) if per_row else int(rng.integers(1, 5))
+    expected = replicate_one_at_a_time(weight, extra, max_copies)
+    assert np.array_equal(replicate(weight, extra, max_copies), expected)
+
+
+@SETTINGS
+@given(values=st.lists(st.sampled_from([0.0, -0.0, 0.5, 1.0, 2.0, 1e-300, 3.25]), min_size=1, max_size=40))
+def test_argsort_descending_is_stable(values):
+    rows = np.array([values, values[::-1]], dtype=np.float64)
+    assert np.array_equal(_argsort_descending(rows), np.argsort(-rows, axis=1, kind="stable"))
+
+
+@pytest.mark.parametrize("locality", ["none", "relaxed"])
+def test_search_state_keeps_loads_current(locality):
+    """After swaps and re-points, the kept per-copy and rank loads equal freshly computed ones, bit for bit."""
+    rng = np.random.default_rng(3)
+    load = rng.pareto(1.0, (4, 16)) * 100
+    p = rebalance(load, 24, 6, policy="greedy")
+    home = np.repeat(np.arange(2), 8)[None, :].repeat(4, axis=0) if locality == "relaxed" else None
+    kw = dict(home=home, rank_node=np.arange(6) // 3, locality=locality)
+    state = SearchState(load, p.phy2log, 6, **kw)
+    layers = np.arange(4)
+    pair_rounds(state, layers, np.zeros(4))
+    local_search(state, layers, np.zeros(4), repoint=True, max_iters=20)
+    fresh = SearchState(load, state.slot_e, 6, **kw)
+    assert np.array_equal(state.per_copy(layers), fresh.per_copy(layers))
+    assert np.array_equal(state.rank_loads(layers), fresh.rank_loads(layers))
+    assert np.array_equal(state.has, fresh.has) and np.array_equal(state.counts, fresh.counts)

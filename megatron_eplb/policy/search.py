@@ -36,6 +36,9 @@ class SearchState:
         locality: ``"none"``, ``"strict"`` or ``"relaxed"``.
         original: optional int64 ``[L, P]``, the placement churn is counted against.
         allow_duplicates: accept two copies of one expert on a rank (only when unavoidable).
+
+    Change it only through :meth:`apply_swap` and :meth:`apply_repoint`: they keep ``counts``, ``has``, the
+    per-copy loads and the rank loads current (``rank_loads`` is a look-up, exactly the sum over the slots).
     """
 
     def __init__(
@@ -73,6 +76,9 @@ class SearchState:
             np.add.at(self.home_cnt, (rows[at_home], self.slot_e[at_home]), 1)
         self.orig_has = self._holdings(original) > 0 if original is not None else None
         self.moves = np.zeros(self.num_layers, dtype=np.int64)
+        # Kept current by the moves: load of one copy of each expert, load of each rank.
+        self._per_copy = self._copy_loads(np.arange(self.num_layers))
+        self._rank_loads = self._layer_loads(np.arange(self.num_layers))
 
     # ------------------------------------------------------------------ helpers
     def _count(self, p: np.ndarray) -> np.ndarray:
@@ -81,12 +87,17 @@ class SearchState:
         return np.bincount(flat.ravel(), minlength=self.num_layers * width).reshape(self.num_layers, width)
 
     def _holdings(self, p: np.ndarray) -> np.ndarray:
-        """int ``[L, N, E + 1]`` copies of each expert on each rank (column ``E`` counts empty slots)."""
+        """uint ``[L, N, E + 1]`` copies of each expert on each rank (column ``E`` counts empty slots).
+
+        In the narrowest unsigned type that holds ``S`` (a big table is slow to allocate and touch).
+        """
         width = self.num_experts + 1
         cell = np.arange(self.num_layers)[:, None] * self.num_ranks + self.slot_rank[None, :]
-        flat = cell * width + np.where(p >= 0, p, self.num_experts)
-        size = self.num_layers * self.num_ranks * width
-        return np.bincount(flat.ravel(), minlength=size).reshape(self.num_layers, self.num_ranks, width)
+        flat = (cell * width + np.where(p >= 0, p, self.num_experts)).reshape(-1, self.spr)  # [L * N, S]
+        out = np.zeros(self.num_layers * self.num_ranks * width, dtype=np.min_scalar_type(self.spr))
+        for s in range(self.spr):  # slot s of every rank: distinct cells, so a plain fancy add counts
+            out[flat[:, s]] += 1
+        return out.reshape(self.num_layers, self.num_ranks, width)
 
     def _gather(self, table: np.ndarray, experts: np.ndarray, layers: np.ndarray | None = None) -> np.ndarray:
         """``table[l, e]`` for ``experts`` ``[A, ...]`` (``-1`` -> -1 / 0)."""
@@ -96,18 +107,37 @@ class SearchState:
         out = table[idx, safe]
         return np.where(experts >= 0, out, -1 if out.dtype.kind == "i" else 0)
 
-    def per_copy(self, layers: np.ndarray) -> np.ndarray:
+    def _held(self, layers, ranks, experts) -> np.ndarray:
+        """``has[layers, ranks, experts]`` (broadcast int arrays, experts in ``[0, E]``) by flat index: several
+        times faster than numpy's three-array fancy indexing."""
+        return self.has.ravel()[(layers * self.num_ranks + ranks) * (self.num_experts + 1) + experts]
+
+    def _copy_loads(self, layers: np.ndarray) -> np.ndarray:
         """float ``[A, E + 1]`` load of one copy of each expert (column ``E``: empty slot, 0)."""
         counts = self.counts[layers, : self.num_experts]
         w = np.divide(self.weight[layers], counts, out=np.zeros(counts.shape), where=counts > 0)
         return np.concatenate([w, np.zeros((len(layers), 1))], axis=1)
 
-    def rank_loads(self, layers: np.ndarray, per_copy: np.ndarray | None = None) -> np.ndarray:
-        """float ``[A, N]``."""
-        per_copy = self.per_copy(layers) if per_copy is None else per_copy
-        slot_e = self.slot_e[layers]
-        slot_w = np.take_along_axis(per_copy, np.where(slot_e >= 0, slot_e, self.num_experts), axis=1)
-        return slot_w.reshape(len(layers), self.num_ranks, self.spr).sum(axis=2)
+    def _sum_slots(self, layers: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+        """float ``[T]``: load of rank ``ranks[t]`` in layer ``layers[t]``, summed over its slots in order."""
+        S, width = self.spr, self.num_experts + 1
+        slots = self.slot_e.ravel()[((layers * self.num_ranks + ranks) * S)[:, None] + np.arange(S)]  # [T, S]
+        experts = np.where(slots >= 0, slots, width - 1)
+        return self._per_copy.ravel()[(layers * width)[:, None] + experts].sum(axis=1)
+
+    def _layer_loads(self, layers: np.ndarray) -> np.ndarray:
+        """float ``[A, N]``: load of every rank of ``layers``."""
+        num_ranks = self.num_ranks
+        cells = layers.repeat(num_ranks), np.tile(np.arange(num_ranks), len(layers))
+        return self._sum_slots(*cells).reshape(len(layers), num_ranks)
+
+    def per_copy(self, layers: np.ndarray) -> np.ndarray:
+        """float ``[A, E + 1]`` load of one copy of each expert (column ``E``: empty slot, 0)."""
+        return self._per_copy[layers]
+
+    def rank_loads(self, layers: np.ndarray) -> np.ndarray:
+        """float ``[A, N]`` load of each rank."""
+        return self._rank_loads[layers]
 
     def mean_load(self, layers: np.ndarray) -> np.ndarray:
         return self.rank_loads(layers)[:, self.rank_active].mean(axis=1)
@@ -129,27 +159,32 @@ class SearchState:
         peak = rl_max[ar, h]
         slot_a = h[:, None] * S + np.arange(S)[None, :]
         ea = self.slot_e[A[:, None], slot_a]
-        wa = np.take_along_axis(per_copy, np.where(ea >= 0, ea, E), axis=1)
         if partners is not None and partners < self.num_ranks:
-            cold = np.argsort(np.where(self.rank_active[None, :], rl, np.inf), axis=1, kind="stable")[
-                :, :partners
-            ]
-            slot_b = (cold[:, :, None] * S + np.arange(S)).reshape(n_a, -1)
+            cold = np.argsort(np.where(self.rank_active[None, :], rl, np.inf), axis=1, kind="stable")
+            ranks_b = cold[:, :partners]
         else:
-            slot_b = np.broadcast_to(np.arange(self.num_slots), (n_a, self.num_slots))
+            ranks_b = np.broadcast_to(np.arange(self.num_ranks), (n_a, self.num_ranks))
+        slot_b = (ranks_b[:, :, None] * S + np.arange(S)).reshape(n_a, -1)  # [A, B] partner slots
         eb = self.slot_e[A[:, None], slot_b]
         rb = slot_b // S
-        wb = np.take_along_axis(per_copy, np.where(eb >= 0, eb, E), axis=1)
+        ea_s = np.where(ea >= 0, ea, E)
+        eb_s = np.where(eb >= 0, eb, E)
+        # Slots that cannot move at all weigh -inf (hot) / +inf (partner): their swaps get gain -inf.
+        movable_b = (eb >= 0) & (rb != h[:, None])
+        if not self.allow_duplicates:
+            movable_b &= self._held(A[:, None], h[:, None], eb_s) == 0
+        wa = np.where(ea >= 0, per_copy[ar[:, None], ea_s], -np.inf)
+        wb = np.where(movable_b, per_copy[ar[:, None], eb_s], np.inf)
         d = wa[:, :, None] - wb[:, None, :]
         rlb = np.take_along_axis(rl, rb, axis=1)
         # Gain = the cut of the hottest rank, as long as its partner stays below the old peak.
         gain = peak[:, None, None] - np.maximum(peak[:, None, None] - d, rlb[:, None, :] + d)
-        valid = (eb >= 0)[:, None, :] & (rb != h[:, None])[:, None, :] & (d > 0) & (ea >= 0)[:, :, None]
-        ea_s = np.where(ea >= 0, ea, E)
-        eb_s = np.where(eb >= 0, eb, E)
-        if not self.allow_duplicates:
-            valid &= self.has[A[:, None, None], rb[:, None, :], ea_s[:, :, None]] == 0
-            valid &= (self.has[A[:, None], h[:, None], eb_s] == 0)[:, None, :]
+        valid = gain >= min_gain[:, None, None]
+        if (min_gain <= 0).any():  # (a positive least gain implies d > 0)
+            valid &= d > 0
+        if not self.allow_duplicates:  # the partner rank must not hold the hot slot's expert
+            free = self._held(A[:, None, None], ranks_b[:, None, :], ea_s[:, :, None]) == 0  # [A, S, ranks]
+            valid &= np.repeat(free, S, axis=2)
         if self.locality != "none":
             node_h = self.rank_node[h][:, None, None]
             node_b = self.rank_node[rb][:, None, :]
@@ -162,7 +197,6 @@ class SearchState:
                 cnt_b = self.home_cnt[A[:, None], eb_s][:, None, :]
                 valid &= (node_h != home_a) | (node_b == node_h) | (cnt_a >= 2)
                 valid &= (node_b != home_b) | (node_b == node_h) | (cnt_b >= 2)
-        valid &= gain >= min_gain[:, None, None]
         if use_cost:
             hh = h[:, None, None]
             la = A[:, None, None]
@@ -228,7 +262,7 @@ class SearchState:
         new = np.where(changed & self.rank_active[None, None, None, :], new, -np.inf)
         gain = peak[:, None, None] - new.max(axis=3)
         valid = slot_ok[:, None, :] & (y >= 0)[:, :, None]
-        valid &= self.has[A[:, None, None], r[:, None, :], y_s[:, :, None]] == 0
+        valid &= self._held(A[:, None, None], r[:, None, :], y_s[:, :, None]) == 0
         if self.locality == "strict":
             valid &= self.rank_node[r][:, None, :] == self._gather(self.home, y, A)[:, :, None]
         valid &= gain >= min_gain[:, None, None]
@@ -256,26 +290,30 @@ class SearchState:
         ea, eb = self.slot_e[A, slot_a], self.slot_e[A, slot_b]
         h, r = self.slot_rank[slot_a], self.slot_rank[slot_b]
         self.slot_e[A, slot_a], self.slot_e[A, slot_b] = eb, ea
-        eb_s = np.where(eb >= 0, eb, E)
-        np.add.at(self.has, (A, h, ea), -1)
-        np.add.at(self.has, (A, h, eb_s), 1)
-        np.add.at(self.has, (A, r, eb_s), -1)
-        np.add.at(self.has, (A, r, ea), 1)
+        ea_s, eb_s = np.where(ea >= 0, ea, E), np.where(eb >= 0, eb, E)
+        # Each call's (layer, rank, expert) cells are distinct (one swap per rank), so plain fancy adds do.
+        has = self.has.ravel()
+        at_h, at_r = (A * self.num_ranks + h) * (E + 1), (A * self.num_ranks + r) * (E + 1)
+        has[at_h + ea_s] -= 1
+        has[at_h + eb_s] += 1
+        has[at_r + eb_s] -= 1
+        has[at_r + ea_s] += 1
         self._home_delta(A, ea, h, r)
         self._home_delta(A, eb, r, h)
         np.add.at(self.moves, A, 2)
+        layers, ranks = np.concatenate([A, A]), np.concatenate([h, r])
+        self._rank_loads[layers, ranks] = self._sum_slots(layers, ranks)
 
     def best_pair_swaps(self, A, rl, per_copy, tol):
         """One swap per (i-th hottest, i-th coldest) rank pair, all pairs of a layer at once.
 
-        Returns (layer, slot_a, slot_b) arrays of the swaps that lower their pair's hotter rank by > ``tol``.
-        Without node constraints, or relaxed; strict layouts use :meth:`best_swap` only.
+        Returns (layer, slot_a, slot_b) arrays of the swaps that lower their pair's hotter rank by > ``tol``
+        (``>= 0``).  Without node constraints, or relaxed; strict layouts use :meth:`best_swap` only.
         """
         n_a = len(A)
         S, E = self.spr, self.num_experts
         act = np.nonzero(self.rank_active)[0]
-        n_act = len(act)
-        k = n_act // 2
+        k = len(act) // 2
         if k == 0:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty, empty
@@ -283,43 +321,34 @@ class SearchState:
         cold = order[:, :k]
         hot = order[:, ::-1][:, :k]
         ar = np.arange(n_a)[:, None]
-        slot_h = hot[:, :, None] * S + np.arange(S)  # [A, k, S]
-        slot_c = cold[:, :, None] * S + np.arange(S)
-        ea = self.slot_e[A[:, None, None], slot_h]
-        eb = self.slot_e[A[:, None, None], slot_c]
+        rank_slots = self.slot_e[A].reshape(n_a, self.num_ranks, S)
+        ea, eb = rank_slots[ar, hot], rank_slots[ar, cold]  # [A, k, S]
         ea_s, eb_s = np.where(ea >= 0, ea, E), np.where(eb >= 0, eb, E)
-        wa = per_copy[ar[:, :, None], ea_s]
-        wb = per_copy[ar[:, :, None], eb_s]
-        d = wa[:, :, :, None] - wb[:, :, None, :]  # [A, k, S, S]
-        lh = rl[ar, hot][:, :, None, None]
-        lc = rl[ar, cold][:, :, None, None]
-        gain = lh - np.maximum(lh - d, lc + d)
-        valid = (d > 0) & (ea >= 0)[:, :, :, None] & (eb >= 0)[:, :, None, :]
+        # Which hot slots may go to the cold rank, and which cold slots to the hot rank: [A, k, S] each.
+        movable_a, movable_b = ea >= 0, eb >= 0
         la = A[:, None, None]
         if not self.allow_duplicates:
-            valid &= (self.has[la, cold[:, :, None], ea_s] == 0)[:, :, :, None]
-            valid &= (self.has[la, hot[:, :, None], eb_s] == 0)[:, :, None, :]
+            movable_a &= self._held(la, cold[:, :, None], ea_s) == 0
+            movable_b &= self._held(la, hot[:, :, None], eb_s) == 0
         if self.locality == "relaxed":
-            node_h = self.rank_node[hot][:, :, None, None]
-            node_c = self.rank_node[cold][:, :, None, None]
-            home_a = self._gather(self.home, ea, A)[:, :, :, None]
-            home_b = self._gather(self.home, eb, A)[:, :, None, :]
-            cnt_a = self.home_cnt[la, ea_s][:, :, :, None]
-            cnt_b = self.home_cnt[la, eb_s][:, :, None, :]
+            node_h = self.rank_node[hot][:, :, None]
+            node_c = self.rank_node[cold][:, :, None]
+            home_a = self._gather(self.home, ea, A)
+            home_b = self._gather(self.home, eb, A)
             # Two pairs of one layer may each take a copy of one expert off its home node in the same
             # round, so a copy leaves home only if two others stay there.
-            valid &= (node_h != home_a) | (node_c == node_h) | (cnt_a >= 3)
-            valid &= (node_c != home_b) | (node_c == node_h) | (cnt_b >= 3)
-        score = np.where(valid & (gain > tol[:, None, None, None]), gain, -np.inf).reshape(n_a, k, S * S)
-        best = score.argmax(axis=2)
-        ok = np.isfinite(np.take_along_axis(score, best[:, :, None], axis=2)[:, :, 0])
-        i, j = np.divmod(best, S)
-        layer = np.broadcast_to(A[:, None], ok.shape)[ok]
-        return (
-            layer,
-            np.take_along_axis(slot_h, i[:, :, None], axis=2)[:, :, 0][ok],
-            np.take_along_axis(slot_c, j[:, :, None], axis=2)[:, :, 0][ok],
+            movable_a &= (node_h != home_a) | (node_c == node_h) | (self.home_cnt[la, ea_s] >= 3)
+            movable_b &= (node_c != home_b) | (node_c == node_h) | (self.home_cnt[la, eb_s] >= 3)
+        # Slots that may not move weigh -inf (hot) / +inf (cold): their swaps get gain -inf.
+        wa = np.where(movable_a, per_copy[ar[:, :, None], ea_s], -np.inf)
+        wb = np.where(movable_b, per_copy[ar[:, :, None], eb_s], np.inf)
+        best, gain = _best_pair_swap(
+            wa.reshape(n_a * k, S), wb.reshape(n_a * k, S), rl[ar, hot].ravel(), rl[ar, cold].ravel()
         )
+        ok = (gain > np.repeat(tol, k)).reshape(n_a, k)
+        i, j = np.divmod(best.reshape(n_a, k), S)
+        layer = np.broadcast_to(A[:, None], ok.shape)[ok]
+        return layer, (hot * S + i)[ok], (cold * S + j)[ok]
 
     def apply_repoint(self, A, slot, y) -> None:
         E = self.num_experts
@@ -336,6 +365,9 @@ class SearchState:
             np.add.at(self.home_cnt, (A, x_s), -(self.rank_node[r] == home_x).astype(np.int64))
             np.add.at(self.home_cnt, (A, y), (self.rank_node[r] == self.home[A, y]).astype(np.int64))
         np.add.at(self.moves, A, 1)
+        # Copy counts changed: every rank of these layers may have changed.
+        self._per_copy[A] = self._copy_loads(A)
+        self._rank_loads[A] = self._layer_loads(A)
 
 
 def pair_rounds(state: SearchState, layers: np.ndarray, tol: np.ndarray, max_rounds: int = 32) -> SearchState:
@@ -343,15 +375,13 @@ def pair_rounds(state: SearchState, layers: np.ndarray, tol: np.ndarray, max_rou
 
     Args:
         state: working placement (no strict node locality).
-        layers: int ``[A]``; tol: float ``[L]`` least cut of a pair's hotter rank.
+        layers: int ``[A]``; tol: float ``[L]`` (``>= 0``) least cut of a pair's hotter rank.
     """
     A = np.asarray(layers, dtype=np.int64)
     for _ in range(max_rounds):
         if len(A) == 0:
             break
-        per_copy = state.per_copy(A)
-        rl = state.rank_loads(A, per_copy)
-        layer, slot_a, slot_b = state.best_pair_swaps(A, rl, per_copy, tol[A])
+        layer, slot_a, slot_b = state.best_pair_swaps(A, state.rank_loads(A), state.per_copy(A), tol[A])
         if len(layer) == 0:
             break
         state.apply_swap(layer, slot_a, slot_b)
@@ -384,8 +414,7 @@ def local_search(
     for _ in range(max_iters):
         if len(A) == 0:
             break
-        per_copy = state.per_copy(A)
-        rl = state.rank_loads(A, per_copy)
+        per_copy, rl = state.per_copy(A), state.rank_loads(A)
         thr = min_gain[A]
         s_score, s_gain, slot_a, slot_b, _ = state.best_swap(A, rl, per_copy, thr, partners, use_cost)
         if repoint:
@@ -402,6 +431,33 @@ def local_search(
     return state
 
 
+def _best_pair_swap(wa: np.ndarray, wb: np.ndarray, hot: np.ndarray, cold: np.ndarray):
+    """The best swap of each (hot rank, cold rank) pair: slot ``i`` of the hot rank for slot ``j`` of the cold.
+
+    Gain = the cut of the hot rank's load, as long as the cold one stays below its old load:
+    ``hot - max(hot - d, cold + d)`` with ``d = wa[i] - wb[j]`` (``d <= 0`` gives gain ``<= 0``).
+
+    Args:
+        wa, wb: float ``[B, S]`` slot loads of the hot / cold rank of each pair (``-inf`` / ``+inf``: the slot
+            may not move); hot, cold: float ``[B]`` rank loads.
+    Returns:
+        int64 ``[B]`` best ``i * S + j`` (the first of equals), float64 ``[B]`` its gain.
+    """
+    num_pairs, S = wa.shape
+    best, best_gain = np.empty(num_pairs, dtype=np.int64), np.empty(num_pairs)
+    chunk = max(1, 8192 // (S * S))  # pairs at a time: the [chunk, S, S] temporaries stay small
+    for start in range(0, num_pairs, chunk):
+        part = slice(start, start + chunk)
+        h, c = hot[part, None, None], cold[part, None, None]
+        d = wa[part, :, None] - wb[part, None, :]
+        gain = h - d
+        np.maximum(gain, np.add(c, d, out=d), out=gain)
+        gain = np.subtract(h, gain, out=gain).reshape(len(d), S * S)
+        best[part] = gain.argmax(axis=1)
+        best_gain[part] = gain[np.arange(len(d)), best[part]]
+    return best, best_gain
+
+
 def _best_move(gain: np.ndarray, cost: np.ndarray | None, valid: np.ndarray, width: int):
     """The best valid candidate of each layer: the largest gain per moved slot (gain alone without ``cost``).
 
@@ -414,12 +470,9 @@ def _best_move(gain: np.ndarray, cost: np.ndarray | None, valid: np.ndarray, wid
     """
     n_a = gain.shape[0]
     ar = np.arange(n_a)
-    if cost is None:
-        cost = np.zeros(gain.shape, dtype=np.int64)
-        score = gain
-    else:
-        score = gain / np.maximum(cost, 0.5)
+    score = gain if cost is None else gain / np.maximum(cost, 0.5)
     score = np.where(valid, score, -np.inf).reshape(n_a, -1)
     best = score.argmax(axis=1)
     i, j = np.divmod(best, width)
-    return score[ar, best], gain.reshape(n_a, -1)[ar, best], i, j, cost.reshape(n_a, -1)[ar, best]
+    best_cost = np.zeros(n_a, dtype=np.int64) if cost is None else cost.reshape(n_a, -1)[ar, best]
+    return score[ar, best], gain.reshape(n_a, -1)[ar, best], i, j, best_cost

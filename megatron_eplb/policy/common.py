@@ -197,18 +197,19 @@ def replicate(weight: np.ndarray, extra: np.ndarray, max_copies) -> np.ndarray:
     counts = np.ones((rows, num_experts), dtype=np.int64)
     extra = np.asarray(extra, dtype=np.int64)
     cap = np.broadcast_to(np.asarray(max_copies), (rows,))
-    ratio = weight / counts  # kept up to date: only the entry that gets a copy changes
-    some_capped = bool((counts >= cap[:, None]).any())
+    ratio = weight / counts  # kept up to date: only the entries that get a copy change
+    flat_counts, flat_ratio, flat_weight = counts.ravel(), ratio.ravel(), weight.ravel()
+    row_at = np.arange(rows) * num_experts
     for k in range(int(extra.max(initial=0))):
         score = ratio
-        if some_capped:
+        if k + 1 >= cap.min():  # some expert may be capped (each has at most k + 1 copies so far)
             capped = counts >= cap[:, None]
             score = np.where(capped & ~capped.all(axis=1, keepdims=True), -np.inf, ratio)
-        row = np.nonzero(extra > k)[0]
-        best = score.argmax(axis=1)[row]
-        counts[row, best] += 1
-        ratio[row, best] = weight[row, best] / counts[row, best]
-        some_capped = some_capped or bool((counts[row, best] >= cap[row]).any())
+        at = score.argmax(axis=1) + row_at  # flat index of each row's next copy
+        if k >= extra.min():
+            at = at[extra > k]
+        flat_counts[at] += 1
+        flat_ratio[at] = flat_weight[at] / flat_counts[at]
     return counts
 
 
@@ -367,9 +368,9 @@ def _lpt_pack_free(item_weight, item_expert, num_experts, rank_capacity, order) 
         ok[:, 1:] &= key_s[:, 1:] < np.minimum.accumulate(after, axis=1)[:, :-1]
         count = _leading_true(ok)  # [L] items the step places
         dest = ranked[:, np.minimum(step, num_ranks - 1)]  # [L, width] their ranks
-        filled = np.zeros(num_layers, dtype=bool)  # the step's items all went to ranked[0]
-        few = np.nonzero((count <= 1) & (placed < num_items))[0]
-        fill = few[w[few, 0] > 0]  # (fill and spread agree on the first item)
+        # The other rules, for the layers where spread places at most one item or weightless items are next.
+        slow = np.nonzero((placed < num_items) & ((count <= 1) | (w[:, 0] == 0)))[0]
+        fill = slow[(count[slow] <= 1) & (w[slow, 0] > 0)]  # (fill and spread agree on the first item)
         if len(fill):  # item j -> ranked[0], its load summed item by item as one at a time would
             least = ranked[fill, :1]
             fill_key = np.cumsum(np.concatenate([key_ranked[fill, :1], w[fill, :n_fill]], axis=1), axis=1)
@@ -379,20 +380,20 @@ def _lpt_pack_free(item_weight, item_expert, num_experts, rank_capacity, order) 
                 next_key, before = key_ranked[fill, 1:2], fill_key[:, :-1]
                 ok &= (before < next_key) | ((before == next_key) & (least < ranked[fill, 1:2]))
             fill_count = _leading_true(ok)
-            fill, least = fill[fill_count > 1], least[fill_count > 1]
-            count[fill], dest[fill], filled[fill] = fill_count[fill_count > 1], least, True
-            load[fill, least[:, 0]] = fill_key[fill_count > 1, count[fill]]
-        zero = np.nonzero((w[:, 0] == 0) & (placed < num_items))[0]
+            more = fill_count > 1
+            fill, least, fill_load = fill[more], least[more, 0], fill_key[more, fill_count[more]]
+            count[fill], dest[fill] = fill_count[more], least[:, None]
+        zero = slow[w[slow, 0] == 0]
         if len(zero):  # weightless: the ranks in order, each to the brim
             full_at = np.cumsum(room_ranked[zero], axis=1)  # [z, N] items placed once ranked[i] is full
             position = (full_at[:, :, None] <= step).sum(axis=1)  # [z, width] position of each item's rank
             to = np.take_along_axis(ranked[zero], np.minimum(position, num_ranks - 1), axis=1)
             ok = ~has[has_at[zero] + to]
             ok[:, 1:] &= single[item[zero, 1:]]
-            more = _leading_true(ok) > count[zero]
-            zero, to = zero[more], to[more]
-            count[zero], dest[zero] = _leading_true(ok[more]), to
-        stuck = few[count[few] == 0]
+            zero_count = _leading_true(ok)
+            more = zero_count > count[zero]
+            count[zero[more]], dest[zero[more]] = zero_count[more], to[more]
+        stuck = slow[count[slow] == 0]
         if len(stuck):  # the next item and its copies right after it: the next ranks that can take them
             cannot = has[has_at[stuck, :1] + ranked[stuck]] | (room_ranked[stuck] == 0)  # [stuck, N]
             can_first = np.argsort(cannot, axis=1, kind="stable")[:, :n_spread]
@@ -404,10 +405,11 @@ def _lpt_pack_free(item_weight, item_expert, num_experts, rank_capacity, order) 
         rank_sorted[item[take]] = dest[take]
         has[(has_at + dest)[take]] = True
         has.reshape(num_layers, num_several + 2, num_ranks)[:, num_several] = False
-        dest_at = dest + rank_at
-        room -= np.bincount(dest_at[take], minlength=room.size).reshape(room.shape)
-        one_each = take & ~filled[:, None]
-        load.ravel()[dest_at[one_each]] += w[one_each]  # (weightless items may share a rank: += 0)
+        dest_at = (dest + rank_at)[take]
+        room -= np.bincount(dest_at, minlength=room.size).reshape(room.shape)
+        load.ravel()[dest_at] += w[take]  # (a filled rank gets its sum below; weightless items add 0)
+        if len(fill):
+            load[fill, least] = fill_load
         placed += count
     item_rank = np.empty((num_layers, num_items), dtype=np.int64)
     item_rank.ravel()[flat_order] = rank_sorted.reshape(num_layers, padded)[:, :num_items].ravel()
@@ -428,9 +430,9 @@ def _argsort_descending(values: np.ndarray) -> np.ndarray:
     new_value = np.ones(ranked.shape, dtype=bool)
     new_value[:, 0] = False
     np.not_equal(ranked[:, 1:], ranked[:, :-1], out=new_value[:, 1:])
-    value_rank = np.empty(values.size, dtype=np.int64)
-    value_rank[flat_order.ravel()] = new_value.cumsum(axis=1).ravel()  # 0 for the largest value, ...
-    return _argsort_small_ints(value_rank.reshape(values.shape), num_items)
+    value_rank = np.empty(values.size, dtype=np.min_scalar_type(num_items))  # 0 for the largest value, ...
+    value_rank[flat_order.ravel()] = new_value.cumsum(axis=1).ravel()
+    return np.argsort(value_rank.reshape(values.shape), axis=1, kind="stable")
 
 
 def _argsort_small_ints(values: np.ndarray, max_value: int) -> np.ndarray:

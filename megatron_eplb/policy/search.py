@@ -445,7 +445,9 @@ def _best_pair_swap(wa: np.ndarray, wb: np.ndarray, hot: np.ndarray, cold: np.nd
     """
     num_pairs, S = wa.shape
     best, best_gain = np.empty(num_pairs, dtype=np.int64), np.empty(num_pairs)
-    chunk = max(1, 8192 // (S * S))  # pairs at a time: the [chunk, S, S] temporaries stay small
+    # Pairs at a time: the [chunk, S, S] temporaries stay under 128 KiB (malloc reuses such blocks; bigger
+    # ones may come as fresh pages each call, which costs more than the extra numpy calls).
+    chunk = max(1, 15000 // (S * S))
     for start in range(0, num_pairs, chunk):
         part = slice(start, start + chunk)
         h, c = hot[part, None, None], cold[part, None, None]

@@ -210,13 +210,14 @@ def part_record(device, small: bool, copies: int = 2, rounds: int = 500) -> dict
     else:
         h, ffn, experts, topk, tokens = 4096, 2048, 64, 8, 8192
         warm, prof_fwd = 10, 40
+    kinds = ("unpatched", "patched", "norecord")
     config = _moe_config(h, ffn, experts, topk, dtype)
     torch.manual_seed(0)
     weights = _OneMoE(config, device).state_dict()
     models: dict[str, torch.nn.Module] = {}
     handles = {}
     for i in range(copies):
-        for kind in ("unpatched", "patched", "norecord"):
+        for kind in kinds:
             m = _OneMoE(config, device)
             m.load_state_dict(weights)
             if kind != "unpatched":
@@ -273,7 +274,7 @@ def part_record(device, small: bool, copies: int = 2, rounds: int = 500) -> dict
     # Device activity: the kernels each kind launches per forward (first instance of each kind).
     activities = [ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
     kernels: dict[str, dict[str, list[float]]] = {}
-    for kind in ("unpatched", "patched", "norecord"):
+    for kind in kinds:
         with profile(activities=activities) as prof:
             for _ in range(prof_fwd):
                 forward(f"{kind}0")
@@ -323,7 +324,6 @@ def part_record(device, small: bool, copies: int = 2, rounds: int = 500) -> dict
         if it % 10 == 0:
             _sync()
     gc.enable()
-    kinds = ("unpatched", "patched", "norecord")
 
     def by_kind(ms: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per kind, per round: the mean over its instances."""

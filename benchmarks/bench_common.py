@@ -6,10 +6,11 @@ import functools
 import os
 import socket
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["count_calls", "init_single_rank"]
+__all__ = ["count_calls", "init_single_rank", "time_stats"]
 
 
 def init_single_rank() -> torch.device:
@@ -53,3 +54,17 @@ def count_calls(owner, name: str, events: dict[str, int]) -> None:
 
     wrapper._bench_counted = True
     setattr(owner, name, wrapper)
+
+
+def time_stats(ms: list[float]) -> dict:
+    """Summary of ``ms`` (times in milliseconds): n, median, p10, p90, max (``median_ms`` None when empty)."""
+    if not ms:
+        return {"n": 0, "median_ms": None}
+    a = np.asarray(ms)
+    return {
+        "n": len(ms),
+        "median_ms": float(np.median(a)),
+        "p10_ms": float(np.percentile(a, 10)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "max_ms": float(a.max()),
+    }

@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import count_calls, init_single_rank  # noqa: E402
+from bench_common import count_calls, init_single_rank, time_stats  # noqa: E402
 
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
 
@@ -80,19 +80,6 @@ class _Timer:
         if CUDA:
             return [a.elapsed_time(b) for a, b in self.pairs]
         return [(b - a) * 1e3 for a, b in self.pairs]
-
-
-def _stats(ms: list[float]) -> dict:
-    if not ms:
-        return {"n": 0}
-    a = np.asarray(ms)
-    return {
-        "n": len(ms),
-        "median_ms": float(np.median(a)),
-        "p10_ms": float(np.percentile(a, 10)),
-        "p90_ms": float(np.percentile(a, 90)),
-        "max_ms": float(a.max()),
-    }
 
 
 def _moe_config(h, ffn, experts, topk, dtype, layers=1, **kw):
@@ -334,7 +321,7 @@ def part_record(device, small: bool, copies: int = 2, rounds: int = 500) -> dict
         kind_ms = by_kind(ms)
         fwd_ms = float(np.median(kind_ms["unpatched"]))
         out[f"{label}forward_ms"] = fwd_ms
-        out[f"{label}ms"] = {k: _stats(list(v)) for k, v in ms.items()}
+        out[f"{label}ms"] = {k: time_stats(list(v)) for k, v in ms.items()}
         vs_unpatched = _paired(kind_ms, "unpatched", fwd_ms)
         out[f"{label}patch_pct"] = vs_unpatched["patched"]
         out[f"{label}patch_without_recording_pct"] = vs_unpatched["norecord"]
@@ -544,10 +531,10 @@ def part_train(device, small: bool, canary: str = "off", more_canaries: tuple[st
             "label": label,
             "steps": steps,
             "skipped_warmup_steps": skip,
-            "steady": _stats(steady),
-            "transfer_steps": _stats(moving),
-            "gather_steps": _stats(gather),
-            "planning_steps": _stats(planning),
+            "steady": time_stats(steady),
+            "transfer_steps": time_stats(moving),
+            "gather_steps": time_stats(gather),
+            "planning_steps": time_stats(planning),
             "rebalances": len(hist),
             "outcomes": sorted({h["outcome"] for h in hist}),
             "moved_slots_total": int(sum(h["moved_slots"] for h in hist)),

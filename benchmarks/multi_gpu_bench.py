@@ -61,7 +61,7 @@ sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402  (examples/data.py: byte-level text domains)
 import train  # noqa: E402  (examples/train.py: model, DeepSpeed config, parallel init)
-from bench_common import count_calls  # noqa: E402
+from bench_common import count_calls, time_stats  # noqa: E402
 from data import ByteBatches, load_domain  # noqa: E402
 
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
@@ -173,19 +173,6 @@ def _coll_device() -> torch.device:
 
 def _median(values: list[float]) -> float | None:
     return float(np.median(values)) if values else None
-
-
-def _stats(ms: list[float]) -> dict:
-    if not ms:
-        return {"n": 0, "median_ms": None}
-    a = np.asarray(ms)
-    return {
-        "n": len(ms),
-        "median_ms": float(np.median(a)),
-        "p10_ms": float(np.percentile(a, 10)),
-        "p90_ms": float(np.percentile(a, 90)),
-        "max_ms": float(a.max()),
-    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -457,9 +444,9 @@ def _summarize(name: str, rows: list[dict], warmup: int) -> dict:
         "steps": len(rows),
         "warmup_steps": warmup,
         "losses": [r["loss"] for r in rows],
-        "step_ms": _stats([r["ms"] for r in timed]),
-        "step_wall_ms": _stats([r["wall_ms"] for r in timed]),
-        "by_kind": {k: _stats(v) for k, v in sorted(by_kind.items())},
+        "step_ms": time_stats([r["ms"] for r in timed]),
+        "step_wall_ms": time_stats([r["wall_ms"] for r in timed]),
+        "by_kind": {k: time_stats(v) for k, v in sorted(by_kind.items())},
         "rows": rows,
     }
 

@@ -19,6 +19,11 @@ def _write_load(path: Path, load: np.ndarray, dense_rows: int = 1) -> Path:
     return path
 
 
+def _plan(load, *extra) -> list[str]:
+    """``megatron-eplb plan`` argv on ``load``: EP 4, 40 slots, then ``extra``."""
+    return ["plan", "--load", str(load), "--ep-size", "4", "--num-slots", "40", *map(str, extra)]
+
+
 @pytest.fixture
 def loads(tmp_path):
     rng = np.random.default_rng(0)
@@ -30,7 +35,7 @@ def loads(tmp_path):
 def test_plan_then_low_churn_then_evaluate(loads, tmp_path, capsys):
     a, b = loads
     first = tmp_path / "first.json"
-    assert main(["plan", "--load", str(a), "--ep-size", "4", "--num-slots", "40", "--out", str(first)]) == 0
+    assert main(_plan(a, "--out", first)) == 0
     out = capsys.readouterr().out
     assert "policy greedy" in out and "before (default placement): balancedness" in out
     assert "after: balancedness" in out and "moved slots:" in out and " ms" in out
@@ -39,8 +44,7 @@ def test_plan_then_low_churn_then_evaluate(loads, tmp_path, capsys):
     assert placement.expert_load.shape == (4, 32)  # the dense row was dropped
 
     second = tmp_path / "second.json"
-    args = ["plan", "--load", str(b), "--ep-size", "4", "--num-slots", "40", "--previous", str(first)]
-    assert main(args + ["--out", str(second)]) == 0
+    assert main(_plan(b, "--previous", first, "--out", second)) == 0
     out = capsys.readouterr().out
     assert "policy low_churn" in out and f"before (previous map {first})" in out
     moved = moved_slots(placement, ExpertPlacement.from_json(second)).sum()
@@ -54,19 +58,7 @@ def test_plan_then_low_churn_then_evaluate(loads, tmp_path, capsys):
 def test_plan_node_aware_and_policies(loads, tmp_path, capsys):
     a, _ = loads
     out_map = tmp_path / "m.json"
-    base = [
-        "plan",
-        "--load",
-        str(a),
-        "--ep-size",
-        "4",
-        "--num-slots",
-        "40",
-        "--num-nodes",
-        "2",
-        "--num-groups",
-        "4",
-    ]
+    base = _plan(a, "--num-nodes", 2, "--num-groups", 4)
     assert main(base + ["--out", str(out_map)]) == 0
     out = capsys.readouterr().out
     assert "policy hierarchical (locality relaxed)" in out and "cross-node load" in out
@@ -95,17 +87,7 @@ def test_plan_node_aware_and_policies(loads, tmp_path, capsys):
 )
 def test_plan_user_errors(loads, tmp_path, capsys, argv, message):
     a, _ = loads
-    args = [
-        "plan",
-        "--load",
-        str(a),
-        "--ep-size",
-        "4",
-        "--num-slots",
-        "40",
-        "--out",
-        str(tmp_path / "x.json"),
-    ]
+    args = _plan(a, "--out", tmp_path / "x.json")
     for flag, value in zip(argv[::2], argv[1::2]):
         if flag in args:
             args[args.index(flag) + 1] = value
@@ -119,39 +101,11 @@ def test_plan_user_errors(loads, tmp_path, capsys, argv, message):
 def test_plan_missing_files_and_mismatched_previous(loads, tmp_path, capsys):
     a, _ = loads
     out_map = str(tmp_path / "x.json")
-    assert (
-        main(
-            [
-                "plan",
-                "--load",
-                str(tmp_path / "nope.json"),
-                "--ep-size",
-                "4",
-                "--num-slots",
-                "40",
-                "--out",
-                out_map,
-            ]
-        )
-        == 2
-    )
+    assert main(_plan(tmp_path / "nope.json", "--out", out_map)) == 2
     assert "does not exist" in capsys.readouterr().err
     other = tmp_path / "other.json"
     ExpertPlacement.default(4, 32, 8, 8).to_json(other)
-    args = [
-        "plan",
-        "--load",
-        str(a),
-        "--ep-size",
-        "4",
-        "--num-slots",
-        "40",
-        "--previous",
-        str(other),
-        "--out",
-        out_map,
-    ]
-    assert main(args) == 2
+    assert main(_plan(a, "--previous", other, "--out", out_map)) == 2
     assert "previous placement has 4 layers x 40 slots on 8 ranks" in capsys.readouterr().err
     assert main(["evaluate", "--load", str(a), "--map", str(tmp_path / "nope.json")]) == 2
     assert "does not exist" in capsys.readouterr().err

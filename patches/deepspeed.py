@@ -225,10 +225,15 @@ def _is_primary_copy(handle: Any) -> dict[int, bool]:
     return out
 
 
-def _full_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
+def _full_grads(model: torch.nn.Module):
+    """``(param, gradient)`` of every trainable parameter that has one; the full gradient under ZeRO."""
     from deepspeed.utils import safe_get_full_grad
 
-    return safe_get_full_grad(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            g = safe_get_full_grad(p)
+            if g is not None:
+                yield p, g
 
 
 def logical_grad_norm(model: torch.nn.Module, handle: Any, ep_group, norm_type: float = 2.0) -> float:
@@ -243,12 +248,7 @@ def logical_grad_norm(model: torch.nn.Module, handle: Any, ep_group, norm_type: 
     primary = _is_primary_copy(handle)
     dense = torch.zeros((), dtype=torch.float64)
     expert = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        g = _full_grad(p)
-        if g is None:
-            continue
+    for p, g in _full_grads(model):
         sq = g.detach().double().pow(2).sum().cpu()
         if getattr(p, "allreduce", True):
             dense += sq
@@ -262,12 +262,7 @@ def logical_grad_norm(model: torch.nn.Module, handle: Any, ep_group, norm_type: 
 def _scale_grads(model: torch.nn.Module, coef: float) -> None:
     from deepspeed.utils import safe_set_full_grad
 
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        g = _full_grad(p)
-        if g is None:
-            continue
+    for p, g in _full_grads(model):
         if p.grad is not None and g is p.grad:
             p.grad.mul_(coef)
         else:

@@ -5,7 +5,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
+# DeepSpeed's CPU accelerator where there is no NVIDIA GPU; with one, DeepSpeed picks CUDA itself.
+ifeq ($(shell command -v nvidia-smi),)
 export DS_ACCELERATOR ?= cpu
+endif
 
 .PHONY: install test demo lint bench clean
 

@@ -17,16 +17,10 @@ def init_single_rank() -> torch.device:
     """One process, one device: Megatron's parallel state at TP = PP = EP = 1, NCCL on GPU, gloo on CPU."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.moe import moe_utils
     from megatron_eplb.patches import megatron as eplb_mcore
 
     cuda = torch.cuda.is_available()
-    if not cuda:
-        eplb_mcore.enable_cpu()
-    if not hasattr(moe_utils, "te_general_gemm"):
-        # megatron-core 0.16 without Transformer Engine: the router reads this name, which its failed TE
-        # import left undefined (a NameError on GPU too, unpatched models included); None means "no TE".
-        moe_utils.te_general_gemm = None
+    eplb_mcore.enable_cpu()  # on CUDA only the version fixes (ensure_compat), unpatched models included
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -1,6 +1,7 @@
 """The megatron-eplb demo (``make demo``): train with dynamic EPLB under DeepSpeed, then serve with static EPLB.
 
-Phase 1 — ``deepspeed --num_gpus 2 examples/train.py`` (2 CPU ranks, gloo, EP=2): a 4-layer GPT with 16
+Phase 1 — ``deepspeed --num_gpus 2 examples/train.py`` (2 CPU ranks with gloo, or up to 2 GPUs with NCCL
+where CUDA is available; EP = the number of ranks): a 4-layer GPT with 16
 experts (top-2), one redundant slot per rank, on real text; the data switches from code to Wikipedia
 half-way, so the routing shifts and the manager re-places experts (weights + Adam state move).  It records
 the expert map, writes a wandb offline run + TensorBoard events under ``outputs/demo/`` and a checkpoint.
@@ -26,8 +27,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MODEL = [
     "--num-layers", "4", "--hidden-size", "64", "--num-experts", "16", "--moe-router-topk", "2",
-    "--expert-model-parallel-size", "2", "--seq-length", "128",
+    "--seq-length", "128",
 ]  # fmt: skip
+
+
+def ranks() -> tuple[int, str]:
+    """``(processes, what)``: one per GPU (at most 2, NCCL) where CUDA is available, else 2 CPU ranks (gloo)."""
+    import torch
+
+    if torch.cuda.is_available():
+        n = min(2, torch.cuda.device_count())
+        return n, f"{n} GPU{'s' if n > 1 else ''}, NCCL"
+    return 2, "2 CPU ranks, gloo"
 
 
 def launcher() -> list[str]:
@@ -37,13 +48,10 @@ def launcher() -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
-def run(cmd: list[str], what: str, log_path: Path) -> None:
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
-    )
+def run(cmd: list[str], what: str, log_path: Path, cuda: bool) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
+    if not cuda:
+        env["DS_ACCELERATOR"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     print(f"\n==> {what}\n    {' '.join(cmd)}\n    (full log: {log_path})", flush=True)
     t0 = time.monotonic()
@@ -84,14 +92,17 @@ def main(argv=None) -> int:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    n, where = ranks()
+    cuda = "GPU" in where
+    model = [*MODEL, "--expert-model-parallel-size", str(n)]
     iters = args.train_iters or (60 if args.quick else 300)
     every = max(10, iters // 6)
     expert_map = out / "expert_map.json"
     train = [
-        *launcher(), "--num_gpus", "2", "examples/train.py",
+        *launcher(), "--num_gpus", str(n), "examples/train.py",
         "--deepspeed_config", "configs/ds_config.json",
         "--eplb-config", "configs/eplb_dynamic.yaml",
-        *MODEL,
+        *model,
         "--train-iters", str(iters), "--log-interval", str(max(5, iters // 20)),
         "--num-iterations-eplb-update", str(every), "--eplb-window-size", str(every),
         "--expert-map-record-path", str(expert_map),
@@ -102,8 +113,9 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     run(
         train,
-        f"phase 1: training {iters} steps with dynamic EPLB (DeepSpeed, 2 CPU ranks)",
+        f"phase 1: training {iters} steps with dynamic EPLB (DeepSpeed, {where})",
         out / "train.log",
+        cuda,
     )
     metrics = json.loads((out / "train_metrics.json").read_text())
     if not expert_map.is_file():
@@ -112,8 +124,8 @@ def main(argv=None) -> int:
             "run longer (--train-iters) or lower --num-iterations-eplb-update"
         )
     generate = [
-        *launcher(), "--num_gpus", "2", "examples/generate.py",
-        *MODEL, "--load", str(out / "checkpoint"), "--expert-map-path", str(expert_map),
+        *launcher(), "--num_gpus", str(n), "examples/generate.py",
+        *model, "--load", str(out / "checkpoint"), "--expert-map-path", str(expert_map),
         "--requests", "4" if args.quick else "16", "--new-tokens", "16" if args.quick else "32",
         "--metrics-out", str(out / "generate_metrics.json"),
     ]  # fmt: skip
@@ -121,6 +133,7 @@ def main(argv=None) -> int:
         generate,
         "phase 2: static-EPLB inference from the checkpoint with the recorded map",
         out / "generate.log",
+        cuda,
     )
     gen = json.loads((out / "generate_metrics.json").read_text())
     losses = metrics["losses"]

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import ByteBatches, decode, load_domain  # noqa: E402
-from train import add_model_args, build_model, causal_mask, init_parallel  # noqa: E402
+from train import add_model_args, build_model, causal_mask, device, init_parallel  # noqa: E402
 
 from megatron_eplb.config import EPLBConfig, add_eplb_args  # noqa: E402
 
@@ -141,12 +141,14 @@ def greedy_generate(
     for _ in range(new_tokens):
         window = tokens[:, -seq_length:]
         n = window.shape[1]
-        pos = torch.arange(n)[None].expand(window.shape[0], -1)
-        logits = model(window, pos, causal_mask(n))
+        pos = torch.arange(n, device=window.device)[None].expand(window.shape[0], -1)
+        logits = model(window, pos, causal_mask(n).to(window.device))
         if after_forward is not None:
             after_forward()
         nxt = logits[:, -1].float().argmax(-1, keepdim=True)
         tokens = torch.cat([tokens, nxt], dim=1)
+        if tokens.is_cuda:
+            torch.cuda.synchronize()  # the token exists now, not only its kernels' launch
         times.append(time.perf_counter() - t0)
     return tokens, times
 
@@ -185,7 +187,7 @@ def generate(args: argparse.Namespace) -> dict:
 
             manager = EPLBManager(handle, eplb)
     for _ in range(max(1, args.requests // args.batch_size)):
-        tokens, _ = data.next()
+        tokens = data.next()[0].to(device())
         dist.barrier()
         tokens, times = greedy_generate(
             model, tokens, args.new_tokens, args.seq_length, manager.step if manager else None
@@ -210,11 +212,12 @@ def generate(args: argparse.Namespace) -> dict:
     elif handle is not None:
         slot = handle.slot_loads().clone()
         logical = handle.loads().clone()
-        full = torch.zeros(handle.num_layers, handle.num_slots, dtype=torch.int64)
+        full = torch.zeros(handle.num_layers, handle.num_slots, dtype=torch.int64, device=slot.device)
         s = handle.slots_per_rank
         full[:, handle.ep_rank * s : (handle.ep_rank + 1) * s] = slot
         dist.all_reduce(full)
         dist.all_reduce(logical)
+        full, logical = full.cpu(), logical.cpu()
     if handle is not None:
         s = handle.slots_per_rank
         rank_load = full.reshape(handle.num_layers, handle.ep_size, s).sum(-1).numpy()

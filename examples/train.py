@@ -104,7 +104,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     t.add_argument("--no-wandb", action="store_true")
     add_eplb_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.save and args.no_eplb:
+        parser.error(
+            "--save writes a logical EPLB checkpoint (every logical expert once + the expert map); the "
+            "--no-eplb baseline keeps Megatron's own layout: drop --save or --no-eplb"
+        )
+    return args
 
 
 # ============================================================================ model
@@ -115,15 +121,25 @@ def causal_mask(seq_len: int) -> torch.Tensor:
     return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), diagonal=1)[None, None]
 
 
+def device() -> torch.device:
+    """This rank's device: its GPU under CUDA (set by :func:`init_parallel`), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_parallel(ep_size: int | None, seed: int = 1234) -> int:
-    """gloo/NCCL process group, Megatron's parallel state; returns the EP size."""
+    """NCCL (one GPU per process, ``LOCAL_RANK``) or gloo (CPU) process group and Megatron's parallel state;
+    returns the EP size."""
     import deepspeed
     from megatron.core import parallel_state as ps
     from megatron_eplb.patches import megatron as eplb_mcore
 
-    eplb_mcore.enable_cpu()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    eplb_mcore.enable_cpu()  # CPU + gloo only; on CUDA only the version fixes of ensure_compat()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     world = dist.get_world_size()
     ep = ep_size or world
     if world % ep:
@@ -194,7 +210,7 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
                 )
                 for p in expert.parameters():
                     p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
-    return model
+    return model.to(device())
 
 
 def ds_config_for(args: argparse.Namespace) -> dict:
@@ -222,13 +238,14 @@ def ds_config_for(args: argparse.Namespace) -> dict:
 
 def rank_balancedness(slot_load: torch.Tensor, handle) -> tuple[float, list[float]]:
     """Measured balancedness from per-slot counts of this rank ``[L, S]`` (collective over EP + DP)."""
+    from megatron_eplb.comm import collective_device
     from megatron_eplb.stats import balancedness
 
-    full = torch.zeros(handle.num_layers, handle.num_slots, dtype=torch.int64)
+    full = torch.zeros(handle.num_layers, handle.num_slots, dtype=torch.int64, device=collective_device())
     s = handle.slots_per_rank
-    full[:, handle.ep_rank * s : (handle.ep_rank + 1) * s] = slot_load.cpu()
+    full[:, handle.ep_rank * s : (handle.ep_rank + 1) * s] = slot_load
     dist.all_reduce(full)
-    rl = full.reshape(handle.num_layers, handle.ep_size, s).sum(-1).numpy()
+    rl = full.reshape(handle.num_layers, handle.ep_size, s).sum(-1).cpu().numpy()
     per_layer = balancedness(rl)
     return float(per_layer.mean()), per_layer.tolist()
 
@@ -276,8 +293,9 @@ def train(args: argparse.Namespace) -> dict:
         for d in domains
     ]
     switch = int(args.train_iters * args.switch_at) if len(domains) > 1 else args.train_iters + 1
-    mask = causal_mask(args.seq_length)
-    pos = torch.arange(args.seq_length)[None].expand(args.micro_batch_size, -1)
+    dev = device()
+    mask = causal_mask(args.seq_length).to(dev)
+    pos = torch.arange(args.seq_length, device=dev)[None].expand(args.micro_batch_size, -1)
     losses, rebalances, measured = [], [], []
     interval_slots = None
     t_start = time.monotonic()
@@ -287,7 +305,7 @@ def train(args: argparse.Namespace) -> dict:
             log.info(
                 "step %d: data switches domain %s -> %s (routing will shift)", it, domains[0], domains[1]
             )
-        tokens, labels = batches[domain].next()
+        tokens, labels = (t.to(dev, non_blocking=True) for t in batches[domain].next())
         per_token = engine(tokens, pos, mask, labels=labels)
         loss = per_token.float().mean()
         engine.backward(loss)

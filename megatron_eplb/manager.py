@@ -47,6 +47,7 @@ import torch.distributed as dist
 
 from .checkpoint import save_expert_map
 from .config import EPLBConfig
+from .gradients import logical_grad_norm, primary_expert_params
 from .placement import ExpertPlacement
 from .stats import balance_summary, load_similarity, moved_slots
 from .transfer import TransferError, TransferExecutor, plan_transfer
@@ -155,8 +156,14 @@ class EPLBManager:
         self._transfer_queue: list[int] = []
         self._plan_due_step = 0
         self._plan_submitted_at = 0.0
-        self._worker: PolicyWorker | None = None
         self._policy_fn = policy_fn
+        # The planning rank starts its worker process now: a cold start (spawn, imports) inside the first
+        # awaited plan stalled that step by seconds.
+        self._worker: PolicyWorker | None = (
+            PolicyWorker(policy_fn=policy_fn)
+            if self.config.dynamic_eplb and self._rank == self._planner_rank
+            else None
+        )
         self._executor: TransferExecutor | None = None
         self._transfer_group = self._new_transfer_group() if self.config.dynamic_eplb else None
         self._in_flight: dict[int, tuple[Any, Any]] = {}  # layer -> (transfer handle, forward pre-hook)
@@ -176,27 +183,13 @@ class EPLBManager:
         identical on every rank), each logical expert once (its first copy; copies hold the same summed
         gradient after :meth:`before_optimizer_step`). Collective over the EP group."""
         h = self.handle
-        expert_params = {}
-        for layer in range(h.num_layers):
-            first = set(h.placement.log2phy[layer, :, 0].tolist())
-            for slot in range(h.slots_per_rank):
-                primary = h.ep_rank * h.slots_per_rank + slot in first
-                for p in h.slot_params(layer, slot):
-                    expert_params[id(p)] = primary
-        dense = torch.zeros((), dtype=torch.float64, device=self._device)
-        expert = torch.zeros((), dtype=torch.float64, device=self._device)
-        for p in h.model.parameters():
-            g = getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad
-            if g is None:
-                continue
-            sq = g.detach().double().pow(2).sum()
-            if id(p) not in expert_params:
-                dense += sq
-            elif expert_params[id(p)]:
-                expert += sq
-        if dist.is_initialized() and h.ep_size > 1:
-            dist.all_reduce(expert, group=h.ep_group)
-        return float((dense + expert).sqrt())
+        grads = ((p, _grad(p)) for p in h.model.parameters())
+        return logical_grad_norm(
+            ((p, g) for p, g in grads if g is not None),
+            primary_expert_params(h),
+            h.ep_group if h.ep_size > 1 else None,
+            self._device,
+        )
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Scale every gradient so that :meth:`grad_norm` is at most ``max_norm``; returns the norm before."""
@@ -508,7 +501,7 @@ class EPLBManager:
         self._pending_placement = None
         self._transfer_plan = None
         if (
-            outcome in ("committed", "failed_layers")
+            outcome in ("committed", "failed_layers", "no_change")  # the map a run ends with, with its load
             and self.config.expert_map_record_path
             and self._rank == 0
         ):
@@ -645,3 +638,9 @@ def _to(value: Any, param: torch.Tensor) -> Any:
     if value.dim() == 0:
         return value.clone()
     return value.to(param.device).clone()
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor | None:
+    """The gradient Megatron accumulates into (``main_grad``) where there is one, else ``p.grad``."""
+    g = getattr(p, "main_grad", None)
+    return p.grad if g is None else g

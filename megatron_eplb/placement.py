@@ -132,6 +132,18 @@ class ExpertPlacement:
         """int64 ``[P]``: the rank each physical slot lives on."""
         return np.arange(self.num_slots) // self.slots_per_rank
 
+    def primary_slots(self) -> np.ndarray:
+        """bool ``[L, P]``: slot ``s`` holds the first copy (``log2phy[l, e, 0]``) of its expert.
+
+        The one rule for "each logical expert once": its first copy is the one counted in the gradient
+        norm and saved in logical checkpoints; the other copies hold identical values."""
+        out = np.zeros(self.phy2log.shape, dtype=bool)
+        first = self.log2phy[:, :, 0]
+        layers = np.broadcast_to(np.arange(self.num_layers)[:, None], first.shape)
+        valid = first >= 0
+        out[layers[valid], first[valid]] = True
+        return out
+
     def local_phy2log(self, rank: int) -> np.ndarray:
         """int64 ``[L, S]``: the experts held by ``rank``'s local slots."""
         s = self.slots_per_rank

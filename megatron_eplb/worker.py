@@ -60,6 +60,8 @@ def _worker_main(conn, requests, policy_fn: Callable, num_threads: int | None) -
             torch.set_num_threads(num_threads)
         except ImportError:
             pass
+    if policy_fn is None:  # warm up: import the policies now, not inside the first (awaited) plan
+        default_policy_fn(np.ones((1, 4)), 4, 2)
     while True:
         request = requests.get()
         while True:  # skip requests superseded by newer ones already queued

@@ -45,7 +45,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_eplb import gradients
 from megatron_eplb.config import EPLBConfig, EPLBConfigError
+from megatron_eplb.gradients import primary_expert_params
 from megatron_eplb.placement import ExpertPlacement
 
 __all__ = [
@@ -210,21 +212,6 @@ def _moe_param_groups(model: torch.nn.Module, model_parameters: Any) -> list[dic
 # ============================================================================ gradients
 
 
-def _is_primary_copy(handle: Any) -> dict[int, bool]:
-    """``id(param) -> bool``: whether a local expert parameter is the first copy of its logical expert."""
-    out: dict[int, bool] = {}
-    if handle is None:
-        return out
-    placement = handle.placement
-    for layer in range(handle.num_layers):
-        for k, slot in enumerate(handle.local_slots()):
-            expert = int(placement.phy2log[layer, slot])
-            first = expert >= 0 and int(placement.log2phy[layer, expert, 0]) == slot
-            for p in handle.slot_params(layer, k):
-                out[id(p)] = first
-    return out
-
-
 def _full_grads(model: torch.nn.Module):
     """``(param, gradient)`` of every trainable parameter that has one; the full gradient under ZeRO."""
     from deepspeed.utils import safe_get_full_grad
@@ -236,27 +223,21 @@ def _full_grads(model: torch.nn.Module):
                 yield p, g
 
 
-def logical_grad_norm(model: torch.nn.Module, handle: Any, ep_group, norm_type: float = 2.0) -> float:
-    """The L2 norm of the gradient of the *logical* model (each logical expert once).
+def _expert_params(model: torch.nn.Module, handle: Any) -> dict[int, bool]:
+    """``id(param) -> primary`` of every expert parameter: each slot's first-copy flag with EPLB; without,
+    every expert parameter (``allreduce=False``, one copy per expert) is primary."""
+    if handle is not None:
+        return primary_expert_params(handle)
+    return {id(p): True for p in model.parameters() if not getattr(p, "allreduce", True)}
 
-    Dense gradients are identical on every rank (already reduced); an expert's gradient counts on the
-    rank holding its first copy only, summed over the EP group.  Collective over ``ep_group`` (and, under
-    ZeRO 1, DeepSpeed's gradient partitions).
-    """
+
+def logical_grad_norm(model: torch.nn.Module, handle: Any, ep_group, norm_type: float = 2.0) -> float:
+    """The L2 norm of the gradient of the *logical* model (each logical expert once): see
+    :func:`megatron_eplb.gradients.logical_grad_norm`.  Sums stay on the device; one host sync.
+    Collective over ``ep_group`` (and, under ZeRO 1, DeepSpeed's gradient partitions)."""
     if norm_type != 2.0:
         raise DeepSpeedEPLBError("only the L2 gradient norm is supported")
-    primary = _is_primary_copy(handle)
-    dense = torch.zeros((), dtype=torch.float64)
-    expert = torch.zeros((), dtype=torch.float64)
-    for p, g in _full_grads(model):
-        sq = g.detach().double().pow(2).sum().cpu()
-        if getattr(p, "allreduce", True):
-            dense += sq
-        elif primary.get(id(p), True):
-            expert += sq
-    if dist.get_world_size(ep_group) > 1:
-        dist.all_reduce(expert, group=ep_group)
-    return float((dense + expert).sqrt())
+    return gradients.logical_grad_norm(_full_grads(model), _expert_params(model, handle), ep_group)
 
 
 def _scale_grads(model: torch.nn.Module, coef: float) -> None:
@@ -519,6 +500,16 @@ def _install_hooks(engine, manager, handle, model, clip: float, ep_group, layers
     engine._eplb_grad_norm = None
 
 
+def _to_accelerator(model: torch.nn.Module) -> None:
+    """Move the model to DeepSpeed's device now (the engine would, later): ``apply`` gathers the experts
+    over the expert-parallel group, whose NCCL collectives need them on the GPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().current_device_name())
+    if device.type != "cpu":
+        model.to(device)
+
+
 def _dense_dp_group():
     from deepspeed.utils import groups
 
@@ -585,6 +576,8 @@ def initialize(
     layers = eplb_mcore.find_moe_layers(model)
     if not layers:
         raise DeepSpeedEPLBError(f"{type(model).__name__} has no Megatron-core MoELayer; nothing to balance")
+    eplb_mcore.ensure_compat()
+    _to_accelerator(model)
     num_experts = int(layers[0][1].config.num_moe_experts)
     if eplb_config is not None:
         eplb_config.validate_for(len(layers), num_experts, ep_size)
@@ -702,15 +695,15 @@ def _logical_optimizer_state(
 def _gather_layer_state(handle, layer: int, slot_state: DeepSpeedSlotState) -> dict[int, list[dict]]:
     """``expert -> [per-param state dict]`` of one MoE layer, from each expert's first copy (collective)."""
     placement = handle.placement
+    primary = placement.primary_slots()[layer]
     local = []
     for k, slot in enumerate(handle.local_slots()):
         # full_state is collective under ZeRO: every rank reads every local slot, then keeps first copies
         states = [
             {n: v.cpu() for n, v in slot_state.full_state(p).items()} for p in handle.slot_params(layer, k)
         ]
-        expert = int(placement.phy2log[layer, slot])
-        if expert >= 0 and int(placement.log2phy[layer, expert, 0]) == slot:
-            local.append((expert, states))
+        if primary[slot]:
+            local.append((int(placement.phy2log[layer, slot]), states))
     gathered = [None] * dist.get_world_size(handle.ep_group)
     dist.all_gather_object(gathered, local, group=handle.ep_group)
     return {e: st for part in gathered for e, st in part}

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eplb.checkpoint import logical_to_physical, physical_to_logical
+from megatron_eplb.comm import collective_device
 from megatron_eplb.config import EPLBConfig
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
 
@@ -55,6 +56,7 @@ __all__ = [
     "SUPPORTED_MCORE_VERSIONS",
     "apply",
     "enable_cpu",
+    "ensure_compat",
     "find_moe_layers",
     "mcore_version",
 ]
@@ -192,7 +194,7 @@ def enable_cpu() -> list[str]:
     * ``torch.cuda.current_device`` returns ``"cpu"`` (Megatron allocates on it; ``Router.gating`` then
       leaves the router weight on CPU instead of moving it to CUDA);
     * ``torch.cuda.synchronize`` does nothing (Megatron's dist-checkpoint writer calls it before saving);
-    * ``moe_utils.te_general_gemm = None`` where Transformer Engine is absent (0.16 references the name);
+    * :func:`ensure_compat` (on any device);
     * the model-parallel RNG tracker (``model_parallel_cuda_manual_seed``, ``get_cuda_rng_tracker().fork``)
       keeps CPU generator states;
     * the alltoall dispatcher gets no CUDA side stream and passes its split sizes as Python lists.
@@ -200,6 +202,7 @@ def enable_cpu() -> list[str]:
     Returns:
         the names of the fixes in effect.
     """
+    ensure_compat()
     with _CPU_LOCK:
         if torch.cuda.is_available():
             logger.info("enable_cpu: CUDA is available, nothing to do")
@@ -209,7 +212,6 @@ def enable_cpu() -> list[str]:
         fixes = [
             _fix_current_device(),
             _fix_synchronize(),
-            _fix_te_general_gemm(),
             _fix_rng_tracker(),
             _fix_alltoall(),
         ]
@@ -229,13 +231,24 @@ def _fix_synchronize() -> str:
     return "torch.cuda.synchronize() is a no-op (dist-checkpoint writers call it)"
 
 
-def _fix_te_general_gemm() -> str | None:
+def ensure_compat() -> list[str]:
+    """Version fixes Megatron-core needs on any device; idempotent, called by :func:`apply`,
+    :func:`enable_cpu` and ``patches.deepspeed.initialize`` (call it yourself for a model without EPLB).
+
+    * ``moe_utils.te_general_gemm = None`` where Transformer Engine is absent: megatron-core 0.16 reads
+      the name in the MoE forward without importing it (``NameError`` on CPU and on GPU alike).
+
+    Returns:
+        the fixes applied by this call (empty when nothing was needed).
+    """
     from megatron.core.transformer.moe import moe_utils
 
     if hasattr(moe_utils, "te_general_gemm"):
-        return None
+        return []
     moe_utils.te_general_gemm = None
-    return "megatron.core.transformer.moe.moe_utils.te_general_gemm = None"
+    fix = "megatron.core.transformer.moe.moe_utils.te_general_gemm = None (no Transformer Engine)"
+    logger.info("megatron-eplb: %s", fix)
+    return [fix]
 
 
 def _fix_rng_tracker() -> str:
@@ -325,6 +338,7 @@ def apply(
             that does not match the model.  Nothing is changed when it raises.
     """
     _check_mcore_version()
+    ensure_compat()
     if getattr(model, "_megatron_eplb_handle", None) is not None:
         raise EPLBPatchError(
             "apply() was already called on this model; use handle.set_placement() to re-place"
@@ -336,6 +350,7 @@ def apply(
     first = layers[0][1]
     ep_group = first.experts.ep_group
     ep_size = dist.get_world_size(ep_group)
+    _check_device(first, ep_group)
     num_experts = first.config.num_moe_experts
     dispatch = replica_dispatch or (config.eplb_replica_dispatch if config is not None else "even")
     if dispatch not in REPLICA_DISPATCH:
@@ -387,6 +402,16 @@ def _check_layers(layers: list[tuple[str, torch.nn.Module]]) -> None:
         raise EPLBPatchError("pipeline parallel size > 1 is not supported; supported: 1")
 
 
+def _check_device(layer: torch.nn.Module, ep_group) -> None:
+    """The experts must live where the EP group's collectives run (``apply`` gathers them over it)."""
+    have, need = _param_device(layer.experts), collective_device(ep_group)
+    if have.type != need.type:
+        raise EPLBPatchError(
+            f"the experts are on {have} but the expert-parallel group ({dist.get_backend(ep_group)}) "
+            f"communicates on {need}: move the model first (model.to({str(need)!r})), then call apply()"
+        )
+
+
 def _placement_from_config(
     config: EPLBConfig | None, num_layers: int, num_experts: int, ep_size: int
 ) -> ExpertPlacement:
@@ -421,7 +446,7 @@ def _check_same_placement_everywhere(placement: ExpertPlacement, group) -> None:
     digest = torch.stack(
         [(p * weights).sum(), (p * weights * weights % 1_000_003).sum(), torch.tensor(p.numel())]
     )
-    digest = digest.to(_group_device(group))
+    digest = digest.to(collective_device(group))
     gathered = [torch.empty_like(digest) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, digest, group=group)
     bad = [r for r, d in enumerate(gathered) if not torch.equal(d, gathered[0])]
@@ -1008,13 +1033,6 @@ def _recomputing() -> bool:
 def _param_device(module: torch.nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
-    return torch.device("cpu")
-
-
-def _group_device(group) -> torch.device:
-    backend = dist.get_backend(group)
-    if backend == "nccl" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 

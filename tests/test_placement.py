@@ -227,3 +227,12 @@ def test_any_single_corruption_is_caught(p, pick, kind):
     else:
         with pytest.raises(ExpertMapError, match="ranks"):
             p.validate(num_ranks=p.num_ranks + 1)
+
+
+def test_primary_slots_mark_each_experts_first_copy_once():
+    p = ExpertPlacement.from_json(json.dumps(VLLM_ASCEND_EXAMPLE))
+    primary = p.primary_slots()
+    assert primary.shape == (1, 10) and primary.sum() == 8  # one per logical expert
+    # expert 7 sits in slots 0 and 8, expert 2 in slots 1 and 9: the lower slot is the primary copy
+    assert primary[0].tolist() == [True] * 8 + [False, False]
+    assert sorted(p.phy2log[0][primary[0]].tolist()) == list(range(8))

@@ -3,10 +3,11 @@
 #
 #   benchmarks/run_multi_gpu.sh N [benchmarks/multi_gpu_bench.py flags ...]
 #
-# = deepspeed --num_gpus N benchmarks/multi_gpu_bench.py ...  (one process per GPU, NCCL; on a machine
-# without CUDA: DS_ACCELERATOR=cpu, gloo, --small sizes).  Results: multi_gpu_wsN_<cuda|cpu>.json in --out DIR
-# (default benchmarks/results on CUDA, outputs/multi_gpu on CPU) and a table on stdout.  Environment: PYTHON (default .venv/bin/python, else python3),
-# MASTER_PORT (default: the launcher's 29500).  See docs/multi_gpu.md.
+# = deepspeed --num_gpus N benchmarks/multi_gpu_bench.py ...  (one process per GPU, NCCL, EP = N; N = 1 works:
+# EP = 1, no rotate run and no P2P probes.  On a machine without CUDA: DS_ACCELERATOR=cpu, gloo, --small sizes.)
+# Results: multi_gpu_wsN_<cuda|cpu>.json in --out DIR (default benchmarks/results on CUDA, outputs/multi_gpu on
+# CPU) and a table on stdout; exit code 1 when the loss comparison fails.  Environment: PYTHON (default
+# .venv/bin/python, else python3), MASTER_PORT (default: the launcher's 29500).  See docs/multi_gpu.md.
 set -euo pipefail
 if [[ $# -lt 1 || ! $1 =~ ^[0-9]+$ ]]; then
     echo "usage: $0 NUM_GPUS [multi_gpu_bench.py flags ...]" >&2

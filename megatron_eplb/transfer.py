@@ -15,11 +15,12 @@ rank computes the identical plan without communication.  Per layer (vLLM's rules
 The number of sends of a layer equals :func:`megatron_eplb.stats.moved_slots` (the churn).
 
 The executor (:class:`TransferExecutor`) runs one layer at a time: ``start_layer`` snapshots the slots the
-layer sends into a staging buffer and posts the sends/receives with one ``batch_isend_irecv``;
-``finish_layer`` waits, lets all ranks vote, and only when every rank received everything writes the
-destination slots: local copies first, slot to slot in an order where no source is overwritten before it
-is read (a cycle of local copies goes through one staged scratch slot, :func:`local_copy_schedule`), then the
-received slots.  A slot may be both a source and a destination in the same layer (swap chains), and a
+layer sends into a staging buffer and posts the sends/receives with ``batch_isend_irecv`` (one message per
+peer, cut into pieces of ``chunk_bytes`` posted round by round, so that staging the next piece overlaps the
+link); ``finish_layer`` waits, lets all ranks vote, and only when every rank received everything writes the
+destination slots: local copies first, slot to slot in an order where no source is overwritten before it is
+read (a cycle of local copies goes through one staged scratch slot, :func:`local_copy_schedule`), then the
+received slots.  ``run`` posts the next layer before writing the previous one (``pipeline``).  A slot may be both a source and a destination in the same layer (swap chains), and a
 failure or timeout leaves every rank's old tensors untouched (:class:`TransferError`).
 
 Model protocol (vLLM style, kept small): ``slot_tensors(layer, local_slot) -> list[torch.Tensor]`` returns
@@ -42,6 +43,7 @@ import torch
 from .placement import ExpertPlacement
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
     "FAIL_AFTER_SENDS_ENV",
     "LayerHandle",
     "LayerTransfer",
@@ -61,6 +63,9 @@ __all__ = [
 FAIL_AFTER_SENDS_ENV = "MEGATRON_EPLB_TRANSFER_FAIL_AFTER_SENDS"
 
 _ALIGN = 64  # byte alignment of every tensor inside a staged slot
+#: Default piece size of a peer's message (``TransferExecutor(chunk_bytes=...)``): large enough that NCCL
+#: send/recv runs near its peak rate, small enough that staging the first piece is a small part of a layer.
+DEFAULT_CHUNK_BYTES = 256 << 20
 _EMPTY_SENDS = np.zeros((0, 4), dtype=np.int64)
 _EMPTY_COPIES = np.zeros((0, 3), dtype=np.int64)
 
@@ -553,6 +558,17 @@ class TransferExecutor:
             tensor position (a slot's tensor ``j`` only ever touches tensor ``j`` of other slots and its own
             region of the staging buffer, so the positions are independent): the copies of one position
             overlap the launch gaps and tails of another's.  1: every copy in order on the side stream.
+        chunk_bytes: split each peer's message of a layer into pieces of about this many bytes (whole slots,
+            at least one) posted as successive ``batch_isend_irecv`` rounds, each right after its own slots are
+            staged: on CUDA the staging copy of round ``i + 1`` runs on the side stream while round ``i`` is on
+            the link, so only the first piece's copy is exposed.  ``None`` or 0: one message per peer per
+            layer, posted after every slot is staged.  Must be equal on every rank (the receivers post
+            matching pieces).
+        pipeline: :meth:`run` posts layer ``L + 1`` after layer ``L``'s vote but before writing layer ``L``,
+            so the write of one layer overlaps the transfer of the next (two layers' staging in flight).
+            A failed layer still stops :meth:`run` before the next layer is posted.
+        isolated_vote: on CUDA, run the vote's all-reduce (and its host read) on a stream of its own, so the
+            host waits only for the vote itself, not for the caller's queued work (e.g. the forward).
     """
 
     def __init__(
@@ -569,6 +585,9 @@ class TransferExecutor:
         use_side_stream: bool = True,
         direct_local_copies: bool = True,
         copy_streams: int = 2,
+        chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+        pipeline: bool = True,
+        isolated_vote: bool = True,
     ) -> None:
         import torch.distributed as dist
 
@@ -609,6 +628,13 @@ class TransferExecutor:
         self._copy_streams: list = []
         if self._stream is not None and copy_streams > 1:
             self._copy_streams = [torch.cuda.Stream() for _ in range(copy_streams)]
+        if chunk_bytes is not None and chunk_bytes < 0:
+            raise ValueError(f"chunk_bytes must be >= 0 or None, got {chunk_bytes}")
+        self.chunk_bytes = chunk_bytes or None
+        self.pipeline = pipeline
+        self._vote_stream = None
+        if isolated_vote and self._collective_device.type == "cuda" and torch.cuda.is_available():
+            self._vote_stream = torch.cuda.Stream()
         self._pool: list[torch.Tensor] = []
         self._in_flight_bytes = 0
         self.peak_staging_bytes = 0
@@ -647,6 +673,13 @@ class TransferExecutor:
 
             return contextlib.nullcontext()
         return torch.cuda.stream(self._stream)
+
+    def _vote_ctx(self):
+        if self._vote_stream is None:
+            import contextlib
+
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self._vote_stream)
 
     def _layout(self, layer: int, local_slot: int) -> _SlotLayout:
         return _SlotLayout.of(list(self.slot_tensors(layer, local_slot)))
@@ -740,6 +773,15 @@ class TransferExecutor:
         handle._layout = layout
         handle._scratch_base = len(send_rows) + len(copy_srcs)
         n_staged = len(send_rows) + len(copy_srcs) + n_scratch + len(recv_rows)
+        handle._recv_base = len(send_rows) + len(copy_srcs) + n_scratch
+        # Rounds of pieces (the same on every rank: a pure function of the plan and the slot size). Round i
+        # holds piece i of every peer's message, in peer order, sends then receives.
+        piece = None if self.chunk_bytes is None else max(1, self.chunk_bytes // layout.slot_nbytes)
+        send_rounds = _rounds(_runs(sends[send_rows, 2]), piece)
+        recv_rounds = _rounds(_runs(sends[recv_rows, 0]), piece)
+        # Resolve (and check) every source first, so a bad slot fails before anything is posted.
+        sources = [self._tensors(layer, int(sends[row, 1]), layout) for row in send_rows.tolist()]
+        copy_sources = [self._tensors(layer, src, layout) for src in copy_srcs]
         caller = torch.cuda.current_stream() if self._stream is not None else None
         with self._stream_ctx():
             if caller is not None:
@@ -747,32 +789,37 @@ class TransferExecutor:
             buf = self._take_buffer(n_staged * layout.slot_nbytes, layout.device)
             handle._buffer = buf
             handle.staging_bytes = buf.numel()
-            with torch.no_grad():
-                for i, row in enumerate(send_rows.tolist()):
-                    self._pack(buf, i, self._tensors(layer, int(sends[row, 1]), layout), layout)
-                base = len(send_rows)
-                for j, src in enumerate(copy_srcs):
-                    self._pack(buf, base + j, self._tensors(layer, src, layout), layout)
-                    handle._copy_src[src] = base + j
-            handle._recv_base = len(send_rows) + len(copy_srcs) + n_scratch
-            ops = []
+            nb, base = layout.slot_nbytes, handle._recv_base
             sent = 0
-            for peer, first, count in _runs(sends[send_rows, 2]):
-                if self.fail_after_sends is not None and sent >= self.fail_after_sends:
-                    break
-                region = buf[first * layout.slot_nbytes : (first + count) * layout.slot_nbytes]
-                ops.append(dist.P2POp(dist.isend, region, self._global[peer], self.group))
-                sent += 1
+            works: list = []
+            with torch.no_grad():
+                for i in range(max(len(send_rounds), len(recv_rounds))):
+                    round_sends = send_rounds[i] if i < len(send_rounds) else []
+                    round_recvs = recv_rounds[i] if i < len(recv_rounds) else []
+                    # Stage this round's slots, then post it: on CUDA the NCCL stream waits only for the
+                    # copies enqueued so far, so the next round's copies overlap this round on the link.
+                    for _, first, count in round_sends:
+                        for k in range(first, first + count):
+                            self._pack(buf, k, sources[k], layout)
+                    ops = []
+                    for peer, first, count in round_sends:
+                        if self.fail_after_sends is not None and sent >= self.fail_after_sends:
+                            break
+                        region = buf[first * nb : (first + count) * nb]
+                        ops.append(dist.P2POp(dist.isend, region, self._global[peer], self.group))
+                        sent += 1
+                    for peer, first, count in round_recvs:
+                        region = buf[(base + first) * nb : (base + first + count) * nb]
+                        ops.append(dist.P2POp(dist.irecv, region, self._global[peer], self.group))
+                    if ops:
+                        works.extend(dist.batch_isend_irecv(ops))
+                first_copy = len(send_rows)
+                for j, src in enumerate(copy_srcs):
+                    self._pack(buf, first_copy + j, copy_sources[j], layout)
+                    handle._copy_src[src] = first_copy + j
             if self.fail_after_sends is not None:
                 handle._injected = True
-            base = handle._recv_base
-            for peer, first, count in _runs(sends[recv_rows, 0]):
-                region = buf[
-                    (base + first) * layout.slot_nbytes : (base + first + count) * layout.slot_nbytes
-                ]
-                ops.append(dist.P2POp(dist.irecv, region, self._global[peer], self.group))
-            if ops:
-                handle._works = dist.batch_isend_irecv(ops)
+            handle._works = works
         return handle
 
     def finish_layer(self, handle: LayerHandle, timeout: float | None = None) -> int:
@@ -788,10 +835,17 @@ class TransferExecutor:
         """
         if handle.finished:
             raise ValueError(f"layer {handle.layer} was already finished")
-        transfer = handle.transfer
-        if transfer.is_empty:
+        if handle.transfer.is_empty:
             handle.finished = True
             return 0
+        self._await(handle, timeout)
+        written = self._commit(handle)
+        handle.finished = True
+        return written
+
+    def _await(self, handle: LayerHandle, timeout: float | None) -> None:
+        """The first half of :meth:`finish_layer`: wait for the receives and vote; raise if any rank failed
+        (after dropping the layer's staging).  Nothing is written."""
         layer, me = handle.layer, self.rank
         problem, broken = None, False
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -809,16 +863,21 @@ class TransferExecutor:
             problem = f"injected failure after {self.fail_after_sends} send message(s) (test hook)"
         agreed = problem is None
         if self.vote and self._vote_size > 1:
-            flag = torch.tensor([1 if agreed else 0], dtype=torch.int64, device=self._collective_device)
             try:
-                work = self._dist.all_reduce(
-                    flag, op=self._dist.ReduceOp.MIN, group=self.vote_group, async_op=True
-                )
-                if timeout is None:
-                    work.wait()
-                else:
-                    work.wait(datetime.timedelta(seconds=2 * timeout + 1))
-                agreed = bool(flag.item() == 1)
+                # On its own stream (isolated_vote) the all-reduce and the host read wait for nothing queued
+                # on the caller's stream; the flag's value is decided on the host either way.
+                with self._vote_ctx():
+                    flag = torch.tensor(
+                        [1 if agreed else 0], dtype=torch.int64, device=self._collective_device
+                    )
+                    work = self._dist.all_reduce(
+                        flag, op=self._dist.ReduceOp.MIN, group=self.vote_group, async_op=True
+                    )
+                    if timeout is None:
+                        work.wait()
+                    else:
+                        work.wait(datetime.timedelta(seconds=2 * timeout + 1))
+                    agreed = bool(flag.item() == 1)
             except Exception as exc:
                 agreed, broken = False, True
                 problem = problem or f"the commit vote failed: {exc}"
@@ -830,9 +889,6 @@ class TransferExecutor:
             raise TransferError(
                 f"{problem}; no slot of this layer was written", layer=layer, rank=me, group_broken=broken
             )
-        written = self._commit(handle)
-        handle.finished = True
-        return written
 
     def _commit(self, handle: LayerHandle) -> int:
         layer, transfer, layout, buf = handle.layer, handle.transfer, handle._layout, handle._buffer
@@ -902,9 +958,34 @@ class TransferExecutor:
         return len(handle._recv_rows) + len(copies)
 
     def run(self, layers: Iterable[int] | None = None, timeout: float | None = None) -> int:
-        """Transfer ``layers`` (default: every changed layer) one after the other. Returns slots written."""
+        """Transfer ``layers`` (default: every changed layer) one after the other. Returns slots written.
+
+        With ``pipeline`` (default), layer ``L + 1`` is posted once layer ``L`` has passed its vote and before
+        layer ``L`` is written, so the write overlaps the next transfer.  Either way a failed layer raises
+        :class:`TransferError` before any later layer is posted; earlier layers stay committed.
+        """
         todo = self.plan.layers_changed if layers is None else tuple(layers)
-        return sum(self.finish_layer(self.start_layer(layer), timeout) for layer in todo)
+        if not self.pipeline:
+            return sum(self.finish_layer(self.start_layer(layer), timeout) for layer in todo)
+        written = 0
+        prev: LayerHandle | None = None
+        for layer in todo:
+            if prev is not None:
+                self._await(prev, timeout)  # raises before the next layer is posted
+            try:
+                handle = self.start_layer(layer)
+            finally:
+                if prev is not None:  # every rank passed the vote: write it even if posting failed here
+                    written += self._commit(prev)
+                    prev.finished = True
+                    prev = None
+            if handle.transfer.is_empty:
+                handle.finished = True
+            else:
+                prev = handle
+        if prev is not None:
+            written += self.finish_layer(prev, timeout)
+        return written
 
     # ------------------------------------------------------------------ canary
     def verify_layer(self, handle: LayerHandle, timeout: float | None = None) -> list[tuple[int, int]]:
@@ -990,3 +1071,16 @@ def _runs(keys: np.ndarray) -> list[tuple[int, int, int]]:
             out.append((int(values[start]), start, i - start))
             start = i
     return out
+
+
+def _rounds(runs: list[tuple[int, int, int]], piece: int | None) -> list[list[tuple[int, int, int]]]:
+    """Split each run ``(peer, first, count)`` into pieces of at most ``piece`` items (``None``: whole runs);
+    round ``i`` lists piece ``i`` of every run that has one, in run order."""
+    rounds: list[list[tuple[int, int, int]]] = []
+    for peer, first, count in runs:
+        step = count if piece is None else piece
+        for i, start in enumerate(range(first, first + count, step)):
+            if i == len(rounds):
+                rounds.append([])
+            rounds[i].append((peer, start, min(step, first + count - start)))
+    return rounds

@@ -399,3 +399,124 @@ def _single(rank: int, world: int) -> None:
 
 def test_executor_single_rank():
     run_distributed(_single, 1, timeout=60)
+
+
+# --------------------------------------------------------------- chunked messages, pipelined run()
+def test_rounds_split_runs_into_pieces():
+    from megatron_eplb.transfer import _rounds
+
+    runs = [(1, 0, 5), (2, 5, 2), (3, 7, 1)]
+    assert _rounds(runs, None) == [runs]
+    assert _rounds(runs, 2) == [[(1, 0, 2), (2, 5, 2), (3, 7, 1)], [(1, 2, 2)], [(1, 4, 1)]]
+    assert _rounds([], 3) == []
+    pieces = [p for r in _rounds(runs, 1) for p in r]
+    assert sorted(p[1] for p in pieces) == list(range(8)) and all(p[2] == 1 for p in pieces)
+
+
+def _fail_on_layer(ex: TransferExecutor, layer: int, rank: int, failing_rank: int) -> None:
+    """Make ``ex`` fire the failure hook (every message posted) on ``failing_rank`` for ``layer`` only."""
+    original = ex.start_layer
+
+    def start(which: int):
+        ex.fail_after_sends = 10**6 if which == layer and rank == failing_rank else None
+        return original(which)
+
+    ex.start_layer = start
+
+
+def _chunk_scenarios(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    spr, num_layers = 4, 3
+    num_experts = world * spr - 3
+    slot_bytes = slot_nbytes(logical_tensors(0, 0))
+    out = {}
+
+    # 1. every variant moves every slot bitwise: pieces of one slot (one round per slot), pieces of 3 slots,
+    #    one message per peer; pipelined and layer-by-layer run(); staged and direct local copies.
+    variants = [
+        (1, True, True),
+        (1, False, False),
+        (3 * slot_bytes, True, False),
+        (0, True, True),
+        (None, False, True),
+    ]
+    for seed, (chunk, pipeline, direct) in enumerate(variants):
+        rng = np.random.default_rng(100 + seed)
+        old = random_placement(rng, num_layers, world, spr, num_experts)
+        new = random_placement(rng, num_layers, world, spr, num_experts)
+        model = Model(old, rank)
+        plan = plan_transfer(old, new)
+        group = dist.new_group(backend="gloo")
+        ex = TransferExecutor(
+            plan, model.slot_tensors, group, chunk_bytes=chunk, pipeline=pipeline, direct_local_copies=direct
+        )
+        written = ex.run(timeout=30)
+        model.assert_holds(new, rank)
+        mine = plan.for_rank(rank)
+        assert written == mine.recvs_per_rank()[:, rank].sum() + mine.local_copy_count().sum()
+
+    # 2. pieces of one slot, two layers in flight, canary: one work per slot message (gloo: one per op).
+    rng = np.random.default_rng(7)
+    old = random_placement(rng, 2, world, spr, num_experts)
+    new = ExpertPlacement(np.roll(old.phy2log, spr, axis=1), world, num_experts, allow_same_rank_copies=True)
+    model = Model(old, rank)
+    plan = plan_transfer(old, new)
+    group = dist.new_group(backend="gloo")
+    ex = TransferExecutor(plan, model.slot_tensors, group, chunk_bytes=1, checksums=True)
+    h0, h1 = ex.start_layer(0), ex.start_layer(1)
+    for h in (h0, h1):
+        part = plan.layer(h.layer)
+        assert len(h._works) == len(part.sends_from(rank)) + len(part.recvs_to(rank)) > 2
+    ex.finish_layer(h0, timeout=30)
+    ex.finish_layer(h1, timeout=30)
+    model.assert_holds(new, rank)
+    assert ex.verify_layer(h0, timeout=30) == [] and ex.verify_layer(h1, timeout=30) == []
+
+    # 3. pipelined run() with a failure in the middle layer: layer 0 committed, layers 1 and 2 untouched on
+    #    every rank, nothing of layer 2 posted; the group stays usable and the rest moves afterwards.
+    rng = np.random.default_rng(11)
+    old = random_placement(rng, num_layers, world, spr, num_experts)
+    new = ExpertPlacement(np.roll(old.phy2log, spr, axis=1), world, num_experts, allow_same_rank_copies=True)
+    model = Model(old, rank)
+    before = model.snapshot()
+    plan = plan_transfer(old, new)
+    assert plan.layers_changed == (0, 1, 2)
+    group = dist.new_group(backend="gloo")
+    ex = TransferExecutor(plan, model.slot_tensors, group, chunk_bytes=2 * slot_bytes)
+    posted = []
+    _fail_on_layer(ex, 1, rank, world - 1)
+    start = ex.start_layer
+    ex.start_layer = lambda layer: posted.append(layer) or start(layer)
+    with pytest.raises(TransferError) as err:
+        ex.run(timeout=30)
+    assert err.value.layer == 1 and not err.value.group_broken
+    assert posted == [0, 1]
+    model.assert_holds(new, rank, layers=[0])
+    _assert_same(before[1:], model.snapshot()[1:])
+    del ex.start_layer  # the class's method again
+    ex.fail_after_sends = None
+    ex.run(layers=[1, 2], timeout=30)
+    model.assert_holds(new, rank)
+    out["pipeline_failure"] = True
+
+    # 4. half-way failure inside a chunked message: the sender posts only its first piece, the receiver of
+    #    the rest times out; every rank raises and keeps its old tensors.
+    model = Model(old, rank)
+    before = model.snapshot()
+    group = dist.new_group(backend="gloo")
+    plan1 = plan_transfer(old, new, layers=[0])
+    ex = TransferExecutor(
+        plan1, model.slot_tensors, group, chunk_bytes=1, fail_after_sends=1 if rank == 0 else None
+    )
+    with pytest.raises(TransferError) as err:
+        ex.run(timeout=1.0)
+    if rank == 1:  # rank 0 sends its slots to rank 1, one piece of the spr arrived
+        assert err.value.group_broken and "receive failed" in str(err.value)
+    _assert_same(before, model.snapshot())
+    dist.barrier()
+    return out
+
+
+def test_executor_chunks_and_pipeline_gloo():
+    assert all(r["pipeline_failure"] for r in run_distributed(_chunk_scenarios, 3, timeout=120))

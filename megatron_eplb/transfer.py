@@ -20,7 +20,8 @@ peer, cut into pieces of ``chunk_bytes`` posted round by round, so that staging 
 link); ``finish_layer`` waits, lets all ranks vote, and only when every rank received everything writes the
 destination slots: local copies first, slot to slot in an order where no source is overwritten before it is
 read (a cycle of local copies goes through one staged scratch slot, :func:`local_copy_schedule`), then the
-received slots.  ``run`` posts the next layer before writing the previous one (``pipeline``).  A slot may be both a source and a destination in the same layer (swap chains), and a
+received slots (on CUDA each round as soon as it has landed).  ``run`` posts the next layer before writing the
+previous one (``pipeline``).  A slot may be both a source and a destination in the same layer (swap chains), and a
 failure or timeout leaves every rank's old tensors untouched (:class:`TransferError`).
 
 Model protocol (vLLM style, kept small): ``slot_tensors(layer, local_slot) -> list[torch.Tensor]`` returns
@@ -515,6 +516,7 @@ class LayerHandle:
     _layout: _SlotLayout | None = None
     _buffer: torch.Tensor | None = None
     _works: list = field(default_factory=list)
+    _rounds: list = field(default_factory=list)  # (works of a batch_isend_irecv round, its receive indices)
     _send_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # into sends
     _recv_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     _recv_base: int = 0  # first staged slot index of the receives
@@ -561,9 +563,11 @@ class TransferExecutor:
         chunk_bytes: split each peer's message of a layer into pieces of about this many bytes (whole slots,
             at least one) posted as successive ``batch_isend_irecv`` rounds, each right after its own slots are
             staged: on CUDA the staging copy of round ``i + 1`` runs on the side stream while round ``i`` is on
-            the link, so only the first piece's copy is exposed.  ``None`` or 0: one message per peer per
-            layer, posted after every slot is staged.  Must be equal on every rank (the receivers post
-            matching pieces).
+            the link, so only the first piece's copy is exposed; and once the vote has passed, the commit
+            writes each round's received slots as soon as that round has landed (a stream wait per round),
+            so only the last piece's write follows the link.  ``None`` or 0: one message per peer per layer,
+            posted after every slot is staged.  Must be equal on every rank (the receivers post matching
+            pieces).
         pipeline: :meth:`run` posts layer ``L + 1`` after layer ``L``'s vote but before writing layer ``L``,
             so the write of one layer overlaps the transfer of the next (two layers' staging in flight).
             A failed layer still stops :meth:`run` before the next layer is posted.
@@ -635,6 +639,8 @@ class TransferExecutor:
         self._vote_stream = None
         if isolated_vote and self._collective_device.type == "cuda" and torch.cuda.is_available():
             self._vote_stream = torch.cuda.Stream()
+        # Absorbs finish_layer's stream waits for the receives (the commit waits round by round itself).
+        self._wait_stream = torch.cuda.Stream() if self._stream is not None else None
         self._pool: list[torch.Tensor] = []
         self._in_flight_bytes = 0
         self.peak_staging_bytes = 0
@@ -673,6 +679,11 @@ class TransferExecutor:
 
             return contextlib.nullcontext()
         return torch.cuda.stream(self._stream)
+
+    def _wait_ctx(self):
+        if self._wait_stream is None:
+            return self._stream_ctx()
+        return torch.cuda.stream(self._wait_stream)
 
     def _vote_ctx(self):
         if self._vote_stream is None:
@@ -812,7 +823,10 @@ class TransferExecutor:
                         region = buf[(base + first) * nb : (base + first + count) * nb]
                         ops.append(dist.P2POp(dist.irecv, region, self._global[peer], self.group))
                     if ops:
-                        works.extend(dist.batch_isend_irecv(ops))
+                        posted = dist.batch_isend_irecv(ops)
+                        works.extend(posted)
+                        recvs = [k for _, first, count in round_recvs for k in range(first, first + count)]
+                        handle._rounds.append((posted, recvs))
                 first_copy = len(send_rows)
                 for j, src in enumerate(copy_srcs):
                     self._pack(buf, first_copy + j, copy_sources[j], layout)
@@ -850,7 +864,9 @@ class TransferExecutor:
         problem, broken = None, False
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            with self._stream_ctx():  # on CUDA, the side stream (which writes later) waits for the receives
+            # On CUDA the side stream is not made to wait here: the commit waits round by round, so each round
+            # is written as soon as it has landed.  This stream only absorbs the waits (gloo waits on the host).
+            with self._wait_ctx():
                 for work in handle._works:
                     if deadline is None:
                         work.wait()
@@ -885,7 +901,7 @@ class TransferExecutor:
                 problem = "another rank failed to receive its part of this layer"
         if not agreed:
             self._release(handle, reuse=not broken)
-            handle._works = []
+            handle._works, handle._rounds = [], []
             raise TransferError(
                 f"{problem}; no slot of this layer was written", layer=layer, rank=me, group_broken=broken
             )
@@ -919,12 +935,15 @@ class TransferExecutor:
             slots = {
                 int(k): self._tensors(layer, int(k), layout) for k in set(copies[:, 1:].reshape(-1).tolist())
             }
-            writes = [
-                (handle._recv_base + i, self._tensors(layer, int(sends[row, 3]), layout))
-                for i, row in enumerate(handle._recv_rows.tolist())
+            # Waiting twice is only harmless (and only useful) for CUDA stream waits: a gloo work waits on the
+            # host, once, in _await.
+            per_round = self._wait_stream is not None
+            received = [
+                self._tensors(layer, int(sends[row, 3]), layout) for row in handle._recv_rows.tolist()
             ]
+            writes = []  # staged local copies (direct_local_copies=False)
             if handle._copy_ops is None:
-                writes = [(handle._copy_src[src], slots[dst]) for _, src, dst in copies.tolist()] + writes
+                writes = [(handle._copy_src[src], slots[dst]) for _, src, dst in copies.tolist()]
 
             def write(only: Sequence[int]) -> None:
                 # Local copies first: a received slot may be the source of a local copy.
@@ -938,6 +957,13 @@ class TransferExecutor:
                         self._unpack(buf, handle._scratch_base + a, slots[b], layout, only)
                 for index, tensors in writes:
                     self._unpack(buf, index, tensors, layout, only)
+                # Then the received slots, round by round: on CUDA this stream waits for one round at a time,
+                # so the writes of a round overlap the later rounds on the link (the vote already passed).
+                for works, recvs in handle._rounds:
+                    for work in works if per_round else ():
+                        work.wait()
+                    for i in recvs:
+                        self._unpack(buf, handle._recv_base + i, received[i], layout, only)
 
             groups = self._position_groups(layout, self.copy_streams)
             if len(groups) > 1 and self._copy_streams:  # independent tensor positions on parallel streams
@@ -951,10 +977,12 @@ class TransferExecutor:
             else:  # in order (without CUDA streams: position group after position group, equivalent)
                 for only in groups:
                     write(only)
+            for work in handle._works if per_round else ():  # all rounds done before the buffer is reused
+                work.wait()
         if self._stream is not None:
             torch.cuda.current_stream().wait_stream(self._stream)
         self._release(handle, reuse=True)
-        handle._works = []
+        handle._works, handle._rounds = [], []
         return len(handle._recv_rows) + len(copies)
 
     def run(self, layers: Iterable[int] | None = None, timeout: float | None = None) -> int:

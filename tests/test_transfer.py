@@ -520,3 +520,29 @@ def _chunk_scenarios(rank: int, world: int) -> dict:
 
 def test_executor_chunks_and_pipeline_gloo():
     assert all(r["pipeline_failure"] for r in run_distributed(_chunk_scenarios, 3, timeout=120))
+
+
+def test_p2p_bench_cpu_smoke(tmp_path):
+    """benchmarks/p2p_bench.py on 2 gloo processes: every variant asked for moves the slots bitwise."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dist import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "p2p.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(root / "benchmarks" / "p2p_bench.py"), "--small", "--reps", "1", "--warmup", "1",
+           "--variants", "raw_piece,legacy_layer,default_run,default_all,vote_in_transfer_group", "--out", str(out)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result["variants"]) == ["raw_layer", "raw_piece", "legacy_layer", "default_run", "default_all",
+                                        "vote_in_transfer_group"]  # fmt: skip
+    assert all(r["correct"] and r["bytes_per_s_per_rank"] > 0 for r in result["variants"].values())
+    assert result["variants"]["raw_layer"]["ratio_to_raw_layer"] == 1.0
+    assert "| default_run |" in proc.stdout

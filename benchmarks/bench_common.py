@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["count_calls", "init_single_rank", "time_stats"]
+__all__ = ["count_calls", "init_single_rank", "rotate_policy", "time_stats"]
 
 
 def init_single_rank() -> torch.device:
@@ -62,3 +62,12 @@ def time_stats(ms: list[float]) -> dict:
         "p90_ms": float(np.percentile(a, 90)),
         "max_ms": float(a.max()),
     }
+
+
+def rotate_policy(load, num_slots, num_ranks, previous=None, **kwargs):
+    """Test policy: every rank's slots go to the next rank (``phy2log [L, P]`` rolled by the slots per rank),
+    so every slot whose expert is not already on its new rank is sent over the network: forced moves.
+
+    Here, in an importable module rather than in a benchmark's ``__main__``, so the policy worker process
+    can load it without re-running the benchmark script."""
+    return np.roll(previous.phy2log, previous.phy2log.shape[1] // num_ranks, axis=1)

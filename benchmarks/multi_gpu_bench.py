@@ -69,7 +69,7 @@ sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402  (examples/data.py: byte-level text domains)
 import train  # noqa: E402  (examples/train.py: model, DeepSpeed config, parallel init)
-from bench_common import count_calls, time_stats  # noqa: E402
+from bench_common import count_calls, rotate_policy, time_stats  # noqa: E402
 from data import ByteBatches, load_domain  # noqa: E402
 
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
@@ -198,12 +198,6 @@ def ds_config(args: argparse.Namespace, targs: argparse.Namespace) -> dict:
 
 
 # ============================================================================ helpers
-def rotate_policy(load, num_slots, num_ranks, previous=None, **kwargs):
-    """Test policy: every rank's slots go to the next rank (``phy2log [L, P]`` rolled by the slots per rank),
-    so every slot whose expert is not already on its new rank is sent over the network: forced moves."""
-    return np.roll(previous.phy2log, previous.phy2log.shape[1] // num_ranks, axis=1)
-
-
 def _sync() -> None:
     if CUDA:
         torch.cuda.synchronize()
@@ -261,13 +255,7 @@ def balancedness_summary(rank_load: np.ndarray, warmup: int, switch: int) -> dic
 # ============================================================================ parallel setup
 def init(args: argparse.Namespace) -> int:
     """Device, process group (NCCL on GPU, gloo on CPU), Megatron's parallel state; returns the EP size."""
-    if CUDA:
-        torch.cuda.set_device(args.local_rank)
-        from megatron.core.transformer.moe import moe_utils
-
-        if not hasattr(moe_utils, "te_general_gemm"):
-            moe_utils.te_general_gemm = None  # megatron-core 0.16 without Transformer Engine
-    return train.init_parallel(args.ep, args.seed)  # enable_cpu() is a no-op on CUDA
+    return train.init_parallel(args.ep, args.seed)  # sets the device; version fixes on any device
 
 
 def environment(args: argparse.Namespace, ep: int) -> dict:

@@ -42,10 +42,12 @@ def ranks() -> tuple[int, str]:
 
 
 def launcher() -> list[str]:
+    """The ``deepspeed`` launcher beside this interpreter (else its module), on ``$MASTER_PORT`` when set."""
     exe = Path(sys.executable).with_name("deepspeed")
-    if exe.is_file():
-        return [str(exe)]
-    return [sys.executable, "-m", "deepspeed.launcher.runner"]
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if os.environ.get("MASTER_PORT"):
+        cmd += ["--master_port", os.environ["MASTER_PORT"]]
+    return cmd
 
 
 def run(cmd: list[str], what: str, log_path: Path, cuda: bool) -> None:

@@ -9,12 +9,15 @@ is discarded.  A worker that died (killed, crashed) is detected and started anew
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 import traceback
+import types
 from collections.abc import Callable
 from multiprocessing.connection import wait as _wait_any
 from typing import Any
@@ -53,13 +56,8 @@ def _as_placement(result: Any, num_ranks: int, num_experts: int) -> ExpertPlacem
 def _worker_main(conn, requests, policy_fn: Callable, num_threads: int | None) -> None:
     """The worker process: answer ``(id, load, previous, kwargs)`` requests until ``None`` arrives."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    if num_threads is not None:
-        try:
-            import torch
-
-            torch.set_num_threads(num_threads)
-        except ImportError:
-            pass
+    if num_threads is not None and "torch" in sys.modules:  # a policy that uses torch imported it
+        sys.modules["torch"].set_num_threads(num_threads)
     if policy_fn is None:  # warm up: import the policies now, not inside the first (awaited) plan
         default_policy_fn(np.ones((1, 4)), 4, 2)
     while True:
@@ -87,6 +85,41 @@ def _worker_main(conn, requests, policy_fn: Callable, num_threads: int | None) -
             conn.send(reply)
         except (BrokenPipeError, EOFError, OSError):
             return
+
+
+@contextlib.contextmanager
+def _spawn_without_main(policy_fn: Callable | None):
+    """Start a spawned child without re-running the parent's ``__main__`` script.
+
+    ``spawn`` re-imports the parent's main module in the child: for a training script that is torch,
+    Megatron and DeepSpeed (seconds of imports, which made the first awaited plan late, and DeepSpeed's
+    accelerator probing can open a GPU context beside training).  The worker needs only this package, so
+    the child is shown an empty ``__main__`` unless the policy function itself lives there.
+    """
+    main = sys.modules.get("__main__")
+    if main is None or getattr(policy_fn, "__module__", None) == "__main__":
+        yield
+        return
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """Set environment variables for a child started inside the block (restored after)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class PolicyWorker:
@@ -142,7 +175,9 @@ class PolicyWorker:
             name="megatron-eplb-policy",
             daemon=True,
         )
-        self._process.start()
+        env = {"OMP_NUM_THREADS": str(self.num_threads)} if self.num_threads is not None else {}
+        with _spawn_without_main(self.policy_fn), _environ(env):
+            self._process.start()
         child.close()
         self._conn = parent
 

@@ -53,7 +53,16 @@ from .stats import balance_summary, load_similarity, moved_slots
 from .transfer import TransferError, TransferExecutor, plan_transfer
 from .worker import PolicyWorker, PolicyWorkerError, broadcast_placement
 
-__all__ = ["EPLBManager", "Phase", "RebalanceRecord", "OptimizerSlotState"]
+__all__ = [
+    "EPLBManager",
+    "Gated",
+    "OptimizerSlotState",
+    "Phase",
+    "Planning",
+    "RebalanceRecord",
+    "Recording",
+    "Transferring",
+]
 
 log = logging.getLogger("megatron_eplb")
 
@@ -88,6 +97,55 @@ class RebalanceRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# One object per phase: the data a phase needs lives in its state and nowhere else.
+@dataclass
+class Recording:
+    """Loads are recorded each step; a rebalance starts when one is due."""
+
+    phase: Phase = Phase.RECORDING
+
+
+@dataclass
+class Gated:
+    """``gate_eplb``: the one rebalance is done; loads are still recorded for metrics."""
+
+    phase: Phase = Phase.GATED
+
+
+@dataclass
+class Planning:
+    """The worker plans on ``window_load [L, E]``; the plan is awaited at ``due_step``."""
+
+    record: RebalanceRecord
+    window_load: np.ndarray
+    submitted_at: float
+    due_step: int
+    phase: Phase = Phase.PLANNING
+
+
+@dataclass
+class Transferring:
+    """Layers move from ``old`` to ``new``: queued, then in flight (posted, finished in the layer's forward
+    pre-hook or at the latest before the optimizer step), then committed or rolled back."""
+
+    record: RebalanceRecord
+    window_load: np.ndarray
+    old: ExpertPlacement
+    new: ExpertPlacement
+    plan: Any  # TransferPlan
+    executor: TransferExecutor
+    queue: list[int]
+    in_flight: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # layer -> (transfer, pre-hook)
+    phase: Phase = Phase.TRANSFERRING
+
+    @property
+    def done(self) -> bool:
+        return not self.queue and not self.in_flight
+
+
+State = Recording | Gated | Planning | Transferring
 
 
 class OptimizerSlotState:
@@ -131,7 +189,6 @@ class EPLBManager:
         )
         self.load_group = load_group  # all ranks that route tokens (EP x expert-DP); None = world
         self.monitor = monitor
-        self.phase = Phase.RECORDING
         self.step_count = 0
         self.history: list[RebalanceRecord] = []
         self._rank = dist.get_rank() if dist.is_initialized() else 0
@@ -146,16 +203,10 @@ class EPLBManager:
         )
         self._ring_filled = 0
         self._last_update_load: np.ndarray | None = None  # [L, E] load at each layer's last update
-        self._window_load: np.ndarray | None = None  # [L, E] the window the current rebalance planned on
         self._last_rebalance_step = 0
         self._last_rebalance_time = time.monotonic()
-        self._record: RebalanceRecord | None = None
-        self._pending_placement: ExpertPlacement | None = None
         self._placement_before_last: ExpertPlacement | None = None  # for the next window's comparison
-        self._transfer_plan = None
-        self._transfer_queue: list[int] = []
-        self._plan_due_step = 0
-        self._plan_submitted_at = 0.0
+        self.state: State = Recording()
         self._policy_fn = policy_fn
         # The planning rank starts its worker process now: a cold start (spawn, imports) inside the first
         # awaited plan stalled that step by seconds.
@@ -164,9 +215,7 @@ class EPLBManager:
             if self.config.dynamic_eplb and self._rank == self._planner_rank
             else None
         )
-        self._executor: TransferExecutor | None = None
         self._transfer_group = self._new_transfer_group() if self.config.dynamic_eplb else None
-        self._in_flight: dict[int, tuple[Any, Any]] = {}  # layer -> (transfer handle, forward pre-hook)
         self._completed: list[RebalanceRecord] = []
 
     # ------------------------------------------------------------- the calls
@@ -175,7 +224,8 @@ class EPLBManager:
 
         A layer still in flight here did not run its forward this step; its transfer is rolled back (its
         staged copy would be stale after the optimizer step)."""
-        self._finish_in_flight(reason="optimizer")
+        if isinstance(self.state, Transferring):
+            self._finish_in_flight(self.state, commit=False)
         self.handle.sum_replica_grads()
 
     def grad_norm(self) -> float:
@@ -201,28 +251,50 @@ class EPLBManager:
                     p.grad.mul_(coef)
         return norm
 
+    @property
+    def phase(self) -> Phase:
+        """The current phase (the type of :attr:`state`)."""
+        return self.state.phase
+
     def step(self) -> RebalanceRecord | None:
         """Advance one step (after the optimizer step; in inference after each forward).
 
         Returns the record of the last rebalance that completed since the previous call, else None.
         """
-        self._finish_in_flight()  # inference: layers whose forward has not run since their transfer began
+        if isinstance(self.state, Transferring):
+            # inference: layers whose forward has not run since their transfer began finish here
+            self._finish_in_flight(self.state)
+        self.state = self._next(self.state, before_count=True)
         self.step_count += 1
         self._record_step()
-        if self.phase is Phase.RECORDING and self._due():
-            self._start_planning()
-        if self.phase is Phase.PLANNING and self.step_count >= self._plan_due_step:
-            self._await_plan()
-        if self.phase is Phase.TRANSFERRING:
-            self._start_transfers()
+        self.state = self._next(self.state)
         done, self._completed = self._completed, []
         return done[-1] if done else None
 
     # ---------------------------------------------------------- transitions
-    def _transition(self, new: Phase, why: str) -> None:
+    def _next(self, state: State, before_count: bool = False) -> State:
+        """The transition function: the state after this step's work in ``state``. Called from
+        :meth:`step` only (forward hooks finish layers but never change the phase).
+
+        ``before_count``: the first call of a step, before its loads are recorded: only a finished
+        transfer completes there (its layers committed in this step's forwards).
+        """
+        if isinstance(state, Transferring) and state.done:
+            outcome = "committed" if not state.record.layers_rolled_back else "failed_layers"
+            return self._finish(state, outcome, f"{len(state.record.layers_committed)} layers committed")
+        if before_count:
+            return state
+        if isinstance(state, Recording) and self._due():
+            state = self._start_planning()
+        if isinstance(state, Planning) and self.step_count >= state.due_step:
+            state = self._await_plan(state)
+        if isinstance(state, Transferring):
+            self._start_transfers(state)
+        return state
+
+    def _log_transition(self, old: Phase, new: Phase, why: str) -> None:
         if self._rank == 0:
-            log.info("EPLB step %d: %s -> %s (%s)", self.step_count, self.phase.value, new.value, why)
-        self.phase = new
+            log.info("EPLB step %d: %s -> %s (%s)", self.step_count, old.value, new.value, why)
 
     def _due(self) -> bool:
         cfg = self.config
@@ -259,15 +331,15 @@ class EPLBManager:
         return logical.cpu().numpy(), per_slot.cpu().numpy()
 
     # --------------------------------------------------------------- plan
-    def _start_planning(self) -> None:
+    def _start_planning(self) -> State:
+        """RECORDING -> PLANNING: gather the window, submit it to the worker (planning rank)."""
         cfg = self.config
         t0 = time.monotonic()
         load, per_slot = self.gather_window()
         placement = self.handle.placement
         layers = self._layers_to_replan(load)
         record = RebalanceRecord(started_step=self.step_count, layers_planned=layers)
-        before = balance_summary(placement, load)
-        record.balancedness_before = before["mean"]
+        record.balancedness_before = balance_summary(placement, load)["mean"]
         if per_slot.sum() > 0:
             record.measured_balancedness_before = balance_summary(placement, per_slot, per_slot=True)["mean"]
         last = self.history[-1] if self.history else None
@@ -276,13 +348,11 @@ class EPLBManager:
             if self._placement_before_last is not None:
                 last.old_placement_next_window = balance_summary(self._placement_before_last, load)["mean"]
         record.seconds["gather"] = time.monotonic() - t0
-        self._record = record
-        self._window_load = load
         self._last_rebalance_step = self.step_count
         self._last_rebalance_time = time.monotonic()
+        state = Planning(record, load, time.monotonic(), self.step_count + cfg.num_wait_worker_iterations)
         if not layers:
-            self._finish("no_change", "every layer's load is similar to its last update")
-            return
+            return self._finish(state, "no_change", "every layer's load is similar to its last update")
         if self._rank == self._planner_rank:
             if self._worker is None:
                 self._worker = PolicyWorker(policy_fn=self._policy_fn)
@@ -304,9 +374,13 @@ class EPLBManager:
                     node_locality=cfg.eplb_node_locality,
                 ),
             )
-        self._plan_submitted_at = time.monotonic()
-        self._plan_due_step = self.step_count + cfg.num_wait_worker_iterations
-        self._transition(Phase.PLANNING, f"window of {self._ring_filled} steps, {len(layers)} layers to plan")
+        state.submitted_at = time.monotonic()
+        self._log_transition(
+            Phase.RECORDING,
+            Phase.PLANNING,
+            f"window of {self._ring_filled} steps, {len(layers)} layers to plan",
+        )
+        return state
 
     def _layers_to_replan(self, load: np.ndarray) -> list[int]:
         threshold = self.config.eplb_update_threshold
@@ -315,17 +389,19 @@ class EPLBManager:
         similarity = load_similarity(load, self._last_update_load)
         return [int(layer) for layer in np.nonzero(similarity < threshold)[0]]
 
-    def _await_plan(self) -> None:
+    def _await_plan(self, state: Planning) -> State:
+        """PLANNING -> TRANSFERRING (or back to RECORDING: late plan, or nothing to move)."""
         t0 = time.monotonic()
+        record = state.record
         new_sub = None
         if self._rank == self._planner_rank:
-            remaining = self.config.eplb_worker_timeout - (time.monotonic() - self._plan_submitted_at)
+            remaining = self.config.eplb_worker_timeout - (time.monotonic() - state.submitted_at)
             try:
                 new_sub = self._worker.result(timeout=max(0.0, remaining))
             except PolicyWorkerError as exc:
                 log.error("EPLB step %d: %s", self.step_count, exc)
         new_sub = broadcast_placement(new_sub, src=self._planner_rank)
-        self._record.seconds["plan_wait"] = time.monotonic() - t0
+        record.seconds["plan_wait"] = time.monotonic() - t0
         if new_sub is None:
             if self._rank == 0:
                 log.warning(
@@ -334,42 +410,38 @@ class EPLBManager:
                     self.step_count,
                     self.config.eplb_worker_timeout,
                 )
-            self._finish("late_plan", "plan late or worker dead")
-            return
+            return self._finish(state, "late_plan", "plan late or worker dead")
         old = self.handle.placement
-        layers = self._record.layers_planned
+        layers = record.layers_planned
         phy2log = old.phy2log.copy()
         phy2log[layers] = new_sub.phy2log
         new = ExpertPlacement(phy2log, old.num_ranks, old.num_experts, allow_same_rank_copies=True)
-        self._record.balancedness_after = balance_summary(new, self._window_load)["mean"]
-        self._pending_placement = new
+        record.balancedness_after = balance_summary(new, state.window_load)["mean"]
         self._placement_before_last = old
-        self._transfer_plan = plan_transfer(old, new)
-        self._transfer_queue = list(self._transfer_plan.layers_changed)
-        self._executor = TransferExecutor(
-            self._transfer_plan,
+        self._update_similarity_baseline(state.window_load, layers)
+        plan = plan_transfer(old, new)
+        if not plan.layers_changed:
+            return self._finish(state, "no_change", "the policy kept every slot")
+        executor = TransferExecutor(
+            plan,
             self._slot_tensors,
             group=self._transfer_group,
             vote_group=self.load_group,
             checksums=self.config.eplb_transfer_canary != "off",
             checksum_words=CANARY_SAMPLE_WORDS if self.config.eplb_transfer_canary == "sampled" else None,
         )
-        self._update_similarity_baseline(layers)
-        if not self._transfer_queue:
-            self._finish("no_change", "the policy kept every slot")
-            return
-        churn = moved_slots(old, new)
-        self._record.moved_slots = int(churn.sum())
-        self._transition(
-            Phase.TRANSFERRING,
-            f"{len(self._transfer_queue)} layers, {self._record.moved_slots} slots to move",
+        record.moved_slots = int(moved_slots(old, new).sum())
+        queue = list(plan.layers_changed)
+        self._log_transition(
+            Phase.PLANNING, Phase.TRANSFERRING, f"{len(queue)} layers, {record.moved_slots} slots to move"
         )
+        return Transferring(record, state.window_load, old, new, plan, executor, queue)
 
-    def _update_similarity_baseline(self, layers: list[int]) -> None:
+    def _update_similarity_baseline(self, window_load: np.ndarray, layers: list[int]) -> None:
         if self._last_update_load is None:
-            self._last_update_load = self._window_load.astype(np.float64).copy()
+            self._last_update_load = window_load.astype(np.float64).copy()
         else:
-            self._last_update_load[layers] = self._window_load[layers]
+            self._last_update_load[layers] = window_load[layers]
 
     # --------------------------------------------------------------- move
     def _slot_tensors(self, layer: int, local_slot: int) -> list[torch.Tensor]:
@@ -379,80 +451,78 @@ class EPLBManager:
             tensors += self.optimizer_state.tensors(params)
         return tensors
 
-    def _start_transfers(self) -> None:
+    def _start_transfers(self, state: Transferring) -> None:
         """Post the next ``eplb_layers_per_step`` layers' transfers (collective). Each layer finishes and
         commits just before its next forward — the transfer overlaps the rest of this step and the forward
         of the layers before it — or at the latest before the next optimizer step."""
         t0 = time.monotonic()
         count = self.config.eplb_layers_per_step
-        batch, self._transfer_queue = self._transfer_queue[:count], self._transfer_queue[count:]
+        batch, state.queue = state.queue[:count], state.queue[count:]
         layers = self.handle.moe_layers()
         for layer in batch:
-            transfer = self._executor.start_layer(layer)
-            hook = layers[layer].register_forward_pre_hook(self._commit_hook(layer))
-            self._in_flight[layer] = (transfer, hook)
-        self._add_seconds("transfer", t0)
+            transfer = state.executor.start_layer(layer)
+            hook = layers[layer].register_forward_pre_hook(self._commit_hook(state, layer))
+            state.in_flight[layer] = (transfer, hook)
+        _add_seconds(state.record, "transfer", t0)
 
-    def _commit_hook(self, layer: int):
+    def _commit_hook(self, state: Transferring, layer: int):
         def hook(module, args):
-            self._finish_in_flight(upto=layer, reason="forward")
+            self._finish_in_flight(state, upto=layer, commit=True)
 
         return hook
 
-    def _finish_in_flight(self, upto: int | None = None, reason: str = "step") -> None:
-        """Finish in-flight layers in layer order (every rank runs the same collectives in one order)."""
-        for layer in sorted(self._in_flight):
+    def _finish_in_flight(self, state: Transferring, upto: int | None = None, commit: bool = True) -> None:
+        """Finish in-flight layers in layer order (every rank runs the same collectives in one order).
+        The phase does not change here: :meth:`step` completes the rebalance once nothing is left."""
+        for layer in sorted(state.in_flight):
             if upto is not None and layer > upto:
                 break
-            self._finish_layer(layer, commit=reason != "optimizer")
-        if self.phase is Phase.TRANSFERRING and not self._in_flight and not self._transfer_queue:
-            self._executor = None
-            outcome = "committed" if not self._record.layers_rolled_back else "failed_layers"
-            self._finish(outcome, f"{len(self._record.layers_committed)} layers committed")
+            self._finish_layer(state, layer, commit)
 
-    def _finish_layer(self, layer: int, commit: bool = True) -> None:
+    def _finish_layer(self, state: Transferring, layer: int, commit: bool) -> None:
         """Wait for one layer's transfer, check it, then switch the layer to its new placement — or leave
         the layer's old weights and placement intact (failed receive, canary mismatch, or ``commit=False``:
         the layer's forward did not run before the optimizer step, so its staged copy would be stale)."""
         t0 = time.monotonic()
-        transfer, hook = self._in_flight.pop(layer)
+        record, executor = state.record, state.executor
+        transfer, hook = state.in_flight.pop(layer)
         hook.remove()
         canary = self.config.eplb_transfer_canary != "off"
-        undo = self._snapshot_destinations(layer) if canary or not commit else {}
+        undo = self._snapshot_destinations(state, layer) if canary or not commit else {}
         problem, broken = None, False
         try:
-            self._executor.finish_layer(transfer, timeout=self.config.eplb_worker_timeout)
+            executor.finish_layer(transfer, timeout=self.config.eplb_worker_timeout)
         except TransferError as exc:
             problem, broken = str(exc), exc.group_broken
         if problem is None and canary:
-            bad = self._executor.verify_layer(transfer, timeout=self.config.eplb_worker_timeout)
+            bad = executor.verify_layer(transfer, timeout=self.config.eplb_worker_timeout)
             if self._any_rank(bool(bad)):
                 problem = (
                     f"canary: moved slots {bad or '(on another expert-DP copy)'} differ from their senders"
                 )
         if problem is None and commit:
-            self.handle.commit_layer(layer, self._pending_placement.phy2log[layer])
-            self._record.layers_committed.append(layer)
-            self._record.moved_bytes += self._transfer_plan.layer(layer).num_sends * self._slot_bytes(layer)
+            self.handle.commit_layer(layer, state.new.phy2log[layer])
+            record.layers_committed.append(layer)
+            record.moved_bytes += state.plan.layer(layer).num_sends * self._slot_bytes(layer)
         else:
             if problem is None:
                 problem = "its forward did not run before the optimizer step"
             elif self._any_rank(broken):
                 self._transfer_group = self._new_transfer_group()  # a timed-out receive closes gloo's pair
-                self._executor.group = self._transfer_group
+                executor.group = self._transfer_group
             self._restore(layer, undo)
-            self._record.layers_rolled_back.append(layer)
+            record.layers_rolled_back.append(layer)
             log.error(
                 "EPLB step %d: layer %d transfer rolled back (%s); it keeps its old placement and weights",
                 self.step_count,
                 layer,
                 problem,
             )
-        self._add_seconds("transfer", t0)
+        _add_seconds(record, "transfer", t0)
 
-    def _snapshot_destinations(self, layer: int) -> dict[int, list[torch.Tensor]]:
+    def _snapshot_destinations(self, state: Transferring, layer: int) -> dict[int, list[torch.Tensor]]:
         """Copies of the local slots this layer's transfer overwrites (for a rollback after the write)."""
-        part = self._transfer_plan.layer(layer)
+        part = state.plan.layer(layer)
         me = self.handle.ep_rank
         slots = set(part.recvs_to(me)[:, 3].tolist()) | set(part.copies_on(me)[:, 2].tolist())
         return {s: [t.detach().clone() for t in self._slot_tensors(layer, s)] for s in sorted(slots)}
@@ -462,9 +532,6 @@ class EPLBManager:
             for slot, saved in undo.items():
                 for dst, src in zip(self._slot_tensors(layer, slot), saved):
                     dst.copy_(src)
-
-    def _add_seconds(self, phase: str, since: float) -> None:
-        self._record.seconds[phase] = self._record.seconds.get(phase, 0.0) + time.monotonic() - since
 
     def _slot_bytes(self, layer: int) -> int:
         return sum(t.numel() * t.element_size() for t in self._slot_tensors(layer, 0))
@@ -491,26 +558,25 @@ class EPLBManager:
                 made = group
         return made
 
-    def _finish(self, outcome: str, why: str) -> RebalanceRecord:
-        record = self._record
+    def _finish(self, state: Planning | Transferring, outcome: str, why: str) -> State:
+        """End a rebalance: keep its record, write the map (``expert_map_record_path``), report it; return
+        the next state (GATED after a committed one under ``gate_eplb``, else RECORDING)."""
+        record = state.record
         record.outcome = outcome
         record.completed_step = self.step_count
         self.history.append(record)
         self._completed.append(record)
-        self._record = None
-        self._pending_placement = None
-        self._transfer_plan = None
         if (
             outcome in ("committed", "failed_layers", "no_change")  # the map a run ends with, with its load
             and self.config.expert_map_record_path
             and self._rank == 0
         ):
-            self.handle.placement.with_load(self._window_load).to_json(self.config.expert_map_record_path)
+            self.handle.placement.with_load(state.window_load).to_json(self.config.expert_map_record_path)
         if self.monitor is not None:
-            self.monitor.rebalance(self.step_count, record, self.handle.placement, self._window_load)
-        gated = self.config.gate_eplb and outcome == "committed"
-        self._transition(Phase.GATED if gated else Phase.RECORDING, why)
-        return record
+            self.monitor.rebalance(self.step_count, record, self.handle.placement, state.window_load)
+        nxt = Gated() if self.config.gate_eplb and outcome == "committed" else Recording()
+        self._log_transition(state.phase, nxt.phase, why)
+        return nxt
 
     # -------------------------------------------------------------- misc
     # --------------------------------------------------------- checkpoints
@@ -644,3 +710,7 @@ def _grad(p: torch.Tensor) -> torch.Tensor | None:
     """The gradient Megatron accumulates into (``main_grad``) where there is one, else ``p.grad``."""
     g = getattr(p, "main_grad", None)
     return p.grad if g is None else g
+
+
+def _add_seconds(record: RebalanceRecord, phase: str, since: float) -> None:
+    record.seconds[phase] = record.seconds.get(phase, 0.0) + time.monotonic() - since

@@ -117,7 +117,7 @@ def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict,
     from megatron_eplb.patches import megatron as eplb_mcore
 
     from megatron_eplb.config import EPLBConfig
-    from megatron_eplb.manager import EPLBManager
+    from megatron_eplb.manager import EPLBManager, Transferring
 
     ref, pat = _build(ep), _build(ep)
     cfg = EPLBConfig.from_dict(eplb)
@@ -166,13 +166,11 @@ def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict,
                 before = pat(eval_tokens, position_ids, mask)
         rec = manager.step()
         phases.append(manager.phase.value)
-        in_flight.append(len(manager._in_flight))
-        if (
-            faults.get("corrupt")
-            and manager._executor is not None
-            and not getattr(manager._executor, "_hooked", 0)
-        ):
-            _corrupt_first_write(manager._executor, manager._transfer_plan, handle)
+        state = manager.state
+        moving = isinstance(state, Transferring)
+        in_flight.append(len(state.in_flight) if moving else 0)
+        if faults.get("corrupt") and moving and not getattr(state.executor, "_hooked", 0):
+            _corrupt_first_write(state.executor, state.plan, handle)
         if transferring:
             with torch.no_grad():
                 after = pat(eval_tokens, position_ids, mask)

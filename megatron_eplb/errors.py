@@ -18,6 +18,7 @@ __all__ = [
     "PolicyError",
     "CheckpointError",
     "TransferError",
+    "TransportError",
     "PolicyWorkerError",
     "EPLBPatchError",
     "DeepSpeedEPLBError",
@@ -73,6 +74,20 @@ class TransferError(EPLBError, RuntimeError):
         super().__init__(f"layer {layer} rank {rank}: {message}")
         self.layer = layer
         self.rank = rank
+        self.group_broken = group_broken
+
+
+class TransportError(EPLBError, RuntimeError):
+    """A :class:`~megatron_eplb.protocols.Transport` round failed.
+
+    Attributes:
+        group_broken: True when the process group may be unusable now (a timeout, a vanished peer): the owner
+            recreates it and rebinds the transport (``Transport.with_group``).  False for a clean failure
+            (every posted message completed; e.g. a test double refusing a round): the group stays usable.
+    """
+
+    def __init__(self, message: str, *, group_broken: bool = True) -> None:
+        super().__init__(message)
         self.group_broken = group_broken
 
 

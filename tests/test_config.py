@@ -207,6 +207,7 @@ def test_errors_live_in_one_module_and_keep_their_old_paths():
     )
     exc = errors.TransferError("boom", layer=3, rank=1)
     assert str(exc) == "layer 3 rank 1: boom" and exc.layer == 3 and not exc.group_broken
+    assert issubclass(errors.TransportError, RuntimeError) and errors.TransportError("x").group_broken
 
 
 def test_eplb_manager_is_exported_lazily():

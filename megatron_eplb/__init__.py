@@ -36,14 +36,34 @@ def _register_checkout_patches() -> None:
 
 _register_checkout_patches()
 
-from .config import EPLBConfig, EPLBConfigError, add_eplb_args  # noqa: E402
-from .placement import ExpertMapError, ExpertPlacement  # noqa: E402
+from .config import EPLBConfig, add_eplb_args  # noqa: E402
+from .errors import EPLBConfigError, EPLBError, ExpertMapError  # noqa: E402
+from .placement import ExpertPlacement  # noqa: E402
 
 __all__ = [
     "EPLBConfig",
     "EPLBConfigError",
+    "EPLBError",
+    "EPLBManager",
     "ExpertMapError",
     "ExpertPlacement",
     "add_eplb_args",
     "__version__",
 ]
+
+# Imported on first use: ``megatron_eplb.manager`` brings in torch.distributed and the transfer machinery,
+# which ``import megatron_eplb`` (config, maps, policies, the CLI) does not need.
+_LAZY = {"EPLBManager": "megatron_eplb.manager"}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,55 +1,22 @@
-"""`megatron-eplb plan | evaluate | simulate`: the policy commands of the CLI (added by ``cli.build_parser``)."""
+"""`megatron-eplb plan | evaluate | simulate`: the policy commands of the CLI (added by ``cli.build_parser``).
+
+Imports :mod:`.cli_common`, never :mod:`.cli`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .placement import ExpertMapError, ExpertPlacement
-from .policy import POLICY_NAMES, PolicyError, placement_diagnostics, rebalance_with_info
-from .stats import read_load_file
+from .cli_common import LOAD_HELP, CLIError, check_load_matches, int_list, read_load, read_map
+from .errors import PolicyError
+from .placement import ExpertPlacement
+from .policy import NODE_LOCALITY, placement_diagnostics, policy_names, rebalance_with_info
 
 __all__ = ["add_commands", "cmd_plan", "cmd_evaluate", "cmd_simulate"]
-
-
-def _cli_error():
-    """``megatron_eplb.cli.CLIError`` (imported late: cli imports this module).  Under ``python -m
-    megatron_eplb.cli`` the running module is ``__main__``, whose own CLIError is the one caught."""
-    main = sys.modules.get("__main__")
-    if getattr(main, "__spec__", None) is not None and main.__spec__.name == "megatron_eplb.cli":
-        return main.CLIError
-    from .cli import CLIError
-
-    return CLIError
-
-
-def _load(path: str) -> np.ndarray:
-    try:
-        return read_load_file(path)
-    except (FileNotFoundError, ValueError) as exc:
-        raise _cli_error()(str(exc)) from None
-
-
-def _read_map(path: str) -> ExpertPlacement:
-    try:
-        return ExpertPlacement.from_json(path, allow_same_rank_copies=True)
-    except ExpertMapError as exc:
-        raise _cli_error()(str(exc)) from None
-
-
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise _cli_error()(f"{flag} must be a comma-separated list of integers, got {text!r}") from None
-    if not values:
-        raise _cli_error()(f"{flag} is empty")
-    return values
 
 
 def _fmt_metrics(d: dict) -> str:
@@ -67,10 +34,10 @@ def _fmt_metrics(d: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------- plan
 def cmd_plan(args: argparse.Namespace) -> int:
-    load = _load(args.load)
+    load = read_load(args.load)
     num_layers, num_experts = load.shape
-    previous = _read_map(args.previous) if args.previous else None
-    exclude = _int_list(args.exclude_ranks, "--exclude-ranks") if args.exclude_ranks else ()
+    previous = read_map(args.previous) if args.previous else None
+    exclude = int_list(args.exclude_ranks, "--exclude-ranks") if args.exclude_ranks else ()
     options = {"churn_weight": args.churn_weight, "node_locality": args.node_locality}
     try:
         placement, info = rebalance_with_info(
@@ -85,7 +52,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             **options,
         )
     except PolicyError as exc:
-        raise _cli_error()(str(exc)) from None
+        raise CLIError(str(exc)) from None
     if previous is not None:
         before, before_name = previous, f"previous map {args.previous}"
     else:
@@ -113,16 +80,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    load = _load(args.load)
-    placement = _read_map(args.map)
-    if load.shape != (placement.num_layers, placement.num_experts):
-        raise _cli_error()(
-            f"load has shape {list(load.shape)} but the map has {placement.num_layers} MoE layers x "
-            f"{placement.num_experts} experts"
-        )
-    previous = _read_map(args.previous) if args.previous else None
+    load = read_load(args.load)
+    placement = read_map(args.map)
+    check_load_matches(load, placement)
+    previous = read_map(args.previous) if args.previous else None
     if previous is not None and previous.phy2log.shape != placement.phy2log.shape:
-        raise _cli_error()(
+        raise CLIError(
             f"--previous has shape {list(previous.phy2log.shape)}, the map {list(placement.phy2log.shape)}"
         )
     d = placement_diagnostics(
@@ -149,30 +112,29 @@ def _redundancy_for(spec: str, num_experts: int, ep: int) -> int:
         try:
             r = int(spec)
         except ValueError:
-            raise _cli_error()(f"--redundancy values must be integers or 'ep', got {spec!r}") from None
+            raise CLIError(f"--redundancy values must be integers or 'ep', got {spec!r}") from None
         if r < 0:
-            raise _cli_error()(f"--redundancy values must be >= 0, got {r}")
+            raise CLIError(f"--redundancy values must be >= 0, got {r}")
     return r + (-(num_experts + r)) % ep
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    load = _load(args.load)
+    load = read_load(args.load)
     num_layers, num_experts = load.shape
-    eps = _int_list(args.ep_sizes, "--ep-sizes")
+    eps = int_list(args.ep_sizes, "--ep-sizes")
     specs = [s.strip() for s in args.redundancy.split(",") if s.strip()]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    names = policy_names()
     for p in policies:
-        if p != "none" and p not in POLICY_NAMES:
-            raise _cli_error()(
-                f"unknown policy {p!r} in --policies; choose from none, {', '.join(POLICY_NAMES)}"
-            )
+        if p != "none" and p not in names:
+            raise CLIError(f"unknown policy {p!r} in --policies; choose from none, {', '.join(names)}")
     for ep in eps:
         if ep < 1:
-            raise _cli_error()(f"--ep-sizes: {ep} must be >= 1")
+            raise CLIError(f"--ep-sizes: {ep} must be >= 1")
         if args.num_nodes > 1 and ep % args.num_nodes:
-            raise _cli_error()(f"--ep-sizes: {ep} is not a multiple of --num-nodes {args.num_nodes}")
+            raise CLIError(f"--ep-sizes: {ep} is not a multiple of --num-nodes {args.num_nodes}")
     jobs = [(p, ep, spec) for spec in specs for p in policies for ep in eps]
     rows = []
     for policy, ep, spec in tqdm(jobs, desc="simulate", unit="plan", disable=args.no_progress):
@@ -197,7 +159,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     node_locality=args.node_locality,
                 )
         except PolicyError as exc:
-            raise _cli_error()(f"{policy} at EP {ep}: {exc}") from None
+            raise CLIError(f"{policy} at EP {ep}: {exc}") from None
         seconds = time.perf_counter() - start
         d = placement_diagnostics(
             placement,
@@ -268,34 +230,31 @@ def _topology(p: argparse.ArgumentParser) -> None:
 
 def add_commands(subparsers) -> None:
     """Add ``plan``, ``evaluate`` and ``simulate`` to the ``megatron-eplb`` sub-command parser."""
-    load_help = (
-        'load file {"logical_count": [[...]]} (all-zero rows are dense layers) or a map with expert_load'
-    )
 
     p = subparsers.add_parser("plan", help="plan a placement from a load file and write the expert map")
-    p.add_argument("--load", required=True, help=load_help)
+    p.add_argument("--load", required=True, help=LOAD_HELP)
     p.add_argument("--ep-size", type=int, required=True, help="ranks of the expert-parallel group")
     p.add_argument(
         "--num-slots", type=int, required=True, help="physical slots per layer (experts + redundant)"
     )
     _topology(p)
     p.add_argument("--previous", help="current expert map (low_churn starts from it)")
-    p.add_argument("--policy", default="auto", choices=POLICY_NAMES)
+    p.add_argument("--policy", default="auto", choices=policy_names())
     p.add_argument("--churn-weight", type=float, default=0.01, help="low_churn knob (eplb_churn_weight)")
-    p.add_argument("--node-locality", default="relaxed", choices=("relaxed", "strict"))
+    p.add_argument("--node-locality", default="relaxed", choices=NODE_LOCALITY)
     p.add_argument("--exclude-ranks", help="comma-separated ranks to leave empty (failed GPUs)")
     p.add_argument("--out", required=True, help="expert map JSON to write")
     p.set_defaults(func=cmd_plan)
 
     p = subparsers.add_parser("evaluate", help="balance metrics of an expert map under a load")
-    p.add_argument("--load", required=True, help=load_help)
+    p.add_argument("--load", required=True, help=LOAD_HELP)
     p.add_argument("--map", required=True, help="expert map JSON")
     p.add_argument("--previous", help="an earlier map, to count moved slots")
     _topology(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("simulate", help="balancedness and MoE slowdown per policy and EP size")
-    p.add_argument("--load", required=True, help=load_help)
+    p.add_argument("--load", required=True, help=LOAD_HELP)
     p.add_argument("--ep-sizes", default="8,16,32,64,128,256", help="comma-separated EP sizes")
     p.add_argument(
         "--redundancy",
@@ -304,7 +263,7 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("--policies", default="none,deepseek,greedy", help="comma-separated; 'none' = no EPLB")
     _topology(p)
-    p.add_argument("--node-locality", default="relaxed", choices=("relaxed", "strict"))
+    p.add_argument("--node-locality", default="relaxed", choices=NODE_LOCALITY)
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument("--plot", default="simulate.png", help="PNG of slowdown vs EP size ('' = none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -19,18 +19,23 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .placement import ExpertMapError, ExpertPlacement, nearest_valid_redundancy
+from .errors import EPLBConfigError, ExpertMapError
+from .placement import ExpertPlacement, nearest_valid_redundancy
+from .policy import NODE_LOCALITY, policy_names
 
-__all__ = ["EPLBConfig", "EPLBConfigError", "add_eplb_args", "POLICIES"]
+__all__ = ["EPLBConfig", "EPLBConfigError", "add_eplb_args", "POLICIES", "REPLICA_DISPATCH", "CANARY"]  # noqa: F822
 
-POLICIES = ("auto", "greedy", "hierarchical", "low_churn", "deepseek")
-REPLICA_DISPATCH = ("even", "local_first")
-NODE_LOCALITY = ("relaxed", "strict")
-CANARY = ("sampled", "full", "off")
+# The choice lists of the keys below.  Policy names come from the policy registry
+# (megatron_eplb.policy.policy_names) and node-locality modes from megatron_eplb.policy.NODE_LOCALITY; the
+# other two are defined here, once: every user (the Megatron patch, the CLI, the docs) reads them from here.
+REPLICA_DISPATCH = ("even", "local_first")  # how tokens of a replicated expert pick a copy
+CANARY = ("sampled", "full", "off")  # eplb_transfer_canary
 
 
-class EPLBConfigError(ValueError):
-    """An EPLB configuration key is unknown, has a wrong type or value, or does not fit the model."""
+def __getattr__(name: str):
+    if name == "POLICIES":  # live: the registry, including policies registered after import
+        return policy_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _key(default: Any, doc: str, **meta: Any) -> Any:
@@ -70,7 +75,9 @@ class EPLBConfig:
         min=0,
         max=1,
     )
-    eplb_policy: str = _key("auto", "Placement policy: " + ", ".join(POLICIES) + ".", choices=POLICIES)
+    eplb_policy: str = _key(
+        "auto", "Placement policy: " + ", ".join(policy_names()) + ".", choices=policy_names
+    )
     eplb_num_nodes: int = _key(1, "Nodes the EP group spans (node-aware placement when > 1).", min=1)
     eplb_num_groups: int = _key(1, "Expert groups (group-limited routing) for node-aware placement.", min=1)
     eplb_node_locality: str = _key(
@@ -99,8 +106,8 @@ class EPLBConfig:
         "off",
         "After each layer's transfer compare every moved slot's checksum with its sender's and roll the layer "
         "back on a mismatch: 'sampled' (a strided sample of 65536 words per tensor), 'full' (every byte), or "
-        "'off' (failed or timed-out receives still roll back). On the H100 it costs ~1.4x in steps that move a "
-        "layer.",
+        "'off' (failed or timed-out receives still roll back). On the H100 (docs/gpu_perf.md) steps that move a "
+        "layer take about 1.1x a steady step with 'sampled', 1.03x with 'off' (the default).",
         choices=CANARY,
     )
 
@@ -245,11 +252,6 @@ class EPLBConfig:
             )
         return self
 
-    @property
-    def rebalancing(self) -> bool:
-        """Whether placements change while running."""
-        return self.dynamic_eplb
-
 
 def _looks_like_eplb_key(key: str) -> bool:
     k = key.lower().replace("-", "_")
@@ -266,6 +268,12 @@ def _check_keys(data: dict, source: str) -> None:
             close = difflib.get_close_matches(norm, valid, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
             raise EPLBConfigError(f"{source}: unknown EPLB key {key!r}{hint}")
+
+
+def _choices(f: dataclasses.Field) -> tuple[str, ...] | None:
+    """A key's valid values (a tuple, or a function returning one: the policy registry), else None."""
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
 
 
 def _check_value(f: dataclasses.Field, value: Any) -> Any:
@@ -297,10 +305,11 @@ def _check_value(f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, (str, os.PathLike)):
             raise EPLBConfigError(f"{name} must be a string, got {value!r}")
         value = os.fspath(value)
-        if "choices" in meta and value not in meta["choices"]:
-            close = difflib.get_close_matches(value, meta["choices"], n=1, cutoff=0.4)
+        choices = _choices(f)
+        if choices is not None and value not in choices:
+            close = difflib.get_close_matches(value, choices, n=1, cutoff=0.4)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise EPLBConfigError(f"{name}={value!r} is not one of {', '.join(meta['choices'])}{hint}")
+            raise EPLBConfigError(f"{name}={value!r} is not one of {', '.join(choices)}{hint}")
         if not value:
             raise EPLBConfigError(f"{name} must not be empty")
     if "min" in meta and value < meta["min"]:
@@ -329,9 +338,7 @@ def add_eplb_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         elif kind.startswith("float"):
             group.add_argument(flag, dest=f.name, type=float, default=None, help=doc)
         else:
-            group.add_argument(
-                flag, dest=f.name, type=str, default=None, choices=f.metadata.get("choices"), help=doc
-            )
+            group.add_argument(flag, dest=f.name, type=str, default=None, choices=_choices(f), help=doc)
     group.add_argument(
         "--eplb-config", dest="eplb_config", default=None, help="Megatron-style YAML with EPLB keys"
     )

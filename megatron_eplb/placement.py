@@ -23,11 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ExpertMapError
+
 __all__ = ["ExpertMapError", "ExpertPlacement", "build_log2phy"]
-
-
-class ExpertMapError(ValueError):
-    """A placement or expert-map file is malformed or does not match the model."""
 
 
 def build_log2phy(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:

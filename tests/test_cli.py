@@ -61,3 +61,35 @@ def test_inspect_real_trace(tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     mean = float(line.split("mean over layers ")[1].split(",")[0])
     assert 0.2 < mean < 0.8  # the default contiguous layout is badly balanced on real loads
+
+
+def test_python_dash_m_reports_errors_as_one_line(tmp_path):
+    """`python -m megatron_eplb.cli`: a command module's CLIError is caught by the running main (one line,
+    exit code 2), also for the policy commands (no `__main__` look-up any more)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-m", "megatron_eplb.cli", "evaluate", "--load", str(tmp_path / "nope.json")]
+        + ["--map", str(tmp_path / "nope.json")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("megatron-eplb evaluate: error: ") and len(run.stderr.splitlines()) == 1
+
+
+def test_command_modules_do_not_import_cli():
+    """One direction: cli imports the command modules, never the other way round."""
+    import ast
+
+    pkg = Path(__file__).resolve().parents[1] / "megatron_eplb"
+    for name in ("cli_common.py", "cli_map.py", "cli_policy.py"):
+        tree = ast.parse((pkg / name).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not {"cli", "megatron_eplb.cli"} & imported, name
+        assert "sys.modules" not in (pkg / name).read_text(), name

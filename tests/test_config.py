@@ -170,3 +170,71 @@ def test_bad_input_changes_nothing():
     with pytest.raises(EPLBConfigError):
         cfg.replace(eplb_window_size=0)
     assert cfg.to_dict() == before
+
+
+def test_choice_lists_come_from_one_place():
+    from megatron_eplb import config, policy
+    from megatron_eplb.policy.common import NODE_LOCALITY
+
+    assert config.POLICIES == policy.POLICY_NAMES == policy.policy_names()
+    assert policy.POLICY_NAMES == ("auto", "greedy", "hierarchical", "low_churn", "deepseek")
+    assert policy.NODE_LOCALITY is NODE_LOCALITY == ("relaxed", "strict")
+    assert config.REPLICA_DISPATCH == ("even", "local_first")
+    choices = {a.dest: a.choices for a in add_eplb_args(argparse.ArgumentParser())._actions}
+    assert tuple(choices["eplb_policy"]) == policy.POLICY_NAMES
+    assert choices["eplb_node_locality"] is NODE_LOCALITY
+    assert choices["eplb_replica_dispatch"] is config.REPLICA_DISPATCH
+
+
+def test_errors_live_in_one_module_and_keep_their_old_paths():
+    from megatron_eplb import errors
+    from megatron_eplb.cli import CLIError
+    from megatron_eplb.config import EPLBConfigError as FromConfig
+    from megatron_eplb.placement import ExpertMapError
+    from megatron_eplb.policy import PolicyError
+
+    assert FromConfig is EPLBConfigError is errors.EPLBConfigError
+    assert ExpertMapError is errors.ExpertMapError and PolicyError is errors.PolicyError
+    assert CLIError is errors.CLIError
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.EPLBError) and cls.__doc__, name
+    for cls in (errors.EPLBConfigError, errors.ExpertMapError, errors.PolicyError, errors.CheckpointError):
+        assert issubclass(cls, ValueError)
+    assert issubclass(errors.DeepSpeedEPLBError, errors.EPLBConfigError)
+    assert issubclass(errors.TransferError, RuntimeError) and issubclass(
+        errors.PolicyWorkerError, RuntimeError
+    )
+    exc = errors.TransferError("boom", layer=3, rank=1)
+    assert str(exc) == "layer 3 rank 1: boom" and exc.layer == 3 and not exc.group_broken
+    assert issubclass(errors.TransportError, RuntimeError) and errors.TransportError("x").group_broken
+
+
+def test_eplb_manager_is_exported_lazily():
+    """`import megatron_eplb` stays light (no torch.distributed); `megatron_eplb.EPLBManager` imports the
+    manager on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, megatron_eplb\n"
+        "assert 'EPLBManager' in megatron_eplb.__all__ and 'EPLBManager' in dir(megatron_eplb)\n"
+        "assert 'megatron_eplb.manager' not in sys.modules and 'torch.distributed' not in sys.modules\n"
+        "from megatron_eplb import EPLBManager\n"
+        "from megatron_eplb.manager import EPLBManager as M\n"
+        "assert EPLBManager is M\n"
+        "try:\n"
+        "    megatron_eplb.NoSuchThing\n"
+        "except AttributeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+
+def test_rebalancing_property_is_gone_and_canary_doc_is_measured():
+    assert not hasattr(EPLBConfig, "rebalancing")
+    doc = {f.name: f.metadata["doc"] for f in __import__("dataclasses").fields(EPLBConfig)}
+    assert "1.4x" not in doc["eplb_transfer_canary"] and "1.1x" in doc["eplb_transfer_canary"]

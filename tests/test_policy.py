@@ -440,3 +440,66 @@ def test_search_state_keeps_loads_current(locality):
     assert np.array_equal(state.per_copy(layers), fresh.per_copy(layers))
     assert np.array_equal(state.rank_loads(layers), fresh.rank_loads(layers))
     assert np.array_equal(state.has, fresh.has) and np.array_equal(state.counts, fresh.counts)
+
+
+def test_registry_new_policy_is_one_function(tmp_path):
+    """A registered policy is at once a `rebalance(policy=...)`, `eplb_policy` and `plan --policy` choice."""
+    from megatron_eplb import EPLBConfig
+    from megatron_eplb.cli import main
+    from megatron_eplb.policy import Plan, register_policy
+    from megatron_eplb.policy import registry as reg
+    from megatron_eplb.policy.greedy import plan_global
+
+    calls = []
+
+    @register_policy("test_reversed")
+    def plan_reversed(problem, previous, options):
+        calls.append((problem.num_slots, previous is not None, options.churn_weight))
+        return Plan(plan_global(problem)[:, ::-1].copy(), policy="test_reversed")
+
+    try:
+        from megatron_eplb import policy
+
+        assert policy.POLICY_NAMES[-1] == "test_reversed"
+        load = np.arange(1, 17, dtype=float).reshape(2, 8)
+        placement, info = rebalance_with_info(load, 12, 4, policy="test_reversed", churn_weight=0.5)
+        assert info["policy"] == "test_reversed" and info["locality"] == "none" and info["home_node"] is None
+        assert calls == [(12, False, 0.5)]
+        assert (placement.phy2log == plan_global_reference(load)[:, ::-1]).all()
+        assert EPLBConfig(eplb_policy="test_reversed").eplb_policy == "test_reversed"
+        load_file = tmp_path / "load.json"
+        load_file.write_text(__import__("json").dumps({"logical_count": load.tolist()}))
+        out = tmp_path / "map.json"
+        assert (
+            main(
+                ["plan", "--load", str(load_file), "--ep-size", "4", "--num-slots", "12"]
+                + ["--policy", "test_reversed", "--out", str(out)]
+            )
+            == 0
+        )
+        with pytest.raises(PolicyError, match="already registered"):
+            register_policy("test_reversed")(lambda problem, previous, options: None)
+        with pytest.raises(PolicyError, match="cannot register"):
+            register_policy("auto")
+    finally:
+        reg._POLICIES.pop("test_reversed", None)
+    with pytest.raises(PolicyError, match="unknown policy 'test_reversed'"):
+        rebalance(np.ones((1, 8)), 8, 4, policy="test_reversed")
+
+
+def plan_global_reference(load):
+    from megatron_eplb.policy.common import make_problem
+    from megatron_eplb.policy.greedy import plan_global
+
+    return plan_global(make_problem(load, 12, 4))
+
+
+def test_builtin_policies_are_registered_in_order():
+    from megatron_eplb.policy import policy_names
+    from megatron_eplb.policy.registry import get_policy
+
+    assert policy_names() == ("auto", "greedy", "hierarchical", "low_churn", "deepseek")
+    with pytest.raises(PolicyError, match="resolved"):
+        get_policy("auto")
+    with pytest.raises(PolicyError, match="did you mean 'greedy'"):
+        get_policy("gredy")

@@ -19,43 +19,76 @@ Every function is pure and deterministic (ties go to the lower index; sorts are 
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import pkgutil
 import time
 from collections.abc import Iterable
 
 import numpy as np
 
+from ..errors import PolicyError
 from ..placement import ExpertPlacement
 from ..stats import balance_summary, moved_slots
-from .common import NODE_LOCALITY, POLICY_NAMES, PolicyError, as_load, check_policy_name, make_problem
+
+# The built-in policies register in this order (the order of policy_names()); every other module of this
+# package is imported after them (_import_policy_modules), so a new policy is one file.
+# isort: off
+from . import greedy  # noqa: F401
+from . import hierarchical  # noqa: F401
+from . import low_churn  # noqa: F401
+from . import deepseek  # noqa: F401
+
+# isort: on
+from .common import NODE_LOCALITY, as_load, make_problem
 from .common import count_same_rank_duplicates as _count_dups
-from .deepseek import deepseek_phy2log
-from .greedy import plan_global
-from .hierarchical import node_aware, plan_hierarchical, strict_duplicates
-from .low_churn import _home_violations, homes_from_placement, plan_low_churn
+from .low_churn import homes_from_placement
+from .registry import AUTO, Plan, PolicyOptions, check_policy_name, get_policy, policy_names, register_policy
 
 __all__ = [
+    "NODE_LOCALITY",
     "POLICY_NAMES",
+    "Plan",
     "PolicyError",
+    "PolicyOptions",
+    "placement_diagnostics",
+    "policy_names",
     "rebalance",
     "rebalance_with_info",
-    "placement_diagnostics",
+    "register_policy",
     "resolve_policy",
 ]
 
-_OPTIONS = ("churn_weight", "node_locality", "max_moves_per_layer")
+
+def _import_policy_modules() -> None:
+    """Import every module of this package, so that a policy file registers itself by being here."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_policy_modules()
+
+
+def __getattr__(name: str):
+    if name == "POLICY_NAMES":  # live: includes policies registered after import
+        return policy_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_OPTIONS = tuple(f.name for f in dataclasses.fields(PolicyOptions))
 
 
 def resolve_policy(policy: str, *, has_previous: bool, num_nodes: int) -> str:
     """The concrete policy ``auto`` stands for (others unchanged)."""
     check_policy_name(policy)
-    if policy != "auto":
+    if policy != AUTO:
         return policy
     if has_previous:
         return "low_churn"
     return "hierarchical" if num_nodes > 1 else "greedy"
 
 
-def _check_options(options: dict) -> tuple[float, str, int | None]:
+def _check_options(options: dict) -> PolicyOptions:
     import difflib
 
     for key in options:
@@ -74,7 +107,7 @@ def _check_options(options: dict) -> tuple[float, str, int | None]:
         isinstance(max_moves, bool) or not isinstance(max_moves, int) or max_moves < 0
     ):
         raise PolicyError(f"max_moves_per_layer must be an integer >= 0, got {max_moves!r}")
-    return float(churn), locality, max_moves
+    return PolicyOptions(float(churn), locality, max_moves)
 
 
 def rebalance_with_info(
@@ -106,70 +139,19 @@ def rebalance_with_info(
         previous=previous,
         exclude_ranks=exclude_ranks,
     )
-    churn_weight, locality, max_moves = _check_options(options)
+    opts = _check_options(options)
     policy = resolve_policy(policy, has_previous=previous is not None, num_nodes=problem.num_nodes)
     start = time.perf_counter()
-    nodes_ok = node_aware(problem)
-    home = None
-    info: dict = {"policy": policy, "locality": "none"}
-    if policy == "deepseek":
-        phy2log = _deepseek(problem)
-        if problem.num_nodes > 1 and problem.num_groups % problem.num_nodes == 0:
-            info["locality"] = "strict"
-    elif policy == "greedy" or (policy in ("hierarchical", "low_churn") and not nodes_ok):
-        if policy == "hierarchical":
-            info["fallback"] = (
-                f"num_groups={problem.num_groups} is not a positive multiple of num_nodes={problem.num_nodes}: "
-                "placed globally"
-            )
-        if policy == "low_churn" and previous is not None:
-            phy2log, touched = plan_low_churn(
-                problem, previous.phy2log, churn_weight=churn_weight, max_iters=max_moves
-            )
-            info["changed_layers"] = int(touched.sum())
-        else:
-            phy2log = plan_global(problem)
-            info["policy"] = "greedy" if policy != "low_churn" else "low_churn(fresh)"
-    elif policy == "hierarchical" or previous is None:
-        phy2log, home = plan_hierarchical(problem, locality)
-        info["locality"] = locality
-        if policy == "low_churn":
-            info["policy"] = "low_churn(fresh)"
-    else:  # node-aware low_churn
-        home = homes_from_placement(
-            previous.phy2log, problem.rank_node, problem.num_experts, problem.num_groups
-        )
-        prev = previous.phy2log
-        bad = _home_violations(prev, home, problem.rank_node, problem.num_experts, locality)
-        if bad.any():  # layers that break the locality rule are planned afresh
-            fresh, fresh_home = plan_hierarchical(problem, locality)
-            prev = np.where(bad[:, None], fresh, prev)
-            home = np.where(bad[:, None], fresh_home, home)
-        phy2log, touched = plan_low_churn(
-            problem,
-            prev,
-            churn_weight=churn_weight,
-            home=home,
-            locality=locality,
-            max_iters=max_moves,
-            allow_duplicates=locality == "strict" and strict_duplicates(problem),
-        )
-        info["locality"] = locality
-        info["changed_layers"] = int((touched | bad).sum())
-        info["replanned_layers"] = int(bad.sum())
+    plan: Plan = get_policy(policy)(problem, previous, opts)
+    info: dict = {"policy": plan.policy, "locality": plan.locality, **plan.info}
     info["seconds"] = time.perf_counter() - start
-    info["home_node"] = home
-    allow_dups = (
-        policy == "deepseek"
-        or problem.dup_unavoidable
-        or (info["locality"] == "strict" and nodes_ok and strict_duplicates(problem))
-    )
+    info["home_node"] = plan.home_node
     placement = ExpertPlacement(
-        phy2log,
+        plan.phy2log,
         problem.num_ranks,
         problem.num_experts,
         expert_load=problem.load,
-        allow_same_rank_copies=allow_dups,
+        allow_same_rank_copies=plan.allow_duplicates or problem.dup_unavoidable,
     )
     if previous is not None:
         info["moved_slots"] = moved_slots(previous, placement)
@@ -197,7 +179,8 @@ def rebalance(
         num_nodes: nodes the ranks span (ranks ``[n * N/nodes, (n+1) * N/nodes)`` on node ``n``).
         num_groups: expert groups (group-limited routing; experts ``[g * E/G, (g+1) * E/G)`` in group ``g``).
         previous: the current :class:`ExpertPlacement` (``[L, P]`` on ``N`` ranks), for ``low_churn``/``auto``.
-        policy: ``auto``, ``greedy``, ``hierarchical``, ``low_churn`` or ``deepseek``.
+        policy: ``auto`` or a registered policy (:func:`policy_names`: ``greedy``, ``hierarchical``,
+            ``low_churn``, ``deepseek``, ...).
         exclude_ranks: ranks that get no experts (failed GPUs); their slots are ``-1``.
         churn_weight: (option, default 0.01) a low_churn move must cut the hottest rank's load by at least
             this fraction of the mean rank load.
@@ -220,26 +203,6 @@ def rebalance(
         **options,
     )
     return placement
-
-
-def _deepseek(problem) -> np.ndarray:
-    """DeepSeek parity on the active ranks (exclusions: global mode only)."""
-    active = np.nonzero(problem.active)[0]
-    if len(active) == problem.num_ranks:
-        return deepseek_phy2log(
-            problem.load, problem.num_slots, problem.num_groups, problem.num_nodes, problem.num_ranks
-        )
-    if problem.num_nodes > 1:
-        raise PolicyError(
-            "policy='deepseek' supports exclude_ranks only with num_nodes=1 (DeepSeek's hierarchical policy "
-            "needs equal GPUs per node); use policy='hierarchical'"
-        )
-    spr = problem.slots_per_rank
-    sub = deepseek_phy2log(problem.load, len(active) * spr, 1, 1, len(active))
-    out = np.full((problem.num_layers, problem.num_slots), -1, dtype=np.int64)
-    cols = (active[:, None] * spr + np.arange(spr)).ravel()
-    out[:, cols] = sub
-    return out
 
 
 def placement_diagnostics(

@@ -8,21 +8,25 @@ experts of one layer.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import PolicyError
 from ..placement import ExpertPlacement
 
-__all__ = ["PolicyError", "Problem", "make_problem", "replicate", "lpt_pack", "items_from_counts"]
+__all__ = [
+    "NODE_LOCALITY",
+    "PolicyError",
+    "Problem",
+    "make_problem",
+    "replicate",
+    "lpt_pack",
+    "items_from_counts",
+]
 
-POLICY_NAMES = ("auto", "greedy", "hierarchical", "low_churn", "deepseek")
+# Node-aware placement modes (the one definition; config, CLI and docs read it from here).
 NODE_LOCALITY = ("relaxed", "strict")
-
-
-class PolicyError(ValueError):
-    """Bad arguments to a placement policy (the message says which and what to do)."""
 
 
 @dataclass(frozen=True)
@@ -94,14 +98,6 @@ def as_load(load, name: str = "load") -> np.ndarray:
             f"({len(bad)} bad entries)"
         )
     return arr
-
-
-def check_policy_name(policy: str) -> str:
-    if policy not in POLICY_NAMES:
-        close = difflib.get_close_matches(str(policy), POLICY_NAMES, n=1, cutoff=0.4)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise PolicyError(f"unknown policy {policy!r}: choose one of {', '.join(POLICY_NAMES)}{hint}")
-    return policy
 
 
 def _as_int(value, name: str, minimum: int = 1) -> int:

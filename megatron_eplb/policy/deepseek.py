@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["balanced_packing", "replicate_experts", "rebalance_experts_hierarchical", "deepseek_phy2log"]
+from .common import PolicyError, Problem
+from .registry import Plan, PolicyOptions, register_policy
+
+__all__ = [
+    "balanced_packing",
+    "replicate_experts",
+    "rebalance_experts_hierarchical",
+    "deepseek_phy2log",
+    "deepseek_policy",
+]
 
 
 def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,3 +140,28 @@ def deepseek_phy2log(
     else:
         phy2log, _, _ = rebalance_experts_hierarchical(weight, num_replicas, 1, 1, num_gpus)
     return phy2log
+
+
+@register_policy("deepseek")
+def deepseek_policy(problem: Problem, previous, options: PolicyOptions) -> Plan:
+    """``policy="deepseek"``: :func:`deepseek_phy2log` on the active ranks (exclusions: global mode only).
+    Stateless (``previous`` is not used); may put two copies of one expert on a rank."""
+    active = np.nonzero(problem.active)[0]
+    strict = problem.num_nodes > 1 and problem.num_groups % problem.num_nodes == 0
+    locality = "strict" if strict else "none"
+    if len(active) == problem.num_ranks:
+        phy2log = deepseek_phy2log(
+            problem.load, problem.num_slots, problem.num_groups, problem.num_nodes, problem.num_ranks
+        )
+        return Plan(phy2log, policy="deepseek", locality=locality, allow_duplicates=True)
+    if problem.num_nodes > 1:
+        raise PolicyError(
+            "policy='deepseek' supports exclude_ranks only with num_nodes=1 (DeepSeek's hierarchical policy "
+            "needs equal GPUs per node); use policy='hierarchical'"
+        )
+    spr = problem.slots_per_rank
+    sub = deepseek_phy2log(problem.load, len(active) * spr, 1, 1, len(active))
+    phy2log = np.full((problem.num_layers, problem.num_slots), -1, dtype=np.int64)
+    cols = (active[:, None] * spr + np.arange(spr)).ravel()
+    phy2log[:, cols] = sub
+    return Plan(phy2log, policy="deepseek", locality=locality, allow_duplicates=True)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 
 from .common import Problem, items_from_counts, lpt_pack, phy2log_from_items, replicate
+from .registry import Plan, PolicyOptions, register_policy
 from .search import SearchState, local_search, pair_rounds
 
-__all__ = ["plan_global", "refine"]
+__all__ = ["plan_global", "refine", "greedy_policy"]
 
 # Swap partners of the hottest rank: the slots of this many coldest ranks (enough on every trace tried).
 _PARTNERS = 4
@@ -59,3 +60,9 @@ def plan_global(problem: Problem, *, refine_passes: bool = True) -> np.ndarray:
         return phy2log
     state = SearchState(load, phy2log, problem.num_ranks, allow_duplicates=problem.dup_unavoidable)
     return refine(state).slot_e
+
+
+@register_policy("greedy")
+def greedy_policy(problem: Problem, previous, options: PolicyOptions) -> Plan:
+    """``policy="greedy"``: :func:`plan_global` (``previous`` and the options are not used)."""
+    return Plan(plan_global(problem), policy="greedy")

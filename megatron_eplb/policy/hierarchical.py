@@ -14,10 +14,11 @@ from __future__ import annotations
 import numpy as np
 
 from .common import PolicyError, Problem, items_from_counts, lpt_pack, phy2log_from_items, replicate
-from .greedy import refine
+from .greedy import plan_global, refine
+from .registry import Plan, PolicyOptions, register_policy
 from .search import SearchState
 
-__all__ = ["group_home_nodes", "plan_hierarchical", "node_aware", "strict_duplicates"]
+__all__ = ["group_home_nodes", "plan_hierarchical", "node_aware", "strict_duplicates", "hierarchical_policy"]
 
 
 def node_aware(problem: Problem) -> bool:
@@ -162,3 +163,25 @@ def plan_hierarchical(problem: Problem, locality: str = "relaxed", *, refine_pas
         )
         phy2log = refine(state).slot_e
     return phy2log, home
+
+
+@register_policy("hierarchical")
+def hierarchical_policy(problem: Problem, previous, options: PolicyOptions) -> Plan:
+    """``policy="hierarchical"``: :func:`plan_hierarchical` with ``options.node_locality``; global
+    :func:`~.greedy.plan_global` (reported as ``greedy``, with a ``fallback`` note) when the topology is not
+    node-aware."""
+    if not node_aware(problem):
+        note = (
+            f"num_groups={problem.num_groups} is not a positive multiple of num_nodes={problem.num_nodes}: "
+            "placed globally"
+        )
+        return Plan(plan_global(problem), policy="greedy", info={"fallback": note})
+    locality = options.node_locality
+    phy2log, home = plan_hierarchical(problem, locality)
+    return Plan(
+        phy2log,
+        policy="hierarchical",
+        locality=locality,
+        home_node=home,
+        allow_duplicates=locality == "strict" and strict_duplicates(problem),
+    )

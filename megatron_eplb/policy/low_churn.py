@@ -22,9 +22,12 @@ from __future__ import annotations
 import numpy as np
 
 from .common import Problem
+from .greedy import plan_global
+from .hierarchical import node_aware, plan_hierarchical, strict_duplicates
+from .registry import Plan, PolicyOptions, register_policy
 from .search import SearchState, local_search
 
-__all__ = ["plan_low_churn", "homes_from_placement", "keep_slots"]
+__all__ = ["plan_low_churn", "homes_from_placement", "keep_slots", "low_churn_policy"]
 
 
 def homes_from_placement(phy2log: np.ndarray, rank_node: np.ndarray, num_experts: int, num_groups: int):
@@ -210,3 +213,42 @@ def plan_low_churn(
     if not state.allow_duplicates:
         phy2log = keep_slots(phy2log, np.asarray(previous, dtype=np.int64), problem.num_ranks)
     return phy2log, state.moves > 0
+
+
+@register_policy("low_churn")
+def low_churn_policy(problem: Problem, previous, options: PolicyOptions) -> Plan:
+    """``policy="low_churn"``: :func:`plan_low_churn` from ``previous``.
+
+    Without ``previous`` there is nothing to keep: a fresh global or hierarchical placement, reported as
+    ``low_churn(fresh)``.  Node-aware (:func:`~.hierarchical.node_aware`): layers of ``previous`` that break
+    ``options.node_locality`` are planned afresh first (``info["replanned_layers"]``).
+    """
+    churn, max_moves = options.churn_weight, options.max_moves_per_layer
+    if not node_aware(problem):
+        if previous is None:
+            return Plan(plan_global(problem), policy="low_churn(fresh)")
+        phy2log, touched = plan_low_churn(problem, previous.phy2log, churn_weight=churn, max_iters=max_moves)
+        return Plan(phy2log, policy="low_churn", info={"changed_layers": int(touched.sum())})
+    locality = options.node_locality
+    dups = locality == "strict" and strict_duplicates(problem)
+    if previous is None:
+        phy2log, home = plan_hierarchical(problem, locality)
+        return Plan(phy2log, "low_churn(fresh)", locality=locality, home_node=home, allow_duplicates=dups)
+    home = homes_from_placement(previous.phy2log, problem.rank_node, problem.num_experts, problem.num_groups)
+    prev = previous.phy2log
+    bad = _home_violations(prev, home, problem.rank_node, problem.num_experts, locality)
+    if bad.any():  # layers that break the locality rule are planned afresh
+        fresh, fresh_home = plan_hierarchical(problem, locality)
+        prev = np.where(bad[:, None], fresh, prev)
+        home = np.where(bad[:, None], fresh_home, home)
+    phy2log, touched = plan_low_churn(
+        problem,
+        prev,
+        churn_weight=churn,
+        home=home,
+        locality=locality,
+        max_iters=max_moves,
+        allow_duplicates=dups,
+    )
+    info = {"changed_layers": int((touched | bad).sum()), "replanned_layers": int(bad.sum())}
+    return Plan(phy2log, "low_churn", locality=locality, home_node=home, allow_duplicates=dups, info=info)

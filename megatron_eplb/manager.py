@@ -267,6 +267,8 @@ class EPLBManager:
         self.state = self._next(self.state, before_count=True)
         self.step_count += 1
         self._record_step()
+        if self.step_count % self.config.eplb_log_interval == 0:
+            self._log_realized_balance()
         self.state = self._next(self.state)
         done, self._completed = self._completed, []
         return done[-1] if done else None
@@ -316,19 +318,66 @@ class EPLBManager:
         self.handle.reset_loads()
 
     def gather_window(self) -> tuple[np.ndarray, np.ndarray]:
-        """Loads of the window summed over every rank that routes tokens.
+        """Loads of the window summed over every rank that routes tokens (collective over ``load_group``).
 
         Returns (logical ``[L, E]``, measured per physical slot ``[L, P]``), both int64 numpy.
         """
+        logical, per_slot = self._gather(self._load_ring.sum(0), self._slot_ring.sum(0))
+        return logical, per_slot
+
+    def gather_steps(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """The last ``steps`` recorded steps one by one, summed over every rank that routes tokens
+        (collective over ``load_group``).
+
+        Returns (logical ``[k, L, E]``, measured per physical slot ``[k, L, P]``), ``k = min(steps, filled)``,
+        oldest first, int64 numpy.
+        """
+        window = self._load_ring.shape[0]
+        k = min(steps, self._ring_filled)
+        idx = torch.tensor([(self.step_count - k + i) % window for i in range(k)], device=self._device)
+        return self._gather(self._load_ring[idx], self._slot_ring[idx])
+
+    def _gather(self, logical: torch.Tensor, local_slots: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Sum ``logical [..., L, E]`` and this rank's ``local_slots [..., L, S]`` (placed at its slots of
+        ``[..., L, P]``) over ``load_group``."""
         h = self.handle
-        logical = self._load_ring.sum(0)
-        per_slot = torch.zeros(h.num_layers, h.placement.num_slots, dtype=torch.int64, device=self._device)
+        per_slot = local_slots.new_zeros((*local_slots.shape[:-1], h.placement.num_slots))
         s = h.slots_per_rank
-        per_slot[:, h.ep_rank * s : (h.ep_rank + 1) * s] = self._slot_ring.sum(0)
+        per_slot[..., h.ep_rank * s : (h.ep_rank + 1) * s] = local_slots
+        logical = logical.clone()
         if dist.is_initialized():
             dist.all_reduce(logical, group=self.load_group)
             dist.all_reduce(per_slot, group=self.load_group)
         return logical.cpu().numpy(), per_slot.cpu().numpy()
+
+    def _log_realized_balance(self) -> None:
+        """Every ``eplb_log_interval`` steps: the realized balancedness of each of those steps (the slot
+        counts that were computed) beside Megatron's default placement on the same steps' routing (routing
+        does not depend on the placement). Collective; rank 0 logs and writes to the monitor."""
+        logical, per_slot = self.gather_steps(self.config.eplb_log_interval)
+        if self._rank != 0 or not per_slot.sum():
+            return
+        h = self.handle
+        default = ExpertPlacement.default(h.num_layers, h.num_experts, h.ep_size, 0)
+        steps = [i for i in range(per_slot.shape[0]) if per_slot[i].sum()]
+        realized = [balance_summary(h.placement, per_slot[i], per_slot=True)["mean"] for i in steps]
+        baseline = [balance_summary(default, logical[i])["mean"] for i in steps]
+        metrics = {
+            "eplb/balancedness_realized": float(np.mean(realized)),
+            "eplb/balancedness_realized_min": float(np.min(realized)),
+            "eplb/balancedness_default_placement": float(np.mean(baseline)),
+        }
+        log.info(
+            "EPLB steps %d-%d: realized balancedness per step %.3f (worst %.3f), Megatron's default placement "
+            "on the same steps %.3f",
+            self.step_count - per_slot.shape[0] + 1,
+            self.step_count,
+            metrics["eplb/balancedness_realized"],
+            metrics["eplb/balancedness_realized_min"],
+            metrics["eplb/balancedness_default_placement"],
+        )
+        if self.monitor is not None:
+            self.monitor.log(self.step_count, metrics)
 
     # --------------------------------------------------------------- plan
     def _start_planning(self) -> State:

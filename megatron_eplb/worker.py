@@ -24,15 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from .errors import PolicyWorkerError
 from .placement import ExpertPlacement
 
 __all__ = ["PolicyWorker", "PolicyWorkerError", "broadcast_placement", "default_policy_fn"]
 
 log = logging.getLogger(__name__)
-
-
-class PolicyWorkerError(RuntimeError):
-    """The policy raised inside the worker; the message carries the worker's traceback."""
 
 
 def default_policy_fn(load, num_slots, num_ranks, **kwargs):

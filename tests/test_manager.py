@@ -125,7 +125,8 @@ def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict,
     opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
     opt_pat = torch.optim.Adam(pat.parameters(), lr=1e-2)
     policy_fn = slow_policy if faults.get("slow_policy_once") else None
-    manager = EPLBManager(handle, cfg, opt_pat, policy_fn=policy_fn)
+    metrics = _Metrics()
+    manager = EPLBManager(handle, cfg, opt_pat, policy_fn=policy_fn, monitor=metrics)
     dp_group = parallel_state.get_data_parallel_group()
     gen = torch.Generator().manual_seed(100 + rank)
     eval_tokens = torch.randint(0, V, (2, SEQ), generator=torch.Generator().manual_seed(7))
@@ -197,7 +198,21 @@ def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict,
         "in_flight": in_flight,
         "norms": norms,
         "placement": handle.placement.phy2log.tolist(),
+        "metrics": metrics.logged,
     }
+
+
+class _Metrics:
+    """A monitor that keeps what the manager logs (rank 0)."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict]] = []
+
+    def log(self, step: int, scalars: dict) -> None:
+        self.logged.append((step, dict(scalars)))
+
+    def rebalance(self, *args) -> None:
+        pass
 
 
 def _dynamic(every: int, **overrides) -> dict:
@@ -461,3 +476,20 @@ def test_gate_eplb_rebalances_exactly_once(ep2):
         _assert_same_losses(run, "gate")
         assert [r["outcome"] for r in run["history"]] == ["committed"]
         assert run["phases"][-1] == "gated"
+
+
+def test_realized_balance_logged_every_interval_beside_the_default_placement(ep2):
+    logged = ep2[0][0]["main"]["metrics"]  # rank 0; 52 steps, eplb_log_interval 10
+    assert [step for step, _ in logged] == [10, 20, 30, 40, 50]
+    for _, m in logged:
+        assert set(m) == {
+            "eplb/balancedness_realized",
+            "eplb/balancedness_realized_min",
+            "eplb/balancedness_default_placement",
+        }
+        assert 0 < m["eplb/balancedness_realized_min"] <= m["eplb/balancedness_realized"] <= 1
+        assert 0 < m["eplb/balancedness_default_placement"] <= 1
+    # after rebalances the placement is not Megatron's default: the two figures differ
+    assert any(
+        m["eplb/balancedness_realized"] != m["eplb/balancedness_default_placement"] for _, m in logged[1:]
+    )

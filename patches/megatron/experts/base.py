@@ -14,6 +14,7 @@ here changes.
 from __future__ import annotations
 
 import functools
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -26,7 +27,7 @@ _STORAGES: list[type[ExpertStorage]] = []
 _GROUPED = ("GroupedMLP", "TEGroupedMLP")  # grouped-GEMM classes a model gets with moe_grouped_gemm=True
 
 
-class ExpertStorage:
+class ExpertStorage(ABC):
     """One MoE layer's experts module seen as ``S`` slots of identical parameter shapes.
 
     Slot ``k`` (``0 <= k < S``) is this rank's local slot ``k``, i.e. global slot ``ep_rank * S + k``.
@@ -72,23 +73,24 @@ class ExpertStorage:
         return cls(new.to(device=param_device(old)))
 
     @property
+    @abstractmethod
     def num_slots(self) -> int:
         """``S``: local slots (local experts) of the module."""
-        raise NotImplementedError
 
+    @abstractmethod
     def slot_params(self, k: int) -> list[torch.nn.Parameter]:
         """The parameters of slot ``k``, in :meth:`slot_param_names` order (same shapes for every slot)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def slot_param_names(self) -> list[str]:
         """Names of a slot's parameters, e.g. ``["linear_fc1.weight", "linear_fc2.weight"]``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def slot_extra_state(self) -> dict[str, Any]:
         """A slot's state-dict entries that are not parameters (e.g. ``_extra_state``), the same for every
         slot, keyed like :meth:`slot_param_names`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def slot_sharded_state_dict(
         self,
         k: int,
@@ -101,7 +103,6 @@ class ExpertStorage:
         """Megatron dist-checkpoint entries of slot ``k`` as logical expert ``expert`` of ``num_experts``:
         the ShardedTensors the unpatched model gives that expert (its keys, global shape ``[E, ...]``,
         offset ``expert``), under this module's key of slot ``k`` (``f"{prefix}{key_prefix}{k}."``)."""
-        raise NotImplementedError
 
     def flat_rows(self) -> torch.Tensor:
         """``[S, n]``: each slot's parameters flattened and concatenated, in slot order."""

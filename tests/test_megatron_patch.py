@@ -20,6 +20,7 @@ from models import copies_identical, tiny_gpt  # noqa: E402
 
 from megatron_eplb import checkpoint as ckpt  # noqa: E402
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
+from megatron_eplb.protocols import ExpertModel  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -248,6 +249,7 @@ def _ep2_checks(rank: int, world: int, out_dir: str) -> dict:
     # --- default placement, then random with replicas, then hot experts spread, via set_placement
     handle = eplb_mcore.apply(pat)
     errs["twice"] = _expect_error(lambda: eplb_mcore.apply(pat), "already")
+    results["is_expert_model"] = isinstance(handle, ExpertModel)
     results["default"] = _compare(ref, pat, handle, x, w)
     params_before = [id(p) for p in pat.parameters()]
     placements = {
@@ -471,6 +473,11 @@ def test_ep2_recording_switch_and_bounded_slot_counts(ep2):
         assert res["loads_after_many"] and res["slot_loads_after_many"]
 
 
+def test_ep2_handle_is_an_expert_model(ep2):
+    results, _ = ep2
+    assert all(res["is_expert_model"] for res in results)
+
+
 def test_ep2_errors_are_clear_and_change_nothing(ep2):
     results, _ = ep2
     for res in results:
@@ -509,6 +516,38 @@ def test_gpt_model_trains_like_unpatched():
 
 
 # ====================================================================== single-process
+
+
+def test_seam_registries():
+    """A new expert class is one registered storage; the dispatchers are the adapters' names."""
+    from megatron_eplb.patches.megatron import SUPPORTED_DISPATCHERS, EPLBPatchError
+    from megatron_eplb.patches.megatron.experts import base
+    from megatron_eplb.patches.megatron.experts.sequential import SequentialMLPStorage
+
+    assert SUPPORTED_DISPATCHERS == ("allgather", "alltoall")
+    assert base.supported_expert_classes() == ("SequentialMLP",)
+
+    class Toy(torch.nn.Module):
+        pass
+
+    class ToyStorage(base.ExpertStorage):
+        class_name = "Toy"
+
+        @classmethod
+        def expert_class(cls):
+            return Toy
+
+    with pytest.raises(EPLBPatchError, match="expert class Toy is not supported; supported: SequentialMLP$"):
+        base.storage_class(Toy(), "here")
+    base.register(ToyStorage)
+    try:
+        assert base.storage_class(Toy(), "here") is ToyStorage
+        assert base.supported_expert_classes() == ("SequentialMLP", "Toy")
+    finally:
+        base._STORAGES.remove(ToyStorage)
+    with pytest.raises(EPLBPatchError, match="moe_grouped_gemm=False"):
+        base.storage_class(type("GroupedMLP", (torch.nn.Module,), {})(), "here")
+    assert SequentialMLPStorage.key_prefix == "local_experts."
 
 
 def test_route_to_slots_even_split():

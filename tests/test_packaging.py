@@ -63,3 +63,23 @@ def test_core_imports_neither_megatron_nor_deepspeed():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_setup_lists_every_subpackage():
+    """Every package folder of the checkout is in setup.py ``packages`` (else it is missing once installed)."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    listed = next(
+        ast.literal_eval(kw.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        for kw in node.keywords
+        if kw.arg == "packages"
+    )
+    found = set()
+    for top, name in (("megatron_eplb", "megatron_eplb"), ("patches", "megatron_eplb.patches")):
+        for init in (ROOT / top).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / top).parts
+            found.add(".".join((name, *rel)))
+    assert found <= set(listed), f"setup.py packages lacks {sorted(found - set(listed))}"

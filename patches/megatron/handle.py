@@ -1,0 +1,583 @@
+"""Seam: the handle (:class:`MegatronEPLB`), the model side of EPLB for Megatron-core.
+
+It satisfies :class:`megatron_eplb.protocols.ExpertModel`: shape facts, the EP group, per-slot tensors, the
+recorded loads, the routing tables, replica gradient sums and logical state dicts.  It owns the state of
+the patched layers (placement, routing tables on the device, load buffers) and wires each layer once
+(:meth:`MegatronEPLB._convert_layer`): the experts module through its storage (``experts/``), the token
+dispatcher through its adapter (``dispatchers.py``), the sharded state dict through ``dist_ckpt.py``.
+
+A new expert class or dispatcher changes nothing here.  Shapes: ``L`` MoE layers, ``E`` logical experts,
+``S`` slots per rank, ``P = S * EP`` physical slots per layer, ``C`` most copies of one expert.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_eplb.checkpoint import logical_to_physical
+from megatron_eplb.comm import collective_device
+from megatron_eplb.placement import ExpertMapError, ExpertPlacement
+
+from . import dist_ckpt
+from .compat import EPLBPatchError, param_device
+from .dispatchers import rebuild_dispatcher, route_to_slots
+from .experts import ExpertStorage, storage_for
+
+__all__ = ["MegatronEPLB"]
+
+logger = logging.getLogger(__name__)
+
+# Routed-map accumulators kept per MoE layer (distinct token counts ``T``); see ``MegatronEPLB._route_acc``.
+_MAX_ACC_SHAPES = 4
+_MAX_PENDING_SLOT_COUNTS = 256  # per layer, slot counts kept between two reads before they are summed
+
+
+def check_placement(
+    placement: ExpertPlacement, num_layers: int, num_experts: int, ep_size: int, slots_per_rank: int | None
+) -> None:
+    """Raise :class:`EPLBPatchError` unless ``placement`` fits the model (``slots_per_rank=None``: any ``S``)."""
+    if not isinstance(placement, ExpertPlacement):
+        raise EPLBPatchError(f"placement must be an ExpertPlacement, got {type(placement).__name__}")
+    try:
+        placement.validate(
+            num_layers=num_layers, num_experts=num_experts, num_ranks=ep_size, slots_per_rank=slots_per_rank
+        )
+    except ExpertMapError as exc:
+        raise EPLBPatchError(f"placement does not match the model: {exc}") from None
+
+
+def check_same_placement_everywhere(placement: ExpertPlacement, group) -> None:
+    """Raise when the ranks of ``group`` were given different placements (a stale map on one rank)."""
+    if dist.get_world_size(group) == 1:
+        return
+    p = torch.from_numpy(placement.phy2log.astype(np.int64)).reshape(-1)
+    weights = torch.arange(1, p.numel() + 1, dtype=torch.int64)
+    digest = torch.stack(
+        [(p * weights).sum(), (p * weights * weights % 1_000_003).sum(), torch.tensor(p.numel())]
+    )
+    digest = digest.to(collective_device(group))
+    gathered = [torch.empty_like(digest) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, digest, group=group)
+    bad = [r for r, d in enumerate(gathered) if not torch.equal(d, gathered[0])]
+    if bad:
+        raise EPLBPatchError(
+            f"EP ranks {bad} were given another placement than EP rank 0; every rank needs the same"
+        )
+
+
+class MegatronEPLB:
+    """Controls the placement-aware MoE layers of one model (returned by :func:`apply`); an
+    :class:`~megatron_eplb.protocols.ExpertModel`.
+
+    State (all of it): the current :attr:`placement`; per MoE layer its routing tables on the device
+    (``log2phy [E, C]``, ``replica_count [E]``, ``local_slot [E]``) and its expert storage; the load
+    buffers ``[L, E]`` and ``[L, S]``.  ``placement`` is the same on every rank of :attr:`ep_group`.
+
+    Attributes:
+        model: the patched model.
+        layer_names: ``[L]`` module names of the MoE layers (``""`` for the model itself).
+        ep_group: the expert-parallel process group; ``ep_size`` its ranks, ``ep_rank`` this rank.
+        replica_dispatch: ``"even"`` or ``"local_first"``.
+        num_layers: ``L``.  num_experts: ``E``.  slots_per_rank: ``S``.
+        device: where the experts, the load buffers and the routing tables live.
+        placement: the :class:`ExpertPlacement` the layers route with (``phy2log [L, P]``).
+        recording: whether real forwards are counted into :meth:`loads` / :meth:`slot_loads`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: list[tuple[str, torch.nn.Module]],
+        placement: ExpertPlacement,
+        ep_group,
+        replica_dispatch: str,
+    ) -> None:
+        self.model = model
+        self.layer_names = [name for name, _ in layers]
+        self._layers = [layer for _, layer in layers]
+        self.ep_group = ep_group
+        self.ep_size = dist.get_world_size(ep_group)
+        self.ep_rank = dist.get_rank(ep_group)
+        self.replica_dispatch = replica_dispatch
+        self.num_layers = len(layers)
+        self.num_experts = int(self._layers[0].config.num_moe_experts)
+        self.slots_per_rank = placement.slots_per_rank
+        self.device = param_device(self._layers[0].experts)
+        self.placement = placement
+        # Per layer, the expert storage of its experts module (set when the layer is converted).
+        self._storages: list[ExpertStorage] = [None] * self.num_layers
+        self._loads = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64, device=self.device)
+        self._slot_loads = torch.zeros(
+            self.num_layers, self.slots_per_rank, dtype=torch.int64, device=self.device
+        )
+        #: Record loads (``loads()``, ``slot_loads()``) on real forwards; ``False`` pauses recording (e.g. for
+        #: evaluation forwards that should not steer the placement).
+        self.recording = True
+        # Per layer, the per-slot token counts exactly as the dispatcher hands them to the experts (a host
+        # tensor for the alltoall and allgather dispatchers): a forward only keeps a reference (a list
+        # append, no op); ``slot_loads()`` sums them all at once.  In the middle of the host-bound MoE
+        # forward even one small op costs tens of µs.
+        self._slot_counts_pending: list[list] = [[] for _ in range(self.num_layers)]
+        # Per-layer row views, made once: the per-forward adds go straight into them (no indexing or
+        # ``__setitem__`` on the hot path).  The buffers are only ever zeroed in place, so the views stay live.
+        self._loads_rows = list(self._loads.unbind(0))
+        self._slot_loads_rows = list(self._slot_loads.unbind(0))
+        # Per layer, int32 accumulators of the routed map, keyed by its shape ``[T, E]``: each forward adds its
+        # bool map with ONE elementwise op (``acc += routed``); the column sums are taken on read (``loads()``).
+        # One op instead of four (cast, memset, column sum, add) is what makes the recording cheap: the MoE
+        # forward is host-bound, and every op launched is host time on its critical path.  The accumulators
+        # are never replaced (graph-safe), at most ``_MAX_ACC_SHAPES`` per layer; other shapes are counted
+        # with the direct column sum.
+        self._route_acc: list[dict[torch.Size, torch.Tensor]] = [{} for _ in range(self.num_layers)]
+        self._tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | bool | None]] = [
+            None
+        ] * self.num_layers
+        for idx in range(self.num_layers):
+            self._tables[idx] = self._routing_tables(placement.phy2log[idx])
+        for idx, layer in enumerate(self._layers):
+            self._convert_layer(idx, layer)
+        logger.info(
+            "megatron-eplb: %d MoE layers placement-aware (%r, %s dispatch, EP rank %d/%d)",
+            self.num_layers,
+            placement,
+            replica_dispatch,
+            self.ep_rank,
+            self.ep_size,
+        )
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def num_slots(self) -> int:
+        """``P``: physical slots per layer over the EP group."""
+        return self.slots_per_rank * self.ep_size
+
+    def moe_layers(self) -> list[torch.nn.Module]:
+        """The patched ``MoELayer`` modules, index = MoE layer id."""
+        return list(self._layers)
+
+    def local_slots(self) -> range:
+        """Global slot ids of this rank's local slots."""
+        return range(self.ep_rank * self.slots_per_rank, (self.ep_rank + 1) * self.slots_per_rank)
+
+    # -------------------------------------------------------------- recording
+    def loads(self) -> torch.Tensor:
+        """int64 ``[L, E]``: (token, expert) pairs routed on this rank per MoE layer and logical expert
+        since the last :meth:`reset_loads` (real forward passes only, padding tokens excluded).  The live
+        buffer on the device, brought up to date by this call (the per-forward counts are folded in here,
+        two small ops per layer and shape, no host sync); clone it to keep a snapshot."""
+        for row, accs in zip(self._loads_rows, self._route_acc):
+            for acc in accs.values():
+                row.add_(acc.sum(dim=0, dtype=torch.int64))
+                acc.zero_()
+        return self._loads
+
+    def slot_loads(self) -> torch.Tensor:
+        """int64 ``[L, S]``: tokens each local physical slot computed since the last :meth:`reset_loads`.
+
+        The live buffer on the device, brought up to date by this call (the counts kept since the last call
+        are summed in: a few ops for all layers together)."""
+        self._fold_slot_counts()
+        return self._slot_loads
+
+    def _fold_slot_counts(self) -> None:
+        """Add the kept per-forward slot counts into ``_slot_loads`` and drop them: per device they came on,
+        one stack ``[N, S]``, one ``index_add_`` into an ``[L, S]`` table, one copy to the device."""
+        by_device: dict[torch.device, tuple[list[int], list[torch.Tensor]]] = {}
+        for idx, pending in enumerate(self._slot_counts_pending):
+            for counts in pending:
+                counts = torch.as_tensor(counts)
+                layers, rows = by_device.setdefault(counts.device, ([], []))
+                layers.append(idx)
+                rows.append(counts.reshape(-1))
+            pending.clear()
+        for device, (layers, rows) in by_device.items():
+            table = torch.zeros(self.num_layers, self.slots_per_rank, dtype=torch.int64, device=device)
+            table.index_add_(0, torch.tensor(layers, device=device), torch.stack(rows).to(torch.int64))
+            self._slot_loads.add_(table.to(self.device))
+
+    def reset_loads(self) -> None:
+        """Zero both load buffers (in place, no host sync)."""
+        self._loads.zero_()
+        for accs in self._route_acc:
+            for acc in accs.values():
+                acc.zero_()
+        self._slot_loads.zero_()
+        for pending in self._slot_counts_pending:
+            pending.clear()
+
+    # ---------------------------------------------------------------- slots
+    def slot_params(self, layer: int, slot: int) -> list[torch.nn.Parameter]:
+        """The parameters of local slot ``slot`` (``0 <= slot < S``) of MoE layer ``layer``, in a fixed
+        order (:meth:`slot_param_names`)."""
+        return self._storage(layer, slot).slot_params(slot)
+
+    def slot_param_names(self) -> list[str]:
+        """Names of a slot's parameters within the slot, e.g. ``["linear_fc1.weight", "linear_fc2.weight"]``."""
+        return self._storage(0, 0).slot_param_names()
+
+    def slot_tensors(self, layer: int, slot: int) -> list[torch.Tensor]:
+        """The data of local slot ``slot``'s parameters (views without autograd; writing them writes the slot)."""
+        return [p.detach() for p in self.slot_params(layer, slot)]
+
+    def write_slot(self, layer: int, slot: int, tensors: Sequence[torch.Tensor]) -> None:
+        """Copy ``tensors`` (shapes as :meth:`slot_tensors`) into local slot ``slot``, parameters kept."""
+        params = self.slot_params(layer, slot)
+        if len(tensors) != len(params):
+            raise EPLBPatchError(
+                f"layer {layer} slot {slot}: {len(tensors)} tensors given, the slot has {len(params)}"
+            )
+        with torch.no_grad():
+            for p, t in zip(params, tensors):
+                if t.shape != p.shape:
+                    raise EPLBPatchError(
+                        f"layer {layer} slot {slot}: tensor of shape {list(t.shape)} for {list(p.shape)}"
+                    )
+                p.copy_(t)
+
+    # -------------------------------------------------------------- placement
+    def set_placement(
+        self, placement: ExpertPlacement, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Re-place every layer in place (collective over :attr:`ep_group`, synchronous).
+
+        Each slot is filled from its logical expert (read from a current copy); parameters are kept, so
+        optimizer references stay valid.  With ``optimizer`` (a plain torch optimizer keeping per-parameter
+        state, e.g. Adam), each slot's optimizer state tensors move with its weights.
+        """
+        check_placement(placement, self.num_layers, self.num_experts, self.ep_size, self.slots_per_rank)
+        check_same_placement_everywhere(placement, self.ep_group)
+        for layer in range(self.num_layers):
+            row = placement.phy2log[layer]
+            if np.array_equal(row, self.placement.phy2log[layer]):
+                continue
+            getters = [self.slot_tensors]
+            if optimizer is not None and self.slot_optimizer_state(optimizer, layer, 0):
+                getters.append(lambda lyr, k: self.slot_optimizer_state(optimizer, lyr, k))
+            for get in getters:
+                logical = self._gather_logical(layer, get)
+                for k, slot in enumerate(self.local_slots()):
+                    if row[slot] >= 0:
+                        _unflatten_into(get(layer, k), logical[int(row[slot])])
+        self.placement = placement
+        self._tables = [self._routing_tables(placement.phy2log[i]) for i in range(self.num_layers)]
+
+    def slot_optimizer_state(
+        self, optimizer: torch.optim.Optimizer, layer: int, slot: int
+    ) -> list[torch.Tensor]:
+        """The per-parameter optimizer state tensors of local slot ``slot`` (params in :meth:`slot_params`
+        order, state keys sorted; e.g. Adam's ``exp_avg``, ``exp_avg_sq``, ``step``).  Empty before the
+        first step.  Writing them writes the optimizer state."""
+        out = []
+        for p in self.slot_params(layer, slot):
+            state = optimizer.state.get(p, {})
+            out.extend(state[key] for key in sorted(state) if torch.is_tensor(state[key]))
+        return out
+
+    def commit_layer(self, layer: int, phy2log_row: Sequence[int] | np.ndarray) -> None:
+        """Switch MoE layer ``layer`` to ``phy2log_row`` (``[P]``) whose slot weights are already in place
+        (written by a mover).  Local, no communication: every rank must commit the same row at the same step."""
+        if not 0 <= layer < self.num_layers:
+            raise EPLBPatchError(f"layer {layer} out of range [0, {self.num_layers})")
+        row = np.asarray(phy2log_row, dtype=np.int64).reshape(-1)
+        if row.shape[0] != self.num_slots:
+            raise EPLBPatchError(
+                f"layer {layer}: phy2log row has {row.shape[0]} slots, the model has {self.num_slots}"
+            )
+        phy2log = self.placement.phy2log.copy()
+        phy2log[layer] = row
+        try:
+            placement = ExpertPlacement(
+                phy2log,
+                self.ep_size,
+                self.num_experts,
+                expert_load=self.placement.expert_load,
+                allow_same_rank_copies=self.placement.allow_same_rank_copies,
+            )
+        except ExpertMapError as exc:
+            raise EPLBPatchError(f"layer {layer}: {exc}") from None
+        self._tables[layer] = self._routing_tables(row)
+        self.placement = placement
+
+    # --------------------------------------------------------------- training
+    def sum_replica_grads(self) -> None:
+        """Sum each expert's gradient over all its copies (collective over :attr:`ep_group`).
+
+        Afterwards every copy holds the gradient of the logical expert (equal to the unreplicated model's),
+        so the optimizer takes the identical step on every copy.  Uses ``param.main_grad`` where Megatron
+        DDP keeps one, else ``param.grad``.  Layers without replicas are skipped.
+        """
+        for layer in range(self.num_layers):
+            # Only experts with several copies need a sum, and only their rows travel: [R_e, n], not [E, n].
+            replicated = np.nonzero(self.placement.replica_count[layer] > 1)[0]
+            if len(replicated) == 0:
+                continue
+            row_of = np.full(self.num_experts, -1, dtype=np.int64)
+            row_of[replicated] = np.arange(len(replicated))
+            local = self.placement.phy2log[layer, self.local_slots()]
+            mine = [k for k in range(self.slots_per_rank) if local[k] >= 0 and row_of[local[k]] >= 0]
+            grads = {k: [_grad_of(p) for p in self.slot_params(layer, k)] for k in mine}
+            width = sum(p.numel() for p in self.slot_params(layer, 0))
+            like = _grad_of(self.slot_params(layer, 0)[0])
+            acc = (
+                torch.float32 if like.dtype in (torch.bfloat16, torch.float16) else like.dtype
+            )  # one rounding
+            total = torch.zeros(len(replicated), width, dtype=acc, device=like.device)
+            for k in mine:
+                total[row_of[local[k]]] += torch.cat([g.reshape(-1) for g in grads[k]]).to(acc)
+            dist.all_reduce(total, group=self.ep_group)
+            for k in mine:
+                src = total[row_of[local[k]]]
+                offset = 0
+                for p, g in zip(self.slot_params(layer, k), grads[k]):
+                    g.copy_(src[offset : offset + g.numel()].view_as(g))
+                    offset += g.numel()
+                    _set_grad(p, g)
+
+    # ------------------------------------------------------------- checkpoints
+    def expert_key_prefixes(self) -> list[str]:
+        """``[L]`` state-dict key prefix of each MoE layer's slots, e.g. ``"decoder.layers.1.mlp.experts.local_experts."``."""
+        return [
+            f"{name}.experts.{storage.key_prefix}" if name else f"experts.{storage.key_prefix}"
+            for name, storage in zip(self.layer_names, self._storages)
+        ]
+
+    def logical_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict in the logical layout (collective over :attr:`ep_group`).
+
+        Expert keys are ``{prefix}{e}.{name}`` for every logical expert ``e`` (each once, as a model
+        without EP has them); other keys are this rank's own.  Save it with the expert map beside it
+        (:func:`megatron_eplb.checkpoint.save_expert_map`).
+        """
+        state = dict(self.model.state_dict())
+        prefixes = self.expert_key_prefixes()
+        param_names = self.slot_param_names()
+        for key in [k for k in state if any(k.startswith(p) for p in prefixes)]:
+            del state[key]
+        physical: dict[str, Any] = {}
+        for layer in range(self.num_layers):
+            # Non-parameter entries of a slot (``_extra_state``) are the same for every expert: take slot 0's.
+            extra = self._storage(layer, 0).slot_extra_state()
+            logical = self._gather_logical(layer)
+            for e in range(self.num_experts):
+                for name, tensor in zip(param_names, self._unflatten(logical[e])):
+                    physical[f"{prefixes[layer]}{e}.{name}"] = tensor.clone()
+                for name, value in extra.items():
+                    physical[f"{prefixes[layer]}{e}.{name}"] = value
+        state.update(physical)
+        return state
+
+    def load_logical_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+        """Load a logical state dict (:meth:`logical_state_dict`, any placement or EP size) into this model:
+        every slot is filled from its logical expert.  Local, no communication.  Returns what
+        ``Module.load_state_dict`` returns."""
+        physical = logical_to_physical(
+            state_dict,
+            self.placement.phy2log,
+            self.expert_key_prefixes(),
+            rank=self.ep_rank,
+            slots_per_rank=self.slots_per_rank,
+        )
+        return self.model.load_state_dict(physical, strict=strict)
+
+    # ============================================================ internals
+    def _storage(self, layer: int, slot: int) -> ExpertStorage:
+        """The storage of MoE layer ``layer`` (checking ``layer`` and the local slot ``slot``)."""
+        if not 0 <= layer < self.num_layers:
+            raise EPLBPatchError(f"layer {layer} out of range [0, {self.num_layers})")
+        if not 0 <= slot < self.slots_per_rank:
+            raise EPLBPatchError(f"slot {slot} out of range [0, {self.slots_per_rank}) (local slots)")
+        return self._storages[layer]
+
+    def _unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        out, offset = [], 0
+        for t in self.slot_tensors(0, 0):
+            out.append(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return out
+
+    def _write_flat(self, layer: int, slot: int, flat: torch.Tensor) -> None:
+        self.write_slot(layer, slot, self._unflatten(flat))
+
+    def _gather_logical(self, layer: int, get=None) -> torch.Tensor:
+        """``[E, n]`` flat tensors (``get(layer, slot)``, default the weights) of every logical expert of
+        ``layer``, each from its primary copy ``placement.log2phy[layer, :, 0]`` (collective)."""
+        get = get or self.slot_tensors
+        local = torch.stack([_flatten(get(layer, k)) for k in range(self.slots_per_rank)])
+        everything = _all_gather_rows(local, self.ep_group)  # [P, n]
+        first_copy = torch.tensor(self.placement.log2phy[layer, :, 0], device=everything.device)
+        return everything[first_copy]
+
+    def _routing_tables(
+        self, row: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | bool | None]:
+        """Device tables of one layer: log2phy ``[E, C]``, replica_count ``[E]``, local_slot ``[E]``
+        (a slot of this rank holding the expert, else -1), and the direct map: ``True`` when slot ``s``
+        holds expert ``s`` (the routing passes through unchanged), an int64 ``[P]`` ``phy2log`` row when every
+        slot holds a distinct expert (a column gather), else ``None`` (replicas or empty slots: the
+        round-robin split of :func:`route_to_slots`)."""
+        from megatron_eplb.placement import build_log2phy
+
+        row = np.asarray(row, dtype=np.int64)
+        log2phy, count = build_log2phy(row[None, :], self.num_experts)
+        local_slot = np.full(self.num_experts, -1, dtype=np.int64)
+        for slot in reversed(self.local_slots()):  # lowest local slot wins
+            if row[slot] >= 0:
+                local_slot[row[slot]] = slot
+        num_experts, copies = log2phy.shape[1:]
+        parts = [log2phy[0].reshape(-1), np.maximum(count[0], 1), local_slot]
+        permutation = row.shape[0] == self.num_experts and np.array_equal(
+            np.sort(row), np.arange(num_experts)
+        )
+        identity = permutation and np.array_equal(row, np.arange(num_experts))
+        if permutation and not identity:
+            parts.append(row)
+        # One host-to-device copy for all tables; on CUDA from pinned memory, asynchronous: a commit lands in
+        # a layer's forward pre-hook, where a pageable copy would synchronise the stream mid-forward.
+        flat = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        else:
+            flat = flat.to(self.device)
+        ec, e2 = num_experts * copies, 2 * num_experts
+        direct = True if identity else flat[ec + e2 :] if permutation else None
+        return (
+            flat[:ec].view(num_experts, copies),
+            flat[ec : ec + num_experts],
+            flat[ec + num_experts : ec + e2],
+            direct,
+        )
+
+    def _convert_layer(self, idx: int, layer: torch.nn.Module) -> None:
+        """Rebuild the experts for S slots (filled from the logical experts) and the dispatcher for P."""
+        old = storage_for(layer.experts)
+        # [E, n]: Megatron puts expert r*E/N+k on rank r
+        logical = _all_gather_rows(old.flat_rows(), self.ep_group)
+        if logical.shape[0] != self.num_experts:
+            raise EPLBPatchError(
+                f"layer {idx}: gathered {logical.shape[0]} experts, expected {self.num_experts}"
+            )
+        storage = type(old).build(layer, self.slots_per_rank)
+        self._storages[idx] = storage
+        layer.experts = new = storage.experts
+        row = self.placement.phy2log[idx]
+        for k, slot in enumerate(self.local_slots()):
+            if row[slot] >= 0:
+                self._write_flat(idx, k, logical[int(row[slot])])
+        layer.token_dispatcher = rebuild_dispatcher(layer, self.num_slots, self.slots_per_rank, self.ep_rank)
+        layer.num_local_experts = self.slots_per_rank
+        layer.local_expert_indices = list(self.local_slots())
+        original_route = layer.route
+
+        def route(hidden_states, padding_mask=None, _idx=idx, _route=original_route):
+            probs, routing_map = _route(hidden_states, padding_mask)
+            return self._route_physical(_idx, probs, routing_map, padding_mask)
+
+        layer.route = route
+        new.forward = self._make_slot_counting_forward(idx, new.forward)
+        dist_ckpt.install(self, idx, storage)
+
+    def _make_slot_counting_forward(self, idx: int, experts_forward):
+        """The experts' ``forward(hidden, tokens_per_slot, probs)``, keeping ``tokens_per_slot`` for
+        :meth:`slot_loads` first.  A wrapper rather than a forward pre-hook: a module without hooks takes
+        ``Module.__call__``'s fast path."""
+
+        def forward(*args, **kwargs):
+            if self.recording and not _recomputing():
+                counts = args[1] if len(args) > 1 else kwargs["tokens_per_expert"]
+                if getattr(counts, "is_cuda", False) and torch.cuda.is_current_stream_capturing():
+                    self._slot_loads_rows[idx].add_(counts)  # graph-safe: in place into a live buffer
+                else:
+                    pending = self._slot_counts_pending[idx]
+                    pending.append(counts)
+                    if len(pending) >= _MAX_PENDING_SLOT_COUNTS:  # nobody reads: bound what is kept
+                        self._fold_slot_counts()
+            return experts_forward(*args, **kwargs)
+
+        return forward
+
+    def _count_routed(self, idx: int, routed: torch.Tensor) -> None:
+        """Count the bool ``[T, E]`` map ``routed`` (padding already masked) into layer ``idx``'s logical
+        loads: one in-place add into the layer's accumulator of that shape (summed by :meth:`loads`)."""
+        accs = self._route_acc[idx]
+        acc = accs.get(routed.shape)
+        if acc is None:
+            if len(accs) >= _MAX_ACC_SHAPES:  # many token counts: count directly, hold no more memory
+                self._loads_rows[idx].add_(routed.sum(dim=0, dtype=torch.int64))
+                return
+            acc = accs[routed.shape] = torch.zeros(routed.shape, dtype=torch.int32, device=routed.device)
+        acc.add_(routed)  # int32 += bool; overflows only after 2**31 forwards between two reads
+
+    def _route_physical(
+        self, idx: int, probs: torch.Tensor, routing_map: torch.Tensor, padding_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record logical loads; map ``[T, E]`` probs / routing map to ``[T, P]`` physical slots."""
+        if self.recording and not _recomputing():
+            routed = routing_map
+            if padding_mask is not None:  # Megatron's router: True marks padding
+                routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)
+            self._count_routed(idx, routed)
+        log2phy, count, local_slot, direct = self._tables[idx]
+        if direct is True:  # slot s holds expert s: physical routing is the logical routing
+            return probs, routing_map
+        if direct is not None:  # one copy of each expert: a column gather (phys[:, s] = log[:, phy2log[s]])
+            return probs.index_select(1, direct), routing_map.index_select(1, direct)
+        return route_to_slots(
+            probs,
+            routing_map,
+            log2phy,
+            count,
+            self.num_slots,
+            offset=self.ep_rank,
+            local_slot=local_slot if self.replica_dispatch == "local_first" else None,
+        )
+
+
+def _recomputing() -> bool:
+    """Whether this forward is a re-run inside backward (activation recompute): not counted."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _all_gather_rows(local: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate ``local [k, n]`` of every rank of ``group`` in rank order: ``[k * ranks, n]``."""
+    size = dist.get_world_size(group)
+    if size == 1:
+        return local.clone()
+    out = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(out, local.contiguous(), group=group)
+    return torch.cat(out)
+
+
+def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One flat vector of ``tensors`` (in the dtype of the widest float among them)."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+
+
+def _unflatten_into(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy ``flat`` (as made by :func:`_flatten`) back into ``tensors`` in place."""
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def _grad_of(p: torch.nn.Parameter) -> torch.Tensor:
+    g = getattr(p, "main_grad", None)
+    if g is None:
+        g = p.grad
+    return torch.zeros_like(p) if g is None else g
+
+
+def _set_grad(p: torch.nn.Parameter, g: torch.Tensor) -> None:
+    if getattr(p, "main_grad", None) is not None:
+        return
+    if p.grad is None:
+        p.grad = g

@@ -328,29 +328,15 @@ class TransferExecutor:
     def _slot_view(buf: torch.Tensor, index: int, layout: _SlotLayout) -> torch.Tensor:
         return buf[index * layout.slot_nbytes : (index + 1) * layout.slot_nbytes]
 
-    def _pack(
-        self,
-        buf: torch.Tensor,
-        index: int,
-        tensors: Sequence[torch.Tensor],
-        layout: _SlotLayout,
-        only: Sequence[int] | None = None,
-    ) -> None:
-        staged = self._staged_tensors(buf, index, layout)
-        for j in range(len(tensors)) if only is None else only:
-            staged[j].copy_(tensors[j], non_blocking=True)  # same dtype and shape: a plain byte copy
+    def _pack(self, buf, index: int, tensors, layout: _SlotLayout, only: Sequence[int] | None = None) -> None:
+        """Copy a slot's ``tensors`` (positions ``only``, default all) into staged slot ``index``."""
+        _copy_tensors(self._staged_tensors(buf, index, layout), tensors, only)
 
     def _unpack(
-        self,
-        buf: torch.Tensor,
-        index: int,
-        tensors: Sequence[torch.Tensor],
-        layout: _SlotLayout,
-        only: Sequence[int] | None = None,
+        self, buf, index: int, tensors, layout: _SlotLayout, only: Sequence[int] | None = None
     ) -> None:
-        staged = self._staged_tensors(buf, index, layout)
-        for j in range(len(tensors)) if only is None else only:
-            tensors[j].copy_(staged[j], non_blocking=True)
+        """Copy staged slot ``index`` (positions ``only``, default all) into a slot's ``tensors``."""
+        _copy_tensors(tensors, self._staged_tensors(buf, index, layout), only)
 
     @staticmethod
     def _position_groups(layout: _SlotLayout, parts: int) -> list[list[int]]:
@@ -699,3 +685,11 @@ class TransferExecutor:
             else:
                 out.append((int(transfer.local_copies[i - k, 0]), int(transfer.local_copies[i - k, 2])))
         return sorted(out)
+
+
+def _copy_tensors(
+    dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], only: Sequence[int] | None
+) -> None:
+    """``dst[j].copy_(src[j])`` for the positions ``only`` (default all): same dtype and shape, a byte copy."""
+    for j in range(len(src)) if only is None else only:
+        dst[j].copy_(src[j], non_blocking=True)

@@ -163,8 +163,8 @@ class TransferExecutor:
             region of the staging buffer, so the positions are independent): the copies of one position
             overlap the launch gaps and tails of another's.  1: every copy in order on the side stream.
         chunk_bytes: split each peer's message of a layer into pieces of about this many bytes (whole slots,
-            at least one) posted as successive ``batch_isend_irecv`` rounds, each right after its own slots are
-            staged: on CUDA the staging copy of round ``i + 1`` runs on the side stream while round ``i`` is on
+            at least one) posted as successive transport rounds (``Transport.post``), each right after its own
+            slots are staged: on CUDA the staging copy of round ``i + 1`` runs on the side stream while round ``i`` is on
             the link, so only the first piece's copy is exposed; and once the vote has passed, the commit
             writes each round's received slots as soon as that round has landed (a stream wait per round),
             so only the last piece's write follows the link.  ``None`` or 0: one message per peer per layer,

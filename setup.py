@@ -15,6 +15,7 @@ setup(
     packages=[
         "megatron_eplb",
         "megatron_eplb.policy",
+        "megatron_eplb.transfer",
         "megatron_eplb.patches",
         "megatron_eplb.patches.megatron",
         "megatron_eplb.patches.megatron.experts",

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from .checkpoint import save_expert_map
 from .config import EPLBConfig
 from .gradients import logical_grad_norm, primary_expert_params
 from .placement import ExpertPlacement
+from .protocols import Transport
 from .stats import balance_summary, load_similarity, moved_slots
 from .transfer import TransferError, TransferExecutor, plan_transfer
 from .worker import PolicyWorker, PolicyWorkerError, broadcast_placement
@@ -179,6 +181,7 @@ class EPLBManager:
         load_group: Any = None,
         policy_fn: Any = None,
         monitor: Any = None,
+        transport_factory: Callable[[Any], Transport] | None = None,
     ) -> None:
         self.handle = handle
         self.config = config or EPLBConfig()
@@ -208,6 +211,7 @@ class EPLBManager:
         self._placement_before_last: ExpertPlacement | None = None  # for the next window's comparison
         self.state: State = Recording()
         self._policy_fn = policy_fn
+        self._transport_factory = transport_factory  # transfer group -> Transport (default: torch P2P)
         # The planning rank starts its worker process now: a cold start (spawn, imports) inside the first
         # awaited plan stalled that step by seconds.
         self._worker: PolicyWorker | None = (
@@ -478,6 +482,9 @@ class EPLBManager:
             vote_group=self.load_group,
             checksums=self.config.eplb_transfer_canary != "off",
             checksum_words=CANARY_SAMPLE_WORDS if self.config.eplb_transfer_canary == "sampled" else None,
+            transport=None
+            if self._transport_factory is None
+            else self._transport_factory(self._transfer_group),
         )
         record.moved_slots = int(moved_slots(old, new).sum())
         queue = list(plan.layers_changed)

@@ -6,10 +6,13 @@ DeepSpeed, plain torch here):
 * :class:`ExpertModel` — the model side: shape facts, the expert-parallel group, per-slot tensors, the
   recorded token counts, and the routing tables the owner of the placement pushes;
 * :class:`OptimizerSlots` — the optimizer tensors that belong to one expert slot (masters, moments);
-* :class:`Transport` — how slot bytes move between EP ranks (torch P2P today).
+* :class:`Transport` — how slot bytes move between EP ranks, one round of sends/receives at a time (torch
+  P2P today: ``megatron_eplb.transfer.transport``); its rounds return a :class:`TransportHandle` and fail
+  with :class:`TransportError`.
 
 Shapes: ``L`` MoE layers, ``E`` logical experts per layer, ``S`` slots per rank, ``P = S * EP`` physical
-slots per layer.  Type-checking only: nothing here imports Megatron or DeepSpeed.
+slots per layer.  Type-checking only (plus the one error type of the transport seam): nothing here
+imports Megatron or DeepSpeed.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from .errors import TransportError
 from .placement import ExpertPlacement
 
-__all__ = ["ExpertModel", "OptimizerSlots", "Transport"]
+__all__ = ["ExpertModel", "OptimizerSlots", "Transport", "TransportError", "TransportHandle"]
 
 
 @runtime_checkable
@@ -96,10 +100,45 @@ class OptimizerSlots(Protocol):
 
 
 @runtime_checkable
-class Transport(Protocol):
-    """Moves byte buffers between the ranks of one process group (the executor never calls P2P itself)."""
+class TransportHandle(Protocol):
+    """One posted round of a :class:`Transport` (returned by :meth:`Transport.post`)."""
 
-    def exchange(self, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]]) -> Any:
-        """Post every ``(peer rank, buffer)`` send and receive at once; return a handle whose ``wait()``
-        returns when all of them completed (raises on failure)."""
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for every message of the round: on the host (CPU tensors, or any ``timeout``), or, for device
+        buffers without ``timeout``, by ordering the *current* CUDA stream after the round (NCCL's
+        ``work.wait()``), so it may be called again from another stream.  ``timeout`` in seconds for the whole
+        round (``None``: the process group's own timeout).
+
+        Raises:
+            TransportError: the round failed (``group_broken`` says whether the group survived); any other
+                exception counts as a broken group.
+        """
+        ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Moves byte buffers between the ranks of one process group; the executor never calls P2P itself.
+
+    A transfer posts a layer as successive rounds (each peer's message cut into pieces, piece ``i`` of every
+    message in round ``i``); the rounds of both ends of a message are posted in the same order, so messages
+    between two ranks match in posting order.  A new transport is one new file implementing this protocol
+    (``megatron_eplb.transfer.transport.TorchP2PTransport`` is the torch.distributed one), passed as
+    ``TransferExecutor(..., transport=...)``.
+    """
+
+    group: Any
+    """The process group (``None``: WORLD) whose ranks ``0..N-1`` are the peers of :meth:`post`."""
+
+    def post(
+        self, sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[int, torch.Tensor]]
+    ) -> TransportHandle:
+        """Post one round: every ``(peer, buffer)`` send and receive (contiguous byte buffers; peers are
+        ranks of :attr:`group`) at once, without waiting; return its handle.  The buffers must stay
+        untouched until the handle's ``wait`` returned (on CUDA: until the waiting stream passed it)."""
+        ...
+
+    def with_group(self, group: Any) -> Transport:
+        """The same transport (same settings) over ``group``, a new group of the same ranks (after a
+        :class:`TransportError` with ``group_broken`` the owner recreates the group and rebinds)."""
         ...

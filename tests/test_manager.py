@@ -112,6 +112,16 @@ def _dp_allreduce(model, dp_group) -> None:
             p.grad /= world
 
 
+def _fault_transport(fault: dict, group):
+    """The transport of an executor built now: while ``fault["on"]``, one that posts no send and fails every
+    round (``FailingTransport(..., fail_after_sends=0)``), else plain torch P2P."""
+    from megatron_eplb.transfer import TorchP2PTransport
+    from megatron_eplb.transfer.testing import FailingTransport
+
+    inner = TorchP2PTransport(group)
+    return FailingTransport(inner, fail_after_sends=0) if fault["on"] else inner
+
+
 def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict, record_dir: str) -> dict:
     from megatron.core import parallel_state
     from megatron_eplb.patches import megatron as eplb_mcore
@@ -126,7 +136,15 @@ def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict,
     opt_pat = torch.optim.Adam(pat.parameters(), lr=1e-2)
     policy_fn = slow_policy if faults.get("slow_policy_once") else None
     metrics = _Metrics()
-    manager = EPLBManager(handle, cfg, opt_pat, policy_fn=policy_fn, monitor=metrics)
+    fault = {"on": False}  # read when an executor is built (a transfer's start), as the old env var was
+    manager = EPLBManager(
+        handle,
+        cfg,
+        opt_pat,
+        policy_fn=policy_fn,
+        monitor=metrics,
+        transport_factory=lambda group: _fault_transport(fault, group),
+    )
     dp_group = parallel_state.get_data_parallel_group()
     gen = torch.Generator().manual_seed(100 + rank)
     eval_tokens = torch.randint(0, V, (2, SEQ), generator=torch.Generator().manual_seed(7))
@@ -157,9 +175,9 @@ def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict,
         if faults.get("kill_worker_at") == step and manager._worker is not None:
             manager._worker._process.kill()
         if faults.get("fail_transfer_at") == step and rank == 1:
-            os.environ["MEGATRON_EPLB_TRANSFER_FAIL_AFTER_SENDS"] = "0"
+            fault["on"] = True
         if faults.get("fail_transfer_at") is not None and step == faults["fail_transfer_at"] + 3:
-            os.environ.pop("MEGATRON_EPLB_TRANSFER_FAIL_AFTER_SENDS", None)
+            fault["on"] = False
         transferring = manager.phase.value == "transferring"
         if transferring:
             pat.eval()

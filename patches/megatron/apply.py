@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eplb.comm import collective_device
-from megatron_eplb.config import EPLBConfig
+from megatron_eplb.config import REPLICA_DISPATCH, EPLBConfig
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
 
 from .compat import EPLBPatchError, check_mcore_version, ensure_compat, param_device
@@ -25,8 +25,6 @@ from .experts import storage_class
 from .handle import MegatronEPLB, check_placement, check_same_placement_everywhere
 
 __all__ = ["REPLICA_DISPATCH", "apply", "find_moe_layers"]
-
-REPLICA_DISPATCH = ("even", "local_first")
 
 
 def find_moe_layers(model: torch.nn.Module | Sequence[torch.nn.Module]) -> list[tuple[str, torch.nn.Module]]:

@@ -18,13 +18,11 @@ import torch
 
 __all__ = ["EPLBPatchError", "SUPPORTED_MCORE_VERSIONS", "ensure_compat", "mcore_version"]
 
+from megatron_eplb.errors import EPLBPatchError
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MCORE_VERSIONS = ((0, 16), (0, 19))  # inclusive range of (major, minor)
-
-
-class EPLBPatchError(ValueError):
-    """The model, its configuration or a placement cannot be used by the Megatron-core patch."""
 
 
 def mcore_version() -> tuple[int, int, int]:

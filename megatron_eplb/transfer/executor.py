@@ -1,28 +1,19 @@
-"""Moving experts between ranks: a transfer plan (pure) and an executor (torch.distributed P2P, async).
+"""The executor: carries out a :class:`~.plan.TransferPlan` on this rank, layer by layer (async, all-or-nothing).
 
-Terms as in :mod:`megatron_eplb.placement`: ``L`` MoE layers, ``N`` ranks, ``P`` physical slots per layer,
-``S = P / N`` slots per rank; slot ``s`` lives on rank ``s // S`` as local slot ``s % S``.
+Seam owned here: *staging, agreement and rollback*.  It talks to a :class:`~megatron_eplb.protocols.Transport`
+for every byte that crosses ranks (default: :class:`~.transport.TorchP2PTransport` over the group) and never
+posts point-to-point operations itself; the votes and the canary's table are small collectives over
+torch.distributed groups.
 
-The plan (:func:`plan_transfer`) is a pure, deterministic function of the old and the new placement, so every
-rank computes the identical plan without communication.  Per layer (vLLM's rules):
-
-* a slot whose expert is unchanged is skipped;
-* a slot whose new expert is already on its rank (in the old placement) is a **local copy**, never a send;
-* every other slot is **received exactly once**, from one holder of the expert in the old placement; the
-  senders are spread over all holders (least sends so far first, ties round-robin in rank order,
-  optionally preferring a holder on the receiver's node).
-
-The number of sends of a layer equals :func:`megatron_eplb.stats.moved_slots` (the churn).
-
-The executor (:class:`TransferExecutor`) runs one layer at a time: ``start_layer`` snapshots the slots the
-layer sends into a staging buffer and posts the sends/receives with ``batch_isend_irecv`` (one message per
-peer, cut into pieces of ``chunk_bytes`` posted round by round, so that staging the next piece overlaps the
-link); ``finish_layer`` waits, lets all ranks vote, and only when every rank received everything writes the
-destination slots: local copies first, slot to slot in an order where no source is overwritten before it is
-read (a cycle of local copies goes through one staged scratch slot, :func:`local_copy_schedule`), then the
-received slots (on CUDA each round as soon as it has landed).  ``run`` posts the next layer before writing the
-previous one (``pipeline``).  A slot may be both a source and a destination in the same layer (swap chains), and a
-failure or timeout leaves every rank's old tensors untouched (:class:`TransferError`).
+``start_layer`` snapshots the slots the layer sends into a staging buffer and posts the sends/receives (one
+message per peer, cut into pieces of ``chunk_bytes`` posted round by round through the transport, so that
+staging the next piece overlaps the link); ``finish_layer`` waits, lets all ranks vote, and only when every
+rank received everything writes the destination slots: local copies first, slot to slot in an order where
+no source is overwritten before it is read (a cycle of local copies goes through one staged scratch slot,
+:func:`~.plan.local_copy_schedule`), then the received slots (on CUDA each round as soon as it has landed).
+``run`` posts the next layer before writing the previous one (``pipeline``).  A slot may be both a source and
+a destination in the same layer (swap chains), and a failure or timeout leaves every rank's old tensors
+untouched (:class:`TransferError`).
 
 Model protocol (vLLM style, kept small): ``slot_tensors(layer, local_slot) -> list[torch.Tensor]`` returns
 every per-slot tensor of that local slot — weights and, in training, the slot's optimizer state (fp32
@@ -33,7 +24,6 @@ list of shapes and dtypes.
 from __future__ import annotations
 
 import datetime
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,422 +31,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .placement import ExpertPlacement
+from ..errors import TransferError, TransportError
+from ..protocols import Transport
+from .checksums import slot_sums
+from .plan import LayerTransfer, TransferPlan, local_copy_schedule, message_rounds
+from .transport import make_transport
 
-__all__ = [
-    "DEFAULT_CHUNK_BYTES",
-    "FAIL_AFTER_SENDS_ENV",
-    "LayerHandle",
-    "LayerTransfer",
-    "TransferError",
-    "TransferExecutor",
-    "TransferPlan",
-    "fold_checksum",
-    "local_copy_schedule",
-    "plan_transfer",
-    "slot_checksum",
-    "slot_nbytes",
-    "slot_sums",
-]
-
-#: Test hook: when set (an integer ``k``), every executor built without ``fail_after_sends`` posts only the
-#: first ``k`` send messages of each layer and then fails that layer.
-FAIL_AFTER_SENDS_ENV = "MEGATRON_EPLB_TRANSFER_FAIL_AFTER_SENDS"
+__all__ = ["DEFAULT_CHUNK_BYTES", "LayerHandle", "TransferError", "TransferExecutor"]
 
 _ALIGN = 64  # byte alignment of every tensor inside a staged slot
 #: Default piece size of a peer's message (``TransferExecutor(chunk_bytes=...)``): large enough that NCCL
 #: send/recv runs near its peak rate, small enough that staging the first piece is a small part of a layer.
 DEFAULT_CHUNK_BYTES = 256 << 20
-_EMPTY_SENDS = np.zeros((0, 4), dtype=np.int64)
-_EMPTY_COPIES = np.zeros((0, 3), dtype=np.int64)
-
-
-class TransferError(RuntimeError):
-    """A layer's transfer failed; no rank wrote anything for that layer (old tensors are intact).
-
-    Attributes:
-        layer: the MoE layer.
-        rank: the rank (in the transfer group) that raised.
-        group_broken: True when a wait timed out or a peer vanished; the transfer process group should then
-            be destroyed and created anew before the next transfer (gloo closes the pair on a timeout).
-    """
-
-    def __init__(self, message: str, *, layer: int, rank: int, group_broken: bool = False) -> None:
-        super().__init__(f"layer {layer} rank {rank}: {message}")
-        self.layer = layer
-        self.rank = rank
-        self.group_broken = group_broken
-
-
-# ----------------------------------------------------------------------------------------------- the plan
-@dataclass(frozen=True)
-class LayerTransfer:
-    """What one layer's transfer does.
-
-    Attributes:
-        layer: MoE layer id.
-        sends: int64 ``[K, 4]`` rows ``(src_rank, src_local_slot, dst_rank, dst_local_slot)``, sorted by
-            destination slot; each destination slot appears at most once.
-        send_experts: int64 ``[K]`` logical expert carried by each send.
-        local_copies: int64 ``[C, 3]`` rows ``(rank, src_local_slot, dst_local_slot)``: the expert is already
-            on ``rank`` (old placement) and is copied into its new slot there.
-    """
-
-    layer: int
-    sends: np.ndarray = field(default_factory=lambda: _EMPTY_SENDS)
-    send_experts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    local_copies: np.ndarray = field(default_factory=lambda: _EMPTY_COPIES)
-
-    @property
-    def num_sends(self) -> int:
-        return int(self.sends.shape[0])
-
-    @property
-    def num_local_copies(self) -> int:
-        return int(self.local_copies.shape[0])
-
-    @property
-    def is_empty(self) -> bool:
-        return self.num_sends == 0 and self.num_local_copies == 0
-
-    def sends_from(self, rank: int) -> np.ndarray:
-        """int64 ``[k, 4]``: the sends ``rank`` makes, in plan order."""
-        return self.sends[self.sends[:, 0] == rank]
-
-    def recvs_to(self, rank: int) -> np.ndarray:
-        """int64 ``[k, 4]``: the sends ``rank`` receives, in plan order."""
-        return self.sends[self.sends[:, 2] == rank]
-
-    def copies_on(self, rank: int) -> np.ndarray:
-        """int64 ``[c, 3]``: the local copies on ``rank``."""
-        return self.local_copies[self.local_copies[:, 0] == rank]
-
-    def for_rank(self, rank: int) -> LayerTransfer:
-        """The part of this layer that involves ``rank`` (its sends, receives and local copies)."""
-        keep = (self.sends[:, 0] == rank) | (self.sends[:, 2] == rank)
-        return LayerTransfer(self.layer, self.sends[keep], self.send_experts[keep], self.copies_on(rank))
-
-
-@dataclass(frozen=True)
-class TransferPlan:
-    """Per-layer transfers from an old to a new placement (see :func:`plan_transfer`).
-
-    Attributes:
-        num_ranks, slots_per_rank: ``N`` and ``S`` of both placements.
-        transfers: one :class:`LayerTransfer` per layer of the placements (``L`` entries; layers that were
-            not planned or did not change are empty).
-        rank: ``None`` for the full plan, else the rank this view was restricted to (:meth:`for_rank`).
-    """
-
-    num_ranks: int
-    slots_per_rank: int
-    transfers: tuple[LayerTransfer, ...]
-    rank: int | None = None
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.transfers)
-
-    def layer(self, layer: int) -> LayerTransfer:
-        return self.transfers[layer]
-
-    @property
-    def layers_changed(self) -> tuple[int, ...]:
-        """Layers with at least one send or local copy (those whose weights must be touched)."""
-        return tuple(t.layer for t in self.transfers if not t.is_empty)
-
-    def moved_slots(self) -> np.ndarray:
-        """int64 ``[L]``: sends per layer (equals ``stats.moved_slots`` for a full plan of all layers)."""
-        return np.array([t.num_sends for t in self.transfers], dtype=np.int64)
-
-    def local_copy_count(self) -> np.ndarray:
-        """int64 ``[L]``: local copies per layer."""
-        return np.array([t.num_local_copies for t in self.transfers], dtype=np.int64)
-
-    def sends_per_rank(self) -> np.ndarray:
-        """int64 ``[L, N]``: how many slots each rank sends in each layer."""
-        out = np.zeros((self.num_layers, self.num_ranks), dtype=np.int64)
-        for t in self.transfers:
-            np.add.at(out[t.layer], t.sends[:, 0], 1)
-        return out
-
-    def recvs_per_rank(self) -> np.ndarray:
-        """int64 ``[L, N]``: how many slots each rank receives in each layer."""
-        out = np.zeros((self.num_layers, self.num_ranks), dtype=np.int64)
-        for t in self.transfers:
-            np.add.at(out[t.layer], t.sends[:, 2], 1)
-        return out
-
-    def bytes(self, bytes_per_slot: int) -> int:
-        """Bytes sent over the network: moved slots x ``bytes_per_slot`` (all of a slot's tensors)."""
-        return int(self.moved_slots().sum()) * int(bytes_per_slot)
-
-    def staging_slots(self, rank: int) -> np.ndarray:
-        """int64 ``[L]``: slots ``rank`` stages per layer (its sends + receives + the scratch slots that break
-        cycles of local copies, :func:`local_copy_schedule`).
-
-        Times the bytes of one slot (:func:`slot_nbytes`), the maximum is the staging buffer of a
-        one-layer-at-a-time transfer.
-        """
-        return np.array(
-            [
-                len(t.sends_from(rank)) + len(t.recvs_to(rank)) + local_copy_schedule(t.copies_on(rank))[1]
-                for t in self.transfers
-            ],
-            dtype=np.int64,
-        )
-
-    def for_rank(self, rank: int) -> TransferPlan:
-        """The sends, receives and local copies that involve ``rank``."""
-        if not 0 <= rank < self.num_ranks:
-            raise ValueError(f"rank {rank} is out of range [0, {self.num_ranks})")
-        return TransferPlan(
-            self.num_ranks, self.slots_per_rank, tuple(t.for_rank(rank) for t in self.transfers), rank
-        )
-
-
-def plan_transfer(
-    old: ExpertPlacement,
-    new: ExpertPlacement,
-    layers: Iterable[int] | None = None,
-    *,
-    ranks_per_node: int | None = None,
-) -> TransferPlan:
-    """Plan the switch from ``old`` to ``new`` placement (pure and deterministic: equal on every rank).
-
-    Args:
-        old, new: placements with the same ``[L, P]`` shape and ``N``.
-        layers: the layers to plan (default all); others get an empty :class:`LayerTransfer`.
-        ranks_per_node: when given, a receiver prefers holders on its own node (``rank // ranks_per_node``).
-    Returns:
-        :class:`TransferPlan` with one :class:`LayerTransfer` per layer.
-    """
-    if old.phy2log.shape != new.phy2log.shape or old.num_ranks != new.num_ranks:
-        raise ValueError(
-            f"placements differ in shape: {old.phy2log.shape} on {old.num_ranks} ranks vs "
-            f"{new.phy2log.shape} on {new.num_ranks} ranks"
-        )
-    if ranks_per_node is not None and ranks_per_node < 1:
-        raise ValueError(f"ranks_per_node must be >= 1, got {ranks_per_node}")
-    num_layers = old.num_layers
-    wanted = set(range(num_layers)) if layers is None else {int(x) for x in layers}
-    bad = [x for x in wanted if not 0 <= x < num_layers]
-    if bad:
-        raise ValueError(f"layers {sorted(bad)} are out of range [0, {num_layers})")
-    num_experts = max(old.num_experts, new.num_experts)
-    transfers = tuple(
-        _plan_layer(layer, old.phy2log[layer], new.phy2log[layer], old.num_ranks, num_experts, ranks_per_node)
-        if layer in wanted
-        else LayerTransfer(layer)
-        for layer in range(num_layers)
-    )
-    return TransferPlan(old.num_ranks, old.slots_per_rank, transfers)
-
-
-def _plan_layer(
-    layer: int,
-    old_row: np.ndarray,
-    new_row: np.ndarray,
-    num_ranks: int,
-    num_experts: int,
-    ranks_per_node: int | None,
-) -> LayerTransfer:
-    """One layer of :func:`plan_transfer`. ``old_row``, ``new_row``: int64 ``[P]``."""
-    num_slots = old_row.shape[0]
-    spr = num_slots // num_ranks
-    rank_of = np.arange(num_slots) // spr
-    local_of = np.arange(num_slots) % spr
-    # first_slot[r, e]: lowest local slot of rank r holding expert e in the old placement (spr = none).
-    first_slot = np.full((num_ranks, num_experts), spr, dtype=np.int64)
-    held = old_row >= 0
-    np.minimum.at(first_slot, (rank_of[held], old_row[held]), local_of[held])
-    changed = (new_row >= 0) & (new_row != old_row)
-    dst = np.nonzero(changed)[0]
-    expert = new_row[dst]
-    src_local = first_slot[rank_of[dst], expert]
-    is_local = src_local < spr
-    copies = np.stack([rank_of[dst[is_local]], src_local[is_local], local_of[dst[is_local]]], axis=1)
-
-    remote = dst[~is_local]
-    remote_expert = expert[~is_local]
-    sends = np.zeros((len(remote), 4), dtype=np.int64)
-    send_count = np.zeros(num_ranks, dtype=np.int64)
-    last_used = np.full(num_experts, -1, dtype=np.int64)
-    for i, (slot, e) in enumerate(zip(remote.tolist(), remote_expert.tolist())):
-        holders = np.nonzero(first_slot[:, e] < spr)[0]
-        if len(holders) == 0:
-            raise ValueError(f"layer {layer}: expert {e} is needed in slot {slot} but no rank holds it")
-        dst_rank = slot // spr
-        # Least sends so far; then (optionally) same node; then round-robin after the last holder used.
-        rotation = (holders - last_used[e] - 1) % num_ranks
-        keys = [send_count[holders], rotation]
-        if ranks_per_node is not None:
-            keys.insert(1, (holders // ranks_per_node != dst_rank // ranks_per_node).astype(np.int64))
-        src = int(holders[np.lexsort(keys[::-1])[0]])
-        send_count[src] += 1
-        last_used[e] = src
-        sends[i] = (src, first_slot[src, e], dst_rank, slot % spr)
-    return LayerTransfer(
-        layer,
-        sends.reshape(-1, 4),
-        remote_expert.astype(np.int64),
-        copies.astype(np.int64).reshape(-1, 3),
-    )
-
-
-def local_copy_schedule(copies: np.ndarray) -> tuple[list[tuple[str, int, int]], int]:
-    """Order one rank's local copies so that every slot is read before it is overwritten (pure).
-
-    A copy whose destination no pending copy still reads runs first; when only cycles are left (a
-    permutation of slots), one slot of the cycle is staged into a scratch slot and its readers read the
-    scratch instead.  So a permutation of ``n`` slots costs ``n`` slot copies plus one per cycle, and the
-    staging is one scratch slot (reused from cycle to cycle) instead of a snapshot of every source.
-
-    Args:
-        copies: int64 ``[C, 3]`` rows ``(rank, src_local_slot, dst_local_slot)`` of one rank (each
-            destination once), e.g. ``LayerTransfer.copies_on(rank)``.
-    Returns:
-        ``(ops, num_scratch)``: ops in execution order, each ``("copy", src, dst)`` (slot to slot),
-        ``("stage", scratch, src)`` (slot into scratch slot ``scratch``) or ``("unstage", scratch, dst)``
-        (scratch slot into ``dst``); ``num_scratch`` scratch slots are needed.
-    """
-    pending = [
-        (int(src), int(dst)) for _, src, dst in np.asarray(copies).reshape(-1, 3).tolist() if src != dst
-    ]
-    readers: dict[int, int] = {}
-    for src, _ in pending:
-        readers[src] = readers.get(src, 0) + 1
-    ops: list[tuple[str, int, int]] = []
-    scratch_of: dict[int, int] = {}  # slot -> scratch holding its old contents
-    scratch_readers: dict[int, int] = {}  # scratch -> pending copies reading it
-    num_scratch = 0
-    while pending:
-        ready = [c for c in pending if readers.get(c[1], 0) == 0]
-        if not ready:  # only cycles left: stage the destination of the first pending copy
-            victim = pending[0][1]
-            free = [k for k in range(num_scratch) if scratch_readers.get(k, 0) == 0]
-            scratch = free[0] if free else num_scratch
-            num_scratch = max(num_scratch, scratch + 1)
-            ops.append(("stage", scratch, victim))
-            scratch_of[victim] = scratch
-            scratch_readers[scratch] = readers.pop(victim)
-            continue
-        done = set()
-        for src, dst in ready:
-            if src in scratch_of:
-                scratch = scratch_of[src]
-                ops.append(("unstage", scratch, dst))
-                scratch_readers[scratch] -= 1
-            else:
-                ops.append(("copy", src, dst))
-                readers[src] -= 1
-            done.add(dst)
-        pending = [c for c in pending if c[1] not in done]
-    return ops, num_scratch
-
-
-# ---------------------------------------------------------------------------------------------- checksum
-_MOD = (1 << 61) - 1
-_WEIGHT_PERIOD = 65521
-_PASS_WORDS = 1 << 25  # 16-bit words summed per device pass (int16 input + int32 product: 192 MiB at most)
-_WEIGHTS: dict = {}
-
-
-def _bytes_of(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D uint8 view (or copy, if not contiguous) of ``t``'s bytes."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def slot_nbytes(tensors: Sequence[torch.Tensor]) -> int:
-    """Bytes of one slot's tensors (what one moved slot sends; see :meth:`TransferPlan.bytes`)."""
-    return int(sum(t.numel() * t.element_size() for t in tensors))
-
-
-def _words(t: torch.Tensor, max_words: int | None) -> torch.Tensor:
-    """The 16-bit words of ``t`` (bytes if their count is odd), strided down to at most ``max_words``."""
-    raw = _bytes_of(t)
-    words = raw.view(torch.int16) if raw.numel() % 2 == 0 else raw
-    if max_words is not None and words.numel() > max_words:
-        words = words[:: -(-words.numel() // max_words)]
-    return words
-
-
-def _checksum_weights(device: torch.device, n: int) -> torch.Tensor:
-    """int32 ``[>= n]``: ``j % 65521 + 1``, cached per device."""
-    key = str(device)
-    w = _WEIGHTS.get(key)
-    if w is None or w.numel() < n:
-        size = max(n, min(2 * (0 if w is None else w.numel()), _PASS_WORDS + _WEIGHT_PERIOD))
-        w = (torch.arange(size, device=device, dtype=torch.int64) % _WEIGHT_PERIOD + 1).to(torch.int32)
-        _WEIGHTS[key] = w
-    return w
-
-
-def slot_sums(slots: Sequence[Sequence[torch.Tensor]], max_words: int | None = None) -> torch.Tensor:
-    """The exact word sums behind :func:`slot_checksum`, for many slots at once, left on their device.
-
-    Every slot must hold the same list of shapes and dtypes (as the slots of one layer do).  For tensor ``j``
-    of slot ``n`` with 16-bit words ``x_i`` (bytes if their count is odd; with ``max_words`` an evenly
-    strided sample of at most that many, the same on every rank):
-    ``out[n, j] = (sum(x_i * (i % 65521 + 1)), sum(x_i))``.  Both are exact in int64 for tensors of up to
-    ``2**32`` words (``|x_i * w_i| < 2**31``), so they do not depend on the device or on reduction order.
-
-    One batched device pass per tensor position (more only for very large tensors, ``_PASS_WORDS`` words
-    per pass): a handful of kernels for all slots together and no host synchronisation.
-    Returns int64 ``[len(slots), T, 2]`` on the slots' device (CPU for no slots).
-    """
-    if not slots:
-        return torch.zeros(0, 0, 2, dtype=torch.int64)
-    per_tensor = []
-    for j in range(len(slots[0])):
-        words = [_words(slot[j], max_words) for slot in slots]
-        m = words[0].numel()
-        device = words[0].device
-        if m == 0:
-            per_tensor.append(torch.zeros(len(slots), 2, dtype=torch.int64, device=device))
-            continue
-        step = max(1, min(m, _PASS_WORDS))  # columns per pass
-        rows = max(1, _PASS_WORDS // step)  # slots per pass
-        parts = []
-        for r0 in range(0, len(words), rows):
-            acc = None
-            for c0 in range(0, m, step):
-                x = torch.stack([w[c0 : c0 + step] for w in words[r0 : r0 + rows]])  # [rows, cols]
-                offset = c0 % _WEIGHT_PERIOD
-                w = _checksum_weights(device, offset + x.shape[1])[offset : offset + x.shape[1]]
-                s = torch.stack([(x * w).sum(1, dtype=torch.int64), x.sum(1, dtype=torch.int64)], dim=1)
-                acc = s if acc is None else acc + s
-            parts.append(acc)
-        per_tensor.append(parts[0] if len(parts) == 1 else torch.cat(parts))
-    return torch.stack(per_tensor, dim=1)
-
-
-def fold_checksum(sums: torch.Tensor | np.ndarray, nbytes: Sequence[int]) -> int:
-    """Fold one slot's ``[T, 2]`` word sums (:func:`slot_sums`, on the host) with its tensors' byte counts
-    into one hash in ``[0, 2**61 - 1)`` (exact integer arithmetic)."""
-    h = 0
-    for index, ((s1, s2), n) in enumerate(zip(np.asarray(sums).reshape(-1, 2).tolist(), nbytes)):
-        h = (h * 1_000_003 + index * 7919 + int(n)) % _MOD
-        h = (h * 1_000_003 + s1 * 31 + s2) % _MOD
-    return h
-
-
-def slot_checksum(tensors: Sequence[torch.Tensor], max_words: int | None = None) -> torch.Tensor:
-    """A bit-level hash of a slot's tensors (order and every byte count and byte).
-
-    With ``max_words``, each tensor is hashed on an evenly strided sample of at most that many 16-bit words
-    (the same sample on every rank): a cheap canary that still catches a wrong, missing or garbled slot.
-
-    Exact integer arithmetic, so the value does not depend on the device or on reduction order: the
-    receiver's checksum equals the sender's iff the bytes are equal (up to hash collisions).  Per tensor the
-    word sums of :func:`slot_sums` (one device pass, one host transfer for the slot), folded by
-    :func:`fold_checksum`.  Many slots: :func:`slot_sums` on all of them at once (what the executor does).
-    Returns an int64 scalar tensor on the CPU (in ``[0, 2**61 - 1)``).
-    """
-    sums = slot_sums([list(tensors)], max_words)[0].cpu()
-    return torch.tensor(
-        fold_checksum(sums, [t.numel() * t.element_size() for t in tensors]), dtype=torch.int64
-    )
 
 
 # ---------------------------------------------------------------------------------------------- executor
@@ -515,15 +101,13 @@ class LayerHandle:
     started_at: float = 0.0
     _layout: _SlotLayout | None = None
     _buffer: torch.Tensor | None = None
-    _works: list = field(default_factory=list)
-    _rounds: list = field(default_factory=list)  # (works of a batch_isend_irecv round, its receive indices)
+    _rounds: list = field(default_factory=list)  # (TransportHandle of a posted round, its receive indices)
     _send_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # into sends
     _recv_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     _recv_base: int = 0  # first staged slot index of the receives
     _copy_src: dict = field(default_factory=dict)  # src_local_slot -> staged slot index (staged copies)
     _copy_ops: list | None = None  # local_copy_schedule ops (direct local copies)
     _scratch_base: int = 0  # first staged slot index of the scratch slots (direct local copies)
-    _injected: bool = False
     # (local copy source -> row of sums, sender-side slot_sums of my sends then my copy sources) when enabled
     _checksums: tuple | None = None
 
@@ -549,8 +133,10 @@ class TransferExecutor:
             every rank that transfers (all EP groups), so every data-parallel copy commits the same layers.
         checksums: keep the sender-side checksums so that :meth:`verify_layer` can run after the commit.
         checksum_words: hash a strided sample of at most this many 16-bit words per tensor (None: every byte).
-        fail_after_sends: test hook: post only the first ``k`` send messages of every layer, then fail the
-            layer (default: the env var ``MEGATRON_EPLB_TRANSFER_FAIL_AFTER_SENDS``, else off).
+        transport: how the slots' bytes travel (:class:`~megatron_eplb.protocols.Transport`, one round of
+            sends/receives per ``post``); default :func:`~.transport.make_transport` over ``group`` (torch
+            P2P).  Its ``group`` must be ``group``; assigning :attr:`group` later rebinds it
+            (``transport.with_group``).  Tests pass a failing double (``megatron_eplb.transfer.testing``).
         use_side_stream: on CUDA, stage and write on a side stream (the caller's stream waits on it at the
             end of ``finish_layer``).
         direct_local_copies: copy local slots slot to slot at commit time (:func:`local_copy_schedule`: half
@@ -561,8 +147,8 @@ class TransferExecutor:
             region of the staging buffer, so the positions are independent): the copies of one position
             overlap the launch gaps and tails of another's.  1: every copy in order on the side stream.
         chunk_bytes: split each peer's message of a layer into pieces of about this many bytes (whole slots,
-            at least one) posted as successive ``batch_isend_irecv`` rounds, each right after its own slots are
-            staged: on CUDA the staging copy of round ``i + 1`` runs on the side stream while round ``i`` is on
+            at least one) posted as successive transport rounds (``Transport.post``), each right after its own
+            slots are staged: on CUDA the staging copy of round ``i + 1`` runs on the side stream while round ``i`` is on
             the link, so only the first piece's copy is exposed; and once the vote has passed, the commit
             writes each round's received slots as soon as that round has landed (a stream wait per round),
             so only the last piece's write follows the link.  ``None`` or 0: one message per peer per layer,
@@ -585,7 +171,7 @@ class TransferExecutor:
         vote_group=None,
         checksums: bool = False,
         checksum_words: int | None = None,
-        fail_after_sends: int | None = None,
+        transport: Transport | None = None,
         use_side_stream: bool = True,
         direct_local_copies: bool = True,
         copy_streams: int = 2,
@@ -600,25 +186,24 @@ class TransferExecutor:
         self._dist = dist
         self.plan = plan
         self.slot_tensors = slot_tensors
-        self.group = group
         self.rank = dist.get_rank(group)
         world = dist.get_world_size(group)
         if world != plan.num_ranks:
             raise ValueError(f"the plan is for {plan.num_ranks} ranks but the process group has {world}")
-        if group is None or group is dist.group.WORLD:
-            self._global = list(range(world))
-        else:
-            self._global = [dist.get_global_rank(group, r) for r in range(world)]
+        if transport is None:
+            transport = make_transport(group)
+        elif not self._same_group(transport.group, group):
+            raise ValueError("transport.group is not the executor's group (build the transport over it)")
+        self._group = group
+        self.transport: Transport = transport
         self.vote = vote
         self.vote_group = group if vote_group is None else vote_group
+        self._vote_follows_group = vote_group is None
         # A vote among one rank decides nothing: skip its all-reduce and host sync.
         self._vote_size = dist.get_world_size(self.vote_group)
         self.direct_local_copies = direct_local_copies
         self.checksums = checksums
         self.checksum_words = checksum_words
-        if fail_after_sends is None and os.environ.get(FAIL_AFTER_SENDS_ENV, "").strip():
-            fail_after_sends = int(os.environ[FAIL_AFTER_SENDS_ENV])
-        self.fail_after_sends = fail_after_sends
         backend = str(dist.get_backend(group)).lower()
         self._collective_device = (
             torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
@@ -644,6 +229,23 @@ class TransferExecutor:
         self._pool: list[torch.Tensor] = []
         self._in_flight_bytes = 0
         self.peak_staging_bytes = 0
+
+    @property
+    def group(self):
+        """The transfer process group; assigning a new one (same ranks, e.g. after a ``group_broken``
+        failure) rebinds the transport to it (and the vote, when ``vote_group`` was not given)."""
+        return self._group
+
+    @group.setter
+    def group(self, group) -> None:
+        self._group = group
+        self.transport = self.transport.with_group(group)
+        if self._vote_follows_group:
+            self.vote_group = group
+
+    def _same_group(self, a, b) -> bool:
+        world = self._dist.group.WORLD
+        return (world if a is None else a) is (world if b is None else b)
 
     # ------------------------------------------------------------------ memory
     @property
@@ -710,29 +312,15 @@ class TransferExecutor:
     def _slot_view(buf: torch.Tensor, index: int, layout: _SlotLayout) -> torch.Tensor:
         return buf[index * layout.slot_nbytes : (index + 1) * layout.slot_nbytes]
 
-    def _pack(
-        self,
-        buf: torch.Tensor,
-        index: int,
-        tensors: Sequence[torch.Tensor],
-        layout: _SlotLayout,
-        only: Sequence[int] | None = None,
-    ) -> None:
-        staged = self._staged_tensors(buf, index, layout)
-        for j in range(len(tensors)) if only is None else only:
-            staged[j].copy_(tensors[j], non_blocking=True)  # same dtype and shape: a plain byte copy
+    def _pack(self, buf, index: int, tensors, layout: _SlotLayout, only: Sequence[int] | None = None) -> None:
+        """Copy a slot's ``tensors`` (positions ``only``, default all) into staged slot ``index``."""
+        _copy_tensors(self._staged_tensors(buf, index, layout), tensors, only)
 
     def _unpack(
-        self,
-        buf: torch.Tensor,
-        index: int,
-        tensors: Sequence[torch.Tensor],
-        layout: _SlotLayout,
-        only: Sequence[int] | None = None,
+        self, buf, index: int, tensors, layout: _SlotLayout, only: Sequence[int] | None = None
     ) -> None:
-        staged = self._staged_tensors(buf, index, layout)
-        for j in range(len(tensors)) if only is None else only:
-            tensors[j].copy_(staged[j], non_blocking=True)
+        """Copy staged slot ``index`` (positions ``only``, default all) into a slot's ``tensors``."""
+        _copy_tensors(tensors, self._staged_tensors(buf, index, layout), only)
 
     @staticmethod
     def _position_groups(layout: _SlotLayout, parts: int) -> list[list[int]]:
@@ -763,7 +351,6 @@ class TransferExecutor:
 
     def start_layer(self, layer: int) -> LayerHandle:
         """Snapshot this rank's source slots of ``layer`` and post its sends/receives. Returns a handle."""
-        dist = self._dist
         transfer = self.plan.layer(layer)
         handle = LayerHandle(layer, transfer, started_at=time.monotonic())
         if transfer.is_empty:
@@ -792,8 +379,8 @@ class TransferExecutor:
         # Rounds of pieces (the same on every rank: a pure function of the plan and the slot size). Round i
         # holds piece i of every peer's message, in peer order, sends then receives.
         piece = None if self.chunk_bytes is None else max(1, self.chunk_bytes // layout.slot_nbytes)
-        send_rounds = _rounds(_runs(sends[send_rows, 2]), piece)
-        recv_rounds = _rounds(_runs(sends[recv_rows, 0]), piece)
+        send_rounds = message_rounds(sends[send_rows, 2], piece)
+        recv_rounds = message_rounds(sends[recv_rows, 0], piece)
         # Resolve (and check) every source first, so a bad slot fails before anything is posted.
         sources = [self._tensors(layer, int(sends[row, 1]), layout) for row in send_rows.tolist()]
         copy_sources = [self._tensors(layer, src, layout) for src in copy_srcs]
@@ -805,8 +392,6 @@ class TransferExecutor:
             handle._buffer = buf
             handle.staging_bytes = buf.numel()
             nb, base = layout.slot_nbytes, handle._recv_base
-            sent = 0
-            works: list = []
             with torch.no_grad():
                 for i in range(max(len(send_rounds), len(recv_rounds))):
                     round_sends = send_rounds[i] if i < len(send_rounds) else []
@@ -816,28 +401,21 @@ class TransferExecutor:
                     for _, first, count in round_sends:
                         for k in range(first, first + count):
                             self._pack(buf, k, sources[k], layout)
-                    ops = []
-                    for peer, first, count in round_sends:
-                        if self.fail_after_sends is not None and sent >= self.fail_after_sends:
-                            break
-                        region = buf[first * nb : (first + count) * nb]
-                        ops.append(dist.P2POp(dist.isend, region, self._global[peer], self.group))
-                        sent += 1
-                    for peer, first, count in round_recvs:
-                        region = buf[(base + first) * nb : (base + first + count) * nb]
-                        ops.append(dist.P2POp(dist.irecv, region, self._global[peer], self.group))
-                    if ops:
-                        posted = dist.batch_isend_irecv(ops)
-                        works.extend(posted)
+                    out = [
+                        (peer, buf[first * nb : (first + count) * nb]) for peer, first, count in round_sends
+                    ]
+                    into = [
+                        (peer, buf[(base + first) * nb : (base + first + count) * nb])
+                        for peer, first, count in round_recvs
+                    ]
+                    if out or into:
+                        posted = self.transport.post(out, into)
                         recvs = [k for _, first, count in round_recvs for k in range(first, first + count)]
                         handle._rounds.append((posted, recvs))
                 first_copy = len(send_rows)
                 for j, src in enumerate(copy_srcs):
                     self._pack(buf, first_copy + j, copy_sources[j], layout)
                     handle._copy_src[src] = first_copy + j
-            if self.fail_after_sends is not None:
-                handle._injected = True
-            handle._works = works
         return handle
 
     def finish_layer(self, handle: LayerHandle, timeout: float | None = None) -> int:
@@ -848,8 +426,9 @@ class TransferExecutor:
             timeout: seconds to wait for this rank's receives (and again for the vote); ``None`` waits as
                 long as the process group's own timeout.
         Raises:
-            TransferError: a receive failed or timed out on any rank, or the failure hook fired; nothing of
-                this layer was written on any rank.
+            TransferError: a receive failed or timed out on any rank, or the transport refused a round
+                (:class:`~megatron_eplb.protocols.TransportError`); nothing of this layer was written on any
+                rank.
         """
         if handle.finished:
             raise ValueError(f"layer {handle.layer} was already finished")
@@ -871,16 +450,15 @@ class TransferExecutor:
             # On CUDA the side stream is not made to wait here: the commit waits round by round, so each round
             # is written as soon as it has landed.  This stream only absorbs the waits (gloo waits on the host).
             with self._wait_ctx():
-                for work in handle._works:
-                    if deadline is None:
-                        work.wait()
-                    else:
-                        left = max(deadline - time.monotonic(), 0.001)
-                        work.wait(datetime.timedelta(seconds=left))
-        except Exception as exc:  # gloo/NCCL raise RuntimeError on timeouts and dead peers
-            problem, broken = f"receive failed: {exc}", True
-        if problem is None and handle._injected:
-            problem = f"injected failure after {self.fail_after_sends} send message(s) (test hook)"
+                for posted, _ in handle._rounds:
+                    try:
+                        posted.wait(None if deadline is None else max(deadline - time.monotonic(), 0.001))
+                    except TransportError as exc:
+                        if exc.group_broken:
+                            raise
+                        problem = problem or str(exc)  # clean: wait for the other rounds, keep the buffer
+        except Exception as exc:  # a timeout or a dead peer (any error but a clean TransportError)
+            problem, broken = str(exc) if isinstance(exc, TransportError) else f"receive failed: {exc}", True
         agreed = problem is None
         if self.vote and self._vote_size > 1:
             try:
@@ -905,7 +483,7 @@ class TransferExecutor:
                 problem = "another rank failed to receive its part of this layer"
         if not agreed:
             self._release(handle, reuse=not broken)
-            handle._works, handle._rounds = [], []
+            handle._rounds = []
             raise TransferError(
                 f"{problem}; no slot of this layer was written", layer=layer, rank=me, group_broken=broken
             )
@@ -963,9 +541,9 @@ class TransferExecutor:
                     self._unpack(buf, index, tensors, layout, only)
                 # Then the received slots, round by round: on CUDA this stream waits for one round at a time,
                 # so the writes of a round overlap the later rounds on the link (the vote already passed).
-                for works, recvs in handle._rounds:
-                    for work in works if per_round else ():
-                        work.wait()
+                for posted, recvs in handle._rounds:
+                    if per_round:
+                        posted.wait()
                     for i in recvs:
                         self._unpack(buf, handle._recv_base + i, received[i], layout, only)
 
@@ -981,12 +559,12 @@ class TransferExecutor:
             else:  # in order (without CUDA streams: position group after position group, equivalent)
                 for only in groups:
                     write(only)
-            for work in handle._works if per_round else ():  # all rounds done before the buffer is reused
-                work.wait()
+            for posted, _ in handle._rounds if per_round else ():  # all rounds done before the buffer's reuse
+                posted.wait()
         if self._stream is not None:
             torch.cuda.current_stream().wait_stream(self._stream)
         self._release(handle, reuse=True)
-        handle._works, handle._rounds = [], []
+        handle._rounds = []
         return len(handle._recv_rows) + len(copies)
 
     def run(self, layers: Iterable[int] | None = None, timeout: float | None = None) -> int:
@@ -1093,26 +671,9 @@ class TransferExecutor:
         return sorted(out)
 
 
-def _runs(keys: np.ndarray) -> list[tuple[int, int, int]]:
-    """Runs of equal values in a sorted 1-D array: ``[(value, first_index, count), ...]``."""
-    out = []
-    start = 0
-    values = keys.tolist()
-    for i in range(1, len(values) + 1):
-        if i == len(values) or values[i] != values[start]:
-            out.append((int(values[start]), start, i - start))
-            start = i
-    return out
-
-
-def _rounds(runs: list[tuple[int, int, int]], piece: int | None) -> list[list[tuple[int, int, int]]]:
-    """Split each run ``(peer, first, count)`` into pieces of at most ``piece`` items (``None``: whole runs);
-    round ``i`` lists piece ``i`` of every run that has one, in run order."""
-    rounds: list[list[tuple[int, int, int]]] = []
-    for peer, first, count in runs:
-        step = count if piece is None else piece
-        for i, start in enumerate(range(first, first + count, step)):
-            if i == len(rounds):
-                rounds.append([])
-            rounds[i].append((peer, start, min(step, first + count - start)))
-    return rounds
+def _copy_tensors(
+    dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], only: Sequence[int] | None
+) -> None:
+    """``dst[j].copy_(src[j])`` for the positions ``only`` (default all): same dtype and shape, a byte copy."""
+    for j in range(len(src)) if only is None else only:
+        dst[j].copy_(src[j], non_blocking=True)

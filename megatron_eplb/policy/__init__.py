@@ -158,19 +158,11 @@ def rebalance_with_info(
     return placement, info
 
 
-def rebalance(
-    load,
-    num_slots: int,
-    num_ranks: int,
-    *,
-    num_nodes: int = 1,
-    num_groups: int = 1,
-    previous: ExpertPlacement | None = None,
-    policy: str = "auto",
-    exclude_ranks: Iterable[int] = (),
-    **options,
-) -> ExpertPlacement:
+def rebalance(load, num_slots: int, num_ranks: int, **kwargs) -> ExpertPlacement:
     """Plan a placement of ``E`` logical experts into ``num_slots`` physical slots per layer.
+
+    Keyword arguments as :func:`rebalance_with_info` (defaults: ``num_nodes=1, num_groups=1,
+    previous=None, policy="auto", exclude_ranks=()``).
 
     Args:
         load: float ``[L, E]`` tokens routed to each logical expert (numpy or torch); finite, >= 0.
@@ -191,18 +183,7 @@ def rebalance(
     Raises:
         PolicyError: bad arguments (the message says which and what to do).
     """
-    placement, _ = rebalance_with_info(
-        load,
-        num_slots,
-        num_ranks,
-        num_nodes=num_nodes,
-        num_groups=num_groups,
-        previous=previous,
-        policy=policy,
-        exclude_ranks=exclude_ranks,
-        **options,
-    )
-    return placement
+    return rebalance_with_info(load, num_slots, num_ranks, **kwargs)[0]
 
 
 def placement_diagnostics(

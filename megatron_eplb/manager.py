@@ -50,7 +50,7 @@ from .checkpoint import save_expert_map
 from .config import EPLBConfig
 from .gradients import logical_grad_norm, primary_expert_params
 from .placement import ExpertPlacement
-from .protocols import Transport
+from .protocols import ExpertModel, OptimizerSlots, Transport
 from .stats import balance_summary, load_similarity, moved_slots
 from .transfer import TransferError, TransferExecutor, plan_transfer
 from .worker import PolicyWorker, PolicyWorkerError, broadcast_placement
@@ -169,15 +169,31 @@ class OptimizerSlotState:
 
 
 class EPLBManager:
-    """Runs the EPLB pipeline for one model handle. One instance per process; all ranks call it in step."""
+    """Runs the EPLB pipeline for one model handle. One instance per process; all ranks call it in step.
+
+    The manager owns the placement: it decides every new one and is the only caller of the handle's
+    ``commit_layer`` (the handle routes with what it was last told).
+
+    Args:
+        handle: the model side (:class:`~megatron_eplb.protocols.ExpertModel`, from ``patches.megatron.apply``).
+        config: the :class:`EPLBConfig` (default: all defaults).
+        optimizer: a plain torch optimizer whose per-slot state moves with the weights.
+        optimizer_state: the per-slot optimizer storage instead (:class:`~megatron_eplb.protocols.OptimizerSlots`;
+            DeepSpeed's comes from ``patches.deepspeed``).
+        load_group: every rank that routes tokens (EP x expert-DP); None: the world.
+        policy_fn: a picklable placement policy for the worker (default ``policy.rebalance``).
+        monitor: a :class:`~megatron_eplb.monitor.Monitor` (rank 0) for metrics and rebalance records.
+        transport_factory: transfer group -> :class:`~megatron_eplb.protocols.Transport` for slot moves
+            (default: torch P2P); fault tests pass ``transfer.testing.FailingTransport``.
+    """
 
     def __init__(
         self,
-        handle: Any,
+        handle: ExpertModel,
         config: EPLBConfig | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        optimizer_state: Any = None,
+        optimizer_state: OptimizerSlots | None = None,
         load_group: Any = None,
         policy_fn: Any = None,
         monitor: Any = None,

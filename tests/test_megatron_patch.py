@@ -550,29 +550,6 @@ def test_seam_registries():
     assert SequentialMLPStorage.key_prefix == "local_experts."
 
 
-def test_route_to_slots_even_split():
-    from megatron_eplb.patches.megatron import route_to_slots
-
-    placement = ExpertPlacement(np.array([[0, 1, 2, 0, 3, 0]]), 3, 4)
-    routing_map = torch.zeros(7, 4, dtype=torch.bool)
-    routing_map[:, 0] = True
-    routing_map[::2, 2] = True
-    probs = torch.rand(7, 4) * routing_map
-    log2phy = torch.tensor(placement.log2phy[0])
-    count = torch.tensor(placement.replica_count[0])
-    phys_probs, phys_map = route_to_slots(probs, routing_map, log2phy, count, 6)
-    assert phys_map.shape == (7, 6)
-    assert phys_map[:, [0, 3, 5]].sum(0).tolist() == [3, 2, 2]  # 7 pairs of expert 0 over 3 copies
-    assert phys_map[:, 2].sum() == 4 and phys_map[:, [1, 4]].sum() == 0
-    # each pair lands in exactly one copy with its probability
-    logical = torch.zeros(7, 4).index_add_(1, torch.as_tensor(placement.phy2log[0]), phys_probs)
-    torch.testing.assert_close(logical, probs)
-    # local_first: rank 1 holds slots 2, 3 -> expert 0 stays on slot 3
-    local = torch.tensor([3, -1, 2, -1])
-    _, lf_map = route_to_slots(probs, routing_map, log2phy, count, 6, local_slot=local)
-    assert lf_map[:, 3].sum() == 7
-
-
 def test_checkpoint_conversion_roundtrip():
     prefixes = ["a.local_experts.", "b.local_experts."]
     phy2log = np.array([[0, 1, 2, 0], [2, 1, 0, 1]])

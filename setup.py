@@ -12,7 +12,12 @@ setup(
     version="0.1.0",
     description="Expert-parallel load balancing for Megatron-core MoE under DeepSpeed (training and inference)",
     python_requires=">=3.10",
-    packages=["megatron_eplb", "megatron_eplb.policy", "megatron_eplb.patches"],
+    packages=[
+        "megatron_eplb",
+        "megatron_eplb.policy",
+        "megatron_eplb.patches",
+        "megatron_eplb.patches.deepspeed",
+    ],
     package_dir={"megatron_eplb.patches": "patches"},
     install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm"],
     extras_require={

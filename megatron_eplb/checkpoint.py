@@ -40,7 +40,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,6 +49,9 @@ import torch.distributed as dist
 from .gradients import primary_expert_params
 from .optimizer_state import MASTER_KEY
 from .placement import ExpertPlacement
+
+if TYPE_CHECKING:
+    from .protocols import ExpertModel, OptimizerSlots
 
 __all__ = [
     "CHECKPOINT_FILENAME",
@@ -288,10 +291,10 @@ def logical_optimizer_state(
 
 def save_logical_checkpoint(
     directory: str | os.PathLike,
-    model: torch.nn.Module,
-    handle: Any,
-    slots: Any = None,
+    handle: ExpertModel | None,
+    slots: OptimizerSlots | None = None,
     *,
+    model: torch.nn.Module | None = None,
     expert_load: np.ndarray | None = None,
     eplb_step_count: int | None = None,
     extra: Mapping[str, Any] | None = None,
@@ -299,15 +302,17 @@ def save_logical_checkpoint(
     """Write the logical checkpoint (format in this module's docstring) to ``directory``.
 
     Args:
-        model: the (patched) model; ``handle``: its :class:`megatron_eplb.protocols.ExpertModel`.
+        handle: the model's :class:`megatron_eplb.protocols.ExpertModel` (None: a model without EPLB).
         slots: the optimizer's :class:`~megatron_eplb.protocols.OptimizerSlots` (None: no optimizer state).
         expert_load: ``[L, E]`` load written into the map (a resume at another EP size plans from it);
             None keeps the placement's own.
+        model: the (patched) model; default ``handle.model``.
         eplb_step_count: the manager's step; ``extra``: more entries for the payload (rank 0's are written).
     Returns:
         ``directory``.  Collective over every rank; rank 0 writes.
     """
     directory = Path(directory)
+    model = handle.model if model is None else model
     model_state = handle.logical_state_dict() if handle is not None else model.state_dict()
     optimizer = logical_optimizer_state(model, handle, slots) if slots is not None else {}
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -351,14 +356,15 @@ def read_logical_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
 
 def load_logical_checkpoint(
     directory: str | os.PathLike,
-    model: torch.nn.Module,
-    handle: Any,
-    slots: Any = None,
+    handle: ExpertModel | None,
     *,
+    model: torch.nn.Module | None = None,
+    slots: OptimizerSlots | None = None,
     config: Any = None,
     strict: bool = True,
 ) -> dict[str, Any]:
-    """Load :func:`save_logical_checkpoint`'s ``directory`` into ``model`` under any placement or EP size.
+    """Load :func:`save_logical_checkpoint`'s ``directory`` into the model (``model``, default
+    ``handle.model``) under any placement or EP size.
 
     First the placement to resume with (:func:`resume_placement`, logged on rank 0; ``handle.
     set_placement`` when it changes), then every slot from its logical expert: weights, and with ``slots``
@@ -370,6 +376,7 @@ def load_logical_checkpoint(
         info (None without a handle).
     """
     payload = read_logical_checkpoint(directory)
+    model = handle.model if model is None else model
     model_state = payload["model"]
     info = None
     if handle is not None:

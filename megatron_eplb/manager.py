@@ -506,7 +506,6 @@ class EPLBManager:
         """
         return save_logical_checkpoint(
             directory,
-            self.handle.model,
             self.handle,
             self.optimizer_state,
             expert_load=self.checkpoint_load(),
@@ -521,9 +520,8 @@ class EPLBManager:
         continue counting from the saved step.  Returns the payload's metadata and ``placement``."""
         meta = load_logical_checkpoint(
             directory,
-            self.handle.model,
             self.handle,
-            self.optimizer_state,
+            slots=self.optimizer_state,
             config=self.config,
             strict=strict,
         )

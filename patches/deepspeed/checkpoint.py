@@ -40,9 +40,9 @@ def save_checkpoint(engine, manager, save_dir: str | os.PathLike, tag: str | Non
     }
     save_logical_checkpoint(
         out,
-        engine.module,
         handle,
         DeepSpeedSlotState(engine),
+        model=engine.module,
         expert_load=manager.checkpoint_load() if manager is not None else None,
         eplb_step_count=manager.step_count if manager is not None else None,
         extra=extra,
@@ -70,9 +70,9 @@ def load_checkpoint(engine, manager, load_dir: str | os.PathLike, tag: str | Non
         tag = latest.read_text().strip()
     meta = load_logical_checkpoint(
         load_dir / tag,
-        engine.module,
         handle,
-        DeepSpeedSlotState(engine),
+        slots=DeepSpeedSlotState(engine),
+        model=engine.module,
         config=manager.config if manager is not None else None,
         strict=False,
     )

@@ -559,7 +559,7 @@ def _resume_checks(rank, world, ckpt_dir):
     optim = logical_optimizer_state(engine.module, manager.handle, eplb_ds.DeepSpeedSlotState(engine))
     steps_loaded = _step_counts(engine)
     weights_equal = set(payload["model"]) <= set(weights) and all(
-        torch.equal(v.float(), weights[k].float()) for k, v in payload["model"].items()
+        torch.equal(v.float(), weights[k].float()) for k, v in payload["model"].items() if torch.is_tensor(v)
     )
     optim_equal = set(payload["optimizer"]) == set(optim) and all(
         torch.equal(v.float(), optim[k][s].float())

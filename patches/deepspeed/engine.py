@@ -118,6 +118,8 @@ def update_expert_bias(layers: list) -> None:
 
 
 def install_hooks(engine, manager, handle, model, clip: float, ep_group, layers) -> None:
+    """Wrap ``engine.allreduce_gradients`` (replica-gradient sum first), ``engine._take_model_step`` (logical
+    clipping at ``clip``) and ``engine.step`` (expert bias and ``manager.step()`` after applied steps)."""
     original_allreduce = engine.allreduce_gradients
     original_take_step = engine._take_model_step
     original_step = engine.step
@@ -154,6 +156,7 @@ def install_hooks(engine, manager, handle, model, clip: float, ep_group, layers)
 
 
 def disable_ds_clipping(engine) -> float:
+    """Switch DeepSpeed's own gradient clipping off; return the configured clip (0: none)."""
     clip = float(engine.gradient_clipping() or 0.0)
     engine._config.gradient_clipping = 0.0
     opt = engine.optimizer

@@ -172,6 +172,8 @@ class DeepSpeedSlotState:
         if hasattr(p, "_hp_mapping"):
             self.ensure_state()
             frags = self.fragments(p)
+            if not frags:
+                return  # no fragment of p in this rank's partition
             addr = p._hp_mapping.lp_fragment_address
             for key, value in values.items():
                 if key in frags:

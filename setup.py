@@ -17,6 +17,7 @@ setup(
         "megatron_eplb.policy",
         "megatron_eplb.transfer",
         "megatron_eplb.patches",
+        "megatron_eplb.patches.deepspeed",
         "megatron_eplb.patches.megatron",
         "megatron_eplb.patches.megatron.experts",
     ],

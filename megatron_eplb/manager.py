@@ -15,14 +15,10 @@ States (one transition function, every transition logged)::
         ▲                 │ late / dead worker / no change                                     │
         └─────────────────┴──────────────────────────────────────────── gate_eplb ──▶ GATED ◀─┘
 
-The model side is a *handle* (``megatron_eplb.patches.megatron.apply`` returns one); this module never
-imports Megatron or DeepSpeed.  What the manager needs of it:
-
-``placement``, ``num_layers``, ``num_experts``, ``slots_per_rank``, ``ep_rank``, ``ep_size``,
-``ep_group``, ``model``, ``moe_layers()`` (a transfer commits in its layer's forward pre-hook),
-``loads()`` ``[L, E]``, ``slot_loads()`` ``[L, S]``, ``reset_loads()``, ``slot_params(layer, local_slot)``,
-``commit_layer(layer, phy2log_row)``, ``sum_replica_grads()``, and for checkpoints
-``logical_state_dict()`` / ``load_logical_state_dict(state)``.
+The model side is a *handle* (``megatron_eplb.patches.megatron.apply`` returns one) satisfying
+:class:`megatron_eplb.protocols.ExpertModel`; the optimizer side an
+:class:`~megatron_eplb.protocols.OptimizerSlots`; slot moves go through a
+:class:`~megatron_eplb.protocols.Transport`.  This module never imports Megatron or DeepSpeed.
 
 A transfer never blocks a step: ``step()`` posts a layer's P2P sends/receives and returns; the layer
 finishes, is checked and switches placement just before its next forward (the weights and optimizer
@@ -33,7 +29,6 @@ next optimizer step.
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import os
 import time
@@ -46,9 +41,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import save_expert_map
+from .checkpoint import load_logical_checkpoint, save_logical_checkpoint
 from .config import EPLBConfig
 from .gradients import logical_grad_norm, primary_expert_params
+from .optimizer_state import OptimizerSlotState
 from .placement import ExpertPlacement
 from .protocols import ExpertModel, OptimizerSlots, Transport
 from .stats import balance_summary, load_similarity, moved_slots
@@ -148,24 +144,6 @@ class Transferring:
 
 
 State = Recording | Gated | Planning | Transferring
-
-
-class OptimizerSlotState:
-    """The per-slot optimizer tensors of a plain torch optimizer (per-parameter ``state`` dicts).
-
-    DeepSpeed's optimizers provide the same two calls through ``megatron_eplb.patches.deepspeed``.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-
-    def tensors(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """State tensors of ``params`` in a fixed order (key-sorted), empty before the first step."""
-        out = []
-        for p in params:
-            state = self.optimizer.state.get(p, {})
-            out.extend(v for _, v in sorted(state.items()) if torch.is_tensor(v))
-        return out
 
 
 class EPLBManager:
@@ -652,130 +630,58 @@ class EPLBManager:
 
     # -------------------------------------------------------------- misc
     # --------------------------------------------------------- checkpoints
-    def save_checkpoint(self, directory: str | os.PathLike) -> Path:
-        """Save a logical training checkpoint (collective over every rank; rank 0 writes).
+    def save_checkpoint(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        """Save the logical training checkpoint to ``directory`` (collective over every rank; rank 0 writes).
 
-        ``model.pt``: the model's state dict with each logical expert once (``handle.logical_state_dict()``),
-        ``optimizer.pt``: the torch optimizer's state — dense parameters by name, expert state per logical
-        expert (taken from its first copy), ``expert_map.json``: the placement and the last window's load,
-        ``eplb.json``: the manager's step. Any placement or EP size can load it (:meth:`load_checkpoint`).
+        :func:`megatron_eplb.checkpoint.save_logical_checkpoint`: ``model_logical.pt`` (the model with each
+        logical expert once, the optimizer state by logical parameter name, the optimizer's step count and
+        the manager's step, plus ``extra``) and ``expert_map.json`` (the placement with the [L, E] load of
+        :meth:`checkpoint_load`).  Any placement or EP size can load it (:meth:`load_checkpoint`).
         """
-        directory = Path(directory)
-        model_state = self.handle.logical_state_dict()
-        expert_state = self._gather_logical_optimizer_state()
-        if self._rank == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-            torch.save(model_state, directory / "model.pt")
-            torch.save(
-                {"dense": self._dense_optimizer_state(), "experts": expert_state}, directory / "optimizer.pt"
-            )
-            load = self._last_update_load if self._last_update_load is not None else None
-            save_expert_map(self.handle.placement.with_load(load), directory)
-            (directory / "eplb.json").write_text(json.dumps({"step": self.step_count}))
-        if dist.is_initialized():
-            dist.barrier(group=self.load_group)
-        return directory
-
-    def load_checkpoint(self, directory: str | os.PathLike) -> dict[str, Any]:
-        """Load :meth:`save_checkpoint`'s files into this model and optimizer, whatever the current
-        placement or EP size (every slot from its logical expert, Adam state included). Local reads only."""
-        directory = Path(directory)
-        if not (directory / "model.pt").is_file():
-            raise FileNotFoundError(f"no EPLB checkpoint in {str(directory)!r} (expected model.pt there)")
-        self.handle.load_logical_state_dict(torch.load(directory / "model.pt", weights_only=False))
-        opt = (
-            torch.load(directory / "optimizer.pt", weights_only=False) if self.optimizer is not None else None
+        return save_logical_checkpoint(
+            directory,
+            self.handle,
+            self.optimizer_state,
+            expert_load=self.checkpoint_load(),
+            eplb_step_count=self.step_count,
+            extra=extra,
         )
-        if opt is not None:
-            params = dict(self.handle.model.named_parameters())
-            for name, state in opt["dense"].items():
-                p = params[name]
-                self.optimizer.state[p] = {k: _to(v, p) for k, v in state.items()}
-            h = self.handle
-            for layer, per_param in enumerate(opt["experts"]):
-                for slot in range(h.slots_per_rank):
-                    e = int(h.placement.phy2log[layer, h.ep_rank * h.slots_per_rank + slot])
-                    for p, state in zip(h.slot_params(layer, slot), per_param):
-                        self.optimizer.state[p] = {k: _to(v[e], p) for k, v in state.items()}
-        meta = json.loads((directory / "eplb.json").read_text())
-        self.resume_at(int(meta["step"]))
+
+    def load_checkpoint(self, directory: str | os.PathLike, strict: bool = True) -> dict[str, Any]:
+        """Load :meth:`save_checkpoint`'s directory into this model and optimizer, whatever the current
+        placement or EP size (:func:`megatron_eplb.checkpoint.load_logical_checkpoint`: the placement to
+        resume with, then every slot from its logical expert, Adam state and step count included), and
+        continue counting from the saved step.  Returns the payload's metadata and ``placement``."""
+        meta = load_logical_checkpoint(
+            directory,
+            self.handle,
+            slots=self.optimizer_state,
+            config=self.config,
+            strict=strict,
+        )
+        if meta.get("eplb_step_count") is not None:
+            self.resume_at(int(meta["eplb_step_count"]))
         if self._rank == 0:
             log.info(
                 "EPLB: resumed from %s at step %d into %r", directory, self.step_count, self.handle.placement
             )
         return meta
 
+    def checkpoint_load(self) -> np.ndarray | None:
+        """The ``[L, E]`` load a checkpoint's map records (a resume at another EP size plans from it): the
+        current window summed over every rank that routes tokens, else the placement's own (collective)."""
+        window, _ = self.gather_window()
+        return window if window.sum() > 0 else self.handle.placement.expert_load
+
     def resume_at(self, step: int) -> None:
         """Continue counting from ``step`` (a resumed run); the next rebalance is a full interval away."""
         self.step_count = self._last_rebalance_step = int(step)
         self._last_rebalance_time = time.monotonic()
 
-    def _dense_optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        if self.optimizer is None:
-            return {}
-        expert = {
-            id(p)
-            for layer in range(self.handle.num_layers)
-            for s in range(self.handle.slots_per_rank)
-            for p in self.handle.slot_params(layer, s)
-        }
-        return {
-            name: {
-                k: v.detach().cpu().clone() if torch.is_tensor(v) else v
-                for k, v in self.optimizer.state[p].items()
-            }
-            for name, p in self.handle.model.named_parameters()
-            if id(p) not in expert and p in self.optimizer.state
-        }
-
-    def _gather_logical_optimizer_state(self) -> list[list[dict[str, torch.Tensor]]]:
-        """Per MoE layer, per slot parameter: ``{state key: [E, *shape]}`` from each expert's first copy."""
-        if self.optimizer is None:
-            return []
-        h = self.handle
-        out = []
-        group = h.ep_group
-        world = dist.get_world_size(group) if dist.is_initialized() else 1
-        for layer in range(h.num_layers):
-            first = h.placement.log2phy[layer, :, 0]  # [E] global slot of each expert's first copy
-            per_param = []
-            for i in range(len(h.slot_params(layer, 0))):
-                keys = sorted(self.optimizer.state.get(h.slot_params(layer, 0)[i], {}))
-                state = {}
-                for key in keys:
-                    local = torch.stack(
-                        [
-                            _as_tensor(self.optimizer.state[h.slot_params(layer, s)[i]][key])
-                            for s in range(h.slots_per_rank)
-                        ]
-                    )
-                    parts = [torch.empty_like(local) for _ in range(world)]
-                    if dist.is_initialized():
-                        dist.all_gather(parts, local, group=group)
-                    else:
-                        parts = [local]
-                    state[key] = torch.cat(parts)[torch.as_tensor(first, device=local.device)].cpu()
-                per_param.append(state)
-            out.append(per_param)
-        return out
-
     def close(self) -> None:
         if self._worker is not None:
             self._worker.close()
             self._worker = None
-
-
-def _as_tensor(value: Any) -> torch.Tensor:
-    return value if torch.is_tensor(value) else torch.tensor(value)
-
-
-def _to(value: Any, param: torch.Tensor) -> Any:
-    """An optimizer state value placed like ``param`` (Adam's ``step`` stays a CPU scalar)."""
-    if not torch.is_tensor(value):
-        return value
-    if value.dim() == 0:
-        return value.clone()
-    return value.to(param.device).clone()
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor | None:

@@ -90,12 +90,36 @@ class ExpertModel(Protocol):
 
 @runtime_checkable
 class OptimizerSlots(Protocol):
-    """The optimizer storage of expert slots (plain torch: ``manager.OptimizerSlotState``; DeepSpeed:
-    ``patches.deepspeed.DeepSpeedSlotState``)."""
+    """The optimizer storage of expert slots (plain torch: ``megatron_eplb.optimizer_state.OptimizerSlotState``;
+    DeepSpeed: ``patches.deepspeed.DeepSpeedSlotState``).
+
+    Rules (:mod:`megatron_eplb.optimizer_state`): slot state is what is shaped like the parameter (an fp32
+    master under key ``"fp32"`` where the optimizer keeps one, then the moments, keys sorted); Adam's
+    ``step`` is one count per optimizer, never slot state: read and written only through
+    :meth:`optimizer_step` / :meth:`set_optimizer_step`.
+    """
 
     def tensors(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Tensors that *are* the optimizer's storage for ``params`` (writing them writes the state), in
         an order that is the same on every rank; empty before the optimizer's first step."""
+        ...
+
+    def full_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Whole-tensor copies of ``p``'s slot state, each shaped like ``p`` (collective over ``p``'s
+        data-parallel group where the optimizer partitions it)."""
+        ...
+
+    def set_full_state(self, p: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """Write :meth:`full_state`-shaped ``values`` into ``p``'s state, creating it where missing (keys
+        this layout does not keep, e.g. ``"fp32"`` without a master, are ignored).  Local."""
+        ...
+
+    def optimizer_step(self) -> int:
+        """The optimizer's step count (0 before its first step)."""
+        ...
+
+    def set_optimizer_step(self, step: int) -> None:
+        """Set the step count in every parameter's state (after :meth:`set_full_state` on a load)."""
         ...
 
 

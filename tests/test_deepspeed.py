@@ -1,4 +1,4 @@
-"""DeepSpeed engine wiring (patches/deepspeed.py), the examples through the launcher, the monitor.
+"""DeepSpeed engine wiring (patches/deepspeed/), the examples through the launcher, the monitor.
 
 Launches are shared: one ``examples/demo.py --quick`` run (the CI demo: `deepspeed` launcher training with
 every config source, checkpoint, recorded map, wandb, then static-EPLB generation through the launcher),
@@ -205,10 +205,12 @@ def _logical_state(engine, manager) -> dict:
     from megatron.core import parallel_state as ps
     from megatron_eplb.patches import deepspeed as eplb_ds
 
+    from megatron_eplb.checkpoint import logical_optimizer_state
+
     state = eplb_ds.DeepSpeedSlotState(engine)
     if manager is not None:
         weights = manager.handle.logical_state_dict()
-        optim = eplb_ds._logical_optimizer_state(engine, manager.handle, state)
+        optim = logical_optimizer_state(engine.module, manager.handle, state)
         return {k: {"weight": weights[k].detach().float(), **v} for k, v in optim.items()}
     num_local = engine.module.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
     first = ps.get_expert_model_parallel_rank() * num_local
@@ -220,6 +222,12 @@ def _logical_state(engine, manager) -> dict:
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, local)
     return {k: {s: torch.as_tensor(v) for s, v in d.items()} for part in parts for k, d in part.items()}
+
+
+def _step_counts(engine) -> list[int]:
+    """Adam's ``step`` of every state of the torch optimizer inside the engine's (one count expected)."""
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return sorted({int(float(s["step"])) for s in opt.state.values() if "step" in s})
 
 
 def _state_diff(a: dict, b: dict) -> dict[str, float]:
@@ -390,6 +398,8 @@ def _engine_checks(rank, world, demo_ckpt):
     import torch
     from megatron_eplb.patches import deepspeed as eplb_ds
 
+    from megatron_eplb.checkpoint import logical_optimizer_state
+
     out: dict = {}
     dyn = {"dynamic_eplb": True, "num_iterations_eplb_update": 3, "num_wait_worker_iterations": 0,
            "init_redundancy_expert": 2, "eplb_layers_per_step": 2}  # fmt: skip
@@ -402,14 +412,13 @@ def _engine_checks(rank, world, demo_ckpt):
     tmp = Path(tempfile.gettempdir()) / f"eplb_ds_ckpt_{os.environ['MASTER_PORT']}"
     eplb_ds.save_checkpoint(engine, manager, tmp, tag="t")
     before = manager.handle.logical_state_dict()
-    opt_before = eplb_ds._logical_optimizer_state(engine, manager.handle, eplb_ds.DeepSpeedSlotState(engine))
+    opt_before = logical_optimizer_state(engine.module, manager.handle, eplb_ds.DeepSpeedSlotState(engine))
     engine2, manager2, _, _ = _train(1, {"init_redundancy_expert": 4}, 0)
     info = eplb_ds.load_checkpoint(engine2, manager2, tmp, tag="t")
     out["ckpt_placement"] = info["placement"]
+    out["ckpt_optimizer_step"] = (info["optimizer_step"], _step_counts(engine2))
     after = manager2.handle.logical_state_dict()
-    opt_after = eplb_ds._logical_optimizer_state(
-        engine2, manager2.handle, eplb_ds.DeepSpeedSlotState(engine2)
-    )
+    opt_after = logical_optimizer_state(engine2.module, manager2.handle, eplb_ds.DeepSpeedSlotState(engine2))
     expert_keys = [k for k in before if ".local_experts." in k and k.endswith("weight")]
     out["ckpt_experts"] = len(expert_keys)
     out["ckpt_weights_equal"] = all(
@@ -495,6 +504,9 @@ def test_checkpoint_keeps_every_expert(engine_checks):
     assert engine_checks["ckpt_optim_equal"]
     # saved with 10 slots, loaded into 12: re-planned for the new slot count from the recorded load
     assert engine_checks["ckpt_placement"]["action"] == "replanned"
+    # Adam's step is one count per optimizer: saved once (10 applied steps), written into every state
+    saved_step, counts = engine_checks["ckpt_optimizer_step"]
+    assert saved_step == 10 and counts and set(counts) == {10}, (saved_step, counts)
 
 
 def test_generation_from_checkpoint_equals_generation_without_eplb(engine_checks):
@@ -526,6 +538,8 @@ def _resume_checks(rank, world, ckpt_dir):
     from demo import MODEL
     from megatron_eplb.patches import deepspeed as eplb_ds
 
+    from megatron_eplb.checkpoint import logical_optimizer_state
+
     os.environ.update(ENV)
     messages: list[str] = []
 
@@ -542,9 +556,10 @@ def _resume_checks(rank, world, ckpt_dir):
     info = eplb_ds.load_checkpoint(engine, manager, ckpt_dir)
     payload = torch.load(Path(ckpt_dir) / "final" / "model_logical.pt", weights_only=False)
     weights = manager.handle.logical_state_dict()
-    optim = eplb_ds._logical_optimizer_state(engine, manager.handle, eplb_ds.DeepSpeedSlotState(engine))
+    optim = logical_optimizer_state(engine.module, manager.handle, eplb_ds.DeepSpeedSlotState(engine))
+    steps_loaded = _step_counts(engine)
     weights_equal = set(payload["model"]) <= set(weights) and all(
-        torch.equal(v.float(), weights[k].float()) for k, v in payload["model"].items()
+        torch.equal(v.float(), weights[k].float()) for k, v in payload["model"].items() if torch.is_tensor(v)
     )
     optim_equal = set(payload["optimizer"]) == set(optim) and all(
         torch.equal(v.float(), optim[k][s].float())
@@ -580,6 +595,7 @@ def _resume_checks(rank, world, ckpt_dir):
         "losses": losses,
         "records": records,
         "history": len(manager.history),
+        "optimizer_step": (payload["optimizer_step"], steps_loaded, _step_counts(engine)),
         "messages": messages,
     }
 
@@ -605,3 +621,6 @@ def test_resume_on_fewer_ranks_replans_and_restores_every_expert(resumed):
         "messages"
     ]
     assert all(np.isfinite(resumed["losses"])) and resumed["history"] >= 1
+    # the resumed optimizer continues from the saved step count (60 demo steps), then takes 4 more
+    saved, loaded, after = resumed["optimizer_step"]
+    assert saved == 60 and set(loaded) == {60} and set(after) == {64}, resumed["optimizer_step"]

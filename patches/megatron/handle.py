@@ -242,24 +242,26 @@ class MegatronEPLB:
                 p.copy_(t)
 
     # -------------------------------------------------------------- placement
-    def set_placement(
-        self, placement: ExpertPlacement, optimizer: torch.optim.Optimizer | None = None
-    ) -> None:
+    def set_placement(self, placement: ExpertPlacement, optimizer: Any = None) -> None:
         """Re-place every layer in place (collective over :attr:`ep_group`, synchronous).
 
         Each slot is filled from its logical expert (read from a current copy); parameters are kept, so
-        optimizer references stay valid.  With ``optimizer`` (a plain torch optimizer keeping per-parameter
-        state, e.g. Adam), each slot's optimizer state tensors move with its weights.
+        optimizer references stay valid.  With ``optimizer`` (a plain torch optimizer, or any
+        :class:`~megatron_eplb.protocols.OptimizerSlots`), each slot's optimizer state moves with its weights.
         """
+        from megatron_eplb.optimizer_state import OptimizerSlotState
+
         check_placement(placement, self.num_layers, self.num_experts, self.ep_size, self.slots_per_rank)
         check_same_placement_everywhere(placement, self.ep_group)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = OptimizerSlotState(optimizer)
         for layer in range(self.num_layers):
             row = placement.phy2log[layer]
             if np.array_equal(row, self.placement.phy2log[layer]):
                 continue
             getters = [self.slot_tensors]
-            if optimizer is not None and self.slot_optimizer_state(optimizer, layer, 0):
-                getters.append(lambda lyr, k: self.slot_optimizer_state(optimizer, lyr, k))
+            if optimizer is not None and optimizer.tensors(self.slot_params(layer, 0)):
+                getters.append(lambda lyr, k: optimizer.tensors(self.slot_params(lyr, k)))
             for get in getters:
                 logical = self._gather_logical(layer, get)
                 for k, slot in enumerate(self.local_slots()):
@@ -267,18 +269,6 @@ class MegatronEPLB:
                         _unflatten_into(get(layer, k), logical[int(row[slot])])
         self.placement = placement
         self._tables = [self._routing_tables(placement.phy2log[i]) for i in range(self.num_layers)]
-
-    def slot_optimizer_state(
-        self, optimizer: torch.optim.Optimizer, layer: int, slot: int
-    ) -> list[torch.Tensor]:
-        """The per-parameter optimizer state tensors of local slot ``slot`` (params in :meth:`slot_params`
-        order, state keys sorted; e.g. Adam's ``exp_avg``, ``exp_avg_sq``, ``step``).  Empty before the
-        first step.  Writing them writes the optimizer state."""
-        out = []
-        for p in self.slot_params(layer, slot):
-            state = optimizer.state.get(p, {})
-            out.extend(state[key] for key in sorted(state) if torch.is_tensor(state[key]))
-        return out
 
     def commit_layer(self, layer: int, phy2log_row: Sequence[int] | np.ndarray) -> None:
         """Switch MoE layer ``layer`` to ``phy2log_row`` (``[P]``) whose slot weights are already in place

@@ -164,6 +164,13 @@ def test_validate_for_model(tmp_path):
         cfg.validate_for(num_layers=2, num_experts=16, ep_size=6)
 
 
+def test_config_pitfalls_are_clear_errors(tmp_path):
+    with pytest.raises(EPLBConfigError, match="expert_map_record_path"):
+        EPLBConfig(expert_map_path=str(tmp_path / "missing.json"))
+    with pytest.raises(EPLBConfigError, match="do not divide over EP size 2"):
+        EPLBConfig(init_redundancy_expert=1).validate_for(4, 16, 2)
+
+
 def test_bad_input_changes_nothing():
     cfg = EPLBConfig(dynamic_eplb=True)
     before = cfg.to_dict()

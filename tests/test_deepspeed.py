@@ -1,10 +1,11 @@
-"""DeepSpeed engine wiring (patches/deepspeed/), the examples through the launcher, the monitor.
+"""DeepSpeed engine wiring (patches/deepspeed/) and examples/train.py through the `deepspeed` launcher.
 
-Launches are shared: one ``examples/demo.py --quick`` run (the CI demo: `deepspeed` launcher training with
-every config source, checkpoint, recorded map, wandb, then static-EPLB generation through the launcher),
-one 2-rank in-process run for the engine checks (fp32 and bf16 under ZeRO 0 and 1, expert bias, gradient
-accumulation, checkpoint round trip, generation equality, pitfalls at initialize) and one 1-process run
-that resumes the demo's EP=2 checkpoint at EP=1.
+Launches are shared: one ``deepspeed --num_gpus 2 examples/train.py`` run (the demo's training command, with
+every EPLB config source added: config precedence, rebalances, the recorded map, a checkpoint), one 2-rank
+in-process run for the engine checks (fp32 and bf16 under ZeRO 0 and 1, expert bias, gradient accumulation,
+checkpoint round trip, generation from the launched run's checkpoint equal to generation without EPLB,
+pitfalls at initialize) and one 1-process run that resumes that EP=2 checkpoint at EP=1.  The demo itself
+(training + serving through the launcher) is tests/test_demo.py.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ sys.path.insert(0, str(REPO))  # the checkout (megatron_eplb.patches from patche
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "examples"))
 
-pytestmark = pytest.mark.slow
+from demo import MODEL, launcher  # noqa: E402  (the demo's model and launcher command; no demo run)
+
 ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 SMALL = ["--num-layers", "2", "--hidden-size", "32", "--num-experts", "8", "--ffn-hidden-size", "64",
          "--seq-length", "32", "--micro-batch-size", "2"]  # fmt: skip
+TRAIN_ITERS = 60  # the launched run: as many steps as the quick demo, a rebalance attempt every 10
 # bf16 tolerance of a run with replicas against the run without EPLB: the copies' gradients are bf16 and
 # their sum rounds once more than the single expert's gradient (bf16 ulp = 2^-8 = 3.9e-3 relative);
 # measured max relative loss difference over 10 steps: 2.1e-4 (ZeRO 0), 3.8e-4 (ZeRO 1).
@@ -49,15 +52,6 @@ def test_unsupported_zero_stage_names_supported_stages():
         _check_ds_config({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}})
 
 
-def test_config_pitfalls_are_clear_errors(tmp_path):
-    from megatron_eplb.config import EPLBConfig, EPLBConfigError
-
-    with pytest.raises(EPLBConfigError, match="expert_map_record_path"):
-        EPLBConfig(expert_map_path=str(tmp_path / "missing.json"))
-    with pytest.raises(EPLBConfigError, match="do not divide over EP size 2"):
-        EPLBConfig(init_redundancy_expert=1).validate_for(4, 16, 2)
-
-
 def test_train_script_missing_expert_map_is_a_clear_error(tmp_path):
     """examples/train.py (what the launcher runs) resolves every config source before training."""
     import train
@@ -69,39 +63,16 @@ def test_train_script_missing_expert_map_is_a_clear_error(tmp_path):
         train.train(args)
 
 
-def test_monitor_writes_wandb_images_tables_and_tensorboard(tmp_path):
-    from megatron_eplb.manager import RebalanceRecord
-    from megatron_eplb.monitor import Monitor
-    from megatron_eplb.placement import ExpertPlacement
-
-    os.environ["WANDB_MODE"] = "offline"
-    mon = Monitor(tmp_path, "t", rank=0)
-    placement = ExpertPlacement.default(2, 4, 2, 2)
-    load = np.array([[10, 1, 1, 1], [1, 1, 1, 9]])
-    record = RebalanceRecord(started_step=5, layers_planned=[0, 1], completed_step=6, outcome="committed",
-                             balancedness_before=0.6, balancedness_after=0.9, moved_slots=2, moved_bytes=64,
-                             seconds={"gather": 0.001, "plan_wait": 0.01, "transfer": 0.002})  # fmt: skip
-    mon.log(1, {"loss": 2.0})
-    mon.rebalance(6, record, placement, load)
-    run_dir = Path(mon.wandb_dir)
-    mon.close()
-    media = run_dir / "files" / "media"
-    assert list(media.glob("images/**/*.png")), f"no wandb image under {media}"
-    assert list(media.glob("table/**/*.table.json")), f"no wandb table under {media}"
-    table = json.loads(next(media.glob("table/**/*.table.json")).read_text())
-    assert table["columns"] == ["step", "layer", "expert", "tokens"] and len(table["data"]) == 8
-    assert (tmp_path / "expert_load.png").is_file()
-    assert list((tmp_path / "tensorboard").glob("events.*"))
-
-
-# ============================================================================ the demo (CI path)
+# ============================================================================ examples/train.py, launched
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """`examples/demo.py --quick` end to end (train through the `deepspeed` launcher, then generate through
-    it), with every EPLB config source added to the training command."""
-    out = tmp_path_factory.mktemp("demo")
+def launched(tmp_path_factory):
+    """``deepspeed --num_gpus 2 examples/train.py`` as the demo launches it (its model, EP=2, dynamic EPLB,
+    the recorded map, a checkpoint), with every EPLB config source added to the command."""
+    from dist import free_port
+
+    out = tmp_path_factory.mktemp("launched")
     ds = json.loads((REPO / "configs" / "ds_config.json").read_text())
     ds["eplb"] = {"init_redundancy_expert": 2, "eplb_churn_weight": 0.05, "eplb_window_size": 3}
     (out / "ds.json").write_text(json.dumps(ds))
@@ -109,31 +80,34 @@ def demo(tmp_path_factory):
         "eplb:\n  dynamic_eplb: true\n  num_wait_worker_iterations: 1\n  eplb_window_size: 5\n"
         "  eplb_worker_timeout: 20\n  eplb_layers_per_step: 2\n"
     )
-    extra = (
-        f"--deepspeed_config {out / 'ds.json'} --eplb-config {out / 'eplb.yaml'} "
-        f"--additional-config '{json.dumps({'eplb_window_size': 7, 'eplb_worker_timeout': 11.0})}' "
-        "--eplb-window-size 8"
-    )
-    run_dir = out / "run"
-    proc = subprocess.run(
-        [sys.executable, "examples/demo.py", "--quick", "--out", str(run_dir), "--train-args", extra],
-        cwd=REPO,
-        env={**os.environ, **ENV},
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    cmd = launcher()
+    if "--master_port" not in cmd:
+        cmd += ["--master_port", str(free_port())]
+    cmd += [
+        "--num_gpus", "2", "examples/train.py",
+        "--deepspeed_config", str(out / "ds.json"), "--eplb-config", str(out / "eplb.yaml"),
+        *MODEL, "--expert-model-parallel-size", "2",
+        "--train-iters", str(TRAIN_ITERS), "--log-interval", "5",
+        "--num-iterations-eplb-update", "10", "--eplb-window-size", "10",
+        "--expert-map-record-path", str(out / "expert_map.json"),
+        "--output-dir", str(out), "--save", str(out / "checkpoint"),
+        "--metrics-out", str(out / "train_metrics.json"), "--no-wandb",
+        "--additional-config", json.dumps({"eplb_window_size": 7, "eplb_worker_timeout": 11.0}),
+        "--eplb-window-size", "8",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        **ENV,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return (
-        run_dir,
-        json.loads((run_dir / "train_metrics.json").read_text()),
-        json.loads((run_dir / "generate_metrics.json").read_text()),
-        proc.stdout,
-    )
+    return out, json.loads((out / "train_metrics.json").read_text()), proc.stdout + proc.stderr
 
 
-def test_demo_config_precedence(demo):
-    _, metrics, _, _ = demo
+@pytest.mark.slow
+def test_launcher_config_precedence(launched):
+    _, metrics, _ = launched
     cfg = metrics["eplb"]
     assert cfg["eplb_window_size"] == 8  # flag > --additional-config > YAML > ds_config
     assert cfg["eplb_worker_timeout"] == 11.0  # --additional-config > YAML
@@ -141,19 +115,17 @@ def test_demo_config_precedence(demo):
     assert cfg["eplb_churn_weight"] == 0.05 and cfg["init_redundancy_expert"] == 2  # ds_config "eplb"
 
 
-def test_demo_trains_rebalances_records_and_serves(demo):
-    out, metrics, gen, stdout = demo
+@pytest.mark.slow
+def test_launcher_trains_rebalances_records_and_saves(launched):
+    out, metrics, log = launched
     losses = metrics["losses"]
-    assert len(losses) == 60 and all(np.isfinite(losses))
-    assert len(metrics["rebalances"]) >= 3, f"too few rebalances:\n{stdout[-3000:]}"
+    assert len(losses) == TRAIN_ITERS and all(np.isfinite(losses))
+    assert len(metrics["rebalances"]) >= 3, f"too few rebalances:\n{log[-3000:]}"
     assert losses[-1] < losses[0]
     assert (out / "expert_map.json").is_file()
     assert (out / "checkpoint" / "final" / "model_logical.pt").is_file()
     saved = json.loads((out / "checkpoint" / "final" / "expert_map.json").read_text())
     assert np.asarray(saved["expert_load"]).shape == (4, 16)  # the recorded load travels with the map
-    assert list((out / "wandb").glob("offline-run-*/files/media/images/**/*.png"))
-    assert gen["requests"] == 8 and np.isfinite(gen["ttft_p50_ms"]) and 0 < gen["balancedness"] <= 1
-    assert "==> summary" in stdout and "inference: TTFT" in stdout
 
 
 # ============================================================================ the engine, in process
@@ -319,7 +291,6 @@ def _generation_checks(ckpt_dir: str) -> dict:
     import torch
     import torch.distributed as dist
     from data import ByteBatches, load_domain
-    from demo import MODEL
 
     args = generate.parse_args([*MODEL, "--load", ckpt_dir])
     ckpt = Path(ckpt_dir) / "final"
@@ -391,7 +362,7 @@ def _pitfalls(tmp: Path) -> dict:
     return out
 
 
-def _engine_checks(rank, world, demo_ckpt):
+def _engine_checks(rank, world, launched_ckpt):
     os.environ.update(ENV)
     import tempfile
 
@@ -435,7 +406,7 @@ def _engine_checks(rank, world, demo_ckpt):
     )
     out["bias"] = _expert_bias_checks(dyn)
     out["gas"] = _accumulation_checks(dyn)
-    out["generation"] = _generation_checks(demo_ckpt)
+    out["generation"] = _generation_checks(launched_ckpt)
     out["pitfalls"] = _pitfalls(tmp)
     torch.distributed.barrier()
     if rank == 0:
@@ -444,13 +415,14 @@ def _engine_checks(rank, world, demo_ckpt):
 
 
 @pytest.fixture(scope="module")
-def engine_checks(demo):
+def engine_checks(launched):
     from dist import run_distributed
 
-    out, _, _, _ = demo
+    out, _, _ = launched
     return run_distributed(_engine_checks, 2, str(out / "checkpoint"), timeout=480, env=ENV)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1])
 def test_losses_same_as_without_eplb(engine_checks, stage):
     base, eplb, records = engine_checks[f"z{stage}"]
@@ -458,6 +430,7 @@ def test_losses_same_as_without_eplb(engine_checks, stage):
     assert _rel(eplb, base) <= 1e-5, (base, eplb)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1])
 def test_bf16_moves_are_exact_and_replicas_within_bf16_rounding(engine_checks, stage):
     c = engine_checks[f"bf16_z{stage}"]
@@ -477,6 +450,7 @@ def test_bf16_moves_are_exact_and_replicas_within_bf16_rounding(engine_checks, s
     assert c["moves_r2"]["loss_rel"] <= BF16_REPLICA_RTOL, c["moves_r2"]["loss_rel"]
 
 
+@pytest.mark.slow
 def test_expert_bias_updates_under_deepspeed(engine_checks):
     c = engine_checks["bias"]
     assert c["eplb"]["score"] == "sigmoid" and c["eplb"]["records"] >= 1
@@ -487,6 +461,7 @@ def test_expert_bias_updates_under_deepspeed(engine_checks):
     assert _rel(c["eplb"]["losses"], c["base"]["losses"]) <= 1e-5
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_steps_eplb_at_boundaries_only(engine_checks):
     c = engine_checks["gas"]
     assert c["eplb"]["gas"] == 2
@@ -497,6 +472,7 @@ def test_gradient_accumulation_steps_eplb_at_boundaries_only(engine_checks):
     assert _rel(c["eplb"]["losses"], c["base"]["losses"]) <= 1e-5
 
 
+@pytest.mark.slow
 def test_checkpoint_keeps_every_expert(engine_checks):
     assert engine_checks["ckpt_experts"] == 2 * 8 * 2  # layers x experts x (fc1, fc2)
     assert engine_checks["ckpt_optim_experts"] == 2 * 8 * 2
@@ -509,6 +485,7 @@ def test_checkpoint_keeps_every_expert(engine_checks):
     assert saved_step == 10 and counts and set(counts) == {10}, (saved_step, counts)
 
 
+@pytest.mark.slow
 def test_generation_from_checkpoint_equals_generation_without_eplb(engine_checks):
     c = engine_checks["generation"]
     assert c["num_slots"] == 18 and c["replica_tokens"] > 0  # the recorded map with replicas was used
@@ -516,6 +493,7 @@ def test_generation_from_checkpoint_equals_generation_without_eplb(engine_checks
     assert c["dynamic_rebalances"] >= 2 and c["dynamic_equal"]  # experts moved mid-generation, same tokens
 
 
+@pytest.mark.slow
 def test_pitfalls_at_initialize_are_clear_errors(engine_checks):
     c = engine_checks["pitfalls"]
     assert "do not divide over EP size 2" in c["redundancy"]
@@ -531,11 +509,10 @@ def test_pitfalls_at_initialize_are_clear_errors(engine_checks):
 
 
 def _resume_checks(rank, world, ckpt_dir):
-    """One process (world 1, EP=1) resumes the demo's EP=2 checkpoint, restores every expert, trains on."""
+    """One process (world 1, EP=1) resumes the launched run's EP=2 checkpoint, restores every expert, trains on."""
     import logging
 
     import torch
-    from demo import MODEL
     from megatron_eplb.patches import deepspeed as eplb_ds
 
     from megatron_eplb.checkpoint import logical_optimizer_state
@@ -601,13 +578,14 @@ def _resume_checks(rank, world, ckpt_dir):
 
 
 @pytest.fixture(scope="module")
-def resumed(demo):
+def resumed(launched):
     from dist import run_distributed
 
-    out, _, _, _ = demo
+    out, _, _ = launched
     return run_distributed(_resume_checks, 1, str(out / "checkpoint"), timeout=300, env=ENV)[0]
 
 
+@pytest.mark.slow
 def test_resume_on_fewer_ranks_replans_and_restores_every_expert(resumed):
     info = resumed["info"]["placement"]
     assert resumed["ep_size"] == 1
@@ -621,6 +599,7 @@ def test_resume_on_fewer_ranks_replans_and_restores_every_expert(resumed):
         "messages"
     ]
     assert all(np.isfinite(resumed["losses"])) and resumed["history"] >= 1
-    # the resumed optimizer continues from the saved step count (60 demo steps), then takes 4 more
+    # the resumed optimizer continues from the saved step count (the launched run's steps), then takes 4 more
     saved, loaded, after = resumed["optimizer_step"]
-    assert saved == 60 and set(loaded) == {60} and set(after) == {64}, resumed["optimizer_step"]
+    assert saved == TRAIN_ITERS and set(loaded) == {TRAIN_ITERS}, resumed["optimizer_step"]
+    assert set(after) == {TRAIN_ITERS + 4}, resumed["optimizer_step"]

@@ -1,6 +1,6 @@
-"""The one logical checkpoint (megatron_eplb/checkpoint.py) and the plain torch optimizer slots
-(megatron_eplb/optimizer_state.py): the placement to resume with, Adam's ``step`` rule, and a save / load
-round trip through ``EPLBManager`` with a torch optimizer in one 2-process gloo run."""
+"""The one logical checkpoint (megatron_eplb/checkpoint.py): logical <-> physical expert names, the placement
+to resume with, and a save / load round trip through ``EPLBManager`` with a torch optimizer in one 2-process
+gloo run (Adam's ``step`` count travels once)."""
 
 from __future__ import annotations
 
@@ -17,56 +17,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist import run_distributed  # noqa: E402
 from models import SEQ, E, V, init_megatron, tiny_gpt  # noqa: E402
 
-from megatron_eplb.checkpoint import CheckpointError, resume_placement  # noqa: E402
+from megatron_eplb.checkpoint import (  # noqa: E402
+    CheckpointError,
+    logical_to_physical,
+    physical_to_logical,
+    resume_placement,
+)
 from megatron_eplb.config import EPLBConfig  # noqa: E402
-from megatron_eplb.optimizer_state import OptimizerSlotState  # noqa: E402
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
-from megatron_eplb.protocols import OptimizerSlots  # noqa: E402
 
-# ============================================================================ Adam's step, plain torch
-
-
-def _adam(seed: int = 0, steps: int = 3):
-    torch.manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
-    opt = torch.optim.Adam(params, lr=0.1)
-    for i in range(steps):
-        opt.zero_grad()
-        sum((p * (i + 1 + k)).pow(2).sum() for k, p in enumerate(params)).backward()
-        opt.step()
-    return params, opt
+# ============================================================================ logical <-> physical names
 
 
-def test_slot_state_carries_moments_not_step():
-    params, opt = _adam()
-    slots = OptimizerSlotState(opt)
-    assert isinstance(slots, OptimizerSlots)
-    # tensors: the optimizer's own storage, param-shaped, keys sorted; never the scalar step
-    tensors = slots.tensors(params)
-    assert [t.shape for t in tensors] == [params[0].shape] * 2 + [params[1].shape] * 2
-    assert tensors[0].data_ptr() == opt.state[params[0]]["exp_avg"].data_ptr()
-    assert sorted(slots.full_state(params[0])) == ["exp_avg", "exp_avg_sq"]
-    assert slots.optimizer_step() == 3
-
-
-def test_resumed_adam_continues_with_the_saved_step_count():
-    params, opt = _adam()
-    slots = OptimizerSlotState(opt)
-    saved = [slots.full_state(p) for p in params]
-    step = slots.optimizer_step()
-    fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt2 = torch.optim.Adam(fresh, lr=0.1)
-    slots2 = OptimizerSlotState(opt2)
-    for p, values in zip(fresh, saved):
-        slots2.set_full_state(p, {**values, "fp32": p.detach().float()})  # no master here: ignored
-    slots2.set_optimizer_step(step)
-    assert slots2.optimizer_step() == 3 and all(float(opt2.state[p]["step"]) == 3 for p in fresh)
-    for o, ps in ((opt, params), (opt2, fresh)):  # one more step of each: identical (bias correction at 4)
-        o.zero_grad()
-        sum((p * 7).pow(2).sum() for p in ps).backward()
-        o.step()
-    assert all(torch.equal(a, b) for a, b in zip(params, fresh))
-    assert slots2.optimizer_step() == 4
+def test_checkpoint_conversion_roundtrip():
+    prefixes = ["a.local_experts.", "b.local_experts."]
+    phy2log = np.array([[0, 1, 2, 0], [2, 1, 0, 1]])
+    logical = {
+        f"{p}{e}.w": torch.full((2,), float(10 * i + e)) for i, p in enumerate(prefixes) for e in range(3)
+    }
+    logical["other"] = torch.ones(1)
+    physical = logical_to_physical(logical, phy2log, prefixes)
+    assert physical["b.local_experts.3.w"][0] == 11
+    assert physical_to_logical(physical, phy2log, prefixes).keys() == logical.keys()
+    local = logical_to_physical(logical, phy2log, prefixes, rank=1, slots_per_rank=2)
+    assert local["a.local_experts.1.w"][0] == 0 and "a.local_experts.2.w" not in local
+    physical["a.local_experts.3.w"] = physical["a.local_experts.3.w"] + 1
+    with pytest.raises(CheckpointError, match="differs"):
+        physical_to_logical(physical, phy2log, prefixes)
+    with pytest.raises(CheckpointError, match="no logical expert 2"):
+        logical_to_physical(
+            {k: v for k, v in logical.items() if "b.local_experts.2" not in k}, phy2log, prefixes
+        )
 
 
 # ============================================================================ the placement to resume with
@@ -200,6 +181,7 @@ def round_trip(tmp_path_factory):
     return run_distributed(_round_trip, 2, str(tmp_path_factory.mktemp("ckpt")), timeout=300)
 
 
+@pytest.mark.slow
 def test_one_logical_format(round_trip):
     r = round_trip[0]
     assert r["payload_keys"] == ["eplb_step_count", "format", "optimizer_step", "version"]
@@ -208,6 +190,7 @@ def test_one_logical_format(round_trip):
     assert r["optimizer_step"] == 3 and r["eplb_step_count"] == 3
 
 
+@pytest.mark.slow
 def test_load_into_another_placement_resumes_every_expert_and_the_step_count(round_trip):
     for r in round_trip:
         assert r["placement"] == "replanned" and r["manager_step"] == 3

@@ -63,6 +63,7 @@ def test_inspect_real_trace(tmp_path, capsys):
     assert 0.2 < mean < 0.8  # the default contiguous layout is badly balanced on real loads
 
 
+@pytest.mark.slow
 def test_python_dash_m_reports_errors_as_one_line(tmp_path):
     """`python -m megatron_eplb.cli`: a command module's CLIError is caught by the running main (one line,
     exit code 2), also for the policy commands (no `__main__` look-up any more)."""

@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow  # a benchmark script in a subprocess
 
 
 def test_gpu_perf_small_runs_every_part_and_checks_hold(tmp_path):

@@ -22,8 +22,6 @@ from megatron_eplb import checkpoint as ckpt  # noqa: E402
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
 from megatron_eplb.protocols import ExpertModel  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
 E = 8  # logical experts
 H = 16  # hidden size
 RTOL = 1e-5
@@ -445,6 +443,7 @@ def _assert_equivalent(res: dict, where: str) -> None:
     assert res["slot_loads_match"], f"{where}: slot_loads() mapped through phy2log != logical loads"
 
 
+@pytest.mark.slow
 def test_ep2_allgather_top2_equivalence(ep2):
     results, _ = ep2
     for rank, res in enumerate(results):
@@ -463,6 +462,7 @@ def test_ep2_allgather_top2_equivalence(ep2):
             assert res[name]["copy_spread"] <= 2, res[name]["copy_spread"]
 
 
+@pytest.mark.slow
 def test_ep2_recording_switch_and_bounded_slot_counts(ep2):
     from megatron_eplb.patches import megatron as eplb_mcore
 
@@ -473,11 +473,13 @@ def test_ep2_recording_switch_and_bounded_slot_counts(ep2):
         assert res["loads_after_many"] and res["slot_loads_after_many"]
 
 
+@pytest.mark.slow
 def test_ep2_handle_is_an_expert_model(ep2):
     results, _ = ep2
     assert all(res["is_expert_model"] for res in results)
 
 
+@pytest.mark.slow
 def test_ep2_errors_are_clear_and_change_nothing(ep2):
     results, _ = ep2
     for res in results:
@@ -485,6 +487,7 @@ def test_ep2_errors_are_clear_and_change_nothing(ep2):
         assert not bad, bad
 
 
+@pytest.mark.slow
 def test_ep2_logical_checkpoint(ep2):
     results, out = ep2
     for res in results:
@@ -494,6 +497,7 @@ def test_ep2_logical_checkpoint(ep2):
     assert ckpt.load_expert_map(out / "logical.pt").num_ranks == 2
 
 
+@pytest.mark.slow
 def test_ep4_alltoall_top4_equivalence_and_other_ep_checkpoint(ep2):
     _, out = ep2
     results = run_distributed(_ep4_checks, 4, str(out / "logical.pt"), timeout=400)
@@ -505,6 +509,7 @@ def test_ep4_alltoall_top4_equivalence_and_other_ep_checkpoint(ep2):
         assert res["saved_map_ranks"] == 2
 
 
+@pytest.mark.slow
 def test_gpt_model_trains_like_unpatched():
     results = run_distributed(_gpt_training, 2, 4, timeout=300)
     for res in results:
@@ -548,24 +553,3 @@ def test_seam_registries():
     with pytest.raises(EPLBPatchError, match="moe_grouped_gemm=False"):
         base.storage_class(type("GroupedMLP", (torch.nn.Module,), {})(), "here")
     assert SequentialMLPStorage.key_prefix == "local_experts."
-
-
-def test_checkpoint_conversion_roundtrip():
-    prefixes = ["a.local_experts.", "b.local_experts."]
-    phy2log = np.array([[0, 1, 2, 0], [2, 1, 0, 1]])
-    logical = {
-        f"{p}{e}.w": torch.full((2,), float(10 * i + e)) for i, p in enumerate(prefixes) for e in range(3)
-    }
-    logical["other"] = torch.ones(1)
-    physical = ckpt.logical_to_physical(logical, phy2log, prefixes)
-    assert physical["b.local_experts.3.w"][0] == 11
-    assert ckpt.physical_to_logical(physical, phy2log, prefixes).keys() == logical.keys()
-    local = ckpt.logical_to_physical(logical, phy2log, prefixes, rank=1, slots_per_rank=2)
-    assert local["a.local_experts.1.w"][0] == 0 and "a.local_experts.2.w" not in local
-    physical["a.local_experts.3.w"] = physical["a.local_experts.3.w"] + 1
-    with pytest.raises(ckpt.CheckpointError, match="differs"):
-        ckpt.physical_to_logical(physical, phy2log, prefixes)
-    with pytest.raises(ckpt.CheckpointError, match="no logical expert 2"):
-        ckpt.logical_to_physical(
-            {k: v for k, v in logical.items() if "b.local_experts.2" not in k}, phy2log, prefixes
-        )

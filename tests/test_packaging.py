@@ -19,12 +19,14 @@ def _run(cwd):
     return out.stdout.split()
 
 
+@pytest.mark.slow
 def test_import_from_checkout():
     patches, package = _run(ROOT)
     assert Path(patches) == ROOT / "patches" / "__init__.py"
     assert Path(package) == ROOT / "megatron_eplb" / "__init__.py"
 
 
+@pytest.mark.slow
 def test_import_from_installed_package(tmp_path):
     probe = subprocess.run(
         [
@@ -45,6 +47,7 @@ def test_import_from_installed_package(tmp_path):
     assert "site-packages" in package
 
 
+@pytest.mark.slow
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "megatron-eplb"
     if not script.exists():
@@ -53,6 +56,7 @@ def test_console_script_is_installed():
     assert "validate-map" in out and "inspect" in out
 
 
+@pytest.mark.slow
 def test_core_imports_neither_megatron_nor_deepspeed():
     code = (
         "import sys, importlib, pkgutil, megatron_eplb\n"

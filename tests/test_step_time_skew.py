@@ -11,8 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+pytestmark = pytest.mark.slow  # a benchmark script in a subprocess
 
 
 def test_step_time_skew_two_gloo_ranks(tmp_path):

@@ -21,6 +21,8 @@ from megatron_eplb.transfer import (
 )
 from megatron_eplb.transfer.testing import FailingTransport
 
+pytestmark = pytest.mark.slow  # every test here starts processes (gloo ranks, the p2p benchmark)
+
 # ------------------------------------------------------------------------------ multi-process executor
 SHAPES = [((3, 4), torch.float32), ((5,), torch.bfloat16), ((2, 2), torch.int64), ((3,), torch.bool)]
 

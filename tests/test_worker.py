@@ -11,6 +11,8 @@ from dist import run_distributed
 from megatron_eplb.placement import ExpertPlacement
 from megatron_eplb.worker import PolicyWorker, PolicyWorkerError, broadcast_placement
 
+pytestmark = pytest.mark.slow  # every test here starts processes (the spawned policy worker, gloo ranks)
+
 
 # Policy functions run in the spawned worker: top-level (picklable by reference).
 def greedy_policy(load, num_slots, num_ranks, previous=None, **options):

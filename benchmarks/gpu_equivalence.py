@@ -8,7 +8,11 @@ identical weights, so the math is the same; in bf16 only the split of an expert'
 
 Usage::
 
-    python benchmarks/gpu_equivalence.py --out DIR      # writes DIR/gpu_equivalence_mcore<version>.json
+    python benchmarks/gpu_equivalence.py --out DIR      # writes DIR/gpu_equivalence.json
+
+``gpu_equivalence.json`` holds one run per megatron-core version (``runs[<version>]``): a run replaces the
+previous run of its version and keeps the others', so one file covers every version measured (the latest run of
+each).  ``passed`` is true when every run in it passed.
 
 Without CUDA it runs on CPU with gloo (``enable_cpu``), as a smoke test of the script itself.
 """
@@ -16,7 +20,6 @@ Without CUDA it runs on CPU with gloo (``enable_cpu``), as a smoke test of the s
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -28,7 +31,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import init_single_rank  # noqa: E402
+from bench_common import build_moe_layer, init_single_rank  # noqa: E402
 
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
 
@@ -63,23 +66,12 @@ def _config(dtype: torch.dtype):
     )
 
 
-def _moe_layer(config, number: int) -> torch.nn.Module:
-    """One MoELayer from ``get_moe_module_spec`` (a ModuleSpec up to 0.17, a functools.partial from 0.18)."""
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-    from megatron.core.transformer.spec_utils import build_module
-
-    spec = get_moe_module_spec(use_te=False, num_experts=E, moe_grouped_gemm=False)
-    if isinstance(spec, functools.partial):
-        return spec(config=config, layer_number=number)
-    return build_module(spec, config=config, layer_number=number)
-
-
 class MoEStack(torch.nn.Module):
     """``LAYERS`` MoE layers with residuals."""
 
     def __init__(self, config, device: torch.device) -> None:
         super().__init__()
-        self.layers = torch.nn.ModuleList([_moe_layer(config, i + 1) for i in range(LAYERS)]).to(device)
+        self.layers = torch.nn.ModuleList([build_moe_layer(config, i + 1) for i in range(LAYERS)]).to(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -193,7 +185,7 @@ def _passed(res: dict, tol: float) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="folder for gpu_equivalence_mcore<version>.json")
+    parser.add_argument("--out", required=True, help="folder for gpu_equivalence.json")
     args = parser.parse_args(argv)
     started = time.time()
     device = init_single_rank()
@@ -236,8 +228,17 @@ def main(argv: list[str] | None = None) -> dict:
     result["seconds"] = round(time.time() - started, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"gpu_equivalence_mcore{version}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = out / "gpu_equivalence.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else {}
+    runs[version] = result
+    merged = {
+        "script": "benchmarks/gpu_equivalence.py",
+        "device": result["device"],
+        "torch": result["torch"],
+        "passed": all(r["passed"] for r in runs.values()),
+        "runs": runs,
+    }
+    path.write_text(json.dumps(merged, indent=2))
     for name, cases in result["cases"].items():
         for case, res in cases.items():
             errs = "  ".join(

@@ -101,7 +101,12 @@ class EPLBConfig:
         "How tokens of a replicated expert pick a copy: 'even' round-robin or 'local_first'.",
         choices=REPLICA_DISPATCH,
     )
-    eplb_log_interval: int = _key(10, "Steps between metric logs.", min=1)
+    eplb_log_interval: int = _key(
+        10,
+        "Steps between the manager's metric logs: realized per-step balancedness beside Megatron's default "
+        "placement on the same steps.",
+        min=1,
+    )
     eplb_transfer_canary: str = _key(
         "off",
         "After each layer's transfer compare every moved slot's checksum with its sender's and roll the layer "

@@ -320,9 +320,8 @@ class ExpertPlacement:
                 raise ExpertMapError(
                     f"{source}: layer {i}: device_count is {layer.get('device_count')} but device_list has {len(devices)}"
                 )
-            if num_ranks is None:
-                num_ranks = len(devices)
-            elif len(devices) != num_ranks:
+            num_ranks = len(devices) if num_ranks is None else num_ranks
+            if len(devices) != num_ranks:
                 raise ExpertMapError(
                     f"{source}: layer {i} has {len(devices)} devices, layer 0 has {num_ranks}"
                 )

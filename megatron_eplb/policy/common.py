@@ -50,22 +50,27 @@ class Problem:
 
     @property
     def num_layers(self) -> int:
+        """``L``: layers of ``load``."""
         return self.load.shape[0]
 
     @property
     def num_experts(self) -> int:
+        """``E``: logical experts per layer."""
         return self.load.shape[1]
 
     @property
     def slots_per_rank(self) -> int:
+        """``S = P / N``."""
         return self.num_slots // self.num_ranks
 
     @property
     def excluded(self) -> tuple[int, ...]:
+        """Ranks that get no experts."""
         return tuple(int(r) for r in np.nonzero(~self.active)[0])
 
     @property
     def num_active_slots(self) -> int:
+        """Slots on ranks that are not excluded."""
         return int(self.active.sum()) * self.slots_per_rank
 
     @property

@@ -54,9 +54,19 @@ class Problem:
         return self.load.shape[0]
 
     @property
+    def excluded(self) -> tuple[int, ...]:
+        """Ranks that get no experts."""
+        return tuple(int(r) for r in np.nonzero(~self.active)[0])
+
+    @property
     def num_experts(self) -> int:
         """``E``: logical experts per layer."""
         return self.load.shape[1]
+
+    @property
+    def dup_unavoidable(self) -> bool:
+        """More slots per rank than experts: some rank must hold two copies of one expert."""
+        return self.slots_per_rank > self.num_experts
 
     @property
     def slots_per_rank(self) -> int:
@@ -64,19 +74,9 @@ class Problem:
         return self.num_slots // self.num_ranks
 
     @property
-    def excluded(self) -> tuple[int, ...]:
-        """Ranks that get no experts."""
-        return tuple(int(r) for r in np.nonzero(~self.active)[0])
-
-    @property
     def num_active_slots(self) -> int:
         """Slots on ranks that are not excluded."""
         return int(self.active.sum()) * self.slots_per_rank
-
-    @property
-    def dup_unavoidable(self) -> bool:
-        """More slots per rank than experts: some rank must hold two copies of one expert."""
-        return self.slots_per_rank > self.num_experts
 
 
 def as_load(load, name: str = "load") -> np.ndarray:

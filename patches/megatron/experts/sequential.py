@@ -35,15 +35,7 @@ class SequentialMLPStorage(ExpertStorage):
         names = self.slot_param_names()
         return {k: v for k, v in self.experts.local_experts[0].state_dict().items() if k not in names}
 
-    def slot_sharded_state_dict(
-        self,
-        k: int,
-        expert: int,
-        num_experts: int,
-        prefix: str,
-        sharded_offsets: tuple,
-        metadata: dict | None,
-    ) -> dict[str, Any]:
+    def slot_sharded_state_dict(self, k, expert, num_experts, prefix, sharded_offsets, metadata) -> dict:
         view = _OneExpertView(self.experts, self.experts.local_experts[k], expert, num_experts)
         original = type(self.experts).sharded_state_dict  # the class's: the instance's is wrapped
         src, dst = f"{prefix}{self.key_prefix}0.", f"{prefix}{self.key_prefix}{k}."

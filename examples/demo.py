@@ -75,6 +75,28 @@ def run(cmd: list[str], what: str, log_path: Path, cuda: bool) -> None:
     print(f"    done in {time.monotonic() - t0:.0f} s", flush=True)
 
 
+def realized_summary(metrics: dict) -> list[str]:
+    """Lines on the realized per-step balancedness (``train.py``'s metrics: the manager's every
+    ``eplb_log_interval`` steps) with EPLB vs Megatron's default placement on the same steps."""
+    rows = metrics.get("realized_balancedness") or []
+
+    def mean(key: str, rows: list[dict]) -> float:
+        return sum(r[key] * r["steps"] for r in rows) / sum(r["steps"] for r in rows)
+
+    out = []
+    for what, part in (
+        ("all steps", rows),
+        ("after the domain switch", [r for r in rows if r["first_step"] > metrics.get("switch_step", 0)]),
+    ):
+        if part:
+            out.append(
+                f"realized balancedness per step, {what} ({part[0]['first_step']}-{part[-1]['last_step']}): "
+                f"{mean('eplb/balancedness_realized', part):.3f} with EPLB vs "
+                f"{mean('eplb/balancedness_default_placement', part):.3f} under Megatron's default placement"
+            )
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -143,10 +165,13 @@ def main(argv=None) -> int:
     print(
         f"    loss: first {losses[0]:.3f}, last {losses[-1]:.3f} over {len(losses)} steps ({metrics['seconds']:.0f} s)"
     )
+    for line in realized_summary(metrics):
+        print("    " + line)
     for r in metrics["rebalances"]:
         print(
-            f"    rebalance at step {r['completed_step']}: {r['outcome']}, balancedness {r['balancedness_before']:.3f} "
-            f"-> {r['balancedness_after']:.3f}, {r['moved_slots']} slots moved"
+            f"    rebalance at step {r['completed_step']}: {r['outcome']}, predicted balancedness "
+            f"{r['balancedness_before']:.3f} -> {r['balancedness_after']:.3f} (on the window it planned from), "
+            f"{r['moved_slots']} slots moved"
         )
     print(
         f"    inference: TTFT p50 {gen['ttft_p50_ms']:.1f} ms, p99 {gen['ttft_p99_ms']:.1f} ms, TPOT mean "

@@ -357,6 +357,8 @@ def train(args: argparse.Namespace) -> dict:
         "losses": losses,
         "rebalances": rebalances,
         "measured_balancedness": measured,
+        "realized_balancedness": manager.realized if manager is not None else [],
+        "switch_step": switch,
         "seconds": time.monotonic() - t_start,
         "placement": handle.placement.phy2log.tolist() if handle is not None else None,
         "eplb": manager.config.to_dict() if manager is not None else None,

@@ -188,6 +188,8 @@ class EPLBManager:
         self.monitor = monitor
         self.step_count = 0
         self.history: list[RebalanceRecord] = []
+        # every eplb_log_interval steps: realized per-step balancedness vs Megatron's default placement
+        self.realized: list[dict[str, float]] = []
         self._rank = dist.get_rank() if dist.is_initialized() else 0
         self._planner_rank = 0
         device = handle.loads().device
@@ -351,13 +353,14 @@ class EPLBManager:
     def _log_realized_balance(self) -> None:
         """Every ``eplb_log_interval`` steps: the realized balancedness of each of those steps (the slot
         counts that were computed) beside Megatron's default placement on the same steps' routing (routing
-        does not depend on the placement). Collective; rank 0 logs and writes to the monitor."""
+        does not depend on the placement). Collective; every rank appends to :attr:`realized`, rank 0 logs
+        and writes to the monitor."""
         logical, per_slot = self.gather_steps(self.config.eplb_log_interval)
-        if self._rank != 0 or not per_slot.sum():
+        steps = [i for i in range(per_slot.shape[0]) if per_slot[i].sum()]
+        if not steps:
             return
         h = self.handle
         default = ExpertPlacement.default(h.num_layers, h.num_experts, h.ep_size, 0)
-        steps = [i for i in range(per_slot.shape[0]) if per_slot[i].sum()]
         realized = [balance_summary(h.placement, per_slot[i], per_slot=True)["mean"] for i in steps]
         baseline = [balance_summary(default, logical[i])["mean"] for i in steps]
         metrics = {
@@ -365,10 +368,16 @@ class EPLBManager:
             "eplb/balancedness_realized_min": float(np.min(realized)),
             "eplb/balancedness_default_placement": float(np.mean(baseline)),
         }
+        first = self.step_count - per_slot.shape[0] + 1
+        self.realized.append(
+            {"first_step": first, "last_step": self.step_count, "steps": len(steps), **metrics}
+        )
+        if self._rank != 0:
+            return
         log.info(
             "EPLB steps %d-%d: realized balancedness per step %.3f (worst %.3f), Megatron's default placement "
             "on the same steps %.3f",
-            self.step_count - per_slot.shape[0] + 1,
+            first,
             self.step_count,
             metrics["eplb/balancedness_realized"],
             metrics["eplb/balancedness_realized_min"],

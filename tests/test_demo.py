@@ -62,6 +62,11 @@ def test_demo_trains_rebalances_records_and_serves(demo):
     summary = stdout[stdout.index("==> summary") :]
     assert f"over {len(losses)} steps" in summary
     assert summary.count("rebalance at step") == len(metrics["rebalances"])
+    # realized per-step balance leads, beside Megatron's default placement on the same steps
+    assert summary.index("realized balancedness per step, all steps") < summary.index("rebalance at step")
+    realized = metrics["realized_balancedness"]
+    assert [r["last_step"] for r in realized] == list(range(10, len(losses) + 1, 10))
+    assert all(0 < r["eplb/balancedness_realized"] <= 1 for r in realized)
     assert "inference: TTFT" in summary and "balancedness" in summary
     assert f"heat map: {out / 'expert_load.png'}" in summary and (out / "expert_load.png").is_file()
     assert list((out / "wandb").glob("offline-run-*/files/media/images/**/*.png"))

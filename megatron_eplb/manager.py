@@ -28,12 +28,10 @@ next optimizer step.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +40,15 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import load_logical_checkpoint, save_logical_checkpoint
+from .comm import new_group_like
 from .config import EPLBConfig
 from .gradients import logical_grad_norm, primary_expert_params
+from .load_window import LoadWindow
 from .optimizer_state import OptimizerSlotState
+from .phases import Gated, Phase, Planning, RebalanceRecord, Recording, State, Transferring
 from .placement import ExpertPlacement
 from .protocols import ExpertModel, OptimizerSlots, Transport
-from .stats import balance_summary, load_similarity, moved_slots
+from .stats import balance_summary, load_similarity, moved_slots, realized_balance
 from .transfer import TransferError, TransferExecutor, plan_transfer
 from .worker import PolicyWorker, PolicyWorkerError, broadcast_placement
 
@@ -65,85 +66,6 @@ __all__ = [
 log = logging.getLogger("megatron_eplb")
 
 CANARY_SAMPLE_WORDS = 65536  # 16-bit words hashed per tensor by the 'sampled' canary
-
-
-class Phase(enum.Enum):
-    RECORDING = "recording"
-    PLANNING = "planning"
-    TRANSFERRING = "transferring"
-    GATED = "gated"  # gate_eplb: the one rebalance is done; loads are still recorded for metrics
-
-
-@dataclass
-class RebalanceRecord:
-    """What one rebalance did (returned by ``step()`` when it completes, kept in ``manager.history``)."""
-
-    started_step: int
-    layers_planned: list[int]
-    completed_step: int | None = None
-    outcome: str = "pending"  # committed | no_change | late_plan | failed_layers
-    layers_committed: list[int] = field(default_factory=list)
-    layers_rolled_back: list[int] = field(default_factory=list)
-    balancedness_before: float = float("nan")  # predicted from the window's counts, old placement
-    balancedness_after: float = float("nan")  # predicted from the window's counts, new placement
-    measured_balancedness_before: float = float("nan")  # per-slot counts actually computed, old placement
-    measured_balancedness_after: float = float("nan")  # per-slot counts of the next window (new placement)
-    old_placement_next_window: float = float("nan")  # what the old placement would have given on that window
-    moved_slots: int = 0
-    moved_bytes: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)  # gather, plan_wait, transfer
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# One object per phase: the data a phase needs lives in its state and nowhere else.
-@dataclass
-class Recording:
-    """Loads are recorded each step; a rebalance starts when one is due."""
-
-    phase: Phase = Phase.RECORDING
-
-
-@dataclass
-class Gated:
-    """``gate_eplb``: the one rebalance is done; loads are still recorded for metrics."""
-
-    phase: Phase = Phase.GATED
-
-
-@dataclass
-class Planning:
-    """The worker plans on ``window_load [L, E]``; the plan is awaited at ``due_step``."""
-
-    record: RebalanceRecord
-    window_load: np.ndarray
-    submitted_at: float
-    due_step: int
-    phase: Phase = Phase.PLANNING
-
-
-@dataclass
-class Transferring:
-    """Layers move from ``old`` to ``new``: queued, then in flight (posted, finished in the layer's forward
-    pre-hook or at the latest before the optimizer step), then committed or rolled back."""
-
-    record: RebalanceRecord
-    window_load: np.ndarray
-    old: ExpertPlacement
-    new: ExpertPlacement
-    plan: Any  # TransferPlan
-    executor: TransferExecutor
-    queue: list[int]
-    in_flight: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # layer -> (transfer, pre-hook)
-    phase: Phase = Phase.TRANSFERRING
-
-    @property
-    def done(self) -> bool:
-        return not self.queue and not self.in_flight
-
-
-State = Recording | Gated | Planning | Transferring
 
 
 class EPLBManager:
@@ -192,15 +114,8 @@ class EPLBManager:
         self.realized: list[dict[str, float]] = []
         self._rank = dist.get_rank() if dist.is_initialized() else 0
         self._planner_rank = 0
-        device = handle.loads().device
-        num_layers, num_experts = handle.num_layers, handle.num_experts
-        window = self.config.eplb_window_size
-        self._device = device
-        self._load_ring = torch.zeros(window, num_layers, num_experts, dtype=torch.int64, device=device)
-        self._slot_ring = torch.zeros(
-            window, num_layers, handle.slots_per_rank, dtype=torch.int64, device=device
-        )
-        self._ring_filled = 0
+        self.window = LoadWindow(handle, self.config.eplb_window_size, load_group)
+        self._device = self.window.device
         self._last_update_load: np.ndarray | None = None  # [L, E] load at each layer's last update
         self._last_rebalance_step = 0
         self._last_rebalance_time = time.monotonic()
@@ -215,7 +130,7 @@ class EPLBManager:
             if self.config.dynamic_eplb and self._rank == self._planner_rank
             else None
         )
-        self._transfer_group = self._new_transfer_group() if self.config.dynamic_eplb else None
+        self._transfer_group = new_group_like(self.handle.ep_group) if self.config.dynamic_eplb else None
         self._completed: list[RebalanceRecord] = []
 
     # ------------------------------------------------------------- the calls
@@ -266,7 +181,7 @@ class EPLBManager:
             self._finish_in_flight(self.state)
         self.state = self._next(self.state, before_count=True)
         self.step_count += 1
-        self._record_step()
+        self.window.record()
         if self.step_count % self.config.eplb_log_interval == 0:
             self._log_realized_balance()
         self.state = self._next(self.state)
@@ -310,68 +225,26 @@ class EPLBManager:
         return by_steps or by_time
 
     # ------------------------------------------------------------- record
-    def _record_step(self) -> None:
-        slot = (self.step_count - 1) % self._load_ring.shape[0]
-        self._load_ring[slot].copy_(self.handle.loads())
-        self._slot_ring[slot].copy_(self.handle.slot_loads())
-        self._ring_filled = min(self._ring_filled + 1, self._load_ring.shape[0])
-        self.handle.reset_loads()
-
     def gather_window(self) -> tuple[np.ndarray, np.ndarray]:
         """Loads of the window summed over every rank that routes tokens (collective over ``load_group``).
 
         Returns (logical ``[L, E]``, measured per physical slot ``[L, P]``), both int64 numpy.
         """
-        logical, per_slot = self._gather(self._load_ring.sum(0), self._slot_ring.sum(0))
-        return logical, per_slot
-
-    def gather_steps(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
-        """The last ``steps`` recorded steps one by one, summed over every rank that routes tokens
-        (collective over ``load_group``).
-
-        Returns (logical ``[k, L, E]``, measured per physical slot ``[k, L, P]``), ``k = min(steps, filled)``,
-        oldest first, int64 numpy.
-        """
-        window = self._load_ring.shape[0]
-        k = min(steps, self._ring_filled)
-        idx = torch.tensor([(self.step_count - k + i) % window for i in range(k)], device=self._device)
-        return self._gather(self._load_ring[idx], self._slot_ring[idx])
-
-    def _gather(self, logical: torch.Tensor, local_slots: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Sum ``logical [..., L, E]`` and this rank's ``local_slots [..., L, S]`` (placed at its slots of
-        ``[..., L, P]``) over ``load_group``."""
-        h = self.handle
-        per_slot = local_slots.new_zeros((*local_slots.shape[:-1], h.placement.num_slots))
-        s = h.slots_per_rank
-        per_slot[..., h.ep_rank * s : (h.ep_rank + 1) * s] = local_slots
-        logical = logical.clone()
-        if dist.is_initialized():
-            dist.all_reduce(logical, group=self.load_group)
-            dist.all_reduce(per_slot, group=self.load_group)
-        return logical.cpu().numpy(), per_slot.cpu().numpy()
+        return self.window.gather()
 
     def _log_realized_balance(self) -> None:
         """Every ``eplb_log_interval`` steps: the realized balancedness of each of those steps (the slot
         counts that were computed) beside Megatron's default placement on the same steps' routing (routing
         does not depend on the placement). Collective; every rank appends to :attr:`realized`, rank 0 logs
         and writes to the monitor."""
-        logical, per_slot = self.gather_steps(self.config.eplb_log_interval)
-        steps = [i for i in range(per_slot.shape[0]) if per_slot[i].sum()]
-        if not steps:
-            return
+        logical, per_slot = self.window.gather_steps(self.config.eplb_log_interval)
         h = self.handle
         default = ExpertPlacement.default(h.num_layers, h.num_experts, h.ep_size, 0)
-        realized = [balance_summary(h.placement, per_slot[i], per_slot=True)["mean"] for i in steps]
-        baseline = [balance_summary(default, logical[i])["mean"] for i in steps]
-        metrics = {
-            "eplb/balancedness_realized": float(np.mean(realized)),
-            "eplb/balancedness_realized_min": float(np.min(realized)),
-            "eplb/balancedness_default_placement": float(np.mean(baseline)),
-        }
+        metrics = realized_balance(h.placement, default, logical, per_slot)
+        if metrics is None:
+            return
         first = self.step_count - per_slot.shape[0] + 1
-        self.realized.append(
-            {"first_step": first, "last_step": self.step_count, "steps": len(steps), **metrics}
-        )
+        self.realized.append({"first_step": first, "last_step": self.step_count, **metrics})
         if self._rank != 0:
             return
         log.info(
@@ -384,7 +257,7 @@ class EPLBManager:
             metrics["eplb/balancedness_default_placement"],
         )
         if self.monitor is not None:
-            self.monitor.log(self.step_count, metrics)
+            self.monitor.log(self.step_count, {k: v for k, v in metrics.items() if k.startswith("eplb/")})
 
     # --------------------------------------------------------------- plan
     def _start_planning(self) -> State:
@@ -434,7 +307,7 @@ class EPLBManager:
         self._log_transition(
             Phase.RECORDING,
             Phase.PLANNING,
-            f"window of {self._ring_filled} steps, {len(layers)} layers to plan",
+            f"window of {self.window.filled} steps, {len(layers)} layers to plan",
         )
         return state
 
@@ -567,7 +440,9 @@ class EPLBManager:
             if problem is None:
                 problem = "its forward did not run before the optimizer step"
             elif self._any_rank(broken):
-                self._transfer_group = self._new_transfer_group()  # a timed-out receive closes gloo's pair
+                self._transfer_group = new_group_like(
+                    self.handle.ep_group
+                )  # a timed-out receive closes gloo's pair
                 executor.group = self._transfer_group
             self._restore(layer, undo)
             record.layers_rolled_back.append(layer)
@@ -601,21 +476,6 @@ class EPLBManager:
         t = torch.tensor([int(flag)], device=self._device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.load_group)
         return bool(t.item())
-
-    def _new_transfer_group(self):
-        """A dedicated process group per EP group (same ranks), so transfers never queue behind the model's
-        collectives. Collective over the world: every rank creates every EP group's copy, in one order."""
-        if not dist.is_initialized():
-            return None
-        mine = dist.get_process_group_ranks(self.handle.ep_group)
-        every: list = [None] * dist.get_world_size()
-        dist.all_gather_object(every, mine)
-        made = None
-        for ranks in sorted({tuple(r) for r in every}):
-            group = dist.new_group(list(ranks))
-            if self._rank in ranks:
-                made = group
-        return made
 
     def _finish(self, state: Planning | Transferring, outcome: str, why: str) -> State:
         """End a rebalance: keep its record, write the map (``expert_map_record_path``), report it; return

@@ -28,6 +28,7 @@ __all__ = [
     "moved_bytes",
     "rank_loads",
     "read_load_file",
+    "realized_balance",
     "slot_loads_from_logical",
 ]
 
@@ -189,3 +190,31 @@ def read_load_file(path: str | os.PathLike, *, keep_dense_rows: bool = False) ->
     if not keep_dense_rows:
         load = load[load.sum(axis=1) > 0]
     return load
+
+
+def realized_balance(
+    placement: ExpertPlacement, default: ExpertPlacement, logical: np.ndarray, per_slot: np.ndarray
+) -> dict | None:
+    """Realized balancedness of ``k`` steps, each on its own, beside ``default`` on the same routing.
+
+    Args:
+        placement: where the slots are (``per_slot``'s columns).
+        default: the placement to compare with (Megatron's: ``ExpertPlacement.default(L, E, N, 0)``).
+        logical: int ``[k, L, E]`` tokens per logical expert, per step.
+        per_slot: int ``[k, L, P]`` tokens each slot computed, per step.
+    Returns:
+        ``eplb/balancedness_realized`` (mean over the steps of each step's mean-over-layers balancedness),
+        ``eplb/balancedness_realized_min`` (the worst step), ``eplb/balancedness_default_placement`` (the
+        mean for ``default``) and ``steps`` (steps with tokens); None when no step had tokens.
+    """
+    steps = [i for i in range(per_slot.shape[0]) if per_slot[i].sum()]
+    if not steps:
+        return None
+    realized = [balance_summary(placement, per_slot[i], per_slot=True)["mean"] for i in steps]
+    baseline = [balance_summary(default, logical[i])["mean"] for i in steps]
+    return {
+        "eplb/balancedness_realized": float(np.mean(realized)),
+        "eplb/balancedness_realized_min": float(np.min(realized)),
+        "eplb/balancedness_default_placement": float(np.mean(baseline)),
+        "steps": len(steps),
+    }

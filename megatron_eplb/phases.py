@@ -1,0 +1,93 @@
+"""The manager's phases: one state object per phase, holding the data that phase needs and nothing else,
+and the record each rebalance leaves (``EPLBManager.history``)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .placement import ExpertPlacement
+
+__all__ = ["Gated", "Phase", "Planning", "RebalanceRecord", "Recording", "State", "Transferring"]
+
+
+class Phase(enum.Enum):
+    RECORDING = "recording"
+    PLANNING = "planning"
+    TRANSFERRING = "transferring"
+    GATED = "gated"  # gate_eplb: the one rebalance is done; loads are still recorded for metrics
+
+
+@dataclass
+class RebalanceRecord:
+    """What one rebalance did (returned by ``step()`` when it completes, kept in ``manager.history``)."""
+
+    started_step: int
+    layers_planned: list[int]
+    completed_step: int | None = None
+    outcome: str = "pending"  # committed | no_change | late_plan | failed_layers
+    layers_committed: list[int] = field(default_factory=list)
+    layers_rolled_back: list[int] = field(default_factory=list)
+    balancedness_before: float = float("nan")  # predicted from the window's counts, old placement
+    balancedness_after: float = float("nan")  # predicted from the window's counts, new placement
+    measured_balancedness_before: float = float("nan")  # per-slot counts actually computed, old placement
+    measured_balancedness_after: float = float("nan")  # per-slot counts of the next window (new placement)
+    old_placement_next_window: float = float("nan")  # what the old placement would have given on that window
+    moved_slots: int = 0
+    moved_bytes: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # gather, plan_wait, transfer
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# One object per phase: the data a phase needs lives in its state and nowhere else.
+@dataclass
+class Recording:
+    """Loads are recorded each step; a rebalance starts when one is due."""
+
+    phase: Phase = Phase.RECORDING
+
+
+@dataclass
+class Gated:
+    """``gate_eplb``: the one rebalance is done; loads are still recorded for metrics."""
+
+    phase: Phase = Phase.GATED
+
+
+@dataclass
+class Planning:
+    """The worker plans on ``window_load [L, E]``; the plan is awaited at ``due_step``."""
+
+    record: RebalanceRecord
+    window_load: np.ndarray
+    submitted_at: float
+    due_step: int
+    phase: Phase = Phase.PLANNING
+
+
+@dataclass
+class Transferring:
+    """Layers move from ``old`` to ``new``: queued, then in flight (posted, finished in the layer's forward
+    pre-hook or at the latest before the optimizer step), then committed or rolled back."""
+
+    record: RebalanceRecord
+    window_load: np.ndarray
+    old: ExpertPlacement
+    new: ExpertPlacement
+    plan: Any  # TransferPlan
+    executor: Any  # TransferExecutor
+    queue: list[int]
+    in_flight: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # layer -> (transfer, pre-hook)
+    phase: Phase = Phase.TRANSFERRING
+
+    @property
+    def done(self) -> bool:
+        return not self.queue and not self.in_flight
+
+
+State = Recording | Gated | Planning | Transferring

@@ -31,58 +31,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..comm import collective_device
 from ..errors import TransferError, TransportError
 from ..protocols import Transport
 from .checksums import slot_sums
 from .plan import LayerTransfer, TransferPlan, local_copy_schedule, message_rounds
+from .staging import SlotLayout, StagingPool, pack, position_groups, staged_tensors, unpack
 from .transport import make_transport
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "LayerHandle", "TransferError", "TransferExecutor"]
 
-_ALIGN = 64  # byte alignment of every tensor inside a staged slot
 #: Default piece size of a peer's message (``TransferExecutor(chunk_bytes=...)``): large enough that NCCL
 #: send/recv runs near its peak rate, small enough that staging the first piece is a small part of a layer.
 DEFAULT_CHUNK_BYTES = 256 << 20
 
 
 # ---------------------------------------------------------------------------------------------- executor
-@dataclass(frozen=True)
-class _SlotLayout:
-    """Where each of a slot's tensors lives inside a staged slot (byte offsets, ``_ALIGN``-aligned)."""
-
-    offsets: tuple[int, ...]
-    nbytes: tuple[int, ...]
-    dtypes: tuple[torch.dtype, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    slot_nbytes: int
-    device: torch.device
-
-    @classmethod
-    def of(cls, tensors: Sequence[torch.Tensor]) -> _SlotLayout:
-        if not tensors:
-            raise ValueError("slot_tensors returned no tensors")
-        offsets, nbytes, pos = [], [], 0
-        for t in tensors:
-            offsets.append(pos)
-            n = t.numel() * t.element_size()
-            nbytes.append(n)
-            pos += -(-n // _ALIGN) * _ALIGN
-        return cls(
-            tuple(offsets),
-            tuple(nbytes),
-            tuple(t.dtype for t in tensors),
-            tuple(tuple(t.shape) for t in tensors),
-            max(pos, _ALIGN),
-            tensors[0].device,
-        )
-
-    def matches(self, tensors: Sequence[torch.Tensor]) -> bool:
-        return (
-            tuple(t.dtype for t in tensors) == self.dtypes
-            and tuple(tuple(t.shape) for t in tensors) == self.shapes
-        )
-
-
 @dataclass
 class LayerHandle:
     """An in-flight layer transfer, returned by :meth:`TransferExecutor.start_layer`.
@@ -99,7 +63,7 @@ class LayerHandle:
     staging_bytes: int = 0
     finished: bool = False
     started_at: float = 0.0
-    _layout: _SlotLayout | None = None
+    _layout: SlotLayout | None = None
     _buffer: torch.Tensor | None = None
     _rounds: list = field(default_factory=list)  # (TransportHandle of a posted round, its receive indices)
     _send_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # into sends
@@ -205,9 +169,7 @@ class TransferExecutor:
         self.checksums = checksums
         self.checksum_words = checksum_words
         backend = str(dist.get_backend(group)).lower()
-        self._collective_device = (
-            torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
-        )
+        self._collective_device = collective_device(group)
         self._stream = None
         if use_side_stream and torch.cuda.is_available() and "nccl" in backend:
             self._stream = torch.cuda.Stream()
@@ -226,9 +188,7 @@ class TransferExecutor:
             self._vote_stream = torch.cuda.Stream()
         # Absorbs finish_layer's stream waits for the receives (the commit waits round by round itself).
         self._wait_stream = torch.cuda.Stream() if self._stream is not None else None
-        self._pool: list[torch.Tensor] = []
-        self._in_flight_bytes = 0
-        self.peak_staging_bytes = 0
+        self._staging = StagingPool()
 
     @property
     def group(self):
@@ -251,28 +211,17 @@ class TransferExecutor:
     @property
     def staging_bytes(self) -> int:
         """Bytes of staging buffers held now (free pool + layers in flight)."""
-        return sum(b.numel() for b in self._pool) + self._in_flight_bytes
+        return self._staging.bytes
 
-    def _take_buffer(self, nbytes: int, device: torch.device) -> torch.Tensor:
-        for i, b in enumerate(self._pool):
-            if b.numel() >= nbytes and b.device == device:
-                buf = self._pool.pop(i)
-                break
-        else:
-            # Replace a too-small free buffer instead of keeping both.
-            self._pool = [b for b in self._pool if b.device != device]
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        self._in_flight_bytes += buf.numel()
-        self.peak_staging_bytes = max(self.peak_staging_bytes, self.staging_bytes)
-        return buf
+    @property
+    def peak_staging_bytes(self) -> int:
+        """The most staging bytes held at once so far."""
+        return self._staging.peak_bytes
 
     def _release(self, handle: LayerHandle, *, reuse: bool) -> None:
-        if handle._buffer is None:
-            return
-        self._in_flight_bytes -= handle._buffer.numel()
-        if reuse:  # after a failure a late message could still land in it: drop it instead
-            self._pool.append(handle._buffer)
-        handle._buffer = None
+        if handle._buffer is not None:
+            self._staging.give_back(handle._buffer, reuse=reuse)
+            handle._buffer = None
 
     # ---------------------------------------------------------------- transfer
     def _stream_ctx(self):
@@ -294,10 +243,10 @@ class TransferExecutor:
             return contextlib.nullcontext()
         return torch.cuda.stream(self._vote_stream)
 
-    def _layout(self, layer: int, local_slot: int) -> _SlotLayout:
-        return _SlotLayout.of(list(self.slot_tensors(layer, local_slot)))
+    def _layout(self, layer: int, local_slot: int) -> SlotLayout:
+        return SlotLayout.of(list(self.slot_tensors(layer, local_slot)))
 
-    def _tensors(self, layer: int, local_slot: int, layout: _SlotLayout) -> list[torch.Tensor]:
+    def _tensors(self, layer: int, local_slot: int, layout: SlotLayout) -> list[torch.Tensor]:
         tensors = list(self.slot_tensors(layer, local_slot))
         if not layout.matches(tensors):
             raise TransferError(
@@ -307,47 +256,6 @@ class TransferExecutor:
                 rank=self.rank,
             )
         return tensors
-
-    @staticmethod
-    def _slot_view(buf: torch.Tensor, index: int, layout: _SlotLayout) -> torch.Tensor:
-        return buf[index * layout.slot_nbytes : (index + 1) * layout.slot_nbytes]
-
-    def _pack(self, buf, index: int, tensors, layout: _SlotLayout, only: Sequence[int] | None = None) -> None:
-        """Copy a slot's ``tensors`` (positions ``only``, default all) into staged slot ``index``."""
-        _copy_tensors(self._staged_tensors(buf, index, layout), tensors, only)
-
-    def _unpack(
-        self, buf, index: int, tensors, layout: _SlotLayout, only: Sequence[int] | None = None
-    ) -> None:
-        """Copy staged slot ``index`` (positions ``only``, default all) into a slot's ``tensors``."""
-        _copy_tensors(tensors, self._staged_tensors(buf, index, layout), only)
-
-    @staticmethod
-    def _position_groups(layout: _SlotLayout, parts: int) -> list[list[int]]:
-        """Split a slot's tensor positions into at most ``parts`` groups of about equal bytes (greedy)."""
-        parts = max(1, min(parts, len(layout.nbytes)))
-        groups: list[list[int]] = [[] for _ in range(parts)]
-        load = [0] * parts
-        for j in sorted(range(len(layout.nbytes)), key=lambda i: -layout.nbytes[i]):
-            g = load.index(min(load))
-            groups[g].append(j)
-            load[g] += layout.nbytes[j]
-        return [sorted(g) for g in groups if g]
-
-    def _staged_tensors(self, buf: torch.Tensor, index: int, layout: _SlotLayout) -> list[torch.Tensor]:
-        """Typed views of staged slot ``index`` (one per slot tensor), cached on the (pooled) buffer: a pack or
-        unpack is then one ``copy_`` per tensor, instead of half a dozen view ops in front of each copy (host
-        time that, at ~2 x slots x tensors copies per layer, is milliseconds per layer)."""
-        cache = buf.__dict__.setdefault("_eplb_views", {})
-        views = cache.get((layout, index))
-        if views is None:
-            view = self._slot_view(buf, index, layout)
-            views = [
-                view[off : off + n].view(dt).view(shape)
-                for off, n, dt, shape in zip(layout.offsets, layout.nbytes, layout.dtypes, layout.shapes)
-            ]
-            cache[(layout, index)] = views
-        return views
 
     def start_layer(self, layer: int) -> LayerHandle:
         """Snapshot this rank's source slots of ``layer`` and post its sends/receives. Returns a handle."""
@@ -388,7 +296,7 @@ class TransferExecutor:
         with self._stream_ctx():
             if caller is not None:
                 self._stream.wait_stream(caller)  # the slots' latest values are visible to the snapshot
-            buf = self._take_buffer(n_staged * layout.slot_nbytes, layout.device)
+            buf = self._staging.take(n_staged * layout.slot_nbytes, layout.device)
             handle._buffer = buf
             handle.staging_bytes = buf.numel()
             nb, base = layout.slot_nbytes, handle._recv_base
@@ -400,7 +308,7 @@ class TransferExecutor:
                     # copies enqueued so far, so the next round's copies overlap this round on the link.
                     for _, first, count in round_sends:
                         for k in range(first, first + count):
-                            self._pack(buf, k, sources[k], layout)
+                            pack(buf, k, sources[k], layout)
                     out = [
                         (peer, buf[first * nb : (first + count) * nb]) for peer, first, count in round_sends
                     ]
@@ -414,7 +322,7 @@ class TransferExecutor:
                         handle._rounds.append((posted, recvs))
                 first_copy = len(send_rows)
                 for j, src in enumerate(copy_srcs):
-                    self._pack(buf, first_copy + j, copy_sources[j], layout)
+                    pack(buf, first_copy + j, copy_sources[j], layout)
                     handle._copy_src[src] = first_copy + j
         return handle
 
@@ -502,11 +410,11 @@ class TransferExecutor:
             if self.checksums:
                 # Sender side of the canary: the word sums of every slot this rank sends or copies, in one
                 # batched device pass, kept on the device (no host sync here; verify_layer reads them).
-                sources = [self._staged_tensors(buf, i, layout) for i in range(len(handle._send_rows))]
+                sources = [staged_tensors(buf, i, layout) for i in range(len(handle._send_rows))]
                 copy_index: dict[int, int] = {}
                 for src, idx in handle._copy_src.items():
                     copy_index[int(src)] = len(sources)
-                    sources.append(self._staged_tensors(buf, idx, layout))
+                    sources.append(staged_tensors(buf, idx, layout))
                 if handle._copy_ops:  # direct copies: the sources are still unwritten here
                     for src in sorted(set(copies[:, 1].tolist())):
                         copy_index[int(src)] = len(sources)
@@ -534,20 +442,20 @@ class TransferExecutor:
                         for j in only:
                             slots[b][j].copy_(slots[a][j], non_blocking=True)
                     elif op == "stage":
-                        self._pack(buf, handle._scratch_base + a, slots[b], layout, only)
+                        pack(buf, handle._scratch_base + a, slots[b], layout, only)
                     else:
-                        self._unpack(buf, handle._scratch_base + a, slots[b], layout, only)
+                        unpack(buf, handle._scratch_base + a, slots[b], layout, only)
                 for index, tensors in writes:
-                    self._unpack(buf, index, tensors, layout, only)
+                    unpack(buf, index, tensors, layout, only)
                 # Then the received slots, round by round: on CUDA this stream waits for one round at a time,
                 # so the writes of a round overlap the later rounds on the link (the vote already passed).
                 for posted, recvs in handle._rounds:
                     if per_round:
                         posted.wait()
                     for i in recvs:
-                        self._unpack(buf, handle._recv_base + i, received[i], layout, only)
+                        unpack(buf, handle._recv_base + i, received[i], layout, only)
 
-            groups = self._position_groups(layout, self.copy_streams)
+            groups = position_groups(layout, self.copy_streams)
             if len(groups) > 1 and self._copy_streams:  # independent tensor positions on parallel streams
                 side = torch.cuda.current_stream()
                 for stream, only in zip(self._copy_streams, groups):
@@ -669,11 +577,3 @@ class TransferExecutor:
             else:
                 out.append((int(transfer.local_copies[i - k, 0]), int(transfer.local_copies[i - k, 2])))
         return sorted(out)
-
-
-def _copy_tensors(
-    dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], only: Sequence[int] | None
-) -> None:
-    """``dst[j].copy_(src[j])`` for the positions ``only`` (default all): same dtype and shape, a byte copy."""
-    for j in range(len(src)) if only is None else only:
-        dst[j].copy_(src[j], non_blocking=True)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 __all__ = [
     "CUDA",
     "Timer",
+    "apply_preset",
     "build_moe_layer",
     "count_calls",
     "environment",
@@ -55,6 +56,15 @@ def init_single_rank() -> torch.device:
     parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
     model_parallel_cuda_manual_seed(1234)
     return torch.device("cuda", 0) if cuda else torch.device("cpu")
+
+
+def apply_preset(args: argparse.Namespace, small: dict, full: dict) -> None:
+    """Fill every flag left unset (None) from the ``small`` preset (``--small``, implied without CUDA) or the
+    ``full`` one; sets ``args.small``."""
+    args.small = args.small or not torch.cuda.is_available()
+    for key, value in (small if args.small else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def count_calls(owner, name: str, events: dict[str, int]) -> None:

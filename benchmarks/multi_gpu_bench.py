@@ -69,9 +69,10 @@ sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402  (examples/data.py: byte-level text domains)
 import train  # noqa: E402  (examples/train.py: model, DeepSpeed config, parallel init)
-from bench_common import count_calls, rotate_policy, time_stats  # noqa: E402
+from bench_common import apply_preset, count_calls, rotate_policy, time_stats  # noqa: E402
 from data import ByteBatches, load_domain  # noqa: E402
 
+from megatron_eplb.comm import collective_device  # noqa: E402
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
 
 log = logging.getLogger("megatron_eplb.multi_gpu_bench")
@@ -138,11 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in FULL.items():
         p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None)
     args = p.parse_args(argv)
-    args.small = args.small or not CUDA
-    preset = SMALL if args.small else FULL
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_preset(args, SMALL, FULL)
     args.dtype = args.dtype or ("bf16" if CUDA else "fp32")
     if args.loss_rtol is None:
         args.loss_rtol = 1e-2 if args.dtype == "bf16" else 1e-4
@@ -205,13 +202,9 @@ def _sync() -> None:
 
 def _max_over_ranks(values: list[float]) -> list[float]:
     """Element-wise max over every rank (the slowest rank sets the pace of a step)."""
-    t = torch.tensor(values, dtype=torch.float64, device=_coll_device())
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.cpu().tolist()
-
-
-def _coll_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
 
 
 def _median(values: list[float]) -> float | None:
@@ -350,7 +343,7 @@ def train_run(name: str, args: argparse.Namespace, ep: int, after=None) -> dict:
     from megatron_eplb.patches import deepspeed as eplb_ds
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = _coll_device()
+    device = collective_device()
     targs = train.parse_args(train_argv(args, ep))
     model = train.build_model(targs, ep)
     if CUDA:
@@ -522,7 +515,7 @@ def p2p_probe(ranks: list[int], group, sizes: list[int], reps: int) -> list[dict
     n = len(ranks)
     i = ranks.index(me)
     nxt, prv = ranks[(i + 1) % n], ranks[(i - 1) % n]
-    device = _coll_device()
+    device = collective_device()
     out = []
     for size in sizes:
         send = torch.ones(size, dtype=torch.uint8, device=device)

@@ -69,6 +69,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import apply_preset  # noqa: E402
+
 CUDA = torch.cuda.is_available()
 KINDS = ("sequential", "grouped")
 FULL = dict(hidden=4096, ffn=2048, experts=64, topk=8, tokens=8192, warmup=5, repeats=30)
@@ -138,11 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
-    args.small = args.small or not CUDA
-    sizes = SMALL if args.small else FULL
-    for key, value in sizes.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_preset(args, SMALL, FULL)
     args.warmup = max(1, args.warmup)  # the first warm-up iteration counts the tokens (with host syncs)
     args.kinds = [k for k in args.kinds.split(",") if k]
     bad = [k for k in args.kinds if k not in KINDS]

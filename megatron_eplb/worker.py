@@ -332,8 +332,9 @@ def broadcast_placement(placement: ExpertPlacement | None, src: int, group=None)
     import torch
     import torch.distributed as dist
 
-    backend = str(dist.get_backend(group)).lower()
-    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+    from .comm import collective_device
+
+    device = collective_device(group)
     header = torch.zeros(6, dtype=torch.int64, device=device)
     if dist.get_rank() == src and placement is not None:
         header[:] = torch.tensor(

@@ -93,7 +93,7 @@ def train_summary(metrics: dict | None) -> dict | None:
     if not metrics:
         return None
     moved = [r for r in metrics.get("rebalances", []) if r.get("outcome") == "committed"]
-    measured = [m["balancedness"] for m in metrics.get("measured_balancedness", [])]
+    measured = [m["eplb/balancedness_realized"] for m in metrics.get("realized_balancedness", [])]
     return {
         "steps": len(metrics["losses"]),
         "loss_first": metrics["losses"][0],

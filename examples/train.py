@@ -236,20 +236,6 @@ def ds_config_for(args: argparse.Namespace) -> dict:
 # ============================================================================ metrics
 
 
-def rank_balancedness(slot_load: torch.Tensor, handle) -> tuple[float, list[float]]:
-    """Measured balancedness from per-slot counts of this rank ``[L, S]`` (collective over EP + DP)."""
-    from megatron_eplb.comm import collective_device
-    from megatron_eplb.stats import balancedness
-
-    full = torch.zeros(handle.num_layers, handle.num_slots, dtype=torch.int64, device=collective_device())
-    s = handle.slots_per_rank
-    full[:, handle.ep_rank * s : (handle.ep_rank + 1) * s] = slot_load
-    dist.all_reduce(full)
-    rl = full.reshape(handle.num_layers, handle.ep_size, s).sum(-1).cpu().numpy()
-    per_layer = balancedness(rl)
-    return float(per_layer.mean()), per_layer.tolist()
-
-
 def make_monitor(args, run_name: str):
     if dist.get_rank() != 0:
         return None
@@ -296,8 +282,7 @@ def train(args: argparse.Namespace) -> dict:
     dev = device()
     mask = causal_mask(args.seq_length).to(dev)
     pos = torch.arange(args.seq_length, device=dev)[None].expand(args.micro_batch_size, -1)
-    losses, rebalances, measured = [], [], []
-    interval_slots = None
+    losses, rebalances = [], []
     t_start = time.monotonic()
     for it in range(1, args.train_iters + 1):
         domain = 0 if it <= switch else 1
@@ -309,9 +294,6 @@ def train(args: argparse.Namespace) -> dict:
         per_token = engine(tokens, pos, mask, labels=labels)
         loss = per_token.float().mean()
         engine.backward(loss)
-        if handle is not None:
-            snap = handle.slot_loads().clone()
-            interval_slots = snap if interval_slots is None else interval_slots + snap
         engine.step()
         value = loss.detach().clone()
         dist.all_reduce(value)
@@ -335,15 +317,12 @@ def train(args: argparse.Namespace) -> dict:
                 )
         if it % args.log_interval == 0 or it == args.train_iters:
             scalars = {"loss": value, "domain": domain}
-            if handle is not None and interval_slots is not None:
-                bal, per_layer = rank_balancedness(interval_slots, handle)
-                measured.append({"step": it, "balancedness": bal, "per_layer": per_layer})
-                scalars["balancedness"] = bal
-                interval_slots = None
+            if manager is not None and manager.realized:  # the manager's last eplb_log_interval steps
+                scalars["balancedness"] = manager.realized[-1]["eplb/balancedness_realized"]
             if rank == 0:
                 elapsed = time.monotonic() - t_start
                 log.info(
-                    "step %4d/%d | %s | loss %.4f | balancedness %s | %.2f s/step",
+                    "step %4d/%d | %s | loss %.4f | realized balancedness %s | %.2f s/step",
                     it,
                     args.train_iters,
                     domains[domain],
@@ -356,7 +335,6 @@ def train(args: argparse.Namespace) -> dict:
     result = {
         "losses": losses,
         "rebalances": rebalances,
-        "measured_balancedness": measured,
         "realized_balancedness": manager.realized if manager is not None else [],
         "switch_step": switch,
         "seconds": time.monotonic() - t_start,

@@ -136,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--switch-at", type=float, default=0.5, help="fraction of --steps")
     p.add_argument("--probe-reps", type=int, default=None, help="repetitions per P2P size (default 20 / 5)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="profile this many steady steps of every run (torch.profiler, after --warmup + 2): rank 0 "
+                        "writes OUT/profile_<run>.txt, the top ops by self host time and by device time")  # fmt: skip
     for key, value in FULL.items():
         p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None)
     args = p.parse_args(argv)
@@ -368,10 +371,19 @@ def train_run(name: str, args: argparse.Namespace, ep: int, after=None) -> dict:
     mask = train.causal_mask(args.seq_length).to(device)
     pos = torch.arange(args.seq_length, device=device)[None].expand(args.micro_batch_size, -1)
     rows, loads, events = [], [], []
+    prof_at = args.warmup + 2 if args.profile_steps > 0 else -1
+    prof = None
     _sync()
     dist.barrier()
     t_run = time.monotonic()
     for it in range(args.steps):
+        if it == prof_at:
+            prof = _profiler()
+            prof.__enter__()
+        elif prof is not None and it == prof_at + args.profile_steps:
+            prof.__exit__(None, None, None)
+            _write_profile(prof, name, args)
+            prof = None
         domain = 0 if it < switch else 1
         tokens, labels = (t.to(device, non_blocking=True) for t in batches[domain].next())
         lr = float(engine.get_lr()[0])  # the lr this step's update uses
@@ -450,6 +462,29 @@ def train_run(name: str, args: argparse.Namespace, ep: int, after=None) -> dict:
             len(out.get("rebalances", [])),
         )  # fmt: skip
     return out
+
+
+def _profiler():
+    """A ``torch.profiler`` over host ops (and CUDA kernels on GPU)."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if CUDA:
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=acts, record_shapes=False)
+
+
+def _write_profile(prof, name: str, args: argparse.Namespace) -> None:
+    """Rank 0: ``OUT/profile_<name>.txt``, the top 40 ops by self host time and by device time."""
+    if dist.get_rank() != 0:
+        return
+    avg = prof.key_averages()
+    text = [f"# {name}: {args.profile_steps} steps after step {args.warmup + 2}"]
+    text.append(avg.table(sort_by="self_cpu_time_total", row_limit=40))
+    if CUDA:
+        text.append(avg.table(sort_by="self_device_time_total", row_limit=40))
+    out = Path(args.out) / f"profile_{name}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(text))
+    log.info("profile of run %s: %s", name, out)
 
 
 def _kind(row: dict) -> str:

@@ -42,8 +42,9 @@ from .transport import make_transport
 __all__ = ["DEFAULT_CHUNK_BYTES", "LayerHandle", "TransferError", "TransferExecutor"]
 
 #: Default piece size of a peer's message (``TransferExecutor(chunk_bytes=...)``): large enough that NCCL
-#: send/recv runs near its peak rate, small enough that staging the first piece is a small part of a layer.
-DEFAULT_CHUNK_BYTES = 256 << 20
+#: send/recv runs near its peak rate (on two H200s 0.83 of one message per layer; 256 MiB pieces gave 0.69),
+#: small enough that staging the first piece is a small part of a layer.
+DEFAULT_CHUNK_BYTES = 512 << 20
 
 
 # ---------------------------------------------------------------------------------------------- executor

@@ -112,7 +112,9 @@ def route_to_slots(
         probs ``[T, P]`` and bool routing map ``[T, P]``.
     """
     num_tokens = routing_map.shape[0]
-    pair_index = routing_map.to(torch.int64).cumsum(dim=0) - 1  # [T, E]
+    # [T, E], scanned as [E, T] along its contiguous last dim: CUDA's scan over dim 0 of a [T, E] tensor took
+    # 1.5 ms per layer at T = 8192, E = 32 on an H200 (6 ms of a 170 ms training step with 4 MoE layers).
+    pair_index = routing_map.t().to(torch.int32).cumsum(dim=1).t() - 1
     copy = (pair_index + offset) % replica_count  # [T, E]
     slot = torch.gather(log2phy.t(), 0, copy)  # [T, E]: slot[t, e] = log2phy[e, copy[t, e]]
     if local_slot is not None:

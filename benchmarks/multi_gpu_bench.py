@@ -18,11 +18,15 @@ What one launch measures, every rank in step (EP = world size unless ``--ep`` sa
   gradient clipping ``grad_clip``): ``off`` (DeepSpeed + Megatron MoE, no EPLB), ``eplb`` (dynamic EPLB,
   default policy, redundant slots), ``rotate`` (dynamic EPLB with a test policy that sends every rank's slots
   to the next rank at every rebalance: forced moves, the worst case for the stall; needs EP >= 2) and, on
-  CUDA, ``off_again`` (the baseline once more: the run-to-run noise band of non-deterministic kernels).
+  CUDA, ``off_again`` (the baseline once more: the run-to-run noise band of non-deterministic kernels);
+  ``off_reordered`` (the baseline with each micro-batch's sequences in reverse order: the same math, every
+  sum over tokens in another order — the noise floor of a reordering, which is what replicas do to an
+  expert's weight gradient: each copy sums its share of the tokens and the copies' sums are added).
   bf16 on GPU, fp32 on CPU.  The text switches domain (code -> Wikipedia) half-way, which shifts the routing;
-* **loss** of every run against ``off``, step by step.  With ``off_again`` (CUDA): the noise band
-  ``|off - off_again|`` per step; ``eplb`` / ``rotate`` pass when their mean and max relative difference
-  from ``off`` are within ``--band-factor`` x ``off_again``'s (or within ``--loss-rtol``, whichever is
+* **loss** of every run against ``off``, step by step.  With ``off_again`` and/or ``off_reordered``: the
+  noise band, per step the larger of ``|off - off_again|`` and ``|off - off_reordered|``; ``eplb`` /
+  ``rotate`` pass when their mean and max relative difference from ``off`` are within ``--band-factor`` x
+  the band's (or within ``--loss-rtol``, whichever is
   larger), and the baseline itself trains smoothly and reproduces within ``--band-max``.  Without it (CPU,
   fp32): every step within ``--loss-rtol`` (strict);
 * **step time**: median over the steps after ``--warmup`` (CUDA events from the start of the forward to
@@ -97,6 +101,8 @@ SMALL = dict(
 )  # fmt: skip
 ADAM = dict(betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0)
 
+RUNS = ("off", "off_again", "off_reordered", "eplb", "rotate")
+REFERENCES = ("off_again", "off_reordered")  # runs without EPLB whose distance from off is the noise band
 TRANSFER_EVENTS = ("start_layer", "finish_layer")
 REBALANCE_KINDS = ("gather", "plan_await", "transfer")
 STALL_TARGET = 1.05
@@ -114,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="directory for the JSON (default: benchmarks/results on CUDA, outputs/multi_gpu on CPU)",
     )
     p.add_argument("--small", action="store_true", help="CPU sizes (implied without CUDA)")
-    p.add_argument("--runs", default=None, help="comma list of off,off_again,eplb,rotate (default: all; "
+    p.add_argument("--runs", default=None, help=f"comma list of {','.join(RUNS)} (default: all; "
                    "off_again only on CUDA); off is always run first")  # fmt: skip
     p.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: world size)")
     p.add_argument(
@@ -123,12 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1])
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, else fp32")
     p.add_argument("--loss-rtol", type=float, default=None,
-                   help="without off_again: max relative loss difference per step vs off; with it: the floor "
+                   help="without a reference run: max relative loss difference per step vs off; with one: the floor "
                         "of the allowed difference (default: 1e-2 bf16, 1e-4 fp32)")  # fmt: skip
     p.add_argument("--band-factor", type=float, default=2.0,
-                   help="eplb/rotate may be this many times as far from off as off_again is")  # fmt: skip
+                   help="eplb/rotate may be this many times as far from off as the band is")  # fmt: skip
     p.add_argument("--band-max", type=float, default=0.05,
-                   help="off_again further than this (max rel.) from off: the comparison is inconclusive")  # fmt: skip
+                   help="a reference run further than this (max rel.) from off: the comparison is inconclusive")  # fmt: skip
     p.add_argument("--max-rise", type=float, default=0.15,
                    help="the baseline trains smoothly when its loss (mean of 5 steps) never rises more than this "
                         "fraction over its lowest so far in a domain (after the lr warmup)")  # fmt: skip
@@ -148,10 +154,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.loss_rtol = 1e-2 if args.dtype == "bf16" else 1e-4
     if args.probe_reps is None:
         args.probe_reps = 20 if CUDA else 5
-    runs = (args.runs or ("off,off_again,eplb,rotate" if CUDA else "off,eplb,rotate")).split(",")
-    unknown = set(runs) - {"off", "off_again", "eplb", "rotate"}
+    runs = (args.runs or ",".join(r for r in RUNS if CUDA or r != "off_again")).split(",")
+    unknown = set(runs) - set(RUNS)
     if unknown:
-        p.error(f"--runs: unknown run(s) {sorted(unknown)}; choose from off, off_again, eplb, rotate")
+        p.error(f"--runs: unknown run(s) {sorted(unknown)}; choose from {', '.join(RUNS)}")
     args.runs = ["off"] + [r for r in runs if r != "off"]
     return args
 
@@ -386,6 +392,8 @@ def train_run(name: str, args: argparse.Namespace, ep: int, after=None) -> dict:
             prof = None
         domain = 0 if it < switch else 1
         tokens, labels = (t.to(device, non_blocking=True) for t in batches[domain].next())
+        if name == "off_reordered":  # the same micro-batch, its sequences in reverse order
+            tokens, labels = tokens.flip(0), labels.flip(0)
         lr = float(engine.get_lr()[0])  # the lr this step's update uses
         _EVENTS.clear()
         phase_before = manager.phase.value if manager is not None else "off"
@@ -652,23 +660,25 @@ def compare_losses(base: list[float], other: list[float], rtol: float) -> dict:
 
 
 def band_compare(
-    base: list[float], again: list[float], other: list[float], factor: float, floor: float
+    base: list[float], references: list[list[float]], other: list[float], factor: float, floor: float
 ) -> dict:
-    """``other`` vs ``base`` against the noise band of the baseline run twice (``again``).
+    """``other`` vs ``base`` against the noise band of the baseline run again (``references``: the rerun, the
+    run on reordered batches).
 
-    Per step ``t``: ``band[t] = |again[t] - base[t]| / |base[t]|`` (the run-to-run noise of non-deterministic
-    kernels), ``rel[t] = |other[t] - base[t]| / |base[t]|``.  ``other`` passes when it is no further from
-    ``base`` than the rerun is, within ``factor``: ``mean(rel) <= max(factor * mean(band), floor)`` and
+    Per step ``t``: ``band[t] = max_r |r[t] - base[t]| / |base[t]|`` (the run-to-run noise of non-deterministic
+    kernels, the noise of summing in another order), ``rel[t] = |other[t] - base[t]| / |base[t]|``.  ``other``
+    passes when it is no further from ``base`` than the references are, within ``factor``:
+    ``mean(rel) <= max(factor * mean(band), floor)`` and
     ``max(rel) <= max(factor * max(band), floor)`` (``floor``: for a band that happens to be ~0).
     ``within_band_frac``: steps with ``rel[t] <= factor * band[t]`` (informational: the per-step band crosses
     zero wherever the two baselines cross; if ``other`` were a third sample of the same noise, about 70 %
     of its steps would be within 2x the band).
     """
-    b, a, o = (np.asarray(x, dtype=np.float64) for x in (base, again, other))
-    n = min(len(b), len(a), len(o))
-    b, a, o = b[:n], a[:n], o[:n]
+    n = min(len(x) for x in (base, other, *references))
+    b, o = np.asarray(base[:n], dtype=np.float64), np.asarray(other[:n], dtype=np.float64)
+    refs = np.asarray([r[:n] for r in references], dtype=np.float64)  # [R, n]
     scale = np.maximum(np.abs(b), 1e-12)
-    band, rel = np.abs(a - b) / scale, np.abs(o - b) / scale
+    band, rel = (np.abs(refs - b) / scale).max(axis=0), np.abs(o - b) / scale
     allowed_max = max(factor * float(band.max()), floor)
     allowed_mean = max(factor * float(band.mean()), floor)
     over = np.flatnonzero(rel > allowed_max)
@@ -726,38 +736,42 @@ def loss_health(losses: list[float], switch: int, lr_warmup: int, max_rise: floa
 def loss_summary(runs: dict, args: argparse.Namespace) -> tuple[dict, dict, dict]:
     """Per run: its comparison with ``off`` and its health; and the verdict ``{mode, pass, why}``.
 
-    With ``off_again`` (mode ``band``): ``off_again`` is the band (it passes when it stays within
-    ``--band-max`` of ``off``), ``eplb``/``rotate`` are held to :func:`band_compare`, and the verdict also
-    needs the baseline to train smoothly (else the comparison measures nothing: ``inconclusive``).  Without it (mode
-    ``rtol``, fp32 on CPU): :func:`compare_losses` at ``--loss-rtol``."""
+    With a reference run (``off_again``, ``off_reordered``; mode ``band``): each reference passes when it stays
+    within ``--band-max`` of ``off``, ``eplb``/``rotate`` are held to :func:`band_compare` against the
+    references, and the verdict also needs the baselines to train smoothly (else the comparison measures
+    nothing: ``inconclusive``).  Without one (mode ``rtol``): :func:`compare_losses` at ``--loss-rtol``."""
     off = runs["off"]["losses"]
     switch = runs["off"]["switch_step"]
     health = {n: loss_health(r["losses"], switch, args.lr_warmup, args.max_rise) for n, r in runs.items()}
     cmp: dict = {}
     why: list[str] = []
-    if "off_again" in runs:
+    refs = [r for r in REFERENCES if r in runs]
+    if refs:
         mode = "band"
-        again = runs["off_again"]["losses"]
-        ref = compare_losses(off, again, args.band_max)
-        ref["mode"] = "band_reference"
-        cmp["off_again"] = ref
+        for name in refs:
+            ref = compare_losses(off, runs[name]["losses"], args.band_max)
+            ref["mode"] = "band_reference"
+            cmp[name] = ref
+            if not ref["pass"]:
+                why.append(
+                    f"inconclusive: {name} is {ref['max_rel']:.3g} from off (> --band-max {args.band_max})"
+                )
+        references = [runs[r]["losses"] for r in refs]
         for name in runs:
-            if name not in ("off", "off_again"):
-                cmp[name] = band_compare(off, again, runs[name]["losses"], args.band_factor, args.loss_rtol)
-        for name in ("off", "off_again"):
+            if name != "off" and name not in refs:
+                cmp[name] = band_compare(
+                    off, references, runs[name]["losses"], args.band_factor, args.loss_rtol
+                )
+        for name in ("off", *refs):
             if not (health[name]["smooth"] and health[name]["finite"]):
-                why.append(f"inconclusive: {name} does not train smoothly (loss spikes or does not fall)")
-        if not ref["pass"]:
-            why.append(
-                f"inconclusive: off_again is {ref['max_rel']:.3g} from off (> --band-max {args.band_max})"
-            )
+                why.insert(0, f"inconclusive: {name} does not train smoothly (loss spikes or does not fall)")
     else:
         mode = "rtol"
         for name in runs:
             if name != "off":
                 cmp[name] = compare_losses(off, runs[name]["losses"], args.loss_rtol)
     for name, c in cmp.items():
-        if name != "off_again" and not c["pass"]:
+        if name not in REFERENCES and not c["pass"]:
             why.append(f"{name}: further from off than allowed (first at step {c['first_step_over']})")
     verdict = {"mode": mode, "pass": not why, "why": why}
     return cmp, health, verdict
@@ -909,7 +923,7 @@ def _loss_cell(c: dict | None) -> str:
         return "–"
     verdict = "pass" if c["pass"] else "FAIL"
     if c["mode"] == "band_reference":
-        return f"{c['mean_rel']:.2e} / {c['max_rel']:.2e} (the band; ≤ {c['rtol']:g}: {verdict})"
+        return f"{c['mean_rel']:.2e} / {c['max_rel']:.2e} (a reference; ≤ {c['rtol']:g}: {verdict})"
     if c["mode"] == "band":
         return (
             f"{c['mean_rel']:.2e} / {c['max_rel']:.2e} ({_x(c['mean_vs_band'])} / "
@@ -957,7 +971,8 @@ def table(result: dict) -> str:
     stall = {n: _stall_cells(s, n) for n in names}
     moves = {n: runs[n].get("slot_moves_in_training") for n in names}
     bal = s["balancedness"]
-    band = " (vs the off / off_again band)" if s["loss_check"]["mode"] == "band" else ""
+    refs = [r for r in REFERENCES if r in runs]
+    band = f" (vs the band of {' / '.join(refs)})" if s["loss_check"]["mode"] == "band" else ""
     rows = [
         ("median step (ms)", [_f(s["step_median_ms"][n], ".2f") for n in names]),
         (

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RUNS = ("off", "eplb", "rotate")
+RUNS = ("off", "off_reordered", "eplb", "rotate")
+LONG = 100  # steps of the two-rank launch: the loss check holds over a long run
 # The bf16 GPU runs of the old recipe (lr 3e-3, no warmup): every run, off_again included, diverged.
 DIVERGED = [5.9, 5.0, 12.2, 9.0, 7.0, 11.2, 13.0, 8.0, 4.9, 6.0]
 
@@ -39,17 +40,21 @@ def test_band_compare_holds_a_run_to_the_noise_of_the_baseline_rerun():
     base = [5.0, 4.0, 3.0, 2.5, 2.4]
     again = [5.0, 4.01, 3.01, 2.49, 2.41]  # the band: ~0.3 % per step
     close = [5.0, 4.005, 3.02, 2.51, 2.4]
-    c = b.band_compare(base, again, close, factor=2.0, floor=1e-3)
+    c = b.band_compare(base, [again], close, factor=2.0, floor=1e-3)
     assert c["mode"] == "band" and c["pass"] and c["steps"] == 5 and c["first_step_over"] is None
     assert c["band_max_rel"] == pytest.approx(0.01 / 2.4) and c["max_rel"] == pytest.approx(0.02 / 3.0)
     assert c["max_vs_band"] == pytest.approx(c["max_rel"] / c["band_max_rel"])
     assert c["within_band_frac"] == 1.0
-    far = b.band_compare(base, again, [5.0, 4.3, 3.5, 2.9, 2.8], factor=2.0, floor=1e-3)
+    far = b.band_compare(base, [again], [5.0, 4.3, 3.5, 2.9, 2.8], factor=2.0, floor=1e-3)
     assert not far["pass"] and far["first_step_over"] == 1 and far["within_band_frac"] == pytest.approx(0.2)
     # A baseline that reproduces bitwise: the floor (--loss-rtol) is the allowance.
-    same = b.band_compare(base, base, [5.0, 4.0, 3.0, 2.5, 2.4 * (1 + 5e-4)], factor=2.0, floor=1e-3)
+    same = b.band_compare(base, [base], [5.0, 4.0, 3.0, 2.5, 2.4 * (1 + 5e-4)], factor=2.0, floor=1e-3)
     assert same["pass"] and same["allowed_max_rel"] == 1e-3 and same["max_vs_band"] is None
-    assert not b.band_compare(base, base, [5.0, 4.0, 3.0, 2.5, 2.5], factor=2.0, floor=1e-3)["pass"]
+    assert not b.band_compare(base, [base], [5.0, 4.0, 3.0, 2.5, 2.5], factor=2.0, floor=1e-3)["pass"]
+    # Several references: the band is their largest distance from the baseline at each step.
+    wide = [5.0, 4.0, 3.05, 2.5, 2.4]
+    two = b.band_compare(base, [again, wide], close, factor=2.0, floor=1e-3)
+    assert two["band_max_rel"] == pytest.approx(0.05 / 3.0) and two["band_mean_rel"] > c["band_mean_rel"]
 
 
 def test_loss_health_flags_a_divergence_and_passes_a_smooth_run():
@@ -161,7 +166,7 @@ def _launch(out: Path, world: int, *flags: str) -> tuple[dict, str]:
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    return _launch(tmp_path_factory.mktemp("multi_gpu"), 2)
+    return _launch(tmp_path_factory.mktemp("multi_gpu"), 2, "--steps", str(LONG), "--rebalance-every", "20")
 
 
 @pytest.mark.slow
@@ -174,7 +179,7 @@ def test_environment_and_setup_are_recorded(bench):
         assert env[key], key
     assert r["setup"]["dtype"] == "fp32" and r["setup"]["eplb"]["dynamic_eplb"] is True
     assert r["skipped"] == {}
-    assert "| median step (ms) |" in stdout and "loss comparison (rtol): PASS" in stdout
+    assert "| median step (ms) |" in stdout and "loss comparison (band): PASS" in stdout
     assert "| worst rebalance step" in stdout and "recipe: AdamW" in stdout
 
 
@@ -194,7 +199,10 @@ def test_the_recipe_is_explicit_and_the_lr_warms_up(bench):
 
 
 @pytest.mark.slow
-def test_losses_equal_step_by_step(bench):
+def test_losses_within_the_noise_of_reordered_batches_over_a_long_run(bench):
+    """With replicas an expert's weight gradient is summed in another order (each copy sums its tokens, then
+    the copies are added), so fp32 losses cannot be bitwise equal; over 100 steps and 4 rebalances they stay
+    as close to the run without EPLB as that run is to itself on the same batches in reverse order."""
     r, _ = bench
     assert set(RUNS) <= set(r["runs"])
     steps = r["setup"]["steps"]
@@ -203,12 +211,20 @@ def test_losses_equal_step_by_step(bench):
         health = r["summary"]["loss_health"][name]
         assert health["finite"] and len(health["domains"]) == 2
         assert all(d["last"] < d["first"] for d in health["domains"]), health
+    assert steps == LONG
     check = r["summary"]["loss_check"]
-    assert check == {"mode": "rtol", "pass": True, "why": []} and r["summary"]["loss_pass"]
+    assert check == {"mode": "band", "pass": True, "why": []} and r["summary"]["loss_pass"]
+    ref = r["summary"]["loss"]["off_reordered"]
+    assert ref["mode"] == "band_reference" and 0 < ref["max_rel"] < 1e-5  # a reordering shows, and is small
     for name in ("eplb", "rotate"):
         cmp = r["summary"]["loss"][name]
-        assert cmp["mode"] == "rtol" and cmp["pass"] and cmp["steps"] == steps
-        assert cmp["max_rel"] <= cmp["rtol"] and cmp["mean_rel"] <= cmp["max_rel"], cmp
+        assert cmp["mode"] == "band" and cmp["pass"] and cmp["steps"] == steps
+        assert (
+            r["runs"][name]["redundant_slots"] > 0
+            and r["runs"][name]["slot_moves_in_training"]["committed"] >= 4
+        )
+        # Held to the band itself, not to the --loss-rtol floor that passes it too.
+        assert cmp["max_rel"] <= 2 * cmp["band_max_rel"] and cmp["mean_rel"] <= 2 * cmp["band_mean_rel"], cmp
 
 
 @pytest.mark.slow
@@ -266,7 +282,7 @@ def test_p2p_probe_and_slot_moves(bench):
 @pytest.mark.slow
 def test_one_process_ep1_skips_what_needs_a_peer(tmp_path):
     """One GPU (here one CPU process): EP = 1 runs off and eplb, and says why rotate and the probes are skipped."""
-    r, stdout = _launch(tmp_path, 1, "--steps", "24", "--rebalance-every", "8")
+    r, stdout = _launch(tmp_path, 1, "--steps", "24", "--rebalance-every", "8", "--runs", "off,eplb,rotate")
     assert r["env"]["world_size"] == 1 and r["env"]["ep_size"] == 1
     assert list(r["runs"]) == ["off", "eplb"] and r["setup"]["runs"] == ["off", "eplb"]
     assert set(r["skipped"]) == {"rotate", "p2p_probe", "slot_move_probe"}

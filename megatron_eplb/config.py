@@ -28,7 +28,7 @@ __all__ = ["EPLBConfig", "EPLBConfigError", "add_eplb_args", "POLICIES", "REPLIC
 # The choice lists of the keys below.  Policy names come from the policy registry
 # (megatron_eplb.policy.policy_names) and node-locality modes from megatron_eplb.policy.NODE_LOCALITY; the
 # other two are defined here, once: every user (the Megatron patch, the CLI, the docs) reads them from here.
-REPLICA_DISPATCH = ("even", "local_first")  # how tokens of a replicated expert pick a copy
+REPLICA_DISPATCH = ("even", "local_first", "balanced")  # how tokens of a replicated expert pick a copy
 CANARY = ("sampled", "full", "off")  # eplb_transfer_canary
 
 
@@ -98,7 +98,9 @@ class EPLBConfig:
     )
     eplb_replica_dispatch: str = _key(
         "even",
-        "How tokens of a replicated expert pick a copy: 'even' round-robin or 'local_first'.",
+        "How tokens of a replicated expert pick a copy: 'even' round-robin, 'local_first' (a copy on the "
+        "token's rank), or 'balanced' (per-batch shares: each batch's exact global counts, one small all-gather "
+        "per MoE layer and forward, split so that the batch's busiest rank is as light as the placement allows).",
         choices=REPLICA_DISPATCH,
     )
     eplb_log_interval: int = _key(

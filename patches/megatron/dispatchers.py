@@ -94,11 +94,14 @@ def route_to_slots(
     *,
     offset: int = 0,
     local_slot: torch.Tensor | None = None,
+    split: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Map logical routing to physical slots (a pure function, differentiable in ``probs``).
 
     The ``i``-th pair (in token order) routed to expert ``e`` goes to copy ``(i + offset) % c_e``; with
-    ``local_slot`` a pair goes to ``local_slot[e]`` where that is ``>= 0``.
+    ``local_slot`` a pair goes to ``local_slot[e]`` where that is ``>= 0``; with ``split = (first, bounds)``
+    (per-batch shares, :mod:`megatron_eplb.replica_split`) it goes to copy
+    ``#{c : bounds[e, c] <= first[e] + i}``.
 
     Args:
         probs: ``[T, E]`` routing probabilities (zero where not routed).
@@ -108,12 +111,20 @@ def route_to_slots(
         num_slots: ``P``.
         offset: round-robin start (the EP rank, so leftovers spread over copies).
         local_slot: optional int64 ``[E]``.
+        split: optional ``(first [E], bounds [E, C-1])`` int64: the global position of this rank's first pair
+            of each expert, and where each copy's run of the expert's pairs ends
+            (:func:`~megatron_eplb.replica_split.source_offsets`, :func:`~megatron_eplb.replica_split.copy_bounds`).
     Returns:
         probs ``[T, P]`` and bool routing map ``[T, P]``.
     """
     num_tokens = routing_map.shape[0]
     pair_index = routing_map.to(torch.int64).cumsum(dim=0) - 1  # [T, E]
-    copy = (pair_index + offset) % replica_count  # [T, E]
+    if split is not None:
+        first, bounds = split
+        position = (pair_index + first).t().contiguous()  # [E, T]
+        copy = torch.searchsorted(bounds, position, right=True).t()  # [T, E]
+    else:
+        copy = (pair_index + offset) % replica_count  # [T, E]
     slot = torch.gather(log2phy.t(), 0, copy)  # [T, E]: slot[t, e] = log2phy[e, copy[t, e]]
     if local_slot is not None:
         slot = torch.where(local_slot >= 0, local_slot, slot)

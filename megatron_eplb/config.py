@@ -109,6 +109,11 @@ class EPLBConfig:
         "placement on the same steps.",
         min=1,
     )
+    eplb_trace_path: str | None = _key(
+        None,
+        "Record every step's token counts per MoE layer, expert and source rank to this .npz trace (written by "
+        "rank 0 when the manager closes) for `megatron-eplb replay`.",
+    )
     eplb_transfer_canary: str = _key(
         "off",
         "After each layer's transfer compare every moved slot's checksum with its sender's and roll the layer "

@@ -157,43 +157,50 @@ def balanced_shares(
     """Tokens of each copy for this batch: the busiest rank as light as the placement allows.
 
     Args:
-        load: int64 ``[E]`` this batch's global tokens per logical expert (summed over the EP group).
+        load: int64 ``[..., E]`` this batch's global tokens per logical expert (summed over the EP group);
+            leading dimensions are independent batches (the replay splits many steps at once).
         tables: the layer's :class:`ReplicaTables` (same device as ``load``).
         iterations: water-filling rounds (a fixed op count: about ``30 * iterations`` small kernels).
     Returns:
-        int64 ``[E, C]`` tokens per copy (rows sum to ``load``; an expert with one copy keeps all on copy 0).
-        Deterministic: equal inputs give bitwise equal outputs on any device.
+        int64 ``[..., E, C]`` tokens per copy (rows sum to ``load``; an expert with one copy keeps all on
+        copy 0; never a busier busiest rank than :func:`even_shares`).  Deterministic: equal inputs give
+        bitwise equal outputs on any device.
     """
     load = load.to(torch.int64)
     copy_rank, copy_count, single_rank, replicated, n = tables
-    copies = copy_rank.shape[1]
-    shares = even_shares(load, copy_count, copies)
+    num_experts, copies = copy_rank.shape
+    shares = even_shares(load, copy_count, copies)  # [..., E, C]
     if replicated.numel() == 0 or iterations <= 0:
         return shares
-    fixed = torch.zeros(n + 1, dtype=torch.int64, device=load.device).index_add_(0, single_rank, load)
+    batch = load.shape[:-1]
+    load = load.reshape(-1, num_experts)  # [B, E]
+    shares = shares.reshape(-1, num_experts, copies)  # [B, E, C]
+    b = load.shape[0]
+    fixed = load.new_zeros(b, n + 1).index_add_(1, single_rank, load)  # [B, N + 1]
     rank = copy_rank.index_select(0, replicated)  # [K, C]
     missing = rank == n
-    amount = load.index_select(0, replicated)  # [K]
-    x = shares.index_select(0, replicated)  # [K, C]
+    amount = load.index_select(1, replicated).reshape(-1)  # [B * K]
+    x = shares.index_select(1, replicated)  # [B, K, C]
     flat_rank = rank.reshape(-1)
     for _ in range(iterations):
-        rank_load = fixed.index_add(0, flat_rank, x.reshape(-1))  # [N + 1]
-        others = (rank_load.index_select(0, flat_rank).view_as(x) - x).masked_fill(missing, _BIG)
-        step = water_fill(others, amount) - x  # every replicated expert water-filled, the others held
+        rank_load = fixed.index_add(1, flat_rank, x.reshape(b, -1))  # [B, N + 1]
+        others = (rank_load.index_select(1, flat_rank).view_as(x) - x).masked_fill(missing, _BIG)
+        # every replicated expert water-filled with the others held
+        step = water_fill(others.reshape(-1, copies), amount).view_as(x) - x
         # Exact line search of sum(rank_load ** 2) along the step: alpha = -<L, D> / <D, D>, in [0, 1].  The
         # dot products are exact integers (< 2**53), so alpha is the same double on every device.
-        change = torch.zeros_like(rank_load).index_add_(0, flat_rank, step.reshape(-1))[:n]
-        num = -(rank_load[:n] * change).sum()
-        den = (change * change).sum().clamp(min=1)
-        alpha = (num.double() / den.double()).clamp(0.0, 1.0)
+        change = torch.zeros_like(rank_load).index_add_(1, flat_rank, step.reshape(b, -1))[:, :n]
+        num = -(rank_load[:, :n] * change).sum(dim=1)
+        den = (change * change).sum(dim=1).clamp(min=1)
+        alpha = (num.double() / den.double()).clamp(0.0, 1.0).view(b, 1, 1)
         # Moving the cumulative shares keeps every row's sum exact (both ends at ``amount``) and >= 0.
-        before = x.cumsum(dim=1)
-        after = before + torch.floor(alpha * step.cumsum(dim=1).double()).to(torch.int64)
-        x = torch.diff(after, dim=1, prepend=torch.zeros_like(after[:, :1]))
-    balanced = shares.index_copy(0, replicated, x)
+        before = x.cumsum(dim=2)
+        after = before + torch.floor(alpha * step.cumsum(dim=2).double()).to(torch.int64)
+        x = torch.diff(after, dim=2, prepend=torch.zeros_like(after[..., :1]))
+    balanced = shares.index_copy(1, replicated, x)
     # The steps minimise the sum of squares, not the max: never hand back worse than the even split.
-    worse = rank_loads_of_shares(balanced, tables).max() > rank_loads_of_shares(shares, tables).max()
-    return torch.where(worse, shares, balanced)
+    worse = rank_loads_of_shares(balanced, tables).amax(-1) > rank_loads_of_shares(shares, tables).amax(-1)
+    return torch.where(worse.view(b, 1, 1), shares, balanced).reshape(*batch, num_experts, copies)
 
 
 def copy_bounds(shares: torch.Tensor) -> torch.Tensor:
@@ -220,9 +227,11 @@ def source_offsets(counts: torch.Tensor) -> torch.Tensor:
 
 
 def rank_loads_of_shares(shares: torch.Tensor, tables: ReplicaTables) -> torch.Tensor:
-    """int64 ``[N]`` tokens each rank computes under ``shares`` (int64 ``[E, C]``)."""
-    out = torch.zeros(tables.num_ranks + 1, dtype=torch.int64, device=shares.device)
-    return out.index_add_(0, tables.copy_rank.reshape(-1), shares.reshape(-1))[:-1]
+    """int64 ``[..., N]`` tokens each rank computes under ``shares`` (int64 ``[..., E, C]``)."""
+    batch = shares.shape[:-2]
+    flat = shares.reshape(-1, tables.copy_rank.numel())
+    out = flat.new_zeros(flat.shape[0], tables.num_ranks + 1)
+    return out.index_add_(1, tables.copy_rank.reshape(-1), flat)[:, :-1].reshape(*batch, tables.num_ranks)
 
 
 # ----------------------------------------------------------------------------------- the exact ceiling

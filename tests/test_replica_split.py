@@ -179,3 +179,16 @@ def test_runs_on_cuda_like_on_cpu():
     cpu = balanced_shares(load, replica_tables(row, 8, 64))
     gpu = balanced_shares(load.cuda(), replica_tables(row, 8, 64, "cuda"))
     assert torch.equal(cpu, gpu.cpu())
+
+
+def test_batched_loads_split_like_one_at_a_time():
+    rng = np.random.default_rng(4)
+    row = rebalance(rng.gamma(0.5, size=(1, 32)) * 1000, 40, 8, policy="greedy").phy2log[0]
+    tables = replica_tables(row, 8, 32)
+    loads = torch.as_tensor(rng.integers(0, 800, size=(3, 5, 32)))
+    batched = balanced_shares(loads, tables)
+    assert batched.shape == (3, 5, 32, tables.copy_rank.shape[1])
+    for i in range(3):
+        for j in range(5):
+            assert torch.equal(batched[i, j], balanced_shares(loads[i, j], tables))
+    assert rank_loads_of_shares(batched, tables).shape == (3, 5, 8)

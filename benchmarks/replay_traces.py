@@ -4,7 +4,8 @@
 
 Traces: ``examples/traces/demo_train_ep2.npz`` (training, code -> Wikipedia, EP 2) and
 ``demo_serve_ep2.npz`` (serving code prompts from that checkpoint), replayed at EP 2, 4 and 8 with one
-redundant slot per rank; re-plan every 40 steps on the last 40.  The real files have no time axis
+redundant slot per rank; re-plan every 40 steps on the last 40 (from their sum, and time-resolved: from
+their steps, ``megatron_eplb.policy.time_resolved``).  The real files have no time axis
 (each is one accumulated histogram): the DeepSeek-V3 files (SGLang, 58 MoE layers x 256 experts) are
 taken as consecutive "steps" in the order prefill 512, prefill 2048, decode 1000/1000, decode 1800/100, and
 OLMoE's five text domains (3 layers x 64 experts) in the order arxiv, book, c4, github, wikipedia; each
@@ -38,9 +39,8 @@ def cases(real: Path) -> list[tuple[str, np.ndarray, list[tuple[int, int]], dict
     for name in ("demo_train_ep2", "demo_serve_ep2"):
         path = REPO / "examples" / "traces" / f"{name}.npz"
         if path.is_file():
-            out.append(
-                (name, read_trace(path).loads(), [(2, 2), (4, 4), (8, 8)], dict(interval=40, window=40))
-            )
+            options = dict(interval=40, window=40, time_resolved=True)
+            out.append((name, read_trace(path).loads(), [(2, 2), (4, 4), (8, 8)], options))
     ds = real / "sglang_deepseek_v3"
     if all((ds / f"{n}.json").is_file() for n in DEEPSEEK):
         loads = read_traces([ds / f"{n}.json" for n in DEEPSEEK]).loads()

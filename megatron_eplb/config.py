@@ -85,6 +85,12 @@ class EPLBConfig:
         "Node-aware placement: 'strict' keeps every copy on its group's node, 'relaxed' only the primary copy.",
         choices=NODE_LOCALITY,
     )
+    eplb_time_resolved: bool = _key(
+        False,
+        "Plan from the window's per-step loads, not only their sum: per layer the placement with the lowest "
+        "expected busiest rank per step under the balanced split (policy/time_resolved.py); a re-plan of a "
+        "stationary workload moves nothing.",
+    )
     eplb_window_size: int = _key(100, "Steps of load kept in the sliding window the planner sees.", min=1)
     eplb_worker_timeout: float = _key(
         30.0, "Seconds the awaited plan may be late before this rebalance is skipped.", gt=0

@@ -287,6 +287,9 @@ class EPLBManager:
             last.measured_balancedness_after = record.measured_balancedness_before
             if self._placement_before_last is not None:
                 last.old_placement_next_window = balance_summary(self._placement_before_last, load)["mean"]
+        step_loads = None
+        if cfg.eplb_time_resolved and layers:  # the window's steps one by one (collective)
+            step_loads, _ = self.window.gather_steps(self.window.filled)
         record.seconds["gather"] = time.monotonic() - t0
         self._last_rebalance_step = self.step_count
         self._last_rebalance_time = time.monotonic()
@@ -303,17 +306,16 @@ class EPLBManager:
                 allow_same_rank_copies=True,
                 validate=False,
             )
-            self._worker.submit(
-                load[layers].astype(np.float64),
-                sub,
-                dict(
-                    num_nodes=cfg.eplb_num_nodes,
-                    num_groups=cfg.eplb_num_groups,
-                    policy=cfg.eplb_policy,
-                    churn_weight=cfg.eplb_churn_weight,
-                    node_locality=cfg.eplb_node_locality,
-                ),
+            options = dict(
+                num_nodes=cfg.eplb_num_nodes,
+                num_groups=cfg.eplb_num_groups,
+                policy=cfg.eplb_policy,
+                churn_weight=cfg.eplb_churn_weight,
+                node_locality=cfg.eplb_node_locality,
             )
+            if step_loads is not None:  # policy.time_resolved.plan_for_steps in the worker
+                options["step_loads"] = step_loads[:, layers].astype(np.float64)
+            self._worker.submit(load[layers].astype(np.float64), sub, options)
         state.submitted_at = time.monotonic()
         self._log_transition(
             Phase.RECORDING,

@@ -72,7 +72,15 @@ def main(argv=None) -> int:
             result["trace"] = name
             print(f"\n== {name}\n{format_table(result)}", flush=True)
             if args.plots and ep == 4 and name == "demo_train_ep2":
-                plot(result, str(Path(args.plots) / f"replay_{name}_ep{ep}.png"), f"{name}: EP {ep}, R={r}")
+                shown = [
+                    "default",
+                    "low_churn even",
+                    "low_churn balanced",
+                    "low_churn time-resolved balanced",
+                ]
+                shown += ["greedy balanced", "oracle (per-step plan)"]
+                png = str(Path(args.plots) / f"replay_{name}_ep{ep}.png")
+                plot(result, png, f"{name}: EP {ep}, R={r}", shown)
             for row in result["rows"]:
                 del row["per_step"]  # the summaries are enough here
             results.append(result)

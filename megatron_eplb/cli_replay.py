@@ -42,26 +42,29 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: str, title: str) -> None:
-    """Per-step balancedness of every row (PNG; matplotlib)."""
+def plot(result: dict, path: str, title: str, names: list[str] | None = None) -> None:
+    """Per-step balancedness of every row (or of the rows in ``names``), PNG (matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.8))
-    for row in result["rows"]:
+    rows = [r for r in result["rows"] if names is None or r["name"] in names]
+    colors = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    for i, row in enumerate(rows):
         style = "--" if row["split"] == "best" else ":" if row["name"].startswith("oracle") else "-"
         values = np.asarray(row["per_step"])
+        label = f"{row['name']} ({row['mean']:.3f})"
         ax.plot(
-            np.arange(1, len(values) + 1), values, style, lw=1.2, label=f"{row['name']} ({row['mean']:.3f})"
+            np.arange(1, len(values) + 1), values, style, lw=1.1, color=colors[i % len(colors)], label=label
         )
     ax.set_xlabel("step")
     ax.set_ylabel("balancedness (mean / max rank load)")
-    ax.set_title(title)
+    ax.set_title(f"{title}  (legend: mean from step {result['config']['summary_from_step']})")
     ax.set_ylim(top=1.005)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -182,10 +182,11 @@ def generate(args: argparse.Namespace) -> dict:
     if handle is not None:
         handle.reset_loads()
         eplb = EPLBConfig.from_args(args)
-        if eplb.dynamic_eplb:
+        if eplb.dynamic_eplb or eplb.eplb_trace_path:  # a static map with a trace: the manager records only
             from megatron_eplb.manager import EPLBManager
 
             manager = EPLBManager(handle, eplb)
+            manager.trace_meta.update(script="examples/generate.py", domains=[args.domain])
     for _ in range(max(1, args.requests // args.batch_size)):
         tokens = data.next()[0].to(device())
         dist.barrier()
@@ -235,7 +236,7 @@ def generate(args: argparse.Namespace) -> dict:
             result["tpot_mean_ms"],
             ""
             if handle is None
-            else f" | balancedness {result['balancedness']:.3f} with {'dynamic EPLB' if manager else 'the recorded map'}"
+            else f" | balancedness {result['balancedness']:.3f} with {'dynamic EPLB' if manager and manager.config.dynamic_eplb else 'the recorded map'}"
             f" (default placement without replicas on the same loads: "
             f"{result['balancedness_default_placement']:.3f})",
         )

@@ -279,6 +279,8 @@ def train(args: argparse.Namespace) -> dict:
         for d in domains
     ]
     switch = int(args.train_iters * args.switch_at) if len(domains) > 1 else args.train_iters + 1
+    if manager is not None:  # what eplb_trace_path's file says about the data
+        manager.trace_meta.update(script="examples/train.py", domains=domains, switch_after_step=switch)
     dev = device()
     mask = causal_mask(args.seq_length).to(dev)
     pos = torch.arange(args.seq_length, device=dev)[None].expand(args.micro_batch_size, -1)

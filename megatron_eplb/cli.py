@@ -3,7 +3,8 @@
 The commands live in their own modules, which never import this one:
 
 - :mod:`.cli_map`: ``validate-map``, ``inspect``;
-- :mod:`.cli_policy`: ``plan``, ``evaluate``, ``simulate``.
+- :mod:`.cli_policy`: ``plan``, ``evaluate``, ``simulate``;
+- :mod:`.cli_replay`: ``replay``.
 
 A command raises :class:`~megatron_eplb.errors.CLIError` for bad input; :func:`main` prints it as one line
 and returns exit code 2.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cli_map, cli_policy
+from . import cli_map, cli_policy, cli_replay
 from .errors import CLIError
 
 __all__ = ["main", "build_parser", "CLIError"]
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     cli_map.add_commands(sub)
     cli_policy.add_commands(sub)
+    cli_replay.add_commands(sub)
     return parser
 
 

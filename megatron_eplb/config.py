@@ -28,7 +28,7 @@ __all__ = ["EPLBConfig", "EPLBConfigError", "add_eplb_args", "POLICIES", "REPLIC
 # The choice lists of the keys below.  Policy names come from the policy registry
 # (megatron_eplb.policy.policy_names) and node-locality modes from megatron_eplb.policy.NODE_LOCALITY; the
 # other two are defined here, once: every user (the Megatron patch, the CLI, the docs) reads them from here.
-REPLICA_DISPATCH = ("even", "local_first")  # how tokens of a replicated expert pick a copy
+REPLICA_DISPATCH = ("even", "local_first", "balanced")  # how tokens of a replicated expert pick a copy
 CANARY = ("sampled", "full", "off")  # eplb_transfer_canary
 
 
@@ -85,6 +85,12 @@ class EPLBConfig:
         "Node-aware placement: 'strict' keeps every copy on its group's node, 'relaxed' only the primary copy.",
         choices=NODE_LOCALITY,
     )
+    eplb_time_resolved: bool = _key(
+        False,
+        "Plan from the window's per-step loads, not only their sum: per layer the placement with the lowest "
+        "expected busiest rank per step under the balanced split (policy/time_resolved.py); a re-plan of a "
+        "stationary workload moves nothing.",
+    )
     eplb_window_size: int = _key(100, "Steps of load kept in the sliding window the planner sees.", min=1)
     eplb_worker_timeout: float = _key(
         30.0, "Seconds the awaited plan may be late before this rebalance is skipped.", gt=0
@@ -98,7 +104,9 @@ class EPLBConfig:
     )
     eplb_replica_dispatch: str = _key(
         "even",
-        "How tokens of a replicated expert pick a copy: 'even' round-robin or 'local_first'.",
+        "How tokens of a replicated expert pick a copy: 'even' round-robin, 'local_first' (a copy on the "
+        "token's rank), or 'balanced' (per-batch shares: each batch's exact global counts, one small all-gather "
+        "per MoE layer and forward, split so that the batch's busiest rank is as light as the placement allows).",
         choices=REPLICA_DISPATCH,
     )
     eplb_log_interval: int = _key(
@@ -106,6 +114,11 @@ class EPLBConfig:
         "Steps between the manager's metric logs: realized per-step balancedness beside Megatron's default "
         "placement on the same steps.",
         min=1,
+    )
+    eplb_trace_path: str | None = _key(
+        None,
+        "Record every step's token counts per MoE layer, expert and source rank to this .npz trace (written by "
+        "rank 0 when the manager closes) for `megatron-eplb replay`.",
     )
     eplb_transfer_canary: str = _key(
         "off",

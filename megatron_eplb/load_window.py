@@ -63,6 +63,23 @@ class LoadWindow:
         idx = torch.tensor([(self._next - k + i) % size for i in range(k)], device=self.device)
         return self._gather(self._logical[idx], self._slots[idx])
 
+    def gather_steps_per_rank(self, steps: int) -> np.ndarray:
+        """The last ``steps`` recorded steps' logical counts of every rank that routes tokens, one by one
+        (collective over ``group``: one all-gather).
+
+        Returns int64 numpy ``[k, R, L, E]``, ``k = min(steps, filled)``, oldest first, ``R`` the ranks of
+        ``group`` in group-rank order.
+        """
+        size = self._logical.shape[0]
+        k = min(steps, self.filled)
+        idx = torch.tensor([(self._next - k + i) % size for i in range(k)], device=self.device)
+        local = self._logical[idx].contiguous()  # [k, L, E]
+        if not dist.is_initialized():
+            return local.unsqueeze(1).cpu().numpy()
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, local, group=self.group)
+        return torch.stack(parts, dim=1).cpu().numpy()
+
     def _gather(self, logical: torch.Tensor, local_slots: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Sum ``logical [..., L, E]`` and this rank's ``local_slots [..., L, S]`` (placed at its slots of
         ``[..., L, P]``) over ``group``."""

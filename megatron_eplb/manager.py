@@ -49,6 +49,7 @@ from .phases import Gated, Phase, Planning, RebalanceRecord, Recording, State, T
 from .placement import ExpertPlacement
 from .protocols import ExpertModel, OptimizerSlots, Transport
 from .stats import balance_summary, load_similarity, moved_slots, realized_balance
+from .trace import LoadTrace, write_trace
 from .transfer import TransferError, TransferExecutor, plan_transfer
 from .worker import PolicyWorker, PolicyWorkerError, broadcast_placement
 
@@ -132,6 +133,14 @@ class EPLBManager:
         )
         self._transfer_group = new_group_like(self.handle.ep_group) if self.config.dynamic_eplb else None
         self._completed: list[RebalanceRecord] = []
+        # eplb_trace_path: every step's counts of every source rank, gathered every few steps (before the
+        # window's ring overwrites them); rank 0 keeps them and writes the file at close().
+        self.trace_meta: dict[
+            str, Any
+        ] = {}  #: extra keys for the trace file's meta (e.g. the data's domains)
+        self._trace: list[tuple[np.ndarray, np.ndarray]] | None = [] if self.config.eplb_trace_path else None
+        self._traced_upto = 0  # the trace holds every step up to this one
+        self._trace_every = min(self.config.eplb_log_interval, self.config.eplb_window_size)
 
     # ------------------------------------------------------------- the calls
     def before_optimizer_step(self) -> None:
@@ -184,6 +193,8 @@ class EPLBManager:
         self.window.record()
         if self.step_count % self.config.eplb_log_interval == 0:
             self._log_realized_balance()
+        if self._trace is not None and self.step_count - self._traced_upto >= self._trace_every:
+            self._gather_trace()
         self.state = self._next(self.state)
         done, self._completed = self._completed, []
         return done[-1] if done else None
@@ -276,6 +287,9 @@ class EPLBManager:
             last.measured_balancedness_after = record.measured_balancedness_before
             if self._placement_before_last is not None:
                 last.old_placement_next_window = balance_summary(self._placement_before_last, load)["mean"]
+        step_loads = None
+        if cfg.eplb_time_resolved and layers:  # the window's steps one by one (collective)
+            step_loads, _ = self.window.gather_steps(self.window.filled)
         record.seconds["gather"] = time.monotonic() - t0
         self._last_rebalance_step = self.step_count
         self._last_rebalance_time = time.monotonic()
@@ -292,17 +306,16 @@ class EPLBManager:
                 allow_same_rank_copies=True,
                 validate=False,
             )
-            self._worker.submit(
-                load[layers].astype(np.float64),
-                sub,
-                dict(
-                    num_nodes=cfg.eplb_num_nodes,
-                    num_groups=cfg.eplb_num_groups,
-                    policy=cfg.eplb_policy,
-                    churn_weight=cfg.eplb_churn_weight,
-                    node_locality=cfg.eplb_node_locality,
-                ),
+            options = dict(
+                num_nodes=cfg.eplb_num_nodes,
+                num_groups=cfg.eplb_num_groups,
+                policy=cfg.eplb_policy,
+                churn_weight=cfg.eplb_churn_weight,
+                node_locality=cfg.eplb_node_locality,
             )
+            if step_loads is not None:  # policy.time_resolved.plan_for_steps in the worker
+                options["step_loads"] = step_loads[:, layers].astype(np.float64)
+            self._worker.submit(load[layers].astype(np.float64), sub, options)
         state.submitted_at = time.monotonic()
         self._log_transition(
             Phase.RECORDING,
@@ -553,13 +566,54 @@ class EPLBManager:
 
     def resume_at(self, step: int) -> None:
         """Continue counting from ``step`` (a resumed run); the next rebalance is a full interval away."""
-        self.step_count = self._last_rebalance_step = int(step)
+        self.step_count = self._last_rebalance_step = self._traced_upto = int(step)
         self._last_rebalance_time = time.monotonic()
 
     def close(self) -> None:
+        """Stop the worker; with ``eplb_trace_path``, gather the last steps and write the trace (then
+        collective: every rank calls it)."""
+        if self._trace is not None:
+            self.write_trace()
         if self._worker is not None:
             self._worker.close()
             self._worker = None
+
+    # -------------------------------------------------------------- trace
+    def _gather_trace(self) -> None:
+        """Keep the steps since the last gather, per source rank (collective over ``load_group``)."""
+        k = self.step_count - self._traced_upto
+        counts = self.window.gather_steps_per_rank(k)  # [k, R, L, E]
+        if self._rank == 0:
+            steps = np.arange(self.step_count - counts.shape[0] + 1, self.step_count + 1)
+            self._trace.append((counts, steps))
+        self._traced_upto = self.step_count
+
+    def write_trace(self, path: str | os.PathLike | None = None) -> Path | None:
+        """Write every step recorded so far to ``path`` (default ``eplb_trace_path``) as a
+        :mod:`megatron_eplb.trace` file.  Collective (the last steps are gathered first); rank 0 writes and
+        returns the path, other ranks return None."""
+        if self._trace is None:
+            raise RuntimeError("write_trace() needs eplb_trace_path set in the config")
+        if self.step_count > self._traced_upto:
+            self._gather_trace()
+        if self._rank != 0 or not self._trace:
+            return None
+        h = self.handle
+        meta = {
+            "ep_size": h.ep_size,
+            "num_layers": h.num_layers,
+            "num_experts": h.num_experts,
+            "layer_names": list(getattr(h, "layer_names", [])),
+            "replica_dispatch": getattr(h, "replica_dispatch", None),
+            **self.trace_meta,
+        }
+        counts = np.concatenate([c for c, _ in self._trace])
+        steps = np.concatenate([s for _, s in self._trace])
+        path = write_trace(path or self.config.eplb_trace_path, LoadTrace(counts, steps, meta))
+        log.info(
+            "EPLB: wrote the load trace of %d steps (%s sources) to %s", len(steps), counts.shape[1], path
+        )
+        return path
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor | None:

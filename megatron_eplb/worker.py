@@ -32,8 +32,13 @@ __all__ = ["PolicyWorker", "PolicyWorkerError", "broadcast_placement", "default_
 log = logging.getLogger(__name__)
 
 
-def default_policy_fn(load, num_slots, num_ranks, **kwargs):
-    """``megatron_eplb.policy.rebalance``, imported in the worker process (lazily)."""
+def default_policy_fn(load, num_slots, num_ranks, step_loads=None, **kwargs):
+    """``megatron_eplb.policy.rebalance``, imported in the worker process (lazily); with ``step_loads``
+    (``[k, L, E]``, ``eplb_time_resolved``) ``policy.time_resolved.plan_for_steps`` instead."""
+    if step_loads is not None:
+        from .policy.time_resolved import plan_for_steps
+
+        return plan_for_steps(step_loads, num_slots, num_ranks, **kwargs)
     from .policy import rebalance
 
     return rebalance(load, num_slots, num_ranks, **kwargs)

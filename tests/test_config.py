@@ -186,7 +186,7 @@ def test_choice_lists_come_from_one_place():
     assert config.POLICIES == policy.POLICY_NAMES == policy.policy_names()
     assert policy.POLICY_NAMES == ("auto", "greedy", "hierarchical", "low_churn", "deepseek")
     assert policy.NODE_LOCALITY is NODE_LOCALITY == ("relaxed", "strict")
-    assert config.REPLICA_DISPATCH == ("even", "local_first")
+    assert config.REPLICA_DISPATCH == ("even", "local_first", "balanced")
     choices = {a.dest: a.choices for a in add_eplb_args(argparse.ArgumentParser())._actions}
     assert tuple(choices["eplb_policy"]) == policy.POLICY_NAMES
     assert choices["eplb_node_locality"] is NODE_LOCALITY

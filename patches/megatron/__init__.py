@@ -18,8 +18,10 @@ What :func:`apply` changes in each ``MoELayer`` (MoE layer ids ``l`` count MoE l
 * ``MoELayer.route`` is wrapped: it records the routed (token, expert) pairs (padding tokens excluded,
   activation-recompute re-runs skipped) into an int64 ``[L, E]`` buffer, then maps the logical
   ``[T, E]`` routing map and probabilities to the ``[T, P]`` physical slots: the pairs of an expert are
-  split round-robin over its copies (``even``), or go to a copy on this rank when there is one
-  (``local_first``);
+  split round-robin over its copies (``even``), go to a copy on this rank when there is one
+  (``local_first``), or are split by per-batch shares from this batch's global counts, gathered over the EP
+  group, so that the batch's busiest rank is as light as the placement allows (``balanced``,
+  :mod:`megatron_eplb.replica_split`);
 * the token dispatcher is rebuilt for ``P`` "experts" with ``S = P / EP`` local ones, and the experts
   module (``SequentialMLP``) for ``S`` local slots whose weights are filled from their logical experts;
 * a forward pre-hook on the experts module counts the tokens each local slot computes (``[L, S]``);

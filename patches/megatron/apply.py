@@ -54,7 +54,8 @@ def apply(
             default layout with ``config.init_redundancy_expert`` redundant slots (0 without config).
         config: optional :class:`EPLBConfig` (``expert_map_path``, ``init_redundancy_expert``,
             ``eplb_replica_dispatch``).
-        replica_dispatch: ``"even"`` or ``"local_first"``; overrides ``config.eplb_replica_dispatch``.
+        replica_dispatch: ``"even"``, ``"local_first"`` or ``"balanced"``; overrides
+            ``config.eplb_replica_dispatch``.
     Raises:
         EPLBPatchError: no MoE layer, unsupported class/dispatcher/parallel layout/version, or a placement
             that does not match the model.  Nothing is changed when it raises.

@@ -94,11 +94,14 @@ def route_to_slots(
     *,
     offset: int = 0,
     local_slot: torch.Tensor | None = None,
+    split: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Map logical routing to physical slots (a pure function, differentiable in ``probs``).
 
     The ``i``-th pair (in token order) routed to expert ``e`` goes to copy ``(i + offset) % c_e``; with
-    ``local_slot`` a pair goes to ``local_slot[e]`` where that is ``>= 0``.
+    ``local_slot`` a pair goes to ``local_slot[e]`` where that is ``>= 0``; with ``split = (first, bounds)``
+    (per-batch shares, :mod:`megatron_eplb.replica_split`) it goes to copy
+    ``#{c : bounds[e, c] <= first[e] + i}``.
 
     Args:
         probs: ``[T, E]`` routing probabilities (zero where not routed).
@@ -108,14 +111,21 @@ def route_to_slots(
         num_slots: ``P``.
         offset: round-robin start (the EP rank, so leftovers spread over copies).
         local_slot: optional int64 ``[E]``.
+        split: optional ``(first [E], bounds [E, C-1])`` int64: the global position of this rank's first pair
+            of each expert, and where each copy's run of the expert's pairs ends
+            (:func:`~megatron_eplb.replica_split.source_offsets`, :func:`~megatron_eplb.replica_split.copy_bounds`).
     Returns:
         probs ``[T, P]`` and bool routing map ``[T, P]``.
     """
     num_tokens = routing_map.shape[0]
-    # [T, E], scanned as [E, T] along its contiguous last dim: CUDA's scan over dim 0 of a [T, E] tensor took
-    # 1.5 ms per layer at T = 8192, E = 32 on an H200 (6 ms of a 170 ms training step with 4 MoE layers).
-    pair_index = routing_map.t().to(torch.int32).cumsum(dim=1).t() - 1
-    copy = (pair_index + offset) % replica_count  # [T, E]
+    # Pair indices [E, T]: the scan runs along the contiguous last dim (CUDA's scan over dim 0 of a [T, E]
+    # tensor took 1.5 ms per layer at T = 8192, E = 32 on an H200: 6 ms of a 170 ms step with 4 MoE layers).
+    pair_index = routing_map.t().to(torch.int32).cumsum(dim=1) - 1
+    if split is not None:
+        first, bounds = split
+        copy = torch.searchsorted(bounds, pair_index + first.unsqueeze(1), right=True).t()  # [T, E]
+    else:
+        copy = ((pair_index + offset) % replica_count.unsqueeze(1)).t()  # [T, E]
     slot = torch.gather(log2phy.t(), 0, copy)  # [T, E]: slot[t, e] = log2phy[e, copy[t, e]]
     if local_slot is not None:
         slot = torch.where(local_slot >= 0, local_slot, slot)

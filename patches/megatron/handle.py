@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -24,6 +24,13 @@ import torch.distributed as dist
 from megatron_eplb.checkpoint import logical_to_physical
 from megatron_eplb.comm import collective_device
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
+from megatron_eplb.replica_split import (
+    ReplicaTables,
+    balanced_shares,
+    copy_bounds,
+    replica_tables,
+    source_offsets,
+)
 
 from . import dist_ckpt
 from .compat import EPLBPatchError, param_device
@@ -37,6 +44,16 @@ logger = logging.getLogger(__name__)
 # Routed-map accumulators kept per MoE layer (distinct token counts ``T``); see ``MegatronEPLB._route_acc``.
 _MAX_ACC_SHAPES = 4
 _MAX_PENDING_SLOT_COUNTS = 256  # per layer, slot counts kept between two reads before they are summed
+
+
+class _LayerTables(NamedTuple):
+    """The device tables one layer routes with (made by ``MegatronEPLB._routing_tables``)."""
+
+    log2phy: torch.Tensor  # int64 [E, C]
+    replica_count: torch.Tensor  # int64 [E]
+    local_slot: torch.Tensor  # int64 [E]: a slot of this rank holding the expert, else -1
+    direct: torch.Tensor | bool | None  # True: identity; int64 [P] phy2log: a permutation; None: replicas
+    replicas: ReplicaTables | None  # ``balanced`` dispatch of a layer with replicas, else None
 
 
 def check_placement(
@@ -84,7 +101,8 @@ class MegatronEPLB:
         model: the patched model.
         layer_names: ``[L]`` module names of the MoE layers (``""`` for the model itself).
         ep_group: the expert-parallel process group; ``ep_size`` its ranks, ``ep_rank`` this rank.
-        replica_dispatch: ``"even"`` or ``"local_first"``.
+        replica_dispatch: ``"even"``, ``"local_first"`` or ``"balanced"`` (per-batch shares from this
+            batch's global counts: one all-gather of ``[E]`` counts over the EP group per layer and forward).
         num_layers: ``L``.  num_experts: ``E``.  slots_per_rank: ``S``.
         device: where the experts, the load buffers and the routing tables live.
         placement: the :class:`ExpertPlacement` the layers route with (``phy2log [L, P]``).
@@ -136,9 +154,7 @@ class MegatronEPLB:
         # are never replaced (graph-safe), at most ``_MAX_ACC_SHAPES`` per layer; other shapes are counted
         # with the direct column sum.
         self._route_acc: list[dict[torch.Size, torch.Tensor]] = [{} for _ in range(self.num_layers)]
-        self._tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | bool | None]] = [
-            None
-        ] * self.num_layers
+        self._tables: list[_LayerTables] = [None] * self.num_layers
         for idx in range(self.num_layers):
             self._tables[idx] = self._routing_tables(placement.phy2log[idx])
         for idx, layer in enumerate(self._layers):
@@ -404,14 +420,13 @@ class MegatronEPLB:
         first_copy = torch.tensor(self.placement.log2phy[layer, :, 0], device=everything.device)
         return everything[first_copy]
 
-    def _routing_tables(
-        self, row: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | bool | None]:
+    def _routing_tables(self, row: np.ndarray) -> _LayerTables:
         """Device tables of one layer: log2phy ``[E, C]``, replica_count ``[E]``, local_slot ``[E]``
-        (a slot of this rank holding the expert, else -1), and the direct map: ``True`` when slot ``s``
+        (a slot of this rank holding the expert, else -1), the direct map: ``True`` when slot ``s``
         holds expert ``s`` (the routing passes through unchanged), an int64 ``[P]`` ``phy2log`` row when every
         slot holds a distinct expert (a column gather), else ``None`` (replicas or empty slots: the
-        round-robin split of :func:`route_to_slots`)."""
+        split of :func:`route_to_slots`), and, for the ``balanced`` dispatch of a layer with replicas, its
+        :class:`~megatron_eplb.replica_split.ReplicaTables`."""
         from megatron_eplb.placement import build_log2phy
 
         row = np.asarray(row, dtype=np.int64)
@@ -437,11 +452,15 @@ class MegatronEPLB:
             flat = flat.to(self.device)
         ec, e2 = num_experts * copies, 2 * num_experts
         direct = True if identity else flat[ec + e2 :] if permutation else None
-        return (
+        replicas = None
+        if self.replica_dispatch == "balanced" and copies > 1:
+            replicas = replica_tables(row, self.ep_size, num_experts, self.device)
+        return _LayerTables(
             flat[:ec].view(num_experts, copies),
             flat[ec : ec + num_experts],
             flat[ec + num_experts : ec + e2],
             direct,
+            replicas,
         )
 
     def _convert_layer(self, idx: int, layer: torch.nn.Module) -> None:
@@ -513,7 +532,7 @@ class MegatronEPLB:
             if padding_mask is not None:  # Megatron's router: True marks padding
                 routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)
             self._count_routed(idx, routed)
-        log2phy, count, local_slot, direct = self._tables[idx]
+        log2phy, count, local_slot, direct, replicas = self._tables[idx]
         if direct is True:  # slot s holds expert s: physical routing is the logical routing
             return probs, routing_map
         if direct is not None:  # one copy of each expert: a column gather (phys[:, s] = log[:, phy2log[s]])
@@ -526,12 +545,34 @@ class MegatronEPLB:
             self.num_slots,
             offset=self.ep_rank,
             local_slot=local_slot if self.replica_dispatch == "local_first" else None,
+            split=None if replicas is None else self._batch_split(routing_map, replicas),
         )
+
+    def _batch_split(
+        self, routing_map: torch.Tensor, replicas: ReplicaTables
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's split of the replicated experts (``balanced`` dispatch): the ``[E]`` pair counts of
+        every EP rank (one all-gather on the device, no host sync), the shares from their sums, and this
+        rank's ``(first [E], bounds [E, C-1])`` for :func:`route_to_slots`.  Every rank computes the same."""
+        counts = routing_map.sum(dim=0, dtype=torch.int64)  # [E], every pair the dispatcher sends
+        every = _all_gather_counts(counts, self.ep_group, self.ep_size)  # [EP, E]
+        shares = balanced_shares(every.sum(dim=0), replicas)
+        return source_offsets(every)[self.ep_rank], copy_bounds(shares)
 
 
 def _recomputing() -> bool:
     """Whether this forward is a re-run inside backward (activation recompute): not counted."""
     return torch._C._current_graph_task_id() != -1
+
+
+def _all_gather_counts(counts: torch.Tensor, group, size: int) -> torch.Tensor:
+    """int64 ``[size, E]``: ``counts [E]`` of every rank of ``group`` (one collective, no host sync)."""
+    if size == 1:
+        return counts.unsqueeze(0)
+    out = counts.new_empty(size * counts.shape[0])  # the concatenated form (gloo takes no stacked output)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(out, counts, group=group)
+    return out.view(size, -1)
 
 
 def _all_gather_rows(local: torch.Tensor, group) -> torch.Tensor:

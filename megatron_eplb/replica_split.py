@@ -1,0 +1,298 @@
+"""Per-batch replica shares: split each replicated expert's tokens over its copies from this batch's exact
+global counts, so that this batch's busiest rank is as light as the placement allows (``balanced`` replica
+dispatch).  No weights move; every rank computes the same split from the same gathered counts.
+
+Pure torch functions (CPU and CUDA), integer arithmetic only, so the result is bitwise the same on every rank
+and device; a fixed number of vectorized ops (no Python loop over experts, no host sync), so that it can run
+inside every MoE layer's forward and be captured in a CUDA graph.  Shapes: ``E`` logical experts, ``P``
+physical slots of a layer, ``N`` ranks of the EP group (slot ``s`` on rank ``s // (P / N)``), ``C`` most
+copies of one expert, ``K`` replicated experts of the layer (2 or more copies).
+
+The algorithm, step by step (:func:`balanced_shares`):
+
+1. an expert with one copy puts all its tokens on that copy's rank: the fixed rank loads ``F [N]``;
+2. each replicated expert's tokens are water-filled over its copies' ranks: the copies on the lowest rank
+   loads get tokens until their level meets the next copy's (:func:`water_fill`), the other replicated
+   experts' shares held fixed.  All replicated experts do this at once, and the step towards that is
+   shortened by an exact line search on the sum of squared rank loads (two experts that share a hot rank
+   would otherwise both leave it).  The limit of these steps is the split that minimises the sum of squared
+   rank loads, which also minimises the busiest rank (the rank loads reachable by splitting form a
+   polymatroid's base polytope); 8 rounds reach >= 0.98 of it on the loads we measured;
+3. per source rank, the pairs of expert ``e`` are laid end to end in rank order and the copies take
+   consecutive runs of them (:func:`copy_bounds`): source rank ``r``'s ``i``-th pair of ``e`` has global
+   position ``first[r, e] + i`` and goes to the copy whose run holds that position.
+
+:func:`best_split_bound` (numpy, exact) is the ceiling the benchmarks and tests compare with.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DEFAULT_ITERATIONS",
+    "ReplicaTables",
+    "balanced_shares",
+    "best_split_bound",
+    "copy_bounds",
+    "even_shares",
+    "rank_loads_of_shares",
+    "replica_tables",
+    "source_offsets",
+    "water_fill",
+]
+
+DEFAULT_ITERATIONS = 8
+"""Water-filling rounds: enough for >= 0.98 of the exact optimum on the loads we measured
+(``tests/test_replica_split.py``, ``benchmarks/replica_split_bench.py``)."""
+
+_BIG = 1 << 50  # the level of a padding copy: above any real rank load, and ``_BIG * C`` fits int64
+
+
+class ReplicaTables(NamedTuple):
+    """Device tables of one layer's placement for :func:`balanced_shares` (made by :func:`replica_tables`).
+
+    Attributes:
+        copy_rank: int64 ``[E, C]`` rank of each copy of each expert (ascending slot order), ``N`` for padding.
+        copy_count: int64 ``[E]`` copies of each expert (>= 1).
+        single_rank: int64 ``[E]`` the rank of an expert's only copy; ``N`` for replicated experts.
+        replicated: int64 ``[K]`` the replicated experts (ascending).
+        num_ranks: ``N``.
+    """
+
+    copy_rank: torch.Tensor
+    copy_count: torch.Tensor
+    single_rank: torch.Tensor
+    replicated: torch.Tensor
+    num_ranks: int
+
+
+def replica_tables(
+    phy2log_row: np.ndarray, num_ranks: int, num_experts: int, device: torch.device | str = "cpu"
+) -> ReplicaTables:
+    """The tables of one layer (host work, once per placement change).
+
+    Args:
+        phy2log_row: int ``[P]`` logical expert of each slot (``-1`` = empty).
+        num_ranks: ``N`` (``P % N == 0``).
+        num_experts: ``E``; every expert needs at least one copy.
+    Returns:
+        :class:`ReplicaTables` on ``device``.
+    """
+    row = np.asarray(phy2log_row, dtype=np.int64).reshape(-1)
+    if row.shape[0] % num_ranks:
+        raise ValueError(f"{row.shape[0]} slots do not divide over {num_ranks} ranks")
+    slot_rank = np.arange(row.shape[0]) // (row.shape[0] // num_ranks)
+    count = np.bincount(row[row >= 0], minlength=num_experts)[:num_experts]
+    if (count == 0).any():
+        raise ValueError(f"experts {np.nonzero(count == 0)[0].tolist()} have no copy")
+    copies = int(count.max())
+    copy_rank = np.full((num_experts, copies), num_ranks, dtype=np.int64)
+    order = np.argsort(np.where(row >= 0, row, num_experts), kind="stable")
+    order = order[row[order] >= 0]
+    starts = np.concatenate([[0], np.cumsum(count)[:-1]])
+    position = np.arange(order.shape[0]) - starts[row[order]]
+    copy_rank[row[order], position] = slot_rank[order]
+    single_rank = np.where(count == 1, copy_rank[:, 0], num_ranks)
+    parts = [copy_rank.reshape(-1), count, single_rank, np.nonzero(count > 1)[0]]
+    flat = torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(device)
+    e, ec = num_experts, num_experts * copies
+    return ReplicaTables(
+        flat[:ec].view(num_experts, copies),
+        flat[ec : ec + e],
+        flat[ec + e : ec + 2 * e],
+        flat[ec + 2 * e :],
+        int(num_ranks),
+    )
+
+
+def water_fill(levels: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
+    """Pour ``amount[k]`` tokens onto the copies of row ``k`` so that the fullest copy is as low as possible.
+
+    Integer water-filling: the copies on the lowest levels are raised to a common level ``lam``; the
+    remainder ``< #raised`` goes one token each to the lowest of them (ties: the lower copy index).
+
+    Args:
+        levels: int64 ``[K, C]`` current load under each copy (``>= _BIG`` marks a missing copy).
+        amount: int64 ``[K]`` tokens to pour (>= 0).
+    Returns:
+        int64 ``[K, C]`` tokens per copy (>= 0, rows sum to ``amount``, 0 on missing copies).
+    """
+    copies = levels.shape[1]
+    low, perm = levels.sort(dim=1, stable=True)
+    prefix = low.cumsum(dim=1)
+    k = torch.arange(1, copies + 1, device=levels.device)
+    # Copies j < m are raised, m = #{k : amount + prefix[k-1] >= k * low[k-1]} (a prefix of the sorted copies).
+    raised = (amount.unsqueeze(1) + prefix >= k * low).sum(dim=1, keepdim=True)  # [K, 1], >= 1
+    total = amount.unsqueeze(1) + prefix.gather(1, raised - 1)
+    lam = total.div(raised, rounding_mode="floor")
+    remainder = total - lam * raised
+    j = k - 1
+    sorted_share = torch.where(j < raised, lam - low + (j < remainder), 0)
+    return torch.zeros_like(sorted_share).scatter_(1, perm, sorted_share)
+
+
+def even_shares(load: torch.Tensor, copy_count: torch.Tensor, copies: int) -> torch.Tensor:
+    """The even split (the ``even`` dispatch's, up to which copies get the leftover pairs).
+
+    Args:
+        load: int64 ``[..., E]`` tokens per expert.
+        copy_count: int64 ``[E]``.
+        copies: ``C``.
+    Returns:
+        int64 ``[..., E, C]``: ``load // c`` per copy, the first ``load % c`` copies one more, 0 past ``c``.
+    """
+    c = torch.arange(copies, device=load.device)
+    base = load.div(copy_count, rounding_mode="floor").unsqueeze(-1)
+    extra = (c < (load % copy_count).unsqueeze(-1)).to(load.dtype)
+    return torch.where(c < copy_count.unsqueeze(-1), base + extra, 0)
+
+
+def balanced_shares(
+    load: torch.Tensor, tables: ReplicaTables, iterations: int = DEFAULT_ITERATIONS
+) -> torch.Tensor:
+    """Tokens of each copy for this batch: the busiest rank as light as the placement allows.
+
+    Args:
+        load: int64 ``[..., E]`` this batch's global tokens per logical expert (summed over the EP group);
+            leading dimensions are independent batches (the replay splits many steps at once).
+        tables: the layer's :class:`ReplicaTables` (same device as ``load``).
+        iterations: water-filling rounds (a fixed op count: about ``30 * iterations`` small kernels).
+    Returns:
+        int64 ``[..., E, C]`` tokens per copy (rows sum to ``load``; an expert with one copy keeps all on
+        copy 0; never a busier busiest rank than :func:`even_shares`).  Deterministic: equal inputs give
+        bitwise equal outputs on any device.
+    """
+    load = load.to(torch.int64)
+    copy_rank, copy_count, single_rank, replicated, n = tables
+    num_experts, copies = copy_rank.shape
+    shares = even_shares(load, copy_count, copies)  # [..., E, C]
+    if replicated.numel() == 0 or iterations <= 0:
+        return shares
+    batch = load.shape[:-1]
+    load = load.reshape(-1, num_experts)  # [B, E]
+    shares = shares.reshape(-1, num_experts, copies)  # [B, E, C]
+    b = load.shape[0]
+    fixed = load.new_zeros(b, n + 1).index_add_(1, single_rank, load)  # [B, N + 1]
+    rank = copy_rank.index_select(0, replicated)  # [K, C]
+    missing = rank == n
+    amount = load.index_select(1, replicated).reshape(-1)  # [B * K]
+    x = shares.index_select(1, replicated)  # [B, K, C]
+    flat_rank = rank.reshape(-1)
+    for _ in range(iterations):
+        rank_load = fixed.index_add(1, flat_rank, x.reshape(b, -1))  # [B, N + 1]
+        others = (rank_load.index_select(1, flat_rank).view_as(x) - x).masked_fill(missing, _BIG)
+        # every replicated expert water-filled with the others held
+        step = water_fill(others.reshape(-1, copies), amount).view_as(x) - x
+        # Exact line search of sum(rank_load ** 2) along the step: alpha = -<L, D> / <D, D>, in [0, 1].  The
+        # dot products are exact integers (< 2**53), so alpha is the same double on every device.
+        change = torch.zeros_like(rank_load).index_add_(1, flat_rank, step.reshape(b, -1))[:, :n]
+        num = -(rank_load[:, :n] * change).sum(dim=1)
+        den = (change * change).sum(dim=1).clamp(min=1)
+        alpha = (num.double() / den.double()).clamp(0.0, 1.0).view(b, 1, 1)
+        # Moving the cumulative shares keeps every row's sum exact (both ends at ``amount``) and >= 0.
+        before = x.cumsum(dim=2)
+        after = before + torch.floor(alpha * step.cumsum(dim=2).double()).to(torch.int64)
+        x = torch.diff(after, dim=2, prepend=torch.zeros_like(after[..., :1]))
+    balanced = shares.index_copy(1, replicated, x)
+    # The steps minimise the sum of squares, not the max: never hand back worse than the even split.
+    worse = rank_loads_of_shares(balanced, tables).amax(-1) > rank_loads_of_shares(shares, tables).amax(-1)
+    return torch.where(worse.view(b, 1, 1), shares, balanced).reshape(*batch, num_experts, copies)
+
+
+def copy_bounds(shares: torch.Tensor) -> torch.Tensor:
+    """Where each copy's run of an expert's globally numbered pairs ends.
+
+    Args:
+        shares: int64 ``[E, C]`` tokens per copy (:func:`balanced_shares`).
+    Returns:
+        int64 ``[E, C - 1]`` exclusive ends of copies ``0 .. C-2``: global pair ``g`` of expert ``e`` goes to
+        copy ``#{c : bounds[e, c] <= g}`` (``torch.searchsorted(bounds, g, right=True)``).
+    """
+    return shares.cumsum(dim=1)[:, :-1].contiguous()
+
+
+def source_offsets(counts: torch.Tensor) -> torch.Tensor:
+    """Global position of each source rank's first pair of each expert (sources laid end to end in rank order).
+
+    Args:
+        counts: int64 ``[N_src, E]`` pairs of each expert routed on each source rank (this batch).
+    Returns:
+        int64 ``[N_src, E]`` exclusive cumulative sum over the source ranks.
+    """
+    return counts.cumsum(dim=0) - counts
+
+
+def rank_loads_of_shares(shares: torch.Tensor, tables: ReplicaTables) -> torch.Tensor:
+    """int64 ``[..., N]`` tokens each rank computes under ``shares`` (int64 ``[..., E, C]``)."""
+    batch = shares.shape[:-2]
+    flat = shares.reshape(-1, tables.copy_rank.numel())
+    out = flat.new_zeros(flat.shape[0], tables.num_ranks + 1)
+    return out.index_add_(1, tables.copy_rank.reshape(-1), flat)[:, :-1].reshape(*batch, tables.num_ranks)
+
+
+# ----------------------------------------------------------------------------------- the exact ceiling
+def best_split_bound(
+    load: np.ndarray, phy2log_row: np.ndarray, num_ranks: int, *, sweeps: int = 200
+) -> tuple[float, float]:
+    """The lightest busiest rank any split of this batch over this placement can reach (an LP's value).
+
+    Solved by sequential water-filling to convergence (the min-norm split), then certified with Hall's bound:
+    for a set ``S`` of ranks, ``max load >= (F(S) + sum of loads of experts with every copy in S) / |S|``,
+    taken over the prefixes of the ranks sorted by their converged load.
+
+    Args:
+        load: float ``[E]`` tokens per logical expert.
+        phy2log_row: int ``[P]`` (``-1`` = empty slot).
+        num_ranks: ``N``.
+        sweeps: at most this many passes over the replicated experts.
+    Returns:
+        ``(lower, upper)``: a lower bound on the optimal busiest-rank load and the busiest rank of the split
+        found (``lower <= optimum <= upper``; equal up to rounding when converged).
+    """
+    load = np.asarray(load, dtype=np.float64)
+    row = np.asarray(phy2log_row, dtype=np.int64)
+    slot_rank = np.arange(row.shape[0]) // (row.shape[0] // num_ranks)
+    count = np.bincount(row[row >= 0], minlength=load.shape[0])
+    ranks_of = [slot_rank[row == e] for e in range(load.shape[0])]
+    rank_load = np.zeros(num_ranks)
+    np.add.at(rank_load, slot_rank[row >= 0], load[row[row >= 0]] / count[row[row >= 0]])  # even start
+    replicated = [e for e in np.argsort(-load, kind="stable") if count[e] > 1 and load[e] > 0]
+    share = {e: np.full(count[e], load[e] / count[e]) for e in replicated}
+    for _ in range(sweeps):
+        change = 0.0
+        for e in replicated:
+            r = ranks_of[e]
+            np.subtract.at(rank_load, r, share[e])
+            new = _water_fill_float(rank_load, r, load[e])
+            np.add.at(rank_load, r, new)
+            change = max(change, float(np.abs(new - share[e]).max()))
+            share[e] = new
+        if change <= 1e-9 * max(load.max(), 1.0):
+            break
+    upper = float(rank_load.max())
+    # Hall's bound over the prefixes of the ranks sorted by load (descending).
+    order = np.argsort(-rank_load, kind="stable")
+    position = np.empty(num_ranks, dtype=np.int64)
+    position[order] = np.arange(num_ranks)
+    last = np.array([position[r].max() for r in ranks_of])  # an expert is inside prefix k iff last < k
+    inside = np.zeros(num_ranks)
+    np.add.at(inside, last, load)
+    lower = float((np.cumsum(inside) / np.arange(1, num_ranks + 1)).max())
+    return lower, upper
+
+
+def _water_fill_float(rank_load: np.ndarray, ranks: np.ndarray, amount: float) -> np.ndarray:
+    """Float water-filling of ``amount`` over the ranks ``ranks`` (a rank listed twice gets two copies)."""
+    levels = rank_load[ranks]
+    order = np.argsort(levels, kind="stable")
+    low = levels[order]
+    k = np.arange(1, len(low) + 1)
+    m = int((amount + np.cumsum(low) >= k * low).sum())
+    lam = (amount + low[:m].sum()) / m
+    out = np.zeros(len(low))
+    out[order[:m]] = lam - low[:m]
+    return out

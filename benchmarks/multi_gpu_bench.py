@@ -16,7 +16,8 @@ What one launch measures, every rank in step (EP = world size unless ``--ep`` sa
   DeepSpeed config is built here from the preset's recipe: AdamW, ``lr`` with a linear warmup over
   ``lr_warmup`` steps and a cosine decay to ``lr_min_ratio`` x ``lr`` (DeepSpeed's ``WarmupCosineLR``),
   gradient clipping ``grad_clip``): ``off`` (DeepSpeed + Megatron MoE, no EPLB), ``eplb`` (dynamic EPLB,
-  default policy, redundant slots), ``rotate`` (dynamic EPLB with a test policy that sends every rank's slots
+  default policy, redundant slots, even split of a replicated expert's tokens over its copies),
+  ``eplb_balanced`` (the same with per-batch replica shares: ``eplb_replica_dispatch: balanced``), ``rotate`` (dynamic EPLB with a test policy that sends every rank's slots
   to the next rank at every rebalance: forced moves, the worst case for the stall; needs EP >= 2) and, on
   CUDA, ``off_again`` (the baseline once more: the run-to-run noise band of non-deterministic kernels);
   ``off_reordered`` (the baseline with each micro-batch's sequences in reverse order: the same math, every
@@ -101,7 +102,8 @@ SMALL = dict(
 )  # fmt: skip
 ADAM = dict(betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0)
 
-RUNS = ("off", "off_again", "off_reordered", "eplb", "rotate")
+RUNS = ("off", "off_again", "off_reordered", "eplb", "eplb_balanced", "rotate")
+EPLB_RUNS = ("eplb", "eplb_balanced", "rotate")  # runs with dynamic EPLB
 REFERENCES = ("off_again", "off_reordered")  # runs without EPLB whose distance from off is the noise band
 TRANSFER_EVENTS = ("start_layer", "finish_layer")
 REBALANCE_KINDS = ("gather", "plan_await", "transfer")
@@ -303,8 +305,9 @@ def environment(args: argparse.Namespace, ep: int) -> dict:
 
 
 # ============================================================================ one training run
-def eplb_config(args: argparse.Namespace, ep: int) -> dict:
+def eplb_config(args: argparse.Namespace, ep: int, dispatch: str = "even") -> dict:
     return dict(
+        eplb_replica_dispatch=dispatch,
         dynamic_eplb=True,
         init_redundancy_expert=args.redundancy_per_rank * ep,
         num_iterations_eplb_update=args.rebalance_every,
@@ -359,12 +362,12 @@ def train_run(name: str, args: argparse.Namespace, ep: int, after=None) -> dict:
         model = model.to(
             device
         )  # before initialize: the EPLB handle keeps its buffers on the experts' device
-    dynamic = name in ("eplb", "rotate")
+    dynamic = name in EPLB_RUNS
     router = None if dynamic else _RouterCounts(model, device)
     engine, _, _, _, manager = eplb_ds.initialize(
         model=model,
         config=ds_config(args, targs),
-        eplb=eplb_config(args, ep) if dynamic else False,
+        eplb=eplb_config(args, ep, "balanced" if name == "eplb_balanced" else "even") if dynamic else False,
         policy_fn=rotate_policy if name == "rotate" else None,
     )
     handle = engine.eplb_handle
@@ -861,7 +864,7 @@ def summarize(result: dict, args: argparse.Namespace) -> dict:
             k: r["balancedness"][k] for k in ("mean_per_step", "summed", "second_domain", "last_quarter")
         }
     base = off["step_ms"]["median_ms"]
-    for name in ("eplb", "rotate"):
+    for name in EPLB_RUNS:
         if name not in runs:
             continue
         r = runs[name]

@@ -34,6 +34,7 @@ import torch
 
 __all__ = [
     "DEFAULT_ITERATIONS",
+    "BalancedSplit",
     "ReplicaTables",
     "balanced_shares",
     "best_split_bound",
@@ -201,6 +202,63 @@ def balanced_shares(
     # The steps minimise the sum of squares, not the max: never hand back worse than the even split.
     worse = rank_loads_of_shares(balanced, tables).amax(-1) > rank_loads_of_shares(shares, tables).amax(-1)
     return torch.where(worse.view(b, 1, 1), shares, balanced).reshape(*batch, num_experts, copies)
+
+
+class BalancedSplit:
+    """One layer's per-batch split, ``copy_bounds(balanced_shares(load, tables))``, replayed as one CUDA graph
+    on CUDA: eagerly its ~470 small kernels took 6.5-9.4 ms of host time per call on an H200 host (the
+    forward's launch rate), replayed 0.7 ms (``benchmarks/replica_split_bench.py``).  The graph is captured at
+    the first call (the layer's tables are fixed until its placement changes: a new ``BalancedSplit`` then);
+    inside a caller's own CUDA-graph capture, on CPU, or if capturing fails (logged once), it runs eagerly.
+
+    Args:
+        tables: the layer's :class:`ReplicaTables`.
+        iterations: water-filling rounds.
+    Call: ``split(load)`` with int64 ``[E]`` global tokens per expert (``tables``' device) returns int64
+    ``[E, C - 1]`` copy bounds (a fresh tensor)."""
+
+    def __init__(self, tables: ReplicaTables, iterations: int = DEFAULT_ITERATIONS) -> None:
+        self.tables = tables
+        self.iterations = iterations
+        self._graph = None
+        self._eager = tables.copy_rank.device.type != "cuda"
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+
+    def _compute(self, load: torch.Tensor) -> torch.Tensor:
+        return copy_bounds(balanced_shares(load, self.tables, self.iterations))
+
+    def __call__(self, load: torch.Tensor) -> torch.Tensor:
+        load = load.to(torch.int64)
+        if self._eager or torch.cuda.is_current_stream_capturing():
+            return self._compute(load)
+        if self._graph is None and not self._capture(load):
+            return self._compute(load)
+        self._input.copy_(load)
+        self._graph.replay()
+        return self._output.clone()
+
+    def _capture(self, load: torch.Tensor) -> bool:
+        import logging
+
+        try:
+            self._input = load.clone()
+            side = torch.cuda.Stream(device=load.device)
+            side.wait_stream(torch.cuda.current_stream(load.device))
+            with torch.cuda.stream(side), torch.no_grad():
+                self._compute(self._input)  # warm-up outside the capture (allocator, lazy inits)
+            torch.cuda.current_stream(load.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.no_grad():
+                self._output = self._compute(self._input)
+            self._graph = graph
+            return True
+        except Exception as exc:  # noqa: BLE001 - the eager path computes the same split
+            self._eager = True
+            logging.getLogger("megatron_eplb").warning(
+                "megatron-eplb: balanced dispatch runs eagerly (capturing its CUDA graph failed: %s)", exc
+            )
+            return False
 
 
 def copy_bounds(shares: torch.Tensor) -> torch.Tensor:

@@ -181,6 +181,27 @@ def test_runs_on_cuda_like_on_cpu():
     assert torch.equal(cpu, gpu.cpu())
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_balanced_split_replays_what_it_computes(device):
+    """``BalancedSplit``: on CUDA one captured graph replayed for each new batch; the same bounds as the eager
+    functions for every load (a replay never returns a stale or shared output)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    from megatron_eplb.replica_split import BalancedSplit
+
+    row = rebalance(np.random.default_rng(5).gamma(0.5, size=(1, 64)) * 1000, 72, 8).phy2log[0]
+    tables = replica_tables(row, 8, 64, device)
+    split = BalancedSplit(tables)
+    gen = torch.Generator().manual_seed(6)
+    outs = []
+    for _ in range(4):
+        load = torch.randint(0, 5000, (64,), generator=gen).to(device)
+        outs.append(split(load))
+        assert torch.equal(outs[-1], copy_bounds(balanced_shares(load, tables)))
+    assert (split._graph is not None) == (device == "cuda")
+    assert not torch.equal(outs[0], outs[1])
+
+
 def test_batched_loads_split_like_one_at_a_time():
     rng = np.random.default_rng(4)
     row = rebalance(rng.gamma(0.5, size=(1, 32)) * 1000, 40, 8, policy="greedy").phy2log[0]

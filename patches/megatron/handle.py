@@ -24,13 +24,7 @@ import torch.distributed as dist
 from megatron_eplb.checkpoint import logical_to_physical
 from megatron_eplb.comm import collective_device
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
-from megatron_eplb.replica_split import (
-    ReplicaTables,
-    balanced_shares,
-    copy_bounds,
-    replica_tables,
-    source_offsets,
-)
+from megatron_eplb.replica_split import BalancedSplit, replica_tables, source_offsets
 
 from . import dist_ckpt
 from .compat import EPLBPatchError, param_device
@@ -53,7 +47,7 @@ class _LayerTables(NamedTuple):
     replica_count: torch.Tensor  # int64 [E]
     local_slot: torch.Tensor  # int64 [E]: a slot of this rank holding the expert, else -1
     direct: torch.Tensor | bool | None  # True: identity; int64 [P] phy2log: a permutation; None: replicas
-    replicas: ReplicaTables | None  # ``balanced`` dispatch of a layer with replicas, else None
+    replicas: BalancedSplit | None  # ``balanced`` dispatch of a layer with replicas, else None
 
 
 def check_placement(
@@ -426,7 +420,7 @@ class MegatronEPLB:
         holds expert ``s`` (the routing passes through unchanged), an int64 ``[P]`` ``phy2log`` row when every
         slot holds a distinct expert (a column gather), else ``None`` (replicas or empty slots: the
         split of :func:`route_to_slots`), and, for the ``balanced`` dispatch of a layer with replicas, its
-        :class:`~megatron_eplb.replica_split.ReplicaTables`."""
+        :class:`~megatron_eplb.replica_split.BalancedSplit`."""
         from megatron_eplb.placement import build_log2phy
 
         row = np.asarray(row, dtype=np.int64)
@@ -454,7 +448,7 @@ class MegatronEPLB:
         direct = True if identity else flat[ec + e2 :] if permutation else None
         replicas = None
         if self.replica_dispatch == "balanced" and copies > 1:
-            replicas = replica_tables(row, self.ep_size, num_experts, self.device)
+            replicas = BalancedSplit(replica_tables(row, self.ep_size, num_experts, self.device))
         return _LayerTables(
             flat[:ec].view(num_experts, copies),
             flat[ec : ec + num_experts],
@@ -549,15 +543,14 @@ class MegatronEPLB:
         )
 
     def _batch_split(
-        self, routing_map: torch.Tensor, replicas: ReplicaTables
+        self, routing_map: torch.Tensor, split: BalancedSplit
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This batch's split of the replicated experts (``balanced`` dispatch): the ``[E]`` pair counts of
         every EP rank (one all-gather on the device, no host sync), the shares from their sums, and this
         rank's ``(first [E], bounds [E, C-1])`` for :func:`route_to_slots`.  Every rank computes the same."""
         counts = routing_map.sum(dim=0, dtype=torch.int64)  # [E], every pair the dispatcher sends
         every = _all_gather_counts(counts, self.ep_group, self.ep_size)  # [EP, E]
-        shares = balanced_shares(every.sum(dim=0), replicas)
-        return source_offsets(every)[self.ep_rank], copy_bounds(shares)
+        return source_offsets(every)[self.ep_rank], split(every.sum(dim=0))
 
 
 def _recomputing() -> bool:

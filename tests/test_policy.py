@@ -226,6 +226,74 @@ def test_deepseek_readme_parity():
     assert p2.phy2log.tolist() == README_PHY2LOG
 
 
+def test_deepseek_accepts_what_eplb_py_accepts():
+    """eplb.py places globally when num_groups is not a multiple of num_nodes, whatever the groups and nodes;
+    only its hierarchical mode needs groups that divide the experts and nodes that divide the GPUs."""
+    from megatron_eplb.policy.deepseek import deepseek_phy2log
+
+    load = [[10, 20, 30, 40]]
+    p, info = rebalance_with_info(load, 8, 4, num_nodes=2, num_groups=3, policy="deepseek")
+    assert info["locality"] == "none"
+    assert p.phy2log.tolist() == deepseek_phy2log(np.array(load), 8, 1, 1, 4).tolist()
+    # nodes that do not divide the GPUs, more groups than experts: global mode as well
+    q = rebalance(load, 8, 4, num_nodes=3, num_groups=5, policy="deepseek")
+    assert q.phy2log.tolist() == p.phy2log.tolist()
+    # excluded ranks are fine in global mode, also on several nodes
+    r = rebalance(load, 8, 4, num_nodes=2, num_groups=3, policy="deepseek", exclude_ranks=[1])
+    assert r.excluded_ranks == (1,) and (r.replica_count >= 1).all()
+    # what eplb.py's hierarchical mode asserts stays an error, as do the other policies' topology rules
+    with pytest.raises(PolicyError, match="num_groups=2 does not divide the 3 experts"):
+        rebalance([[1.0, 2.0, 3.0]], 4, 4, num_nodes=2, num_groups=2, policy="deepseek")
+    with pytest.raises(PolicyError, match="num_nodes=3 does not divide num_ranks=4"):
+        rebalance(load, 8, 4, num_nodes=3, num_groups=3, policy="deepseek")
+    with pytest.raises(PolicyError, match="exclude_ranks only in its global mode"):
+        rebalance(load, 8, 4, num_nodes=2, num_groups=2, policy="deepseek", exclude_ranks=[1])
+    for policy in ("greedy", "hierarchical", "auto"):
+        with pytest.raises(PolicyError, match="num_groups=3 does not divide the 4 experts"):
+            rebalance(load, 8, 4, num_nodes=2, num_groups=3, policy=policy)
+
+
+def balanced_packing_loop(weight, num_packs):
+    """eplb.py's balanced_packing as written there: one item at a time, float32 pack weights."""
+    rows, num_items = weight.shape
+    per_pack = num_items // num_packs
+    order = np.argsort(-weight, axis=1, kind="stable")
+    pack_index, rank_in_pack = np.full(weight.shape, -1), np.full(weight.shape, -1)
+    for row in range(rows):
+        pack_weights, pack_items = [np.float32(0)] * num_packs, [0] * num_packs
+        for item in order[row]:
+            pack = min(
+                (p for p in range(num_packs) if pack_items[p] < per_pack), key=pack_weights.__getitem__
+            )
+            pack_index[row, item], rank_in_pack[row, item] = pack, pack_items[pack]
+            pack_weights[pack] = np.float32(pack_weights[pack] + weight[row, item])
+            pack_items[pack] += 1
+    return pack_index, rank_in_pack
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31),
+    shape=st.tuples(st.integers(1, 3), st.integers(2, 9), st.integers(2, 6)),
+    kind=st.sampled_from(["uniform", "ties", "tenths", "zeros", "skewed"]),
+)
+def test_deepseek_balanced_packing_is_eplb_py_loop(seed, shape, kind):
+    rows, num_packs, per_pack = shape
+    rng = np.random.default_rng(seed)
+    size = (rows, num_packs * per_pack)
+    weight = {
+        "uniform": lambda: rng.uniform(0, 1, size),
+        "ties": lambda: rng.integers(0, 4, size).astype(float),
+        "tenths": lambda: rng.integers(1, 30, size) * 0.1,  # float32 sums that round
+        "zeros": lambda: np.where(rng.random(size) < 0.5, 0.0, rng.uniform(0, 1, size)),
+        "skewed": lambda: rng.pareto(0.8, size),
+    }[kind]().astype(np.float32)
+    from megatron_eplb.policy.deepseek import balanced_packing
+
+    fast, loop = balanced_packing(weight, num_packs), balanced_packing_loop(weight, num_packs)
+    assert np.array_equal(fast[0], loop[0]) and np.array_equal(fast[1], loop[1])
+
+
 def test_ours_beat_deepseek_on_readme_and_have_no_duplicates():
     ds = rebalance(README_LOAD, 16, 8, num_nodes=2, num_groups=4, policy="deepseek")
     for locality in ("strict", "relaxed"):

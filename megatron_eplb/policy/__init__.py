@@ -138,6 +138,7 @@ def rebalance_with_info(
         num_groups=num_groups,
         previous=previous,
         exclude_ranks=exclude_ranks,
+        deepseek_topology=policy == "deepseek",
     )
     opts = _check_options(options)
     policy = resolve_policy(policy, has_previous=previous is not None, num_nodes=problem.num_nodes)

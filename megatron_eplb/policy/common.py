@@ -122,8 +122,15 @@ def make_problem(
     num_groups=1,
     previous: ExpertPlacement | None = None,
     exclude_ranks=(),
+    deepseek_topology: bool = False,
 ) -> Problem:
-    """Check every argument of :func:`megatron_eplb.policy.rebalance`; raise :class:`PolicyError`."""
+    """Check every argument of :func:`megatron_eplb.policy.rebalance`; raise :class:`PolicyError`.
+
+    ``deepseek_topology``: check ``num_nodes`` and ``num_groups`` as DeepSeek's ``eplb.py`` does (the
+    ``deepseek`` policy): they must fit the ranks and experts only when ``num_groups % num_nodes == 0`` (its
+    hierarchical mode); otherwise it places globally and accepts any counts.  The problem then holds one
+    node (``rank_node`` all 0) where ``num_nodes`` does not divide the ranks.
+    """
     load = as_load(load)
     num_layers, num_experts = load.shape
     num_slots = _as_int(num_slots, "num_slots")
@@ -140,10 +147,14 @@ def make_problem(
         raise PolicyError(
             f"num_slots={num_slots} is fewer than the {num_experts} logical experts: every expert needs a slot"
         )
-    if num_ranks % num_nodes:
+    topology_used = not deepseek_topology or num_groups % num_nodes == 0
+    if num_ranks % num_nodes and topology_used:
         raise PolicyError(f"num_nodes={num_nodes} does not divide num_ranks={num_ranks}")
-    if num_groups > 1 and num_experts % num_groups:
-        raise PolicyError(f"num_groups={num_groups} does not divide the {num_experts} experts")
+    if num_groups > 1 and num_experts % num_groups and topology_used:
+        hint = (
+            " (eplb.py's hierarchical mode, num_groups a multiple of num_nodes)" if deepseek_topology else ""
+        )
+        raise PolicyError(f"num_groups={num_groups} does not divide the {num_experts} experts{hint}")
     active = np.ones(num_ranks, dtype=bool)
     if exclude_ranks is None:
         exclude_ranks = ()
@@ -178,7 +189,10 @@ def make_problem(
             raise PolicyError(
                 f"previous placement is for {previous.num_experts} logical experts, the load has {num_experts}"
             )
-    rank_node = np.arange(num_ranks) // (num_ranks // num_nodes)
+    if num_ranks % num_nodes:  # (deepseek_topology, global mode)
+        rank_node = np.zeros(num_ranks, dtype=np.int64)
+    else:
+        rank_node = np.arange(num_ranks) // (num_ranks // num_nodes)
     return Problem(load, num_slots, num_ranks, num_nodes, num_groups, active, rank_node)
 
 
@@ -314,7 +328,8 @@ def _lpt_pack_free(item_weight, item_expert, num_experts, rank_capacity, order) 
     - the next item and the copies of its expert right after it go one each to the next ranks in that
       order that can take them (the least loaded rank holds that expert).
 
-    A rank can take an item if it has room and does not hold the item's expert.
+    A rank can take an item if it has room and does not hold the item's expert.  Loads are summed in the
+    dtype of ``item_weight`` (float32 for the ``deepseek`` port, whose sums must be its own).
     """
     num_layers, num_items = item_weight.shape
     num_ranks = len(rank_capacity)
@@ -327,7 +342,8 @@ def _lpt_pack_free(item_weight, item_expert, num_experts, rank_capacity, order) 
     padded = num_items + width
     rows = np.arange(num_layers)[:, None]
     flat_order = (order + rows * num_items).ravel()
-    w_sorted = np.zeros((num_layers, padded))
+    dtype = np.result_type(item_weight.dtype, np.float32)
+    w_sorted = np.zeros((num_layers, padded), dtype=dtype)
     w_sorted[:, :num_items] = item_weight.ravel()[flat_order].reshape(num_layers, num_items)
     w_sorted = w_sorted.ravel()
     e_sorted = np.full((num_layers, padded), num_experts, dtype=np.int64)
@@ -351,7 +367,7 @@ def _lpt_pack_free(item_weight, item_expert, num_experts, rank_capacity, order) 
     has[:, num_several + 1] = True
     has = has.ravel()
     room = np.repeat(cap[None, :], num_layers, axis=0)  # [L, N] free slots
-    load = np.zeros((num_layers, num_ranks))
+    load = np.zeros((num_layers, num_ranks), dtype=dtype)
     rank_sorted = np.empty(num_layers * padded, dtype=np.int64)
     placed = np.zeros(num_layers, dtype=np.int64)  # [L] items placed so far
     rank_at, item_at = rows * num_ranks, rows * padded + step

@@ -23,6 +23,7 @@ __all__ = [
     "replicate",
     "lpt_pack",
     "items_from_counts",
+    "homes_from_placement",
 ]
 
 # Node-aware placement modes (the one definition; config, CLI and docs read it from here).
@@ -194,6 +195,24 @@ def make_problem(
     else:
         rank_node = np.arange(num_ranks) // (num_ranks // num_nodes)
     return Problem(load, num_slots, num_ranks, num_nodes, num_groups, active, rank_node)
+
+
+def homes_from_placement(phy2log: np.ndarray, rank_node: np.ndarray, num_experts: int, num_groups: int):
+    """Home node of each expert group in an existing placement: the node holding most copies of the group.
+
+    Args:
+        phy2log: int ``[L, P]``; rank_node: int ``[N]``.
+    Returns:
+        int64 ``[L, E]`` home node of every expert.
+    """
+    num_layers, num_slots = phy2log.shape
+    nodes = int(rank_node.max()) + 1
+    slot_node = rank_node[np.arange(num_slots) // (num_slots // len(rank_node))]
+    group = np.where(phy2log >= 0, phy2log // (num_experts // num_groups), num_groups)
+    cell = (np.arange(num_layers)[:, None] * (num_groups + 1) + group) * nodes + slot_node  # [L, P]
+    tally = np.bincount(cell.ravel(), minlength=num_layers * (num_groups + 1) * nodes)
+    group_home = tally.reshape(num_layers, num_groups + 1, nodes)[:, :num_groups].argmax(axis=2)
+    return np.repeat(group_home, num_experts // num_groups, axis=1)
 
 
 # ---------------------------------------------------------------------------------------------- replicas
@@ -477,6 +496,52 @@ def phy2log_from_items(item_rank: np.ndarray, item_expert: np.ndarray, num_ranks
     out = np.full((num_layers, num_ranks * slots_per_rank), -1, dtype=np.int64)
     rows = np.broadcast_to(np.arange(num_layers)[:, None], order.shape)
     out[rows, sorted_rank * slots_per_rank + pos] = sorted_expert
+    return out
+
+
+def separate_copies(
+    phy2log: np.ndarray, load: np.ndarray, num_ranks: int, rank_node: np.ndarray
+) -> np.ndarray:
+    """Move second copies of an expert off their rank: each is swapped with the slot of another rank of the same
+    node whose expert neither rank then holds twice, the closest per-copy load first.
+
+    LPT packing can leave one: its last free slot may be on the one rank that holds the item's expert.  Such a
+    swap always exists while the expert has at most as many copies on the node as the node has ranks.  A loop
+    over the extra copies (rare), not over experts.
+
+    Args:
+        phy2log: int ``[L, P]`` (``-1`` empty); load: float ``[L, E]``; rank_node: int ``[N]``.
+    Returns:
+        int64 ``[L, P]``, slots permuted within nodes.
+    """
+    num_layers, num_slots = phy2log.shape
+    spr = num_slots // num_ranks
+    slot_rank = np.arange(num_slots) // spr
+    out = np.array(phy2log, dtype=np.int64)
+    per_rank = np.sort(out.reshape(num_layers, num_ranks, spr), axis=2)
+    dup_layers = np.nonzero(
+        ((per_rank[:, :, 1:] == per_rank[:, :, :-1]) & (per_rank[:, :, 1:] >= 0)).any(axis=(1, 2))
+    )[0]
+    for layer in dup_layers:
+        row = out[layer]
+        counts = np.bincount(row[row >= 0], minlength=load.shape[1])
+        per_copy = load[layer] / np.maximum(counts, 1)
+        for _ in range(num_slots):
+            held = np.zeros((num_ranks, load.shape[1] + 1), dtype=np.int64)
+            np.add.at(held, (slot_rank, np.where(row >= 0, row, load.shape[1])), 1)
+            held[:, -1] = 0
+            second = np.nonzero(held[slot_rank, np.where(row >= 0, row, load.shape[1])] > 1)[0]
+            if len(second) == 0:
+                break
+            a = second[-1]
+            x, r = row[a], slot_rank[a]
+            y = np.where(row >= 0, row, load.shape[1])
+            ok = (rank_node[slot_rank] == rank_node[r]) & (slot_rank != r) & (row >= 0)
+            ok &= (held[slot_rank, x] == 0) & (held[r, y] == 0)
+            if not ok.any():
+                break
+            b = np.where(ok, np.abs(per_copy[np.where(row >= 0, row, 0)] - per_copy[x]), np.inf).argmin()
+            row[a], row[b] = row[b], x
     return out
 
 

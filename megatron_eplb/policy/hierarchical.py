@@ -13,12 +13,29 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import PolicyError, Problem, items_from_counts, lpt_pack, phy2log_from_items, replicate
-from .greedy import plan_global, refine
+from .candidates import Best, keep_best, node_bound, peak_rank_load, sub_problem
+from .common import (
+    PolicyError,
+    Problem,
+    items_from_counts,
+    lpt_pack,
+    phy2log_from_items,
+    replicate,
+    separate_copies,
+)
+from .greedy import _taken_info, global_best, refine
 from .registry import Plan, PolicyOptions, register_policy
 from .search import SearchState
 
-__all__ = ["group_home_nodes", "plan_hierarchical", "node_aware", "strict_duplicates", "hierarchical_policy"]
+__all__ = [
+    "group_home_nodes",
+    "hierarchical_policy",
+    "node_aware",
+    "node_aware_best",
+    "plan_hierarchical",
+    "plan_hierarchical_own",
+    "strict_duplicates",
+]
 
 
 def node_aware(problem: Problem) -> bool:
@@ -110,8 +127,8 @@ def replicate_relaxed(
     return on_node
 
 
-def plan_hierarchical(problem: Problem, locality: str = "relaxed", *, refine_passes: bool = True):
-    """Node-aware placement.
+def plan_hierarchical_own(problem: Problem, locality: str = "relaxed", *, refine_passes: bool = True):
+    """Node-aware placement by this policy's own steps (groups to nodes → replicate → pack → refine).
 
     Args:
         problem: checked problem with ``num_nodes > 1`` and ``num_groups`` a multiple of ``num_nodes``.
@@ -151,6 +168,9 @@ def plan_hierarchical(problem: Problem, locality: str = "relaxed", *, refine_pas
         item_weight, item_expert, num_experts, capacity, item_node=item_node, rank_node=problem.rank_node
     )
     phy2log = phy2log_from_items(item_rank, item_expert, problem.num_ranks, problem.slots_per_rank)
+    dups = problem.dup_unavoidable or (locality == "strict" and strict_duplicates(problem))
+    if not dups:
+        phy2log = separate_copies(phy2log, load, problem.num_ranks, problem.rank_node)
     if refine_passes:
         state = SearchState(
             load,
@@ -159,29 +179,75 @@ def plan_hierarchical(problem: Problem, locality: str = "relaxed", *, refine_pas
             home=home,
             rank_node=problem.rank_node,
             locality=locality,
-            allow_duplicates=problem.dup_unavoidable or (locality == "strict" and strict_duplicates(problem)),
+            allow_duplicates=dups,
         )
         phy2log = refine(state).slot_e
     return phy2log, home
 
 
+def node_aware_best(problem: Problem, locality: str = "relaxed") -> Best:
+    """:func:`plan_hierarchical_own`, or per layer a simpler policy's plan where it is better and keeps the
+    locality rule (:func:`~.candidates.keep_best`).
+
+    Candidates: ``strict`` takes ``greedy`` and ``deepseek``; ``relaxed`` also takes ``strict``'s own plan, so
+    it is never worse than ``strict`` (whose other candidates it shares).  ``strict``'s own plan is made only for
+    the layers where its node bound (hottest node per rank) is not already above the best peak so far.
+
+    Returns:
+        :class:`~.candidates.Best` with ``home`` int64 ``[L, E]``.
+    """
+    from .deepseek import deepseek_plan  # (here: deepseek registers after hierarchical)
+
+    phy2log, home = plan_hierarchical_own(problem, locality)
+    dups = problem.dup_unavoidable or (locality == "strict" and strict_duplicates(problem))
+    best = Best(phy2log, home)
+    if locality == "relaxed":
+        rows = _may_beat(problem, best, node_bound(problem.load, home, problem))
+        strict = plan_hierarchical_own(sub_problem(problem, rows), "strict")[0] if len(rows) else None
+        best = keep_best(problem, best, [("hierarchical(strict)", strict, rows)], locality, dups)
+    deepseek = deepseek_plan(problem)
+    candidates = [("greedy", global_best(problem, deepseek).phy2log, None), ("deepseek", deepseek, None)]
+    return keep_best(problem, best, candidates, locality, dups)
+
+
+def _may_beat(problem: Problem, best: Best, bound: np.ndarray) -> np.ndarray:
+    """int ``[A]``: layers whose best peak so far is not clearly below ``bound`` (float ``[L]``)."""
+    peak = peak_rank_load(best.phy2log, problem.load, problem.num_ranks)
+    return np.nonzero(peak > bound * (1 - 1e-9))[0]
+
+
+def plan_hierarchical(problem: Problem, locality: str = "relaxed"):
+    """Node-aware placement: :func:`node_aware_best`.
+
+    Args:
+        problem: checked problem with ``num_nodes > 1`` and ``num_groups`` a multiple of ``num_nodes``.
+        locality: ``"relaxed"`` or ``"strict"``.
+    Returns:
+        phy2log: int64 ``[L, P]``; home: int64 ``[L, E]`` home node of every expert.
+    """
+    best = node_aware_best(problem, locality)
+    return best.phy2log, best.home
+
+
 @register_policy("hierarchical")
 def hierarchical_policy(problem: Problem, previous, options: PolicyOptions) -> Plan:
-    """``policy="hierarchical"``: :func:`plan_hierarchical` with ``options.node_locality``; global
-    :func:`~.greedy.plan_global` (reported as ``greedy``, with a ``fallback`` note) when the topology is not
+    """``policy="hierarchical"``: :func:`node_aware_best` with ``options.node_locality``; global
+    :func:`~.greedy.global_best` (reported as ``greedy``, with a ``fallback`` note) when the topology is not
     node-aware."""
     if not node_aware(problem):
         note = (
             f"num_groups={problem.num_groups} is not a positive multiple of num_nodes={problem.num_nodes}: "
             "placed globally"
         )
-        return Plan(plan_global(problem), policy="greedy", info={"fallback": note})
+        best = global_best(problem)
+        return Plan(best.phy2log, policy="greedy", info={"fallback": note, **_taken_info(best)})
     locality = options.node_locality
-    phy2log, home = plan_hierarchical(problem, locality)
+    best = node_aware_best(problem, locality)
     return Plan(
-        phy2log,
+        best.phy2log,
         policy="hierarchical",
         locality=locality,
-        home_node=home,
+        home_node=best.home,
         allow_duplicates=locality == "strict" and strict_duplicates(problem),
+        info=_taken_info(best),
     )

@@ -22,7 +22,15 @@ import numpy as np
 
 from .common import Problem, homes_from_placement
 
-__all__ = ["Best", "feasible_layers", "keep_best", "node_bound", "peak_rank_load", "sub_problem"]
+__all__ = [
+    "Best",
+    "feasible_layers",
+    "keep_best",
+    "keep_lower",
+    "node_bound",
+    "peak_rank_load",
+    "sub_problem",
+]
 
 # A candidate replaces the own plan only if its peak is lower by more than this fraction (float noise).
 _RTOL = 1e-12
@@ -117,6 +125,21 @@ def feasible_layers(
         np.add.at(home_copies, (rows, np.where(at_home, phy2log, num_experts)), 1)
         ok &= (home_copies[:, :num_experts] > 0).all(axis=1)
     return ok, home
+
+
+def keep_lower(
+    phy2log: np.ndarray, rows: np.ndarray, other: np.ndarray, problem: Problem, allow_duplicates: bool
+) -> None:
+    """Write ``other`` (int ``[A, P]``, planned for the layers ``rows``) into ``phy2log`` (int ``[L, P]``, in
+    place) where its peak is lower and, unless ``allow_duplicates``, it has no two copies of an expert on a rank.
+    For a policy's own variants (same rules otherwise)."""
+    load = problem.load[rows]
+    lower = peak_rank_load(other, load, problem.num_ranks) < peak_rank_load(
+        phy2log[rows], load, problem.num_ranks
+    )
+    if not allow_duplicates:
+        lower &= ~_duplicate_layers(other, problem.num_ranks)
+    phy2log[rows[lower]] = other[lower]
 
 
 def sub_problem(problem: Problem, rows: np.ndarray) -> Problem:

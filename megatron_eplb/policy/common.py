@@ -216,7 +216,15 @@ def homes_from_placement(phy2log: np.ndarray, rank_node: np.ndarray, num_experts
 
 
 # ---------------------------------------------------------------------------------------------- replicas
-def replicate(weight: np.ndarray, extra: np.ndarray, max_copies) -> np.ndarray:
+def replicate(
+    weight: np.ndarray,
+    extra: np.ndarray,
+    max_copies,
+    *,
+    start: np.ndarray | None = None,
+    frozen: np.ndarray | None = None,
+    steps: np.ndarray | None = None,
+) -> np.ndarray:
     """Give redundant copies greedily to the expert with the highest load per copy (``argmax w / c``).
 
     Args:
@@ -224,27 +232,172 @@ def replicate(weight: np.ndarray, extra: np.ndarray, max_copies) -> np.ndarray:
         extra: int ``[B]`` redundant copies to hand out in each row (``>= 0``).
         max_copies: most copies of one expert (the ranks available, so copies never share a rank); an
             int or int ``[B]`` per row.  Where every expert is capped, copies go over the cap.
+        start: optional int ``[B, E]`` copies to start from (default one each).
+        frozen: optional bool ``[B, E]`` experts that get no further copy while another expert can take one.
+        steps: optional int ``[B, >= max(extra)]``, filled with the expert each step copies (``-1`` once a row
+            has handed out its ``extra``).
     Returns:
-        int64 ``[B, E]`` copies of each expert (``>= 1``; rows sum to ``E + extra``).
+        int64 ``[B, E]`` copies of each expert (``>= 1``; rows sum to ``start`` + ``extra``).
     """
     rows, num_experts = weight.shape
-    counts = np.ones((rows, num_experts), dtype=np.int64)
+    counts = (
+        np.ones((rows, num_experts), dtype=np.int64) if start is None else np.array(start, dtype=np.int64)
+    )
     extra = np.asarray(extra, dtype=np.int64)
     cap = np.broadcast_to(np.asarray(max_copies), (rows,))
+    expert_cap = None
+    if frozen is not None:
+        expert_cap = np.where(frozen, counts, cap[:, None])
+    elif start is not None:
+        expert_cap = np.broadcast_to(cap[:, None], counts.shape)
     ratio = weight / counts  # kept up to date: only the entries that get a copy change
     flat_counts, flat_ratio, flat_weight = counts.ravel(), ratio.ravel(), weight.ravel()
     row_at = np.arange(rows) * num_experts
     for k in range(int(extra.max(initial=0))):
         score = ratio
-        if k + 1 >= cap.min():  # some expert may be capped (each has at most k + 1 copies so far)
+        if expert_cap is not None:  # (frozen experts take copies again once all others are capped)
+            capped = counts >= expert_cap
+            capped = np.where(capped.all(axis=1, keepdims=True), counts >= cap[:, None], capped)
+            score = np.where(capped & ~capped.all(axis=1, keepdims=True), -np.inf, ratio)
+        elif k + 1 >= cap.min():  # some expert may be capped (each has at most k + 1 copies so far)
             capped = counts >= cap[:, None]
             score = np.where(capped & ~capped.all(axis=1, keepdims=True), -np.inf, ratio)
         at = score.argmax(axis=1) + row_at  # flat index of each row's next copy
+        if steps is not None:
+            steps[:, k] = np.where(extra > k, at - row_at, -1)
         if k >= extra.min():
             at = at[extra > k]
         flat_counts[at] += 1
         flat_ratio[at] = flat_weight[at] / flat_counts[at]
     return counts
+
+
+def packing_bound(
+    weight: np.ndarray, counts: np.ndarray, num_bins, slots_per_bin: int, *, apart: bool = True
+) -> np.ndarray:
+    """A lower bound on the peak bin of any packing of the copies into ``num_bins`` bins of ``slots_per_bin``
+    slots each (every bin full; ``apart``: no two copies of one expert in a bin), an expert's load split evenly
+    over its copies.
+
+    The largest of the mean bin load and two kinds of bin:
+
+    - for every ``j``, a bin holding ``q = ceil(j / bins)`` of the ``j`` heaviest copies (at least the ``q``
+      lightest of them);
+    - (``apart``) for experts ``a != b`` with ``c_a + c_b > bins`` copies, a bin holding a copy of each;
+
+    each with ``S - q`` (``S - 2``) further copies, at least the lightest ones of all.
+
+    Args:
+        weight: float ``[B, E]``; counts: int ``[B, E]`` (``>= 1``); num_bins: int or int ``[B]`` (``>= 1``).
+    Returns:
+        float64 ``[B]``.
+    """
+    rows, num_experts = counts.shape
+    bins = np.broadcast_to(np.asarray(num_bins, dtype=np.int64), (rows,))
+    num_items = counts.sum(axis=1)
+    width = int(num_items.max())
+    per_copy = weight / np.maximum(counts, 1)
+    # Each row padded to `width` items by weightless ones (they sum as the row's own zero loads would).
+    values = np.concatenate([per_copy, np.zeros((rows, 1))], axis=1)
+    repeats = np.concatenate([counts, (width - num_items)[:, None]], axis=1)
+    items = np.sort(np.repeat(values.ravel(), repeats.ravel()).reshape(rows, width), axis=1)[:, ::-1]
+    cum = np.zeros((rows, width + 1))
+    np.cumsum(items, axis=1, out=cum[:, 1:])
+    total = cum[np.arange(rows), num_items]
+
+    def lightest(n):  # float [B, ...]: the n lightest copies of each row (n int [B, ...], 0 <= n <= K)
+        at = np.clip(num_items.reshape((rows,) + (1,) * (np.ndim(n) - 1)) - n, 0, width)
+        return total.reshape(at.shape[:1] + (1,) * (at.ndim - 1)) - np.take_along_axis(
+            cum, at.reshape(rows, -1), 1
+        ).reshape(at.shape)
+
+    # For q copies in a bin, the window of the j heaviest is heaviest at the least j: j = (q - 1) * bins + 1.
+    q = np.arange(1, slots_per_bin + 1)
+    j = (q[None, :] - 1) * bins[:, None] + 1  # [B, S]
+    valid = j <= num_items[:, None]
+    j = np.minimum(j, num_items[:, None])
+    rest = slots_per_bin - q[None, :].repeat(rows, 0)
+    bound = np.take_along_axis(cum, j, 1) - np.take_along_axis(cum, np.maximum(j - q, 0), 1) + lightest(rest)
+    bound = np.where(valid, bound, 0.0).max(axis=1)
+    top = int((2 * counts > bins[:, None]).sum(axis=1).max()) if apart and slots_per_bin >= 2 else 0
+    if top:  # pairs: c_a + c_b > bins needs one of them with more than bins / 2 copies, say a
+        by_count = np.argsort(-counts, axis=1, kind="stable")[:, :top]  # [B, T]
+        c_a = np.take_along_axis(counts, by_count, 1)
+        w_a = np.take_along_axis(per_copy, by_count, 1)
+        share_bin = (c_a[:, :, None] + counts[:, None, :]) > bins[:, None, None]  # [B, T, E]
+        share_bin &= by_count[:, :, None] != np.arange(num_experts)
+        pair = np.where(share_bin, w_a[:, :, None] + per_copy[:, None, :], 0.0).max(axis=(1, 2))
+        bound = np.maximum(bound, np.where(pair > 0, pair + lightest(np.full(rows, slots_per_bin - 2)), 0.0))
+    return np.maximum(bound, total / bins)
+
+
+def replicate_for_packing(
+    weight: np.ndarray, extra: np.ndarray, max_copies, num_bins, slots_per_bin: int, *, apart: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Copy counts for packing: :func:`replicate`'s, and where they pack badly an alternative to try.
+
+    ``argmax w / c`` minimises the heaviest copy, but the copies of the hot experts may then not fill whole rounds
+    of the bins: ten copies of two hot experts on eight bins put two on some bin, where four copies each (one on
+    every bin) would not.  The alternatives: stop copying the experts that already have several copies at a step
+    where those copies fill whole rounds (a multiple of ``num_bins``; the last two such steps), and hand the rest
+    to experts that have one.  A row gets the alternative with the lowest :func:`packing_bound` if that is below
+    the plain counts' bound; the caller packs both and keeps the better.
+
+    Args:
+        weight: float ``[B, E]``; extra: int ``[B]``; max_copies: as :func:`replicate`.
+        num_bins: int or int ``[B]`` bins (ranks) of each row; slots_per_bin: ``S``.
+        apart: the packing keeps the copies of an expert in different bins (:func:`packing_bound`).
+    Returns:
+        counts: int64 ``[B, E]`` (:func:`replicate`); alternative: int64 ``[B, E]``; better: bool ``[B]`` rows
+        whose alternative has the lower bound (elsewhere ``alternative == counts``).
+    """
+    rows, num_experts = weight.shape
+    extra = np.asarray(extra, dtype=np.int64)
+    bins = np.broadcast_to(np.asarray(num_bins, dtype=np.int64), (rows,))
+    width = int(extra.max(initial=0))
+    steps = np.full((rows, max(width, 1)), -1, dtype=np.int64)
+    counts = replicate(weight, extra, max_copies, steps=steps)
+    alternative, better = counts.copy(), np.zeros(rows, dtype=bool)
+    bound = packing_bound(weight, counts, bins, slots_per_bin, apart=apart)
+    mean = weight.sum(axis=1) / bins
+    todo = np.nonzero(bound > mean * (1 + 1e-12))[0]  # at the mean no other counts can do better
+    if len(todo) == 0 or width < 2:
+        return counts, alternative, better
+    w, ex, st, cap = (
+        weight[todo],
+        extra[todo],
+        steps[todo],
+        np.broadcast_to(np.asarray(max_copies), (rows,))[todo],
+    )
+    # several[:, k]: copies of the experts with several copies after k steps.
+    seen = np.ones((len(todo), num_experts), dtype=np.int64)
+    several = np.zeros((len(todo), width + 1), dtype=np.int64)
+    sub = np.arange(len(todo))
+    for k in range(width):
+        e = st[:, k]
+        live = e >= 0
+        first = seen[sub, np.maximum(e, 0)] == 1
+        several[:, k + 1] = several[:, k] + np.where(live, np.where(first, 2, 1), 0)
+        seen[sub[live], e[live]] += 1
+    k_all = np.arange(width + 1)
+    whole = (several % bins[todo, None] == 0) & (several > 0) & (k_all < ex[:, None])
+    best_bound = bound[todo].copy()
+    for _ in range(2):  # the last and the one before
+        k = np.where(whole.any(axis=1), width - np.argmax(whole[:, ::-1], axis=1), -1)
+        if not (k > 0).any():
+            break
+        whole[sub[k > 0], k[k > 0]] = False
+        start = np.ones_like(seen)
+        taken = (k_all[None, :width] < k[:, None]) & (st >= 0)
+        np.add.at(start, (np.broadcast_to(sub[:, None], st.shape)[taken], st[taken]), 1)
+        try_counts = replicate(w, np.maximum(ex - np.maximum(k, 0), 0), cap, start=start, frozen=start > 1)
+        try_counts = np.where((k > 0)[:, None], try_counts, counts[todo])
+        try_bound = packing_bound(w, try_counts, bins[todo], slots_per_bin, apart=apart)
+        win = (k > 0) & (try_bound < best_bound * (1 - 1e-12))
+        alternative[todo[win]] = try_counts[win]
+        best_bound[win] = try_bound[win]
+        better[todo[win]] = True
+    return counts, alternative, better
 
 
 def items_from_counts(counts: np.ndarray, weight: np.ndarray, home: np.ndarray | None = None):
@@ -278,6 +431,7 @@ def lpt_pack(
     *,
     item_node: np.ndarray | None = None,
     rank_node: np.ndarray | None = None,
+    order: np.ndarray | None = None,
 ) -> np.ndarray:
     """Longest-processing-time packing with equal slot counts, no two copies of one expert on a rank.
 
@@ -290,13 +444,15 @@ def lpt_pack(
         item_weight: float ``[L, K]``; item_expert: int ``[L, K]``.
         rank_capacity: int ``[N]`` slots of each rank (0 for excluded ranks); sums to ``K``.
         item_node: optional int ``[L, K]`` (``-1`` = free); rank_node: int ``[N]``.
+        order: optional int ``[L, K]``, the order to take the items in (default: heaviest first, stable).
     Returns:
         int64 ``[L, K]`` rank of each item.
     """
     num_layers, num_items = item_weight.shape
     num_ranks = len(rank_capacity)
     rows = np.arange(num_layers)
-    order = _argsort_descending(item_weight)
+    if order is None:
+        order = _argsort_descending(item_weight)
     if item_node is None or not (item_node >= 0).any():
         return _lpt_pack_free(item_weight, item_expert, num_experts, rank_capacity, order)
     load = np.zeros((num_layers, num_ranks))

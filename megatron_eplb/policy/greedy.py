@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .candidates import Best, keep_best
-from .common import Problem, items_from_counts, lpt_pack, phy2log_from_items, replicate, separate_copies
+from .candidates import Best, keep_best, keep_lower, sub_problem
+from .common import (
+    Problem,
+    items_from_counts,
+    lpt_pack,
+    phy2log_from_items,
+    replicate_for_packing,
+    separate_copies,
+)
 from .registry import Plan, PolicyOptions, register_policy
 from .search import SearchState, local_search, pair_rounds
 
@@ -42,6 +49,9 @@ def refine(state: SearchState, *, rounds: int | None = None, polish_iters: int |
 def plan_global_own(problem: Problem, *, refine_passes: bool = True) -> np.ndarray:
     """Global placement on the active ranks, by this policy's own steps (replicate → pack → refine).
 
+    Copy counts from :func:`~.common.replicate_for_packing`: where its alternative counts pack with a lower
+    bound, both are packed and the lower peak is kept.
+
     Args:
         problem: the checked problem (``load [L, E]``, ``P`` slots on ``N`` ranks, excluded ranks).
     Returns:
@@ -52,7 +62,21 @@ def plan_global_own(problem: Problem, *, refine_passes: bool = True) -> np.ndarr
     n_active = int(problem.active.sum())
     active_slots = problem.num_active_slots
     max_copies = active_slots if problem.dup_unavoidable else n_active
-    counts = replicate(load, np.full(num_layers, active_slots - num_experts), max_copies)
+    extra = np.full(num_layers, active_slots - num_experts)
+    counts, alternative, better = replicate_for_packing(
+        load, extra, max_copies, n_active, problem.slots_per_rank, apart=not problem.dup_unavoidable
+    )
+    phy2log = _pack_global(problem, counts, refine_passes)
+    rows = np.nonzero(better)[0]
+    if len(rows):
+        other = _pack_global(sub_problem(problem, rows), alternative[rows], refine_passes)
+        keep_lower(phy2log, rows, other, problem, problem.dup_unavoidable)
+    return phy2log
+
+
+def _pack_global(problem: Problem, counts: np.ndarray, refine_passes: bool) -> np.ndarray:
+    """Pack the copies (int ``counts [L, E]``) onto the active ranks, then refine: int64 ``[L, P]``."""
+    load, num_experts = problem.load, problem.num_experts
     item_expert, item_weight, _, _ = items_from_counts(counts, load)
     capacity = np.where(problem.active, problem.slots_per_rank, 0)
     item_rank = lpt_pack(item_weight, item_expert, num_experts, capacity)

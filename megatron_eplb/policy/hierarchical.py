@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .candidates import Best, keep_best, node_bound, peak_rank_load, sub_problem
+from .candidates import Best, keep_best, keep_lower, node_bound, peak_rank_load, sub_problem
 from .common import (
     PolicyError,
     Problem,
     items_from_counts,
     lpt_pack,
+    packing_bound,
     phy2log_from_items,
-    replicate,
+    replicate_for_packing,
     separate_copies,
 )
 from .greedy import _taken_info, global_best, refine
@@ -130,6 +131,11 @@ def replicate_relaxed(
 def plan_hierarchical_own(problem: Problem, locality: str = "relaxed", *, refine_passes: bool = True):
     """Node-aware placement by this policy's own steps (groups to nodes → replicate → pack → refine).
 
+    Copy counts: ``strict`` replicates within each node (:func:`~.common.replicate_for_packing`, whose
+    alternative counts are packed too where they bound lower); ``relaxed`` by :func:`replicate_relaxed`, and
+    where the global counts of :func:`~.common.replicate_for_packing` bound below that plan's peak, also those
+    (the primary copy at home, the others anywhere).  The lower peak is kept per layer.
+
     Args:
         problem: checked problem with ``num_nodes > 1`` and ``num_groups`` a multiple of ``num_nodes``.
         locality: ``"relaxed"`` or ``"strict"``.
@@ -142,47 +148,95 @@ def plan_hierarchical_own(problem: Problem, locality: str = "relaxed", *, refine
     home = group_home_nodes(load, problem.num_groups, nodes)
     node_slots = _check_capacity(problem, home)
     ranks_per_node = np.bincount(problem.rank_node[problem.active], minlength=nodes)
+    spr = problem.slots_per_rank
     if locality == "strict":
         # Replicate within each node: rows [L * nodes, E / nodes], experts ordered by home node (stable).
         order = np.argsort(home, axis=1, kind="stable")
         node_weight = np.take_along_axis(load, order, axis=1).reshape(num_layers * nodes, -1)
         extra = np.tile(node_slots - num_experts // nodes, num_layers)
-        max_copies = (
-            np.tile(ranks_per_node, num_layers) if not strict_duplicates(problem) else int(node_slots.max())
+        bins = np.tile(ranks_per_node, num_layers)
+        max_copies = bins if not strict_duplicates(problem) else int(node_slots.max())
+        apart = not (problem.dup_unavoidable or strict_duplicates(problem))
+        plain, other, better = replicate_for_packing(
+            node_weight, extra, max_copies, np.maximum(bins, 1), spr, apart=apart
         )
-        node_counts = replicate(node_weight, extra, max_copies).reshape(num_layers, num_experts)
-        counts = np.empty_like(node_counts)
-        np.put_along_axis(counts, order, node_counts, axis=1)
-        item_expert, item_weight, _, item_node = items_from_counts(counts, load, home)
-    else:
-        copies_on_node = replicate_relaxed(load, home, node_slots, ranks_per_node, problem.dup_unavoidable)
-        flat = copies_on_node.reshape(num_layers, -1)  # [L, E * nodes]
-        item_index = np.repeat(np.tile(np.arange(flat.shape[1]), num_layers), flat.ravel()).reshape(
-            num_layers, -1
+        counts = np.empty((2, num_layers, num_experts), dtype=np.int64)
+        np.put_along_axis(counts[0], order, plain.reshape(num_layers, num_experts), axis=1)
+        np.put_along_axis(counts[1], order, other.reshape(num_layers, num_experts), axis=1)
+        phy2log = _pack_counts(problem, locality, home, counts[0], refine_passes)
+        rows = np.nonzero(better.reshape(num_layers, nodes).any(axis=1))[0]
+        if len(rows):
+            sub = sub_problem(problem, rows)
+            other = _pack_counts(sub, locality, home[rows], counts[1, rows], refine_passes)
+            keep_lower(phy2log, rows, other, problem, not apart)
+        return phy2log, home
+    copies_on_node = replicate_relaxed(load, home, node_slots, ranks_per_node, problem.dup_unavoidable)
+    flat = copies_on_node.reshape(num_layers, -1)  # [L, E * nodes]
+    item_index = np.repeat(np.tile(np.arange(flat.shape[1]), num_layers), flat.ravel()).reshape(
+        num_layers, -1
+    )
+    item_expert, item_node = np.divmod(item_index, nodes)
+    item_weight = (load / copies_on_node.sum(axis=2))[np.arange(num_layers)[:, None], item_expert]
+    phy2log = _pack_items(problem, locality, home, item_expert, item_weight, item_node, refine_passes)
+    # Where the global counts bound lower than these (copies that cannot fill whole rounds of the ranks), also
+    # those: primary copies at home, taken first among equal copies.
+    n_active, apart = int(problem.active.sum()), not problem.dup_unavoidable
+    extra = np.full(num_layers, problem.num_active_slots - num_experts)
+    max_copies = problem.num_active_slots if problem.dup_unavoidable else n_active
+    plain, other, better = replicate_for_packing(load, extra, max_copies, n_active, spr, apart=apart)
+    counts = np.where(better[:, None], other, plain)
+    own = packing_bound(load, copies_on_node.sum(axis=2), n_active, spr, apart=apart)
+    rows = np.nonzero(own > packing_bound(load, counts, n_active, spr, apart=apart) * (1 + 1e-12))[0]
+    if len(rows):
+        item_expert, item_weight, primary, item_home = items_from_counts(counts[rows], load[rows], home[rows])
+        item_node = np.where(primary, item_home, -1)
+        order = np.lexsort((~primary, -item_weight))  # heaviest first, primary copies first among equals
+        sub = sub_problem(problem, rows)
+        alt = _pack_items(
+            sub, locality, home[rows], item_expert, item_weight, item_node, refine_passes, order
         )
-        item_expert, item_node = np.divmod(item_index, nodes)
-        counts = copies_on_node.sum(axis=2)
-        item_weight = (load / counts)[np.arange(num_layers)[:, None], item_expert]
+        keep_lower(phy2log, rows, alt, problem, problem.dup_unavoidable)
+    return phy2log, home
+
+
+def _pack_counts(problem: Problem, locality: str, home: np.ndarray, counts: np.ndarray, refine_passes: bool):
+    """Strict: every copy (int ``counts [L, E]``) on its home node; :func:`_pack_items`."""
+    item_expert, item_weight, _, item_node = items_from_counts(counts, problem.load, home)
+    return _pack_items(problem, locality, home, item_expert, item_weight, item_node, refine_passes)
+
+
+def _pack_items(
+    problem, locality, home, item_expert, item_weight, item_node, refine_passes, order=None
+) -> np.ndarray:
+    """Pack items (int ``item_expert [L, K]``, float ``item_weight``, int ``item_node``: ``-1`` free; optional
+    int ``order``) onto the active ranks (:func:`~.common.lpt_pack`), then refine: int64 ``[L, P]``."""
+    load = problem.load
     capacity = np.where(problem.active, problem.slots_per_rank, 0)
     item_rank = lpt_pack(
-        item_weight, item_expert, num_experts, capacity, item_node=item_node, rank_node=problem.rank_node
+        item_weight,
+        item_expert,
+        problem.num_experts,
+        capacity,
+        item_node=item_node,
+        rank_node=problem.rank_node,
+        order=order,
     )
     phy2log = phy2log_from_items(item_rank, item_expert, problem.num_ranks, problem.slots_per_rank)
     dups = problem.dup_unavoidable or (locality == "strict" and strict_duplicates(problem))
     if not dups:
         phy2log = separate_copies(phy2log, load, problem.num_ranks, problem.rank_node)
-    if refine_passes:
-        state = SearchState(
-            load,
-            phy2log,
-            problem.num_ranks,
-            home=home,
-            rank_node=problem.rank_node,
-            locality=locality,
-            allow_duplicates=dups,
-        )
-        phy2log = refine(state).slot_e
-    return phy2log, home
+    if not refine_passes:
+        return phy2log
+    state = SearchState(
+        load,
+        phy2log,
+        problem.num_ranks,
+        home=home,
+        rank_node=problem.rank_node,
+        locality=locality,
+        allow_duplicates=dups,
+    )
+    return refine(state).slot_e
 
 
 def node_aware_best(problem: Problem, locality: str = "relaxed") -> Best:

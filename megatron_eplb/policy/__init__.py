@@ -8,13 +8,17 @@ Policies (``policy=``):
   nodes → replicate → pack → refine.  ``node_locality="strict"`` keeps every copy on its group's node;
   ``"relaxed"`` (default) keeps the primary copy there and lets redundant copies cross nodes.
 - ``low_churn``: start from ``previous`` and change only what pays (see :mod:`.low_churn`).
-- ``deepseek``: exact parity with DeepSeek's ``eplb.py`` (hierarchical when ``num_groups % num_nodes == 0``,
-  else global); the baseline.
+- ``deepseek``: parity with DeepSeek's ``eplb.py`` (hierarchical when ``num_groups % num_nodes == 0``, else
+  global, accepting any groups and nodes as ``eplb.py`` does); the baseline.
 - ``auto``: ``low_churn`` when ``previous`` is given, else ``hierarchical`` when ``num_nodes > 1``, else
   ``greedy``.
 
 Balance is judged with a logical expert's load split evenly over its copies (the default dispatch).
 Every function is pure and deterministic (ties go to the lower index; sorts are stable).
+
+Never worse than a simpler plan (:mod:`.candidates`): per layer, ``greedy`` keeps ``deepseek``'s plan where it is
+better and has no same-rank copies; ``hierarchical`` strict likewise ``greedy``'s and ``deepseek``'s where they keep
+every copy at home; relaxed also strict's, so it is never worse than strict.
 """
 
 from __future__ import annotations
@@ -126,8 +130,8 @@ def rebalance_with_info(
     Returns:
         placement: the new :class:`ExpertPlacement` (``expert_load`` = ``load``).
         info: ``policy`` (the concrete one), ``locality`` (``none``/``strict``/``relaxed``), ``seconds``,
-        ``home_node`` (int ``[L, E]`` or None), ``changed_layers`` (low_churn) and, when ``previous`` is
-        given, ``moved_slots`` (int ``[L]``).
+        ``home_node`` (int ``[L, E]`` or None), ``changed_layers`` (low_churn), ``taken_from`` (layers won by a
+        simpler policy's plan, by name, if any) and, when ``previous`` is given, ``moved_slots`` (int ``[L]``).
     """
     problem = make_problem(
         load,

@@ -1,5 +1,6 @@
-"""Global greedy placement: replicate (``argmax w / c``) → LPT pack with equal slots per rank and no two
-copies of one expert on a rank → swap refinement between the hottest rank and the coldest ranks."""
+"""Global greedy placement: replicate (``argmax w / c``, counts chosen with the packing in mind) → LPT pack with
+equal slots per rank and no two copies of one expert on a rank → swap refinement between the hottest rank and the
+coldest ranks; then, per layer, ``deepseek``'s plan where it is better and keeps copies apart."""
 
 from __future__ import annotations
 

@@ -7,6 +7,9 @@ optimal pairing) → replicate → LPT pack copies to ranks → refinement swaps
   replicates within its own slots.  The pairing of groups caps balance.
 - ``relaxed``: the first (primary) copy of each expert stays on its group's node; redundant copies go where
   they balance best, across nodes too.
+
+Then per layer the better of the simpler plans that keep the rule (:func:`node_aware_best`): strict takes
+``greedy``'s and ``deepseek``'s, relaxed also strict's.
 """
 
 from __future__ import annotations

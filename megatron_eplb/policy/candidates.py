@@ -50,6 +50,10 @@ class Best:
     home: np.ndarray | None = None
     taken: dict = field(default_factory=dict)
 
+    def info(self) -> dict:
+        """``{"taken_from": taken}`` when a candidate won a layer, else empty (for :class:`Plan` ``info``)."""
+        return {"taken_from": dict(self.taken)} if self.taken else {}
+
 
 def peak_rank_load(phy2log: np.ndarray, load: np.ndarray, num_ranks: int) -> np.ndarray:
     """Peak rank load of each layer.

@@ -123,9 +123,4 @@ def plan_global(problem: Problem) -> np.ndarray:
 def greedy_policy(problem: Problem, previous, options: PolicyOptions) -> Plan:
     """``policy="greedy"``: :func:`global_best` (``previous`` and the options are not used)."""
     best = global_best(problem)
-    return Plan(best.phy2log, policy="greedy", info=_taken_info(best))
-
-
-def _taken_info(best: Best) -> dict:
-    """``info["taken_from"]``: layers where a simpler policy's plan replaced the own one (if any)."""
-    return {"taken_from": dict(best.taken)} if best.taken else {}
+    return Plan(best.phy2log, policy="greedy", info=best.info())

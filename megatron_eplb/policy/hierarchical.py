@@ -27,7 +27,7 @@ from .common import (
     replicate_for_packing,
     separate_copies,
 )
-from .greedy import _taken_info, global_best, refine
+from .greedy import global_best, refine
 from .registry import Plan, PolicyOptions, register_policy
 from .search import SearchState
 
@@ -136,8 +136,9 @@ def plan_hierarchical_own(problem: Problem, locality: str = "relaxed", *, refine
 
     Copy counts: ``strict`` replicates within each node (:func:`~.common.replicate_for_packing`, whose
     alternative counts are packed too where they bound lower); ``relaxed`` by :func:`replicate_relaxed`, and
-    where the global counts of :func:`~.common.replicate_for_packing` bound below that plan's peak, also those
-    (the primary copy at home, the others anywhere).  The lower peak is kept per layer.
+    where the global counts of :func:`~.common.replicate_for_packing` have a lower
+    :func:`~.common.packing_bound` than those, also by them (the primary copy at home, the others anywhere).
+    The lower peak is kept per layer.
 
     Args:
         problem: checked problem with ``num_nodes > 1`` and ``num_groups`` a multiple of ``num_nodes``.
@@ -297,7 +298,7 @@ def hierarchical_policy(problem: Problem, previous, options: PolicyOptions) -> P
             "placed globally"
         )
         best = global_best(problem)
-        return Plan(best.phy2log, policy="greedy", info={"fallback": note, **_taken_info(best)})
+        return Plan(best.phy2log, policy="greedy", info={"fallback": note, **best.info()})
     locality = options.node_locality
     best = node_aware_best(problem, locality)
     return Plan(
@@ -306,5 +307,5 @@ def hierarchical_policy(problem: Problem, previous, options: PolicyOptions) -> P
         locality=locality,
         home_node=best.home,
         allow_duplicates=locality == "strict" and strict_duplicates(problem),
-        info=_taken_info(best),
+        info=best.info(),
     )

@@ -262,13 +262,16 @@ def replicate(
         elif k + 1 >= cap.min():  # some expert may be capped (each has at most k + 1 copies so far)
             capped = counts >= cap[:, None]
             score = np.where(capped & ~capped.all(axis=1, keepdims=True), -np.inf, ratio)
-        at = score.argmax(axis=1) + row_at  # flat index of each row's next copy
+        best = score.argmax(axis=1)
         if steps is not None:
-            steps[:, k] = np.where(extra > k, at - row_at, -1)
+            steps[:, k] = best
+        at = best + row_at  # flat index of each row's next copy
         if k >= extra.min():
             at = at[extra > k]
         flat_counts[at] += 1
         flat_ratio[at] = flat_weight[at] / flat_counts[at]
+    if steps is not None:  # -1 once a row has handed out its copies
+        steps[np.arange(steps.shape[1])[None, :] >= extra[:, None]] = -1
     return counts
 
 

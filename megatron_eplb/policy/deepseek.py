@@ -73,11 +73,13 @@ def replicate_experts(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.
     rank = np.zeros((rows, num_phy), dtype=np.int64)
     logcnt = np.ones((rows, num_log), dtype=np.int64)
     idx = np.arange(rows)
+    ratio = np.array(weight, dtype=np.float32)  # weight / logcnt in float32, kept up to date
     for i in range(num_log, num_phy):
-        best = (weight / logcnt.astype(np.float32)).argmax(axis=1)
+        best = ratio.argmax(axis=1)
         phy2log[:, i] = best
         rank[:, i] = logcnt[idx, best]
         logcnt[idx, best] += 1
+        ratio[idx, best] = weight[idx, best] / logcnt[idx, best].astype(np.float32)
     return phy2log, rank, logcnt
 
 

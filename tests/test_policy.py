@@ -461,6 +461,15 @@ def test_relaxed_never_two_copies_on_a_rank():
     assert count_same_rank_duplicates(p.phy2log, 8) == 0
 
 
+def test_relaxed_pair_rounds_keep_a_home_copy():
+    """Relaxed refinement swaps many rank pairs at once: three pairs took the three home copies of one expert off
+    its node in the same round (found by test_invariants_node_aware)."""
+    load = np.array([[1.0, 1, 2, 2, 0, 0, 2, 2, 0, 0, 2, 1], [0.0, 2, 0, 1, 1, 1, 0, 0, 2, 2, 2, 1]])
+    p, info = rebalance_with_info(load, 48, 12, num_nodes=4, num_groups=4, node_locality="relaxed")
+    d = placement_diagnostics(p, load, num_nodes=4, num_groups=4, home_node=info["home_node"])
+    assert d["experts_without_home_copy"] == 0
+
+
 def brute_force_peak(items, experts, bins, slots, apart):
     """Least peak bin over every packing of ``items`` into ``bins`` bins of ``slots`` (``apart``: no two items of
     one expert in a bin); inf if there is none."""

@@ -9,8 +9,9 @@ candidate counts for a layer only where it keeps the policy's rules there:
 - ``relaxed``: at least one copy of every expert on its group's home node.
 
 A candidate's home nodes are read from its own placement: the node holding most copies of each group, as
-:func:`megatron_eplb.policy.placement_diagnostics` and ``low_churn`` read them.  The peak rank load is the largest sum over a rank's slots of the per-copy loads (an expert's load split evenly over
-its copies).  Own plan first: a candidate replaces it only if strictly lower.
+:func:`megatron_eplb.policy.placement_diagnostics` and ``low_churn`` read them.  The peak rank load is the
+largest sum over a rank's slots of the per-copy loads (an expert's load split evenly over its copies).  Own plan
+first: a candidate replaces it only if strictly lower.
 """
 
 from __future__ import annotations

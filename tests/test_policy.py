@@ -226,6 +226,74 @@ def test_deepseek_readme_parity():
     assert p2.phy2log.tolist() == README_PHY2LOG
 
 
+def test_deepseek_accepts_what_eplb_py_accepts():
+    """eplb.py places globally when num_groups is not a multiple of num_nodes, whatever the groups and nodes;
+    only its hierarchical mode needs groups that divide the experts and nodes that divide the GPUs."""
+    from megatron_eplb.policy.deepseek import deepseek_phy2log
+
+    load = [[10, 20, 30, 40]]
+    p, info = rebalance_with_info(load, 8, 4, num_nodes=2, num_groups=3, policy="deepseek")
+    assert info["locality"] == "none"
+    assert p.phy2log.tolist() == deepseek_phy2log(np.array(load), 8, 1, 1, 4).tolist()
+    # nodes that do not divide the GPUs, more groups than experts: global mode as well
+    q = rebalance(load, 8, 4, num_nodes=3, num_groups=5, policy="deepseek")
+    assert q.phy2log.tolist() == p.phy2log.tolist()
+    # excluded ranks are fine in global mode, also on several nodes
+    r = rebalance(load, 8, 4, num_nodes=2, num_groups=3, policy="deepseek", exclude_ranks=[1])
+    assert r.excluded_ranks == (1,) and (r.replica_count >= 1).all()
+    # what eplb.py's hierarchical mode asserts stays an error, as do the other policies' topology rules
+    with pytest.raises(PolicyError, match="num_groups=2 does not divide the 3 experts"):
+        rebalance([[1.0, 2.0, 3.0]], 4, 4, num_nodes=2, num_groups=2, policy="deepseek")
+    with pytest.raises(PolicyError, match="num_nodes=3 does not divide num_ranks=4"):
+        rebalance(load, 8, 4, num_nodes=3, num_groups=3, policy="deepseek")
+    with pytest.raises(PolicyError, match="exclude_ranks only in its global mode"):
+        rebalance(load, 8, 4, num_nodes=2, num_groups=2, policy="deepseek", exclude_ranks=[1])
+    for policy in ("greedy", "hierarchical", "auto"):
+        with pytest.raises(PolicyError, match="num_groups=3 does not divide the 4 experts"):
+            rebalance(load, 8, 4, num_nodes=2, num_groups=3, policy=policy)
+
+
+def balanced_packing_loop(weight, num_packs):
+    """eplb.py's balanced_packing as written there: one item at a time, float32 pack weights."""
+    rows, num_items = weight.shape
+    per_pack = num_items // num_packs
+    order = np.argsort(-weight, axis=1, kind="stable")
+    pack_index, rank_in_pack = np.full(weight.shape, -1), np.full(weight.shape, -1)
+    for row in range(rows):
+        pack_weights, pack_items = [np.float32(0)] * num_packs, [0] * num_packs
+        for item in order[row]:
+            pack = min(
+                (p for p in range(num_packs) if pack_items[p] < per_pack), key=pack_weights.__getitem__
+            )
+            pack_index[row, item], rank_in_pack[row, item] = pack, pack_items[pack]
+            pack_weights[pack] = np.float32(pack_weights[pack] + weight[row, item])
+            pack_items[pack] += 1
+    return pack_index, rank_in_pack
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31),
+    shape=st.tuples(st.integers(1, 3), st.integers(2, 9), st.integers(2, 6)),
+    kind=st.sampled_from(["uniform", "ties", "tenths", "zeros", "skewed"]),
+)
+def test_deepseek_balanced_packing_is_eplb_py_loop(seed, shape, kind):
+    rows, num_packs, per_pack = shape
+    rng = np.random.default_rng(seed)
+    size = (rows, num_packs * per_pack)
+    weight = {
+        "uniform": lambda: rng.uniform(0, 1, size),
+        "ties": lambda: rng.integers(0, 4, size).astype(float),
+        "tenths": lambda: rng.integers(1, 30, size) * 0.1,  # float32 sums that round
+        "zeros": lambda: np.where(rng.random(size) < 0.5, 0.0, rng.uniform(0, 1, size)),
+        "skewed": lambda: rng.pareto(0.8, size),
+    }[kind]().astype(np.float32)
+    from megatron_eplb.policy.deepseek import balanced_packing
+
+    fast, loop = balanced_packing(weight, num_packs), balanced_packing_loop(weight, num_packs)
+    assert np.array_equal(fast[0], loop[0]) and np.array_equal(fast[1], loop[1])
+
+
 def test_ours_beat_deepseek_on_readme_and_have_no_duplicates():
     ds = rebalance(README_LOAD, 16, 8, num_nodes=2, num_groups=4, policy="deepseek")
     for locality in ("strict", "relaxed"):
@@ -241,6 +309,216 @@ def test_ours_beat_deepseek_on_readme_and_have_no_duplicates():
         g = rebalance(load, slots, ranks, policy="greedy")
         dg = rebalance(load, slots, ranks, policy="deepseek")
         assert balance_summary(g, load)["mean"] > balance_summary(dg, load)["mean"]
+
+
+# ------------------------------------------------------------- never worse than a simpler plan (issue #16)
+def peaks(placement, load):
+    """float ``[L]``: peak rank load, an expert's load split evenly over its copies."""
+    return rank_loads(placement, np.asarray(load, dtype=float)).max(axis=1)
+
+
+def keeps_rules(placement, load, num_nodes, num_groups, locality, allow_dups):
+    """bool ``[L]``: layers where ``placement`` keeps a policy's rules, read as placement_diagnostics reads them
+    (home node = the node holding most copies of the group)."""
+    ok = []
+    for layer in range(placement.num_layers):
+        one = ExpertPlacement(
+            placement.phy2log[layer : layer + 1],
+            placement.num_ranks,
+            placement.num_experts,
+            allow_same_rank_copies=True,
+        )
+        d = placement_diagnostics(one, load[layer : layer + 1], num_nodes=num_nodes, num_groups=num_groups)
+        good = allow_dups or d["same_rank_duplicates"] == 0
+        if locality == "strict":
+            good = good and d["node_local_violations"] == 0
+        if locality == "relaxed":
+            good = good and d["experts_without_home_copy"] == 0
+        ok.append(good)
+    return np.array(ok)
+
+
+@st.composite
+def topologies(draw):
+    """(load [L, E], num_slots, num_ranks, num_nodes, num_groups, exclude_ranks) over 1, 2 and 4 nodes."""
+    num_nodes = draw(st.sampled_from([1, 2, 4]))
+    num_ranks = num_nodes * draw(st.integers(1, 3))
+    if num_nodes == 1:
+        num_groups, num_experts = 1, draw(st.integers(1, 16))
+    else:
+        num_groups = num_nodes * draw(st.integers(1, 2))
+        num_experts = num_groups * draw(st.integers(1, 3))
+    spr = -(-num_experts // num_ranks) + draw(st.integers(0, 3))
+    exclude = ()
+    if num_ranks > 1 and draw(st.integers(0, 3)) == 0:
+        k = draw(st.integers(1, num_ranks - 1))
+        if (num_ranks - k) * spr >= num_experts:
+            exclude = tuple(draw(st.permutations(range(num_ranks)))[:k])
+    kind = draw(st.sampled_from(["uniform", "skewed", "equal", "ties", "two_hot"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    shape = (draw(st.integers(1, 3)), num_experts)
+    load = {
+        "uniform": lambda: rng.uniform(0, 100, shape),
+        "skewed": lambda: rng.pareto(1.0, shape) * 100,
+        "equal": lambda: np.full(shape, 50.0),
+        "ties": lambda: rng.integers(0, 3, shape).astype(float),
+        "two_hot": lambda: np.where(np.arange(num_experts) < 2, 100.0, rng.uniform(5, 10, shape)),
+    }[kind]()
+    return load, num_ranks * spr, num_ranks, num_nodes, num_groups, exclude
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=topologies())
+def test_never_worse_than_a_simpler_plan(data):
+    """Per layer, each policy's peak rank load is at most that of every simpler policy's plan that keeps its
+    rules: greedy <- deepseek; strict <- greedy, deepseek; relaxed <- strict, greedy, deepseek.  (A strict plan
+    is a relaxed one unless it needs two copies of an expert on a rank: more slots per rank than a node's
+    experts.)"""
+    load, num_slots, num_ranks, num_nodes, num_groups, exclude = data
+    topo = dict(num_nodes=num_nodes, num_groups=num_groups, exclude_ranks=exclude)
+    plans = {}
+    for name, kw in {
+        "deepseek": dict(policy="deepseek"),
+        "greedy": dict(policy="greedy"),
+        "strict": dict(policy="hierarchical", node_locality="strict"),
+        "relaxed": dict(policy="hierarchical", node_locality="relaxed"),
+    }.items():
+        try:
+            plans[name] = rebalance(load, num_slots, num_ranks, **kw, **topo)
+        except PolicyError as exc:  # deepseek's hierarchical mode with exclusions; a node left too small
+            assert exclude and ("global mode" in str(exc) or "must hold its" in str(exc))
+    spr, num_experts = num_slots // num_ranks, load.shape[1]
+    node_aware = num_nodes > 1
+    rules = {"greedy": ("none", spr > num_experts)}
+    if node_aware:
+        rules["strict"] = ("strict", spr > num_experts // num_nodes)
+        rules["relaxed"] = ("relaxed", spr > num_experts)
+    simpler = {
+        "greedy": ["deepseek"],
+        "strict": ["greedy", "deepseek"],
+        "relaxed": ["strict", "greedy", "deepseek"],
+    }
+    for policy, (locality, dups) in rules.items():
+        if policy not in plans:
+            continue
+        for other in simpler[policy]:
+            if other not in plans:
+                continue
+            ok = keeps_rules(plans[other], load, num_nodes, num_groups, locality, dups)
+            worse = ok & (peaks(plans[policy], load) > peaks(plans[other], load) * (1 + 1e-9))
+            assert not worse.any(), (policy, other, peaks(plans[policy], load), peaks(plans[other], load))
+
+
+@pytest.mark.parametrize("policy", ["greedy", "hierarchical", "deepseek", "strict"])
+def test_each_layer_is_planned_on_its_own(policy):
+    """A policy's plan for some layers equals those layers of its plan for all (the policies plan a candidate
+    only on the layers where it may win)."""
+    rng = np.random.default_rng(11)
+    load = np.concatenate(
+        [rng.pareto(1.0, (3, 16)) * 100, np.full((2, 16), 50.0), rng.integers(0, 3, (2, 16)).astype(float)]
+    )
+    kw = dict(num_nodes=2, num_groups=4, policy=policy)
+    if policy == "strict":
+        kw.update(policy="hierarchical", node_locality="strict")
+    full = rebalance(load, 24, 4, **kw).phy2log
+    for rows in ([0], [2, 3], [6, 1, 4]):
+        assert np.array_equal(rebalance(load[rows], 24, 4, **kw).phy2log, full[rows])
+
+
+def test_issue16_counterexamples():
+    """The exact cases of issue #16."""
+    # relaxed (what auto picks on several nodes) was worse than strict on uniform loads: 116.7 vs 100
+    p, info = rebalance_with_info([[50] * 8], 16, 4, num_nodes=2, num_groups=2)
+    assert info["policy"] == "hierarchical" and info["locality"] == "relaxed"
+    assert p.replica_count.tolist() == [[2] * 8]
+    assert peaks(p, [[50] * 8]).tolist() == [100.0]
+    lc, info = rebalance_with_info([[50] * 8], 16, 4, num_nodes=2, num_groups=2, policy="low_churn")
+    assert info["policy"] == "low_churn(fresh)" and peaks(lc, [[50] * 8]).tolist() == [100.0]
+    # ... rank loads [37.5, 25, 50, 37.5] where strict gives 37.5 everywhere
+    p = rebalance([[25] * 6], 8, 4, num_nodes=2, num_groups=2, policy="hierarchical")
+    assert rank_loads(p, np.full((1, 6), 25.0)).tolist() == [[37.5] * 4]
+    # two hot experts on 8 ranks: 4 + 4 copies (one on every rank), not 5 + 5 (two on some rank): 40 -> 35
+    two_hot = [[100, 100] + [10] * 6]
+    for kw in (dict(policy="greedy"), dict(num_nodes=2, num_groups=2)):
+        p = rebalance(two_hot, 16, 8, **kw)
+        assert p.replica_count[0, :2].tolist() == [4, 4] and peaks(p, two_hot).tolist() == [35.0]
+    # ... and 4 + 4 rather than 6 + 6 with three slots per rank: 43.3 -> 40 (the mean)
+    p = rebalance([[100, 100] + [10] * 12], 24, 8, policy="greedy")
+    assert p.replica_count[0, :2].tolist() == [4, 4] and peaks(p, [[100, 100] + [10] * 12]).tolist() == [40.0]
+    # relaxed with both hot experts in one group: 41.7 -> 35
+    p = rebalance([[100, 100] + [10] * 14], 24, 8, num_nodes=2, num_groups=2)
+    assert peaks(p, [[100, 100] + [10] * 14]).tolist() == [45.0]
+    # deepseek places globally where num_groups is not a multiple of num_nodes, as eplb.py does
+    p = rebalance([[10, 20, 30, 40]], 8, 4, num_nodes=2, num_groups=3, policy="deepseek")
+    assert (p.replica_count >= 1).all()
+
+
+def test_relaxed_never_two_copies_on_a_rank():
+    """More slots per rank than a node's experts: LPT under node constraints could leave two copies of an expert
+    on one rank (relaxed raised ExpertMapError)."""
+    load = np.full((2, 16), 50.0)
+    p = rebalance(load, 40, 8, num_nodes=4, num_groups=8)
+    assert count_same_rank_duplicates(p.phy2log, 8) == 0
+
+
+def test_relaxed_pair_rounds_keep_a_home_copy():
+    """Relaxed refinement swaps many rank pairs at once: three pairs took the three home copies of one expert off
+    its node in the same round (found by test_invariants_node_aware)."""
+    load = np.array([[1.0, 1, 2, 2, 0, 0, 2, 2, 0, 0, 2, 1], [0.0, 2, 0, 1, 1, 1, 0, 0, 2, 2, 2, 1]])
+    p, info = rebalance_with_info(load, 48, 12, num_nodes=4, num_groups=4, node_locality="relaxed")
+    d = placement_diagnostics(p, load, num_nodes=4, num_groups=4, home_node=info["home_node"])
+    assert d["experts_without_home_copy"] == 0
+
+
+def brute_force_peak(items, experts, bins, slots, apart):
+    """Least peak bin over every packing of ``items`` into ``bins`` bins of ``slots`` (``apart``: no two items of
+    one expert in a bin); inf if there is none."""
+    import itertools
+
+    best = np.inf
+    labels = sorted([b for b in range(bins) for _ in range(slots)])
+    for perm in set(itertools.permutations(labels)):
+        perm = np.array(perm)
+        if apart and len(set(zip(perm.tolist(), experts.tolist()))) < len(perm):
+            continue
+        loads = np.zeros(bins)
+        np.add.at(loads, perm, items)
+        best = min(best, loads.max())
+    return best
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31),
+    bins=st.integers(1, 3),
+    slots=st.integers(1, 3),
+    ties=st.booleans(),
+    apart=st.booleans(),
+)
+def test_packing_bound_is_a_lower_bound(seed, bins, slots, ties, apart):
+    from megatron_eplb.policy.common import packing_bound
+
+    rng = np.random.default_rng(seed)
+    num_items = bins * slots
+    num_experts = int(rng.integers(1, num_items + 1))
+    counts = np.ones(num_experts, dtype=np.int64)
+    np.add.at(counts, rng.integers(0, num_experts, num_items - num_experts), 1)
+    weight = rng.integers(0, 3, num_experts).astype(float) if ties else rng.uniform(0, 10, num_experts)
+    bound = packing_bound(weight[None], counts[None], bins, slots, apart=apart)[0]
+    items, experts = np.repeat(weight / counts, counts), np.repeat(np.arange(num_experts), counts)
+    assert bound <= brute_force_peak(items, experts, bins, slots, apart) + 1e-9
+
+
+def test_replicate_for_packing_fills_whole_rounds():
+    from megatron_eplb.policy.common import packing_bound, replicate_for_packing
+
+    load = np.array([[100.0, 100.0] + [10.0] * 6, [100.0] + [10.0] * 7])
+    counts, other, better = replicate_for_packing(load, np.array([8, 8]), 8, 8, 2)
+    assert counts[0, :2].tolist() == [5, 5] and other[0, :4].tolist() == [4, 4, 2, 2] and better.tolist()[0]
+    assert (other.sum(axis=1) == 16).all() and (other >= 1).all()
+    bounds = packing_bound(load, counts, 8, 2), packing_bound(load, other, 8, 2)
+    assert bounds[0][0] == 40.0 and bounds[1][0] == 35.0
+    assert not better[1] and np.array_equal(other[1], counts[1])  # one hot expert: 8 copies fill a round
 
 
 def test_auto_resolution():

@@ -8,13 +8,17 @@ Policies (``policy=``):
   nodes → replicate → pack → refine.  ``node_locality="strict"`` keeps every copy on its group's node;
   ``"relaxed"`` (default) keeps the primary copy there and lets redundant copies cross nodes.
 - ``low_churn``: start from ``previous`` and change only what pays (see :mod:`.low_churn`).
-- ``deepseek``: exact parity with DeepSeek's ``eplb.py`` (hierarchical when ``num_groups % num_nodes == 0``,
-  else global); the baseline.
+- ``deepseek``: parity with DeepSeek's ``eplb.py`` (hierarchical when ``num_groups % num_nodes == 0``, else
+  global, accepting any groups and nodes as ``eplb.py`` does); the baseline.
 - ``auto``: ``low_churn`` when ``previous`` is given, else ``hierarchical`` when ``num_nodes > 1``, else
   ``greedy``.
 
 Balance is judged with a logical expert's load split evenly over its copies (the default dispatch).
 Every function is pure and deterministic (ties go to the lower index; sorts are stable).
+
+Never worse than a simpler plan (:mod:`.candidates`): per layer, ``greedy`` keeps ``deepseek``'s plan where it is
+better and has no same-rank copies; ``hierarchical`` strict likewise ``greedy``'s and ``deepseek``'s where they keep
+every copy at home; relaxed also strict's, so it is never worse than strict.
 """
 
 from __future__ import annotations
@@ -40,9 +44,8 @@ from . import low_churn  # noqa: F401
 from . import deepseek  # noqa: F401
 
 # isort: on
-from .common import NODE_LOCALITY, as_load, make_problem
+from .common import NODE_LOCALITY, as_load, homes_from_placement, make_problem
 from .common import count_same_rank_duplicates as _count_dups
-from .low_churn import homes_from_placement
 from .registry import AUTO, Plan, PolicyOptions, check_policy_name, get_policy, policy_names, register_policy
 
 __all__ = [
@@ -127,8 +130,8 @@ def rebalance_with_info(
     Returns:
         placement: the new :class:`ExpertPlacement` (``expert_load`` = ``load``).
         info: ``policy`` (the concrete one), ``locality`` (``none``/``strict``/``relaxed``), ``seconds``,
-        ``home_node`` (int ``[L, E]`` or None), ``changed_layers`` (low_churn) and, when ``previous`` is
-        given, ``moved_slots`` (int ``[L]``).
+        ``home_node`` (int ``[L, E]`` or None), ``changed_layers`` (low_churn), ``taken_from`` (layers won by a
+        simpler policy's plan, by name, if any) and, when ``previous`` is given, ``moved_slots`` (int ``[L]``).
     """
     problem = make_problem(
         load,
@@ -138,6 +141,7 @@ def rebalance_with_info(
         num_groups=num_groups,
         previous=previous,
         exclude_ranks=exclude_ranks,
+        deepseek_topology=policy == "deepseek",
     )
     opts = _check_options(options)
     policy = resolve_policy(policy, has_previous=previous is not None, num_nodes=problem.num_nodes)

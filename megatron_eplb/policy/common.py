@@ -23,6 +23,7 @@ __all__ = [
     "replicate",
     "lpt_pack",
     "items_from_counts",
+    "homes_from_placement",
 ]
 
 # Node-aware placement modes (the one definition; config, CLI and docs read it from here).
@@ -122,8 +123,15 @@ def make_problem(
     num_groups=1,
     previous: ExpertPlacement | None = None,
     exclude_ranks=(),
+    deepseek_topology: bool = False,
 ) -> Problem:
-    """Check every argument of :func:`megatron_eplb.policy.rebalance`; raise :class:`PolicyError`."""
+    """Check every argument of :func:`megatron_eplb.policy.rebalance`; raise :class:`PolicyError`.
+
+    ``deepseek_topology``: check ``num_nodes`` and ``num_groups`` as DeepSeek's ``eplb.py`` does (the
+    ``deepseek`` policy): they must fit the ranks and experts only when ``num_groups % num_nodes == 0`` (its
+    hierarchical mode); otherwise it places globally and accepts any counts.  The problem then holds one
+    node (``rank_node`` all 0) where ``num_nodes`` does not divide the ranks.
+    """
     load = as_load(load)
     num_layers, num_experts = load.shape
     num_slots = _as_int(num_slots, "num_slots")
@@ -140,10 +148,14 @@ def make_problem(
         raise PolicyError(
             f"num_slots={num_slots} is fewer than the {num_experts} logical experts: every expert needs a slot"
         )
-    if num_ranks % num_nodes:
+    topology_used = not deepseek_topology or num_groups % num_nodes == 0
+    if num_ranks % num_nodes and topology_used:
         raise PolicyError(f"num_nodes={num_nodes} does not divide num_ranks={num_ranks}")
-    if num_groups > 1 and num_experts % num_groups:
-        raise PolicyError(f"num_groups={num_groups} does not divide the {num_experts} experts")
+    if num_groups > 1 and num_experts % num_groups and topology_used:
+        hint = (
+            " (eplb.py's hierarchical mode, num_groups a multiple of num_nodes)" if deepseek_topology else ""
+        )
+        raise PolicyError(f"num_groups={num_groups} does not divide the {num_experts} experts{hint}")
     active = np.ones(num_ranks, dtype=bool)
     if exclude_ranks is None:
         exclude_ranks = ()
@@ -178,12 +190,41 @@ def make_problem(
             raise PolicyError(
                 f"previous placement is for {previous.num_experts} logical experts, the load has {num_experts}"
             )
-    rank_node = np.arange(num_ranks) // (num_ranks // num_nodes)
+    if num_ranks % num_nodes:  # (deepseek_topology, global mode)
+        rank_node = np.zeros(num_ranks, dtype=np.int64)
+    else:
+        rank_node = np.arange(num_ranks) // (num_ranks // num_nodes)
     return Problem(load, num_slots, num_ranks, num_nodes, num_groups, active, rank_node)
 
 
+def homes_from_placement(phy2log: np.ndarray, rank_node: np.ndarray, num_experts: int, num_groups: int):
+    """Home node of each expert group in an existing placement: the node holding most copies of the group.
+
+    Args:
+        phy2log: int ``[L, P]``; rank_node: int ``[N]``.
+    Returns:
+        int64 ``[L, E]`` home node of every expert.
+    """
+    num_layers, num_slots = phy2log.shape
+    nodes = int(rank_node.max()) + 1
+    slot_node = rank_node[np.arange(num_slots) // (num_slots // len(rank_node))]
+    group = np.where(phy2log >= 0, phy2log // (num_experts // num_groups), num_groups)
+    cell = (np.arange(num_layers)[:, None] * (num_groups + 1) + group) * nodes + slot_node  # [L, P]
+    tally = np.bincount(cell.ravel(), minlength=num_layers * (num_groups + 1) * nodes)
+    group_home = tally.reshape(num_layers, num_groups + 1, nodes)[:, :num_groups].argmax(axis=2)
+    return np.repeat(group_home, num_experts // num_groups, axis=1)
+
+
 # ---------------------------------------------------------------------------------------------- replicas
-def replicate(weight: np.ndarray, extra: np.ndarray, max_copies) -> np.ndarray:
+def replicate(
+    weight: np.ndarray,
+    extra: np.ndarray,
+    max_copies,
+    *,
+    start: np.ndarray | None = None,
+    frozen: np.ndarray | None = None,
+    steps: np.ndarray | None = None,
+) -> np.ndarray:
     """Give redundant copies greedily to the expert with the highest load per copy (``argmax w / c``).
 
     Args:
@@ -191,27 +232,175 @@ def replicate(weight: np.ndarray, extra: np.ndarray, max_copies) -> np.ndarray:
         extra: int ``[B]`` redundant copies to hand out in each row (``>= 0``).
         max_copies: most copies of one expert (the ranks available, so copies never share a rank); an
             int or int ``[B]`` per row.  Where every expert is capped, copies go over the cap.
+        start: optional int ``[B, E]`` copies to start from (default one each).
+        frozen: optional bool ``[B, E]`` experts that get no further copy while another expert can take one.
+        steps: optional int ``[B, >= max(extra)]``, filled with the expert each step copies (``-1`` once a row
+            has handed out its ``extra``).
     Returns:
-        int64 ``[B, E]`` copies of each expert (``>= 1``; rows sum to ``E + extra``).
+        int64 ``[B, E]`` copies of each expert (``>= 1``; rows sum to ``start`` + ``extra``).
     """
     rows, num_experts = weight.shape
-    counts = np.ones((rows, num_experts), dtype=np.int64)
+    counts = (
+        np.ones((rows, num_experts), dtype=np.int64) if start is None else np.array(start, dtype=np.int64)
+    )
     extra = np.asarray(extra, dtype=np.int64)
     cap = np.broadcast_to(np.asarray(max_copies), (rows,))
+    expert_cap = None
+    if frozen is not None:
+        expert_cap = np.where(frozen, counts, cap[:, None])
+    elif start is not None:
+        expert_cap = np.broadcast_to(cap[:, None], counts.shape)
     ratio = weight / counts  # kept up to date: only the entries that get a copy change
     flat_counts, flat_ratio, flat_weight = counts.ravel(), ratio.ravel(), weight.ravel()
     row_at = np.arange(rows) * num_experts
     for k in range(int(extra.max(initial=0))):
         score = ratio
-        if k + 1 >= cap.min():  # some expert may be capped (each has at most k + 1 copies so far)
+        if expert_cap is not None:  # (frozen experts take copies again once all others are capped)
+            capped = counts >= expert_cap
+            capped = np.where(capped.all(axis=1, keepdims=True), counts >= cap[:, None], capped)
+            score = np.where(capped & ~capped.all(axis=1, keepdims=True), -np.inf, ratio)
+        elif k + 1 >= cap.min():  # some expert may be capped (each has at most k + 1 copies so far)
             capped = counts >= cap[:, None]
             score = np.where(capped & ~capped.all(axis=1, keepdims=True), -np.inf, ratio)
-        at = score.argmax(axis=1) + row_at  # flat index of each row's next copy
+        best = score.argmax(axis=1)
+        if steps is not None:
+            steps[:, k] = best
+        at = best + row_at  # flat index of each row's next copy
         if k >= extra.min():
             at = at[extra > k]
         flat_counts[at] += 1
         flat_ratio[at] = flat_weight[at] / flat_counts[at]
+    if steps is not None:  # -1 once a row has handed out its copies
+        steps[np.arange(steps.shape[1])[None, :] >= extra[:, None]] = -1
     return counts
+
+
+def packing_bound(
+    weight: np.ndarray, counts: np.ndarray, num_bins, slots_per_bin: int, *, apart: bool = True
+) -> np.ndarray:
+    """A lower bound on the peak bin of any packing of the copies into ``num_bins`` bins of ``slots_per_bin``
+    slots each (every bin full; ``apart``: no two copies of one expert in a bin), an expert's load split evenly
+    over its copies.
+
+    The largest of the mean bin load and two kinds of bin:
+
+    - for every ``j``, a bin holding ``q = ceil(j / bins)`` of the ``j`` heaviest copies (at least the ``q``
+      lightest of them);
+    - (``apart``) for experts ``a != b`` with ``c_a + c_b > bins`` copies, a bin holding a copy of each;
+
+    each with ``S - q`` (``S - 2``) further copies, at least the lightest ones of all.
+
+    Args:
+        weight: float ``[B, E]``; counts: int ``[B, E]`` (``>= 1``); num_bins: int or int ``[B]`` (``>= 1``).
+    Returns:
+        float64 ``[B]``.
+    """
+    rows, num_experts = counts.shape
+    bins = np.broadcast_to(np.asarray(num_bins, dtype=np.int64), (rows,))
+    num_items = counts.sum(axis=1)
+    width = int(num_items.max())
+    per_copy = weight / np.maximum(counts, 1)
+    # Each row padded to `width` items by weightless ones (they sum as the row's own zero loads would).
+    values = np.concatenate([per_copy, np.zeros((rows, 1))], axis=1)
+    repeats = np.concatenate([counts, (width - num_items)[:, None]], axis=1)
+    items = np.sort(np.repeat(values.ravel(), repeats.ravel()).reshape(rows, width), axis=1)[:, ::-1]
+    cum = np.zeros((rows, width + 1))
+    np.cumsum(items, axis=1, out=cum[:, 1:])
+    total = cum[np.arange(rows), num_items]
+
+    def lightest(n):  # float [B, ...]: the n lightest copies of each row (n int [B, ...], 0 <= n <= K)
+        at = np.clip(num_items.reshape((rows,) + (1,) * (np.ndim(n) - 1)) - n, 0, width)
+        return total.reshape(at.shape[:1] + (1,) * (at.ndim - 1)) - np.take_along_axis(
+            cum, at.reshape(rows, -1), 1
+        ).reshape(at.shape)
+
+    # For q copies in a bin, the window of the j heaviest is heaviest at the least j: j = (q - 1) * bins + 1.
+    q = np.arange(1, slots_per_bin + 1)
+    j = (q[None, :] - 1) * bins[:, None] + 1  # [B, S]
+    valid = j <= num_items[:, None]
+    j = np.minimum(j, num_items[:, None])
+    rest = slots_per_bin - q[None, :].repeat(rows, 0)
+    bound = np.take_along_axis(cum, j, 1) - np.take_along_axis(cum, np.maximum(j - q, 0), 1) + lightest(rest)
+    bound = np.where(valid, bound, 0.0).max(axis=1)
+    top = int((2 * counts > bins[:, None]).sum(axis=1).max()) if apart and slots_per_bin >= 2 else 0
+    if top:  # pairs: c_a + c_b > bins needs one of them with more than bins / 2 copies, say a
+        by_count = np.argsort(-counts, axis=1, kind="stable")[:, :top]  # [B, T]
+        c_a = np.take_along_axis(counts, by_count, 1)
+        w_a = np.take_along_axis(per_copy, by_count, 1)
+        share_bin = (c_a[:, :, None] + counts[:, None, :]) > bins[:, None, None]  # [B, T, E]
+        share_bin &= by_count[:, :, None] != np.arange(num_experts)
+        pair = np.where(share_bin, w_a[:, :, None] + per_copy[:, None, :], 0.0).max(axis=(1, 2))
+        bound = np.maximum(bound, np.where(pair > 0, pair + lightest(np.full(rows, slots_per_bin - 2)), 0.0))
+    return np.maximum(bound, total / bins)
+
+
+def replicate_for_packing(
+    weight: np.ndarray, extra: np.ndarray, max_copies, num_bins, slots_per_bin: int, *, apart: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Copy counts for packing: :func:`replicate`'s, and where they pack badly an alternative to try.
+
+    ``argmax w / c`` minimises the heaviest copy, but the copies of the hot experts may then not fill whole rounds
+    of the bins: ten copies of two hot experts on eight bins put two on some bin, where four copies each (one on
+    every bin) would not.  The alternatives: stop copying the experts that already have several copies at a step
+    where those copies fill whole rounds (a multiple of ``num_bins``; the last two such steps), and hand the rest
+    to experts that have one.  A row gets the alternative with the lowest :func:`packing_bound` if that is below
+    the plain counts' bound; the caller packs both and keeps the better.
+
+    Args:
+        weight: float ``[B, E]``; extra: int ``[B]``; max_copies: as :func:`replicate`.
+        num_bins: int or int ``[B]`` bins (ranks) of each row; slots_per_bin: ``S``.
+        apart: the packing keeps the copies of an expert in different bins (:func:`packing_bound`).
+    Returns:
+        counts: int64 ``[B, E]`` (:func:`replicate`); alternative: int64 ``[B, E]``; better: bool ``[B]`` rows
+        whose alternative has the lower bound (elsewhere ``alternative == counts``).
+    """
+    rows, num_experts = weight.shape
+    extra = np.asarray(extra, dtype=np.int64)
+    bins = np.broadcast_to(np.asarray(num_bins, dtype=np.int64), (rows,))
+    width = int(extra.max(initial=0))
+    steps = np.full((rows, max(width, 1)), -1, dtype=np.int64)
+    counts = replicate(weight, extra, max_copies, steps=steps)
+    alternative, better = counts.copy(), np.zeros(rows, dtype=bool)
+    bound = packing_bound(weight, counts, bins, slots_per_bin, apart=apart)
+    mean = weight.sum(axis=1) / bins
+    todo = np.nonzero(bound > mean * (1 + 1e-12))[0]  # at the mean no other counts can do better
+    if len(todo) == 0 or width < 2:
+        return counts, alternative, better
+    w, ex, st, cap = (
+        weight[todo],
+        extra[todo],
+        steps[todo],
+        np.broadcast_to(np.asarray(max_copies), (rows,))[todo],
+    )
+    # several[:, k]: copies of the experts with several copies after k steps.
+    seen = np.ones((len(todo), num_experts), dtype=np.int64)
+    several = np.zeros((len(todo), width + 1), dtype=np.int64)
+    sub = np.arange(len(todo))
+    for k in range(width):
+        e = st[:, k]
+        live = e >= 0
+        first = seen[sub, np.maximum(e, 0)] == 1
+        several[:, k + 1] = several[:, k] + np.where(live, np.where(first, 2, 1), 0)
+        seen[sub[live], e[live]] += 1
+    k_all = np.arange(width + 1)
+    whole = (several % bins[todo, None] == 0) & (several > 0) & (k_all < ex[:, None])
+    best_bound = bound[todo].copy()
+    for _ in range(2):  # the last and the one before
+        k = np.where(whole.any(axis=1), width - np.argmax(whole[:, ::-1], axis=1), -1)
+        if not (k > 0).any():
+            break
+        whole[sub[k > 0], k[k > 0]] = False
+        start = np.ones_like(seen)
+        taken = (k_all[None, :width] < k[:, None]) & (st >= 0)
+        np.add.at(start, (np.broadcast_to(sub[:, None], st.shape)[taken], st[taken]), 1)
+        try_counts = replicate(w, np.maximum(ex - np.maximum(k, 0), 0), cap, start=start, frozen=start > 1)
+        try_counts = np.where((k > 0)[:, None], try_counts, counts[todo])
+        try_bound = packing_bound(w, try_counts, bins[todo], slots_per_bin, apart=apart)
+        win = (k > 0) & (try_bound < best_bound * (1 - 1e-12))
+        alternative[todo[win]] = try_counts[win]
+        best_bound[win] = try_bound[win]
+        better[todo[win]] = True
+    return counts, alternative, better
 
 
 def items_from_counts(counts: np.ndarray, weight: np.ndarray, home: np.ndarray | None = None):
@@ -245,6 +434,7 @@ def lpt_pack(
     *,
     item_node: np.ndarray | None = None,
     rank_node: np.ndarray | None = None,
+    order: np.ndarray | None = None,
 ) -> np.ndarray:
     """Longest-processing-time packing with equal slot counts, no two copies of one expert on a rank.
 
@@ -257,13 +447,15 @@ def lpt_pack(
         item_weight: float ``[L, K]``; item_expert: int ``[L, K]``.
         rank_capacity: int ``[N]`` slots of each rank (0 for excluded ranks); sums to ``K``.
         item_node: optional int ``[L, K]`` (``-1`` = free); rank_node: int ``[N]``.
+        order: optional int ``[L, K]``, the order to take the items in (default: heaviest first, stable).
     Returns:
         int64 ``[L, K]`` rank of each item.
     """
     num_layers, num_items = item_weight.shape
     num_ranks = len(rank_capacity)
     rows = np.arange(num_layers)
-    order = _argsort_descending(item_weight)
+    if order is None:
+        order = _argsort_descending(item_weight)
     if item_node is None or not (item_node >= 0).any():
         return _lpt_pack_free(item_weight, item_expert, num_experts, rank_capacity, order)
     load = np.zeros((num_layers, num_ranks))
@@ -314,7 +506,8 @@ def _lpt_pack_free(item_weight, item_expert, num_experts, rank_capacity, order) 
     - the next item and the copies of its expert right after it go one each to the next ranks in that
       order that can take them (the least loaded rank holds that expert).
 
-    A rank can take an item if it has room and does not hold the item's expert.
+    A rank can take an item if it has room and does not hold the item's expert.  Loads are summed in the
+    dtype of ``item_weight`` (float32 for the ``deepseek`` port, whose sums must be its own).
     """
     num_layers, num_items = item_weight.shape
     num_ranks = len(rank_capacity)
@@ -327,7 +520,8 @@ def _lpt_pack_free(item_weight, item_expert, num_experts, rank_capacity, order) 
     padded = num_items + width
     rows = np.arange(num_layers)[:, None]
     flat_order = (order + rows * num_items).ravel()
-    w_sorted = np.zeros((num_layers, padded))
+    dtype = np.result_type(item_weight.dtype, np.float32)
+    w_sorted = np.zeros((num_layers, padded), dtype=dtype)
     w_sorted[:, :num_items] = item_weight.ravel()[flat_order].reshape(num_layers, num_items)
     w_sorted = w_sorted.ravel()
     e_sorted = np.full((num_layers, padded), num_experts, dtype=np.int64)
@@ -351,7 +545,7 @@ def _lpt_pack_free(item_weight, item_expert, num_experts, rank_capacity, order) 
     has[:, num_several + 1] = True
     has = has.ravel()
     room = np.repeat(cap[None, :], num_layers, axis=0)  # [L, N] free slots
-    load = np.zeros((num_layers, num_ranks))
+    load = np.zeros((num_layers, num_ranks), dtype=dtype)
     rank_sorted = np.empty(num_layers * padded, dtype=np.int64)
     placed = np.zeros(num_layers, dtype=np.int64)  # [L] items placed so far
     rank_at, item_at = rows * num_ranks, rows * padded + step
@@ -461,6 +655,52 @@ def phy2log_from_items(item_rank: np.ndarray, item_expert: np.ndarray, num_ranks
     out = np.full((num_layers, num_ranks * slots_per_rank), -1, dtype=np.int64)
     rows = np.broadcast_to(np.arange(num_layers)[:, None], order.shape)
     out[rows, sorted_rank * slots_per_rank + pos] = sorted_expert
+    return out
+
+
+def separate_copies(
+    phy2log: np.ndarray, load: np.ndarray, num_ranks: int, rank_node: np.ndarray
+) -> np.ndarray:
+    """Move second copies of an expert off their rank: each is swapped with the slot of another rank of the same
+    node whose expert neither rank then holds twice, the closest per-copy load first.
+
+    LPT packing can leave one: its last free slot may be on the one rank that holds the item's expert.  Such a
+    swap always exists while the expert has at most as many copies on the node as the node has ranks.  A loop
+    over the extra copies (rare), not over experts.
+
+    Args:
+        phy2log: int ``[L, P]`` (``-1`` empty); load: float ``[L, E]``; rank_node: int ``[N]``.
+    Returns:
+        int64 ``[L, P]``, slots permuted within nodes.
+    """
+    num_layers, num_slots = phy2log.shape
+    spr = num_slots // num_ranks
+    slot_rank = np.arange(num_slots) // spr
+    out = np.array(phy2log, dtype=np.int64)
+    per_rank = np.sort(out.reshape(num_layers, num_ranks, spr), axis=2)
+    dup_layers = np.nonzero(
+        ((per_rank[:, :, 1:] == per_rank[:, :, :-1]) & (per_rank[:, :, 1:] >= 0)).any(axis=(1, 2))
+    )[0]
+    for layer in dup_layers:
+        row = out[layer]
+        counts = np.bincount(row[row >= 0], minlength=load.shape[1])
+        per_copy = load[layer] / np.maximum(counts, 1)
+        for _ in range(num_slots):
+            held = np.zeros((num_ranks, load.shape[1] + 1), dtype=np.int64)
+            np.add.at(held, (slot_rank, np.where(row >= 0, row, load.shape[1])), 1)
+            held[:, -1] = 0
+            second = np.nonzero(held[slot_rank, np.where(row >= 0, row, load.shape[1])] > 1)[0]
+            if len(second) == 0:
+                break
+            a = second[-1]
+            x, r = row[a], slot_rank[a]
+            y = np.where(row >= 0, row, load.shape[1])
+            ok = (rank_node[slot_rank] == rank_node[r]) & (slot_rank != r) & (row >= 0)
+            ok &= (held[slot_rank, x] == 0) & (held[r, y] == 0)
+            if not ok.any():
+                break
+            b = np.where(ok, np.abs(per_copy[np.where(row >= 0, row, 0)] - per_copy[x]), np.inf).argmin()
+            row[a], row[b] = row[b], x
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import PolicyError, Problem
+from .common import PolicyError, Problem, _argsort_descending, _argsort_small_ints, _lpt_pack_free
 from .registry import Plan, PolicyOptions, register_policy
 
 __all__ = [
@@ -19,12 +19,19 @@ __all__ = [
     "replicate_experts",
     "rebalance_experts_hierarchical",
     "deepseek_phy2log",
+    "deepseek_plan",
     "deepseek_policy",
+    "hierarchical_mode",
 ]
 
 
 def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
     """Pack ``n`` weighted items into ``num_packs`` packs of ``n / num_packs`` items each (sorted LPT).
+
+    ``eplb.py``'s loop: items heaviest first (stable), each to the lightest pack with room (the first of
+    equals), pack weights summed in float32.  Computed by :func:`~.common._lpt_pack_free` (the items as
+    distinct experts, so only room counts), which places several items per step with exactly the result of
+    that loop.
 
     Args:
         weight: float32 ``[X, n]``.
@@ -39,19 +46,15 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
             np.broadcast_to(np.arange(num_items), weight.shape).copy(),
             np.zeros(weight.shape, dtype=np.int64),
         )
-    order = np.argsort(-weight, axis=1, kind="stable")
-    pack_weight = np.zeros((rows, num_packs), dtype=np.float32)
-    pack_items = np.zeros((rows, num_packs), dtype=np.int64)
-    pack_index = np.full(weight.shape, -1, dtype=np.int64)
-    rank_in_pack = np.full(weight.shape, -1, dtype=np.int64)
-    idx = np.arange(rows)
-    for t in range(num_items):
-        item = order[:, t]
-        pack = np.where(pack_items < per_pack, pack_weight, np.inf).argmin(axis=1)
-        pack_index[idx, item] = pack
-        rank_in_pack[idx, item] = pack_items[idx, pack]
-        pack_weight[idx, pack] += weight[idx, item]
-        pack_items[idx, pack] += 1
+    order = _argsort_descending(weight)  # = np.argsort(-weight, axis=1, kind="stable")
+    items = np.broadcast_to(np.arange(num_items), weight.shape)
+    pack_index = _lpt_pack_free(weight, items, num_items, np.full(num_packs, per_pack), order)
+    # Position in the pack = arrival order: the items in `order`, stably sorted by pack.
+    arrived = np.take_along_axis(
+        order, _argsort_small_ints(np.take_along_axis(pack_index, order, 1), num_packs), 1
+    )
+    rank_in_pack = np.empty_like(order)
+    np.put_along_axis(rank_in_pack, arrived, np.broadcast_to(np.arange(num_items) % per_pack, order.shape), 1)
     return pack_index, rank_in_pack
 
 
@@ -70,11 +73,13 @@ def replicate_experts(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.
     rank = np.zeros((rows, num_phy), dtype=np.int64)
     logcnt = np.ones((rows, num_log), dtype=np.int64)
     idx = np.arange(rows)
+    ratio = np.array(weight, dtype=np.float32)  # weight / logcnt in float32, kept up to date
     for i in range(num_log, num_phy):
-        best = (weight / logcnt.astype(np.float32)).argmax(axis=1)
+        best = ratio.argmax(axis=1)
         phy2log[:, i] = best
         rank[:, i] = logcnt[idx, best]
         logcnt[idx, best] += 1
+        ratio[idx, best] = weight[idx, best] / logcnt[idx, best].astype(np.float32)
     return phy2log, rank, logcnt
 
 
@@ -135,33 +140,54 @@ def deepseek_phy2log(
         int64 ``[L, num_replicas]`` logical expert of each physical slot.
     """
     weight = np.asarray(weight, dtype=np.float32)
-    if num_groups % num_nodes == 0 and weight.shape[1] % num_groups == 0:
+    if hierarchical_mode(num_groups, num_nodes, weight.shape[1]):
         phy2log, _, _ = rebalance_experts_hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
     else:
         phy2log, _, _ = rebalance_experts_hierarchical(weight, num_replicas, 1, 1, num_gpus)
     return phy2log
 
 
-@register_policy("deepseek")
-def deepseek_policy(problem: Problem, previous, options: PolicyOptions) -> Plan:
-    """``policy="deepseek"``: :func:`deepseek_phy2log` on the active ranks (exclusions: global mode only).
-    Stateless (``previous`` is not used); may put two copies of one expert on a rank."""
+def hierarchical_mode(num_groups: int, num_nodes: int, num_experts: int) -> bool:
+    """Whether ``eplb.py`` places hierarchically (``num_groups % num_nodes == 0``; it then needs the groups to
+    divide the experts, which :func:`~.common.make_problem` checks) rather than globally."""
+    return num_groups % num_nodes == 0 and num_experts % num_groups == 0
+
+
+def deepseek_plan(problem: Problem) -> np.ndarray | None:
+    """:func:`deepseek_phy2log` on the problem's active ranks, or None where it does not apply (excluded ranks
+    in hierarchical mode on several nodes: DeepSeek's policy needs equal GPUs per node).
+
+    Returns:
+        int64 ``[L, P]`` (``-1`` on excluded ranks), or None.
+    """
     active = np.nonzero(problem.active)[0]
-    strict = problem.num_nodes > 1 and problem.num_groups % problem.num_nodes == 0
-    locality = "strict" if strict else "none"
     if len(active) == problem.num_ranks:
-        phy2log = deepseek_phy2log(
+        return deepseek_phy2log(
             problem.load, problem.num_slots, problem.num_groups, problem.num_nodes, problem.num_ranks
         )
-        return Plan(phy2log, policy="deepseek", locality=locality, allow_duplicates=True)
-    if problem.num_nodes > 1:
-        raise PolicyError(
-            "policy='deepseek' supports exclude_ranks only with num_nodes=1 (DeepSeek's hierarchical policy "
-            "needs equal GPUs per node); use policy='hierarchical'"
-        )
+    if problem.num_nodes > 1 and hierarchical_mode(
+        problem.num_groups, problem.num_nodes, problem.num_experts
+    ):
+        return None
     spr = problem.slots_per_rank
     sub = deepseek_phy2log(problem.load, len(active) * spr, 1, 1, len(active))
     phy2log = np.full((problem.num_layers, problem.num_slots), -1, dtype=np.int64)
-    cols = (active[:, None] * spr + np.arange(spr)).ravel()
-    phy2log[:, cols] = sub
-    return Plan(phy2log, policy="deepseek", locality=locality, allow_duplicates=True)
+    phy2log[:, (active[:, None] * spr + np.arange(spr)).ravel()] = sub
+    return phy2log
+
+
+@register_policy("deepseek")
+def deepseek_policy(problem: Problem, previous, options: PolicyOptions) -> Plan:
+    """``policy="deepseek"``: :func:`deepseek_plan` (exclusions: global mode only).  Stateless (``previous`` is
+    not used); may put two copies of one expert on a rank."""
+    phy2log = deepseek_plan(problem)
+    if phy2log is None:
+        raise PolicyError(
+            "policy='deepseek' supports exclude_ranks only in its global mode (num_nodes=1, or num_groups not a "
+            "multiple of num_nodes): DeepSeek's hierarchical policy needs equal GPUs per node; use "
+            "policy='hierarchical'"
+        )
+    strict = problem.num_nodes > 1 and hierarchical_mode(
+        problem.num_groups, problem.num_nodes, problem.num_experts
+    )
+    return Plan(phy2log, policy="deepseek", locality="strict" if strict else "none", allow_duplicates=True)

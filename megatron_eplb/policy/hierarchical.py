@@ -7,18 +7,39 @@ optimal pairing) → replicate → LPT pack copies to ranks → refinement swaps
   replicates within its own slots.  The pairing of groups caps balance.
 - ``relaxed``: the first (primary) copy of each expert stays on its group's node; redundant copies go where
   they balance best, across nodes too.
+
+Then per layer the better of the simpler plans that keep the rule (:func:`node_aware_best`): strict takes
+``greedy``'s and ``deepseek``'s, relaxed also strict's.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .common import PolicyError, Problem, items_from_counts, lpt_pack, phy2log_from_items, replicate
-from .greedy import plan_global, refine
+from .candidates import Best, keep_best, keep_lower, node_bound, peak_rank_load, sub_problem
+from .common import (
+    PolicyError,
+    Problem,
+    items_from_counts,
+    lpt_pack,
+    packing_bound,
+    phy2log_from_items,
+    replicate_for_packing,
+    separate_copies,
+)
+from .greedy import global_best, refine
 from .registry import Plan, PolicyOptions, register_policy
 from .search import SearchState
 
-__all__ = ["group_home_nodes", "plan_hierarchical", "node_aware", "strict_duplicates", "hierarchical_policy"]
+__all__ = [
+    "group_home_nodes",
+    "hierarchical_policy",
+    "node_aware",
+    "node_aware_best",
+    "plan_hierarchical",
+    "plan_hierarchical_own",
+    "strict_duplicates",
+]
 
 
 def node_aware(problem: Problem) -> bool:
@@ -110,8 +131,14 @@ def replicate_relaxed(
     return on_node
 
 
-def plan_hierarchical(problem: Problem, locality: str = "relaxed", *, refine_passes: bool = True):
-    """Node-aware placement.
+def plan_hierarchical_own(problem: Problem, locality: str = "relaxed", *, refine_passes: bool = True):
+    """Node-aware placement by this policy's own steps (groups to nodes → replicate → pack → refine).
+
+    Copy counts: ``strict`` replicates within each node (:func:`~.common.replicate_for_packing`, whose
+    alternative counts are packed too where they bound lower); ``relaxed`` by :func:`replicate_relaxed`, and
+    where the global counts of :func:`~.common.replicate_for_packing` have a lower
+    :func:`~.common.packing_bound` than those, also by them (the primary copy at home, the others anywhere).
+    The lower peak is kept per layer.
 
     Args:
         problem: checked problem with ``num_nodes > 1`` and ``num_groups`` a multiple of ``num_nodes``.
@@ -125,63 +152,160 @@ def plan_hierarchical(problem: Problem, locality: str = "relaxed", *, refine_pas
     home = group_home_nodes(load, problem.num_groups, nodes)
     node_slots = _check_capacity(problem, home)
     ranks_per_node = np.bincount(problem.rank_node[problem.active], minlength=nodes)
+    spr = problem.slots_per_rank
     if locality == "strict":
         # Replicate within each node: rows [L * nodes, E / nodes], experts ordered by home node (stable).
         order = np.argsort(home, axis=1, kind="stable")
         node_weight = np.take_along_axis(load, order, axis=1).reshape(num_layers * nodes, -1)
         extra = np.tile(node_slots - num_experts // nodes, num_layers)
-        max_copies = (
-            np.tile(ranks_per_node, num_layers) if not strict_duplicates(problem) else int(node_slots.max())
+        bins = np.tile(ranks_per_node, num_layers)
+        max_copies = bins if not strict_duplicates(problem) else int(node_slots.max())
+        apart = not (problem.dup_unavoidable or strict_duplicates(problem))
+        plain, other, better = replicate_for_packing(
+            node_weight, extra, max_copies, np.maximum(bins, 1), spr, apart=apart
         )
-        node_counts = replicate(node_weight, extra, max_copies).reshape(num_layers, num_experts)
-        counts = np.empty_like(node_counts)
-        np.put_along_axis(counts, order, node_counts, axis=1)
-        item_expert, item_weight, _, item_node = items_from_counts(counts, load, home)
-    else:
-        copies_on_node = replicate_relaxed(load, home, node_slots, ranks_per_node, problem.dup_unavoidable)
-        flat = copies_on_node.reshape(num_layers, -1)  # [L, E * nodes]
-        item_index = np.repeat(np.tile(np.arange(flat.shape[1]), num_layers), flat.ravel()).reshape(
-            num_layers, -1
+        counts = np.empty((2, num_layers, num_experts), dtype=np.int64)
+        np.put_along_axis(counts[0], order, plain.reshape(num_layers, num_experts), axis=1)
+        np.put_along_axis(counts[1], order, other.reshape(num_layers, num_experts), axis=1)
+        phy2log = _pack_counts(problem, locality, home, counts[0], refine_passes)
+        rows = np.nonzero(better.reshape(num_layers, nodes).any(axis=1))[0]
+        if len(rows):
+            sub = sub_problem(problem, rows)
+            other = _pack_counts(sub, locality, home[rows], counts[1, rows], refine_passes)
+            keep_lower(phy2log, rows, other, problem, not apart)
+        return phy2log, home
+    copies_on_node = replicate_relaxed(load, home, node_slots, ranks_per_node, problem.dup_unavoidable)
+    flat = copies_on_node.reshape(num_layers, -1)  # [L, E * nodes]
+    item_index = np.repeat(np.tile(np.arange(flat.shape[1]), num_layers), flat.ravel()).reshape(
+        num_layers, -1
+    )
+    item_expert, item_node = np.divmod(item_index, nodes)
+    item_weight = (load / copies_on_node.sum(axis=2))[np.arange(num_layers)[:, None], item_expert]
+    phy2log = _pack_items(problem, locality, home, item_expert, item_weight, item_node, refine_passes)
+    # Where the global counts bound lower than these (copies that cannot fill whole rounds of the ranks), also
+    # those: primary copies at home, taken first among equal copies.
+    n_active, apart = int(problem.active.sum()), not problem.dup_unavoidable
+    extra = np.full(num_layers, problem.num_active_slots - num_experts)
+    max_copies = problem.num_active_slots if problem.dup_unavoidable else n_active
+    plain, other, better = replicate_for_packing(load, extra, max_copies, n_active, spr, apart=apart)
+    counts = np.where(better[:, None], other, plain)
+    own = packing_bound(load, copies_on_node.sum(axis=2), n_active, spr, apart=apart)
+    rows = np.nonzero(own > packing_bound(load, counts, n_active, spr, apart=apart) * (1 + 1e-12))[0]
+    if len(rows):
+        item_expert, item_weight, primary, item_home = items_from_counts(counts[rows], load[rows], home[rows])
+        item_node = np.where(primary, item_home, -1)
+        order = np.lexsort((~primary, -item_weight))  # heaviest first, primary copies first among equals
+        sub = sub_problem(problem, rows)
+        alt = _pack_items(
+            sub, locality, home[rows], item_expert, item_weight, item_node, refine_passes, order
         )
-        item_expert, item_node = np.divmod(item_index, nodes)
-        counts = copies_on_node.sum(axis=2)
-        item_weight = (load / counts)[np.arange(num_layers)[:, None], item_expert]
+        keep_lower(phy2log, rows, alt, problem, problem.dup_unavoidable)
+    return phy2log, home
+
+
+def _pack_counts(problem: Problem, locality: str, home: np.ndarray, counts: np.ndarray, refine_passes: bool):
+    """Strict: every copy (int ``counts [L, E]``) on its home node; :func:`_pack_items`."""
+    item_expert, item_weight, _, item_node = items_from_counts(counts, problem.load, home)
+    return _pack_items(problem, locality, home, item_expert, item_weight, item_node, refine_passes)
+
+
+def _pack_items(
+    problem, locality, home, item_expert, item_weight, item_node, refine_passes, order=None
+) -> np.ndarray:
+    """Pack items (int ``item_expert [L, K]``, float ``item_weight``, int ``item_node``: ``-1`` free; optional
+    int ``order``) onto the active ranks (:func:`~.common.lpt_pack`), then refine: int64 ``[L, P]``."""
+    load = problem.load
     capacity = np.where(problem.active, problem.slots_per_rank, 0)
     item_rank = lpt_pack(
-        item_weight, item_expert, num_experts, capacity, item_node=item_node, rank_node=problem.rank_node
+        item_weight,
+        item_expert,
+        problem.num_experts,
+        capacity,
+        item_node=item_node,
+        rank_node=problem.rank_node,
+        order=order,
     )
     phy2log = phy2log_from_items(item_rank, item_expert, problem.num_ranks, problem.slots_per_rank)
-    if refine_passes:
-        state = SearchState(
-            load,
-            phy2log,
-            problem.num_ranks,
-            home=home,
-            rank_node=problem.rank_node,
-            locality=locality,
-            allow_duplicates=problem.dup_unavoidable or (locality == "strict" and strict_duplicates(problem)),
-        )
-        phy2log = refine(state).slot_e
-    return phy2log, home
+    dups = problem.dup_unavoidable or (locality == "strict" and strict_duplicates(problem))
+    if not dups:
+        phy2log = separate_copies(phy2log, load, problem.num_ranks, problem.rank_node)
+    if not refine_passes:
+        return phy2log
+    state = SearchState(
+        load,
+        phy2log,
+        problem.num_ranks,
+        home=home,
+        rank_node=problem.rank_node,
+        locality=locality,
+        allow_duplicates=dups,
+    )
+    return refine(state).slot_e
+
+
+def node_aware_best(problem: Problem, locality: str = "relaxed") -> Best:
+    """:func:`plan_hierarchical_own`, or per layer a simpler policy's plan where it is better and keeps the
+    locality rule (:func:`~.candidates.keep_best`).
+
+    Candidates: ``strict`` takes ``greedy`` and ``deepseek``; ``relaxed`` also takes ``strict``'s own plan, so
+    it is never worse than ``strict`` (whose other candidates it shares).  ``strict``'s own plan is made only for
+    the layers where its node bound (hottest node per rank) is not already above the best peak so far.
+
+    Returns:
+        :class:`~.candidates.Best` with ``home`` int64 ``[L, E]``.
+    """
+    from .deepseek import deepseek_plan  # (here: deepseek registers after hierarchical)
+
+    phy2log, home = plan_hierarchical_own(problem, locality)
+    dups = problem.dup_unavoidable or (locality == "strict" and strict_duplicates(problem))
+    best = Best(phy2log, home)
+    if locality == "relaxed":
+        rows = _may_beat(problem, best, node_bound(problem.load, home, problem))
+        strict = plan_hierarchical_own(sub_problem(problem, rows), "strict")[0] if len(rows) else None
+        best = keep_best(problem, best, [("hierarchical(strict)", strict, rows)], locality, dups)
+    deepseek = deepseek_plan(problem)
+    candidates = [("greedy", global_best(problem, deepseek).phy2log, None), ("deepseek", deepseek, None)]
+    return keep_best(problem, best, candidates, locality, dups)
+
+
+def _may_beat(problem: Problem, best: Best, bound: np.ndarray) -> np.ndarray:
+    """int ``[A]``: layers whose best peak so far is not clearly below ``bound`` (float ``[L]``)."""
+    peak = peak_rank_load(best.phy2log, problem.load, problem.num_ranks)
+    return np.nonzero(peak > bound * (1 - 1e-9))[0]
+
+
+def plan_hierarchical(problem: Problem, locality: str = "relaxed"):
+    """Node-aware placement: :func:`node_aware_best`.
+
+    Args:
+        problem: checked problem with ``num_nodes > 1`` and ``num_groups`` a multiple of ``num_nodes``.
+        locality: ``"relaxed"`` or ``"strict"``.
+    Returns:
+        phy2log: int64 ``[L, P]``; home: int64 ``[L, E]`` home node of every expert.
+    """
+    best = node_aware_best(problem, locality)
+    return best.phy2log, best.home
 
 
 @register_policy("hierarchical")
 def hierarchical_policy(problem: Problem, previous, options: PolicyOptions) -> Plan:
-    """``policy="hierarchical"``: :func:`plan_hierarchical` with ``options.node_locality``; global
-    :func:`~.greedy.plan_global` (reported as ``greedy``, with a ``fallback`` note) when the topology is not
+    """``policy="hierarchical"``: :func:`node_aware_best` with ``options.node_locality``; global
+    :func:`~.greedy.global_best` (reported as ``greedy``, with a ``fallback`` note) when the topology is not
     node-aware."""
     if not node_aware(problem):
         note = (
             f"num_groups={problem.num_groups} is not a positive multiple of num_nodes={problem.num_nodes}: "
             "placed globally"
         )
-        return Plan(plan_global(problem), policy="greedy", info={"fallback": note})
+        best = global_best(problem)
+        return Plan(best.phy2log, policy="greedy", info={"fallback": note, **best.info()})
     locality = options.node_locality
-    phy2log, home = plan_hierarchical(problem, locality)
+    best = node_aware_best(problem, locality)
     return Plan(
-        phy2log,
+        best.phy2log,
         policy="hierarchical",
         locality=locality,
-        home_node=home,
+        home_node=best.home,
         allow_duplicates=locality == "strict" and strict_duplicates(problem),
+        info=best.info(),
     )

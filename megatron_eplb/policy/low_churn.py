@@ -21,32 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import Problem
+from .common import Problem, homes_from_placement
 from .greedy import plan_global
 from .hierarchical import node_aware, plan_hierarchical, strict_duplicates
 from .registry import Plan, PolicyOptions, register_policy
 from .search import SearchState, local_search
 
 __all__ = ["plan_low_churn", "homes_from_placement", "keep_slots", "low_churn_policy"]
-
-
-def homes_from_placement(phy2log: np.ndarray, rank_node: np.ndarray, num_experts: int, num_groups: int):
-    """Home node of each expert group in an existing placement: the node holding most copies of the group.
-
-    Args:
-        phy2log: int ``[L, P]``; rank_node: int ``[N]``.
-    Returns:
-        int64 ``[L, E]`` home node of every expert.
-    """
-    num_layers, num_slots = phy2log.shape
-    nodes = int(rank_node.max()) + 1
-    slot_node = rank_node[np.arange(num_slots) // (num_slots // len(rank_node))]
-    group = np.where(phy2log >= 0, phy2log // (num_experts // num_groups), num_groups)
-    tally = np.zeros((num_layers, num_groups + 1, nodes), dtype=np.int64)
-    rows = np.broadcast_to(np.arange(num_layers)[:, None], phy2log.shape)
-    np.add.at(tally, (rows, group, np.broadcast_to(slot_node, phy2log.shape)), 1)
-    group_home = tally[:, :num_groups].argmax(axis=2)
-    return np.repeat(group_home, num_experts // num_groups, axis=1)
 
 
 def _home_violations(phy2log, home, rank_node, num_experts, locality) -> np.ndarray:

@@ -348,7 +348,33 @@ class SearchState:
         ok = (gain > np.repeat(tol, k)).reshape(n_a, k)
         i, j = np.divmod(best.reshape(n_a, k), S)
         layer = np.broadcast_to(A[:, None], ok.shape)[ok]
-        return layer, (hot * S + i)[ok], (cold * S + j)[ok]
+        slot_a, slot_b = (hot * S + i)[ok], (cold * S + j)[ok]
+        if self.locality == "relaxed" and len(layer):
+            keep = self._keep_a_home_copy(layer, slot_a, slot_b)
+            layer, slot_a, slot_b = layer[keep], slot_a[keep], slot_b[keep]
+        return layer, slot_a, slot_b
+
+    def _keep_a_home_copy(self, layer, slot_a, slot_b) -> np.ndarray:
+        """bool ``[W]``: the swaps of one round that may go together without taking the last home copy of an
+        expert off its node (each swap alone may; several of a layer may take copies of one expert away)."""
+        E = self.num_experts
+        node_a, node_b = self.rank_node[self.slot_rank[slot_a]], self.rank_node[self.slot_rank[slot_b]]
+        moved, cell = [], []
+        for slot, node, other in ((slot_a, node_a, node_b), (slot_b, node_b, node_a)):
+            e = self.slot_e[layer, slot]
+            leaves = (e >= 0) & (self._gather(self.home, e, layer) == node) & (other != node)
+            moved.append(np.nonzero(leaves)[0])
+            cell.append(layer[leaves] * (E + 1) + e[leaves])
+        moved, cell = np.concatenate(moved), np.concatenate(cell)
+        keep = np.ones(len(layer), dtype=bool)
+        if len(cell) == 0:
+            return keep
+        order = np.argsort(cell, kind="stable")
+        cell, moved = cell[order], moved[order]
+        first = np.concatenate([[0], np.nonzero(np.diff(cell))[0] + 1])
+        nth = np.arange(len(cell)) - np.repeat(first, np.diff(np.append(first, len(cell))))
+        keep[moved[nth >= self.home_cnt.ravel()[cell] - 1]] = False
+        return keep
 
     def apply_repoint(self, A, slot, y) -> None:
         E = self.num_experts

@@ -99,7 +99,11 @@ def replica_tables(
     copy_rank[row[order], position] = slot_rank[order]
     single_rank = np.where(count == 1, copy_rank[:, 0], num_ranks)
     parts = [copy_rank.reshape(-1), count, single_rank, np.nonzero(count > 1)[0]]
-    flat = torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(device)
+    flat = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+    device = torch.device(device)
+    # On CUDA from pinned memory, asynchronously: a placement commit lands in a layer's forward pre-hook, where
+    # a pageable copy would synchronise the stream mid-forward.
+    flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
     e, ec = num_experts, num_experts * copies
     return ReplicaTables(
         flat[:ec].view(num_experts, copies),
@@ -208,8 +212,10 @@ class BalancedSplit:
     """One layer's per-batch split, ``copy_bounds(balanced_shares(load, tables))``, replayed as one CUDA graph
     on CUDA: eagerly its ~470 small kernels took 6.5-9.4 ms of host time per call on an H200 host (the
     forward's launch rate), replayed 0.7 ms (``benchmarks/replica_split_bench.py``).  The graph is captured at
-    the first call (the layer's tables are fixed until its placement changes: a new ``BalancedSplit`` then);
-    inside a caller's own CUDA-graph capture, on CPU, or if capturing fails (logged once), it runs eagerly.
+    the first call and reads the tables in place: a new placement whose tables have the same shapes (as many
+    replicated experts, as many copies at most) is copied into them (:meth:`retarget`) and replays the same
+    graph; other shapes capture again (tens of milliseconds of host time, once).  Inside a caller's own
+    CUDA-graph capture, on CPU, or if capturing fails (logged once), it runs eagerly.
 
     Args:
         tables: the layer's :class:`ReplicaTables`.
@@ -224,6 +230,19 @@ class BalancedSplit:
         self._eager = tables.copy_rank.device.type != "cuda"
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
+
+    def retarget(self, tables: ReplicaTables) -> BalancedSplit:
+        """This layer's split for a new placement's ``tables``: ``self`` with the tables copied in (stream
+        ordered after every earlier replay) when their shapes match, else a new :class:`BalancedSplit`."""
+        old = self.tables
+        same = old.num_ranks == tables.num_ranks and all(
+            a.shape == b.shape for a, b in zip(old[:4], tables[:4])
+        )
+        if not same:
+            return BalancedSplit(tables, self.iterations)
+        for dst, src in zip(old[:4], tables[:4]):
+            dst.copy_(src, non_blocking=True)
+        return self
 
     def _compute(self, load: torch.Tensor) -> torch.Tensor:
         return copy_bounds(balanced_shares(load, self.tables, self.iterations))

@@ -200,6 +200,15 @@ def test_balanced_split_replays_what_it_computes(device):
         assert torch.equal(outs[-1], copy_bounds(balanced_shares(load, tables)))
     assert (split._graph is not None) == (device == "cuda")
     assert not torch.equal(outs[0], outs[1])
+    # A new placement: with tables of the same shapes (seed 9) the same graph replays on the new tables, with
+    # other shapes (seed 7: 8 replicated experts instead of 5) a new split.
+    for seed, same in ((9, True), (7, False)):
+        other = rebalance(np.random.default_rng(seed).gamma(0.5, size=(1, 64)) * 1000, 72, 8).phy2log[0]
+        new_tables = replica_tables(other, 8, 64, device)
+        moved = split.retarget(new_tables)
+        assert (moved is split) == same
+        load = torch.randint(0, 5000, (64,), generator=gen).to(device)
+        assert torch.equal(moved(load), copy_bounds(balanced_shares(load, new_tables)))
 
 
 def test_batched_loads_split_like_one_at_a_time():

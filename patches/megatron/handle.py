@@ -302,7 +302,7 @@ class MegatronEPLB:
             )
         except ExpertMapError as exc:
             raise EPLBPatchError(f"layer {layer}: {exc}") from None
-        self._tables[layer] = self._routing_tables(row)
+        self._tables[layer] = self._routing_tables(row, layer)
         self.placement = placement
 
     # --------------------------------------------------------------- training
@@ -414,13 +414,13 @@ class MegatronEPLB:
         first_copy = torch.tensor(self.placement.log2phy[layer, :, 0], device=everything.device)
         return everything[first_copy]
 
-    def _routing_tables(self, row: np.ndarray) -> _LayerTables:
+    def _routing_tables(self, row: np.ndarray, layer: int | None = None) -> _LayerTables:
         """Device tables of one layer: log2phy ``[E, C]``, replica_count ``[E]``, local_slot ``[E]``
         (a slot of this rank holding the expert, else -1), the direct map: ``True`` when slot ``s``
         holds expert ``s`` (the routing passes through unchanged), an int64 ``[P]`` ``phy2log`` row when every
         slot holds a distinct expert (a column gather), else ``None`` (replicas or empty slots: the
         split of :func:`route_to_slots`), and, for the ``balanced`` dispatch of a layer with replicas, its
-        :class:`~megatron_eplb.replica_split.BalancedSplit`."""
+        :class:`~megatron_eplb.replica_split.BalancedSplit` (``layer``'s previous one retargeted, when given)."""
         from megatron_eplb.placement import build_log2phy
 
         row = np.asarray(row, dtype=np.int64)
@@ -448,7 +448,9 @@ class MegatronEPLB:
         direct = True if identity else flat[ec + e2 :] if permutation else None
         replicas = None
         if self.replica_dispatch == "balanced" and copies > 1:
-            replicas = BalancedSplit(replica_tables(row, self.ep_size, num_experts, self.device))
+            tables = replica_tables(row, self.ep_size, num_experts, self.device)
+            old = self._tables[layer].replicas if layer is not None else None
+            replicas = BalancedSplit(tables) if old is None else old.retarget(tables)
         return _LayerTables(
             flat[:ec].view(num_experts, copies),
             flat[ec : ec + num_experts],

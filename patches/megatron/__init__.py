@@ -54,6 +54,7 @@ from .dispatchers import route_to_slots as route_to_slots
 from .handle import _MAX_ACC_SHAPES as _MAX_ACC_SHAPES
 from .handle import _MAX_PENDING_SLOT_COUNTS as _MAX_PENDING_SLOT_COUNTS
 from .handle import MegatronEPLB
+from .unpatched import unpatched_state_dict
 
 __all__ = [
     "EPLBPatchError",
@@ -65,4 +66,5 @@ __all__ = [
     "ensure_compat",
     "find_moe_layers",
     "mcore_version",
+    "unpatched_state_dict",
 ]

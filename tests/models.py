@@ -59,21 +59,23 @@ def expert_kind_config(experts: str) -> dict:
     return {"moe_grouped_gemm": experts == "grouped"}
 
 
-def local_expert_tensors(experts_module: torch.nn.Module, grad: bool = False) -> torch.Tensor:
-    """``[S, n]``: each local expert's weights (or gradients) flattened, read as Megatron's forward reads
-    them: ``SequentialMLP``'s modules, ``GroupedMLP``'s ``weight1.view(S, H, -1)`` / ``weight2.view(S, -1, H)``."""
+def local_expert_tensors(experts_module: torch.nn.Module, get=None) -> torch.Tensor:
+    """``[S, n]``: each local expert's tensors flattened (``get(param)``, shaped like the parameter: default
+    its weights; e.g. its gradient or an Adam moment), read as Megatron's forward reads the weights:
+    ``SequentialMLP``'s modules, ``GroupedMLP``'s ``weight1.view(S, H, -1)`` / ``weight2.view(S, -1, H)``."""
     from megatron.core.transformer.moe.experts import GroupedMLP
 
-    def get(p):
-        return (p.grad if grad else p).detach()
-
+    get = get or (lambda p: p)
     if isinstance(experts_module, GroupedMLP):
         s, h = experts_module.num_local_experts, experts_module.config.hidden_size
-        w1 = get(experts_module.weight1).view(s, h, -1).reshape(s, -1)
-        w2 = get(experts_module.weight2).view(s, -1, h).reshape(s, -1)
+        w1 = get(experts_module.weight1).detach().reshape(s, h, -1).reshape(s, -1)
+        w2 = get(experts_module.weight2).detach().reshape(s, -1, h).reshape(s, -1)
         return torch.cat([w1, w2], dim=1)
     return torch.stack(
-        [torch.cat([get(p).reshape(-1) for p in m.parameters()]) for m in experts_module.local_experts]
+        [
+            torch.cat([get(p).detach().reshape(-1) for p in m.parameters()])
+            for m in experts_module.local_experts
+        ]
     )
 
 

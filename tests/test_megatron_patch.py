@@ -136,7 +136,7 @@ def _expert_grads_logical(model) -> list[torch.Tensor]:
     """``[L]`` of ``[E, n]`` expert gradients of the unpatched model (gathered, logical order)."""
     out = []
     for layer in model.layers:
-        local = local_expert_tensors(layer.experts, grad=True)
+        local = local_expert_tensors(layer.experts, lambda p: p.grad)
         parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
         torch.distributed.all_gather(parts, local)
         out.append(torch.cat(parts))

@@ -241,6 +241,11 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
                 )
                 for p in weights:
                     p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+        if args.bf16:  # every parameter, as DeepSpeed's bf16 engine casts them (Megatron keeps the position
+            for (
+                p
+            ) in model.parameters():  # embedding fp32); buffers stay fp32. Also without DeepSpeed (generate)
+                p.data = p.data.to(dtype)
     return model.to(device())
 
 

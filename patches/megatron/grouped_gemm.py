@@ -89,7 +89,8 @@ def _works(device: torch.device, dtype: torch.dtype) -> bool:
     if key not in _WORKS:
         with _LOCK:
             if key not in _WORKS:
-                _WORKS[key] = _probe(device, dtype)
+                with torch.inference_mode(False), torch.enable_grad():  # the first call may be in inference
+                    _WORKS[key] = _probe(device, dtype)
                 if not _WORKS[key]:
                     _log_fallback(f"torch._grouped_mm does not work on {device.type} in {dtype}")
     return _WORKS[key]
@@ -105,13 +106,12 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
         out = _ContiguousGrad.apply(torch._grouped_mm(a, b, offs=offs))
         out.sum().backward()
         want = _gmm_loop(a.detach().float(), b.detach().float(), sizes)
-        tol = 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+        want_grad = b.detach().float().sum(-1)[[0, 0, 2, 2, 2, 2]]  # d sum(out) / d a
+        tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4  # relative to the largest entry
         return bool(
-            torch.allclose(out.detach().float(), want, rtol=tol, atol=tol)
-            and torch.allclose(b.grad[1].float(), torch.zeros(16, 16, device=device))
-            and torch.allclose(
-                a.grad.float(), b.detach().float().sum(-1)[[0, 0, 2, 2, 2, 2]], rtol=tol, atol=tol
-            )
+            (out.detach().float() - want).abs().max() <= tol * want.abs().max()
+            and (a.grad.float() - want_grad).abs().max() <= tol * want_grad.abs().max()
+            and torch.count_nonzero(b.grad[1]) == 0  # the empty group
         )
     except (RuntimeError, NotImplementedError, TypeError):
         return False

@@ -393,8 +393,10 @@ class MegatronEPLB:
             for key in storage.state_keys(self.num_experts):
                 physical.pop(prefix + key, None)
             row = self.placement.phy2log[layer, self.local_slots()]
+            like = experts[0][0]
             slots = [
-                experts[int(e)] if e >= 0 else self.slot_tensors(layer, k) for k, e in enumerate(row)
+                experts[int(e)] if e >= 0 else [t.to(like.device) for t in self.slot_tensors(layer, k)]
+                for k, e in enumerate(row)
             ]  # an empty slot keeps what it holds
             physical.update({prefix + k: v for k, v in storage.state_entries(slots).items()})
             physical.update({prefix + k: v for k, v in storage.extra_entries(self.slots_per_rank).items()})

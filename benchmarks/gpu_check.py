@@ -13,6 +13,11 @@ Through the ``deepspeed`` launcher, one process per GPU, EP = N:
 3. ``examples/demo.py --quick`` (the ``make demo`` path);
 4. with ``--bench``: ``benchmarks/run_multi_gpu.sh N`` (the multi-GPU benchmark).
 
+``--experts grouped`` runs the expert class Megatron's legacy ``GroupedMLP`` (``examples/train.py
+--moe-grouped-gemm``; megatron-eplb's ``torch._grouped_mm`` drop-in where the ``grouped_gemm`` package is
+missing) through step 1 in bf16 ZeRO 1 (GroupedMLP runs in bf16 only): without EPLB, with moves only, with
+replicas; ``--experts sequential,grouped`` runs both (default: ``sequential``, every step above).
+
 Each step runs even if an earlier one failed; its exit code, seconds and the tail of a failing log are kept.
 Writes ``--out/gpu_check_ws<N>.json`` (default ``benchmarks/results``) and prints a table.  Exit code 1 when
 a step failed or a check did not hold.  Logs: ``--work/<step>.log`` (default ``outputs/gpu_check_ws<N>``).
@@ -139,7 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         "--work", default=None, help="logs, checkpoints, metrics (default outputs/gpu_check_ws<N>)"
     )
     p.add_argument("--timeout", type=float, default=300, help="seconds per step")
+    p.add_argument(
+        "--experts",
+        default="sequential",
+        help="comma-separated expert classes: sequential (every step), grouped (GroupedMLP: bf16 ZeRO 1 training)",
+    )
     args = p.parse_args(argv)
+    kinds = [k for k in args.experts.split(",") if k]
+    if set(kinds) - {"sequential", "grouped"} or not kinds:
+        p.error(f"--experts {args.experts!r}: comma-separated sequential, grouped")
 
     import torch
 
@@ -172,16 +185,19 @@ def main(argv: list[str] | None = None) -> int:
 
     fp32 = ["--deepspeed_config", "configs/ds_config.json", "--lr", "1e-3"]
     bf16 = ["--deepspeed_config", "configs/ds_config_zero1_bf16.json", "--lr", "1e-3"]
+    grouped = [*bf16, "--moe-grouped-gemm"]
     moves_only = ["--init-redundancy-expert", "0"]  # later flags win: no replicas, experts still move
-    runs = {
-        "train_fp32_off": train("train_fp32_off", [*fp32, "--no-eplb"]),
-        "train_fp32_moves": train("train_fp32_moves", [*fp32, *EPLB, *moves_only]),
-        "train_fp32_eplb": train("train_fp32_eplb", [*fp32, *EPLB]),
-        "train_bf16_zero1_off": train("train_bf16_zero1_off", [*bf16, "--no-eplb"]),
-        "train_bf16_zero1_moves": train("train_bf16_zero1_moves", [*bf16, *EPLB, *moves_only]),
-        "train_bf16_zero1_eplb": train("train_bf16_zero1_eplb", [*bf16, *EPLB]),
-    }
-    for kind in ("fp32", "bf16_zero1"):
+    configs = {}
+    if "sequential" in kinds:
+        configs.update(fp32=fp32, bf16_zero1=bf16)
+    if "grouped" in kinds:
+        configs["grouped_bf16_zero1"] = grouped
+    runs = {}
+    for kind, flags in configs.items():
+        runs[f"train_{kind}_off"] = train(f"train_{kind}_off", [*flags, "--no-eplb"])
+        runs[f"train_{kind}_moves"] = train(f"train_{kind}_moves", [*flags, *EPLB, *moves_only])
+        runs[f"train_{kind}_eplb"] = train(f"train_{kind}_eplb", [*flags, *EPLB])
+    for kind in configs:
         base = runs[f"train_{kind}_off"]
         # Moves without replicas: the same math in the same order, so the same losses bit for bit
         # (weights, fp32 masters and Adam moments moved; GPU kernels here are run-to-run deterministic).
@@ -192,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         eplb = runs[f"train_{kind}_eplb"]
         early_eplb = {k: (v[:REPLICA_STEPS] if k == "losses" else v) for k, v in (eplb or {}).items()}
         checks[f"loss_{kind}_replicas_vs_off_first_{REPLICA_STEPS}"] = loss_check(
-            early or None, early_eplb or None, LOSS_RTOL[kind.split("_")[0]]
+            early or None, early_eplb or None, LOSS_RTOL["fp32" if kind == "fp32" else "bf16"]
         )
         checks[f"loss_{kind}_replicas_vs_off_whole_run"] = {
             **loss_check(base, eplb, float("inf")),
@@ -205,32 +221,33 @@ def main(argv: list[str] | None = None) -> int:
             "ok": bool(s and s["rebalances_committed"] > 0 and s["slots_moved"] > 0)
         }
 
-    ckpt = work / "train_fp32_eplb" / "ckpt"
-    gen_model = [*SMALL_MODEL[:-2], "--expert-model-parallel-size", str(n)]  # no --micro-batch-size
     gens = {}
-    for name, extra in (
-        ("generate_static", ["--expert-map-path", str(ckpt / "final" / "expert_map.json")]),
-        ("generate_dynamic", ["--dynamic-eplb", "--num-iterations-eplb-update", "4", "--eplb-window-size", "4",
-                              "--num-wait-worker-iterations", "1", "--init-redundancy-expert", "2"]),
-        ("generate_off", ["--no-eplb"]),
-    ):  # fmt: skip
-        cmd = [
-            *launch, "examples/generate.py", *gen_model, "--load", str(ckpt), "--requests", "4",
-            "--new-tokens", "16", "--metrics-out", str(work / f"{name}.json"), *extra,
-        ]  # fmt: skip
-        steps.append(run_step(name, cmd, work, env, args.timeout))
-        gens[name] = _json(work / f"{name}.json")
-    samples = {k: v.get("sample") if v else None for k, v in gens.items()}
-    checks["generate_same_tokens"] = {
-        "ok": None not in samples.values() and len(set(samples.values())) == 1,
-        "samples": samples,
-    }
+    if "sequential" in kinds:  # generation and the demo from the SequentialMLP runs
+        ckpt = work / "train_fp32_eplb" / "ckpt"
+        gen_model = [*SMALL_MODEL[:-2], "--expert-model-parallel-size", str(n)]  # no --micro-batch-size
+        for name, extra in (
+            ("generate_static", ["--expert-map-path", str(ckpt / "final" / "expert_map.json")]),
+            ("generate_dynamic", ["--dynamic-eplb", "--num-iterations-eplb-update", "4", "--eplb-window-size", "4",
+                                  "--num-wait-worker-iterations", "1", "--init-redundancy-expert", "2"]),
+            ("generate_off", ["--no-eplb"]),
+        ):  # fmt: skip
+            cmd = [
+                *launch, "examples/generate.py", *gen_model, "--load", str(ckpt), "--requests", "4",
+                "--new-tokens", "16", "--metrics-out", str(work / f"{name}.json"), *extra,
+            ]  # fmt: skip
+            steps.append(run_step(name, cmd, work, env, args.timeout))
+            gens[name] = _json(work / f"{name}.json")
+        samples = {k: v.get("sample") if v else None for k, v in gens.items()}
+        checks["generate_same_tokens"] = {
+            "ok": None not in samples.values() and len(set(samples.values())) == 1,
+            "samples": samples,
+        }
 
-    demo_out = "outputs/gpu_check_demo"
-    steps.append(
-        run_step("demo_quick", [sys.executable, "examples/demo.py", "--quick", "--out", demo_out], work, env,
-                 args.timeout)
-    )  # fmt: skip
+        demo_out = "outputs/gpu_check_demo"
+        steps.append(
+            run_step("demo_quick", [sys.executable, "examples/demo.py", "--quick", "--out", demo_out], work, env,
+                     args.timeout)
+        )  # fmt: skip
     if args.bench:
         bench = ["bash", "benchmarks/run_multi_gpu.sh", str(n), "--out", args.out, *args.bench_args.split()]
         steps.append(run_step("multi_gpu_bench", bench, work, env, max(args.timeout, 600)))

@@ -13,11 +13,11 @@ and prints a markdown table (rank 0).
 
 What it measures, per expert implementation (``--kinds``):
 
-* ``sequential``: Megatron-core ``SequentialMLP`` (one GEMM pair per local expert; what the EPLB patch supports);
-* ``grouped``: the legacy ``GroupedMLP`` (two grouped GEMMs for all local experts).  Its ``grouped_gemm``
-  package is replaced, when it is not importable, by a small module of that name put into ``sys.modules``
-  before Megatron is imported, whose ``ops.gmm(a, b, batch_sizes, trans_b=False)`` calls
-  ``torch._grouped_mm`` (DESIGN.md, section 3).
+* ``sequential``: Megatron-core ``SequentialMLP`` (one GEMM pair per local expert);
+* ``grouped``: the legacy ``GroupedMLP`` (two grouped GEMMs for all local experts).  Where its
+  ``grouped_gemm`` package is not importable, ``megatron_eplb.patches.megatron.grouped_gemm.install()`` points
+  Megatron at megatron-eplb's drop-in (``ops.gmm`` on ``torch._grouped_mm``; the JSON's ``grouped_gemm`` says
+  which one ran and its backend on this device).
 
 One Megatron-core ``MoELayer`` (alltoall dispatcher, EP = world size, TP = PP = 1, bf16, hidden 4096, expert
 FFN 2048, 64 experts, top-8, 8192 tokens per rank by default).
@@ -27,11 +27,13 @@ FFN 2048, 64 experts, top-8, 8192 tokens per rank by default).
   (busiest-rank tokens / mean rank tokens) the bias is found by bisection on the router's real routing of
   the real input.  Per expert kind and skew level: the median over iterations of the slowest rank's
   forward+backward time, the tokens each rank's experts actually computed (the ``tokens_per_expert`` the
-  dispatcher hands to the experts module), balancedness = mean / max.  For ``sequential`` also the same
-  routing under EPLB's placement (``megatron_eplb.patches.megatron.apply`` with a placement from
+  dispatcher hands to the experts module), balancedness = mean / max.  For each kind also the same routing
+  under EPLB's placement (``megatron_eplb.patches.megatron.apply`` with a placement from
   ``megatron_eplb.policy.rebalance`` planned on the level's measured expert load, ``--redundant`` slots per
-  rank): off vs EPLB time at the same skew.  ``grouped`` has no EPLB row (``apply`` refuses ``GroupedMLP``;
-  its error is recorded).
+  rank): off vs EPLB time at the same skew.  Each EPLB row also checks the patched layer against the
+  unpatched layer of its kind (same weights, same routing; ``equivalence``): relative difference of the
+  output, the input gradient, the router gradient and every slot's expert gradient (replica gradients summed)
+  against its logical expert's, within ``EQUIVALENCE_RTOL`` (bf16).
 * EP = 1 (tokens mode): no rank is busier than another, so the layer time is measured against the local token
   count (``--tokens`` x each of ``--token-scales``): the same slope.
 
@@ -58,7 +60,6 @@ import platform
 import socket
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -73,45 +74,26 @@ from bench_common import apply_preset  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 KINDS = ("sequential", "grouped")
+# bf16, patched vs unpatched: only the split of an expert's tokens over its copies (other GEMM shapes, replica
+# gradients summed in fp32) changes the last bits.
+EQUIVALENCE_RTOL = 2e-2
 FULL = dict(hidden=4096, ffn=2048, experts=64, topk=8, tokens=8192, warmup=5, repeats=30)
 SMALL = dict(hidden=64, ffn=64, experts=8, topk=2, tokens=128, warmup=1, repeats=3)
 
 
-# ============================================================================ grouped_gemm shim
-def grouped_gemm_source() -> str:
-    """Make ``import grouped_gemm`` work: the real package when importable, else a shim over
-    ``torch._grouped_mm`` put into ``sys.modules`` (call before Megatron's MoE modules are imported).
-    Returns ``"package"``, ``"shim (torch._grouped_mm)"`` or a reason why neither is available."""
-    try:
-        import grouped_gemm  # noqa: F401
+# ============================================================================ grouped_gemm
+def grouped_gemm_source(device: torch.device) -> str:
+    """Install the grouped GEMM ``GroupedMLP`` needs (the ``grouped_gemm`` package where importable, else
+    megatron-eplb's drop-in) and say which, with the drop-in's backend for this benchmark's bf16 GEMMs
+    (``torch._grouped_mm`` or the per-group loop) on ``device``."""
+    from megatron_eplb.patches.megatron import grouped_gemm
 
-        if not getattr(grouped_gemm, "_step_time_skew_shim", False):
-            return "package"
-    except ImportError:
-        if not hasattr(torch, "_grouped_mm"):
-            return f"unavailable: no grouped_gemm package and torch {torch.__version__} has no _grouped_mm"
-
-        def gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes, trans_b: bool = False) -> torch.Tensor:
-            """``a [sum(batch_sizes), K]`` x ``b [G, K, N]`` (``[G, N, K]`` with ``trans_b``) per group of
-            rows -> ``[sum(batch_sizes), N]``.  ``batch_sizes``: int ``[G]`` (host or device)."""
-            if trans_b:
-                b = b.transpose(-2, -1)
-            offs = torch.cumsum(torch.as_tensor(batch_sizes), 0).to(device=a.device, dtype=torch.int32)
-            return torch._grouped_mm(a, b, offs=offs)
-
-        ops = types.ModuleType("grouped_gemm.ops")
-        ops.gmm = gmm
-        module = types.ModuleType("grouped_gemm")
-        module.ops = ops
-        module._step_time_skew_shim = True
-        sys.modules["grouped_gemm"] = module
-        sys.modules["grouped_gemm.ops"] = ops
-    # Megatron imported before the shim existed keeps ``grouped_gemm = None``: point it at the shim.
-    util = sys.modules.get("megatron.core.transformer.moe.grouped_gemm_util")
-    if util is not None and util.grouped_gemm is None:
-        util.grouped_gemm = sys.modules["grouped_gemm"]
-        util.ops = sys.modules["grouped_gemm"].ops
-    return "shim (torch._grouped_mm)"
+    source = grouped_gemm.install()
+    if source == "megatron_eplb":
+        a = torch.zeros(16, 64, dtype=torch.bfloat16, device=device)
+        b = torch.zeros(2, 64, 64, dtype=torch.bfloat16, device=device)
+        source = f"megatron_eplb drop-in ({grouped_gemm.backend(a, b)})"
+    return source
 
 
 # ============================================================================ setup
@@ -352,6 +334,57 @@ def calibrate(
     return levels
 
 
+EQUIVALENCE_KEYS = ("output", "input_grad", "router_grad", "expert_grad")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _slot_grads(storage, k: int) -> torch.Tensor:
+    return torch.cat([sp.of(sp.param.grad).reshape(-1) for sp in storage.slot_params(k)])
+
+
+def equivalence(ref: Layer, pat: Layer, x: torch.Tensor, grad: torch.Tensor) -> dict:
+    """The EPLB layer ``pat`` against the unpatched layer ``ref`` of the same kind (same weights, same
+    routing) on ``x``: the largest relative difference (max |pat - ref| / max |ref|) over ranks of the output,
+    the input gradient, the router gradient, and every local slot's expert gradient against its logical
+    expert's (replica gradients summed first, as before an optimizer step)."""
+    from megatron_eplb.patches.megatron.experts import storage_for
+
+    outs, input_grads = [], []
+    for layer in (ref, pat):
+        layer.module.zero_grad(set_to_none=True)
+        xi = x.detach().clone().requires_grad_(True)
+        y = layer.module(xi)[0]
+        y.backward(grad)
+        outs.append(y.detach())
+        input_grads.append(xi.grad)
+    pat.handle.sum_replica_grads()
+    storage = storage_for(ref.module.experts)  # Megatron's layout: expert r * E / EP + k on rank r
+    local = torch.stack([_slot_grads(storage, k) for k in range(storage.num_slots)])
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    logical = torch.cat(parts)  # [E, n]
+    handle, slots = pat.handle, storage_for(pat.module.experts)
+    expert = max(
+        _rel(_slot_grads(slots, k), logical[int(handle.placement.phy2log[0, slot])])
+        for k, slot in enumerate(handle.local_slots())
+        if handle.placement.phy2log[0, slot] >= 0
+    )
+    mine = [
+        _rel(outs[1], outs[0]),
+        _rel(input_grads[1], input_grads[0]),
+        _rel(pat.module.router.weight.grad, ref.module.router.weight.grad),
+        expert,
+    ]
+    worst = _gather_floats(mine, x.device).max(axis=0)
+    for layer in (ref, pat):
+        layer.module.zero_grad(set_to_none=True)
+    return {key: float(v) for key, v in zip(EQUIVALENCE_KEYS, worst)}
+
+
 def time_layer(layer: Layer, x: torch.Tensor, grad: torch.Tensor, args, device) -> dict:
     """Forward+backward of ``layer`` on ``x``: per-rank token counts (first warm-up iteration) and the
     timings of ``args.repeats`` iterations, reduced over ranks (slowest rank per iteration)."""
@@ -468,9 +501,7 @@ def _free(device) -> None:
 
 # ============================================================================ the two modes
 def run_skew(args, rank: int, world: int, device, result: dict) -> list[dict]:
-    """EP > 1: each kind at each skew level (default placement), and ``sequential`` under EPLB's placement."""
-    from megatron_eplb.patches import megatron as eplb_mcore
-
+    """EP > 1: each kind at each skew level, under the default placement and under EPLB's."""
     from megatron_eplb.policy import rebalance
     from megatron_eplb.stats import rank_loads
 
@@ -484,13 +515,6 @@ def run_skew(args, rank: int, world: int, device, result: dict) -> list[dict]:
         dict(target_ratio=lv["target_ratio"], bias=lv["bias"], expert_load=lv["load"].tolist())
         for lv in levels
     ]
-    if "grouped" in layers and not args.no_eplb:
-        try:
-            eplb_mcore.apply(Layer("grouped", args, device, skew).module)
-            result["grouped_eplb"] = "apply() accepted GroupedMLP"
-        except eplb_mcore.EPLBPatchError as exc:
-            result["grouped_eplb"] = f"not measured: apply() refuses it: {exc}"
-        _free(device)
     rows = []
     num_slots = args.experts + args.redundant * world
     for i, level in enumerate(levels):
@@ -501,20 +525,21 @@ def run_skew(args, rank: int, world: int, device, result: dict) -> list[dict]:
             row = dict(kind=kind, placement="default", **common, **time_layer(layer, x, grad, args, device))
             rows.append(row)
             _report(rank, row)
-        if "sequential" in layers and not args.no_eplb:
+        for kind in [] if args.no_eplb else list(layers):
             load = level["load"].astype(np.float64)[None, :]
             placement = rebalance(load, num_slots, world, policy="greedy")
-            layer = Layer("sequential", args, device, skew)
+            layer = Layer(kind, args, device, skew)
             layer.patch(placement)
             layer.watch()
             predicted = rank_loads(placement, load)[0]
             row = dict(
-                kind="sequential",
+                kind=kind,
                 placement=f"eplb (greedy, {args.redundant} redundant/rank)",
                 **common,
                 predicted_balancedness=float(predicted.mean() / predicted.max()),
                 phy2log=placement.phy2log[0].tolist(),
                 **time_layer(layer, x, grad, args, device),
+                equivalence=equivalence(layers[kind], layer, x, grad),
             )
             rows.append(row)
             _report(rank, row)
@@ -548,7 +573,8 @@ def _report(rank: int, row: dict) -> None:
     if rank == 0:
         print(
             f"  {row['kind']:10s} {'off' if row['placement'] == 'default' else 'eplb':4s} level {row['level']}: busiest {row['busiest_rank_tokens']}"
-            f" balancedness {row['balancedness']:.3f} -> {row['median_ms']:.3f} ms (host {row['host_median_ms']:.3f})",
+            f" balancedness {row['balancedness']:.3f} -> {row['median_ms']:.3f} ms (host {row['host_median_ms']:.3f})"
+            + (f"; vs unpatched {_worst_equivalence(row):.1e}" if "equivalence" in row else ""),
             flush=True,
         )
 
@@ -621,6 +647,10 @@ def summarize(rows: list[dict]) -> dict:
     return {"fits": fits, "eplb_vs_off": eplb_vs_off}
 
 
+def _worst_equivalence(row: dict) -> float:
+    return max(row["equivalence"][k] for k in EQUIVALENCE_KEYS)
+
+
 def _kernel_cell(row: dict) -> str:
     ks = [k for k in row.get("per_rank_kernel_ms", []) if k is not None]
     return f"{max(ks):.3f}" if ks else "-"
@@ -630,7 +660,7 @@ def table(result: dict) -> str:
     rows = result["rows"]
     skew = result["mode"] == "skew"
     head = "| kind | placement | " + ("target ratio | " if skew else "tokens | ")
-    head += "busiest-rank tokens | mean rank tokens | balancedness | fwd+bwd ms (median, slowest rank) | p10-p90 ms | host ms | kernel ms (max rank) |"
+    head += "busiest-rank tokens | mean rank tokens | balancedness | fwd+bwd ms (median, slowest rank) | p10-p90 ms | host ms | kernel ms (max rank) | vs unpatched |"
     lines = [
         f"{result['device']} x{result['world_size']}, torch {result['torch']}, megatron-core {result['megatron_core']}, "
         f"grouped_gemm: {result['grouped_gemm']}; hidden {result['setup']['hidden']}, ffn {result['setup']['ffn']}, "
@@ -644,7 +674,7 @@ def table(result: dict) -> str:
         lead = f"{r['target_ratio']:.2f}" if skew else str(r["tokens"])
         lines.append(
             f"| {r['kind']} | {r['placement']} | {lead} | {r['busiest_rank_tokens']} | {r['mean_rank_tokens']:.0f} | "
-            f"{r['balancedness']:.3f} | {r['median_ms']:.3f} | {r['p10_ms']:.3f}-{r['p90_ms']:.3f} | {r['host_median_ms']:.3f} | {_kernel_cell(r)} |"
+            f"{r['balancedness']:.3f} | {r['median_ms']:.3f} | {r['p10_ms']:.3f}-{r['p90_ms']:.3f} | {r['host_median_ms']:.3f} | {_kernel_cell(r)} | {f'{_worst_equivalence(r):.1e}' if 'equivalence' in r else '-'} |"
         )
     lines.append("")
     for kind, f in result["summary"]["fits"].items():
@@ -665,8 +695,14 @@ def table(result: dict) -> str:
             f" -> {e['balancedness_eplb']:.3f}, {e['ms_off']:.3f} -> {e['ms_eplb']:.3f} ms ({e['time_ratio']:.3f}x;"
             f" the default-placement line predicts {'n/a' if pred is None else f'{pred:.3f}'} ms at EPLB's busiest tokens)"
         )
-    if "grouped_eplb" in result:
-        lines.append(f"grouped + EPLB: {result['grouped_eplb']}")
+    checks = [r for r in rows if "equivalence" in r]
+    if checks:
+        worst = max(max(r["equivalence"][k] for k in EQUIVALENCE_KEYS) for r in checks)
+        lines.append(
+            f"equivalence, EPLB vs unpatched layer of the same kind (bf16; output, input/router/expert gradients): "
+            f"worst relative difference {worst:.2e} (tolerance {EQUIVALENCE_RTOL:g}) -> "
+            f"{'passed' if result['equivalence_passed'] else 'FAILED'}"
+        )
     return "\n".join(lines)
 
 
@@ -674,11 +710,12 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.time()
-    source = grouped_gemm_source()  # before Megatron's MoE modules are imported
-    if "grouped" in args.kinds and source.startswith("unavailable"):
-        args.kinds = [k for k in args.kinds if k != "grouped"]
     rank, world, device = init_distributed(args.seed)
     from megatron_eplb.patches import megatron as eplb_mcore
+
+    source = grouped_gemm_source(device)  # before the GroupedMLP layers are built
+    if "grouped" in args.kinds and source.startswith("not needed"):  # megatron-core >= 0.17: no GroupedMLP
+        args.kinds = [k for k in args.kinds if k != "grouped"]
 
     result: dict = {
         "script": "benchmarks/step_time_skew.py",
@@ -720,6 +757,9 @@ def main(argv: list[str] | None = None) -> dict:
             "forward+backward on each rank (torch.profiler): the device work; wall time far above it = host-bound",
             "per_rank_nccl_kernel_ms": "CUDA: summed duration of the NCCL kernels (includes waiting for the peer)",
             "fit": "median_ms = intercept_ms + slope_ms_per_1000_tokens * busiest_rank_tokens / 1000",
+            "equivalence": "EPLB rows: max over ranks of max |patched - unpatched| / max |unpatched| of the output, "
+            "the input and router gradients, and each slot's expert gradient vs its logical expert's (bf16; "
+            f"passes at <= {EQUIVALENCE_RTOL:g})",
         },
     }
     if "grouped" not in args.kinds:
@@ -733,6 +773,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = runner(args, rank, world, device, result)
     result["rows"] = rows
     result["summary"] = summarize(rows)
+    checks = [r["equivalence"] for r in rows if "equivalence" in r]
+    result["equivalence_passed"] = all(
+        max(c[k] for k in EQUIVALENCE_KEYS) <= EQUIVALENCE_RTOL for c in checks
+    )
     result["seconds"] = round(time.time() - started, 1)
     if rank == 0:
         name = f"step_time_skew_ws{world}_{'cuda' if CUDA else 'cpu'}.json"

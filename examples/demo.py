@@ -10,6 +10,7 @@ recorded map (static EPLB): TTFT p50/p99, TPOT mean, balancedness.
 
     .venv/bin/python examples/demo.py           # ~5-8 min on 2 cores
     .venv/bin/python examples/demo.py --quick   # same code path, fewer steps (~2-3 min)
+    .venv/bin/python examples/demo.py --grouped-gemm   # experts as Megatron's legacy GroupedMLP (bf16)
 """
 
 from __future__ import annotations
@@ -107,6 +108,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="outputs/demo")
     parser.add_argument("--train-iters", type=int, default=None)
     parser.add_argument(
+        "--grouped-gemm",
+        action="store_true",
+        help="experts as Megatron's legacy GroupedMLP in bf16 (--moe-grouped-gemm --bf16 for both phases; "
+        "megatron-eplb's torch._grouped_mm drop-in where the grouped_gemm package is missing)",
+    )
+    parser.add_argument(
         "--train-args",
         default="",
         help="extra examples/train.py flags (one string, shell syntax); they come last, so they win",
@@ -119,6 +126,8 @@ def main(argv=None) -> int:
     n, where = ranks()
     cuda = "GPU" in where
     model = [*MODEL, "--expert-model-parallel-size", str(n)]
+    if args.grouped_gemm:
+        model += ["--moe-grouped-gemm", "--bf16"]
     iters = args.train_iters or (60 if args.quick else 300)
     every = max(10, iters // 6)
     expert_map = out / "expert_map.json"

@@ -85,23 +85,10 @@ def resolve_placement(args: argparse.Namespace, ckpt: Path):
 
 def load_unpatched(model: torch.nn.Module, logical_state: dict) -> None:
     """Load a logical checkpoint into a model *without* EPLB: Megatron's own layout, logical expert ``e``
-    on EP rank ``e // (E / EP)`` as its local expert ``e % (E / EP)``."""
-    from megatron.core import parallel_state as ps
+    on EP rank ``e // (E / EP)`` as its local expert ``e % (E / EP)`` (either expert class)."""
     from megatron_eplb.patches import megatron as eplb_mcore
 
-    from megatron_eplb.checkpoint import logical_to_physical
-
-    layers = eplb_mcore.find_moe_layers(model)
-    num_experts = int(layers[0][1].config.num_moe_experts)
-    ep_size = ps.get_expert_model_parallel_world_size()
-    physical = logical_to_physical(
-        logical_state,
-        np.tile(np.arange(num_experts), (len(layers), 1)),
-        [f"{name}.experts.local_experts." for name, _ in layers],
-        rank=ps.get_expert_model_parallel_rank(),
-        slots_per_rank=num_experts // ep_size,
-    )
-    model.load_state_dict(physical, strict=False)
+    model.load_state_dict(eplb_mcore.unpatched_state_dict(model, logical_state), strict=False)
 
 
 def load_model(args: argparse.Namespace, ep: int, ckpt: Path, placement=None):

@@ -13,6 +13,8 @@ lowest-precedence source.  Half-way (``--switch-at``) the data switches domain (
 which shifts the routing; every completed rebalance prints the balancedness before and after.
 
 bf16 + ZeRO 1 + gradient accumulation: ``--deepspeed_config configs/ds_config_zero1_bf16.json --bf16``.
+Grouped-GEMM experts (Megatron's legacy ``GroupedMLP``, bf16): ``--moe-grouped-gemm --bf16``; without the
+``grouped_gemm`` package megatron-eplb's drop-in on ``torch._grouped_mm`` is installed for it.
 Resume on fewer ranks (e.g. one GPU lost): ``deepspeed --num_gpus 1 examples/train.py --load CKPT ...``.
 """
 
@@ -58,6 +60,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--moe-router-enable-expert-bias", action="store_true")
     g.add_argument("--seq-length", type=int, default=128)
     g.add_argument("--bf16", action="store_true", help="bf16 model (ds_config bf16 is switched on too)")
+    g.add_argument(
+        "--moe-grouped-gemm",
+        action="store_true",
+        help="experts as Megatron's legacy GroupedMLP (two grouped GEMMs per layer; megatron-core <= 0.16; needs "
+        "--bf16): the grouped_gemm package where installed, else megatron-eplb's drop-in on torch._grouped_mm",
+    )
     g.add_argument("--seed", type=int, default=1234)
     return parser
 
@@ -157,15 +165,38 @@ def init_parallel(ep_size: int | None, seed: int = 1234) -> int:
     return ep
 
 
+def local_expert_weights(experts: torch.nn.Module) -> list[list[torch.Tensor]]:
+    """Per local expert, its weights as ``SequentialMLP`` holds them (``fc1 [F', H]``, ``fc2 [H, F]``): the
+    parameters of ``SequentialMLP``; views into ``GroupedMLP``'s stacked ``weight1.view(S, H, -1)`` and
+    ``weight2.view(S, -1, H)``, which hold them transposed.  Writing them writes the model."""
+    if hasattr(experts, "local_experts"):
+        return [[p.data for p in e.parameters()] for e in experts.local_experts]
+    s, h = experts.num_local_experts, experts.config.hidden_size
+    w1, w2 = experts.weight1.data.view(s, h, -1), experts.weight2.data.view(s, -1, h)
+    return [[w1[k].T, w2[k].T] for k in range(s)]
+
+
 def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
-    """A Megatron-core GPTModel with MoE in every layer (SequentialMLP experts), deterministic init:
-    dense weights from ``seed``, logical expert ``e`` of layer ``l`` from ``(seed, l, e)`` on whichever
-    EP rank holds it — so any EP size builds the same logical model."""
+    """A Megatron-core GPTModel with MoE in every layer (SequentialMLP experts, or with
+    ``--moe-grouped-gemm`` the legacy GroupedMLP), deterministic init: dense weights from ``seed``, logical
+    expert ``e`` of layer ``l`` from ``(seed, l, e)`` on whichever EP rank holds it — so any EP size, and
+    either expert class, builds the same logical model."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    grouped = bool(getattr(args, "moe_grouped_gemm", False))
+    if grouped:
+        if not args.bf16:
+            raise ValueError(
+                "--moe-grouped-gemm: Megatron's GroupedMLP runs in bf16 only (it asserts config.bf16); add --bf16"
+            )
+        from megatron_eplb.patches.megatron import grouped_gemm
+
+        source = grouped_gemm.install()  # before the model is built: GroupedMLP checks for the package
+        if dist.is_initialized() and dist.get_rank() == 0:
+            log.info("GroupedMLP experts, grouped GEMM from: %s", source)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     cfg = TransformerConfig(
         num_layers=args.num_layers,
@@ -177,7 +208,7 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
         moe_router_topk=args.moe_router_topk,
         expert_model_parallel_size=ep_size,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=grouped,
         moe_router_load_balancing_type="aux_loss" if args.moe_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
@@ -191,7 +222,7 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
         params_dtype=dtype,
         init_method_std=0.02,
     )
-    spec = get_gpt_layer_local_spec(num_experts=args.num_experts, moe_grouped_gemm=False)
+    spec = get_gpt_layer_local_spec(num_experts=args.num_experts, moe_grouped_gemm=grouped)
     torch.manual_seed(args.seed)
     model = GPTModel(
         config=cfg,
@@ -204,12 +235,17 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
     num_local = args.num_experts // ep_size
     with torch.no_grad():
         for layer_id, layer in enumerate(model.decoder.layers):
-            for k, expert in enumerate(layer.mlp.experts.local_experts):
+            for k, weights in enumerate(local_expert_weights(layer.mlp.experts)):
                 g = torch.Generator().manual_seed(
                     args.seed * 100_003 + layer_id * 1009 + ep_rank * num_local + k
                 )
-                for p in expert.parameters():
+                for p in weights:
                     p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+        if args.bf16:  # every parameter, as DeepSpeed's bf16 engine casts them (Megatron keeps the position
+            for (
+                p
+            ) in model.parameters():  # embedding fp32); buffers stay fp32. Also without DeepSpeed (generate)
+                p.data = p.data.to(dtype)
     return model.to(device())
 
 

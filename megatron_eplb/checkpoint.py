@@ -1,9 +1,10 @@
 """Physical ⇄ logical conversion of expert state dicts, and the expert map saved beside a checkpoint.
 
 A checkpoint stays *logical*: each logical expert of each MoE layer once, under the key it has in a
-model without EP (``{layer_prefix}{expert}.{name}``, e.g. ``decoder.layers.1.mlp.experts.local_experts.5.
-linear_fc1.weight``), replicas not duplicated, and the placement it was saved with in a JSON file next
-to it.  Any placement (other redundancy, other EP size) loads it: every physical slot is filled from its
+model without EP (``SequentialMLP``: ``{layer_prefix}{expert}.{name}``, e.g. ``decoder.layers.1.mlp.experts.
+local_experts.5.linear_fc1.weight``; ``GroupedMLP``: stacked over the experts in ``...experts.weight1``,
+``weight2``: ``ExpertModel.logical_entries``), replicas not duplicated, and the placement it was saved with
+in a JSON file next to it.  Any placement (other redundancy, other EP size) loads it: every physical slot is filled from its
 logical expert.
 
 Terms as in :mod:`megatron_eplb.placement`: ``L`` MoE layers, ``E`` logical experts, ``P`` physical
@@ -47,7 +48,6 @@ import torch
 import torch.distributed as dist
 
 from .errors import CheckpointError
-from .gradients import primary_expert_params
 from .optimizer_state import MASTER_KEY
 from .placement import ExpertPlacement
 
@@ -62,7 +62,6 @@ __all__ = [
     "load_expert_map",
     "load_logical_checkpoint",
     "logical_optimizer_state",
-    "logical_param_names",
     "logical_to_physical",
     "physical_to_logical",
     "read_logical_checkpoint",
@@ -240,22 +239,14 @@ def load_expert_map(checkpoint: str | os.PathLike) -> ExpertPlacement | None:
 # ============================================================================ the logical checkpoint
 
 
-def logical_param_names(model: torch.nn.Module, handle: Any) -> dict[str, str]:
-    """``physical parameter name -> logical name`` for every parameter of ``model``: a local slot's
-    parameter is named after the logical expert it holds now (``{prefix}{expert}.{name}``), any other keeps
-    its name.  ``handle`` None: every name is its own."""
-    names = {name: name for name, _ in model.named_parameters()}
-    if handle is None:
-        return names
-    by_id = {id(p): name for name, p in model.named_parameters()}
-    prefixes = handle.expert_key_prefixes()
-    param_names = handle.slot_param_names()
-    for layer in range(handle.num_layers):
-        for k, slot in enumerate(handle.local_slots()):
-            expert = int(handle.placement.phy2log[layer, slot])
-            for pname, p in zip(param_names, handle.slot_params(layer, k)):
-                names[by_id[id(p)]] = f"{prefixes[layer]}{expert}.{pname}" if expert >= 0 else ""
-    return names
+def _expert_param_ids(handle: Any) -> set[int]:
+    """``id`` of every parameter that holds local expert slots of ``handle``."""
+    return {
+        id(sp.param)
+        for layer in range(handle.num_layers)
+        for k in range(handle.slots_per_rank)
+        for sp in handle.slot_params(layer, k)
+    }
 
 
 def logical_optimizer_state(
@@ -264,25 +255,81 @@ def logical_optimizer_state(
     """The optimizer state of the logical model: ``{logical parameter name: {key: CPU tensor}}``.
 
     Dense parameters from this rank (identical on every data-parallel rank), each logical expert from its
-    first copy (gathered over ``handle.ep_group``).  ``slots``: :class:`megatron_eplb.protocols.
-    OptimizerSlots`.  Collective (EP group, and ``slots.full_state``'s groups); complete on every rank.
+    first copy (gathered over ``handle.ep_group``), named and shaped as the unpatched model without EP holds
+    its experts (``handle.logical_entries``: one tensor per expert, or stacked over the experts).
+    ``slots``: :class:`megatron_eplb.protocols.OptimizerSlots`.  Collective (EP group, and
+    ``slots.full_state``'s groups); complete on every rank.
     """
-    names = logical_param_names(model, handle)
-    primary = primary_expert_params(handle) if handle is not None else {}
+    expert_ids = _expert_param_ids(handle) if handle is not None else set()
     out: dict[str, dict[str, torch.Tensor]] = {}
-    experts: list[tuple[str, dict[str, torch.Tensor]]] = []
+    expert_state: dict[int, dict[str, torch.Tensor]] = {}
     for name, p in model.named_parameters():
         # every rank reads every parameter in one order: full_state is collective under ZeRO
-        state = {k: v.detach().cpu() for k, v in slots.full_state(p).items()}
-        if id(p) not in primary:
-            out[name] = state
-        elif primary[id(p)]:
-            experts.append((names[name], state))
-    if handle is not None and dist.is_initialized() and handle.ep_size > 1:
+        state = slots.full_state(p)
+        if id(p) in expert_ids:
+            expert_state[id(p)] = state
+        else:
+            out[name] = {k: v.detach().cpu() for k, v in state.items()}
+    if handle is None:
+        return out
+    primary = handle.placement.primary_slots()
+    # (layer, logical expert, {key: [the slot's tensors]}) of the first copies on this rank
+    mine: list[tuple[int, int, dict[str, list[torch.Tensor]]]] = []
+    for layer in range(handle.num_layers):
+        for k, slot in enumerate(handle.local_slots()):
+            if not primary[layer, slot]:
+                continue
+            per_key: dict[str, list[torch.Tensor]] = {}
+            for sp in handle.slot_params(layer, k):
+                for key, value in expert_state[id(sp.param)].items():
+                    per_key.setdefault(key, []).append(sp.of(value).detach().cpu().clone())
+            mine.append((layer, int(handle.placement.phy2log[layer, slot]), per_key))
+    if dist.is_initialized() and handle.ep_size > 1:
         parts: list = [None] * handle.ep_size
-        dist.all_gather_object(parts, experts, group=handle.ep_group)
-        experts = [item for part in parts for item in part]
-    out.update(experts)
+        dist.all_gather_object(parts, mine, group=handle.ep_group)
+        mine = [item for part in parts for item in part]
+    by_expert = {(layer, e): per_key for layer, e, per_key in mine}
+    for layer in range(handle.num_layers):
+        keys = sorted({key for (lyr, _), per_key in by_expert.items() if lyr == layer for key in per_key})
+        for key in keys:
+            experts = [by_expert[(layer, e)][key] for e in range(handle.num_experts)]
+            for name, tensor in handle.logical_entries(layer, experts).items():
+                out.setdefault(name, {})[key] = tensor
+    return out
+
+
+def _expert_full_states(
+    handle: Any, optimizer: Mapping[str, Mapping[str, torch.Tensor]], model_state: Mapping[str, Any]
+) -> dict[int, dict[str, torch.Tensor]]:
+    """``id(param) -> {key: full tensor shaped like the parameter}`` for every parameter holding local expert
+    slots: each slot's part from its logical expert in the saved ``optimizer`` state; where no master
+    (``fp32``) was saved, the saved weights stand in for it."""
+    keys = sorted({key for state in optimizer.values() for key in state})
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for layer in range(handle.num_layers):
+        per_key: dict[str, list[list[torch.Tensor]]] = {}
+        for key in keys:
+            try:
+                per_key[key] = handle.split_logical_entries(
+                    layer, {name: state[key] for name, state in optimizer.items() if key in state}
+                )
+            except CheckpointError:
+                continue  # this layer's experts have no such state (e.g. no master saved)
+        if MASTER_KEY not in per_key:
+            weights = {k: v for k, v in model_state.items() if torch.is_tensor(v)}
+            per_key[MASTER_KEY] = handle.split_logical_entries(layer, weights)
+        for k, slot in enumerate(handle.local_slots()):
+            expert = int(handle.placement.phy2log[layer, slot])
+            if expert < 0:
+                continue
+            for i, sp in enumerate(handle.slot_params(layer, k)):
+                full = out.setdefault(id(sp.param), {})
+                for key, experts in per_key.items():
+                    value = experts[expert][i]
+                    if key not in full:
+                        dtype = torch.float32 if key == MASTER_KEY else value.dtype
+                        full[key] = torch.zeros(sp.param.shape, dtype=dtype)
+                    sp.of(full[key]).copy_(value)
     return out
 
 
@@ -387,13 +434,14 @@ def load_logical_checkpoint(
         model.load_state_dict(model_state, strict=strict)
     if slots is not None:
         optimizer = payload["optimizer"]
-        names = logical_param_names(model, handle)
+        experts = _expert_full_states(handle, optimizer, model_state) if handle is not None else {}
         with torch.no_grad():
             for name, p in model.named_parameters():
-                logical = names[name]
-                values = dict(optimizer.get(logical) or {})
-                if MASTER_KEY not in values and torch.is_tensor(model_state.get(logical)):
-                    values[MASTER_KEY] = model_state[logical].float()  # saved without masters (an fp32 run)
+                values = experts.get(id(p))
+                if values is None:
+                    values = dict(optimizer.get(name) or {})
+                    if MASTER_KEY not in values and torch.is_tensor(model_state.get(name)):
+                        values[MASTER_KEY] = model_state[name].float()  # saved without masters (an fp32 run)
                 if values:
                     slots.set_full_state(p, {k: v.to(p.device) for k, v in values.items()})
         slots.set_optimizer_step(int(payload.get("optimizer_step") or 0))

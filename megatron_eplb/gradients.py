@@ -6,13 +6,14 @@ their gradients here.  The sums stay on the gradients' device; the one host sync
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .comm import collective_device
+from .slots import SlotParam
 
 __all__ = ["logical_grad_norm", "primary_expert_params"]
 
@@ -25,21 +26,24 @@ def _sum_of_squares(grads: Iterable[torch.Tensor], device: torch.device) -> torc
     return torch.stack(parts).sum()
 
 
-def primary_expert_params(handle: Any) -> dict[int, bool]:
-    """``id(param) -> bool`` for every local expert-slot parameter of ``handle``: whether its slot holds
-    the first copy of its logical expert (:meth:`ExpertPlacement.primary_slots`)."""
+def primary_expert_params(handle: Any) -> dict[int, list[SlotParam]]:
+    """``id(param) -> [SlotParam]`` for every parameter that holds local expert slots of ``handle``: the
+    parts of it whose slot holds the first copy of its logical expert (:meth:`ExpertPlacement.primary_slots`;
+    empty: none).  A parameter is one slot's (``SequentialMLP``) or holds several (``GroupedMLP``)."""
     primary = handle.placement.primary_slots()
-    out: dict[int, bool] = {}
+    out: dict[int, list[SlotParam]] = {}
     for layer in range(handle.num_layers):
         for k, slot in enumerate(handle.local_slots()):
-            for p in handle.slot_params(layer, k):
-                out[id(p)] = bool(primary[layer, slot])
+            for sp in handle.slot_params(layer, k):
+                parts = out.setdefault(id(sp.param), [])
+                if primary[layer, slot]:
+                    parts.append(sp)
     return out
 
 
 def logical_grad_norm(
     grads: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    expert_params: dict[int, bool],
+    expert_params: dict[int, bool | Sequence[SlotParam]],
     ep_group=None,
     device: torch.device | str | None = None,
 ) -> float:
@@ -47,8 +51,9 @@ def logical_grad_norm(
 
     Args:
         grads: ``(param, gradient)`` pairs of this rank (the full gradient under ZeRO).
-        expert_params: ``id(param) -> primary`` for expert parameters (:func:`primary_expert_params`):
-            a primary copy's gradient is summed over ``ep_group``; the other copies hold the same summed
+        expert_params: for expert parameters, ``id(param) ->`` the parts of its gradient that are a
+            primary copy's (:func:`primary_expert_params`: a list of :class:`SlotParam`; ``True``: all of it,
+            ``False``: none): those are summed over ``ep_group``; the other copies hold the same summed
             gradient and are left out.  Any other parameter is dense: identical on every rank (already
             data-parallel reduced), counted once locally.
         ep_group: the expert-parallel group the expert part is summed over (None: no reduction).
@@ -62,8 +67,10 @@ def logical_grad_norm(
         primary = expert_params.get(id(p))
         if primary is None:
             dense.append(g)
-        elif primary:
+        elif primary is True:
             expert.append(g)
+        elif primary is not False:
+            expert.extend(sp.of(g) for sp in primary)
     expert_sq = _sum_of_squares(expert, device)
     if ep_group is not None and dist.is_initialized() and dist.get_world_size(ep_group) > 1:
         dist.all_reduce(expert_sq, group=ep_group)

@@ -391,7 +391,7 @@ class EPLBManager:
     # --------------------------------------------------------------- move
     def _slot_tensors(self, layer: int, local_slot: int) -> list[torch.Tensor]:
         params = list(self.handle.slot_params(layer, local_slot))
-        tensors = [p.data for p in params]
+        tensors = [sp.data for sp in params]
         if self.optimizer_state is not None:
             tensors += self.optimizer_state.tensors(params)
         return tensors

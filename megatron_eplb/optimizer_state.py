@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .slots import SlotParam, as_slot_params
+
 __all__ = [
     "MASTER_KEY",
     "STEP_KEY",
@@ -107,12 +109,16 @@ class OptimizerSlotState:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
 
-    def tensors(self, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-        """The optimizer's own state tensors of ``params`` (param order, keys sorted; no ``step``); empty
-        before the first step."""
+    def tensors(self, params: Iterable[torch.Tensor | SlotParam]) -> list[torch.Tensor]:
+        """The optimizer's own state tensors of ``params`` (param order, keys sorted; no ``step``), each cut
+        to the slot's part where a :class:`~megatron_eplb.slots.SlotParam` is a block of its parameter;
+        empty before the first step."""
         out: list[torch.Tensor] = []
-        for p in params:
-            out.extend(param_shaped_state(self.optimizer.state.get(p, {}), p).values())
+        for sp in as_slot_params(params):
+            out.extend(
+                sp.of(t)
+                for t in param_shaped_state(self.optimizer.state.get(sp.param, {}), sp.param).values()
+            )
         return out
 
     def full_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ import torch
 
 from .errors import TransportError
 from .placement import ExpertPlacement
+from .slots import SlotParam
 
 __all__ = ["ExpertModel", "OptimizerSlots", "Transport", "TransportError", "TransportHandle"]
 
@@ -67,8 +68,20 @@ class ExpertModel(Protocol):
         """Zero both counters."""
         ...
 
-    def slot_params(self, layer: int, local_slot: int) -> list[torch.nn.Parameter]:
-        """The parameters of one local slot (same order and shapes for every slot)."""
+    def slot_params(self, layer: int, local_slot: int) -> list[SlotParam]:
+        """The tensors of one local slot (same order and shapes for every slot): whole parameters, or blocks
+        of parameters that stack several slots (:class:`~megatron_eplb.slots.SlotParam`)."""
+        ...
+
+    def logical_entries(
+        self, layer: int, experts: Sequence[Sequence[torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """State-dict entries of ``layer``'s experts in the logical layout (the unpatched model's without EP)
+        from the ``E`` logical experts' tensors (``[E]`` lists in :meth:`slot_params` order)."""
+        ...
+
+    def split_logical_entries(self, layer: int, state: Any) -> list[list[torch.Tensor]]:
+        """The inverse of :meth:`logical_entries`: ``[E]`` lists of tensors from ``state``."""
         ...
 
     def commit_layer(self, layer: int, phy2log_row: Sequence[int] | np.ndarray) -> None:
@@ -99,9 +112,10 @@ class OptimizerSlots(Protocol):
     :meth:`optimizer_step` / :meth:`set_optimizer_step`.
     """
 
-    def tensors(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def tensors(self, params: Sequence[torch.Tensor | SlotParam]) -> list[torch.Tensor]:
         """Tensors that *are* the optimizer's storage for ``params`` (writing them writes the state), in
-        an order that is the same on every rank; empty before the optimizer's first step."""
+        an order that is the same on every rank; empty before the optimizer's first step.  A
+        :class:`~megatron_eplb.slots.SlotParam` gets its part of each (a plain tensor: all of it)."""
         ...
 
     def full_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,6 +1,15 @@
-"""The tiny Megatron-core models the multi-process tests build in every rank (CPU, gloo, fp32)."""
+"""The tiny Megatron-core models the multi-process tests build in every rank (CPU, gloo, fp32).
+
+Expert kinds (``experts=``): ``"sequential"`` (``SequentialMLP``) and ``"grouped"`` (the legacy ``GroupedMLP``,
+through ``megatron_eplb.patches.megatron.grouped_gemm.install()`` where the ``grouped_gemm`` package is
+missing).  ``GroupedMLP`` asserts ``config.bf16`` in its forward; to compare in fp32 the tests give its
+experts module a copy of the config with ``bf16=True`` (:func:`fp32_grouped`; nothing else reads it there),
+which the patch carries over (it builds the new experts module from the old one's config).
+"""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -25,9 +34,55 @@ def init_megatron(ep: int) -> None:
     model_parallel_cuda_manual_seed(1234)
 
 
-def tiny_gpt(ep: int, *, dispatcher: str = "allgather", seed: int = 0, **config):
-    """A 3-layer GPTModel — dense, MoE, MoE (MoE layer ids count MoE layers only) — with ``E`` experts,
-    top-2, no dropout, initialised from ``seed``. ``config`` overrides TransformerConfig fields."""
+EXPERT_KINDS = ("sequential", "grouped")
+
+
+def fp32_grouped(model: torch.nn.Module) -> torch.nn.Module:
+    """Let every ``GroupedMLP`` of ``model`` run in fp32 (see the module docstring); returns ``model``."""
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    for m in model.modules():
+        if isinstance(m, GroupedMLP) and not m.config.bf16:
+            m.config = copy.copy(m.config)
+            m.config.bf16 = True
+    return model
+
+
+def expert_kind_config(experts: str) -> dict:
+    """TransformerConfig fields of an expert kind (and, for ``grouped``, the grouped GEMM installed)."""
+    if experts not in EXPERT_KINDS:
+        raise ValueError(f"experts={experts!r}; one of {EXPERT_KINDS}")
+    if experts == "grouped":
+        from megatron_eplb.patches.megatron import grouped_gemm
+
+        grouped_gemm.install()
+    return {"moe_grouped_gemm": experts == "grouped"}
+
+
+def local_expert_tensors(experts_module: torch.nn.Module, get=None) -> torch.Tensor:
+    """``[S, n]``: each local expert's tensors flattened (``get(param)``, shaped like the parameter: default
+    its weights; e.g. its gradient or an Adam moment), read as Megatron's forward reads the weights:
+    ``SequentialMLP``'s modules, ``GroupedMLP``'s ``weight1.view(S, H, -1)`` / ``weight2.view(S, -1, H)``."""
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    get = get or (lambda p: p)
+    if isinstance(experts_module, GroupedMLP):
+        s, h = experts_module.num_local_experts, experts_module.config.hidden_size
+        w1 = get(experts_module.weight1).detach().reshape(s, h, -1).reshape(s, -1)
+        w2 = get(experts_module.weight2).detach().reshape(s, -1, h).reshape(s, -1)
+        return torch.cat([w1, w2], dim=1)
+    return torch.stack(
+        [
+            torch.cat([get(p).detach().reshape(-1) for p in m.parameters()])
+            for m in experts_module.local_experts
+        ]
+    )
+
+
+def tiny_gpt(ep: int, *, dispatcher: str = "allgather", seed: int = 0, experts: str = "sequential", **config):
+    """A 3-layer GPTModel — dense, MoE, MoE (MoE layer ids count MoE layers only) — with ``E`` experts
+    (``experts``: ``sequential`` or ``grouped``), top-2, no dropout, initialised from ``seed``. ``config``
+    overrides TransformerConfig fields."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -48,11 +103,12 @@ def tiny_gpt(ep: int, *, dispatcher: str = "allgather", seed: int = 0, **config)
         moe_aux_loss_coeff=0.0,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        **expert_kind_config(experts),
     )
     transformer_config = TransformerConfig(**{**fields, **config})
     spec = get_gpt_decoder_block_spec(transformer_config, use_transformer_engine=False)
     torch.manual_seed(seed)
-    return GPTModel(transformer_config, spec, vocab_size=V, max_sequence_length=SEQ)
+    return fp32_grouped(GPTModel(transformer_config, spec, vocab_size=V, max_sequence_length=SEQ))
 
 
 def copies_identical(handle) -> bool:

@@ -171,7 +171,8 @@ def _train(stage: int, eplb, steps: int, extra=(), policy_fn=None, model=SMALL, 
 
 def _logical_state(engine, manager) -> dict:
     """``{logical param name: {"weight", "fp32", "exp_avg", ...}}`` of a trained engine (collective), with
-    or without EPLB (without: Megatron's layout, expert ``e`` on EP rank ``e // (E / EP)``)."""
+    or without EPLB (without: Megatron's layout, expert ``e`` on EP rank ``e // (E / EP)``; GroupedMLP's
+    stacked weights gathered over the EP group into the stack of all ``E`` experts)."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -186,14 +187,28 @@ def _logical_state(engine, manager) -> dict:
         return {k: {"weight": weights[k].detach().float(), **v} for k, v in optim.items()}
     num_local = engine.module.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
     first = ps.get_expert_model_parallel_rank() * num_local
-    local = {}
+    local, stacked = {}, {}
     for name, p in engine.module.named_parameters():
         entry = {"weight": p.detach().float().clone(), **state.full_state(p)}
+        if name.endswith(("experts.weight1", "experts.weight2")):  # GroupedMLP: the local experts stacked
+            stacked[name] = entry
+            continue
         m = re.match(r"(.*local_experts\.)(\d+)(\..*)", name)
         local[f"{m[1]}{first + int(m[2])}{m[3]}" if m else name] = entry
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, local)
-    return {k: {s: torch.as_tensor(v) for s, v in d.items()} for part in parts for k, d in part.items()}
+    out = {k: {s: torch.as_tensor(v) for s, v in d.items()} for part in parts for k, d in part.items()}
+    ep_group = ps.get_expert_model_parallel_group()
+    for name, entry in stacked.items():
+        out[name] = {}
+        for key, t in entry.items():  # [H, S * F'] / [S * F, H] hold expert k in the k-th of S memory blocks
+            blocks = [torch.empty_like(t) for _ in range(dist.get_world_size(ep_group))]
+            dist.all_gather(blocks, t.contiguous(), group=ep_group)
+            flat = torch.cat([b.reshape(-1) for b in blocks])
+            out[name][key] = (
+                flat.view(t.shape[0], -1) if name.endswith("weight1") else flat.view(-1, t.shape[1])
+            )
+    return out
 
 
 def _step_counts(engine) -> list[int]:
@@ -220,9 +235,11 @@ def _rel(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
-def _bf16_checks(stage: int, dyn: dict) -> dict:
-    """bf16: the run without EPLB, static replicas (no moves), moves without and with replicas."""
-    engine, manager, base, _ = _train(stage, False, 10, extra=["--bf16"])
+def _bf16_checks(stage: int, dyn: dict, experts: tuple[str, ...] = ()) -> dict:
+    """bf16: the run without EPLB, static replicas (no moves), moves without and with replicas (``experts``:
+    ``("--moe-grouped-gemm",)`` for GroupedMLP experts)."""
+    extra = ["--bf16", *experts]
+    engine, manager, base, _ = _train(stage, False, 10, extra=extra)
     out = {"optimizer": type(engine.optimizer).__name__}
     ref = _logical_state(engine, manager)
     runs = {
@@ -232,14 +249,16 @@ def _bf16_checks(stage: int, dyn: dict) -> dict:
     }
     states = {}
     for name, (cfg, policy) in runs.items():
-        engine, manager, losses, records = _train(stage, cfg, 10, extra=["--bf16"], policy_fn=policy)
+        engine, manager, losses, records = _train(stage, cfg, 10, extra=extra, policy_fn=policy)
         states[name] = _logical_state(engine, manager)
+        expert = "weight1" if experts else "local_experts.0.linear_fc1.weight"
         out[name] = {
             "losses": losses,
             "records": records,
             "loss_rel": _rel(losses, base),
             "state_diff": _state_diff(states[name], ref),
-            "keys": sorted(states[name]["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"]),
+            "keys": sorted(states[name][f"decoder.layers.0.mlp.experts.{expert}"]),
+            "experts": type(engine.module.decoder.layers[0].mlp.experts).__name__,
         }
     out["moves_r2_vs_static_r2"] = _state_diff(states["moves_r2"], states["static_r2"])
     out["base"] = base
@@ -379,6 +398,7 @@ def _engine_checks(rank, world, launched_ckpt):
         engine, manager, eplb, records = _train(stage, dyn, 10, policy_fn=_shift_policy)
         out[f"z{stage}"] = (base, eplb, records)
         out[f"bf16_z{stage}"] = _bf16_checks(stage, dyn)
+        out[f"grouped_bf16_z{stage}"] = _bf16_checks(stage, dyn, ("--moe-grouped-gemm",))
     # checkpoint: save under one placement, load into another; every logical expert and its state survive
     tmp = Path(tempfile.gettempdir()) / f"eplb_ds_ckpt_{os.environ['MASTER_PORT']}"
     eplb_ds.save_checkpoint(engine, manager, tmp, tag="t")
@@ -432,10 +452,12 @@ def test_losses_same_as_without_eplb(engine_checks, stage):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1])
-def test_bf16_moves_are_exact_and_replicas_within_bf16_rounding(engine_checks, stage):
-    c = engine_checks[f"bf16_z{stage}"]
+@pytest.mark.parametrize("experts", ["SequentialMLP", "GroupedMLP"])
+def test_bf16_moves_are_exact_and_replicas_within_bf16_rounding(engine_checks, stage, experts):
+    c = engine_checks[f"{'grouped_' if experts == 'GroupedMLP' else ''}bf16_z{stage}"]
     # the optimizer DeepSpeed builds: per-parameter fp32 masters (ZeRO 0) or flat fp32 partitions (ZeRO 1)
     assert c["optimizer"] == ("FP16_UnfusedOptimizer" if stage == 0 else "DeepSpeedZeroOptimizer")
+    assert {c[run]["experts"] for run in ("static_r2", "moves_r0", "moves_r2")} == {experts}
     moved = c["moves_r0"]
     assert moved["records"] >= 2 and {"exp_avg", "exp_avg_sq", "fp32", "weight"} <= set(moved["keys"])
     # Without replicas the math is the same, in the same order: moving experts (bf16 weights, fp32 masters,

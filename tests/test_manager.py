@@ -1,8 +1,11 @@
 """Dynamic EPLB while training (EPLBManager): real Megatron-core GPTModel, gloo, fp32, skewed routing.
 
 The EPLB run and an unpatched twin see the same batches; with EPLB moving experts (weights + Adam state)
-the losses must stay equal step by step. Fault injection (a killed worker, a transfer failing half-way)
-must leave training on the old placement with the losses still equal.
+the losses must stay equal step by step, every slot must hold its logical expert's weights and Adam
+moments, and copies of one expert must stay bitwise identical. Fault injection (a killed worker, a
+transfer failing half-way) must leave training on the old placement with the losses still equal.  The
+EP=4 and EP=2 x expert-DP=2 runs are repeated with the legacy ``GroupedMLP`` experts (slots are blocks of
+its stacked weights).
 """
 
 from __future__ import annotations
@@ -17,7 +20,16 @@ import torch
 pytest.importorskip("megatron.core")
 
 from dist import run_distributed  # noqa: E402
-from models import SEQ, E, V, init_megatron, tiny_gpt  # noqa: E402
+from models import (  # noqa: E402
+    EXPERT_KINDS,
+    SEQ,
+    E,
+    V,
+    copies_identical,
+    init_megatron,
+    local_expert_tensors,
+    tiny_gpt,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +44,9 @@ def slow_policy(load, num_slots, num_ranks, **kwargs):
     return rebalance(load, num_slots, num_ranks, **kwargs)
 
 
-def _build(ep: int):
+def _build(ep: int, experts: str = "sequential"):
     init_megatron(ep)
-    model = tiny_gpt(ep)
+    model = tiny_gpt(ep, experts=experts)
     # Skewed routing: make a few experts' router rows dominate.
     for name, p in model.named_parameters():
         if name.endswith("router.weight"):
@@ -43,17 +55,16 @@ def _build(ep: int):
     return model
 
 
-def _expert_table(model) -> list[torch.Tensor]:
-    """Per MoE layer, the logical experts' flattened weights ``[E, numel]`` gathered over the EP group."""
+def _expert_table(model, get=None) -> list[torch.Tensor]:
+    """Per MoE layer, the logical experts' flattened weights (or ``get(param)``, e.g. an Adam moment)
+    ``[E, numel]`` gathered over the EP group."""
     from megatron.core import parallel_state
     from megatron_eplb.patches.megatron import find_moe_layers
 
     group = parallel_state.get_expert_model_parallel_group()
     out = []
     for _, layer in find_moe_layers(model):
-        local = torch.stack(
-            [torch.cat([p.detach().reshape(-1) for p in e.parameters()]) for e in layer.experts.local_experts]
-        )
+        local = local_expert_tensors(layer.experts, get)
         parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
         torch.distributed.all_gather(parts, local, group=group)
         out.append(torch.cat(parts))
@@ -122,14 +133,40 @@ def _fault_transport(fault: dict, group):
     return FailingTransport(inner, fail_after_sends=0) if fault["on"] else inner
 
 
-def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict, record_dir: str) -> dict:
+def _slot_state_table(handle, manager, key: str) -> list[torch.Tensor]:
+    """Per MoE layer, ``[P, numel]``: each slot's Adam ``key`` moment, gathered over the EP group."""
+    out = []
+    for layer in range(handle.num_layers):
+        local = []
+        for k in range(handle.slots_per_rank):
+            tensors = manager.optimizer_state.tensors(handle.slot_params(layer, k))
+            per_param = len(tensors) // len(handle.slot_params(layer, k))  # exp_avg, exp_avg_sq per tensor
+            index = ["exp_avg", "exp_avg_sq"].index(key)
+            local.append(torch.cat([t.reshape(-1) for t in tensors[index::per_param]]))
+        local = torch.stack(local)
+        parts = [torch.empty_like(local) for _ in range(handle.ep_size)]
+        torch.distributed.all_gather(parts, local, group=handle.ep_group)
+        out.append(torch.cat(parts))
+    return out
+
+
+def _train(
+    rank: int,
+    world: int,
+    ep: int,
+    steps: int,
+    eplb: dict,
+    faults: dict,
+    record_dir: str,
+    experts: str = "sequential",
+) -> dict:
     from megatron.core import parallel_state
     from megatron_eplb.patches import megatron as eplb_mcore
 
     from megatron_eplb.config import EPLBConfig
     from megatron_eplb.manager import EPLBManager, Transferring
 
-    ref, pat = _build(ep), _build(ep)
+    ref, pat = _build(ep, experts), _build(ep, experts)
     cfg = EPLBConfig.from_dict(eplb)
     handle = eplb_mcore.apply(pat, config=cfg)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
@@ -206,11 +243,23 @@ def _train(rank: int, world: int, ep: int, steps: int, eplb: dict, faults: dict,
             e = int(handle.placement.phy2log[layer, handle.ep_rank * handle.slots_per_rank + slot])
             flat = torch.cat([t.reshape(-1) for t in handle.slot_tensors(layer, slot)])
             weights_equal &= bool(torch.allclose(flat, table[e], rtol=RTOL, atol=1e-6))
+    # ... and their Adam moments (moved with the weights); copies' moments bitwise identical
+    state_equal, state_copies_identical = True, True
+    for key in ("exp_avg", "exp_avg_sq"):
+        ref_state = _expert_table(ref, lambda p, _k=key: opt_ref.state[p][_k])
+        for layer, slots in enumerate(_slot_state_table(handle, manager, key)):
+            phy2log = handle.placement.phy2log[layer]
+            state_equal &= bool(torch.allclose(slots, ref_state[layer][phy2log], rtol=1e-4, atol=1e-9))
+            for e in range(handle.num_experts):
+                copies = slots[torch.as_tensor(phy2log == e)]
+                state_copies_identical &= bool(torch.equal(copies, copies[:1].expand_as(copies)))
     return {
         "losses": losses,
         "records": records,
         "eval_diffs": eval_diffs,
         "weights_equal": weights_equal,
+        "state_equal": state_equal,
+        "copies_identical": copies_identical(handle) and state_copies_identical,
         "history": [r.as_dict() for r in manager.history],
         "phases": phases,
         "in_flight": in_flight,
@@ -280,16 +329,16 @@ def _run_scenarios(rank: int, world: int, record_dir: str) -> dict:
     return out
 
 
-def _run_ep4(rank: int, world: int, record_dir: str) -> dict:
+def _run_ep4(rank: int, world: int, record_dir: str, experts: str) -> dict:
     base = _dynamic(  # auto: low_churn after the first plan
         12, eplb_policy="auto", eplb_layers_per_step=2, init_redundancy_expert=4, num_wait_worker_iterations=2
     )
-    return _train(rank, world, 4, 52, base, {}, record_dir)
+    return _train(rank, world, 4, 52, base, {}, record_dir, experts)
 
 
-def _run_dp(rank: int, world: int, record_dir: str) -> dict:
+def _run_dp(rank: int, world: int, record_dir: str, experts: str) -> dict:
     base = _dynamic(6)
-    return _train(rank, world, 2, 16, base, {}, record_dir)
+    return _train(rank, world, 2, 16, base, {"clip": True}, record_dir, experts)
 
 
 def _train_eplb(rank, ep, steps, eplb, *, seed=0, save_at=None, load_from=None, start=0):
@@ -373,6 +422,7 @@ def test_rebalances_move_experts_and_losses_equal_the_run_without_eplb(ep2):
         assert len(committed) >= 3, main["history"]
         assert all(r["moved_slots"] > 0 for r in committed)
         assert main["weights_equal"], "slot weights differ from the unpatched model's logical experts"
+        assert main["state_equal"] and main["copies_identical"]
         assert main["eval_diffs"] and max(main["eval_diffs"]) <= 1e-5, main[
             "eval_diffs"
         ]  # fp32 summation order
@@ -439,23 +489,26 @@ def test_threshold_and_interval_keys(ep2):
         assert len(timed["history"]) >= 2  # every step is due by time; 10 000 iterations never come
 
 
-def test_ep4_fifty_steps_with_rebalances_equal_the_run_without_eplb(tmp_path):
-    results = run_distributed(_run_ep4, 4, str(tmp_path), timeout=900)
+@pytest.mark.parametrize("experts", EXPERT_KINDS)
+def test_ep4_fifty_steps_with_rebalances_equal_the_run_without_eplb(tmp_path, experts):
+    results = run_distributed(_run_ep4, 4, str(tmp_path), experts, timeout=900)
     assert len({str(r["placement"]) for r in results}) == 1
     for rank, res in enumerate(results):
         _assert_same_losses(res, f"EP=4 rank {rank}")
-        assert res["weights_equal"]
+        assert res["weights_equal"] and res["state_equal"] and res["copies_identical"]
         committed = [r for r in res["history"] if r["outcome"] == "committed"]
         assert len(committed) >= 3 and all(r["moved_slots"] > 0 for r in committed), res["history"]
 
 
-def test_expert_data_parallel_ep2_dp2(tmp_path):
-    results = run_distributed(_run_dp, 4, str(tmp_path), timeout=600)
+@pytest.mark.parametrize("experts", EXPERT_KINDS)
+def test_expert_data_parallel_ep2_dp2(tmp_path, experts):
+    results = run_distributed(_run_dp, 4, str(tmp_path), experts, timeout=600)
     placements = {str(r["placement"]) for r in results}
     assert len(placements) == 1  # every expert-DP copy committed the same placement
     for rank, res in enumerate(results):
         _assert_same_losses(res, f"rank {rank}")
-        assert res["weights_equal"]
+        np.testing.assert_allclose(res["norms"]["pat"], res["norms"]["ref"], rtol=RTOL)  # logical clipping
+        assert res["weights_equal"] and res["state_equal"] and res["copies_identical"]
         assert [r["outcome"] for r in res["history"]].count("committed") >= 2, res["history"]
 
 

@@ -7,8 +7,8 @@ unpatched model, one of the unpatched model loads into a patched model with any 
 model with one placement loads into another placement or EP size; every case gives the source model's
 outputs.  Under activation recompute the recorded loads count each real forward once.
 
-Launches: EP=2 (checkpoints saved, loaded across placements, recompute checks), EP=4 (the EP=2
-checkpoints loaded at another EP size).
+Launches, per expert kind (``SequentialMLP``, the legacy ``GroupedMLP``): EP=2 (checkpoints saved, loaded
+across placements, recompute checks), EP=4 (the EP=2 checkpoints loaded at another EP size).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from dist import run_distributed  # noqa: E402
-from models import SEQ, E, H, V, copies_identical, init_megatron, tiny_gpt  # noqa: E402
+from models import EXPERT_KINDS, SEQ, E, H, V, copies_identical, init_megatron, tiny_gpt  # noqa: E402
 
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
 
@@ -32,9 +32,12 @@ RTOL = 1e-5
 # ====================================================================== helpers run in every rank
 
 
+_KIND = {"experts": "sequential"}  # the expert kind of this launch (set by the launch functions)
+
+
 def _gpt(seed: int, ep: int, **recompute):
     """A 3-layer GPTModel (dense, MoE, MoE; alltoall, top-2) initialised from ``seed``."""
-    model = tiny_gpt(ep, dispatcher="alltoall", seed=seed, **recompute)
+    model = tiny_gpt(ep, dispatcher="alltoall", seed=seed, experts=_KIND["experts"], **recompute)
     with torch.no_grad():  # the same router on every rank (as after data-parallel sync), expert 0 hot
         for name, p in model.named_parameters():
             if name.endswith("router.weight"):
@@ -97,14 +100,20 @@ def _load(model, path: str) -> None:
 
 
 def _saved_layout(model) -> list[tuple]:
-    """Sorted ``(key, global_shape, global_offset)`` of the main replicas over all ranks: what is saved."""
+    """Sorted ``(key, global_shape, global_offset)`` of the main replicas over all ranks: what is saved
+    (after the factories GroupedMLP's entries are made of, as the save applies them).  An expert tensor's
+    chunk is listed per logical expert (offset along the expert axis): the unpatched GroupedMLP saves its
+    local experts as one chunk, the patched one each slot apart (its experts need not be contiguous)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
 
+    sharded = model.sharded_state_dict()
+    apply_factories(sharded)
     mine = sorted(
-        (t.key, tuple(t.global_shape), tuple(t.global_offset))
-        for t in nested_values(model.sharded_state_dict())
+        (t.key, tuple(t.global_shape), (t.global_offset[0] + i, *t.global_offset[1:]))
+        for t in nested_values(sharded)
         if isinstance(t, ShardedTensor) and is_main_replica(t.replica_id)
+        for i in range(t.local_shape[0] if ".experts.experts." in t.key and not t.prepend_axis_num else 1)
     )
     everyone = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, mine)
@@ -151,7 +160,8 @@ def _recompute_check(rank: int, ep: int, **recompute) -> dict:
 # ====================================================================== launches
 
 
-def _ep2_checks(rank: int, world: int, out_dir: str) -> dict:
+def _ep2_checks(rank: int, world: int, out_dir: str, kind: str) -> dict:
+    _KIND["experts"] = kind
     init_megatron(world)
     res: dict = {}
     ref = _gpt(0, world)
@@ -159,6 +169,7 @@ def _ep2_checks(rank: int, world: int, out_dir: str) -> dict:
     pat_a, _ = _patched(0, world, _placement(1, world, redundant=4), ref)  # S = 6
     res["patched_equals_ref"] = _rel(_logits(pat_a, rank), expected)
     res["same_saved_layout"] = _saved_layout(pat_a) == _saved_layout(ref)
+    res["saved_expert_tensors"] = len([x for x in _saved_layout(pat_a) if ".experts.experts." in x[0]])
     _save(ref, f"{out_dir}/ref")
     _save(pat_a, f"{out_dir}/patched")
 
@@ -214,8 +225,9 @@ def _ep2_checks(rank: int, world: int, out_dir: str) -> dict:
     return res
 
 
-def _ep4_checks(rank: int, world: int, out_dir: str) -> dict:
+def _ep4_checks(rank: int, world: int, out_dir: str, kind: str) -> dict:
     """The EP=2 checkpoints at EP=4: the unpatched one into a patched model, the patched one into both."""
+    _KIND["experts"] = kind
     init_megatron(world)
     res: dict = {}
     unpatched = _gpt(1, world)
@@ -239,17 +251,18 @@ def _ep4_checks(rank: int, world: int, out_dir: str) -> dict:
 # ====================================================================== tests
 
 
-@pytest.fixture(scope="module")
-def ep2(tmp_path_factory):
-    out = tmp_path_factory.mktemp("eplb_dist_ckpt")
-    return run_distributed(_ep2_checks, 2, str(out), timeout=300), out
+@pytest.fixture(scope="module", params=EXPERT_KINDS)
+def ep2(tmp_path_factory, request):
+    out = tmp_path_factory.mktemp(f"eplb_dist_ckpt_{request.param}")
+    return run_distributed(_ep2_checks, 2, str(out), request.param, timeout=300), out, request.param
 
 
 def test_patched_checkpoint_has_the_unpatched_layout(ep2):
-    results, _ = ep2
+    results, _, _ = ep2
     for res in results:
         assert res["patched_equals_ref"] <= RTOL
         assert res["same_saved_layout"], "main-replica (key, shape, offset) differ from the unpatched model's"
+        assert res["saved_expert_tensors"] == 2 * 2 * E, res["saved_expert_tensors"]  # layers x fc1/fc2 x E
         assert res["same_checkpoint_metadata"]
         assert res["expert_keys"] == [
             f"decoder.layers.{i}.mlp.experts.experts.linear_fc{j}.weight" for i in (1, 2) for j in (1, 2)
@@ -258,7 +271,7 @@ def test_patched_checkpoint_has_the_unpatched_layout(ep2):
 
 
 def test_ep2_checkpoints_load_across_placements_and_unpatched(ep2):
-    results, _ = ep2
+    results, _, _ = ep2
     for rank, res in enumerate(results):
         assert res["before_load"] > 1e-3
         for key in ("patched_to_unpatched", "patched_to_other_placement", "unpatched_to_patched"):
@@ -267,7 +280,7 @@ def test_ep2_checkpoints_load_across_placements_and_unpatched(ep2):
 
 
 def test_same_rank_copies_save_once_and_fill_on_load(ep2):
-    results, _ = ep2
+    results, _, _ = ep2
     for rank, res in enumerate(results):
         for key in ("patched_to_same_rank_copies", "same_rank_copies_to_unpatched"):
             assert res[key] <= RTOL, f"rank {rank} {key}: outputs differ by {res[key]:.2e}"
@@ -276,7 +289,7 @@ def test_same_rank_copies_save_once_and_fill_on_load(ep2):
 
 @pytest.mark.parametrize("mode", ["recompute_full", "recompute_moe"])
 def test_recompute_counts_loads_once(ep2, mode):
-    results, _ = ep2
+    results, _, _ = ep2
     for rank, res in enumerate(results):
         r = res[mode]
         assert r["router_calls"] == 4, (
@@ -287,8 +300,8 @@ def test_recompute_counts_loads_once(ep2, mode):
 
 
 def test_ep2_checkpoints_load_at_ep4(ep2):
-    _, out = ep2
-    results = run_distributed(_ep4_checks, 4, str(out), timeout=300)
+    _, out, kind = ep2
+    results = run_distributed(_ep4_checks, 4, str(out), kind, timeout=300)
     for rank, res in enumerate(results):
         for key in (
             "patched_ep2_to_patched_ep4",

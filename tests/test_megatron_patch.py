@@ -1,8 +1,9 @@
 """Placement-aware Megatron-core MoE (``megatron_eplb.patches.megatron``) against the unpatched model.
 
 Each multi-process launch (gloo, CPU, fp32) runs many checks and returns their results; the tests
-assert on them.  Launches: EP=2 (allgather, top-2, 3 MoE layers, + error cases + checkpoint save),
-EP=4 (alltoall, top-4, checkpoint saved at EP=2 loaded at EP=4), GPTModel training at EP=2.
+assert on them.  Launches, per expert kind (``SequentialMLP``, the legacy ``GroupedMLP``): EP=2 (allgather,
+top-2, 3 MoE layers, + error cases + checkpoint save), EP=4 (alltoall, top-4, checkpoint saved at EP=2
+loaded at EP=4), GPTModel training at EP=2.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import torch
 pytest.importorskip("megatron.core")
 
 from dist import run_distributed  # noqa: E402
-from models import copies_identical, tiny_gpt  # noqa: E402
+from models import (  # noqa: E402
+    EXPERT_KINDS,
+    copies_identical,
+    expert_kind_config,
+    fp32_grouped,
+    local_expert_tensors,
+    tiny_gpt,
+)
 
 from megatron_eplb import checkpoint as ckpt  # noqa: E402
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
@@ -40,7 +48,7 @@ def _init(ep: int) -> None:
     model_parallel_cuda_manual_seed(1234)
 
 
-def _moe_config(dispatcher: str, topk: int, num_layers: int = 3):
+def _moe_config(dispatcher: str, topk: int, num_layers: int = 3, kind: str = "sequential"):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
@@ -55,6 +63,7 @@ def _moe_config(dispatcher: str, topk: int, num_layers: int = 3):
         use_cpu_initialization=True,
         add_bias_linear=False,
         moe_aux_loss_coeff=0.0,
+        **expert_kind_config(kind),
     )
 
 
@@ -66,10 +75,11 @@ class _MoEStack(torch.nn.Module):
         from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
         from megatron.core.transformer.spec_utils import build_module
 
-        spec = get_moe_module_spec(use_te=False, num_experts=E, moe_grouped_gemm=False)
+        spec = get_moe_module_spec(use_te=False, num_experts=E, moe_grouped_gemm=config.moe_grouped_gemm)
         self.layers = torch.nn.ModuleList(
             [build_module(spec, config=config) for _ in range(config.num_layers)]
         )
+        fp32_grouped(self)
 
     def forward(self, x):
         for layer in self.layers:
@@ -126,9 +136,7 @@ def _expert_grads_logical(model) -> list[torch.Tensor]:
     """``[L]`` of ``[E, n]`` expert gradients of the unpatched model (gathered, logical order)."""
     out = []
     for layer in model.layers:
-        local = torch.stack(
-            [torch.cat([p.grad.reshape(-1) for p in m.parameters()]) for m in layer.experts.local_experts]
-        )
+        local = local_expert_tensors(layer.experts, lambda p: p.grad)
         parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
         torch.distributed.all_gather(parts, local)
         out.append(torch.cat(parts))
@@ -167,7 +175,7 @@ def _compare(ref, pat, handle, x, w) -> dict:
     for layer in range(handle.num_layers):
         for k, slot in enumerate(handle.local_slots()):
             e = int(handle.placement.phy2log[layer, slot])
-            g = torch.cat([p.grad.reshape(-1) for p in handle.slot_params(layer, k)])
+            g = torch.cat([sp.of(sp.param.grad).reshape(-1) for sp in handle.slot_params(layer, k)])
             worst = max(worst, _rel(g, logical[layer][e]))
     res["expert_grad"] = worst
     # Recording: loads equal the router's top-k count; slot loads map back to all ranks' logical counts.
@@ -207,11 +215,11 @@ def _expect_error(fn, *words) -> str:
 # ====================================================================== launches
 
 
-def _ep2_checks(rank: int, world: int, out_dir: str) -> dict:
+def _ep2_checks(rank: int, world: int, out_dir: str, kind: str) -> dict:
     from megatron_eplb.patches import megatron as eplb_mcore
 
     _init(world)
-    config = _moe_config("allgather", topk=2)
+    config = _moe_config("allgather", topk=2, kind=kind)
     num_layers = config.num_layers
     rng = np.random.default_rng(7)
     results: dict = {}
@@ -237,7 +245,9 @@ def _ep2_checks(rank: int, world: int, out_dir: str) -> dict:
     )
     real = pat.layers[1].experts
     pat.layers[1].experts = torch.nn.Identity()
-    errs["expert_class"] = _expect_error(lambda: eplb_mcore.apply(pat), "Identity", "SequentialMLP")
+    errs["expert_class"] = _expect_error(
+        lambda: eplb_mcore.apply(pat), "Identity", "GroupedMLP, SequentialMLP"
+    )
     pat.layers[1].experts = real
     errs["dispatch"] = _expect_error(
         lambda: eplb_mcore.apply(pat, replica_dispatch="nearest"), "even", "local_first"
@@ -303,18 +313,18 @@ def _ep2_checks(rank: int, world: int, out_dir: str) -> dict:
 
     # --- logical checkpoint: save with one placement, load into another placement
     sd = handle.logical_state_dict()
-    results["ckpt_keys"] = sorted(k for k in sd if ".local_experts." in k)[:3]
-    ref_sd = ref.state_dict()
-    prefixes = handle.expert_key_prefixes()
-    default = ExpertPlacement.default(num_layers, E, world)
-    ref_logical = ckpt.physical_to_logical(
-        {k: v for k, v in sd.items()}, np.tile(np.arange(E), (num_layers, 1)), prefixes
-    )
-    expected = ckpt.logical_to_physical(
-        ref_logical, default.phy2log, prefixes, rank=rank, slots_per_rank=E // world
-    )
+    results["ckpt_keys"] = {
+        k: None if v is None else list(v.shape) for k, v in sd.items() if k.startswith("layers.0.experts.")
+    }
+    # the unpatched model's own experts (Megatron's layout: expert r * E / EP + k on rank r) are the logical
+    # checkpoint's, read independently of the patch
+    ref_experts = [local_expert_tensors(layer.experts) for layer in ref.layers]
     results["ckpt_matches_ref"] = all(
-        torch.equal(expected[k], ref_sd[k]) for k in ref_sd if ".local_experts." in k and k.endswith("weight")
+        torch.equal(
+            local_expert_tensors(layer.experts),
+            ref_experts[i],
+        )
+        for i, layer in enumerate(_unpatched_from_logical(config, sd).layers)
     )
     _, other = _twin_models(config)
     with torch.no_grad():  # scramble, so the load must fill everything
@@ -333,11 +343,20 @@ def _ep2_checks(rank: int, world: int, out_dir: str) -> dict:
     return results
 
 
-def _ep4_checks(rank: int, world: int, ckpt_path: str) -> dict:
+def _unpatched_from_logical(config, logical: dict) -> _MoEStack:
+    """A new unpatched model holding the logical state dict ``logical`` (Megatron's default layout)."""
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    model = _MoEStack(config)
+    model.load_state_dict(eplb_mcore.unpatched_state_dict(model, logical))
+    return model
+
+
+def _ep4_checks(rank: int, world: int, ckpt_path: str, kind: str) -> dict:
     from megatron_eplb.patches import megatron as eplb_mcore
 
     _init(world)
-    config = _moe_config("alltoall", topk=4, num_layers=2)
+    config = _moe_config("alltoall", topk=4, num_layers=2, kind=kind)
     num_layers = config.num_layers
     rng = np.random.default_rng(11)
     torch.manual_seed(200 + rank)
@@ -357,28 +376,19 @@ def _ep4_checks(rank: int, world: int, ckpt_path: str) -> dict:
     results["set_placement"] = _compare(ref, pat, handle, x, w)
     results["set_placement"]["copies_identical"] = copies_identical(handle)
     # A checkpoint saved at EP=2 (3 layers there: take a 3-layer model here)
-    config3 = _moe_config("alltoall", topk=4, num_layers=3)
+    config3 = _moe_config("alltoall", topk=4, num_layers=3, kind=kind)
     sd = torch.load(ckpt_path)
     saved_map = ckpt.load_expert_map(ckpt_path)
     results["saved_map_ranks"] = saved_map.num_ranks
     ref3, pat3 = _twin_models(config3)
-    ref_handle_prefixes = [f"layers.{i}.experts.local_experts." for i in range(3)]
-    ref3.load_state_dict(
-        ckpt.logical_to_physical(
-            sd,
-            ExpertPlacement.default(3, E, world).phy2log,
-            ref_handle_prefixes,
-            rank=rank,
-            slots_per_rank=E // world,
-        )
-    )
+    ref3.load_state_dict(eplb_mcore.unpatched_state_dict(ref3, sd))
     handle3 = eplb_mcore.apply(pat3, _hot_spread_placement(3, world, redundant=4))
     handle3.load_logical_state_dict(sd)
     results["ckpt_other_ep"] = _compare(ref3, pat3, handle3, x, w)
     return results
 
 
-def _gpt_training(rank: int, world: int, steps: int) -> dict:
+def _gpt_training(rank: int, world: int, steps: int, kind: str) -> dict:
     from megatron.core import parallel_state
     from megatron_eplb.patches import megatron as eplb_mcore
 
@@ -387,7 +397,7 @@ def _gpt_training(rank: int, world: int, steps: int) -> dict:
     _init(world)
 
     def build():
-        return tiny_gpt(world, moe_aux_loss_coeff=0.01)
+        return tiny_gpt(world, moe_aux_loss_coeff=0.01, experts=kind)
 
     ref, pat = build(), build()
     pat.load_state_dict(ref.state_dict())
@@ -429,11 +439,11 @@ def _gpt_training(rank: int, world: int, steps: int) -> dict:
 # ====================================================================== tests
 
 
-@pytest.fixture(scope="module")
-def ep2(tmp_path_factory):
-    out = tmp_path_factory.mktemp("eplb_ckpt")
-    results = run_distributed(_ep2_checks, 2, str(out), timeout=300)
-    return results, out
+@pytest.fixture(scope="module", params=EXPERT_KINDS)
+def ep2(tmp_path_factory, request):
+    out = tmp_path_factory.mktemp(f"eplb_ckpt_{request.param}")
+    results = run_distributed(_ep2_checks, 2, str(out), request.param, timeout=300)
+    return results, out, request.param
 
 
 def _assert_equivalent(res: dict, where: str) -> None:
@@ -445,7 +455,7 @@ def _assert_equivalent(res: dict, where: str) -> None:
 
 @pytest.mark.slow
 def test_ep2_allgather_top2_equivalence(ep2):
-    results, _ = ep2
+    results, _, _ = ep2
     for rank, res in enumerate(results):
         for name in (
             "default",
@@ -466,7 +476,7 @@ def test_ep2_allgather_top2_equivalence(ep2):
 def test_ep2_recording_switch_and_bounded_slot_counts(ep2):
     from megatron_eplb.patches import megatron as eplb_mcore
 
-    results, _ = ep2
+    results, _, _ = ep2
     for res in results:
         assert res["recording_off_counted"] == 0
         assert res["pending_kept_max"] < eplb_mcore._MAX_PENDING_SLOT_COUNTS
@@ -475,13 +485,13 @@ def test_ep2_recording_switch_and_bounded_slot_counts(ep2):
 
 @pytest.mark.slow
 def test_ep2_handle_is_an_expert_model(ep2):
-    results, _ = ep2
+    results, _, _ = ep2
     assert all(res["is_expert_model"] for res in results)
 
 
 @pytest.mark.slow
 def test_ep2_errors_are_clear_and_change_nothing(ep2):
-    results, _ = ep2
+    results, _, _ = ep2
     for res in results:
         bad = {k: v for k, v in res["errors"].items() if v != "ok"}
         assert not bad, bad
@@ -489,18 +499,25 @@ def test_ep2_errors_are_clear_and_change_nothing(ep2):
 
 @pytest.mark.slow
 def test_ep2_logical_checkpoint(ep2):
-    results, out = ep2
+    results, out, kind = ep2
     for res in results:
         assert res["ckpt_matches_ref"]
-        assert res["ckpt_keys"][0].startswith("layers.0.experts.local_experts.0.")
+        if kind == "sequential":  # the unpatched model's keys without EP: one module per logical expert
+            assert sorted(res["ckpt_keys"])[0] == "layers.0.experts.local_experts.0.linear_fc1._extra_state"
+            assert res["ckpt_keys"]["layers.0.experts.local_experts.7.linear_fc2.weight"] == [H, 8]
+        else:  # ... or the E experts stacked, as GroupedMLP stacks its local experts
+            assert res["ckpt_keys"] == {
+                "layers.0.experts.weight1": [H, E * 8],
+                "layers.0.experts.weight2": [E * 8, H],
+            }
     assert (out / "logical.pt").is_file()
     assert ckpt.load_expert_map(out / "logical.pt").num_ranks == 2
 
 
 @pytest.mark.slow
 def test_ep4_alltoall_top4_equivalence_and_other_ep_checkpoint(ep2):
-    _, out = ep2
-    results = run_distributed(_ep4_checks, 4, str(out / "logical.pt"), timeout=400)
+    _, out, kind = ep2
+    results = run_distributed(_ep4_checks, 4, str(out / "logical.pt"), kind, timeout=400)
     for rank, res in enumerate(results):
         for name in ("default", "random_replicas", "hot_spread", "set_placement", "ckpt_other_ep"):
             _assert_equivalent(res[name], f"rank {rank} {name}")
@@ -510,8 +527,9 @@ def test_ep4_alltoall_top4_equivalence_and_other_ep_checkpoint(ep2):
 
 
 @pytest.mark.slow
-def test_gpt_model_trains_like_unpatched():
-    results = run_distributed(_gpt_training, 2, 4, timeout=300)
+@pytest.mark.parametrize("kind", EXPERT_KINDS)
+def test_gpt_model_trains_like_unpatched(kind):
+    results = run_distributed(_gpt_training, 2, 4, kind, timeout=300)
     for res in results:
         ref, pat = np.array(res["losses"]["ref"]), np.array(res["losses"]["pat"])
         np.testing.assert_allclose(pat, ref, rtol=RTOL)
@@ -527,10 +545,11 @@ def test_seam_registries():
     """A new expert class is one registered storage; the dispatchers are the adapters' names."""
     from megatron_eplb.patches.megatron import SUPPORTED_DISPATCHERS, EPLBPatchError
     from megatron_eplb.patches.megatron.experts import base
+    from megatron_eplb.patches.megatron.experts.grouped import GroupedMLPStorage
     from megatron_eplb.patches.megatron.experts.sequential import SequentialMLPStorage
 
     assert SUPPORTED_DISPATCHERS == ("allgather", "alltoall")
-    assert base.supported_expert_classes() == ("SequentialMLP",)
+    assert base.supported_expert_classes() == ("GroupedMLP", "SequentialMLP")
 
     class Toy(torch.nn.Module):
         pass
@@ -542,14 +561,57 @@ def test_seam_registries():
         def expert_class(cls):
             return Toy
 
-    with pytest.raises(EPLBPatchError, match="expert class Toy is not supported; supported: SequentialMLP$"):
+    with pytest.raises(
+        EPLBPatchError, match="expert class Toy is not supported; supported: GroupedMLP, SequentialMLP$"
+    ):
         base.storage_class(Toy(), "here")
     base.register(ToyStorage)
     try:
         assert base.storage_class(Toy(), "here") is ToyStorage
-        assert base.supported_expert_classes() == ("SequentialMLP", "Toy")
+        assert base.supported_expert_classes() == ("GroupedMLP", "SequentialMLP", "Toy")
     finally:
         base._STORAGES.remove(ToyStorage)
-    with pytest.raises(EPLBPatchError, match="moe_grouped_gemm=False"):
-        base.storage_class(type("GroupedMLP", (torch.nn.Module,), {})(), "here")
     assert SequentialMLPStorage.key_prefix == "local_experts."
+    assert GroupedMLPStorage.key_prefix == "slots."
+
+
+def test_te_grouped_mlp_is_refused_saying_what_is_missing():
+    """TEGroupedMLP (Transformer Engine) has no storage: apply's check says what is missing and what works."""
+    from megatron_eplb.patches.megatron import EPLBPatchError
+    from megatron_eplb.patches.megatron.experts import base
+
+    te_like = type("TEGroupedMLP", (torch.nn.Module,), {})()
+    with pytest.raises(EPLBPatchError) as info:
+        base.storage_class(te_like, "MoE layer 'decoder.layers.0.mlp'")
+    msg = str(info.value)
+    for words in (
+        "expert class TEGroupedMLP is not supported; supported: GroupedMLP, SequentialMLP",
+        "Transformer Engine",
+        "linear_fc1.weight{k}",
+        "patches/megatron/experts/te_grouped.py",
+        "moe_use_legacy_grouped_gemm=True",
+        "moe_grouped_gemm=False",
+    ):
+        assert words in msg, (words, msg)
+
+
+def test_slot_params_cover_whole_per_slot_and_stacked_parameters():
+    """SlotParam: a whole per-slot parameter (SequentialMLP, TEGroupedMLP's weight{k}) or a block of a stacked
+    one (GroupedMLP); the same cut applies to anything shaped like the parameter and to ZeRO fragments."""
+    from megatron_eplb.slots import SlotParam
+
+    per_slot = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2)]  # weight0, weight1
+    whole = SlotParam.whole(per_slot[1])
+    assert whole.is_whole and whole.data.data_ptr() == per_slot[1].data_ptr()
+    stacked = torch.nn.Parameter(torch.arange(2 * 3 * 4, dtype=torch.float32).view(3, 8))  # [H, S * F]
+    blocks = [SlotParam.block(stacked, k, 2, (3, 4)) for k in range(2)]
+    assert torch.equal(blocks[1].data, stacked.detach().view(2, 3, 4)[1])  # GroupedMLP's own view
+    moment = torch.zeros_like(stacked)
+    blocks[1].of(moment).fill_(1.0)  # a view: writes the moment's block
+    assert moment.view(2, 3, 4)[0].sum() == 0 and moment.view(2, 3, 4)[1].sum() == 12
+    fragment = torch.arange(6, 18, dtype=torch.float32)  # flat elements [6, 18) of the parameter
+    assert blocks[0].of_fragment(fragment, 6).tolist() == list(range(6, 12))
+    assert blocks[1].of_fragment(fragment, 6).tolist() == list(range(12, 18))
+    assert blocks[1].of_fragment(fragment[:4], 6).numel() == 0
+    with pytest.raises(ValueError, match="do not make a parameter"):
+        SlotParam.block(stacked, 0, 3, (3, 4))

@@ -50,9 +50,10 @@ def _full_grads(model: torch.nn.Module):
                 yield p, g
 
 
-def _expert_params(model: torch.nn.Module, handle: Any) -> dict[int, bool]:
-    """``id(param) -> primary`` of every expert parameter: each slot's first-copy flag with EPLB; without,
-    every expert parameter (``allreduce=False``, one copy per expert) is primary."""
+def _expert_params(model: torch.nn.Module, handle: Any) -> dict:
+    """``id(param) ->`` its primary parts for every expert parameter: with EPLB the first copies' slots
+    (:func:`primary_expert_params`); without, all of every expert parameter (``allreduce=False``, one copy
+    per expert: ``True``)."""
     if handle is not None:
         return primary_expert_params(handle)
     return {id(p): True for p in model.parameters() if not getattr(p, "allreduce", True)}

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eplb.optimizer_state import MASTER_KEY, OptimizerSlotState, param_shaped_state
+from megatron_eplb.slots import SlotParam, as_slot_params
 
 __all__ = ["DeepSpeedSlotState"]
 
@@ -129,22 +130,27 @@ class DeepSpeedSlotState:
         return out
 
     # ----------------------------------------------------------- in place
-    def tensors(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The optimizer storage of ``params`` (masters and moments), in a fixed order."""
+    def tensors(self, params: list[torch.Tensor | SlotParam]) -> list[torch.Tensor]:
+        """The optimizer storage of ``params`` (masters and moments), in a fixed order; a
+        :class:`~megatron_eplb.slots.SlotParam` that is a block of its parameter gets that block of each
+        (under ZeRO: of this rank's fragment, possibly empty)."""
         out: list[torch.Tensor] = []
-        for p in params:
+        for sp in as_slot_params(params):
+            p = sp.param
             if hasattr(p, "_hp_mapping"):
                 frags = self.fragments(p)
-                out.extend(frags[k] for k in sorted(frags))
+                if frags:
+                    start = p._hp_mapping.lp_fragment_address.start
+                    out.extend(sp.of_fragment(frags[k], start) for k in sorted(frags))
                 continue
             hp = self.master(p)
             if hp is not None:
-                out.append(hp.data)
-                out.extend(self._inner.tensors([hp]))
+                out.append(sp.of(hp.data))
+                out.extend(sp.of(t) for t in self._inner.tensors([hp]))
                 continue
             opt = self._torch_optimizer()
             if opt is not None:
-                out.extend(opt.tensors([p]))
+                out.extend(opt.tensors([sp]))
         return out
 
     # ---------------------------------------------------------- whole tensors

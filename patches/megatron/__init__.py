@@ -23,22 +23,29 @@ What :func:`apply` changes in each ``MoELayer`` (MoE layer ids ``l`` count MoE l
   group, so that the batch's busiest rank is as light as the placement allows (``balanced``,
   :mod:`megatron_eplb.replica_split`);
 * the token dispatcher is rebuilt for ``P`` "experts" with ``S = P / EP`` local ones, and the experts
-  module (``SequentialMLP``) for ``S`` local slots whose weights are filled from their logical experts;
+  module (``SequentialMLP``, or the legacy ``GroupedMLP`` whose stacked weights hold the slots as blocks) for
+  ``S`` local slots whose weights are filled from their logical experts;
 * a forward pre-hook on the experts module counts the tokens each local slot computes (``[L, S]``);
 * the experts module's ``sharded_state_dict`` (Megatron dist checkpointing) gives the logical layout: each
   logical expert once, keyed and offset as the unpatched model keys it (the first copy is the saved main
   replica, copies on other ranks load it too); a load-state-dict pre-hook fills a second copy on one rank.
   So checkpoints load across placements, EP sizes and the unpatched model.
 
-Supported: megatron-core 0.16–0.19, ``SequentialMLP`` experts, ``allgather`` and ``alltoall`` dispatchers,
-expert-TP = 1, PP = 1, dropless or capacity-dropping routers without padding to capacity.
+Supported: megatron-core 0.16–0.19, ``SequentialMLP`` and ``GroupedMLP`` experts (GroupedMLP without the
+``grouped_gemm`` package: :func:`grouped_gemm.install` before building the model), ``allgather`` and
+``alltoall`` dispatchers, expert-TP = 1, PP = 1, dropless or capacity-dropping routers without padding to
+capacity.
 
 One module per seam (a new expert class is one new file in ``experts/``; a new dispatcher is one entry in
 ``dispatchers.py``):
 
 * ``compat.py``: megatron-core versions, version fixes (:func:`ensure_compat`), :class:`EPLBPatchError`;
 * ``cpu.py``: :func:`enable_cpu` and its CPU/gloo shims;
-* ``experts/``: expert storage, one module per expert class (``sequential.py``: ``SequentialMLP``);
+* ``experts/``: expert storage, one module per expert class (``sequential.py``: ``SequentialMLP``;
+  ``grouped.py``: ``GroupedMLP``);
+* ``grouped_gemm.py``: :func:`grouped_gemm.install`, the ``grouped_gemm.ops.gmm`` drop-in on
+  ``torch._grouped_mm``;
+* ``unpatched.py``: :func:`unpatched_state_dict`, a logical checkpoint for a model without EPLB;
 * ``dispatchers.py``: dispatcher adapters (allgather, alltoall) and :func:`route_to_slots`;
 * ``dist_ckpt.py``: Megatron dist checkpointing in the logical layout;
 * ``handle.py``: :class:`MegatronEPLB`, the model side (:class:`megatron_eplb.protocols.ExpertModel`);
@@ -47,6 +54,7 @@ One module per seam (a new expert class is one new file in ``experts/``; a new d
 
 from __future__ import annotations
 
+from . import grouped_gemm
 from .apply import REPLICA_DISPATCH as REPLICA_DISPATCH  # re-exported (not in __all__), as before the split
 from .apply import apply, find_moe_layers
 from .compat import SUPPORTED_MCORE_VERSIONS, EPLBPatchError, ensure_compat, mcore_version
@@ -56,6 +64,7 @@ from .dispatchers import route_to_slots as route_to_slots
 from .handle import _MAX_ACC_SHAPES as _MAX_ACC_SHAPES
 from .handle import _MAX_PENDING_SLOT_COUNTS as _MAX_PENDING_SLOT_COUNTS
 from .handle import MegatronEPLB
+from .unpatched import unpatched_state_dict
 
 __all__ = [
     "EPLBPatchError",
@@ -66,5 +75,7 @@ __all__ = [
     "enable_cpu",
     "ensure_compat",
     "find_moe_layers",
+    "grouped_gemm",
     "mcore_version",
+    "unpatched_state_dict",
 ]

@@ -7,7 +7,8 @@ it, so checkpoints load across placements, EP sizes and the unpatched model:
   ``e`` (:meth:`ExpertStorage.slot_sharded_state_dict`);
 * the primary copy of ``e`` (``placement.log2phy[l, e, 0]``, :meth:`ExpertPlacement.primary_slots`) is the
   main replica that is saved; its copies on other ranks get a non-zero replica id (loaded, never saved);
-* a second copy on one rank is left out, and a load-state-dict pre-hook fills it from the first.
+* a second copy on one rank is left out, and a load-state-dict pre-hook fills it from the first, then turns
+  the slots' entries into the module's own (stacked where the slots share parameters).
 
 Owns :func:`install` (called once per layer by the handle).  A new expert class changes nothing here (its
 storage gives a slot's entries and :attr:`ExpertStorage.key_prefix`); a new dispatcher neither.
@@ -63,8 +64,11 @@ def _sharded_state_dict(handle: MegatronEPLB, idx: int, storage: ExpertStorage):
 
 
 def _fill_same_rank_copies(handle: MegatronEPLB, idx: int, storage: ExpertStorage):
-    """A load-state-dict pre-hook: a slot whose keys are missing takes them from another local slot of
-    the same expert (a second copy on one rank, left out of the sharded state dict)."""
+    """A load-state-dict pre-hook on the per-slot keys of a dist-checkpoint load (``{prefix}{slot_key(k, name)}``;
+    a plain state dict of the module's own keys passes untouched): a slot whose keys are missing takes them
+    from another local slot of the same expert (a second copy on one rank, left out of the sharded state
+    dict); then the slots' tensors become the module's own entries (:meth:`ExpertStorage.state_entries`: the
+    same keys where each slot has its own parameters, the stacked ``weight1`` / ``weight2`` of GroupedMLP)."""
 
     def fill(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         row = handle.placement.phy2log[idx]
@@ -75,6 +79,8 @@ def _fill_same_rank_copies(handle: MegatronEPLB, idx: int, storage: ExpertStorag
                 index, _, _ = key[len(base) :].partition(".")
                 if index.isdigit():
                     by_slot.setdefault(int(index), []).append(key)
+        if not by_slot:
+            return
         source: dict[int, int] = {}  # logical expert -> a local slot whose keys are present
         for k, slot in enumerate(handle.local_slots()):
             if row[slot] >= 0 and k in by_slot:
@@ -85,5 +91,17 @@ def _fill_same_rank_copies(handle: MegatronEPLB, idx: int, storage: ExpertStorag
             src, dst = f"{base}{source[int(row[slot])]}.", f"{base}{k}."
             for key in by_slot[source[int(row[slot])]]:
                 state_dict[dst + key[len(src) :]] = state_dict[key]
+        names = storage.slot_param_names()
+        keys = [[prefix + storage.slot_key(k, name) for name in names] for k in range(storage.num_slots)]
+        held = [k for k, slot in enumerate(handle.local_slots()) if row[slot] >= 0]
+        if all(key in state_dict for k in held for key in keys[k]):  # else the load reports what is missing
+            tensors = [
+                [
+                    state_dict.pop(key) if key in state_dict else sp.data
+                    for key, sp in zip(ks, storage.slot_params(k))
+                ]
+                for k, ks in enumerate(keys)
+            ]  # an empty slot (row -1) keeps what it holds
+            state_dict.update({prefix + key: t for key, t in storage.state_entries(tensors).items()})
 
     return fill

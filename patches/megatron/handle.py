@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_eplb.checkpoint import logical_to_physical
 from megatron_eplb.comm import collective_device
+from megatron_eplb.errors import CheckpointError
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
 from megatron_eplb.replica_split import BalancedSplit, replica_tables, source_offsets
+from megatron_eplb.slots import SlotParam
 
 from . import dist_ckpt
 from .compat import EPLBPatchError, param_device
@@ -223,18 +224,19 @@ class MegatronEPLB:
             pending.clear()
 
     # ---------------------------------------------------------------- slots
-    def slot_params(self, layer: int, slot: int) -> list[torch.nn.Parameter]:
-        """The parameters of local slot ``slot`` (``0 <= slot < S``) of MoE layer ``layer``, in a fixed
-        order (:meth:`slot_param_names`)."""
+    def slot_params(self, layer: int, slot: int) -> list[SlotParam]:
+        """The tensors of local slot ``slot`` (``0 <= slot < S``) of MoE layer ``layer``, in a fixed order
+        (:meth:`slot_param_names`): whole parameters (``SequentialMLP``) or blocks of stacked ones
+        (``GroupedMLP``)."""
         return self._storage(layer, slot).slot_params(slot)
 
     def slot_param_names(self) -> list[str]:
-        """Names of a slot's parameters within the slot, e.g. ``["linear_fc1.weight", "linear_fc2.weight"]``."""
+        """Names of a slot's tensors within the slot, e.g. ``["linear_fc1.weight", "linear_fc2.weight"]``."""
         return self._storage(0, 0).slot_param_names()
 
     def slot_tensors(self, layer: int, slot: int) -> list[torch.Tensor]:
-        """The data of local slot ``slot``'s parameters (views without autograd; writing them writes the slot)."""
-        return [p.detach() for p in self.slot_params(layer, slot)]
+        """The data of local slot ``slot``'s tensors (views without autograd; writing them writes the slot)."""
+        return [sp.data for sp in self.slot_params(layer, slot)]
 
     def write_slot(self, layer: int, slot: int, tensors: Sequence[torch.Tensor]) -> None:
         """Copy ``tensors`` (shapes as :meth:`slot_tensors`) into local slot ``slot``, parameters kept."""
@@ -244,12 +246,12 @@ class MegatronEPLB:
                 f"layer {layer} slot {slot}: {len(tensors)} tensors given, the slot has {len(params)}"
             )
         with torch.no_grad():
-            for p, t in zip(params, tensors):
-                if t.shape != p.shape:
+            for sp, t in zip(params, tensors):
+                if tuple(t.shape) != sp.shape:
                     raise EPLBPatchError(
-                        f"layer {layer} slot {slot}: tensor of shape {list(t.shape)} for {list(p.shape)}"
+                        f"layer {layer} slot {slot}: tensor of shape {list(t.shape)} for {list(sp.shape)}"
                     )
-                p.copy_(t)
+                sp.data.copy_(t)
 
     # -------------------------------------------------------------- placement
     def set_placement(self, placement: ExpertPlacement, optimizer: Any = None) -> None:
@@ -322,68 +324,92 @@ class MegatronEPLB:
             row_of[replicated] = np.arange(len(replicated))
             local = self.placement.phy2log[layer, self.local_slots()]
             mine = [k for k in range(self.slots_per_rank) if local[k] >= 0 and row_of[local[k]] >= 0]
-            grads = {k: [_grad_of(p) for p in self.slot_params(layer, k)] for k in mine}
-            width = sum(p.numel() for p in self.slot_params(layer, 0))
-            like = _grad_of(self.slot_params(layer, 0)[0])
-            acc = (
-                torch.float32 if like.dtype in (torch.bfloat16, torch.float16) else like.dtype
-            )  # one rounding
-            total = torch.zeros(len(replicated), width, dtype=acc, device=like.device)
+            grads = {k: [_slot_grad(sp) for sp in self.slot_params(layer, k)] for k in mine}
+            width = sum(sp.numel for sp in self.slot_params(layer, 0))
+            like = _grad_dtype_device(self.slot_params(layer, 0)[0].param)
+            acc = torch.float32 if like[0] in (torch.bfloat16, torch.float16) else like[0]  # one rounding
+            total = torch.zeros(len(replicated), width, dtype=acc, device=like[1])
             for k in mine:
                 total[row_of[local[k]]] += torch.cat([g.reshape(-1) for g in grads[k]]).to(acc)
             dist.all_reduce(total, group=self.ep_group)
             for k in mine:
                 src = total[row_of[local[k]]]
                 offset = 0
-                for p, g in zip(self.slot_params(layer, k), grads[k]):
+                for g in grads[k]:  # views into the parameters' gradients: written in place
                     g.copy_(src[offset : offset + g.numel()].view_as(g))
                     offset += g.numel()
-                    _set_grad(p, g)
 
     # ------------------------------------------------------------- checkpoints
-    def expert_key_prefixes(self) -> list[str]:
-        """``[L]`` state-dict key prefix of each MoE layer's slots, e.g. ``"decoder.layers.1.mlp.experts.local_experts."``."""
-        return [
-            f"{name}.experts.{storage.key_prefix}" if name else f"experts.{storage.key_prefix}"
-            for name, storage in zip(self.layer_names, self._storages)
-        ]
+    def experts_prefix(self, layer: int) -> str:
+        """The state-dict key prefix of MoE layer ``layer``'s experts module, e.g. ``"decoder.layers.1.mlp.experts."``."""
+        name = self.layer_names[layer]
+        return f"{name}.experts." if name else "experts."
+
+    def logical_entries(
+        self, layer: int, experts: Sequence[Sequence[torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """The state-dict entries (model keys) of MoE layer ``layer``'s experts in the logical layout — those of
+        the unpatched model without EP — from the ``E`` logical experts' tensors (``[E]`` lists in
+        :meth:`slot_param_names` order; the same for any tensor shaped like the weights, e.g. Adam moments).
+        ``SequentialMLP``: ``...experts.local_experts.{e}.{name}``; ``GroupedMLP``: ``...experts.weight1`` and
+        ``weight2`` stacked over the ``E`` experts."""
+        prefix = self.experts_prefix(layer)
+        return {prefix + k: v for k, v in self._storages[layer].state_entries(experts).items()}
+
+    def split_logical_entries(
+        self, layer: int, state: Mapping[str, torch.Tensor]
+    ) -> list[list[torch.Tensor]]:
+        """The inverse of :meth:`logical_entries`: ``[E]`` lists of tensors from ``state`` (model keys).
+
+        Raises:
+            CheckpointError: ``state`` lacks an entry of the layer (names the key).
+        """
+        prefix = self.experts_prefix(layer)
+        storage = self._storages[layer]
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        try:
+            return storage.split_state_entries(own, self.num_experts)
+        except KeyError as exc:
+            raise CheckpointError(
+                f"MoE layer {layer}: the state dict has no logical {storage.class_name} entry {prefix}"
+                f"{exc.args[0]} for {self.num_experts} experts; it was saved for a model with other experts"
+            ) from None
 
     def logical_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state dict in the logical layout (collective over :attr:`ep_group`).
-
-        Expert keys are ``{prefix}{e}.{name}`` for every logical expert ``e`` (each once, as a model
-        without EP has them); other keys are this rank's own.  Save it with the expert map beside it
-        (:func:`megatron_eplb.checkpoint.save_expert_map`).
+        """The model's state dict in the logical layout (collective over :attr:`ep_group`): every logical
+        expert once, keyed as the unpatched model without EP keys it (:meth:`logical_entries`); other keys are
+        this rank's own.  Save it with the expert map beside it (:func:`megatron_eplb.checkpoint.save_expert_map`).
         """
         state = dict(self.model.state_dict())
-        prefixes = self.expert_key_prefixes()
-        param_names = self.slot_param_names()
-        for key in [k for k in state if any(k.startswith(p) for p in prefixes)]:
-            del state[key]
-        physical: dict[str, Any] = {}
         for layer in range(self.num_layers):
-            # Non-parameter entries of a slot (``_extra_state``) are the same for every expert: take slot 0's.
-            extra = self._storage(layer, 0).slot_extra_state()
+            storage, prefix = self._storages[layer], self.experts_prefix(layer)
+            for key in storage.state_keys(self.slots_per_rank):
+                state.pop(prefix + key, None)
             logical = self._gather_logical(layer)
-            for e in range(self.num_experts):
-                for name, tensor in zip(param_names, self._unflatten(logical[e])):
-                    physical[f"{prefixes[layer]}{e}.{name}"] = tensor.clone()
-                for name, value in extra.items():
-                    physical[f"{prefixes[layer]}{e}.{name}"] = value
-        state.update(physical)
+            experts = [[t.clone() for t in self._unflatten(logical[e])] for e in range(self.num_experts)]
+            state.update(self.logical_entries(layer, experts))
+            # Non-parameter entries of a slot (``_extra_state``) are the same for every expert.
+            state.update({prefix + k: v for k, v in storage.extra_entries(self.num_experts).items()})
         return state
 
     def load_logical_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
         """Load a logical state dict (:meth:`logical_state_dict`, any placement or EP size) into this model:
         every slot is filled from its logical expert.  Local, no communication.  Returns what
         ``Module.load_state_dict`` returns."""
-        physical = logical_to_physical(
-            state_dict,
-            self.placement.phy2log,
-            self.expert_key_prefixes(),
-            rank=self.ep_rank,
-            slots_per_rank=self.slots_per_rank,
-        )
+        physical = dict(state_dict)
+        for layer in range(self.num_layers):
+            storage, prefix = self._storages[layer], self.experts_prefix(layer)
+            experts = self.split_logical_entries(layer, state_dict)
+            for key in storage.state_keys(self.num_experts):
+                physical.pop(prefix + key, None)
+            row = self.placement.phy2log[layer, self.local_slots()]
+            like = experts[0][0]
+            slots = [
+                experts[int(e)] if e >= 0 else [t.to(like.device) for t in self.slot_tensors(layer, k)]
+                for k, e in enumerate(row)
+            ]  # an empty slot keeps what it holds
+            physical.update({prefix + k: v for k, v in storage.state_entries(slots).items()})
+            physical.update({prefix + k: v for k, v in storage.extra_entries(self.slots_per_rank).items()})
         return self.model.load_state_dict(physical, strict=strict)
 
     # ============================================================ internals
@@ -595,15 +621,19 @@ def _unflatten_into(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None
             offset += t.numel()
 
 
-def _grad_of(p: torch.nn.Parameter) -> torch.Tensor:
+def _slot_grad(sp: SlotParam) -> torch.Tensor:
+    """The slot's part of its parameter's gradient (``main_grad`` where Megatron DDP keeps one, else
+    ``grad``, created as zeros where missing): a view, writing it writes the gradient."""
+    p = sp.param
     g = getattr(p, "main_grad", None)
     if g is None:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
         g = p.grad
-    return torch.zeros_like(p) if g is None else g
+    return sp.of(g)
 
 
-def _set_grad(p: torch.nn.Parameter, g: torch.Tensor) -> None:
-    if getattr(p, "main_grad", None) is not None:
-        return
-    if p.grad is None:
-        p.grad = g
+def _grad_dtype_device(p: torch.nn.Parameter) -> tuple[torch.dtype, torch.device]:
+    g = getattr(p, "main_grad", None)
+    g = p.grad if g is None else g
+    return (p.dtype, p.device) if g is None else (g.dtype, g.device)

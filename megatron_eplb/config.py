@@ -103,10 +103,10 @@ class EPLBConfig:
         min=0,
     )
     eplb_replica_dispatch: str = _key(
-        "even",
-        "How tokens of a replicated expert pick a copy: 'even' round-robin, 'local_first' (a copy on the "
-        "token's rank), or 'balanced' (per-batch shares: each batch's exact global counts, one small all-gather "
-        "per MoE layer and forward, split so that the batch's busiest rank is as light as the placement allows).",
+        "balanced",
+        "How tokens of a replicated expert pick a copy: 'balanced' (per-batch shares: each batch's exact global "
+        "counts, one small all-gather per MoE layer and forward, split so that the batch's busiest rank is as "
+        "light as the placement allows), 'even' round-robin, or 'local_first' (a copy on the token's rank).",
         choices=REPLICA_DISPATCH,
     )
     eplb_log_interval: int = _key(

@@ -38,7 +38,7 @@ def test_every_design_key_exists_with_documented_defaults():
     assert all(k.startswith("eplb_") for k in ours)
     cfg = EPLBConfig()
     assert cfg.num_iterations_eplb_update == 400 and cfg.num_wait_worker_iterations == 30
-    assert cfg.dynamic_eplb is False and cfg.eplb_policy == "auto" and cfg.eplb_replica_dispatch == "even"
+    assert cfg.dynamic_eplb is False and cfg.eplb_policy == "auto" and cfg.eplb_replica_dispatch == "balanced"
 
 
 def test_dict_and_json_round_trip():

@@ -75,7 +75,7 @@ def apply(
     ep_size = dist.get_world_size(ep_group)
     _check_device(first, ep_group)
     num_experts = first.config.num_moe_experts
-    dispatch = replica_dispatch or (config.eplb_replica_dispatch if config is not None else "even")
+    dispatch = replica_dispatch or (config or EPLBConfig()).eplb_replica_dispatch
     if dispatch not in REPLICA_DISPATCH:
         raise EPLBPatchError(f"replica_dispatch={dispatch!r}; supported: {', '.join(REPLICA_DISPATCH)}")
     if placement is None:

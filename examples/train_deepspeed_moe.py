@@ -184,13 +184,17 @@ def init_distributed() -> None:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def build_model(args: argparse.Namespace, ep_size: int) -> GPT:
+def build_model(args: argparse.Namespace, ep_size: int, use_data_before_expert_parallel: bool = False) -> GPT:
     """The GPT with deterministic weights: dense ones from ``seed``, logical expert ``e`` of layer ``l`` from
     ``(seed, l, e)`` on whichever EP rank holds it, so every EP size builds the same logical model (DeepSpeed
-    puts expert ``r * E / EP + k`` on EP rank ``r``)."""
+    puts expert ``r * E / EP + k`` on EP rank ``r``).  DeepSpeed's expert groups are created here, as the
+    engine would create them (ds_config ``use_data_before_expert_parallelism``)."""
+    from megatron_eplb.patches.deepspeed_moe import expert_groups
+
+    ep_group, _ = expert_groups(ep_size, use_data_before_expert_parallel)
     torch.manual_seed(args.seed)
     model = GPT(args, ep_size)
-    ep_rank = dist.get_rank() % ep_size  # DeepSpeed's EP groups: consecutive ranks
+    ep_rank = dist.get_rank(ep_group)
     num_local = args.num_experts // ep_size
     with torch.no_grad():
         for layer_id, block in enumerate(model.blocks):
@@ -239,8 +243,8 @@ def train(args: argparse.Namespace) -> dict:
     init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     ep = args.ep_size or world
-    model = build_model(args, ep)
     ds_cfg = ds_config_for(args)
+    model = build_model(args, ep, bool(ds_cfg.get("use_data_before_expert_parallelism", False)))
     monitor = None
     if rank == 0 and not args.no_eplb:
         from megatron_eplb.monitor import Monitor

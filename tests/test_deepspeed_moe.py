@@ -10,7 +10,9 @@ slots every 2 steps), the per-slot capacity measurement and the checkpoint round
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +119,9 @@ def _args(extra=()):
     return ex.parse_args([*SMALL, "--no-wandb", *extra])
 
 
-def _ds_config(stage: int, bf16: bool = False, lr: float = 1e-2) -> dict:
+def _ds_config(stage: int, bf16: bool = False, lr: float = 1e-2, data_before: bool = False) -> dict:
     cfg = {
+        "use_data_before_expert_parallelism": data_before,
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
@@ -131,7 +134,7 @@ def _ds_config(stage: int, bf16: bool = False, lr: float = 1e-2) -> dict:
     return cfg
 
 
-def _engine(extra, stage, eplb, bf16=False, policy_fn=None):
+def _engine(extra, stage, eplb, bf16=False, policy_fn=None, data_before=False):
     """``(engine, manager)``: the example's GPT under plain ``deepspeed.initialize`` (``eplb`` None) or
     ``eplb_dsmoe.initialize`` (``eplb`` a dict of EPLB keys, or False: no EPLB, read-only handle)."""
     import deepspeed
@@ -139,8 +142,8 @@ def _engine(extra, stage, eplb, bf16=False, policy_fn=None):
     from megatron_eplb.patches import deepspeed_moe as eplb_dsmoe
 
     args = _args(extra)
-    model = ex.build_model(args, 2)
-    cfg = _ds_config(stage, bf16)
+    model = ex.build_model(args, 2, data_before)
+    cfg = _ds_config(stage, bf16, data_before=data_before)
     if eplb is None:
         engine, *_ = deepspeed.initialize(
             model=model, config=cfg, model_parameters=[p for p in model.parameters() if p.requires_grad]
@@ -168,7 +171,7 @@ def _kept_routes(engine):
         def hook(module, inputs, out):
             ids = out[3].long()
             if handle is not None and handle.patched:
-                phy2log = torch.as_tensor(handle.placement.phy2log[layer])
+                phy2log = torch.tensor(handle.placement.phy2log[layer])
                 ids = torch.where(ids >= 0, phy2log[ids.clamp(min=0)], -1)
             seen.append(ids.clone())
 
@@ -212,14 +215,14 @@ DYN = {"dynamic_eplb": True, "num_iterations_eplb_update": 2, "num_wait_worker_i
        "init_redundancy_expert": 2, "eplb_layers_per_step": 2}  # fmt: skip
 
 
-def _equivalence(stream, extra, stage, bf16=False, redundancy=2):
+def _equivalence(stream, extra, stage, bf16=False, redundancy=2, data_before=False):
     """The unpatched DeepSpeed model and the EPLB one (``redundancy`` redundant slots, a slot-moving
     rebalance every 2 steps), trained on the same batches with the same random draws."""
-    base_engine, _ = _engine(extra, stage, None, bf16)
+    base_engine, _ = _engine(extra, stage, None, bf16, data_before=data_before)
     base_kept = _kept_routes(base_engine)
     base = _run(base_engine, STEPS, stream)
     eplb = {**DYN, "init_redundancy_expert": redundancy}
-    engine, manager = _engine(extra, stage, eplb, bf16, policy_fn=_shift_policy)
+    engine, manager = _engine(extra, stage, eplb, bf16, policy_fn=_shift_policy, data_before=data_before)
     kept = _kept_routes(engine)
     eplb = _run(engine, STEPS, stream)
     same_drops = len(kept) == len(base_kept) and all(torch.equal(a, b) for a, b in zip(kept, base_kept))
@@ -263,6 +266,12 @@ def _ep2_checks(rank, world):
         out[f"bf16_zero{stage}_r0"], _, _ = _equivalence(
             rank, ["--moe-top-k", "2"], stage, bf16=True, redundancy=0
         )
+    out["per_slot"] = _per_slot_checks(rank)
+    tmp = Path(tempfile.gettempdir()) / f"eplb_dsmoe_ckpt_{os.environ['MASTER_PORT']}"
+    for stage in (0, 1):
+        out[f"ckpt_zero{stage}"] = _checkpoint_checks(rank, tmp / f"z{stage}", stage)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
     out["megatron_core_imported"] = sorted(k for k in sys.modules if k.startswith("megatron.core"))[:3]
     return out
 
@@ -304,3 +313,293 @@ def test_bf16_moves_exact_and_replicas_within_bf16_rounding(ep2, stage):
 def test_no_megatron_core_needed(ep2):
     """Megatron-DeepSpeed users need not have megatron-core: the whole run never imported it."""
     assert ep2["megatron_core_imported"] == []
+
+
+# ============================================================================ EP = 2 x expert-DP = 2
+
+
+def _ep2_dp2_checks(rank, world):
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    os.environ.update(ENV)
+    deepspeed.init_distributed(dist_backend="gloo")
+    out = {}
+    drop = ["--capacity-factor", "0.5"]
+    out["zero1_k2"], engine, _ = _equivalence(rank, ["--moe-top-k", "2", *drop], stage=1)
+    out["layout"] = (
+        dist.get_process_group_ranks(engine.eplb_handle.ep_group),
+        groups._get_expert_data_parallel_group_ranks("ep_size_2"),
+    )
+    out["zero0_k1"], _, _ = _equivalence(rank, ["--moe-top-k", "1", *drop], stage=0)
+    # DeepSpeed's other layout (ds_config use_data_before_expert_parallelism): groups made afresh
+    for table in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
+                  groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):  # fmt: skip
+        table.pop("ep_size_2", None)
+    out["data_before_k2"], engine, _ = _equivalence(
+        rank, ["--moe-top-k", "2", *drop], stage=1, data_before=True
+    )
+    out["layout_data_before"] = dist.get_process_group_ranks(engine.eplb_handle.ep_group)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ep2_dp2():
+    from dist import run_distributed
+
+    return run_distributed(_ep2_dp2_checks, 4, timeout=900, env=ENV)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["zero1_k2", "zero0_k1", "data_before_k2"])
+def test_ep2_x_dp2_equals_the_unpatched_layer(ep2_dp2, case):
+    for rank, out in enumerate(ep2_dp2):
+        c = out[case]
+        assert c["records"] >= 2 and c["moved"] > 0, (rank, c)
+        assert c["loss_rel"] <= 1e-5, (rank, c["base_losses"], c["eplb_losses"])
+        assert c["eval_diff"] <= 1e-5 and c["same_drops"] and c["dropped_routes"] > 0, (rank, c)
+    # DeepSpeed's groups: EP over consecutive ranks, expert-DP strided; the other layout the other way round
+    assert [list(o["layout"][0]) for o in ep2_dp2] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [list(o["layout"][1]) for o in ep2_dp2] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [list(o["layout_data_before"]) for o in ep2_dp2] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+
+
+# ============================================================================ per-slot capacity
+
+
+def _drop_run(stream, extra, capacity, redundancy, steps=12):
+    """Per-step share of dropped (token, expert) pairs over both ranks, under dynamic EPLB (greedy policy:
+    replicas of the hottest experts) with ``eplb_capacity=capacity``; and the losses."""
+    import torch.distributed as dist
+
+    cfg = {**DYN, "num_iterations_eplb_update": 3, "init_redundancy_expert": redundancy,
+           "eplb_capacity": capacity, "eplb_policy": "greedy"}  # fmt: skip
+    engine, manager = _engine(extra, 0, cfg)
+    handle = engine.eplb_handle
+    rates, losses = [], []
+    for step in range(steps):
+        tokens, labels = _batch(step, stream)
+        torch.manual_seed(1000 + step)
+        handle.reset_drop_counts()
+        loss = engine(tokens, labels)
+        engine.backward(loss)
+        counts = handle.drop_counts().sum(dim=0).clone()
+        dist.all_reduce(counts)
+        rates.append(float(counts[1]) / float(counts[0]))
+        engine.step()
+        losses.append(float(loss.detach()))
+    manager.close()
+    return {
+        "rates": rates,
+        "losses": losses,
+        "committed": sum(r.outcome == "committed" for r in manager.history),
+    }
+
+
+def _per_slot_checks(stream):
+    out = {}
+    for k in (1, 2):
+        extra = ["--moe-top-k", str(k), "--capacity-factor", "1.0"]
+        out[f"k{k}_logical"] = _drop_run(stream, extra, "logical", 2)
+        out[f"k{k}_per_slot"] = _drop_run(stream, extra, "per_slot", 2)
+    # one copy per expert: per-slot capacity is the logical one; top-2 drops by position either way
+    out["k2_per_slot_r0"], _, _ = _equivalence_per_slot_r0(stream)
+    return out
+
+
+def _equivalence_per_slot_r0(stream):
+    extra = ["--moe-top-k", "2", "--capacity-factor", "0.5"]
+    base_engine, _ = _engine(extra, 0, None)
+    base_kept = _kept_routes(base_engine)
+    base = _run(base_engine, STEPS, stream)
+    cfg = {**DYN, "init_redundancy_expert": 0, "eplb_capacity": "per_slot"}
+    engine, manager = _engine(extra, 0, cfg, policy_fn=_shift_policy)
+    kept = _kept_routes(engine)
+    eplb = _run(engine, STEPS, stream)
+    manager.close()
+    same = len(kept) == len(base_kept) and all(torch.equal(a, b) for a, b in zip(kept, base_kept))
+    return {"loss_rel": _rel(eplb[0], base[0]), "same_drops": same, "records": eplb[1]}, engine, manager
+
+
+@pytest.mark.slow
+def test_per_slot_capacity_without_replicas_is_the_logical_capacity(ep2):
+    c = ep2["per_slot"]["k2_per_slot_r0"]
+    assert c["records"] >= 2 and c["same_drops"] and c["loss_rel"] <= 1e-5, c
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 2])
+def test_per_slot_capacity_drops_fewer_tokens(ep2, k):
+    """Measured: the share of (token, expert) pairs dropped per step with replicas of the hot experts, per-slot
+    capacity against the default (logical capacity = the unpatched layer's drops), same model and batches."""
+    logical, per_slot = ep2["per_slot"][f"k{k}_logical"], ep2["per_slot"][f"k{k}_per_slot"]
+    assert logical["committed"] >= 2 and per_slot["committed"] >= 2
+    after = slice(3, None)  # after the first rebalance put replicas on the hot experts
+    mean_logical = float(np.mean(logical["rates"][after]))
+    mean_per_slot = float(np.mean(per_slot["rates"][after]))
+    print(
+        f"top-{k}: dropped per step {mean_logical:.4f} (logical capacity) vs {mean_per_slot:.4f} (per slot)"
+    )
+    assert mean_per_slot < mean_logical
+    assert all(np.isfinite(per_slot["losses"]))
+
+
+# ============================================================================ checkpoints
+
+
+def _logical_optim(engine):
+    from megatron_eplb.patches.deepspeed import DeepSpeedSlotState
+
+    from megatron_eplb.checkpoint import logical_optimizer_state
+
+    return logical_optimizer_state(engine.module, engine.eplb_handle, DeepSpeedSlotState(engine))
+
+
+def _optim_equal(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(
+        set(a[k]) == set(b[k])
+        and all(torch.allclose(a[k][s].float(), b[k][s].float(), atol=1e-7) for s in a[k])
+        for k in a
+    )
+
+
+def _train_more(engine, steps, stream, first=100):
+    losses = []
+    for step in range(first, first + steps):
+        tokens, labels = _batch(step, stream)
+        torch.manual_seed(1000 + step)
+        loss = engine(tokens, labels)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _checkpoint_checks(stream, tmp: Path, stage: int):
+    import torch.distributed as dist
+    from megatron_eplb.patches import deepspeed_moe as eplb_dsmoe
+
+    out = {}
+    extra = ["--moe-top-k", "2", "--capacity-factor", "0.5"]
+    engine, manager = _engine(extra, stage, dict(DYN), policy_fn=_shift_policy)
+    _run(engine, 6, stream)
+    ref_eval, ref_optim = _eval(engine, stream), _logical_optim(engine)
+    out["moved"] = sum(r.outcome == "committed" for r in manager.history)
+    out["replicas"] = int((engine.eplb_handle.placement.replica_count > 1).sum())
+    # --- the logical checkpoint: EPLB -> the model without EPLB -> EPLB with another slot count
+    eplb_dsmoe.save_checkpoint(engine, manager, tmp / "logical", tag="a")
+    plain, _ = _engine(extra, stage, False)
+    info = eplb_dsmoe.load_checkpoint(plain, None, tmp / "logical")
+    out["to_plain"] = {
+        "eval": float((_eval(plain, stream) - ref_eval).abs().max()),
+        "optim": _optim_equal(_logical_optim(plain), ref_optim),
+        "global_steps": plain.global_steps,
+        "action": info["placement"]["action"],
+    }
+    eplb_dsmoe.save_checkpoint(plain, None, tmp / "logical", tag="b")
+    other, other_manager = _engine(extra, stage, {**DYN, "init_redundancy_expert": 4})
+    info = eplb_dsmoe.load_checkpoint(other, other_manager, tmp / "logical", tag="b")
+    out["back"] = {
+        "eval": float((_eval(other, stream) - ref_eval).abs().max()),
+        "optim": _optim_equal(_logical_optim(other), ref_optim),
+        "action": info["placement"]["action"],
+        "slots": other.eplb_handle.num_slots,
+    }
+    other_manager.close()
+    # --- engine.save_checkpoint / load_checkpoint: exact resume into a fresh EPLB engine
+    engine.save_checkpoint(str(tmp / "native"), tag="n", client_state={"mine": 7})
+    resumed, resumed_manager = _engine(extra, stage, dict(DYN), policy_fn=_shift_policy)
+    _, client = resumed.load_checkpoint(str(tmp / "native"))
+    out["native"] = {
+        "placement": resumed.eplb_handle.placement == engine.eplb_handle.placement,
+        "client": {
+            k: v
+            for k, v in client.items()
+            if not torch.is_tensor(v) and k in ("mine", "megatron_eplb_step_count")
+        },
+        "step": (resumed_manager.step_count, manager.step_count),
+        "eval": float((_eval(resumed, stream) - ref_eval).abs().max()),
+        "optim": _optim_equal(_logical_optim(resumed), ref_optim),
+        "files": sorted(p.name for p in (tmp / "native" / "n").iterdir() if p.name.startswith("layer_")),
+    }
+    # ... into an EPLB engine with another slot count: from the logical checkpoint beside DeepSpeed's files
+    wider, wider_manager = _engine(extra, stage, {**DYN, "init_redundancy_expert": 4})
+    _, meta = wider.load_checkpoint(str(tmp / "native"))
+    out["native_other_slots"] = {
+        "action": meta["placement"]["action"],
+        "eval": float((_eval(wider, stream) - ref_eval).abs().max()),
+        "optim": _optim_equal(_logical_optim(wider), ref_optim),
+        "steps": (wider.global_steps, wider_manager.step_count),
+    }
+    wider_manager.close()
+    a, b = _train_more(engine, 4, stream), _train_more(resumed, 4, stream)
+    out["native"]["continue_equal"] = a == b
+    out["native"]["moved_after_resume"] = sum(r.outcome == "committed" for r in resumed_manager.history)
+    resumed_manager.close()
+    # --- plain DeepSpeed (no megatron-eplb at all) reads the EPLB model's engine.save_checkpoint weights
+    raw, _ = _engine(extra, stage, None)
+    raw.load_checkpoint(str(tmp / "native"), load_optimizer_states=False)
+    out["raw_reads_native"] = float((_eval(raw, stream) - ref_eval).abs().max())
+    # ... and its own engine.save_checkpoint loads into EPLB engines (weights; optimizer too without redundancy)
+    _train_more(raw, 1, stream, first=200)
+    raw_eval, raw_optim = _eval(raw, stream), _logical_optim_raw(raw)
+    raw.save_checkpoint(str(tmp / "raw"), tag="r")
+    for redundancy in (2, 0):
+        eplb_engine, eplb_manager = _engine(extra, stage, {**DYN, "init_redundancy_expert": redundancy})
+        eplb_engine.load_checkpoint(str(tmp / "raw"))
+        out[f"raw_to_eplb_r{redundancy}"] = {
+            "eval": float((_eval(eplb_engine, stream) - raw_eval).abs().max()),
+            "optim": _optim_equal(_logical_optim(eplb_engine), raw_optim),
+        }
+        eplb_manager.close()
+    manager.close()
+    dist.barrier()
+    return out
+
+
+def _logical_optim_raw(engine):
+    """The logical optimizer state of an engine built without megatron-eplb (read through attach())."""
+    from megatron_eplb.patches.deepspeed import DeepSpeedSlotState
+    from megatron_eplb.patches.deepspeed_moe import attach
+
+    from megatron_eplb.checkpoint import logical_optimizer_state
+
+    return logical_optimizer_state(engine.module, attach(engine.module), DeepSpeedSlotState(engine))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1])
+def test_logical_checkpoint_to_the_model_without_eplb_and_back(ep2, stage):
+    c = ep2[f"ckpt_zero{stage}"]
+    assert c["moved"] >= 2 and c["replicas"] > 0  # saved after slot-moving rebalances, with replicas
+    plain = c["to_plain"]
+    assert plain["eval"] <= 1e-5 and plain["optim"] and plain["global_steps"] == 6, plain
+    assert plain["action"] == "kept"  # DeepSpeed's own layout is filled, never re-placed
+    back = c["back"]
+    # the model without EPLB saved DeepSpeed's own layout (8 slots, no recorded load): 12 slots start default
+    assert back["slots"] == 12 and back["action"] == "kept", back
+    assert back["eval"] <= 1e-5 and back["optim"], back
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1])
+def test_engine_save_and_load_checkpoint_lose_nothing(ep2, stage):
+    n = ep2[f"ckpt_zero{stage}"]["native"]
+    assert n["placement"] and n["step"] == (6, 6) and n["client"] == {"mine": 7}, n
+    assert n["eval"] == 0.0 and n["optim"], n
+    assert n["continue_equal"] and n["moved_after_resume"] >= 1, n  # the same next steps, rebalances included
+    w = ep2[f"ckpt_zero{stage}"]["native_other_slots"]  # 10 slots saved, 12 now: re-planned from the load
+    assert w["action"] == "replanned" and w["eval"] <= 1e-5 and w["optim"] and w["steps"] == (6, 6), w
+    # DeepSpeed's expert files hold logical experts: 8 per layer, none for the 2 redundant slots
+    assert len(n["files"]) == 2 * 8 and all(f"_expert_{e}_" in " ".join(n["files"]) for e in range(8))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1])
+def test_native_checkpoints_between_plain_deepspeed_and_eplb(ep2, stage):
+    c = ep2[f"ckpt_zero{stage}"]
+    assert c["raw_reads_native"] <= 1e-5  # plain deepspeed.initialize reads the EPLB model's weights
+    r2, r0 = c["raw_to_eplb_r2"], c["raw_to_eplb_r0"]
+    assert r2["eval"] <= 1e-5 and r0["eval"] <= 1e-5, c
+    assert r0["optim"], r0  # DeepSpeed's own layout (no redundant slot): the optimizer state loads too

@@ -350,7 +350,7 @@ class DeepSpeedMoEEPLB:
         get = get or self.slot_tensors
         local = torch.stack([_flatten(get(layer, k)) for k in range(self.slots_per_rank)])
         every = _all_gather_rows(local, self.ep_group)  # [P, n]
-        first = torch.as_tensor(self.placement.log2phy[layer, :, 0], device=every.device)
+        first = torch.tensor(self.placement.log2phy[layer, :, 0], device=every.device)
         return every[first].to(local.device)
 
     def _routing_tables(self, row: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -104,6 +104,27 @@ def test_capacity_key_and_refusals():
         EPLBConfig(eplb_capacity="slot")
 
 
+def test_zero_stages_supported_and_refused():
+    from megatron_eplb.patches.deepspeed_moe import SUPPORTED_ZERO_STAGES
+    from megatron_eplb.patches.deepspeed_moe.initialize import check_zero_stage
+
+    from megatron_eplb.config import EPLBConfig
+    from megatron_eplb.errors import DeepSpeedEPLBError
+
+    assert SUPPORTED_ZERO_STAGES == (0, 1, 2)
+    cfg = EPLBConfig()
+
+    def ds(stage):
+        return {"zero_optimization": {"stage": stage}}
+
+    assert [check_zero_stage(ds(s), cfg, 10, 8) for s in (0, 1)] == [0, 1]
+    assert check_zero_stage(ds(2), cfg, 8, 8) == 2  # no redundant slot
+    with pytest.raises(DeepSpeedEPLBError, match="init_redundancy_expert=0"):
+        check_zero_stage(ds(2), cfg, 10, 8)
+    with pytest.raises(DeepSpeedEPLBError, match="supported stages: 0, 1, and 2 without redundant slots"):
+        check_zero_stage(ds(3), cfg, 8, 8)
+
+
 # ============================================================================ multi-process helpers
 
 
@@ -266,6 +287,10 @@ def _ep2_checks(rank, world):
         out[f"bf16_zero{stage}_r0"], _, _ = _equivalence(
             rank, ["--moe-top-k", "2"], stage, bf16=True, redundancy=0
         )
+    for bf16 in (False, True):  # ZeRO 2 without redundant slots: slots move, the run stays bit-identical
+        out[f"zero2_bf16{bf16}"], _, _ = _equivalence(
+            rank, ["--moe-top-k", "2", "--capacity-factor", "0.5"], 2, bf16, 0
+        )
     out["per_slot"] = _per_slot_checks(rank)
     tmp = Path(tempfile.gettempdir()) / f"eplb_dsmoe_ckpt_{os.environ['MASTER_PORT']}"
     for stage in (0, 1):
@@ -307,6 +332,13 @@ def test_bf16_moves_exact_and_replicas_within_bf16_rounding(ep2, stage):
     c = ep2[f"bf16_zero{stage}"]
     assert c["records"] >= 2 and c["moved"] > 0
     assert c["loss_rel"] <= BF16_REPLICA_RTOL, (c["base_losses"], c["eplb_losses"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bf16", [False, True])
+def test_zero2_without_redundant_slots_is_bit_identical(ep2, bf16):
+    c = ep2[f"zero2_bf16{bf16}"]
+    assert c["records"] >= 2 and c["moved"] > 0 and c["bitwise"] and c["same_drops"], c
 
 
 @pytest.mark.slow
@@ -603,3 +635,105 @@ def test_native_checkpoints_between_plain_deepspeed_and_eplb(ep2, stage):
     r2, r0 = c["raw_to_eplb_r2"], c["raw_to_eplb_r0"]
     assert r2["eval"] <= 1e-5 and r0["eval"] <= 1e-5, c
     assert r0["optim"], r0  # DeepSpeed's own layout (no redundant slot): the optimizer state loads too
+
+
+# ============================================================================ the example, launched
+
+
+LAUNCH_ITERS = 30
+
+
+def _launch(args: list[str], num_gpus: int, timeout: int = 400):
+    import subprocess
+
+    from demo import launcher
+    from dist import free_port
+
+    cmd = launcher()
+    if "--master_port" not in cmd:
+        cmd += ["--master_port", str(free_port())]
+    cmd += ["--num_gpus", str(num_gpus), "examples/train_deepspeed_moe.py", *args]
+    env = {
+        **os.environ,
+        **ENV,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """``deepspeed --num_gpus 2 examples/train_deepspeed_moe.py`` with dynamic EPLB, then a resume of its
+    ``engine.save_checkpoint`` on one rank (EP = 1)."""
+    out = tmp_path_factory.mktemp("dsmoe")
+    common = ["--num-layers", "2", "--hidden-size", "32", "--num-experts", "8", "--ffn-hidden-size", "64",
+              "--seq-length", "32", "--micro-batch-size", "4", "--deepspeed_config", "configs/ds_config.json",
+              "--no-wandb", "--log-interval", "5", "--output-dir", str(out)]  # fmt: skip
+    log = _launch(
+        [
+            *common,
+            "--train-iters",
+            str(LAUNCH_ITERS),
+            "--dynamic-eplb",
+            "--num-iterations-eplb-update",
+            "8",
+            "--num-wait-worker-iterations",
+            "1",
+            "--eplb-window-size",
+            "8",
+            "--eplb-log-interval",
+            "5",
+            "--save",
+            str(out / "ckpt"),
+            "--metrics-out",
+            str(out / "metrics.json"),
+        ],  # fmt: skip
+        2,
+    )
+    resumed = _launch(
+        [
+            *common,
+            "--train-iters",
+            "3",
+            "--load",
+            str(out / "ckpt"),
+            "--metrics-out",
+            str(out / "resumed.json"),
+        ],
+        1,
+    )
+    import json
+
+    return (
+        out,
+        json.loads((out / "metrics.json").read_text()),
+        log,
+        json.loads((out / "resumed.json").read_text()),
+        resumed,
+    )
+
+
+@pytest.mark.slow
+def test_example_trains_with_dynamic_eplb_under_the_launcher(launched):
+    out, metrics, log, _, _ = launched
+    losses = metrics["losses"]
+    assert len(losses) == LAUNCH_ITERS and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert sum(r["outcome"] == "committed" for r in metrics["rebalances"]) >= 2, log[-3000:]
+    assert metrics["realized_balancedness"] and len(metrics["drop_rates"]) == LAUNCH_ITERS
+    assert "==> summary" in log and "realized balancedness per step, all steps" in log
+    assert "pairs dropped by the capacity" in log
+    tag = out / "ckpt" / "final"  # DeepSpeed's checkpoint, with the map and the logical checkpoint beside
+    assert (tag / "eplb" / "expert_map.json").is_file() and (tag / "eplb" / "model_logical.pt").is_file()
+    assert (out / "ckpt" / "latest").read_text().strip() == "final"
+
+
+@pytest.mark.slow
+def test_example_resumes_its_checkpoint_on_one_rank(launched):
+    """engine.load_checkpoint of the 2-rank run's checkpoint at EP = 1 (10 slots on one rank): re-planned
+    from the recorded load, every logical expert and its optimizer state from the logical part."""
+    _, metrics, _, resumed, log = launched
+    assert len(resumed["placement"][0]) == 10 and sorted(set(resumed["placement"][0])) == list(range(8))
+    assert all(np.isfinite(resumed["losses"]))
+    assert resumed["losses"][0] < metrics["losses"][0] - 0.5  # it continues from the trained weights

@@ -1,7 +1,7 @@
 """``initialize``: ``deepspeed.initialize`` for a model with ``deepspeed.moe.layer.MoE`` layers, with EPLB.
 
-It checks the ds_config (the same checks as the Megatron-core path: ZeRO stages, fp16 refused, bf16
-gradient accumulation), creates DeepSpeed's expert groups as the engine would (EP and expert-DP, with the
+It checks the ds_config (ZeRO 0, 1, and 2 without redundant slots; fp16 refused; bf16 with DeepSpeed's
+bf16 gradient accumulation, as the Megatron-core path), creates DeepSpeed's expert groups as the engine would (EP and expert-DP, with the
 ds_config's ``use_data_before_expert_parallelism``), patches the model (:func:`.apply.apply`; with
 ``eplb=False`` it only attaches a read-only handle), builds the engine, the manager with
 :class:`megatron_eplb.patches.deepspeed.DeepSpeedSlotState`, and installs the engine hooks of
@@ -24,20 +24,40 @@ from megatron_eplb.placement import ExpertPlacement
 
 from .apply import apply, attach, find_moe_layers
 
-__all__ = ["SUPPORTED_ZERO_STAGES", "initialize"]
+__all__ = ["SUPPORTED_ZERO_STAGES", "check_zero_stage", "initialize"]
 
 log = logging.getLogger("megatron_eplb")
 
 USE_DATA_BEFORE_EXPERT_PARALLEL = "use_data_before_expert_parallelism"  # DeepSpeed's ds_config key
 
 
-def _supported_stages() -> tuple[int, ...]:
-    from megatron_eplb.patches.deepspeed.initialize import SUPPORTED_ZERO_STAGES
-
-    return tuple(SUPPORTED_ZERO_STAGES)
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
+"""ZeRO stages of this path; stage 2 without redundant slots only (:func:`check_zero_stage`)."""
 
 
-SUPPORTED_ZERO_STAGES = _supported_stages()
+def check_zero_stage(
+    ds_config: dict, eplb_config: EPLBConfig | None, num_slots: int, num_experts: int
+) -> int:
+    """The ZeRO stage, or :class:`DeepSpeedEPLBError` naming the supported ones.
+
+    Stage 0 and 1: everything.  Stage 2 partitions gradients inside backward (bucket by bucket), before the
+    copies of a replicated expert can sum theirs, so it runs without redundant slots only (``num_slots ==
+    num_experts``: dynamic EPLB moves slots, the math stays exact).  Stage 3: DeepSpeed's MoE layer does not
+    support it."""
+    zero = ds_config.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+    if stage not in SUPPORTED_ZERO_STAGES:
+        raise DeepSpeedEPLBError(
+            f"zero_optimization.stage={stage} is not supported for deepspeed.moe layers with megatron-eplb; "
+            "supported stages: 0, 1, and 2 without redundant slots (init_redundancy_expert=0)"
+        )
+    if stage == 2 and eplb_config is not None and num_slots != num_experts:
+        raise DeepSpeedEPLBError(
+            f"zero_optimization.stage=2 with {num_slots - num_experts} redundant slots is not supported: stage 2 "
+            "reduces gradients inside backward, before the copies of a replicated expert can sum theirs; "
+            "supported: stage 2 with init_redundancy_expert=0 (slots move, no replicas), or stage 0/1 with replicas"
+        )
+    return stage
 
 
 def initialize(
@@ -90,17 +110,20 @@ def initialize(
     if not dist.is_initialized():
         raise DeepSpeedEPLBError("call deepspeed.init_distributed() before initialize()")
     ds_config = _load_ds_config(config, args)
-    check_ds_config(ds_config)
     eplb_config = _resolve_eplb(eplb, ds_config, args)
     ds_config.pop("eplb", None)  # DeepSpeed accepts it, but it is ours
     layers = find_moe_layers(model)
     if not layers:
         raise DeepSpeedEPLBError(f"{type(model).__name__} has no deepspeed.moe.layer.MoE; nothing to balance")
+    first = layers[0][1]
+    if eplb_config is not None:
+        eplb_config.validate_for(len(layers), first.num_experts, first.ep_size)
+    slots = _start_slots(placement, eplb_config, len(layers), first.num_experts, first.ep_size)
+    stage = check_zero_stage(ds_config, eplb_config, slots, first.num_experts)
+    check_ds_config({**ds_config, "zero_optimization": {"stage": min(stage, 1)}})  # fp16, bf16 accumulation
     before = bool(ds_config.get(USE_DATA_BEFORE_EXPERT_PARALLEL, False))
     _to_accelerator(model)
     if eplb_config is not None:
-        first = layers[0][1]
-        eplb_config.validate_for(len(layers), first.num_experts, first.ep_size)
         handle = apply(model, placement, eplb_config, use_data_before_expert_parallel=before)
     else:
         handle = attach(model, use_data_before_expert_parallel=before)
@@ -135,3 +158,14 @@ def initialize(
             "off" if eplb_config is None else eplb_config.to_json(),
         )
     return engine, optimizer, dataloader, lr_scheduler, manager
+
+
+def _start_slots(placement, eplb_config, num_layers: int, num_experts: int, ep_size: int) -> int:
+    """``P`` of the start placement (a given one, the config's map, or ``E + init_redundancy_expert``)."""
+    if placement is not None:
+        return placement.num_slots
+    if eplb_config is None:
+        return num_experts
+    if eplb_config.expert_map_path is not None:
+        return ExpertPlacement.from_json(eplb_config.expert_map_path, allow_same_rank_copies=True).num_slots
+    return num_experts + eplb_config.init_redundancy_expert

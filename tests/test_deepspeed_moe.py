@@ -140,14 +140,14 @@ def _args(extra=()):
     return ex.parse_args([*SMALL, "--no-wandb", *extra])
 
 
-def _ds_config(stage: int, bf16: bool = False, lr: float = 1e-2, data_before: bool = False) -> dict:
+def _ds_config(stage: int, bf16: bool = False, lr: float = 1e-2, data_before: bool = False, clip=0.0) -> dict:
     cfg = {
         "use_data_before_expert_parallelism": data_before,
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
         "zero_optimization": {"stage": stage},
-        "gradient_clipping": 0.0,
+        "gradient_clipping": clip,
         "steps_per_print": 10**9,
     }
     if bf16:
@@ -155,7 +155,7 @@ def _ds_config(stage: int, bf16: bool = False, lr: float = 1e-2, data_before: bo
     return cfg
 
 
-def _engine(extra, stage, eplb, bf16=False, policy_fn=None, data_before=False):
+def _engine(extra, stage, eplb, bf16=False, policy_fn=None, data_before=False, clip=0.0):
     """``(engine, manager)``: the example's GPT under plain ``deepspeed.initialize`` (``eplb`` None) or
     ``eplb_dsmoe.initialize`` (``eplb`` a dict of EPLB keys, or False: no EPLB, read-only handle)."""
     import deepspeed
@@ -164,7 +164,7 @@ def _engine(extra, stage, eplb, bf16=False, policy_fn=None, data_before=False):
 
     args = _args(extra)
     model = ex.build_model(args, 2, data_before)
-    cfg = _ds_config(stage, bf16, data_before=data_before)
+    cfg = _ds_config(stage, bf16, data_before=data_before, clip=clip)
     if eplb is None:
         engine, *_ = deepspeed.initialize(
             model=model, config=cfg, model_parameters=[p for p in model.parameters() if p.requires_grad]
@@ -236,16 +236,21 @@ DYN = {"dynamic_eplb": True, "num_iterations_eplb_update": 2, "num_wait_worker_i
        "init_redundancy_expert": 2, "eplb_layers_per_step": 2}  # fmt: skip
 
 
-def _equivalence(stream, extra, stage, bf16=False, redundancy=2, data_before=False):
-    """The unpatched DeepSpeed model and the EPLB one (``redundancy`` redundant slots, a slot-moving
-    rebalance every 2 steps), trained on the same batches with the same random draws."""
-    base_engine, _ = _engine(extra, stage, None, bf16, data_before=data_before)
+def _equivalence(stream, extra, stage, bf16=False, redundancy=2, data_before=False, baseline=None, clip=0.0):
+    """The unpatched DeepSpeed model (``baseline`` None: plain ``deepspeed.initialize``; False: ``initialize(
+    eplb=False)``) and the EPLB one (``redundancy`` redundant slots, a slot-moving rebalance every 2 steps),
+    trained on the same batches with the same random draws."""
+    base_engine, _ = _engine(extra, stage, baseline, bf16, data_before=data_before, clip=clip)
     base_kept = _kept_routes(base_engine)
     base = _run(base_engine, STEPS, stream)
     eplb = {**DYN, "init_redundancy_expert": redundancy}
-    engine, manager = _engine(extra, stage, eplb, bf16, policy_fn=_shift_policy, data_before=data_before)
+    engine, manager = _engine(
+        extra, stage, eplb, bf16, policy_fn=_shift_policy, data_before=data_before, clip=clip
+    )
     kept = _kept_routes(engine)
     eplb = _run(engine, STEPS, stream)
+    if baseline is False:  # both record: the same routed pairs and drops
+        drops = [e.eplb_handle.drop_counts().tolist() for e in (base_engine, engine)]
     same_drops = len(kept) == len(base_kept) and all(torch.equal(a, b) for a, b in zip(kept, base_kept))
     dropped = sum(int((b < 0).sum()) for b in base_kept)
     out = {
@@ -257,6 +262,7 @@ def _equivalence(stream, extra, stage, bf16=False, redundancy=2, data_before=Fal
         "dropped_routes": dropped,
         "routes": sum(b.numel() for b in base_kept),
         "bitwise": eplb[0] == base[0],
+        "drop_counts": drops if baseline is False else None,
         "base_losses": base[0],
         "eplb_losses": eplb[0],
     }
@@ -287,6 +293,10 @@ def _ep2_checks(rank, world):
         out[f"bf16_zero{stage}_r0"], _, _ = _equivalence(
             rank, ["--moe-top-k", "2"], stage, bf16=True, redundancy=0
         )
+    # gradient clipping by the logical norm, the same with initialize(eplb=False)
+    out["clip"], _, _ = _equivalence(
+        rank, ["--moe-top-k", "2", "--capacity-factor", "0.5"], 1, baseline=False, clip=0.05
+    )
     for bf16 in (False, True):  # ZeRO 2 without redundant slots: slots move, the run stays bit-identical
         out[f"zero2_bf16{bf16}"], _, _ = _equivalence(
             rank, ["--moe-top-k", "2", "--capacity-factor", "0.5"], 2, bf16, 0
@@ -332,6 +342,14 @@ def test_bf16_moves_exact_and_replicas_within_bf16_rounding(ep2, stage):
     c = ep2[f"bf16_zero{stage}"]
     assert c["records"] >= 2 and c["moved"] > 0
     assert c["loss_rel"] <= BF16_REPLICA_RTOL, (c["base_losses"], c["eplb_losses"])
+
+
+@pytest.mark.slow
+def test_clipping_by_the_logical_norm_with_and_without_eplb(ep2):
+    c = ep2["clip"]
+    assert c["records"] >= 2 and c["moved"] > 0 and c["same_drops"] and c["loss_rel"] <= 1e-5, c
+    base, eplb = c["drop_counts"]
+    assert base == eplb and sum(d for _, d in base) > 0  # the unpatched model's read-only handle records too
 
 
 @pytest.mark.slow

@@ -114,6 +114,9 @@ class DeepSpeedMoEEPLB:
                 self.ep_rank,
                 self.ep_size,
             )
+        else:  # read-only: observe the unchanged gates (DeepSpeed's layout: slot s holds expert s)
+            for idx, layer in enumerate(self._layers):
+                layer.deepspeed_moe.gate.register_forward_hook(self._make_gate_observer(idx))
 
     # ------------------------------------------------------------------ shape
     @property
@@ -392,6 +395,25 @@ class DeepSpeedMoEEPLB:
         gate.forward = self._make_gate_forward(idx, gate, gate.forward)
         moe._megatron_eplb_patched = True
 
+    def _record(self, idx: int, exp_counts: torch.Tensor, slot: torch.Tensor, sent: torch.Tensor) -> None:
+        """Count one forward of layer ``idx``: routed pairs per expert, kept routes per slot, drops."""
+        if self.recording and not _recomputing():
+            self._loads_rows[idx].add_(exp_counts)
+            self._sent_rows[idx].add_(sent)
+            routed = exp_counts.sum()
+            self._drop_rows[idx].add_(torch.stack((routed, routed - (slot >= 0).sum())))
+
+    def _make_gate_observer(self, idx: int):
+        """A forward hook recording an unpatched gate's sparse routes (its output is left as it is)."""
+        num_slots = self.num_slots
+
+        def hook(module, args, out):
+            if isinstance(out, tuple) and len(out) == 7:
+                indices, exp_counts = out[3], out[6]
+                self._record(idx, exp_counts, indices, slot_counts(indices, num_slots))
+
+        return hook
+
     def _make_gate_forward(self, idx: int, gate: torch.nn.Module, original):
         """``TopKGate.forward`` for physical slots: the gate's own decision, recorded, mapped to slots."""
         num_slots = self.num_slots
@@ -434,11 +456,7 @@ class DeepSpeedMoEEPLB:
                     capacity = capacity.to(collective_device(self.ep_group))
                     dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)
                 capacity = capacity.reshape(())
-            if self.recording and not _recomputing():
-                self._loads_rows[idx].add_(exp_counts)
-                self._sent_rows[idx].add_(sent)
-                routed = exp_counts.sum()
-                self._drop_rows[idx].add_(torch.stack((routed, routed - (slot >= 0).sum())))
+            self._record(idx, exp_counts, slot, sent)
             return l_aux, capacity, num_slots, slot.to(torch.int32), row.to(torch.int32), gates, exp_counts
 
         return forward

@@ -80,8 +80,12 @@ def initialize(
         config: the ds_config (dict or JSON path; default ``args.deepspeed_config``); its ``"eplb"`` section
             is one EPLB config source.
         eplb: an :class:`EPLBConfig`, a dict of keys (over the ds_config section), ``None`` (every source
-            from ``args``), or ``False``: no EPLB (the model is not changed; a read-only handle is attached
-            so that the logical checkpoint functions and the checkpoint hooks work).
+            from ``args``), or ``False``: no EPLB (the model is not changed; a read-only handle is attached:
+            it records loads and drops, and the logical checkpoint functions and the checkpoint hooks work).
+
+    Gradient clipping (``gradient_clipping``) is by the norm of the logical model's gradient (each logical
+    expert once, summed over the EP group), with and without EPLB: DeepSpeed's own clipping would average
+    the ranks' local norms, which counts a replicated expert once per copy.
         args: argparse namespace (``--deepspeed_config`` and the EPLB flags).
         placement: the start placement (default from ``eplb``).
         monitor, policy_fn: for the manager.
@@ -132,9 +136,9 @@ def initialize(
     engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(
         model=model, config=ds_config, model_parameters=model_parameters, args=None, **kwargs
     )
+    clip = disable_ds_clipping(engine)  # clipped by the logical norm instead (with and without EPLB alike)
     manager = None
     if eplb_config is not None:
-        clip = disable_ds_clipping(engine)
         manager = EPLBManager(
             handle,
             eplb_config,
@@ -143,10 +147,7 @@ def initialize(
             monitor=monitor,
             policy_fn=policy_fn,
         )
-        install_hooks(engine, manager, handle, model, clip, handle.ep_group, [])
-    else:
-        engine.eplb_handle = handle
-        engine.eplb_last_record = None
+    install_hooks(engine, manager, handle, model, clip, handle.ep_group, [])
     install_checkpoint_hooks(engine, manager, handle)
     if dist.get_rank() == 0:
         log.info(

@@ -301,6 +301,7 @@ def _ep2_checks(rank, world):
         out[f"zero2_bf16{bf16}"], _, _ = _equivalence(
             rank, ["--moe-top-k", "2", "--capacity-factor", "0.5"], 2, bf16, 0
         )
+    out["client_optimizer"] = _client_optimizer_flow(rank)
     out["per_slot"] = _per_slot_checks(rank)
     tmp = Path(tempfile.gettempdir()) / f"eplb_dsmoe_ckpt_{os.environ['MASTER_PORT']}"
     for stage in (0, 1):
@@ -755,3 +756,49 @@ def test_example_resumes_its_checkpoint_on_one_rank(launched):
     assert len(resumed["placement"][0]) == 10 and sorted(set(resumed["placement"][0])) == list(range(8))
     assert all(np.isfinite(resumed["losses"]))
     assert resumed["losses"][0] < metrics["losses"][0] - 0.5  # it continues from the trained weights
+
+
+# ============================================================================ Megatron-DeepSpeed's order
+
+
+def _client_optimizer_flow(stream):
+    """Megatron-DeepSpeed builds its optimizer before ``deepspeed.initialize``: ``apply`` first, then the
+    optimizer over the patched model, then ``initialize(optimizer=..., handle=...)``; against the unpatched
+    model with the same client optimizer."""
+    import deepspeed
+    import train_deepspeed_moe as ex
+    from megatron_eplb.patches import deepspeed_moe as eplb_dsmoe
+
+    from megatron_eplb.config import EPLBConfig
+
+    eplb = EPLBConfig.from_dict(DYN)
+    extra = ["--moe-top-k", "2", "--capacity-factor", "0.5"]
+    cfg = {k: v for k, v in _ds_config(0).items() if k != "optimizer"}
+    losses = []
+    for with_eplb in (False, True):
+        model = ex.build_model(_args(extra), 2)
+        handle = eplb_dsmoe.apply(model, config=eplb) if with_eplb else None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        if with_eplb:
+            engine, _, _, _, manager = eplb_dsmoe.initialize(
+                model=model,
+                config=cfg,
+                eplb=eplb,
+                handle=handle,
+                optimizer=optimizer,
+                policy_fn=_shift_policy,
+            )
+        else:
+            engine, *_ = deepspeed.initialize(model=model, config=cfg, optimizer=optimizer)
+        losses.append(_run(engine, 6, stream)[0])
+    manager.close()
+    return {
+        "loss_rel": _rel(losses[1], losses[0]),
+        "moved": sum(r.outcome == "committed" for r in manager.history),
+    }
+
+
+@pytest.mark.slow
+def test_megatron_deepspeed_order_apply_then_optimizer_then_initialize(ep2):
+    c = ep2["client_optimizer"]
+    assert c["moved"] >= 2 and c["loss_rel"] <= 1e-5, c

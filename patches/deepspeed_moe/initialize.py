@@ -66,6 +66,7 @@ def initialize(
     eplb: EPLBConfig | dict | None | bool = None,
     args: Any = None,
     *,
+    handle: Any = None,
     placement: ExpertPlacement | None = None,
     monitor: Any = None,
     policy_fn: Any = None,
@@ -87,6 +88,9 @@ def initialize(
     expert once, summed over the EP group), with and without EPLB: DeepSpeed's own clipping would average
     the ranks' local norms, which counts a replicated expert once per copy.
         args: argparse namespace (``--deepspeed_config`` and the EPLB flags).
+        handle: the handle of an earlier :func:`.apply.apply` (Megatron-DeepSpeed builds its optimizer before
+            ``deepspeed.initialize``: call ``apply`` on the model first, then build the optimizer, then pass
+            both here); else ``apply`` is called here.
         placement: the start placement (default from ``eplb``).
         monitor, policy_fn: for the manager.
         model_parameters, **kwargs: as for ``deepspeed.initialize``.
@@ -95,6 +99,7 @@ def initialize(
         ``engine.eplb_handle`` is the :class:`~.handle.DeepSpeedMoEEPLB`.
     """
     import deepspeed
+    from deepspeed.runtime.pipe.module import PipelineModule
     from megatron_eplb.patches.deepspeed.engine import disable_ds_clipping, install_hooks
     from megatron_eplb.patches.deepspeed.groups import dense_dp_group
     from megatron_eplb.patches.deepspeed.initialize import (
@@ -116,18 +121,28 @@ def initialize(
     ds_config = _load_ds_config(config, args)
     eplb_config = _resolve_eplb(eplb, ds_config, args)
     ds_config.pop("eplb", None)  # DeepSpeed accepts it, but it is ours
+    if isinstance(model, PipelineModule):
+        raise DeepSpeedEPLBError("a PipelineModule (pipeline parallel) is not supported; supported: PP = 1")
+    mpu = kwargs.get("mpu")
+    if mpu is not None and mpu.get_tensor_model_parallel_world_size() > 1:
+        raise DeepSpeedEPLBError("tensor parallel size > 1 is not supported; supported: TP = 1")
     layers = find_moe_layers(model)
     if not layers:
         raise DeepSpeedEPLBError(f"{type(model).__name__} has no deepspeed.moe.layer.MoE; nothing to balance")
     first = layers[0][1]
     if eplb_config is not None:
         eplb_config.validate_for(len(layers), first.num_experts, first.ep_size)
+    if handle is not None:
+        placement = handle.placement
     slots = _start_slots(placement, eplb_config, len(layers), first.num_experts, first.ep_size)
     stage = check_zero_stage(ds_config, eplb_config, slots, first.num_experts)
     check_ds_config({**ds_config, "zero_optimization": {"stage": min(stage, 1)}})  # fp16, bf16 accumulation
     before = bool(ds_config.get(USE_DATA_BEFORE_EXPERT_PARALLEL, False))
     _to_accelerator(model)
-    if eplb_config is not None:
+    if handle is not None:
+        if eplb_config is None or not handle.patched:
+            raise DeepSpeedEPLBError("handle= is an apply() handle for EPLB; with eplb=False pass no handle")
+    elif eplb_config is not None:
         handle = apply(model, placement, eplb_config, use_data_before_expert_parallel=before)
     else:
         handle = attach(model, use_data_before_expert_parallel=before)

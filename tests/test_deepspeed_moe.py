@@ -302,6 +302,7 @@ def _ep2_checks(rank, world):
             rank, ["--moe-top-k", "2", "--capacity-factor", "0.5"], 2, bf16, 0
         )
     out["client_optimizer"] = _client_optimizer_flow(rank)
+    out["pitfalls"] = _pitfalls()
     out["per_slot"] = _per_slot_checks(rank)
     tmp = Path(tempfile.gettempdir()) / f"eplb_dsmoe_ckpt_{os.environ['MASTER_PORT']}"
     for stage in (0, 1):
@@ -802,3 +803,45 @@ def _client_optimizer_flow(stream):
 def test_megatron_deepspeed_order_apply_then_optimizer_then_initialize(ep2):
     c = ep2["client_optimizer"]
     assert c["moved"] >= 2 and c["loss_rel"] <= 1e-5, c
+
+
+# ============================================================================ refusals
+
+
+def _pitfalls() -> dict:
+    import train_deepspeed_moe as ex
+    from megatron_eplb.patches import deepspeed_moe as eplb_dsmoe
+
+    def error(fn):
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    out = {}
+    tutel = ex.build_model(_args(), 2)
+    tutel.blocks[0].moe.deepspeed_moe.use_tutel = True
+    out["tutel"] = error(lambda: eplb_dsmoe.apply(tutel))
+    out["zero2_replicas"] = error(lambda: _engine([], 2, {"init_redundancy_expert": 2}))
+    out["zero3"] = error(lambda: _engine([], 3, {}))
+    out["capacity"] = error(lambda: _engine([], 0, {"eplb_capacity": "slots"}))
+    out["dispatch"] = error(lambda: eplb_dsmoe.apply(ex.build_model(_args(), 2), replica_dispatch="balanced"))
+    twice = ex.build_model(_args(), 2)
+    eplb_dsmoe.apply(twice)
+    out["twice"] = error(lambda: eplb_dsmoe.apply(twice))
+    return out
+
+
+@pytest.mark.slow
+def test_unsupported_setups_are_clear_errors(ep2):
+    c = ep2["pitfalls"]
+    assert "use_tutel=True is not supported" in c["tutel"]
+    assert (
+        "stage=2 with 2 redundant slots" in c["zero2_replicas"]
+        and "init_redundancy_expert=0" in c["zero2_replicas"]
+    )
+    assert "supported stages: 0, 1, and 2 without redundant slots" in c["zero3"]
+    assert "eplb_capacity" in c["capacity"] and "per_slot" in c["capacity"]
+    assert "supported: even, local_first" in c["dispatch"]
+    assert "already called" in c["twice"]

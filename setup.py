@@ -18,6 +18,7 @@ setup(
         "megatron_eplb.transfer",
         "megatron_eplb.patches",
         "megatron_eplb.patches.deepspeed",
+        "megatron_eplb.patches.deepspeed_moe",
         "megatron_eplb.patches.megatron",
         "megatron_eplb.patches.megatron.experts",
     ],

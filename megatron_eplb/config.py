@@ -24,12 +24,14 @@ from .placement import ExpertPlacement, nearest_valid_redundancy
 from .policy import NODE_LOCALITY, policy_names
 
 __all__ = ["EPLBConfig", "EPLBConfigError", "add_eplb_args", "POLICIES", "REPLICA_DISPATCH", "CANARY"]  # noqa: F822
+__all__ += ["CAPACITY"]
 
 # The choice lists of the keys below.  Policy names come from the policy registry
 # (megatron_eplb.policy.policy_names) and node-locality modes from megatron_eplb.policy.NODE_LOCALITY; the
 # other two are defined here, once: every user (the Megatron patch, the CLI, the docs) reads them from here.
 REPLICA_DISPATCH = ("even", "local_first", "balanced")  # how tokens of a replicated expert pick a copy
 CANARY = ("sampled", "full", "off")  # eplb_transfer_canary
+CAPACITY = ("logical", "per_slot")  # eplb_capacity (DeepSpeed MoE layers)
 
 
 def __getattr__(name: str):
@@ -108,6 +110,13 @@ class EPLBConfig:
         "counts, one small all-gather per MoE layer and forward, split so that the batch's busiest rank is as "
         "light as the placement allows), 'even' round-robin, or 'local_first' (a copy on the token's rank).",
         choices=REPLICA_DISPATCH,
+    )
+    eplb_capacity: str = _key(
+        "logical",
+        "Capacity of deepspeed.moe layers with replicas: 'logical' (the gate's capacity per logical expert: "
+        "exactly the tokens the unpatched layer drops are dropped) or 'per_slot' (each physical slot its own "
+        "capacity: copies of a hot expert drop fewer tokens; changes the math). Megatron-core layers: 'logical'.",
+        choices=CAPACITY,
     )
     eplb_log_interval: int = _key(
         10,

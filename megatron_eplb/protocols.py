@@ -61,7 +61,9 @@ class ExpertModel(Protocol):
         ...
 
     def slot_loads(self) -> torch.Tensor:
-        """int64 ``[L, S]`` on the device: tokens this rank's slots computed since the last reset."""
+        """int64 ``[L, S]`` on the device: tokens this rank's slots computed since the last reset.  May be
+        collective over the EP group (DeepSpeed's MoE layer counts what each rank sends, summed here): the
+        manager calls it on every rank at the same point of each step."""
         ...
 
     def reset_loads(self) -> None:

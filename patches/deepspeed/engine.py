@@ -104,11 +104,11 @@ def update_expert_bias(layers: list) -> None:
     ``local_tokens_per_expert`` of the global batch, all-reduced over TP x CP x DP, moves each bias by
     ``moe_router_bias_update_rate`` towards the mean.  Megatron's own ``get_updated_expert_bias`` computes it.
     """
+    routers = [layer.router for _, layer in layers if getattr(layer.router, "expert_bias", None) is not None]
+    if not routers:  # also: no Megatron-core layers (deepspeed.moe models need no megatron-core installed)
+        return
     from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
 
-    routers = [layer.router for _, layer in layers if getattr(layer.router, "expert_bias", None) is not None]
-    if not routers:
-        return
     tokens = torch.stack([r.local_tokens_per_expert for r in routers])
     bias = torch.stack([r.expert_bias for r in routers])
     updated = get_updated_expert_bias(tokens, bias, routers[0].config.moe_router_bias_update_rate)

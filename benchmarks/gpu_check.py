@@ -16,7 +16,9 @@ Through the ``deepspeed`` launcher, one process per GPU, EP = N:
 ``--experts grouped`` runs the expert class Megatron's legacy ``GroupedMLP`` (``examples/train.py
 --moe-grouped-gemm``; megatron-eplb's ``torch._grouped_mm`` drop-in where the ``grouped_gemm`` package is
 missing) through step 1 in bf16 ZeRO 1 (GroupedMLP runs in bf16 only): without EPLB, with moves only, with
-replicas; ``--experts sequential,grouped`` runs both (default: ``sequential``, every step above).
+replicas; ``--experts deepspeed_moe`` runs ``examples/train_deepspeed_moe.py`` (DeepSpeed's own MoE layer,
+top-2, capacity 1.0, fp32) the same three ways; ``--experts sequential,grouped,deepspeed_moe`` runs all
+(default: ``sequential``, every step above).
 
 Each step runs even if an earlier one failed; its exit code, seconds and the tail of a failing log are kept.
 Writes ``--out/gpu_check_ws<N>.json`` (default ``benchmarks/results``) and prints a table.  Exit code 1 when
@@ -50,6 +52,7 @@ EPLB = [
 # Losses with replicas vs without EPLB: the replica-gradient sum rounds differently from one expert's gradient.
 LOSS_RTOL = {"fp32": 1e-3, "bf16": 3e-2}
 REPLICA_STEPS = 10  # steps before the first rebalance (--num-iterations-eplb-update)
+KINDS = ("sequential", "grouped", "deepspeed_moe")
 
 
 def run_step(name: str, cmd: list[str], work: Path, env: dict, timeout: float) -> dict:
@@ -111,6 +114,43 @@ def train_summary(metrics: dict | None) -> dict | None:
     }
 
 
+def deepspeed_moe_runs(
+    launch: list[str], n: int, iters: int, work: Path, env: dict, timeout: float, steps: list, checks: dict
+) -> None:
+    """``examples/train_deepspeed_moe.py`` (``deepspeed.moe.layer.MoE``, top-2, capacity 1.0) without EPLB,
+    with EPLB moving experts only and with replicas; moves-only losses equal the baseline's bit for bit."""
+    base = [
+        *launch, "examples/train_deepspeed_moe.py", "--deepspeed_config", "configs/ds_config.json",
+        "--train-iters", str(iters), "--no-wandb", "--log-interval", "10",
+    ]  # fmt: skip
+    eplb = [
+        "--dynamic-eplb", "--num-iterations-eplb-update", "10", "--eplb-window-size", "10",
+        "--num-wait-worker-iterations", "2", "--eplb-replica-dispatch", "even",
+    ]  # fmt: skip
+    out = {}
+    for name, extra in (
+        ("dsmoe_off", ["--no-eplb"]),
+        ("dsmoe_moves", [*eplb, "--init-redundancy-expert", "0"]),
+        ("dsmoe_eplb", [*eplb, "--init-redundancy-expert", str(2 * n)]),
+    ):
+        metrics = work / name / "metrics.json"
+        cmd = [*base, "--output-dir", str(work / name), "--metrics-out", str(metrics), *extra]
+        steps.append(run_step(name, cmd, work, env, timeout))
+        out[name] = _json(metrics)
+    checks["loss_dsmoe_moves_vs_off"] = loss_check(out["dsmoe_off"], out["dsmoe_moves"], 0.0)
+    early = {k: ({**v, "losses": v["losses"][:REPLICA_STEPS]} if v else v) for k, v in out.items()}
+    checks[f"loss_dsmoe_replicas_vs_off_first_{REPLICA_STEPS}"] = loss_check(
+        early["dsmoe_off"], early["dsmoe_eplb"], LOSS_RTOL["fp32"]
+    )
+    if n > 1:
+        for name in ("dsmoe_moves", "dsmoe_eplb"):
+            moved = [r for r in (out[name] or {}).get("rebalances", []) if r.get("outcome") == "committed"]
+            checks[f"{name}_rebalanced"] = {
+                "ok": bool(moved) and sum(r.get("moved_slots", 0) for r in moved) > 0
+            }
+    return {}
+
+
 def environment() -> dict:
     import torch
 
@@ -147,12 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--experts",
         default="sequential",
-        help="comma-separated expert classes: sequential (every step), grouped (GroupedMLP: bf16 ZeRO 1 training)",
+        help="comma-separated expert classes: sequential (every step), grouped (GroupedMLP: bf16 ZeRO 1 training), "
+        "deepspeed_moe (examples/train_deepspeed_moe.py: deepspeed.moe.layer.MoE without and with EPLB)",
     )
     args = p.parse_args(argv)
     kinds = [k for k in args.experts.split(",") if k]
-    if set(kinds) - {"sequential", "grouped"} or not kinds:
-        p.error(f"--experts {args.experts!r}: comma-separated sequential, grouped")
+    if set(kinds) - set(KINDS) or not kinds:
+        p.error(f"--experts {args.experts!r}: comma-separated {', '.join(KINDS)}")
 
     import torch
 
@@ -220,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         checks[f"{name}_rebalanced"] = {
             "ok": bool(s and s["rebalances_committed"] > 0 and s["slots_moved"] > 0)
         }
+
+    if "deepspeed_moe" in kinds:
+        deepspeed_moe_runs(launch, n, args.steps, work, env, args.timeout, steps, checks)
 
     gens = {}
     if "sequential" in kinds:  # generation and the demo from the SequentialMLP runs

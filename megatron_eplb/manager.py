@@ -499,13 +499,18 @@ class EPLBManager:
 
     # -------------------------------------------------------------- misc
     # --------------------------------------------------------- checkpoints
-    def save_checkpoint(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    def save_checkpoint(
+        self, directory: str | os.PathLike, extra: dict[str, Any] | None = None, *, overwrite: bool = False
+    ) -> Path:
         """Save the logical training checkpoint to ``directory`` (collective over every rank; rank 0 writes).
 
         :func:`megatron_eplb.checkpoint.save_logical_checkpoint`: ``model_logical.pt`` (the model with each
         logical expert once, the optimizer state by logical parameter name, the optimizer's step count and
-        the manager's step, plus ``extra``) and ``expert_map.json`` (the placement with the [L, E] load of
-        :meth:`checkpoint_load`).  Any placement or EP size can load it (:meth:`load_checkpoint`).
+        the manager's step, plus ``extra``, with checksums and the model's shape facts) and
+        ``expert_map.json`` (the placement with the [L, E] load of :meth:`checkpoint_load`), written all or
+        nothing.  A checkpoint already in ``directory`` is replaced only with ``overwrite=True`` (else
+        :class:`~megatron_eplb.errors.CheckpointError`, nothing written).  Any placement or EP size can load
+        it (:meth:`load_checkpoint`).
         """
         return save_logical_checkpoint(
             directory,
@@ -514,6 +519,7 @@ class EPLBManager:
             expert_load=self.checkpoint_load(),
             eplb_step_count=self.step_count,
             extra=extra,
+            overwrite=overwrite,
         )
 
     def load_checkpoint(self, directory: str | os.PathLike, strict: bool = True) -> dict[str, Any]:

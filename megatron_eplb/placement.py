@@ -283,10 +283,18 @@ class ExpertPlacement:
         text = json.dumps(self.to_dict(), indent=1)
         if path is not None:
             path = Path(path)
+            if path.is_dir():
+                raise ExpertMapError(
+                    f"{str(path)!r} is a directory; give the map a file name (e.g. {str(path / 'expert_map.json')!r})"
+                )
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+            try:
+                tmp.write_text(text)
+                os.replace(tmp, path)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
         return text
 
     @classmethod
@@ -374,10 +382,16 @@ class ExpertPlacement:
 
     @classmethod
     def from_json(
-        cls, path_or_text: str | os.PathLike, *, allow_same_rank_copies: bool = False
+        cls,
+        path_or_text: str | os.PathLike,
+        *,
+        allow_same_rank_copies: bool = False,
+        source: str | None = None,
     ) -> ExpertPlacement:
-        """Read an expert map from a file path or from JSON text."""
-        if isinstance(path_or_text, str) and path_or_text.lstrip().startswith("{"):
+        """Read an expert map from a file path or from JSON text (``source`` names the text in errors)."""
+        if source is not None and isinstance(path_or_text, str):
+            text = path_or_text
+        elif isinstance(path_or_text, str) and path_or_text.lstrip().startswith("{"):
             text, source = path_or_text, "expert map"
         else:
             path = Path(path_or_text)

@@ -26,7 +26,7 @@ from megatron_eplb.comm import collective_device
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
 
 from . import dist_ckpt
-from .compat import EPLBPatchError, param_device
+from .compat import EPLBPatchError, model_facts, param_device
 from .dispatchers import rebuild_dispatcher, route_to_slots
 from .experts import ExpertStorage, storage_for
 
@@ -337,6 +337,11 @@ class MegatronEPLB:
             f"{name}.experts.{storage.key_prefix}" if name else f"experts.{storage.key_prefix}"
             for name, storage in zip(self.layer_names, self._storages)
         ]
+
+    def model_facts(self) -> dict[str, Any]:
+        """The model's shape facts a checkpoint stores (:func:`.compat.model_facts`: ``hidden_size``,
+        ``num_experts``, ...); a load into a model with other facts names them."""
+        return model_facts(self.model, self.num_layers)
 
     def logical_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict in the logical layout (collective over :attr:`ep_group`).

@@ -11,7 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli_common import LOAD_HELP, CLIError, check_load_matches, int_list, read_load, read_map
+from .checkpoint_files import atomic_write_text
+from .cli_common import (
+    LOAD_HELP,
+    CLIError,
+    check_load_matches,
+    int_list,
+    output_path,
+    read_load,
+    read_map,
+    write_output,
+)
 from .errors import PolicyError
 from .placement import ExpertPlacement
 from .policy import NODE_LOCALITY, placement_diagnostics, policy_names, rebalance_with_info
@@ -34,6 +44,7 @@ def _fmt_metrics(d: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------- plan
 def cmd_plan(args: argparse.Namespace) -> int:
+    output_path(args.out, "--out", "expert_map.json")
     load = read_load(args.load)
     num_layers, num_experts = load.shape
     previous = read_map(args.previous) if args.previous else None
@@ -73,7 +84,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     if "fallback" in info:
         print(f"note: {info['fallback']}")
-    placement.to_json(args.out)
+    write_output(lambda: placement.to_json(args.out), args.out, "--out")
     print(f"wrote {args.out}")
     return 0
 
@@ -121,6 +132,10 @@ def _redundancy_for(spec: str, num_experts: int, ep: int) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    if args.out:
+        output_path(args.out, "--out", "simulate.json")
+    if args.plot:
+        output_path(args.plot, "--plot", "simulate.png")
     load = read_load(args.load)
     num_layers, num_experts = load.shape
     eps = int_list(args.ep_sizes, "--ep-sizes")
@@ -191,8 +206,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         )
     print("slowdown = MoE step time vs perfect balance (mean over layers of max rank load / mean rank load)")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"load": args.load, "rows": rows}, indent=1))
+        text = json.dumps({"load": args.load, "rows": rows}, indent=1)
+        write_output(lambda: atomic_write_text(args.out, text), args.out, "--out")
         print(f"wrote {args.out}")
     plot = args.plot
     if plot:

@@ -124,6 +124,23 @@ class EPLBConfig:
                 f"expert_map_path={self.expert_map_path!r} does not exist; record a map first by running with "
                 "expert_map_record_path set (or `megatron-eplb plan ... --out MAP.json`)"
             )
+        record = self.expert_map_record_path
+        if record is not None and Path(record).is_dir():
+            raise EPLBConfigError(
+                f"expert_map_record_path={record!r} is a directory; give the map a file name (e.g. "
+                f"{str(Path(record) / 'expert_map.json')!r})"
+            )
+        if (
+            record is not None
+            and self.expert_map_path is not None
+            and _same_file(record, self.expert_map_path)
+        ):
+            suggestion = Path(record).with_name(Path(record).stem + ".recorded.json")
+            raise EPLBConfigError(
+                f"expert_map_record_path and expert_map_path are the same file ({record!r}): the first rebalance "
+                f"would overwrite the map this run starts from; record to another file (e.g. {str(suggestion)!r}, "
+                "or one under the run's output directory)"
+            )
 
     # --------------------------------------------------------------- sources
     @classmethod
@@ -256,6 +273,14 @@ class EPLBConfig:
                 f"eplb_num_groups={self.eplb_num_groups} must be a multiple of eplb_num_nodes={nodes}"
             )
         return self
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (the same inode when both exist, else the same resolved path)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _looks_like_eplb_key(key: str) -> bool:

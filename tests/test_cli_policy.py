@@ -145,3 +145,20 @@ def test_plan_real_trace(tmp_path, capsys):
     assert main(args + ["--out", str(out_map)]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("after:")][0]
     assert float(line.split("balancedness ")[1].split()[0]) >= 0.993
+
+
+def test_plan_out_directory_is_one_clear_error_before_planning(loads, tmp_path, capsys):
+    a, _ = loads
+    out_dir = tmp_path / "maps"
+    out_dir.mkdir()
+    assert main(_plan(a, "--out", out_dir)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("megatron-eplb plan: error: --out") and "is a directory; give a file name" in err
+    assert "IsADirectoryError" not in err and "plan:" not in capsys.readouterr().out  # nothing planned
+    assert list(out_dir.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.json",
+        "b.json",
+        "maps",
+    ]
+    assert main(["simulate", "--load", str(a), "--ep-sizes", "4", "--out", str(out_dir), "--plot", ""]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -222,3 +223,32 @@ def test_rebalancing_property_is_gone_and_canary_doc_is_measured():
     assert not hasattr(EPLBConfig, "rebalancing")
     doc = {f.name: f.metadata["doc"] for f in __import__("dataclasses").fields(EPLBConfig)}
     assert "1.4x" not in doc["eplb_transfer_canary"] and "1.1x" in doc["eplb_transfer_canary"]
+
+
+def test_record_path_that_is_the_input_map_or_a_directory_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "map.json"
+    ExpertPlacement.default(2, 16, 2, 2).to_json(path)
+    before = path.read_text()
+    monkeypatch.chdir(tmp_path)
+    for record in (str(path), "map.json", f"{tmp_path}/./map.json"):  # the same file, however it is spelled
+        with pytest.raises(
+            EPLBConfigError, match="are the same file .* would overwrite the map this run starts"
+        ):
+            EPLBConfig(expert_map_path=str(path), expert_map_record_path=record)
+    with pytest.raises(EPLBConfigError, match="map.recorded.json"):
+        EPLBConfig.from_dict({"expert_map_path": "map.json", "expert_map_record_path": "map.json"})
+    with pytest.raises(
+        EPLBConfigError, match="expert_map_record_path=.* is a directory; give the map a file name"
+    ):
+        EPLBConfig(expert_map_record_path=str(tmp_path))
+    assert path.read_text() == before
+    EPLBConfig(
+        expert_map_path=str(path), expert_map_record_path=str(tmp_path / "recorded.json")
+    )  # beside it: fine
+
+
+def test_shipped_configs_record_no_shared_map():
+    """The dynamic and record YAMLs leave the record path to the run (its own output directory)."""
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for name in ("eplb_dynamic.yaml", "eplb_record.yaml"):
+        assert EPLBConfig.from_yaml(root / name).expert_map_record_path is None, name

@@ -57,7 +57,9 @@ class EPLBConfig:
         "Start from (static) placement in this expert-map JSON file (record one with expert_map_record_path).",
     )
     expert_map_record_path: str | None = _key(
-        None, "Write the placement and the [L, E] load heat map here whenever a rebalance completes."
+        None,
+        "Write the placement and the [L, E] load heat map here whenever a rebalance completes (a file other "
+        "than expert_map_path).",
     )
     init_redundancy_expert: int = _key(
         0,

@@ -542,6 +542,18 @@ class EPLBManager:
             )
         return meta
 
+    def record_map(self) -> Path | None:
+        """Write the placement now, with :meth:`checkpoint_load`'s ``[L, E]`` load, to
+        ``expert_map_record_path`` (the map a run ends or stops with; a rebalance writes it too).  Collective;
+        rank 0 writes (atomically).  Returns the path, None without a record path."""
+        path = self.config.expert_map_record_path
+        if not path:
+            return None
+        load = self.checkpoint_load()
+        if self._rank == 0:
+            self.handle.placement.with_load(load).to_json(path)
+        return Path(path)
+
     def checkpoint_load(self) -> np.ndarray | None:
         """The ``[L, E]`` load a checkpoint's map records (a resume at another EP size plans from it): the
         current window summed over every rank that routes tokens, else the placement's own (collective)."""

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_eplb.checkpoint import logical_to_physical
+from megatron_eplb.checkpoint import check_state_fits, logical_to_physical
 from megatron_eplb.comm import collective_device
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
 
@@ -379,6 +379,7 @@ class MegatronEPLB:
             rank=self.ep_rank,
             slots_per_rank=self.slots_per_rank,
         )
+        check_state_fits(physical, self.model, source="the logical state dict")  # before anything is loaded
         return self.model.load_state_dict(physical, strict=strict)
 
     # ============================================================ internals

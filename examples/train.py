@@ -349,6 +349,15 @@ def rank0_decides(problem: str | None) -> None:
         raise SetupError(box[0])
 
 
+def no_rebalance_ahead(eplb, optimizer_steps: int) -> bool:
+    """Dynamic EPLB that cannot rebalance within ``optimizer_steps`` (a step interval only, no time one)."""
+    return (
+        eplb.dynamic_eplb
+        and eplb.eplb_update_interval is None
+        and optimizer_steps < eplb.num_iterations_eplb_update
+    )
+
+
 class StopRequest:
     """SIGTERM / SIGINT set a flag (nothing else runs in the handler: no collective, safe under NCCL); the
     training loop agrees on it over all ranks at the end of a step, saves and exits.  A second SIGINT
@@ -461,6 +470,16 @@ def train(args: argparse.Namespace) -> dict:
                 f"the checkpoint {args.load} ({meta['tag']}) is at iteration {start} and --train-iters is "
                 f"{args.train_iters} (the total, as in Megatron): nothing to train; raise --train-iters"
             )
+    left = (args.train_iters - start) // gas  # optimizer steps this run takes
+    if manager is not None and rank == 0 and no_rebalance_ahead(manager.config, left):
+        log.warning(
+            "no rebalance will run: %d iterations (micro-batches) with gradient_accumulation_steps %d are %d "
+            "optimizer steps, and EPLB counts optimizer steps: num_iterations_eplb_update=%d",
+            args.train_iters - start,
+            gas,
+            left,
+            manager.config.num_iterations_eplb_update,
+        )
     if args.save and not args.overwrite_checkpoints:
         later = later_tags(args.save, start) if rank == 0 else []
         rank0_decides(

@@ -113,6 +113,9 @@ class EPLBManager:
         # every eplb_log_interval steps: realized per-step balancedness vs Megatron's default placement
         self.realized: list[dict[str, float]] = []
         self._rank = dist.get_rank() if dist.is_initialized() else 0
+        if self._rank == 0:
+            for note in self.config.notes():
+                log.warning("megatron-eplb: %s", note)
         self._planner_rank = 0
         self.window = LoadWindow(handle, self.config.eplb_window_size, load_group)
         self._device = self.window.device

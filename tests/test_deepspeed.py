@@ -103,6 +103,10 @@ def test_train_script_flags_and_outputs_checked_before_step_1(tmp_path, capsys):
         == "m.json"
     )
     assert train.record_path_for(args, EPLBConfig()) is None
+    # gradient accumulation: EPLB counts optimizer steps; a run too short to rebalance is said up front
+    dyn = EPLBConfig(dynamic_eplb=True, num_iterations_eplb_update=40)
+    assert train.no_rebalance_ahead(dyn, 45 // 2) and not train.no_rebalance_ahead(dyn, 40)
+    assert not train.no_rebalance_ahead(dyn.replace(eplb_update_interval=60.0), 22)
 
 
 # ============================================================================ examples/train.py, launched

@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import ByteBatches, decode, load_domain  # noqa: E402
-from train import add_model_args, build_model, causal_mask, device, init_parallel  # noqa: E402
+from train import add_model_args, build_model, causal_mask, device, init_parallel, quiet_known_warnings  # noqa: E402
 
 from megatron_eplb.config import EPLBConfig, add_eplb_args  # noqa: E402
+from megatron_eplb.errors import EPLBError  # noqa: E402
 
 log = logging.getLogger("megatron_eplb.generate")
 
@@ -271,10 +272,17 @@ def main(argv=None) -> None:
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
     torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))
+    quiet_known_warnings()
     args = parse_args(argv)
     if int(os.environ.get("RANK", 0)) != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    generate(args)
+    try:
+        generate(args)
+    except EPLBError as exc:  # one line on rank 0; the traceback only at DEBUG
+        log.debug("generate.py failed", exc_info=True)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"generate.py: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import VOCAB_SIZE, ByteBatches, available_domains, load_domain  # noqa: E402
 
 from megatron_eplb.config import add_eplb_args  # noqa: E402
+from megatron_eplb.errors import EPLBError  # noqa: E402
 
 log = logging.getLogger("megatron_eplb.train")
 
@@ -144,6 +145,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(
             "--save writes a logical EPLB checkpoint (every logical expert once + the expert map); the "
             "--no-eplb baseline keeps Megatron's own layout: drop --save or --no-eplb"
+        )
+    if args.load and args.no_eplb:
+        parser.error(
+            "--load reads a logical EPLB checkpoint into the EPLB model; the --no-eplb baseline keeps Megatron's "
+            "own layout: drop --load or --no-eplb"
         )
     if args.save_interval is not None and (args.save_interval < 1 or not args.save):
         parser.error(f"--save-interval {args.save_interval} needs --save and a value >= 1")
@@ -290,6 +296,26 @@ def make_monitor(args, run_name: str):
     )
 
 
+# ============================================================================ console
+
+# Upstream warnings that say nothing about this run (no Transformer Engine / apex on CPU, a deprecated
+# default inside Megatron, torch's rename of two collectives Megatron still calls): silenced in the scripts.
+HARMLESS_WARNINGS = (
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed",
+    r"full scope is deprecated",
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+)
+
+
+def quiet_known_warnings() -> None:
+    """Silence :data:`HARMLESS_WARNINGS` (before Megatron is imported: most fire at import)."""
+    import warnings
+
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 # ============================================================================ outputs, signals, resume
 
 
@@ -424,8 +450,14 @@ def train(args: argparse.Namespace) -> dict:
 
     ds_cfg = ds_config_for(args)
     eplb = None if args.no_eplb else EPLBConfig.from_args(args, ds_cfg)
+    if eplb is not None:  # what needs the model, before the heavy start (every layer of this model is MoE)
+        eplb.validate_for(
+            args.num_layers,
+            args.num_experts,
+            args.expert_model_parallel_size or int(os.environ.get("WORLD_SIZE", 1)),
+        )
     if args.print_config:
-        print("EPLB_CONFIG " + EPLBConfig.from_args(args, ds_cfg).to_json(), flush=True)
+        print("EPLB_CONFIG " + (eplb or EPLBConfig.from_args(args, ds_cfg)).to_json(), flush=True)
         return {}
     record = record_path_for(args, eplb)
     if eplb is not None and record != eplb.expert_map_record_path:
@@ -439,8 +471,12 @@ def train(args: argparse.Namespace) -> dict:
     ep = init_parallel(args.expert_model_parallel_size, args.seed)
     rank = dist.get_rank()
     rank0_decides("; ".join(output_problems(args, record)) or None if rank == 0 else None)
+    if rank == 0:
+        log.info("building the model (%d layers, %d experts, EP=%d)", args.num_layers, args.num_experts, ep)
     model = build_model(args, ep)
     monitor = None if args.no_eplb else make_monitor(args, Path(args.output_dir).name)
+    if rank == 0:
+        log.info("starting DeepSpeed (its first run on a machine JIT-builds a few ops: a minute or two)")
     engine, _, _, _, manager = eplb_ds.initialize(
         model=model, config=ds_cfg, eplb=False if args.no_eplb else eplb, args=args, monitor=monitor
     )
@@ -635,10 +671,20 @@ def main(argv=None) -> None:
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    quiet_known_warnings()
     args = parse_args(argv)
     if int(os.environ.get("RANK", 0)) != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    result = train(args)
+    try:
+        result = train(args)
+    except (EPLBError, SetupError) as exc:  # one line on rank 0; the traceback only at DEBUG
+        log.debug("train.py failed", exc_info=True)
+        if int(os.environ.get("RANK", 0)) == 0:
+            text = (
+                exc.code if isinstance(exc, SetupError) else f"train.py: error: {type(exc).__name__}: {exc}"
+            )
+            print(text, file=sys.stderr, flush=True)
+        sys.exit(1 if isinstance(exc, SetupError) else 2)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

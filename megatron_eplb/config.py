@@ -93,7 +93,10 @@ class EPLBConfig:
     )
     eplb_window_size: int = _key(100, "Steps of load kept in the sliding window the planner sees.", min=1)
     eplb_worker_timeout: float = _key(
-        30.0, "Seconds the awaited plan may be late before this rebalance is skipped.", gt=0
+        30.0,
+        "Seconds the awaited plan may be late before this rebalance is skipped; after one late plan the next is "
+        "not waited for, and a worker late twice in a row is killed and replaced.",
+        gt=0,
     )
     eplb_layers_per_step: int = _key(1, "MoE layers transferred and committed per step.", min=1)
     eplb_churn_weight: float = _key(
@@ -248,16 +251,19 @@ class EPLBConfig:
     def from_args(cls, args: argparse.Namespace, ds_config: dict | str | None = None) -> EPLBConfig:
         """All sources with their precedence: defaults < ds_config < YAML < --additional-config < flags.
 
-        A source that changes a value a lower one set (e.g. ``--no-dynamic-eplb`` over a YAML's
-        ``dynamic_eplb: true``) is logged as a warning on rank 0, naming both."""
+        A source that changes a value a lower one set is logged on rank 0, naming both: a warning when it
+        switches a feature off (e.g. ``--no-dynamic-eplb`` over a YAML's ``dynamic_eplb: true``), else info."""
         origin: dict[str, str] = {}
 
         def layer(new: EPLBConfig, old: EPLBConfig, source: str) -> EPLBConfig:
             for key in cls.keys():
                 before, after = getattr(old, key), getattr(new, key)
                 if before != after:
-                    if key in origin and _is_rank0():
-                        log.warning(
+                    if (
+                        key in origin and _is_rank0()
+                    ):  # switching a feature off is a warning, other values info
+                        log.log(
+                            logging.WARNING if before is True and after is False else logging.INFO,
                             "megatron-eplb: %s sets %s=%r over %r from %s (the higher-precedence source wins)",
                             source,
                             key,

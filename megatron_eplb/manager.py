@@ -328,10 +328,17 @@ class EPLBManager:
         new_sub = None
         if self._rank == self._planner_rank:
             remaining = self.config.eplb_worker_timeout - (time.monotonic() - state.submitted_at)
+            if (
+                self._worker.late_in_a_row
+            ):  # it missed its last deadline: look, but do not stall training again
+                remaining = 0.0
+            hung = self._worker.hung
             try:
                 new_sub = self._worker.result(timeout=max(0.0, remaining))
             except PolicyWorkerError as exc:
                 log.error("EPLB step %d: %s", self.step_count, exc)
+            if self._worker.hung > hung and self.monitor is not None:
+                self.monitor.log(self.step_count, {"eplb/policy_worker_hung": self._worker.hung})
         new_sub = broadcast_placement(new_sub, src=self._planner_rank)
         record.seconds["plan_wait"] = time.monotonic() - t0
         if new_sub is None:

@@ -179,12 +179,37 @@ def read_load_file(path: str | os.PathLike, *, keep_dense_rows: bool = False) ->
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: malformed JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a JSON object with a 'logical_count' [layers, experts] array, got a "
+            f"{type(data).__name__}"
+        )
     key = "logical_count" if "logical_count" in data else "expert_load" if "expert_load" in data else None
     if key is None:
         raise ValueError(f"{path}: expected a 'logical_count' (or 'expert_load') [layers, experts] array")
-    load = np.asarray(data[key], dtype=np.float64)
-    if load.ndim != 2:
-        raise ValueError(f"{path}: {key} must be 2-D [layers, experts], got shape {load.shape}")
+    rows = data[key]
+    if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+        raise ValueError(f"{path}: {key} must be a list of rows (2-D [layers, experts])")
+    widths = sorted({len(r) for r in rows})
+    if len(widths) > 1:
+        raise ValueError(
+            f"{path}: {key} is ragged: its rows have {widths} entries; every layer needs one per expert"
+        )
+    bad = next(
+        (
+            (i, j, x)
+            for i, r in enumerate(rows)
+            for j, x in enumerate(r)
+            if isinstance(x, bool) or not isinstance(x, (int, float))
+        ),
+        None,
+    )
+    if bad is not None:
+        i, j, x = bad
+        raise ValueError(f"{path}: {key}[{i}][{j}] = {x!r} is not a number")
+    load = np.asarray(rows, dtype=np.float64)
+    if load.ndim != 2 or load.size == 0:
+        raise ValueError(f"{path}: {key} must be 2-D [layers, experts], got shape {list(load.shape)}")
     if not np.isfinite(load).all() or (load < 0).any():
         raise ValueError(f"{path}: {key} has negative or non-finite entries")
     if not keep_dense_rows:

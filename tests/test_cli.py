@@ -106,3 +106,20 @@ def test_nan_load_in_a_map_is_invalid_not_perfect_balance(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err
     assert "expert_load[0, 1] = nan: loads must be finite and >= 0" in err and "1.0000" not in err
+
+
+def test_inspect_into_a_closed_pipe_is_not_an_error(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "map.json"
+    ExpertPlacement.default(4096, 8, 2, 2).to_json(path)  # more lines than a pipe holds
+    code = f"import sys; from megatron_eplb.cli import main; sys.exit(main(['inspect', {str(path)!r}]))"
+    proc = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {sys.executable} -c {code!r} | head -1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("ExpertPlacement(")
+    assert "BrokenPipeError" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

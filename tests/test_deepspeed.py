@@ -63,6 +63,23 @@ def test_train_script_missing_expert_map_is_a_clear_error(tmp_path):
         train.train(args)
 
 
+def test_model_dependent_config_errors_come_before_the_heavy_start_as_one_line(capsys, monkeypatch):
+    """Redundancy that does not divide: one line on rank 0, exit code 2, before any process group or model."""
+    import train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(train, "init_parallel", lambda *a: (_ for _ in ()).throw(AssertionError("too late")))
+    for argv in (["--print-config"], []):
+        with pytest.raises(SystemExit) as exc:
+            train.main([*argv, "--num-experts", "16", "--init-redundancy-expert", "3"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            "train.py: error: EPLBConfigError: init_redundancy_expert=3: 16 experts + 3 redundant = 19 slots do "
+            "not divide over EP size 2; use one of [2, 4]"
+        ], err
+
+
 def test_train_script_flags_and_outputs_checked_before_step_1(tmp_path, capsys):
     import train
 
@@ -71,6 +88,7 @@ def test_train_script_flags_and_outputs_checked_before_step_1(tmp_path, capsys):
         (["--save", "x", "--save-interval", "0"], "needs --save and a value >= 1"),
         (["--tag", "iter_0000010"], "--tag names the checkpoint to load: it needs --load"),
         (["--train-iters", "0"], "--train-iters 0 must be >= 1"),
+        (["--load", "x", "--no-eplb"], "--load reads a logical EPLB checkpoint"),
     ):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
@@ -184,6 +202,9 @@ def test_launcher_trains_rebalances_records_and_saves(launched):
     saved = json.loads((out / "checkpoint" / "iter_0000060" / "expert_map.json").read_text())
     assert np.asarray(saved["expert_load"]).shape == (4, 16)  # the recorded load travels with the map
     assert metrics["completed"] and metrics["last_step"] == TRAIN_ITERS and metrics["stopped_by"] is None
+    # the console says what the start is doing, without the upstream warnings known to be harmless
+    assert "building the model" in log and "starting DeepSpeed" in log
+    assert "Apex is not installed" not in log and "all_gather_into_tensor` is deprecated" not in log
 
 
 @pytest.fixture(scope="module")

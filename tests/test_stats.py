@@ -64,3 +64,22 @@ def test_read_load_file_drops_dense_rows(tmp_path):
         stats.read_load_file(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         stats.read_load_file(tmp_path / "none.json")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("3", "expected a JSON object with a 'logical_count'"),
+        ('{"logical_count": [[1, 2], [3]]}', r"is ragged: its rows have \[1, 2\] entries"),
+        ('{"logical_count": [[1, "2"]]}', r"logical_count\[0\]\[1\] = '2' is not a number"),
+        ('{"logical_count": [[1, true]]}', r"logical_count\[0\]\[1\] = True is not a number"),
+        ('{"logical_count": [1, 2]}', "must be a list of rows"),
+        ('{"logical_count": [[1, NaN]]}', "negative or non-finite"),
+    ],
+)
+def test_bad_load_files_name_the_file_and_the_cause(tmp_path, content, message):
+    path = tmp_path / "load.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as exc:
+        stats.read_load_file(path)
+    assert str(path) in str(exc.value)

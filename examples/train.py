@@ -606,9 +606,9 @@ def train(args: argparse.Namespace) -> dict:
                 rebalances.append(info)
                 if rank == 0:
                     log.info(
-                        "step %d: rebalance %s: balancedness %.3f -> %.3f (predicted on the window), %d slots "
-                        "moved (%.1f KiB), %s",
-                        it,
+                        "rebalance at step %d (the manager's count, as in its log and TensorBoard): %s: "
+                        "balancedness %.3f -> %.3f (predicted on the window), %d slots moved (%.1f KiB), %s",
+                        record.completed_step,
                         record.outcome,
                         record.balancedness_before,
                         record.balancedness_after,

@@ -202,6 +202,10 @@ def test_launcher_trains_rebalances_records_and_saves(launched):
     saved = json.loads((out / "checkpoint" / "iter_0000060" / "expert_map.json").read_text())
     assert np.asarray(saved["expert_load"]).shape == (4, 16)  # the recorded load travels with the map
     assert metrics["completed"] and metrics["last_step"] == TRAIN_ITERS and metrics["stopped_by"] is None
+    # one step number for one rebalance: the manager's log line and train.py's
+    manager_steps = re.findall(r"EPLB rebalance at step (\d+): committed", log)
+    train_steps = re.findall(r"rebalance at step (\d+) \(the manager's count[^)]*\): committed", log)
+    assert manager_steps and manager_steps == train_steps, (manager_steps, train_steps)
     # the console says what the start is doing, without the upstream warnings known to be harmless
     assert "building the model" in log and "starting DeepSpeed" in log
     assert "Apex is not installed" not in log and "all_gather_into_tensor` is deprecated" not in log

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = work / "train_fp32_eplb" / "ckpt"
         gen_model = [*SMALL_MODEL[:-2], "--expert-model-parallel-size", str(n)]  # no --micro-batch-size
         for name, extra in (
-            ("generate_static", ["--expert-map-path", str(ckpt / "final" / "expert_map.json")]),
+            ("generate_static", ["--expert-map-path", str(ckpt / f"iter_{args.steps:07d}" / "expert_map.json")]),
             ("generate_dynamic", ["--dynamic-eplb", "--num-iterations-eplb-update", "4", "--eplb-window-size", "4",
                                   "--num-wait-worker-iterations", "1", "--init-redundancy-expert", "2"]),
             ("generate_off", ["--no-eplb"]),

@@ -91,6 +91,11 @@ class ByteBatches:
         self.batch_size, self.seq_len = batch_size, seq_len
         self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
 
+    def skip(self, count: int) -> None:
+        """Advance past ``count`` batches (a resumed run continues where the saved one stopped)."""
+        for _ in range(count):
+            torch.randint(0, len(self.data) - self.seq_len - 1, (self.batch_size,), generator=self.generator)
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(
             0, len(self.data) - self.seq_len - 1, (self.batch_size,), generator=self.generator

@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import ByteBatches, decode, load_domain  # noqa: E402
-from train import add_model_args, build_model, causal_mask, device, init_parallel  # noqa: E402
+from train import add_model_args, build_model, causal_mask, device, init_parallel, quiet_known_warnings  # noqa: E402
 
 from megatron_eplb.config import EPLBConfig, add_eplb_args  # noqa: E402
+from megatron_eplb.errors import EPLBError  # noqa: E402
 
 log = logging.getLogger("megatron_eplb.generate")
 
@@ -46,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_args(parser)
     g = parser.add_argument_group("generation")
     g.add_argument("--load", required=True, help="checkpoint directory written by train.py --save")
-    g.add_argument("--tag", default=None)
+    g.add_argument(
+        "--tag", default=None, help="the tag to load from --load (default: the one in LOAD/latest)"
+    )
     g.add_argument("--domain", default="wikipedia", help="where the prompts come from")
     g.add_argument("--requests", type=int, default=8, help="requests per rank")
     g.add_argument("--batch-size", type=int, default=2, help="requests decoded together")
@@ -68,47 +71,60 @@ def _gather_floats(values: list[float]) -> list[float]:
     return [v for part in out for v in part]
 
 
-def resolve_placement(args: argparse.Namespace, ckpt: Path):
-    """The static placement to serve with: ``--expert-map-path``, else the map saved beside the checkpoint.
-    Returns ``(ExpertPlacement, where it came from)``."""
+def resolve_placement(args: argparse.Namespace, ckpt: Path, map_sha256: str | None = None):
+    """The static placement to serve with: ``--expert-map-path``, else the map saved beside the checkpoint
+    (checked against the payload's ``map_sha256`` when given).  Returns ``(ExpertPlacement, where it came
+    from)``."""
     from megatron_eplb.checkpoint import load_expert_map
     from megatron_eplb.placement import ExpertPlacement
 
     eplb = EPLBConfig.from_args(args)
     if eplb.expert_map_path is None:
-        saved = load_expert_map(ckpt)
+        saved = load_expert_map(ckpt, map_sha256)
         if saved is None:
             raise FileNotFoundError(f"{ckpt}: no expert_map.json; pass --expert-map-path")
         return saved, str(ckpt / "expert_map.json")
     return ExpertPlacement.from_json(eplb.expert_map_path, allow_same_rank_copies=True), eplb.expert_map_path
 
 
-def load_unpatched(model: torch.nn.Module, logical_state: dict) -> None:
+def load_unpatched(
+    model: torch.nn.Module, logical_state: dict, source: str = "checkpoint", saved_facts: dict | None = None
+) -> None:
     """Load a logical checkpoint into a model *without* EPLB: Megatron's own layout, logical expert ``e``
     on EP rank ``e // (E / EP)`` as its local expert ``e % (E / EP)`` (either expert class)."""
     from megatron_eplb.patches import megatron as eplb_mcore
 
-    model.load_state_dict(eplb_mcore.unpatched_state_dict(model, logical_state), strict=False)
+    from megatron_eplb.checkpoint import check_state_fits
+
+    state = eplb_mcore.unpatched_state_dict(model, logical_state)
+    check_state_fits(state, model, source=source, saved_facts=saved_facts)
+    model.load_state_dict(state, strict=False)
 
 
-def load_model(args: argparse.Namespace, ep: int, ckpt: Path, placement=None):
-    """Build the model and load the logical checkpoint ``ckpt`` into it.
+def load_model(args: argparse.Namespace, ep: int, ckpt: Path, placement=None, payload: dict | None = None):
+    """Build the model and load the logical checkpoint ``ckpt`` into it (``payload``: already read).
 
-    With ``placement`` (static EPLB) the model is patched (``megatron.apply``) and every slot filled from
-    its logical expert; with ``None`` it stays Megatron's own model.  Returns ``(model, handle or None,
-    payload metadata)``."""
+    The file is read with its checksums verified, and the model's shape facts are compared with the ones it
+    was trained with before anything is loaded.  With ``placement`` (static EPLB) the model is patched
+    (``megatron.apply``) and every slot filled from its logical expert; with ``None`` it stays Megatron's own
+    model.  Returns ``(model, handle or None, payload metadata)``."""
     from megatron_eplb.patches import megatron as eplb_mcore
 
+    from megatron_eplb.checkpoint import CHECKPOINT_FILENAME, check_state_fits, read_logical_checkpoint
+
+    payload = read_logical_checkpoint(ckpt) if payload is None else payload
     model = build_model(args, ep)
-    payload = torch.load(ckpt / "model_logical.pt", map_location="cpu", weights_only=False)
+    source, saved_facts = str(ckpt / CHECKPOINT_FILENAME), payload.get("model_facts")
+    facts = eplb_mcore.model_facts(model, len(eplb_mcore.find_moe_layers(model)))
+    check_state_fits({}, model, source=source, saved_facts=saved_facts, facts=facts)
     handle = None
     if placement is not None:
         handle = eplb_mcore.apply(model, placement, EPLBConfig.from_args(args))
         handle.load_logical_state_dict(payload["model"], strict=False)
     else:
-        load_unpatched(model, payload["model"])
+        load_unpatched(model, payload["model"], source, saved_facts)
     model.eval()
-    return model, handle, {k: v for k, v in payload.items() if k not in ("model", "optimizer")}
+    return model, handle, {k: v for k, v in payload.items() if k not in ("model", "optimizer", "checksums")}
 
 
 @torch.no_grad()
@@ -146,11 +162,19 @@ def generate(args: argparse.Namespace) -> dict:
 
     ep = init_parallel(args.expert_model_parallel_size, args.seed)
     rank = dist.get_rank()
+    from megatron_eplb.patches.deepspeed import resolve_tag
+
+    from megatron_eplb.checkpoint import read_logical_checkpoint
+
     load_dir = Path(args.load)
-    tag = args.tag or (load_dir / "latest").read_text().strip()
-    ckpt = load_dir / tag
-    placement, map_source = (None, "none (--no-eplb)") if args.no_eplb else resolve_placement(args, ckpt)
-    model, handle, meta = load_model(args, ep, ckpt, placement)
+    ckpt = load_dir / resolve_tag(load_dir, args.tag)
+    payload = read_logical_checkpoint(ckpt)
+    placement, map_source = (
+        (None, "none (--no-eplb)")
+        if args.no_eplb
+        else resolve_placement(args, ckpt, payload.get("expert_map_sha256"))
+    )
+    model, handle, meta = load_model(args, ep, ckpt, placement, payload)
     if rank == 0:
         log.info(
             "%s: %r from %s, checkpoint %s (step %s)",
@@ -239,10 +263,17 @@ def main(argv=None) -> None:
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
     torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))
+    quiet_known_warnings()
     args = parse_args(argv)
     if int(os.environ.get("RANK", 0)) != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    generate(args)
+    try:
+        generate(args)
+    except EPLBError as exc:  # one line on rank 0; the traceback only at DEBUG
+        log.debug("generate.py failed", exc_info=True)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"generate.py: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -15,7 +15,17 @@ which shifts the routing; every completed rebalance prints the balancedness befo
 bf16 + ZeRO 1 + gradient accumulation: ``--deepspeed_config configs/ds_config_zero1_bf16.json --bf16``.
 Grouped-GEMM experts (Megatron's legacy ``GroupedMLP``, bf16): ``--moe-grouped-gemm --bf16``; without the
 ``grouped_gemm`` package megatron-eplb's drop-in on ``torch._grouped_mm`` is installed for it.
-Resume on fewer ranks (e.g. one GPU lost): ``deepspeed --num_gpus 1 examples/train.py --load CKPT ...``.
+
+Checkpoints (``--save DIR``) are tagged by iteration like Megatron's (``DIR/iter_0000040``, ``DIR/latest``
+names the last complete one), every ``--save-interval`` iterations, at the end, and when SIGTERM or SIGINT
+arrives (the ranks agree at the end of the step, save, write the metrics and the map, and exit with
+128 + the signal number).  An existing tag is never replaced unless ``--overwrite-checkpoints``.  ``--load
+DIR`` continues from the saved iteration (``--tag`` picks another than ``latest``): step counter, data
+position and domain switch; ``--train-iters`` is the total, as in Megatron.  Resume on fewer ranks (e.g.
+one GPU lost): ``deepspeed --num_gpus 1 examples/train.py --load CKPT ...``.  ``--save``, ``--metrics-out``,
+``--output-dir`` and the record path are checked to be writable before step 1; ``--metrics-out`` is
+rewritten (whole, atomically) every ``--log-interval`` steps.  With dynamic EPLB and no
+``expert_map_record_path`` the map is recorded to ``OUTPUT_DIR/expert_map.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +34,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import VOCAB_SIZE, ByteBatches, available_domains, load_domain  # noqa: E402
 
 from megatron_eplb.config import add_eplb_args  # noqa: E402
+from megatron_eplb.errors import EPLBError  # noqa: E402
 
 log = logging.getLogger("megatron_eplb.train")
 
@@ -98,15 +112,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--switch-at", type=float, default=0.5, help="fraction of --train-iters")
     t.add_argument("--log-interval", type=int, default=10)
     t.add_argument("--no-eplb", action="store_true", help="DeepSpeed + Megatron MoE without EPLB (baseline)")
-    t.add_argument("--save", default=None, help="checkpoint directory (logical experts + expert map)")
+    t.add_argument(
+        "--save",
+        default=None,
+        help="checkpoint directory: DIR/iter_0000040 (logical experts + expert map), DIR/latest",
+    )
+    t.add_argument(
+        "--save-interval",
+        type=int,
+        default=None,
+        help="save every N iterations too (default: only at the end)",
+    )
+    t.add_argument(
+        "--overwrite-checkpoints",
+        action="store_true",
+        help="let this run replace checkpoint tags in --save that are past its start (else an error before step 1)",
+    )
     t.add_argument(
         "--load",
         default=None,
-        help="resume from a checkpoint written by --save (any EP size: at another EP size, e.g. one GPU "
-        "lost, the placement is re-planned for the new EP size from the recorded load)",
+        help="continue from a checkpoint written by --save, at its iteration (--train-iters is the total); any "
+        "EP size: at another EP size, e.g. one GPU lost, the placement is re-planned from the recorded load",
+    )
+    t.add_argument(
+        "--tag", default=None, help="the tag to load from --load (default: the one in LOAD/latest)"
     )
     t.add_argument("--output-dir", default="outputs/train")
-    t.add_argument("--metrics-out", default=None, help="write losses/rebalances as JSON (rank 0)")
+    t.add_argument(
+        "--metrics-out",
+        default=None,
+        help="write losses/rebalances as JSON (rank 0), rewritten every --log-interval steps and at the end",
+    )
     t.add_argument(
         "--print-config", action="store_true", help="print the resolved EPLB config as JSON and exit"
     )
@@ -118,6 +154,17 @@ def parse_args(argv=None) -> argparse.Namespace:
             "--save writes a logical EPLB checkpoint (every logical expert once + the expert map); the "
             "--no-eplb baseline keeps Megatron's own layout: drop --save or --no-eplb"
         )
+    if args.load and args.no_eplb:
+        parser.error(
+            "--load reads a logical EPLB checkpoint into the EPLB model; the --no-eplb baseline keeps Megatron's "
+            "own layout: drop --load or --no-eplb"
+        )
+    if args.save_interval is not None and (args.save_interval < 1 or not args.save):
+        parser.error(f"--save-interval {args.save_interval} needs --save and a value >= 1")
+    if args.tag is not None and not args.load:
+        parser.error("--tag names the checkpoint to load: it needs --load")
+    if args.train_iters < 1:
+        parser.error(f"--train-iters {args.train_iters} must be >= 1 (the total number of iterations)")
     return args
 
 
@@ -285,6 +332,150 @@ def make_monitor(args, run_name: str):
     )
 
 
+# ============================================================================ console
+
+# Upstream warnings that say nothing about this run (no Transformer Engine / apex on CPU, a deprecated
+# default inside Megatron, torch's rename of two collectives Megatron still calls): silenced in the scripts.
+HARMLESS_WARNINGS = (
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed",
+    r"full scope is deprecated",
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+)
+
+
+def quiet_known_warnings() -> None:
+    """Silence :data:`HARMLESS_WARNINGS` (before Megatron is imported: most fire at import)."""
+    import warnings
+
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+# ============================================================================ outputs, signals, resume
+
+
+class SetupError(SystemExit):
+    """A bad output path or resume found before step 1: one line on stderr, exit code 1, nothing trained."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"train.py: error: {message}")
+
+
+def _probe_dir(directory: Path) -> str | None:
+    """Why ``directory`` cannot take files (created if missing), or None."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
+    return None
+
+
+def output_problems(args: argparse.Namespace, record_path: str | None = None) -> list[str]:
+    """What keeps this run from writing its outputs (checked before step 1; creates the directories).  Local."""
+    problems = []
+    dirs = {"--save": args.save, "--output-dir": args.output_dir}
+    files = {"--metrics-out": args.metrics_out, "expert_map_record_path": record_path}
+    for flag, path in files.items():
+        if path and Path(path).is_dir():
+            problems.append(f"{flag} {path!r} is a directory; give a file name")
+        elif path:
+            dirs[f"{flag} {path!r}: its directory"] = str(Path(path).resolve().parent)
+    for flag, path in dirs.items():
+        why = _probe_dir(Path(path)) if path else None
+        if why:
+            problems.append(f"{flag} {path!r} is not writable ({why})")
+    return problems
+
+
+def later_tags(save_dir: str, start: int) -> list[str]:
+    """Checkpoint tags in ``save_dir`` past iteration ``start`` (a run from ``start`` would write over them)."""
+    from megatron_eplb.patches.deepspeed import checkpoint_tags
+
+    return [
+        t
+        for t in checkpoint_tags(save_dir)
+        if t.startswith("iter_") and t[5:].isdigit() and int(t[5:]) > start
+    ]
+
+
+def rank0_decides(problem: str | None) -> None:
+    """Rank 0's verdict on every rank: raise :class:`SetupError` everywhere when it found a problem."""
+    box = [problem]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise SetupError(box[0])
+
+
+def no_rebalance_ahead(eplb, optimizer_steps: int) -> bool:
+    """Dynamic EPLB that cannot rebalance within ``optimizer_steps`` (a step interval only, no time one)."""
+    return (
+        eplb.dynamic_eplb
+        and eplb.eplb_update_interval is None
+        and optimizer_steps < eplb.num_iterations_eplb_update
+    )
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag (nothing else runs in the handler: no collective, safe under NCCL); the
+    training loop agrees on it over all ranks at the end of a step, saves and exits.  A second SIGINT
+    interrupts at once; a repeated SIGTERM is ignored (the launcher kills after its own grace period)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+            log.warning(
+                "%s received: saving and stopping at the end of this step", signal.Signals(signum).name
+            )
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+class MetricsFile:
+    """``--metrics-out`` on rank 0: the whole result rewritten atomically (a crash keeps the last write)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path if path and dist.get_rank() == 0 else None
+
+    def write(self, result: dict) -> None:
+        if self.path is None:
+            return
+        from megatron_eplb.checkpoint_files import atomic_write_text
+
+        atomic_write_text(self.path, json.dumps(result, default=float))
+
+
+def record_path_for(args: argparse.Namespace, eplb) -> str | None:
+    """The record path this run uses: the config's, else (dynamic EPLB) ``OUTPUT_DIR/expert_map.json``
+    (``expert_map.recorded.json`` when that is the map the run starts from)."""
+    if eplb is None or eplb.expert_map_record_path or not eplb.dynamic_eplb:
+        return None if eplb is None else eplb.expert_map_record_path
+    path = Path(args.output_dir) / "expert_map.json"
+    if eplb.expert_map_path and os.path.realpath(eplb.expert_map_path) == os.path.realpath(path):
+        path = path.with_name("expert_map.recorded.json")
+    return str(path)
+
+
 # ============================================================================ main
 
 
@@ -294,104 +485,222 @@ def train(args: argparse.Namespace) -> dict:
     from megatron_eplb.config import EPLBConfig
 
     ds_cfg = ds_config_for(args)
+    eplb = None if args.no_eplb else EPLBConfig.from_args(args, ds_cfg)
+    if eplb is not None:  # what needs the model, before the heavy start (every layer of this model is MoE)
+        eplb.validate_for(
+            args.num_layers,
+            args.num_experts,
+            args.expert_model_parallel_size or int(os.environ.get("WORLD_SIZE", 1)),
+        )
     if args.print_config:
-        print("EPLB_CONFIG " + EPLBConfig.from_args(args, ds_cfg).to_json(), flush=True)
+        print("EPLB_CONFIG " + (eplb or EPLBConfig.from_args(args, ds_cfg)).to_json(), flush=True)
         return {}
+    record = record_path_for(args, eplb)
+    if eplb is not None and record != eplb.expert_map_record_path:
+        eplb = eplb.replace(expert_map_record_path=record)
+    gas = int(ds_cfg["gradient_accumulation_steps"])
+    if args.save_interval and args.save_interval % gas:
+        raise SetupError(
+            f"--save-interval {args.save_interval} is not a multiple of gradient_accumulation_steps {gas} "
+            "(a checkpoint is taken at an optimizer step)"
+        )
     ep = init_parallel(args.expert_model_parallel_size, args.seed)
     rank = dist.get_rank()
+    rank0_decides("; ".join(output_problems(args, record)) or None if rank == 0 else None)
+    if rank == 0:
+        log.info("building the model (%d layers, %d experts, EP=%d)", args.num_layers, args.num_experts, ep)
     model = build_model(args, ep)
     monitor = None if args.no_eplb else make_monitor(args, Path(args.output_dir).name)
+    if rank == 0:
+        log.info("starting DeepSpeed (its first run on a machine JIT-builds a few ops: a minute or two)")
     engine, _, _, _, manager = eplb_ds.initialize(
-        model=model, config=ds_cfg, eplb=False if args.no_eplb else None, args=args, monitor=monitor
+        model=model, config=ds_cfg, eplb=False if args.no_eplb else eplb, args=args, monitor=monitor
     )
     handle = engine.eplb_handle
-    if args.load:
-        eplb_ds.load_checkpoint(engine, manager, args.load)
     domains = args.domains.split(",")
+    switch = int(args.train_iters * args.switch_at) if len(domains) > 1 else args.train_iters + 1
+    start, consumed = 0, [0] * len(domains)
+    if args.load:
+        meta = eplb_ds.load_checkpoint(engine, manager, args.load, tag=args.tag)
+        saved = meta.get("train") or {}  # saved by an older train.py: its optimizer steps, the default switch
+        start = int(saved.get("iteration", meta.get("global_steps", 0) * gas))
+        switch = int(saved.get("switch_step", switch))
+        consumed = list(saved.get("batches_consumed") or [min(start, switch), max(0, start - switch)])
+        if rank == 0:
+            log.info(
+                "continuing from %s (tag %s) at iteration %d of %d (data: %s batches consumed; domain switch "
+                "after step %d)",
+                args.load,
+                meta["tag"],
+                start,
+                args.train_iters,
+                "/".join(map(str, consumed)),
+                switch,
+            )
+        if start >= args.train_iters:
+            raise SetupError(
+                f"the checkpoint {args.load} ({meta['tag']}) is at iteration {start} and --train-iters is "
+                f"{args.train_iters} (the total, as in Megatron): nothing to train; raise --train-iters"
+            )
+    left = (args.train_iters - start) // gas  # optimizer steps this run takes
+    if manager is not None and rank == 0 and no_rebalance_ahead(manager.config, left):
+        log.warning(
+            "no rebalance will run: %d iterations (micro-batches) with gradient_accumulation_steps %d are %d "
+            "optimizer steps, and EPLB counts optimizer steps: num_iterations_eplb_update=%d",
+            args.train_iters - start,
+            gas,
+            left,
+            manager.config.num_iterations_eplb_update,
+        )
+    if args.save and not args.overwrite_checkpoints:
+        later = later_tags(args.save, start) if rank == 0 else []
+        rank0_decides(
+            f"--save {args.save} already holds checkpoints past iteration {start} ({', '.join(later)}), which "
+            "this run would write over: choose another --save, continue from them with --load, or pass "
+            "--overwrite-checkpoints"
+            if later
+            else None
+        )
     if rank == 0:
         log.info("text domains available: %s; training on %s", available_domains(), " -> ".join(domains))
     batches = [
         ByteBatches(load_domain(d), args.micro_batch_size, args.seq_length, seed=args.seed, rank=rank)
         for d in domains
     ]
-    switch = int(args.train_iters * args.switch_at) if len(domains) > 1 else args.train_iters + 1
     if manager is not None:  # what eplb_trace_path's file says about the data
         manager.trace_meta.update(script="examples/train.py", domains=domains, switch_after_step=switch)
+    for b, n in zip(batches, consumed):
+        b.skip(n)
     dev = device()
     mask = causal_mask(args.seq_length).to(dev)
     pos = torch.arange(args.seq_length, device=dev)[None].expand(args.micro_batch_size, -1)
     losses, rebalances = [], []
+    metrics = MetricsFile(args.metrics_out)
+    stop = StopRequest()
+    stopping, stopped_by = False, None
+    saved_at = None
     t_start = time.monotonic()
-    for it in range(1, args.train_iters + 1):
-        domain = 0 if it <= switch else 1
-        if it == switch + 1 and rank == 0:
-            log.info(
-                "step %d: data switches domain %s -> %s (routing will shift)", it, domains[0], domains[1]
-            )
-        tokens, labels = (t.to(dev, non_blocking=True) for t in batches[domain].next())
-        per_token = engine(tokens, pos, mask, labels=labels)
-        loss = per_token.float().mean()
-        engine.backward(loss)
-        engine.step()
-        value = loss.detach().clone()
-        dist.all_reduce(value)
-        value = float(value) / dist.get_world_size()
-        losses.append(value)
-        record = engine.eplb_last_record
-        if record is not None:
-            info = record.as_dict()
-            rebalances.append(info)
-            if rank == 0:
-                log.info(
-                    "step %d: rebalance %s: balancedness %.3f -> %.3f (predicted on the window), %d slots moved "
-                    "(%.1f KiB), %s",
-                    it,
-                    record.outcome,
-                    record.balancedness_before,
-                    record.balancedness_after,
-                    record.moved_slots,
-                    record.moved_bytes / 1024,
-                    ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in record.seconds.items()),
-                )
-        if it % args.log_interval == 0 or it == args.train_iters:
-            scalars = {"loss": value, "domain": domain}
-            if manager is not None and manager.realized:  # the manager's last eplb_log_interval steps
-                scalars["balancedness"] = manager.realized[-1]["eplb/balancedness_realized"]
-            if rank == 0:
-                elapsed = time.monotonic() - t_start
-                log.info(
-                    "step %4d/%d | %s | loss %.4f | realized balancedness %s | %.2f s/step",
-                    it,
-                    args.train_iters,
-                    domains[domain],
-                    value,
-                    f"{scalars['balancedness']:.3f}" if "balancedness" in scalars else "n/a",
-                    elapsed / it,
-                )
-                if monitor is not None:
-                    monitor.log(it, scalars)
-    result = {
-        "losses": losses,
-        "rebalances": rebalances,
-        "realized_balancedness": manager.realized if manager is not None else [],
-        "switch_step": switch,
-        "seconds": time.monotonic() - t_start,
-        "placement": handle.placement.phy2log.tolist() if handle is not None else None,
-        "eplb": manager.config.to_dict() if manager is not None else None,
-        "zero_stage": engine.zero_optimization_stage(),
-    }
-    if args.save:
-        path = eplb_ds.save_checkpoint(engine, manager, args.save, tag="final")
+
+    def result(last: int, completed: bool) -> dict:
+        return {
+            "losses": losses,
+            "rebalances": rebalances,
+            "realized_balancedness": manager.realized if manager is not None else [],
+            "switch_step": switch,
+            "start_iteration": start,
+            "last_step": last,
+            "completed": completed,
+            "stopped_by": None if completed else stopped_by,
+            "checkpoint": saved_at,
+            "seconds": time.monotonic() - t_start,
+            "placement": handle.placement.phy2log.tolist() if handle is not None else None,
+            "eplb": manager.config.to_dict() if manager is not None else None,
+            "zero_stage": engine.zero_optimization_stage(),
+        }
+
+    def save(it: int) -> None:
+        nonlocal saved_at
+        path = eplb_ds.save_checkpoint(
+            engine,
+            manager,
+            args.save,
+            tag=eplb_ds.step_tag(it),
+            overwrite=args.overwrite_checkpoints,
+            extra={"train": {"iteration": it, "switch_step": switch, "batches_consumed": list(consumed)}},
+        )
+        saved_at = str(path)
         if rank == 0:
-            log.info("checkpoint saved to %s (logical experts + expert_map.json)", path)
-    if rank == 0 and args.metrics_out:
-        Path(args.metrics_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.metrics_out).write_text(json.dumps(result, default=float))
-    if manager is not None:
-        manager.close()
-    if monitor is not None:
-        monitor.close()
-    return result
+            log.info("step %d: checkpoint saved to %s (logical experts + expert_map.json)", it, path)
+
+    it = start
+    try:
+        for it in range(start + 1, args.train_iters + 1):
+            domain = 0 if it <= switch else 1
+            if it == switch + 1 and rank == 0:
+                log.info(
+                    "step %d: data switches domain %s -> %s (routing will shift)", it, domains[0], domains[1]
+                )
+            tokens, labels = (t.to(dev, non_blocking=True) for t in batches[domain].next())
+            consumed[domain] += 1
+            per_token = engine(tokens, pos, mask, labels=labels)
+            loss = per_token.float().mean()
+            engine.backward(loss)
+            engine.step()
+            # the loss and the stop flag in one all-reduce: every rank sees a signal at the same step
+            stats = torch.stack(
+                [loss.detach().float().reshape(()), torch.tensor(float(stop.requested), device=dev)]
+            )
+            dist.all_reduce(stats)
+            value = float(stats[0]) / dist.get_world_size()
+            if not stopping and stats[1] > 0:  # once per run: which signal (the largest number, if two came)
+                stopping = True
+                sig = torch.tensor([stop.signum or 0], device=dev)
+                dist.all_reduce(sig, op=dist.ReduceOp.MAX)
+                stopped_by = signal.Signals(int(sig)).name
+            losses.append(value)
+            record = engine.eplb_last_record
+            if record is not None:
+                info = record.as_dict()
+                rebalances.append(info)
+                if rank == 0:
+                    log.info(
+                        "rebalance at step %d (the manager's count, as in its log and TensorBoard): %s: "
+                        "balancedness %.3f -> %.3f (predicted on the window), %d slots moved (%.1f KiB), %s",
+                        record.completed_step,
+                        record.outcome,
+                        record.balancedness_before,
+                        record.balancedness_after,
+                        record.moved_slots,
+                        record.moved_bytes / 1024,
+                        ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in record.seconds.items()),
+                    )
+            boundary = it % gas == 0
+            if it % args.log_interval == 0 or it == args.train_iters:
+                scalars = {"loss": value, "domain": domain}
+                if manager is not None and manager.realized:  # the manager's last eplb_log_interval steps
+                    scalars["balancedness"] = manager.realized[-1]["eplb/balancedness_realized"]
+                if rank == 0:
+                    elapsed = time.monotonic() - t_start
+                    log.info(
+                        "step %4d/%d | %s | loss %.4f | realized balancedness %s | %.2f s/step",
+                        it,
+                        args.train_iters,
+                        domains[domain],
+                        value,
+                        f"{scalars['balancedness']:.3f}" if "balancedness" in scalars else "n/a",
+                        elapsed / (it - start),
+                    )
+                    if monitor is not None:
+                        monitor.log(it, scalars)
+                metrics.write(result(it, False))
+            last = it == args.train_iters
+            if args.save and (
+                last or (boundary and (stopping or (args.save_interval and it % args.save_interval == 0)))
+            ):
+                save(it)
+            if stopping and boundary and not last:
+                break
+        else:
+            stopping = False  # the run finished; a signal in its last step changes nothing more
+        if manager is not None:
+            manager.record_map()
+        metrics.write(result(it, not stopping))
+        dist.barrier()  # every rank's outputs are written before any rank exits
+    finally:
+        stop.restore()
+        if manager is not None:
+            manager.close()
+        if monitor is not None:
+            monitor.close()
+    out = result(it, not stopping)
+    if stopping and rank == 0:
+        log.warning(
+            "stopped by %s after step %d%s",
+            out["stopped_by"],
+            it,
+            f"; checkpoint {saved_at}" if saved_at else "",
+        )
+    return out
 
 
 def main(argv=None) -> None:
@@ -400,13 +709,25 @@ def main(argv=None) -> None:
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    quiet_known_warnings()
     args = parse_args(argv)
     if int(os.environ.get("RANK", 0)) != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    train(args)
+    try:
+        result = train(args)
+    except (EPLBError, SetupError) as exc:  # one line on rank 0; the traceback only at DEBUG
+        log.debug("train.py failed", exc_info=True)
+        if int(os.environ.get("RANK", 0)) == 0:
+            text = (
+                exc.code if isinstance(exc, SetupError) else f"train.py: error: {type(exc).__name__}: {exc}"
+            )
+            print(text, file=sys.stderr, flush=True)
+        sys.exit(1 if isinstance(exc, SetupError) else 2)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    if result.get("stopped_by"):
+        sys.exit(128 + signal.Signals[result["stopped_by"]].value)
 
 
 if __name__ == "__main__":

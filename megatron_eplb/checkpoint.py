@@ -24,11 +24,19 @@ used by ``EPLBManager.save_checkpoint`` and ``patches.deepspeed.save_checkpoint`
                      (``OptimizerSlots.full_state``; no ``step``),
         "optimizer_step": the optimizer's step count (Adam's ``step``, one number),
         "eplb_step_count": the manager's step (None without a manager),
+        "model_facts": the model's shape facts (``handle.model_facts()``: hidden_size, num_experts, ...),
+        "checksums": {path of every tensor in the payload: crc32, "<metadata>": crc32 of its scalars},
+        "expert_map_sha256": the SHA-256 of expert_map.json's text,
         ... what the caller adds (DeepSpeed: "global_steps", "lr_scheduler");
     DIR/expert_map.json    the placement it was saved with and the [L, E] load recorded before the save.
 
-A load chooses the placement to resume with (:func:`resume_placement`: the saved one, or a new plan for
-another EP size / slot count from the recorded load), then fills every slot from its logical expert.
+A save is all or nothing (:func:`megatron_eplb.checkpoint_files.publish_directory`: a partial directory
+beside ``DIR``, renamed into place) and never replaces an existing checkpoint unless asked
+(``overwrite=True``).  A load checks everything before it changes anything: the file reads, every tensor
+matches its checksum (checkpoints saved before checksums load unverified, with a log line), the model facts
+and every tensor's shape fit the model; then it chooses the placement to resume with
+(:func:`resume_placement`: the saved one, or a new plan for another EP size / slot count from the recorded
+load) and fills every slot from its logical expert.
 
 The conversion functions are pure over dicts of tensors; the save/load functions take the model handle
 and the optimizer slots (:mod:`megatron_eplb.protocols`) and are collective over the expert-parallel
@@ -47,6 +55,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .checkpoint_files import (
+    CHECKSUMS_KEY,
+    FACTS_KEY,
+    MAP_SHA256_KEY,
+    describe_facts,
+    facts_mismatch,
+    payload_checksums,
+    publish_directory,
+    read_payload,
+    sha256_text,
+    verify_checksums,
+)
 from .errors import CheckpointError
 from .optimizer_state import MASTER_KEY
 from .placement import ExpertPlacement
@@ -57,6 +77,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKPOINT_FILENAME",
     "CheckpointError",
+    "check_state_fits",
     "EXPERT_MAP_FILENAME",
     "expert_map_path",
     "load_expert_map",
@@ -228,12 +249,24 @@ def save_expert_map(placement: ExpertPlacement, checkpoint: str | os.PathLike) -
     return path
 
 
-def load_expert_map(checkpoint: str | os.PathLike) -> ExpertPlacement | None:
-    """The placement saved beside ``checkpoint``, or ``None`` when there is none."""
+def load_expert_map(
+    checkpoint: str | os.PathLike, expected_sha256: str | None = None
+) -> ExpertPlacement | None:
+    """The placement saved beside ``checkpoint``, or ``None`` when there is none.
+
+    ``expected_sha256``: the payload's ``expert_map_sha256`` (a map that is not the one saved with the
+    payload, e.g. after a save interrupted while replacing a checkpoint, is a :class:`CheckpointError`)."""
     path = expert_map_path(checkpoint)
     if not path.is_file():
         return None
-    return ExpertPlacement.from_json(path, allow_same_rank_copies=True)
+    text = path.read_text()
+    if expected_sha256 is not None and sha256_text(text) != expected_sha256:
+        raise CheckpointError(
+            f"{path} is not the expert map saved with {CHECKPOINT_FILENAME} (its SHA-256 differs): it was changed "
+            "after the save, or a save that replaced this checkpoint was interrupted; load another checkpoint "
+            "(an earlier tag), or pass expert_map_path to start from a map of your choice"
+        )
+    return ExpertPlacement.from_json(text, allow_same_rank_copies=True, source=str(path))
 
 
 # ============================================================================ the logical checkpoint
@@ -342,8 +375,9 @@ def save_logical_checkpoint(
     expert_load: np.ndarray | None = None,
     eplb_step_count: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the logical checkpoint (format in this module's docstring) to ``directory``.
+    """Write the logical checkpoint (format in this module's docstring) to ``directory``, all or nothing.
 
     Args:
         handle: the model's :class:`megatron_eplb.protocols.ExpertModel` (None: a model without EPLB).
@@ -352,15 +386,25 @@ def save_logical_checkpoint(
             None keeps the placement's own.
         model: the (patched) model; default ``handle.model``.
         eplb_step_count: the manager's step; ``extra``: more entries for the payload (rank 0's are written).
+        overwrite: replace a checkpoint already in ``directory`` (else that is an error and nothing is written).
     Returns:
         ``directory``.  Collective over every rank; rank 0 writes.
+    Raises:
+        CheckpointError: on every rank, when ``directory`` already holds a checkpoint (without ``overwrite``)
+            or is not a directory (checked before anything is gathered), or when the write failed (the
+            previous contents of ``directory`` are then unchanged).
     """
     directory = Path(directory)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    problem = _from_rank0(_save_target_problem(directory, overwrite) if rank0 else None)
+    if problem:
+        raise CheckpointError(problem)
     model = handle.model if model is None else model
     model_state = handle.logical_state_dict() if handle is not None else model.state_dict()
     optimizer = logical_optimizer_state(model, handle, slots) if slots is not None else {}
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
+    error = None
+    if rank0:
+        files: dict[str, Any] = {}
         payload = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -368,34 +412,150 @@ def save_logical_checkpoint(
             "optimizer": optimizer,
             "optimizer_step": slots.optimizer_step() if slots is not None else 0,
             "eplb_step_count": eplb_step_count,
+            FACTS_KEY: _model_facts(handle),
             **dict(extra or {}),
         }
-        torch.save(payload, directory / CHECKPOINT_FILENAME)
         if handle is not None:
             placement = handle.placement
-            save_expert_map(
-                placement.with_load(expert_load) if expert_load is not None else placement, directory
+            placement = placement.with_load(expert_load) if expert_load is not None else placement
+            files[EXPERT_MAP_FILENAME] = placement.to_json()
+            payload[MAP_SHA256_KEY] = sha256_text(files[EXPERT_MAP_FILENAME])
+        payload[CHECKSUMS_KEY] = payload_checksums(payload)
+        try:
+            publish_directory(directory, {CHECKPOINT_FILENAME: payload, **files})
+        except OSError as exc:
+            error = (
+                f"could not write the checkpoint {str(directory)!r} ({type(exc).__name__}: {exc}); nothing was "
+                "replaced: a checkpoint already there is unchanged"
             )
-    if dist.is_initialized():
-        dist.barrier()
+    error = _from_rank0(error)
+    if error:
+        raise CheckpointError(error)
     return directory
 
 
+def _save_target_problem(directory: Path, overwrite: bool) -> str | None:
+    """Why ``directory`` cannot take a checkpoint now, or None."""
+    if directory.exists() and not directory.is_dir():
+        return f"cannot save a checkpoint to {str(directory)!r}: it exists and is not a directory"
+    for parent in directory.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"cannot save a checkpoint to {str(directory)!r}: {str(parent)!r} is not a directory"
+            break
+    if not overwrite and (directory / CHECKPOINT_FILENAME).exists():
+        return (
+            f"{str(directory)!r} already holds a checkpoint ({CHECKPOINT_FILENAME}); nothing was written: save "
+            "under another directory or tag, or pass overwrite=True to replace it"
+        )
+    return None
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (collective over the world; the value itself without a group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _model_facts(handle: Any) -> dict[str, Any]:
+    """The model's shape facts (``handle.model_facts()`` where the handle has them), else the MoE counts."""
+    if handle is None:
+        return {}
+    facts = getattr(handle, "model_facts", None)
+    if callable(facts):
+        return dict(facts())
+    return {"num_moe_layers": handle.num_layers, "num_experts": handle.num_experts}
+
+
 def read_logical_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
-    """The payload of :func:`save_logical_checkpoint` in ``directory`` (on the CPU).  Local."""
+    """The payload of :func:`save_logical_checkpoint` in ``directory`` (on the CPU), its checksums verified.
+    Local.
+
+    Raises:
+        FileNotFoundError: ``directory`` holds no ``model_logical.pt``.
+        CheckpointError: the file is empty, truncated or corrupt (a tensor fails its checksum: the message
+            names the file and the tensor), or it is not a logical checkpoint this version reads.
+    """
     path = Path(directory) / CHECKPOINT_FILENAME
     if not path.is_file():
         raise FileNotFoundError(f"no logical checkpoint in {str(directory)!r} (expected {path.name} there)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = read_payload(path)
     if (
-        payload.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT
+        not isinstance(payload, dict)
+        or payload.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT
         or payload.get("version", 1) > CHECKPOINT_VERSION
+        or not isinstance(payload.get("model"), dict)
     ):
-        raise CheckpointError(
-            f"{path}: format {payload.get('format')!r} version {payload.get('version')} is not a megatron-eplb "
-            f"logical checkpoint this version reads ({CHECKPOINT_FORMAT!r} <= {CHECKPOINT_VERSION})"
+        what = (
+            f"format {payload.get('format')!r} version {payload.get('version')}"
+            if isinstance(payload, dict)
+            else f"a {type(payload).__name__}"
         )
+        raise CheckpointError(
+            f"{path}: {what} is not a megatron-eplb logical checkpoint this version reads "
+            f"({CHECKPOINT_FORMAT!r} <= {CHECKPOINT_VERSION})"
+        )
+    if verify_checksums(payload, path):
+        log.debug("megatron-eplb: %s: every tensor matches its checksum", path)
     return payload
+
+
+def check_state_fits(
+    state: Mapping[str, Any],
+    model: torch.nn.Module,
+    *,
+    source: str,
+    saved_facts: Mapping[str, Any] | None = None,
+    facts: Mapping[str, Any] | None = None,
+    strict: bool = False,
+) -> None:
+    """Check that the (physical, this rank's) ``state`` loads into ``model`` before anything is loaded.
+
+    Args:
+        source: the checkpoint, for the message.
+        saved_facts: the shape facts the checkpoint records (its ``model_facts``); ``facts``: the model's.
+        strict: keys the model has and ``state`` lacks (or the other way round) are errors too.
+    Raises:
+        CheckpointError: the facts differ ("the checkpoint was trained with hidden_size=64 ...; this model has
+            ..."), a tensor's shape differs, or (``strict``) keys are missing or unexpected.
+    """
+    mismatch = facts_mismatch(saved_facts, facts)
+    if mismatch:
+        raise CheckpointError(f"{source}: {mismatch}")
+    own = model.state_dict()
+    shapes = [
+        (k, list(v.shape), list(own[k].shape))
+        for k, v in state.items()
+        if torch.is_tensor(v) and torch.is_tensor(own.get(k)) and v.shape != own[k].shape
+    ]
+    trained = (
+        f"the checkpoint was trained with {describe_facts(saved_facts)}"
+        if saved_facts
+        else "the checkpoint records no model facts (saved by a megatron-eplb before they were stored)"
+    )
+    if shapes:
+        key, saved, mine = shapes[0]
+        more = f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""
+        raise CheckpointError(
+            f"{source}: tensor {key!r} has shape {saved} in the checkpoint but {mine} in this model{more}; "
+            f"{trained}: build the model with the checkpoint's settings"
+        )
+    if strict:
+        missing = [k for k in own if k not in state and not k.endswith("_extra_state")]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected:
+            first = (
+                f"the model's {missing[0]!r} is missing"
+                if missing
+                else f"{unexpected[0]!r} is not in the model"
+            )
+            raise CheckpointError(
+                f"{source}: {len(missing)} of the model's keys are missing from the checkpoint and "
+                f"{len(unexpected)} of its keys are not in the model ({first}); {trained}"
+            )
 
 
 def load_logical_checkpoint(
@@ -410,21 +570,32 @@ def load_logical_checkpoint(
     """Load :func:`save_logical_checkpoint`'s ``directory`` into the model (``model``, default
     ``handle.model``) under any placement or EP size.
 
-    First the placement to resume with (:func:`resume_placement`, logged on rank 0; ``handle.
-    set_placement`` when it changes), then every slot from its logical expert: weights, and with ``slots``
-    the optimizer state (an fp32 master where the layout keeps one, from the saved master or else the saved
-    weight) and the optimizer's step count.  Collective over the EP group when the placement changes.
+    First everything is checked, on every rank, and the ranks agree (a rank that cannot read the file stops
+    them all): the file reads and its checksums match (:func:`read_logical_checkpoint`), the expert map is
+    the one saved with it, the model facts and every tensor fit the model (:func:`check_state_fits`), the
+    optimizer state fits the parameters.  Only then the placement to resume with (:func:`resume_placement`,
+    logged on rank 0; ``handle.set_placement`` when it changes) and every slot from its logical expert:
+    weights, and with ``slots`` the optimizer state (an fp32 master where the layout keeps one, from the saved
+    master or else the saved weight) and the optimizer's step count.  Collective over every rank.
 
     Returns:
         the payload without ``model`` and ``optimizer``, plus ``placement``: :func:`resume_placement`'s
         info (None without a handle).
+    Raises:
+        CheckpointError (FileNotFoundError for a directory without a checkpoint): on every rank, before the
+            model, the optimizer or the placement changed.
     """
-    payload = read_logical_checkpoint(directory)
     model = handle.model if model is None else model
+    payload = placement = info = None
+    failure: BaseException | None = None
+    try:
+        payload = read_logical_checkpoint(directory)
+        placement, info = _check_before_load(directory, payload, model, handle, slots, config, strict)
+    except (CheckpointError, FileNotFoundError, OSError) as exc:
+        failure = exc
+    _agree(failure)
     model_state = payload["model"]
-    info = None
     if handle is not None:
-        placement, info = resume_placement(load_expert_map(directory), handle, config)
         if placement is not None:
             handle.set_placement(placement)
         if not dist.is_initialized() or dist.get_rank() == 0:
@@ -445,9 +616,60 @@ def load_logical_checkpoint(
                 if values:
                     slots.set_full_state(p, {k: v.to(p.device) for k, v in values.items()})
         slots.set_optimizer_step(int(payload.get("optimizer_step") or 0))
-    out = {k: v for k, v in payload.items() if k not in ("model", "optimizer")}
+    out = {k: v for k, v in payload.items() if k not in ("model", "optimizer", CHECKSUMS_KEY)}
     out["placement"] = info
     return out
+
+
+def _check_before_load(directory, payload, model, handle, slots, config, strict):
+    """Everything :func:`load_logical_checkpoint` checks before it changes anything (local); returns
+    :func:`resume_placement`'s ``(placement or None, info)`` (``(None, None)`` without a handle)."""
+    source = str(Path(directory) / CHECKPOINT_FILENAME)
+    model_state = payload["model"]
+    saved_facts = payload.get(FACTS_KEY)
+    placement, info, phy2log = None, None, None
+    if handle is not None:
+        mismatch = facts_mismatch(saved_facts, _model_facts(handle))
+        if mismatch:
+            raise CheckpointError(f"{source}: {mismatch}")
+        uses_saved_map = config is None or config.expert_map_path is None
+        saved_map = load_expert_map(directory, payload.get(MAP_SHA256_KEY) if uses_saved_map else None)
+        placement, info = resume_placement(saved_map, handle, config)
+        phy2log = (placement or handle.placement).phy2log
+        physical = handle.physical_state_dict(
+            model_state, phy2log
+        )  # as it will load once the placement is set
+    else:
+        physical = model_state
+    check_state_fits(physical, model, source=source, saved_facts=saved_facts, strict=strict)
+    if slots is not None:
+        experts = _expert_param_ids(handle) if handle is not None else set()
+        for name, p in model.named_parameters():
+            if id(p) in experts:  # the experts' state is checked where it is split (_expert_full_states)
+                continue
+            for key, value in (payload["optimizer"].get(name) or {}).items():
+                if torch.is_tensor(value) and value.shape != p.shape:
+                    raise CheckpointError(
+                        f"{source}: optimizer state {key!r} of {name!r} has shape {list(value.shape)} but "
+                        f"the parameter {list(p.shape)}"
+                    )
+    return placement, info
+
+
+def _agree(failure: BaseException | None) -> None:
+    """Raise on every rank when any rank failed (its own error where it failed; elsewhere a
+    :class:`CheckpointError` naming the first failed rank and its message).  Collective over the world."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if failure is not None:
+            raise failure
+        return
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    for rank, message in enumerate(every):
+        if message is not None:
+            raise CheckpointError(f"rank {rank} cannot load the checkpoint: {message}")
 
 
 def resume_placement(

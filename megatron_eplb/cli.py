@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as exc:
         print(f"megatron-eplb {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped early (`megatron-eplb inspect MAP | head`): not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":

@@ -5,13 +5,24 @@ Imported by the command modules (:mod:`.cli_map`, :mod:`.cli_policy`); imports n
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from .errors import CLIError, ExpertMapError
 from .placement import ExpertPlacement
 from .stats import read_load_file
 
-__all__ = ["CLIError", "LOAD_HELP", "read_load", "read_map", "int_list", "check_load_matches"]
+__all__ = [
+    "CLIError",
+    "LOAD_HELP",
+    "read_load",
+    "read_map",
+    "int_list",
+    "check_load_matches",
+    "output_path",
+    "write_output",
+]
 
 LOAD_HELP = 'load file {"logical_count": [[...]]} (all-zero rows are dense layers) or a map with expert_load'
 
@@ -50,3 +61,25 @@ def check_load_matches(load: np.ndarray, placement: ExpertPlacement) -> None:
             f"load has shape {list(load.shape)} but the map has {placement.num_layers} MoE layers x "
             f"{placement.num_experts} experts"
         )
+
+
+def output_path(path: str, flag: str, example: str) -> Path:
+    """Check an output file before any work is done: not a directory, and its nearest existing ancestor is a
+    directory (``example``: a file name to suggest inside a directory).  Returns it as a ``Path``."""
+    out = Path(path)
+    if out.is_dir():
+        raise CLIError(f"{flag} {path!r} is a directory; give a file name (e.g. {str(out / example)!r})")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"{flag} {path!r}: {str(parent)!r} is not a directory")
+            break
+    return out
+
+
+def write_output(write, path: str, flag: str) -> None:
+    """Run ``write()`` (which writes ``path``); an OS error is a :class:`CLIError` naming ``flag``."""
+    try:
+        write()
+    except (OSError, ExpertMapError) as exc:
+        raise CLIError(f"{flag} {path!r} could not be written ({exc})") from None

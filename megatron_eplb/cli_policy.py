@@ -11,7 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli_common import LOAD_HELP, CLIError, check_load_matches, int_list, read_load, read_map
+from .checkpoint_files import atomic_write_text
+from .cli_common import (
+    LOAD_HELP,
+    CLIError,
+    check_load_matches,
+    int_list,
+    output_path,
+    read_load,
+    read_map,
+    write_output,
+)
 from .errors import PolicyError
 from .placement import ExpertPlacement
 from .policy import NODE_LOCALITY, placement_diagnostics, policy_names, rebalance_with_info
@@ -34,6 +44,7 @@ def _fmt_metrics(d: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------- plan
 def cmd_plan(args: argparse.Namespace) -> int:
+    output_path(args.out, "--out", "expert_map.json")
     load = read_load(args.load)
     num_layers, num_experts = load.shape
     previous = read_map(args.previous) if args.previous else None
@@ -73,7 +84,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     if "fallback" in info:
         print(f"note: {info['fallback']}")
-    placement.to_json(args.out)
+    write_output(lambda: placement.to_json(args.out), args.out, "--out")
     print(f"wrote {args.out}")
     return 0
 
@@ -95,8 +106,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(_fmt_metrics(d))
     per_layer = np.asarray(d["per_layer"])
     worst = int(per_layer.argmin())
+    slowdown = 1.0 / per_layer[worst] if per_layer[worst] > 0 else float("inf")  # max / mean of that layer
     print(
-        f"worst layer {worst}: balancedness {per_layer[worst]:.4f}; MoE step slowdown vs perfect balance x{d['max_over_mean']:.4f}"
+        f"worst layer {worst}: balancedness {per_layer[worst]:.4f}, its MoE step slowdown vs perfect balance "
+        f"x{slowdown:.4f}; mean over layers x{d['max_over_mean']:.4f}"
     )
     if previous is not None:
         print(f"moved slots vs {args.previous}: {d['moved_slots']} ({100 * d['moved_fraction']:.2f}%)")
@@ -121,6 +134,10 @@ def _redundancy_for(spec: str, num_experts: int, ep: int) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    if args.out:
+        output_path(args.out, "--out", "simulate.json")
+    if args.plot:
+        output_path(args.plot, "--plot", "simulate.png")
     load = read_load(args.load)
     num_layers, num_experts = load.shape
     eps = int_list(args.ep_sizes, "--ep-sizes")
@@ -135,14 +152,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise CLIError(f"--ep-sizes: {ep} must be >= 1")
         if args.num_nodes > 1 and ep % args.num_nodes:
             raise CLIError(f"--ep-sizes: {ep} is not a multiple of --num-nodes {args.num_nodes}")
-    jobs = [(p, ep, spec) for spec in specs for p in policies for ep in eps]
+    # "none" (Megatron's layout, no redundancy) does not depend on --redundancy: one row per EP size
+    jobs = [
+        (p, ep, spec) for spec in specs for p in policies for ep in eps if p != "none" or spec == specs[0]
+    ]
     rows = []
+    done = set()
     for policy, ep, spec in tqdm(jobs, desc="simulate", unit="plan", disable=args.no_progress):
         r = 0 if policy == "none" else _redundancy_for(spec, num_experts, ep)
         slots = num_experts + r
         if slots % ep:  # "none": contiguous experts need E % EP == 0
             slots += (-slots) % ep
             r = slots - num_experts
+        if (policy, ep, r) in done:  # two --redundancy values giving the same R (e.g. "ep" and 8 at EP 8)
+            continue
+        done.add((policy, ep, r))
         start = time.perf_counter()
         try:
             if policy == "none":
@@ -171,7 +195,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         rows.append(
             {
                 "policy": policy,
-                "redundancy": spec if policy != "none" else "0",
+                "redundancy": r,  # redundant slots per layer of this row
+                "redundancy_spec": spec if policy != "none" else "0",  # the --redundancy value it came from
                 "ep_size": ep,
                 "num_slots": slots,
                 "balancedness": d["balancedness"],
@@ -191,8 +216,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         )
     print("slowdown = MoE step time vs perfect balance (mean over layers of max rank load / mean rank load)")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"load": args.load, "rows": rows}, indent=1))
+        text = json.dumps({"load": args.load, "rows": rows}, indent=1)
+        write_output(lambda: atomic_write_text(args.out, text), args.out, "--out")
         print(f"wrote {args.out}")
     plot = args.plot
     if plot:
@@ -202,8 +227,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for key in dict.fromkeys((r["policy"], r["redundancy"]) for r in rows):
-            sel = [r for r in rows if (r["policy"], r["redundancy"]) == key]
+        for key in dict.fromkeys((r["policy"], r["redundancy_spec"]) for r in rows):
+            sel = [r for r in rows if (r["policy"], r["redundancy_spec"]) == key]
             label = key[0] if key[0] == "none" else f"{key[0]} (R={key[1]})"
             ax.plot([r["ep_size"] for r in sel], [r["slowdown"] for r in sel], marker="o", label=label)
         ax.set_xscale("log", base=2)

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,6 +33,9 @@ __all__ += ["CAPACITY"]
 REPLICA_DISPATCH = ("even", "local_first", "balanced")  # how tokens of a replicated expert pick a copy
 CANARY = ("sampled", "full", "off")  # eplb_transfer_canary
 CAPACITY = ("logical", "per_slot")  # eplb_capacity (DeepSpeed MoE layers)
+
+
+log = logging.getLogger("megatron_eplb")
 
 
 def __getattr__(name: str):
@@ -59,7 +63,9 @@ class EPLBConfig:
         "Start from (static) placement in this expert-map JSON file (record one with expert_map_record_path).",
     )
     expert_map_record_path: str | None = _key(
-        None, "Write the placement and the [L, E] load heat map here whenever a rebalance completes."
+        None,
+        "Write the placement and the [L, E] load heat map here whenever a rebalance completes (a file other "
+        "than expert_map_path).",
     )
     init_redundancy_expert: int = _key(
         0,
@@ -95,7 +101,10 @@ class EPLBConfig:
     )
     eplb_window_size: int = _key(100, "Steps of load kept in the sliding window the planner sees.", min=1)
     eplb_worker_timeout: float = _key(
-        30.0, "Seconds the awaited plan may be late before this rebalance is skipped.", gt=0
+        30.0,
+        "Seconds the awaited plan may be late before this rebalance is skipped; after one late plan the next is "
+        "not waited for, and a worker late twice in a row is killed and replaced.",
+        gt=0,
     )
     eplb_layers_per_step: int = _key(1, "MoE layers transferred and committed per step.", min=1)
     eplb_churn_weight: float = _key(
@@ -146,6 +155,39 @@ class EPLBConfig:
                 f"expert_map_path={self.expert_map_path!r} does not exist; record a map first by running with "
                 "expert_map_record_path set (or `megatron-eplb plan ... --out MAP.json`)"
             )
+        if self.gate_eplb and not self.dynamic_eplb:
+            raise EPLBConfigError(
+                "gate_eplb=true rebalances once, but dynamic_eplb is false, so no rebalance runs; set "
+                "dynamic_eplb=true (record mode: rebalance once and record the map) or drop gate_eplb"
+            )
+        record = self.expert_map_record_path
+        if record is not None and Path(record).is_dir():
+            raise EPLBConfigError(
+                f"expert_map_record_path={record!r} is a directory; give the map a file name (e.g. "
+                f"{str(Path(record) / 'expert_map.json')!r})"
+            )
+        if (
+            record is not None
+            and self.expert_map_path is not None
+            and _same_file(record, self.expert_map_path)
+        ):
+            suggestion = Path(record).with_name(Path(record).stem + ".recorded.json")
+            raise EPLBConfigError(
+                f"expert_map_record_path and expert_map_path are the same file ({record!r}): the first rebalance "
+                f"would overwrite the map this run starts from; record to another file (e.g. {str(suggestion)!r}, "
+                "or one under the run's output directory)"
+            )
+
+    def notes(self) -> list[str]:
+        """Settings that are valid together but do less than they may seem to (the manager logs them once)."""
+        out = []
+        if self.expert_map_record_path is not None and not self.dynamic_eplb:
+            out.append(
+                f"expert_map_record_path={self.expert_map_record_path!r} is set but dynamic_eplb is false: no "
+                "rebalance runs, so the map is written only where the run records it itself (examples/train.py: at "
+                "the end and on a stop), not during the run"
+            )
+        return out
 
     # --------------------------------------------------------------- sources
     @classmethod
@@ -229,16 +271,40 @@ class EPLBConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, ds_config: dict | str | None = None) -> EPLBConfig:
-        """All sources with their precedence: defaults < ds_config < YAML < --additional-config < flags."""
-        cfg = cls.from_ds_config(ds_config)
+        """All sources with their precedence: defaults < ds_config < YAML < --additional-config < flags.
+
+        A source that changes a value a lower one set is logged on rank 0, naming both: a warning when it
+        switches a feature off (e.g. ``--no-dynamic-eplb`` over a YAML's ``dynamic_eplb: true``), else info."""
+        origin: dict[str, str] = {}
+
+        def layer(new: EPLBConfig, old: EPLBConfig, source: str) -> EPLBConfig:
+            for key in cls.keys():
+                before, after = getattr(old, key), getattr(new, key)
+                if before != after:
+                    if (
+                        key in origin and _is_rank0()
+                    ):  # switching a feature off is a warning, other values info
+                        log.log(
+                            logging.WARNING if before is True and after is False else logging.INFO,
+                            "megatron-eplb: %s sets %s=%r over %r from %s (the higher-precedence source wins)",
+                            source,
+                            key,
+                            after,
+                            before,
+                            origin[key],
+                        )
+                    origin[key] = source
+            return new
+
+        cfg = layer(cls.from_ds_config(ds_config), cls(), "ds_config 'eplb'")
         yaml_path = getattr(args, "eplb_config", None)
         if yaml_path:
-            cfg = cls.from_yaml(yaml_path, base=cfg)
+            cfg = layer(cls.from_yaml(yaml_path, base=cfg), cfg, str(yaml_path))
         extra = getattr(args, "additional_config", None)
         if extra:
-            cfg = cls.from_json(extra, base=cfg)
+            cfg = layer(cls.from_json(extra, base=cfg), cfg, "--additional-config")
         flags = {k: getattr(args, k) for k in cls.keys() if getattr(args, k, None) is not None}
-        return cls.from_dict(flags, base=cfg, source="command-line flags")
+        return layer(cls.from_dict(flags, base=cfg, source="command-line flags"), cfg, "the command line")
 
     # ---------------------------------------------------------------- output
     def to_dict(self) -> dict[str, Any]:
@@ -260,6 +326,13 @@ class EPLBConfig:
                 )
             except ExpertMapError as exc:
                 raise EPLBConfigError(f"expert_map_path={self.expert_map_path!r}: {exc}") from None
+            given = ExpertPlacement.from_json(self.expert_map_path, allow_same_rank_copies=True).num_redundant
+            if self.init_redundancy_expert not in (0, given):
+                raise EPLBConfigError(
+                    f"init_redundancy_expert={self.init_redundancy_expert} but the map at expert_map_path="
+                    f"{self.expert_map_path!r} has {given} redundant slots per layer (the map fixes the redundancy): "
+                    "drop init_redundancy_expert or use a map planned for it"
+                )
         r = self.init_redundancy_expert
         if self.expert_map_path is None and (num_experts + r) % ep_size:
             raise EPLBConfigError(
@@ -278,6 +351,24 @@ class EPLBConfig:
                 f"eplb_num_groups={self.eplb_num_groups} must be a multiple of eplb_num_nodes={nodes}"
             )
         return self
+
+
+def _is_rank0() -> bool:
+    """Rank 0 of an initialised process group, else of the launcher's ``RANK`` (0 without one)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (the same inode when both exist, else the same resolved path)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _looks_like_eplb_key(key: str) -> bool:

@@ -114,6 +114,9 @@ class EPLBManager:
         # every eplb_log_interval steps: realized per-step balancedness vs Megatron's default placement
         self.realized: list[dict[str, float]] = []
         self._rank = dist.get_rank() if dist.is_initialized() else 0
+        if self._rank == 0:
+            for note in self.config.notes():
+                log.warning("megatron-eplb: %s", note)
         self._planner_rank = 0
         self.window = LoadWindow(handle, self.config.eplb_window_size, load_group)
         self._device = self.window.device
@@ -338,10 +341,17 @@ class EPLBManager:
         new_sub = None
         if self._rank == self._planner_rank:
             remaining = self.config.eplb_worker_timeout - (time.monotonic() - state.submitted_at)
+            if (
+                self._worker.late_in_a_row
+            ):  # it missed its last deadline: look, but do not stall training again
+                remaining = 0.0
+            hung = self._worker.hung
             try:
                 new_sub = self._worker.result(timeout=max(0.0, remaining))
             except PolicyWorkerError as exc:
                 log.error("EPLB step %d: %s", self.step_count, exc)
+            if self._worker.hung > hung and self.monitor is not None:
+                self.monitor.log(self.step_count, {"eplb/policy_worker_hung": self._worker.hung})
         new_sub = broadcast_placement(new_sub, src=self._planner_rank)
         record.seconds["plan_wait"] = time.monotonic() - t0
         if new_sub is None:
@@ -521,13 +531,18 @@ class EPLBManager:
 
     # -------------------------------------------------------------- misc
     # --------------------------------------------------------- checkpoints
-    def save_checkpoint(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    def save_checkpoint(
+        self, directory: str | os.PathLike, extra: dict[str, Any] | None = None, *, overwrite: bool = False
+    ) -> Path:
         """Save the logical training checkpoint to ``directory`` (collective over every rank; rank 0 writes).
 
         :func:`megatron_eplb.checkpoint.save_logical_checkpoint`: ``model_logical.pt`` (the model with each
         logical expert once, the optimizer state by logical parameter name, the optimizer's step count and
-        the manager's step, plus ``extra``) and ``expert_map.json`` (the placement with the [L, E] load of
-        :meth:`checkpoint_load`).  Any placement or EP size can load it (:meth:`load_checkpoint`).
+        the manager's step, plus ``extra``, with checksums and the model's shape facts) and
+        ``expert_map.json`` (the placement with the [L, E] load of :meth:`checkpoint_load`), written all or
+        nothing.  A checkpoint already in ``directory`` is replaced only with ``overwrite=True`` (else
+        :class:`~megatron_eplb.errors.CheckpointError`, nothing written).  Any placement or EP size can load
+        it (:meth:`load_checkpoint`).
         """
         return save_logical_checkpoint(
             directory,
@@ -536,6 +551,7 @@ class EPLBManager:
             expert_load=self.checkpoint_load(),
             eplb_step_count=self.step_count,
             extra=extra,
+            overwrite=overwrite,
         )
 
     def load_checkpoint(self, directory: str | os.PathLike, strict: bool = True) -> dict[str, Any]:
@@ -557,6 +573,18 @@ class EPLBManager:
                 "EPLB: resumed from %s at step %d into %r", directory, self.step_count, self.handle.placement
             )
         return meta
+
+    def record_map(self) -> Path | None:
+        """Write the placement now, with :meth:`checkpoint_load`'s ``[L, E]`` load, to
+        ``expert_map_record_path`` (the map a run ends or stops with; a rebalance writes it too).  Collective;
+        rank 0 writes (atomically).  Returns the path, None without a record path."""
+        path = self.config.expert_map_record_path
+        if not path:
+            return None
+        load = self.checkpoint_load()
+        if self._rank == 0:
+            self.handle.placement.with_load(load).to_json(path)
+        return Path(path)
 
     def checkpoint_load(self) -> np.ndarray | None:
         """The ``[L, E]`` load a checkpoint's map records (a resume at another EP size plans from it): the

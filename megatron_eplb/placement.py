@@ -82,6 +82,7 @@ class ExpertPlacement:
         expert_load: np.ndarray | None = None,
         allow_same_rank_copies: bool = False,
         validate: bool = True,
+        num_experts_inferred: bool = False,
     ) -> None:
         if hasattr(phy2log, "detach"):  # torch tensor
             phy2log = phy2log.detach().cpu().numpy()
@@ -96,6 +97,7 @@ class ExpertPlacement:
         self.num_ranks = int(num_ranks)
         self.num_experts = int(num_experts)
         self.allow_same_rank_copies = bool(allow_same_rank_copies)
+        self.num_experts_inferred = bool(num_experts_inferred)
         self.expert_load = None if expert_load is None else np.asarray(expert_load, dtype=np.float64)
         if validate:
             self.validate()
@@ -192,6 +194,17 @@ class ExpertPlacement:
         if num_layers is not None and num_layers_here != num_layers:
             raise ExpertMapError(f"the map has {num_layers_here} MoE layers but the model has {num_layers}")
         if num_experts is not None and self.num_experts != num_experts:
+            if self.num_experts_inferred:
+                top = int(p.max())
+                why = (
+                    f"so experts {self.num_experts}..{num_experts - 1} have no copy in it"
+                    if num_experts > self.num_experts
+                    else f"which is out of range [0, {num_experts})"
+                )
+                raise ExpertMapError(
+                    f"the map is for {self.num_experts} logical experts but the model has {num_experts}: the map "
+                    f"does not say num_logical_experts and its highest expert id is {top}, {why}"
+                )
             raise ExpertMapError(
                 f"the map is for {self.num_experts} logical experts but the model has {num_experts}"
             )
@@ -237,7 +250,13 @@ class ExpertPlacement:
         missing = np.argwhere(counts == 0)
         if len(missing):
             layer, expert = (int(v) for v in missing[0])
-            raise ExpertMapError(f"layer {layer}: logical expert {expert} has no copy on any rank")
+            hint = (
+                f" (the map does not say num_logical_experts: {self.num_experts} experts inferred from its highest "
+                f"expert id {self.num_experts - 1}; is that id a typo?)"
+                if self.num_experts_inferred
+                else ""
+            )
+            raise ExpertMapError(f"layer {layer}: logical expert {expert} has no copy on any rank{hint}")
         allow = self.allow_same_rank_copies if allow_same_rank_copies is None else allow_same_rank_copies
         if not allow and spr <= self.num_experts:
             sorted_ranks = np.sort(per_rank, axis=2)
@@ -256,6 +275,14 @@ class ExpertPlacement:
                 f"expert_load has shape {list(self.expert_load.shape)}, expected "
                 f"[{num_layers_here}, {self.num_experts}]"
             )
+        if self.expert_load is not None:
+            bad = np.argwhere(~np.isfinite(self.expert_load) | (self.expert_load < 0))
+            if len(bad):
+                layer, expert = (int(v) for v in bad[0])
+                raise ExpertMapError(
+                    f"expert_load[{layer}, {expert}] = {float(self.expert_load[layer, expert])}: loads must be finite "
+                    "and >= 0"
+                )
         return self
 
     # ------------------------------------------------------------------ JSON
@@ -283,10 +310,18 @@ class ExpertPlacement:
         text = json.dumps(self.to_dict(), indent=1)
         if path is not None:
             path = Path(path)
+            if path.is_dir():
+                raise ExpertMapError(
+                    f"{str(path)!r} is a directory; give the map a file name (e.g. {str(path / 'expert_map.json')!r})"
+                )
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+            try:
+                tmp.write_text(text)
+                os.replace(tmp, path)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
         return text
 
     @classmethod
@@ -348,19 +383,22 @@ class ExpertPlacement:
         if len(widths) != 1:
             raise ExpertMapError(f"{source}: layers have different slot counts {sorted(widths)}")
         phy2log = np.asarray(rows, dtype=np.int64)
-        num_experts = data.get("num_logical_experts")
-        if num_experts is None:
-            num_experts = int(phy2log.max()) + 1
-        elif not isinstance(num_experts, int) or num_experts < 1:
-            raise ExpertMapError(
-                f"{source}: num_logical_experts must be a positive integer, got {num_experts!r}"
-            )
         load = data.get("expert_load")
         if load is not None:
             try:
                 load = np.asarray(load, dtype=np.float64)
             except (TypeError, ValueError) as exc:
                 raise ExpertMapError(f"{source}: expert_load is not a numeric [L, E] array") from exc
+        num_experts = data.get("num_logical_experts")
+        inferred = num_experts is None
+        if inferred and load is not None and load.ndim == 2 and load.shape[1] >= 1:
+            num_experts, inferred = int(load.shape[1]), False  # the load's [L, E] says how many experts
+        elif inferred:
+            num_experts = int(phy2log.max()) + 1
+        elif isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ExpertMapError(
+                f"{source}: num_logical_experts must be a positive integer, got {num_experts!r}"
+            )
         try:
             return cls(
                 phy2log,
@@ -368,16 +406,23 @@ class ExpertPlacement:
                 num_experts,
                 expert_load=load,
                 allow_same_rank_copies=allow_same_rank_copies,
+                num_experts_inferred=inferred,
             )
         except ExpertMapError as exc:
             raise ExpertMapError(f"{source}: {exc}") from None
 
     @classmethod
     def from_json(
-        cls, path_or_text: str | os.PathLike, *, allow_same_rank_copies: bool = False
+        cls,
+        path_or_text: str | os.PathLike,
+        *,
+        allow_same_rank_copies: bool = False,
+        source: str | None = None,
     ) -> ExpertPlacement:
-        """Read an expert map from a file path or from JSON text."""
-        if isinstance(path_or_text, str) and path_or_text.lstrip().startswith("{"):
+        """Read an expert map from a file path or from JSON text (``source`` names the text in errors)."""
+        if source is not None and isinstance(path_or_text, str):
+            text = path_or_text
+        elif isinstance(path_or_text, str) and path_or_text.lstrip().startswith("{"):
             text, source = path_or_text, "expert map"
         else:
             path = Path(path_or_text)

@@ -94,6 +94,9 @@ class ExpertModel(Protocol):
         """Replace each replicated expert's slot gradients by their sum over its copies (collective)."""
         ...
 
+    # Optional: ``model_facts() -> dict`` (the model's shape facts, e.g. ``{"hidden_size": 64, "num_experts":
+    # 16}``), stored in a checkpoint so that a load into another model names the difference.
+
     def logical_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict with every logical expert once (the unpatched model's keys)."""
         ...

@@ -167,29 +167,87 @@ def load_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def read_load_file(path: str | os.PathLike, *, keep_dense_rows: bool = False) -> np.ndarray:
-    """Read a load heat map ``{"logical_count": [[...]]}`` (or an expert map with ``expert_load``).
+    """Read a load heat map ``{"logical_count": [[...]]}`` (or an expert map with ``expert_load``), or one
+    load of a file that holds several per model and domain (the OLMoE/Mixtral counts of
+    ``real_traces/olmoe_routing_output``: ``FILE.json#MODEL/DOMAIN``, ``#MODEL/DOMAIN/top1`` for the top-1
+    counts).
 
     All-zero rows are dense layers and are dropped (MoE layer ids count MoE layers only).
     Returns float64 ``[L, E]``.
     """
-    path = Path(path)
+    text = str(path)
+    selector = None
+    if not Path(text).is_file() and "#" in text:
+        text, selector = text.rsplit("#", 1)
+    path = Path(text)
     if not path.is_file():
         raise FileNotFoundError(f"load file {str(path)!r} does not exist")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: malformed JSON ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("models"), dict):
+        data = {"logical_count": _pick_model_load(data["models"], selector, path)}
+    elif selector is not None:
+        raise ValueError(
+            f"{path}: holds one load; '#{selector}' selects within a file of several models only"
+        )
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a JSON object with a 'logical_count' [layers, experts] array, got a "
+            f"{type(data).__name__}"
+        )
     key = "logical_count" if "logical_count" in data else "expert_load" if "expert_load" in data else None
     if key is None:
         raise ValueError(f"{path}: expected a 'logical_count' (or 'expert_load') [layers, experts] array")
-    load = np.asarray(data[key], dtype=np.float64)
-    if load.ndim != 2:
-        raise ValueError(f"{path}: {key} must be 2-D [layers, experts], got shape {load.shape}")
+    rows = data[key]
+    if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+        raise ValueError(f"{path}: {key} must be a list of rows (2-D [layers, experts])")
+    widths = sorted({len(r) for r in rows})
+    if len(widths) > 1:
+        raise ValueError(
+            f"{path}: {key} is ragged: its rows have {widths} entries; every layer needs one per expert"
+        )
+    bad = next(
+        (
+            (i, j, x)
+            for i, r in enumerate(rows)
+            for j, x in enumerate(r)
+            if isinstance(x, bool) or not isinstance(x, (int, float))
+        ),
+        None,
+    )
+    if bad is not None:
+        i, j, x = bad
+        raise ValueError(f"{path}: {key}[{i}][{j}] = {x!r} is not a number")
+    load = np.asarray(rows, dtype=np.float64)
+    if load.ndim != 2 or load.size == 0:
+        raise ValueError(f"{path}: {key} must be 2-D [layers, experts], got shape {list(load.shape)}")
     if not np.isfinite(load).all() or (load < 0).any():
         raise ValueError(f"{path}: {key} has negative or non-finite entries")
     if not keep_dense_rows:
         load = load[load.sum(axis=1) > 0]
     return load
+
+
+def _pick_model_load(models: dict, selector: str | None, path: Path) -> list:
+    """``counts[DOMAIN]`` (or ``counts_top1``) of ``models[MODEL]`` for ``selector`` ``MODEL/DOMAIN[/top1]``."""
+    choices = [f"{m}/{d}" for m, v in models.items() if isinstance(v, dict) for d in (v.get("counts") or {})]
+    example = f" (e.g. {path}#{choices[0]})" if choices else ""
+    if selector is None:
+        raise ValueError(
+            f"{path} holds the loads of several models and domains; pick one as FILE#MODEL/DOMAIN{example}; "
+            f"there: {', '.join(choices)}"
+        )
+    parts = selector.split("/")
+    key = "counts_top1" if len(parts) == 3 and parts[2] == "top1" else "counts"
+    model = models.get(parts[0]) if len(parts) in (2, 3) else None
+    rows = (model.get(key) or {}).get(parts[1]) if isinstance(model, dict) else None
+    if rows is None or (len(parts) == 3 and parts[2] != "top1"):
+        raise ValueError(
+            f"{path}: no load '{selector}'; there: {', '.join(choices)} (add /top1 for top-1 counts)"
+        )
+    return rows
 
 
 def realized_balance(

@@ -31,6 +31,8 @@ __all__ = ["PolicyWorker", "PolicyWorkerError", "broadcast_placement", "default_
 
 log = logging.getLogger(__name__)
 
+HUNG_AFTER_LATE = 2  # deadlines missed in a row after which the worker is killed and replaced
+
 
 def default_policy_fn(load, num_slots, num_ranks, step_loads=None, **kwargs):
     """``megatron_eplb.policy.rebalance``, imported in the worker process (lazily); with ``step_loads``
@@ -155,6 +157,8 @@ class PolicyWorker:
         self.pending_id: int | None = None
         self.restarts = 0
         self.dropped = 0
+        self.late_in_a_row = 0  # requests in a row that missed their deadline
+        self.hung = 0  # workers killed as hung (HUNG_AFTER_LATE deadlines missed in a row)
         self.last_seconds: float | None = None
         if start:
             self._start()
@@ -305,7 +309,29 @@ class PolicyWorker:
             )
             self.pending_id = None
             self.dropped += 1
+            self.late_in_a_row += 1
+            if self.late_in_a_row >= HUNG_AFTER_LATE:
+                self._replace_hung()
+        elif placement is not None:
+            self.late_in_a_row = 0
         return placement
+
+    def _replace_hung(self) -> None:
+        """Kill a worker that missed its deadline :data:`HUNG_AFTER_LATE` times in a row (stopped, deadlocked,
+        or far too slow) and start a new one at once (the spawn runs beside training)."""
+        pid = self._process.pid if self._process is not None else None
+        log.warning(
+            "policy worker (pid %s) hung: it missed its deadline %d times in a row; killed, a new worker starts now",
+            pid,
+            self.late_in_a_row,
+        )
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()  # SIGKILL: a stopped (SIGSTOP) process cannot take the polite stop
+        self._stop(timeout=1.0)
+        self.hung += 1
+        self.restarts += 1
+        self.late_in_a_row = 0
+        self._start()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker process (idempotent)."""

@@ -94,3 +94,32 @@ def test_command_modules_do_not_import_cli():
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not {"cli", "megatron_eplb.cli"} & imported, name
         assert "sys.modules" not in (pkg / name).read_text(), name
+
+
+def test_nan_load_in_a_map_is_invalid_not_perfect_balance(tmp_path, capsys):
+    data = json.loads(ExpertPlacement.default(1, 4, 2, 0).to_json())
+    data["expert_load"] = [[1.0, float("nan"), 2.0, 3.0]]
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(data))  # json writes NaN, as a map recorded from a broken run could hold
+    assert main(["validate-map", str(path)]) == 1
+    assert "INVALID" in capsys.readouterr().out
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "expert_load[0, 1] = nan: loads must be finite and >= 0" in err and "1.0000" not in err
+
+
+def test_inspect_into_a_closed_pipe_is_not_an_error(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "map.json"
+    ExpertPlacement.default(4096, 8, 2, 2).to_json(path)  # more lines than a pipe holds
+    code = f"import sys; from megatron_eplb.cli import main; sys.exit(main(['inspect', {str(path)!r}]))"
+    proc = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {sys.executable} -c {code!r} | head -1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("ExpertPlacement(")
+    assert "BrokenPipeError" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

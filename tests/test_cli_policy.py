@@ -133,6 +133,9 @@ def test_simulate_table_json_and_plot(loads, tmp_path, capsys):
     greedy = {(r["ep_size"], r["redundancy"]): r for r in rows if r["policy"] == "greedy"}
     none = {r["ep_size"]: r for r in rows if r["policy"] == "none"}
     assert all(g["slowdown"] <= none[ep]["slowdown"] + 1e-12 for (ep, _), g in greedy.items())
+    # one "none" row per EP size (it has no redundancy); R is the number of redundant slots of the row
+    assert sorted(r["ep_size"] for r in rows if r["policy"] == "none") == [2, 4, 8]
+    assert sorted(greedy) == [(2, 2), (2, 8), (4, 4), (4, 8), (8, 8)] and len(greedy) == 5
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert main(["simulate", "--load", str(a), "--policies", "greedy,fast", "--plot", ""]) == 2
     assert "unknown policy 'fast'" in capsys.readouterr().err
@@ -145,3 +148,32 @@ def test_plan_real_trace(tmp_path, capsys):
     assert main(args + ["--out", str(out_map)]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("after:")][0]
     assert float(line.split("balancedness ")[1].split()[0]) >= 0.993
+
+
+def test_plan_out_directory_is_one_clear_error_before_planning(loads, tmp_path, capsys):
+    a, _ = loads
+    out_dir = tmp_path / "maps"
+    out_dir.mkdir()
+    assert main(_plan(a, "--out", out_dir)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("megatron-eplb plan: error: --out") and "is a directory; give a file name" in err
+    assert "IsADirectoryError" not in err and "plan:" not in capsys.readouterr().out  # nothing planned
+    assert list(out_dir.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.json",
+        "b.json",
+        "maps",
+    ]
+    assert main(["simulate", "--load", str(a), "--ep-sizes", "4", "--out", str(out_dir), "--plot", ""]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_evaluate_worst_layer_slowdown_is_that_layers(loads, tmp_path, capsys):
+    a, _ = loads
+    out_map = tmp_path / "m.json"
+    assert main(_plan(a, "--out", out_map)) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--load", str(a), "--map", str(out_map)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("worst layer"))
+    balancedness = float(line.split("balancedness ")[1].split(",")[0])
+    slowdown = float(line.split("perfect balance x")[1].split(";")[0])
+    assert slowdown == pytest.approx(1 / balancedness, rel=1e-3) and "mean over layers x" in line

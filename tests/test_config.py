@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -80,7 +81,13 @@ def test_flags_are_kebab_case_and_precedence_is_ds_yaml_json_flags(tmp_path):
     yaml_file = tmp_path / "e.yaml"
     yaml_file.write_text("eplb:\n  eplb_window_size: 7\n  eplb_log_interval: 3\n  eplb_layers_per_step: 2\n")
     ds = {
-        "eplb": {"eplb_window_size": 5, "eplb_log_interval": 5, "eplb_layers_per_step": 5, "gate_eplb": True}
+        "eplb": {
+            "eplb_window_size": 5,
+            "eplb_log_interval": 5,
+            "eplb_layers_per_step": 5,
+            "gate_eplb": True,
+            "dynamic_eplb": True,
+        }  # fmt: skip
     }
     args = parser.parse_args(
         [
@@ -222,3 +229,57 @@ def test_rebalancing_property_is_gone_and_canary_doc_is_measured():
     assert not hasattr(EPLBConfig, "rebalancing")
     doc = {f.name: f.metadata["doc"] for f in __import__("dataclasses").fields(EPLBConfig)}
     assert "1.4x" not in doc["eplb_transfer_canary"] and "1.1x" in doc["eplb_transfer_canary"]
+
+
+def test_record_path_that_is_the_input_map_or_a_directory_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "map.json"
+    ExpertPlacement.default(2, 16, 2, 2).to_json(path)
+    before = path.read_text()
+    monkeypatch.chdir(tmp_path)
+    for record in (str(path), "map.json", f"{tmp_path}/./map.json"):  # the same file, however it is spelled
+        with pytest.raises(
+            EPLBConfigError, match="are the same file .* would overwrite the map this run starts"
+        ):
+            EPLBConfig(expert_map_path=str(path), expert_map_record_path=record)
+    with pytest.raises(EPLBConfigError, match="map.recorded.json"):
+        EPLBConfig.from_dict({"expert_map_path": "map.json", "expert_map_record_path": "map.json"})
+    with pytest.raises(
+        EPLBConfigError, match="expert_map_record_path=.* is a directory; give the map a file name"
+    ):
+        EPLBConfig(expert_map_record_path=str(tmp_path))
+    assert path.read_text() == before
+    EPLBConfig(
+        expert_map_path=str(path), expert_map_record_path=str(tmp_path / "recorded.json")
+    )  # beside it: fine
+
+
+def test_shipped_configs_record_no_shared_map():
+    """The dynamic and record YAMLs leave the record path to the run (its own output directory)."""
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for name in ("eplb_dynamic.yaml", "eplb_record.yaml"):
+        assert EPLBConfig.from_yaml(root / name).expert_map_record_path is None, name
+
+
+def test_contradictions_get_an_error_or_a_warning_that_says_what_happens(tmp_path, caplog):
+    with pytest.raises(EPLBConfigError, match="gate_eplb=true rebalances once, but dynamic_eplb is false"):
+        EPLBConfig(gate_eplb=True)
+    assert EPLBConfig(dynamic_eplb=True, gate_eplb=True).notes() == []
+    notes = EPLBConfig(expert_map_record_path=str(tmp_path / "m.json")).notes()
+    assert len(notes) == 1 and "dynamic_eplb is false: no rebalance runs" in notes[0]
+    # a map fixes the redundancy: another init_redundancy_expert is an error, not silently ignored
+    path = tmp_path / "map.json"
+    ExpertPlacement.default(2, 16, 2, 2).to_json(path)
+    EPLBConfig(expert_map_path=str(path), init_redundancy_expert=2).validate_for(2, 16, 2)
+    with pytest.raises(
+        EPLBConfigError, match="init_redundancy_expert=4 but the map .* has 2 redundant slots"
+    ):
+        EPLBConfig(expert_map_path=str(path), init_redundancy_expert=4).validate_for(2, 16, 2)
+    # a flag that switches off what the YAML asks for is logged with both
+    yaml_file = tmp_path / "e.yaml"
+    yaml_file.write_text("eplb:\n  dynamic_eplb: true\n  eplb_window_size: 7\n")
+    parser = add_eplb_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--eplb-config", str(yaml_file), "--no-dynamic-eplb"])
+    with caplog.at_level("WARNING", logger="megatron_eplb"):
+        assert EPLBConfig.from_args(args).dynamic_eplb is False
+    assert f"the command line sets dynamic_eplb=False over True from {yaml_file}" in caplog.text
+    assert "eplb_window_size" not in caplog.text  # only what was overridden

@@ -53,8 +53,9 @@ def test_demo_trains_rebalances_records_and_serves(demo):
     # the recorded map, and the checkpoint with the map and its load
     recorded = json.loads((out / "expert_map.json").read_text())
     assert np.asarray(recorded["expert_load"]).shape == (4, 16)
-    assert (out / "checkpoint" / "final" / "model_logical.pt").is_file()
-    saved = json.loads((out / "checkpoint" / "final" / "expert_map.json").read_text())
+    assert (out / "checkpoint" / "latest").read_text().strip() == "iter_0000060"  # tagged by iteration
+    assert (out / "checkpoint" / "iter_0000060" / "model_logical.pt").is_file()
+    saved = json.loads((out / "checkpoint" / "iter_0000060" / "expert_map.json").read_text())
     assert np.asarray(saved["expert_load"]).shape == (4, 16)  # the recorded load travels with the map
     # serving from the checkpoint with the recorded map
     assert gen["requests"] == 8 and np.isfinite(gen["ttft_p50_ms"]) and 0 < gen["balancedness"] <= 1

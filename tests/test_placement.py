@@ -236,3 +236,42 @@ def test_primary_slots_mark_each_experts_first_copy_once():
     # expert 7 sits in slots 0 and 8, expert 2 in slots 1 and 9: the lower slot is the primary copy
     assert primary[0].tolist() == [True] * 8 + [False, False]
     assert sorted(p.phy2log[0][primary[0]].tolist()) == list(range(8))
+
+
+def _plain(rows: list[list[int]], num_ranks: int = 2, **extra) -> dict:
+    """An expert-map dict of one layer: ``rows[r]`` the experts of rank ``r``."""
+    devices = [{"device_id": r, "device_expert": row} for r, row in enumerate(rows)]
+    return {
+        "moe_layer_count": 1,
+        "layer_list": [{"layer_id": 0, "device_count": num_ranks, "device_list": devices}],
+        **extra,
+    }
+
+
+def test_map_pitfalls_name_the_cause():
+    # expert id 99 in an 8-expert map: out of range, not "expert 3 has no copy"
+    with pytest.raises(ExpertMapError, match=r"expert id 99 is out of range \[0, 8\)"):
+        ExpertPlacement.from_dict(_plain([[0, 1, 2, 99], [4, 5, 6, 7]], num_logical_experts=8))
+    with pytest.raises(
+        ExpertMapError,
+        match="expert 3 has no copy .*inferred from its highest expert id 99; is that id a typo",
+    ):
+        ExpertPlacement.from_dict(_plain([[0, 1, 2, 99], [4, 5, 6, 7]]))
+    # a map that never places its highest expert is not taken for a smaller model
+    smaller = ExpertPlacement.from_dict(_plain([[0, 1, 2, 3], [4, 5, 6, 0]]))
+    with pytest.raises(
+        ExpertMapError,
+        match=r"for 7 logical experts but the model has 8: .* highest expert id is 6, so experts 7..7 have no copy",
+    ):
+        smaller.validate(num_experts=8)
+    load = [[1.0] * 8]
+    with pytest.raises(ExpertMapError, match="logical expert 7 has no copy"):  # the load says 8 experts
+        ExpertPlacement.from_dict(_plain([[0, 1, 2, 3], [4, 5, 6, 0]], expert_load=load))
+    # a NaN or negative load is refused, not reported as balancedness 1.0
+    for bad, shown in ((float("nan"), "nan"), (-1.0, "-1.0")):
+        with pytest.raises(
+            ExpertMapError, match=rf"expert_load\[0, 2\] = {shown}: loads must be finite and >= 0"
+        ):
+            ExpertPlacement.from_dict(
+                _plain([[0, 1, 2, 3], [4, 5, 6, 7]], expert_load=[[1, 1, bad, 1, 1, 1, 1, 1]])
+            )

@@ -1,6 +1,7 @@
 """Balancedness, imbalance ratio, churn, similarity and load files (DESIGN §5)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,3 +65,47 @@ def test_read_load_file_drops_dense_rows(tmp_path):
         stats.read_load_file(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         stats.read_load_file(tmp_path / "none.json")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("3", "expected a JSON object with a 'logical_count'"),
+        ('{"logical_count": [[1, 2], [3]]}', r"is ragged: its rows have \[1, 2\] entries"),
+        ('{"logical_count": [[1, "2"]]}', r"logical_count\[0\]\[1\] = '2' is not a number"),
+        ('{"logical_count": [[1, true]]}', r"logical_count\[0\]\[1\] = True is not a number"),
+        ('{"logical_count": [1, 2]}', "must be a list of rows"),
+        ('{"logical_count": [[1, NaN]]}', "negative or non-finite"),
+    ],
+)
+def test_bad_load_files_name_the_file_and_the_cause(tmp_path, content, message):
+    path = tmp_path / "load.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as exc:
+        stats.read_load_file(path)
+    assert str(path) in str(exc.value)
+
+
+def test_read_one_load_of_a_file_of_several_models(tmp_path):
+    """The OLMoE/Mixtral counts file (real_traces/olmoe_routing_output): FILE#MODEL/DOMAIN[/top1]."""
+    data = {"models": {"olmoe": {"num_experts": 4, "counts": {"arxiv": [[1, 2, 3, 4], [4, 3, 2, 1]]},
+                                  "counts_top1": {"arxiv": [[1, 0, 0, 1], [0, 1, 1, 0]]}},
+                       "mistral": {"num_experts": 2, "counts": {"c4": [[5, 6]]}}}}  # fmt: skip
+    path = tmp_path / "counts.json"
+    path.write_text(json.dumps(data))
+    np.testing.assert_array_equal(stats.read_load_file(f"{path}#olmoe/arxiv"), [[1, 2, 3, 4], [4, 3, 2, 1]])
+    np.testing.assert_array_equal(
+        stats.read_load_file(f"{path}#olmoe/arxiv/top1"), [[1, 0, 0, 1], [0, 1, 1, 0]]
+    )
+    np.testing.assert_array_equal(stats.read_load_file(f"{path}#mistral/c4"), [[5, 6]])
+    with pytest.raises(
+        ValueError, match="holds the loads of several models .* there: olmoe/arxiv, mistral/c4"
+    ):
+        stats.read_load_file(path)
+    with pytest.raises(ValueError, match="no load 'olmoe/c4'"):
+        stats.read_load_file(f"{path}#olmoe/c4")
+    real = Path(__file__).resolve().parents[2] / "shared/data/real_traces/olmoe_routing_output"
+    real = real / "olmoe_mixtral_domain_expert_counts.json"
+    if real.is_file():
+        assert stats.read_load_file(f"{real}#olmoe/arxiv").shape == (3, 64)
+        assert stats.read_load_file(f"{real}#mistral/github").shape == (3, 8)

@@ -110,6 +110,33 @@ def test_killed_worker_restarts(worker):
     np.testing.assert_array_equal(got.phy2log[0], np.roll(previous.phy2log[0], 3))
 
 
+def test_hung_worker_is_killed_and_replaced_after_two_missed_deadlines(caplog):
+    import os
+    import signal
+
+    previous = ExpertPlacement.default(1, 4, 2)
+    with PolicyWorker(slow_policy) as w:
+        w.submit(np.ones((1, 4)), previous, {"tag": 1})
+        assert w.result(timeout=60) is not None  # started and answering
+        hung_pid = w.process.pid
+        os.kill(hung_pid, signal.SIGSTOP)  # alive but never answers
+        try:
+            for _ in range(2):
+                w.submit(np.ones((1, 4)), previous, {"tag": 2})
+                with caplog.at_level("WARNING", logger="megatron_eplb.worker"):
+                    assert w.result(timeout=0.3) is None
+            assert w.hung == 1 and w.late_in_a_row == 0 and w.process.pid != hung_pid
+            assert "hung: it missed its deadline 2 times in a row; killed" in caplog.text
+            w.submit(np.ones((1, 4)), previous, {"tag": 3})
+            got = w.result(timeout=60)  # the new worker plans
+            np.testing.assert_array_equal(got.phy2log[0], np.roll(previous.phy2log[0], 3))
+        finally:
+            try:
+                os.kill(hung_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_policy_error_is_raised():
     previous = ExpertPlacement.default(1, 4, 2)
     with PolicyWorker(failing_policy, start=False) as w:

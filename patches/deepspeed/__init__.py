@@ -8,7 +8,7 @@ Usage (instead of ``deepspeed.initialize``)::
         model=model, config="configs/ds_config.json", eplb=eplb_config, args=args
     )
     loss = engine(batch); engine.backward(loss); engine.step()   # EPLB runs inside engine.step()
-    eplb_ds.save_checkpoint(engine, manager, "ckpt", tag="final")
+    eplb_ds.save_checkpoint(engine, manager, "ckpt")  # ckpt/iter_0000040 (by step), then ckpt/latest
 
 One file per job:
 
@@ -29,7 +29,7 @@ is the real DeepSpeed (absolute imports).
 
 from __future__ import annotations
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_tags, load_checkpoint, resolve_tag, save_checkpoint, step_tag
 from .engine import logical_grad_norm
 from .errors import DeepSpeedEPLBError
 from .groups import expert_group_name
@@ -43,9 +43,12 @@ __all__ = [
     "DeepSpeedSlotState",
     "SUPPORTED_ZERO_STAGES",
     "check_ds_config",
+    "checkpoint_tags",
     "expert_group_name",
     "initialize",
     "load_checkpoint",
     "logical_grad_norm",
+    "resolve_tag",
     "save_checkpoint",
+    "step_tag",
 ]

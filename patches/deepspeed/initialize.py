@@ -210,4 +210,17 @@ def initialize(
             clip,
             "off" if eplb_config is None else eplb_config.to_json(),
         )
+        gas = engine.gradient_accumulation_steps()
+        if eplb_config is not None and eplb_config.dynamic_eplb and gas > 1:
+            every = eplb_config.num_iterations_eplb_update
+            log.info(
+                "megatron-eplb: EPLB counts optimizer steps; with gradient_accumulation_steps=%d a rebalance every "
+                "num_iterations_eplb_update=%d optimizer steps is every %d micro-batches (engine.step() calls), "
+                "and the window of eplb_window_size=%d optimizer steps spans %d micro-batches",
+                gas,
+                every,
+                every * gas,
+                eplb_config.eplb_window_size,
+                eplb_config.eplb_window_size * gas,
+            )
     return engine, optimizer, dataloader, lr_scheduler, manager

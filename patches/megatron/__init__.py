@@ -57,7 +57,7 @@ from __future__ import annotations
 from . import grouped_gemm
 from .apply import REPLICA_DISPATCH as REPLICA_DISPATCH  # re-exported (not in __all__), as before the split
 from .apply import apply, find_moe_layers
-from .compat import SUPPORTED_MCORE_VERSIONS, EPLBPatchError, ensure_compat, mcore_version
+from .compat import SUPPORTED_MCORE_VERSIONS, EPLBPatchError, ensure_compat, mcore_version, model_facts
 from .cpu import enable_cpu
 from .dispatchers import SUPPORTED_DISPATCHERS
 from .dispatchers import route_to_slots as route_to_slots
@@ -77,5 +77,6 @@ __all__ = [
     "find_moe_layers",
     "grouped_gemm",
     "mcore_version",
+    "model_facts",
     "unpatched_state_dict",
 ]

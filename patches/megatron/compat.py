@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["EPLBPatchError", "SUPPORTED_MCORE_VERSIONS", "ensure_compat", "mcore_version"]
+__all__ = ["EPLBPatchError", "SUPPORTED_MCORE_VERSIONS", "ensure_compat", "mcore_version", "model_facts"]
 
 from megatron_eplb.errors import EPLBPatchError
 
@@ -78,3 +78,36 @@ def param_device(module: torch.nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+# Megatron's TransformerConfig field -> the name a checkpoint's model facts use (Megatron's flag, less "--").
+_FACT_FIELDS = {
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_query_groups",
+    "kv_channels": "kv_channels",
+    "num_moe_experts": "num_experts",
+    "moe_ffn_hidden_size": "moe_ffn_hidden_size",
+    "moe_router_topk": "moe_router_topk",
+}
+
+
+def model_facts(model: torch.nn.Module, num_moe_layers: int | None = None) -> dict[str, Any]:
+    """The shape facts a checkpoint stores of a Megatron-core model: its ``TransformerConfig``'s sizes under
+    Megatron's flag names (``num_layers``, ``hidden_size``, ``num_experts``, ...), ``vocab_size`` and
+    ``max_sequence_length`` where the model has them, and ``num_moe_layers``.  Plain ints (pickles anywhere)."""
+    config = getattr(model, "config", None)
+    facts: dict[str, Any] = {}
+    for field, name in _FACT_FIELDS.items():
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            facts[name] = int(value)
+    for name in ("vocab_size", "max_sequence_length"):
+        value = getattr(model, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            facts[name] = value
+    if num_moe_layers is not None:
+        facts["num_moe_layers"] = int(num_moe_layers)
+    return facts

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_eplb.checkpoint import check_state_fits
 from megatron_eplb.comm import collective_device
 from megatron_eplb.errors import CheckpointError
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
@@ -28,7 +29,7 @@ from megatron_eplb.replica_split import BalancedSplit, replica_tables, source_of
 from megatron_eplb.slots import SlotParam
 
 from . import dist_ckpt
-from .compat import EPLBPatchError, param_device
+from .compat import EPLBPatchError, model_facts, param_device
 from .dispatchers import rebuild_dispatcher, route_to_slots
 from .experts import ExpertStorage, storage_for
 
@@ -375,6 +376,11 @@ class MegatronEPLB:
                 f"{exc.args[0]} for {self.num_experts} experts; it was saved for a model with other experts"
             ) from None
 
+    def model_facts(self) -> dict[str, Any]:
+        """The model's shape facts a checkpoint stores (:func:`.compat.model_facts`: ``hidden_size``,
+        ``num_experts``, ...); a load into a model with other facts names them."""
+        return model_facts(self.model, self.num_layers)
+
     def logical_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict in the logical layout (collective over :attr:`ep_group`): every logical
         expert once, keyed as the unpatched model without EP keys it (:meth:`logical_entries`); other keys are
@@ -392,24 +398,40 @@ class MegatronEPLB:
             state.update({prefix + k: v for k, v in storage.extra_entries(self.num_experts).items()})
         return state
 
-    def load_logical_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
-        """Load a logical state dict (:meth:`logical_state_dict`, any placement or EP size) into this model:
-        every slot is filled from its logical expert.  Local, no communication.  Returns what
-        ``Module.load_state_dict`` returns."""
+    def physical_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], phy2log: np.ndarray | None = None
+    ) -> dict[str, torch.Tensor]:
+        """This rank's model state dict made from a logical one (:meth:`logical_state_dict`, any placement or
+        EP size): every local slot from its logical expert under ``phy2log`` (``[L, P]``, default the current
+        placement); an empty slot keeps what it holds.  Local, no communication.
+
+        Raises:
+            CheckpointError: ``state_dict`` lacks an entry of an MoE layer's experts (names the key).
+        """
+        phy2log = self.placement.phy2log if phy2log is None else phy2log
         physical = dict(state_dict)
         for layer in range(self.num_layers):
             storage, prefix = self._storages[layer], self.experts_prefix(layer)
             experts = self.split_logical_entries(layer, state_dict)
             for key in storage.state_keys(self.num_experts):
                 physical.pop(prefix + key, None)
-            row = self.placement.phy2log[layer, self.local_slots()]
+            row = phy2log[layer, self.local_slots()]
             like = experts[0][0]
             slots = [
                 experts[int(e)] if e >= 0 else [t.to(like.device) for t in self.slot_tensors(layer, k)]
                 for k, e in enumerate(row)
-            ]  # an empty slot keeps what it holds
+            ]
             physical.update({prefix + k: v for k, v in storage.state_entries(slots).items()})
             physical.update({prefix + k: v for k, v in storage.extra_entries(self.slots_per_rank).items()})
+        return physical
+
+    def load_logical_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+        """Load a logical state dict (:meth:`logical_state_dict`, any placement or EP size) into this model:
+        every slot is filled from its logical expert, after every tensor is checked to fit (one
+        :class:`~megatron_eplb.errors.CheckpointError` naming the key, nothing loaded).  Local, no
+        communication.  Returns what ``Module.load_state_dict`` returns."""
+        physical = self.physical_state_dict(state_dict)
+        check_state_fits(physical, self.model, source="the logical state dict")  # before anything is loaded
         return self.model.load_state_dict(physical, strict=strict)
 
     # ============================================================ internals

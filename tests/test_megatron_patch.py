@@ -270,7 +270,9 @@ def _ep2_checks(rank: int, world: int, out_dir: str, kind: str) -> dict:
     errs["same_params"] = "ok"
     # A fresh handle for P = 12 slots (the slot count is fixed at apply).
     ref, pat = _twin_models(config)
-    handle = eplb_mcore.apply(pat, placements["random_replicas"])
+    handle = eplb_mcore.apply(
+        pat, placements["random_replicas"], replica_dispatch="even"
+    )  # copy_spread below
     params_before = [id(p) for p in pat.parameters()]
     for name, placement in placements.items():
         handle.set_placement(placement)
@@ -369,7 +371,7 @@ def _ep4_checks(rank: int, world: int, ckpt_path: str, kind: str) -> dict:
         "hot_spread": _hot_spread_placement(num_layers, world, redundant=4),
     }.items():
         ref, pat = _twin_models(config)
-        handle = eplb_mcore.apply(pat, placement)
+        handle = eplb_mcore.apply(pat, placement, replica_dispatch="even")  # copy_spread: the even split's
         results[name] = _compare(ref, pat, handle, x, w)
     # set_placement on the last handle, then back
     handle.set_placement(_random_placement(rng, num_layers, world, redundant=4))

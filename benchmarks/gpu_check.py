@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "samples": samples,
         }
 
-        demo_out = "outputs/gpu_check_demo"
+        demo_out = str(work / "demo")  # per check: two checks on one machine must not share it
         steps.append(
             run_step("demo_quick", [sys.executable, "examples/demo.py", "--quick", "--out", demo_out], work, env,
                      args.timeout)

@@ -158,7 +158,10 @@ def _compare(ref: MoEStack, pat: MoEStack, handle, dtype: torch.dtype, device: t
         for k in range(handle.slots_per_rank):
             e = int(handle.placement.phy2log[layer, k])
             expert.append(
-                _diff(torch.cat([p.grad.reshape(-1) for p in handle.slot_params(layer, k)]), logical[e])
+                _diff(
+                    torch.cat([sp.of(sp.param.grad).reshape(-1) for sp in handle.slot_params(layer, k)]),
+                    logical[e],
+                )
             )
     res["expert_grad"] = _worst(expert)
     loads = handle.loads()

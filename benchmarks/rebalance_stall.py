@@ -163,12 +163,12 @@ def part_train(device, small: bool, canary: str = "off", more_canaries: tuple[st
     out["policy"] = run("dynamic EPLB, default policy", steps // 2 + 20, skip, dynamic_eplb=True)
     # Memory (per rank; EP = 1 here, so R/EP = R slots).
     slot_params = handle.slot_params(0, 0)
-    weight_bytes = sum(p.numel() * p.element_size() for p in slot_params)
+    weight_bytes = sum(sp.numel * sp.param.element_size() for sp in slot_params)
     state_bytes = sum(
-        t.numel() * t.element_size()
-        for p in slot_params
-        for t in opt.state.get(p, {}).values()
-        if torch.is_tensor(t)
+        sp.numel * t.element_size()
+        for sp in slot_params
+        for t in opt.state.get(sp.param, {}).values()
+        if torch.is_tensor(t) and t.shape == sp.param.shape
     )
     layers = handle.num_layers
     out["memory"] = {

@@ -31,10 +31,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_eplb.checkpoint import logical_to_physical
+from megatron_eplb.checkpoint import check_state_fits, logical_to_physical
 from megatron_eplb.comm import collective_device
-from megatron_eplb.errors import DeepSpeedEPLBError, ExpertMapError
+from megatron_eplb.errors import CheckpointError, DeepSpeedEPLBError, ExpertMapError
 from megatron_eplb.placement import ExpertPlacement, build_log2phy
+from megatron_eplb.slots import SlotParam
 
 from .routing import per_slot_capacity, routes_to_slots, slot_counts
 
@@ -166,10 +167,11 @@ class DeepSpeedMoEEPLB:
         self._sent.zero_()
 
     # ---------------------------------------------------------------- slots
-    def slot_params(self, layer: int, slot: int) -> list[torch.nn.Parameter]:
-        """The parameters of local slot ``slot`` of MoE layer ``layer`` (the expert module's order)."""
+    def slot_params(self, layer: int, slot: int) -> list[SlotParam]:
+        """The parameters of local slot ``slot`` of MoE layer ``layer`` (the expert module's order; each slot
+        has its own: whole :class:`~megatron_eplb.slots.SlotParam` s)."""
         self._check(layer, slot)
-        return list(self._experts(layer)[slot].parameters())
+        return [SlotParam.whole(p) for p in self._experts(layer)[slot].parameters()]
 
     def slot_param_names(self) -> list[str]:
         """Names of a slot's parameters within the expert module, e.g. ``["0.weight", "0.bias", ...]``."""
@@ -177,11 +179,11 @@ class DeepSpeedMoEEPLB:
 
     def slot_tensors(self, layer: int, slot: int) -> list[torch.Tensor]:
         """The data of local slot ``slot``'s parameters (views without autograd)."""
-        return [p.detach() for p in self.slot_params(layer, slot)]
+        return [sp.data for sp in self.slot_params(layer, slot)]
 
     def write_slot(self, layer: int, slot: int, tensors: Sequence[torch.Tensor]) -> None:
         """Copy ``tensors`` (shapes as :meth:`slot_tensors`) into local slot ``slot``, parameters kept."""
-        params = self.slot_params(layer, slot)
+        params = [sp.param for sp in self.slot_params(layer, slot)]
         if len(tensors) != len(params):
             raise DeepSpeedEPLBError(
                 f"layer {layer} slot {slot}: {len(tensors)} tensors given, the slot has {len(params)}"
@@ -266,7 +268,7 @@ class DeepSpeedMoEEPLB:
             row_of[replicated] = np.arange(len(replicated))
             local = self.placement.phy2log[layer, self.local_slots()]
             mine = [k for k in range(self.slots_per_rank) if local[k] >= 0 and row_of[local[k]] >= 0]
-            params = {k: self.slot_params(layer, k) for k in range(self.slots_per_rank)}
+            params = {k: [sp.param for sp in self.slot_params(layer, k)] for k in range(self.slots_per_rank)}
             grads = {k: [_grad_of(p) for p in params[k]] for k in mine}
             width = sum(p.numel() for p in params[0])
             like = params[0][0]
@@ -310,16 +312,53 @@ class DeepSpeedMoEEPLB:
                     state[f"{prefixes[layer]}{e}.{name}"] = value
         return state
 
-    def load_logical_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
-        """Fill every slot from its logical expert in ``state_dict`` (:meth:`logical_state_dict` of any
-        placement or EP size, or of the unpatched model at EP = 1).  Local; returns ``load_state_dict``'s."""
-        physical = logical_to_physical(
+    def logical_entries(
+        self, layer: int, experts: Sequence[Sequence[torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """State-dict entries of ``layer``'s experts in the logical layout (``{prefix}{e}.{name}``, as
+        DeepSpeed's model at EP = 1 has them) from the ``E`` logical experts' tensors (:meth:`slot_params`
+        order)."""
+        prefix, names = self.expert_key_prefixes()[layer], self.slot_param_names()
+        return {f"{prefix}{e}.{name}": t for e, ts in enumerate(experts) for name, t in zip(names, ts)}
+
+    def split_logical_entries(
+        self, layer: int, state: Mapping[str, torch.Tensor]
+    ) -> list[list[torch.Tensor]]:
+        """The inverse of :meth:`logical_entries`: ``[E]`` lists of tensors from ``state``.
+
+        Raises:
+            CheckpointError: ``state`` lacks an entry (names the key).
+        """
+        prefix, names = self.expert_key_prefixes()[layer], self.slot_param_names()
+        out = []
+        for e in range(self.num_experts):
+            keys = [f"{prefix}{e}.{name}" for name in names]
+            missing = [k for k in keys if k not in state]
+            if missing:
+                raise CheckpointError(f"the logical state dict has no {missing[0]!r}")
+            out.append([state[k] for k in keys])
+        return out
+
+    def physical_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], phy2log: np.ndarray | None = None
+    ) -> dict[str, torch.Tensor]:
+        """This rank's model state dict from a logical one (any placement or EP size, or the unpatched model
+        at EP = 1): every local slot from its logical expert under ``phy2log`` (default: the placement now).
+        Local."""
+        return logical_to_physical(
             state_dict,
-            self.placement.phy2log,
+            self.placement.phy2log if phy2log is None else phy2log,
             self.expert_key_prefixes(),
             rank=self.ep_rank,
             slots_per_rank=self.slots_per_rank,
         )
+
+    def load_logical_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+        """Fill every slot from its logical expert in ``state_dict`` (:meth:`logical_state_dict` of any
+        placement or EP size, or of the unpatched model at EP = 1), after checking every tensor fits.
+        Local; returns ``load_state_dict``'s."""
+        physical = self.physical_state_dict(state_dict)
+        check_state_fits(physical, self.model, source="the logical state dict")
         return self.model.load_state_dict(physical, strict=strict)
 
     # ============================================================ internals

@@ -342,9 +342,12 @@ class EPLBConfig:
         nodes = max(num_nodes, self.eplb_num_nodes)
         if ep_size % nodes:
             raise EPLBConfigError(f"eplb_num_nodes={nodes} does not divide the EP size {ep_size}")
+        if self.eplb_policy == "deepseek":
+            return self  # DeepSeek's eplb.py plans globally where the groups do not fit the nodes (docs/policy.md)
         if num_experts % self.eplb_num_groups:
             raise EPLBConfigError(
-                f"eplb_num_groups={self.eplb_num_groups} does not divide the {num_experts} experts"
+                f"eplb_num_groups={self.eplb_num_groups} does not divide the {num_experts} experts "
+                "(eplb_policy: deepseek plans globally then, as DeepSeek's eplb.py does)"
             )
         if self.eplb_num_groups > 1 and self.eplb_num_groups % nodes:
             raise EPLBConfigError(

@@ -161,6 +161,10 @@ def test_validate_for_model(tmp_path):
         EPLBConfig(eplb_num_nodes=3).validate_for(num_layers=4, num_experts=16, ep_size=8)
     with pytest.raises(EPLBConfigError, match="eplb_num_groups=3 does not divide the 16 experts"):
         EPLBConfig(eplb_num_groups=3).validate_for(num_layers=4, num_experts=16, ep_size=8)
+    # DeepSeek's policy accepts what its eplb.py accepts: groups that do not divide the experts plan globally.
+    EPLBConfig(eplb_num_groups=3, eplb_policy="deepseek").validate_for(
+        num_layers=4, num_experts=16, ep_size=8
+    )
     path = tmp_path / "map.json"
     ExpertPlacement.default(2, 16, 2, 2).to_json(path)
     cfg = EPLBConfig(expert_map_path=str(path))

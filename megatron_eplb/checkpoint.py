@@ -263,17 +263,22 @@ def logical_optimizer_state(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """The optimizer state of the logical model: ``{logical parameter name: {key: CPU tensor}}``.
 
-    Dense parameters from this rank (identical on every data-parallel rank), each logical expert from its
-    first copy (gathered over ``handle.ep_group``).  ``slots``: :class:`megatron_eplb.protocols.
-    OptimizerSlots`.  Collective (EP group, and ``slots.full_state``'s groups); complete on every rank.
+    Dense parameters from this rank (identical on every data-parallel rank; joined over tensor parallelism
+    where the handle has ``dense_to_logical``), each logical expert from its first copy (gathered over
+    ``handle.ep_group``).  ``slots``: :class:`megatron_eplb.protocols.OptimizerSlots`.  Collective (EP group,
+    TP group, and ``slots.full_state``'s groups); complete on every rank.
     """
     names = logical_param_names(model, handle)
     primary = primary_expert_params(handle) if handle is not None else {}
+    to_logical = getattr(handle, "dense_to_logical", None)
     out: dict[str, dict[str, torch.Tensor]] = {}
     experts: list[tuple[str, dict[str, torch.Tensor]]] = []
     for name, p in model.named_parameters():
         # every rank reads every parameter in one order: full_state is collective under ZeRO
-        state = {k: v.detach().cpu() for k, v in slots.full_state(p).items()}
+        state = {k: v.detach() for k, v in slots.full_state(p).items()}
+        if id(p) not in primary and to_logical is not None:
+            state = {k: to_logical(p, v) for k, v in state.items()}
+        state = {k: v.cpu() for k, v in state.items()}
         if id(p) not in primary:
             out[name] = state
         elif primary[id(p)]:
@@ -388,12 +393,16 @@ def load_logical_checkpoint(
     if slots is not None:
         optimizer = payload["optimizer"]
         names = logical_param_names(model, handle)
+        experts = primary_expert_params(handle) if handle is not None else {}
+        to_local = getattr(handle, "dense_to_local", None)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 logical = names[name]
                 values = dict(optimizer.get(logical) or {})
                 if MASTER_KEY not in values and torch.is_tensor(model_state.get(logical)):
                     values[MASTER_KEY] = model_state[logical].float()  # saved without masters (an fp32 run)
+                if id(p) not in experts and to_local is not None:  # e.g. this rank's tensor-parallel part
+                    values = {k: to_local(p, v) for k, v in values.items()}
                 if values:
                     slots.set_full_state(p, {k: v.to(p.device) for k, v in values.items()})
         slots.set_optimizer_step(int(payload.get("optimizer_step") or 0))

@@ -29,7 +29,8 @@ What :func:`apply` changes in each ``MoELayer`` (MoE layer ids ``l`` count MoE l
   So checkpoints load across placements, EP sizes and the unpatched model.
 
 Supported: megatron-core 0.16–0.19, ``SequentialMLP`` experts, ``allgather`` and ``alltoall`` dispatchers,
-expert-TP = 1, PP = 1, dropless or capacity-dropping routers without padding to capacity.
+TP >= 1 (sequence parallelism on or off) with expert-TP = 1, PP = 1, dropless or capacity-dropping routers
+without padding to capacity.
 
 One module per seam (a new expert class is one new file in ``experts/``; a new dispatcher is one entry in
 ``dispatchers.py``):
@@ -39,12 +40,14 @@ One module per seam (a new expert class is one new file in ``experts/``; a new d
 * ``experts/``: expert storage, one module per expert class (``sequential.py``: ``SequentialMLP``);
 * ``dispatchers.py``: dispatcher adapters (allgather, alltoall) and :func:`route_to_slots`;
 * ``dist_ckpt.py``: Megatron dist checkpointing in the logical layout;
+* ``tp.py``: tensor parallelism outside Megatron's DDP (TP-replicated gradients, TP shards of checkpoints);
 * ``handle.py``: :class:`MegatronEPLB`, the model side (:class:`megatron_eplb.protocols.ExpertModel`);
 * ``apply.py``: :func:`apply`, :func:`find_moe_layers` and the checks.
 """
 
 from __future__ import annotations
 
+from . import tp as tp
 from .apply import REPLICA_DISPATCH as REPLICA_DISPATCH  # re-exported (not in __all__), as before the split
 from .apply import apply, find_moe_layers
 from .compat import SUPPORTED_MCORE_VERSIONS, EPLBPatchError, ensure_compat, mcore_version

@@ -25,7 +25,7 @@ from megatron_eplb.checkpoint import logical_to_physical
 from megatron_eplb.comm import collective_device
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
 
-from . import dist_ckpt
+from . import dist_ckpt, tp
 from .compat import EPLBPatchError, param_device
 from .dispatchers import rebuild_dispatcher, route_to_slots
 from .experts import ExpertStorage, storage_for
@@ -120,6 +120,9 @@ class MegatronEPLB:
         #: Record loads (``loads()``, ``slot_loads()``) on real forwards; ``False`` pauses recording (e.g. for
         #: evaluation forwards that should not steer the placement).
         self.recording = True
+        # Logical loads count each routed token once: with TP > 1 and no sequence parallelism (inference) the
+        # TP ranks of an attention group route the same tokens, so only TP rank 0 counts them.
+        self._counts_logical = _routes_own_tokens(self._layers[0])
         # Per layer, the per-slot token counts exactly as the dispatcher hands them to the experts (a host
         # tensor for the alltoall and allgather dispatchers): a forward only keeps a reference (a list
         # append, no op); ``slot_loads()`` sums them all at once.  In the middle of the host-bound MoE
@@ -342,10 +345,14 @@ class MegatronEPLB:
         """The model's state dict in the logical layout (collective over :attr:`ep_group`).
 
         Expert keys are ``{prefix}{e}.{name}`` for every logical expert ``e`` (each once, as a model
-        without EP has them); other keys are this rank's own.  Save it with the expert map beside it
-        (:func:`megatron_eplb.checkpoint.save_expert_map`).
+        without EP has them); other keys are this rank's own, TP-sharded parameters joined over the TP group
+        as the model without TP has them (:meth:`dense_to_logical`; collective over the TP group too).  Save
+        it with the expert map beside it (:func:`megatron_eplb.checkpoint.save_expert_map`).
         """
         state = dict(self.model.state_dict())
+        for name, p in self.model.named_parameters():
+            if name in state and tp.is_tp_sharded(p):
+                state[name] = self.dense_to_logical(p, state[name])
         prefixes = self.expert_key_prefixes()
         param_names = self.slot_param_names()
         for key in [k for k in state if any(k.startswith(p) for p in prefixes)]:
@@ -364,9 +371,14 @@ class MegatronEPLB:
         return state
 
     def load_logical_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
-        """Load a logical state dict (:meth:`logical_state_dict`, any placement or EP size) into this model:
-        every slot is filled from its logical expert.  Local, no communication.  Returns what
+        """Load a logical state dict (:meth:`logical_state_dict`, any placement, EP or TP size) into this
+        model: every slot is filled from its logical expert, every TP-sharded parameter from its part of the
+        whole tensor (:meth:`dense_to_local`).  Local, no communication.  Returns what
         ``Module.load_state_dict`` returns."""
+        state_dict = dict(state_dict)
+        for name, p in self.model.named_parameters():
+            if name in state_dict and tp.is_tp_sharded(p):
+                state_dict[name] = self.dense_to_local(p, state_dict[name])
         physical = logical_to_physical(
             state_dict,
             self.placement.phy2log,
@@ -375,6 +387,15 @@ class MegatronEPLB:
             slots_per_rank=self.slots_per_rank,
         )
         return self.model.load_state_dict(physical, strict=strict)
+
+    def dense_to_logical(self, p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """``local`` (shaped like non-expert parameter ``p`` on this rank: the weight or its optimizer state)
+        as the model without TP has it (collective over the TP group when ``p`` is TP-sharded)."""
+        return tp.gather_tp(p, local)
+
+    def dense_to_local(self, p: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a whole (:meth:`dense_to_logical`) tensor of non-expert parameter ``p``.  Local."""
+        return tp.shard_tp(p, logical)
 
     # ============================================================ internals
     def _storage(self, layer: int, slot: int) -> ExpertStorage:
@@ -508,7 +529,7 @@ class MegatronEPLB:
         self, idx: int, probs: torch.Tensor, routing_map: torch.Tensor, padding_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Record logical loads; map ``[T, E]`` probs / routing map to ``[T, P]`` physical slots."""
-        if self.recording and not _recomputing():
+        if self.recording and self._counts_logical and not _recomputing():
             routed = routing_map
             if padding_mask is not None:  # Megatron's router: True marks padding
                 routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)
@@ -527,6 +548,15 @@ class MegatronEPLB:
             offset=self.ep_rank,
             local_slot=local_slot if self.replica_dispatch == "local_first" else None,
         )
+
+
+def _routes_own_tokens(layer: torch.nn.Module) -> bool:
+    """Whether this rank's router sees tokens no other rank of its TP group sees: TP = 1, sequence
+    parallelism, or TP rank 0 (without sequence parallelism every TP rank routes the same tokens)."""
+    if getattr(layer.config, "sequence_parallel", False):
+        return True
+    group = getattr(layer, "attn_tp_group", None) or tp.tp_group()
+    return group is None or dist.get_world_size(group) == 1 or dist.get_rank(group) == 0
 
 
 def _recomputing() -> bool:

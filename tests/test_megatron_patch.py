@@ -287,7 +287,9 @@ def _ep2_checks(rank: int, world: int, out_dir: str, kind: str) -> dict:
 
     # --- commit_layer: a mover filled the slots of layer 1 for a new row, then commits it
     row = placements["random_replicas"].phy2log[1]
-    logical = handle._gather_logical(1)
+    from megatron_eplb.slot_copies import gather_logical
+
+    logical = gather_logical(handle, 1)
     for k, slot in enumerate(handle.local_slots()):
         handle.write_slot(1, k, handle._unflatten(logical[int(row[slot])]))
     handle.commit_layer(1, row)

@@ -35,6 +35,14 @@ from megatron_eplb.checkpoint import check_state_fits, logical_to_physical
 from megatron_eplb.comm import collective_device
 from megatron_eplb.errors import CheckpointError, DeepSpeedEPLBError, ExpertMapError
 from megatron_eplb.placement import ExpertPlacement, build_log2phy
+from megatron_eplb.slot_copies import (
+    all_gather_rows,
+    flatten,
+    gather_logical,
+    recomputing,
+    refill_slots,
+    unflatten_into,
+)
 from megatron_eplb.slots import SlotParam
 
 from .routing import per_slot_capacity, routes_to_slots, slot_counts
@@ -213,18 +221,7 @@ class DeepSpeedMoEEPLB:
             return
         if isinstance(optimizer, torch.optim.Optimizer):
             optimizer = OptimizerSlotState(optimizer)
-        for layer in range(self.num_layers):
-            row = placement.phy2log[layer]
-            if np.array_equal(row, self.placement.phy2log[layer]):
-                continue
-            getters = [self.slot_tensors]
-            if optimizer is not None and optimizer.tensors(self.slot_params(layer, 0)):
-                getters.append(lambda lyr, k: optimizer.tensors(self.slot_params(lyr, k)))
-            for get in getters:
-                logical = self._gather_logical(layer, get)
-                for k, slot in enumerate(self.local_slots()):
-                    if row[slot] >= 0:
-                        _unflatten_into(get(layer, k), logical[int(row[slot])])
+        refill_slots(self, placement.phy2log, optimizer)
         self.placement = placement
         self._tables = [self._routing_tables(placement.phy2log[i]) for i in range(self.num_layers)]
 
@@ -304,7 +301,7 @@ class DeepSpeedMoEEPLB:
         names = self.slot_param_names()
         for layer in range(self.num_layers):
             extra = {k: v for k, v in self._experts(layer)[0].state_dict().items() if k not in names}
-            logical = self._gather_logical(layer)
+            logical = gather_logical(self, layer)
             for e in range(self.num_experts):
                 for name, tensor in zip(names, self._unflatten(logical[e])):
                     state[f"{prefixes[layer]}{e}.{name}"] = tensor.clone()
@@ -386,15 +383,6 @@ class DeepSpeedMoEEPLB:
             offset += t.numel()
         return out
 
-    def _gather_logical(self, layer: int, get=None) -> torch.Tensor:
-        """``[E, n]`` flat tensors (``get(layer, slot)``, default the weights) of every logical expert,
-        each from its first copy (collective over :attr:`ep_group`)."""
-        get = get or self.slot_tensors
-        local = torch.stack([_flatten(get(layer, k)) for k in range(self.slots_per_rank)])
-        every = _all_gather_rows(local, self.ep_group)  # [P, n]
-        first = torch.tensor(self.placement.log2phy[layer, :, 0], device=every.device)
-        return every[first].to(local.device)
-
     def _routing_tables(self, row: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Device tables of one layer: log2phy ``[E, R]``, replica_count ``[E]`` (at least 1) and
         local_slot ``[E]`` (this rank's lowest slot holding the expert, else -1)."""
@@ -411,8 +399,8 @@ class DeepSpeedMoEEPLB:
         """Rebuild the layer's experts for ``S`` slots (filled from the logical experts) and wrap its gate."""
         experts = moe.deepspeed_moe.experts
         old = list(experts.deepspeed_experts)
-        local = torch.stack([_flatten(list(m.parameters())) for m in old])
-        logical = _all_gather_rows(local, self.ep_group)  # DeepSpeed puts expert r * E / EP + k on rank r
+        local = torch.stack([flatten(list(m.parameters())) for m in old])
+        logical = all_gather_rows(local, self.ep_group)  # DeepSpeed puts expert r * E / EP + k on rank r
         if logical.shape[0] != self.num_experts:
             raise DeepSpeedEPLBError(
                 f"layer {idx}: gathered {logical.shape[0]} experts, expected {self.num_experts}"
@@ -429,14 +417,14 @@ class DeepSpeedMoEEPLB:
         row = self.placement.phy2log[idx]
         for k, slot in enumerate(self.local_slots()):
             if row[slot] >= 0:
-                _unflatten_into(self.slot_tensors(idx, k), logical[int(row[slot])].to(self.device))
+                unflatten_into(self.slot_tensors(idx, k), logical[int(row[slot])].to(self.device))
         gate = moe.deepspeed_moe.gate
         gate.forward = self._make_gate_forward(idx, gate, gate.forward)
         moe._megatron_eplb_patched = True
 
     def _record(self, idx: int, exp_counts: torch.Tensor, slot: torch.Tensor, sent: torch.Tensor) -> None:
         """Count one forward of layer ``idx``: routed pairs per expert, kept routes per slot, drops."""
-        if self.recording and not _recomputing():
+        if self.recording and not recomputing():
             self._loads_rows[idx].add_(exp_counts)
             self._sent_rows[idx].add_(sent)
             routed = exp_counts.sum()
@@ -509,37 +497,6 @@ def _logical_capacity(gate: torch.nn.Module, num_tokens: int, num_experts: int, 
     factor = factor * k if k > 1 else factor
     shape_only = torch.empty((num_tokens, num_experts), device="meta")
     return int(_capacity(shape_only, torch.tensor(factor), torch.tensor(gate.min_capacity)))
-
-
-def _recomputing() -> bool:
-    """Whether this forward is a re-run inside backward (activation checkpointing): not counted."""
-    return torch._C._current_graph_task_id() != -1
-
-
-def _all_gather_rows(local: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate ``local [k, n]`` of every rank of ``group`` in rank order (on the group's device)."""
-    size = dist.get_world_size(group)
-    if size == 1:
-        return local.clone()
-    local = local.contiguous().to(collective_device(group))
-    out = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(out, local, group=group)
-    return torch.cat(out)
-
-
-def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One flat vector of ``tensors`` (in the widest float dtype among them)."""
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
-
-
-def _unflatten_into(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
-    """Copy ``flat`` (as made by :func:`_flatten`) back into ``tensors`` in place."""
-    offset = 0
-    with torch.no_grad():
-        for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
 
 
 def _grad_of(p: torch.nn.Parameter) -> torch.Tensor:

@@ -12,7 +12,6 @@ A new expert class or dispatcher changes nothing here.  Shapes: ``L`` MoE layers
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -26,6 +25,7 @@ from megatron_eplb.comm import collective_device
 from megatron_eplb.errors import CheckpointError
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
 from megatron_eplb.replica_split import BalancedSplit, replica_tables, source_offsets
+from megatron_eplb.slot_copies import all_gather_rows, gather_logical, recomputing, refill_slots
 from megatron_eplb.slots import SlotParam
 
 from . import dist_ckpt
@@ -268,18 +268,7 @@ class MegatronEPLB:
         check_same_placement_everywhere(placement, self.ep_group)
         if isinstance(optimizer, torch.optim.Optimizer):
             optimizer = OptimizerSlotState(optimizer)
-        for layer in range(self.num_layers):
-            row = placement.phy2log[layer]
-            if np.array_equal(row, self.placement.phy2log[layer]):
-                continue
-            getters = [self.slot_tensors]
-            if optimizer is not None and optimizer.tensors(self.slot_params(layer, 0)):
-                getters.append(lambda lyr, k: optimizer.tensors(self.slot_params(lyr, k)))
-            for get in getters:
-                logical = self._gather_logical(layer, get)
-                for k, slot in enumerate(self.local_slots()):
-                    if row[slot] >= 0:
-                        _unflatten_into(get(layer, k), logical[int(row[slot])])
+        refill_slots(self, placement.phy2log, optimizer)
         self.placement = placement
         self._tables = [self._routing_tables(placement.phy2log[i]) for i in range(self.num_layers)]
 
@@ -391,7 +380,7 @@ class MegatronEPLB:
             storage, prefix = self._storages[layer], self.experts_prefix(layer)
             for key in storage.state_keys(self.slots_per_rank):
                 state.pop(prefix + key, None)
-            logical = self._gather_logical(layer)
+            logical = gather_logical(self, layer)
             experts = [[t.clone() for t in self._unflatten(logical[e])] for e in range(self.num_experts)]
             state.update(self.logical_entries(layer, experts))
             # Non-parameter entries of a slot (``_extra_state``) are the same for every expert.
@@ -453,15 +442,6 @@ class MegatronEPLB:
     def _write_flat(self, layer: int, slot: int, flat: torch.Tensor) -> None:
         self.write_slot(layer, slot, self._unflatten(flat))
 
-    def _gather_logical(self, layer: int, get=None) -> torch.Tensor:
-        """``[E, n]`` flat tensors (``get(layer, slot)``, default the weights) of every logical expert of
-        ``layer``, each from its primary copy ``placement.log2phy[layer, :, 0]`` (collective)."""
-        get = get or self.slot_tensors
-        local = torch.stack([_flatten(get(layer, k)) for k in range(self.slots_per_rank)])
-        everything = _all_gather_rows(local, self.ep_group)  # [P, n]
-        first_copy = torch.tensor(self.placement.log2phy[layer, :, 0], device=everything.device)
-        return everything[first_copy]
-
     def _routing_tables(self, row: np.ndarray, layer: int | None = None) -> _LayerTables:
         """Device tables of one layer: log2phy ``[E, C]``, replica_count ``[E]``, local_slot ``[E]``
         (a slot of this rank holding the expert, else -1), the direct map: ``True`` when slot ``s``
@@ -511,7 +491,7 @@ class MegatronEPLB:
         """Rebuild the experts for S slots (filled from the logical experts) and the dispatcher for P."""
         old = storage_for(layer.experts)
         # [E, n]: Megatron puts expert r*E/N+k on rank r
-        logical = _all_gather_rows(old.flat_rows(), self.ep_group)
+        logical = all_gather_rows(old.flat_rows(), self.ep_group)
         if logical.shape[0] != self.num_experts:
             raise EPLBPatchError(
                 f"layer {idx}: gathered {logical.shape[0]} experts, expected {self.num_experts}"
@@ -542,7 +522,7 @@ class MegatronEPLB:
         ``Module.__call__``'s fast path."""
 
         def forward(*args, **kwargs):
-            if self.recording and not _recomputing():
+            if self.recording and not recomputing():
                 counts = args[1] if len(args) > 1 else kwargs["tokens_per_expert"]
                 if getattr(counts, "is_cuda", False) and torch.cuda.is_current_stream_capturing():
                     self._slot_loads_rows[idx].add_(counts)  # graph-safe: in place into a live buffer
@@ -571,7 +551,7 @@ class MegatronEPLB:
         self, idx: int, probs: torch.Tensor, routing_map: torch.Tensor, padding_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Record logical loads; map ``[T, E]`` probs / routing map to ``[T, P]`` physical slots."""
-        if self.recording and not _recomputing():
+        if self.recording and not recomputing():
             routed = routing_map
             if padding_mask is not None:  # Megatron's router: True marks padding
                 routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)
@@ -603,11 +583,6 @@ class MegatronEPLB:
         return source_offsets(every)[self.ep_rank], split(every.sum(dim=0))
 
 
-def _recomputing() -> bool:
-    """Whether this forward is a re-run inside backward (activation recompute): not counted."""
-    return torch._C._current_graph_task_id() != -1
-
-
 def _all_gather_counts(counts: torch.Tensor, group, size: int) -> torch.Tensor:
     """int64 ``[size, E]``: ``counts [E]`` of every rank of ``group`` (one collective, no host sync)."""
     if size == 1:
@@ -616,31 +591,6 @@ def _all_gather_counts(counts: torch.Tensor, group, size: int) -> torch.Tensor:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
     gather(out, counts, group=group)
     return out.view(size, -1)
-
-
-def _all_gather_rows(local: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate ``local [k, n]`` of every rank of ``group`` in rank order: ``[k * ranks, n]``."""
-    size = dist.get_world_size(group)
-    if size == 1:
-        return local.clone()
-    out = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(out, local.contiguous(), group=group)
-    return torch.cat(out)
-
-
-def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One flat vector of ``tensors`` (in the dtype of the widest float among them)."""
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
-
-
-def _unflatten_into(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
-    """Copy ``flat`` (as made by :func:`_flatten`) back into ``tensors`` in place."""
-    offset = 0
-    with torch.no_grad():
-        for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
 
 
 def _slot_grad(sp: SlotParam) -> torch.Tensor:

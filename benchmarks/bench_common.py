@@ -19,6 +19,7 @@ __all__ = [
     "Timer",
     "apply_preset",
     "build_moe_layer",
+    "grouped_gemm_source",
     "count_calls",
     "environment",
     "init_single_rank",
@@ -139,9 +140,10 @@ class Timer:
         return [(b - a) * 1e3 for a, b in self.pairs]
 
 
-def moe_config(h, ffn, experts, topk, dtype, layers=1, **kw):
-    """Megatron ``TransformerConfig`` of the benchmarks' MoE: alltoall dispatcher, SequentialMLP, no bias,
-    no aux loss, no dropout; ``kw`` goes to the config (``heads`` and ``dense_ffn`` are this helper's)."""
+def moe_config(h, ffn, experts, topk, dtype, layers=1, grouped=False, **kw):
+    """Megatron ``TransformerConfig`` of the benchmarks' MoE: alltoall dispatcher, SequentialMLP (``GroupedMLP``
+    with ``grouped``), no bias, no aux loss, no dropout; ``kw`` goes to the config (``heads`` and ``dense_ffn``
+    are this helper's)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
@@ -153,7 +155,7 @@ def moe_config(h, ffn, experts, topk, dtype, layers=1, **kw):
         moe_ffn_hidden_size=ffn,
         ffn_hidden_size=kw.pop("dense_ffn", ffn),
         moe_token_dispatcher_type="alltoall",
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=grouped,
         add_bias_linear=False,
         moe_aux_loss_coeff=0.0,
         hidden_dropout=0.0,
@@ -166,14 +168,31 @@ def moe_config(h, ffn, experts, topk, dtype, layers=1, **kw):
 
 
 def build_moe_layer(config, number: int = 1) -> torch.nn.Module:
-    """One MoELayer from ``get_moe_module_spec`` (a ModuleSpec up to 0.17, a functools.partial from 0.18)."""
+    """One MoELayer from ``get_moe_module_spec`` (a ModuleSpec up to 0.17, a functools.partial from 0.18);
+    ``GroupedMLP`` experts when ``config.moe_grouped_gemm`` (call :func:`grouped_gemm_source` first)."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.spec_utils import build_module
 
-    spec = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts, moe_grouped_gemm=False)
+    spec = get_moe_module_spec(
+        use_te=False, num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
+    )
     if isinstance(spec, functools.partial):
         return spec(config=config, layer_number=number)
     return build_module(spec, config=config, layer_number=number)
+
+
+def grouped_gemm_source(device: torch.device) -> str:
+    """Install the grouped GEMM ``GroupedMLP`` needs (the ``grouped_gemm`` package where importable, else
+    megatron-eplb's drop-in) and say which, with the drop-in's backend for the benchmarks' bf16 GEMMs
+    (``torch._grouped_mm`` or the per-group loop) on ``device``."""
+    from megatron_eplb.patches.megatron import grouped_gemm
+
+    source = grouped_gemm.install()
+    if source == "megatron_eplb":
+        a = torch.zeros(16, 64, dtype=torch.bfloat16, device=device)
+        b = torch.zeros(2, 64, 64, dtype=torch.bfloat16, device=device)
+        source = f"megatron_eplb drop-in ({grouped_gemm.backend(a, b)})"
+    return source
 
 
 # ------------------------------------------------------------------------------- results
@@ -213,10 +232,13 @@ def write_result(out: Path, script: str, result: dict) -> Path:
     return path
 
 
-def run_one_gpu(script: str, doc: str, add_args, measure, table, argv: list[str] | None = None) -> dict:
+def run_one_gpu(
+    script: str, doc: str, add_args, measure, table, argv: list[str] | None = None, result_name=None
+) -> dict:
     """The ``main`` of a one-GPU measurement: options ``--out`` and ``--small`` plus ``add_args(parser)``'s;
     one rank (:func:`init_single_rank`); ``measure(device, small, args) -> dict`` after the provenance fields
-    (:func:`environment`); writes ``<script>.json`` (:func:`write_result`) and prints ``table(result)``."""
+    (:func:`environment`); writes ``<script>.json`` (:func:`write_result`; ``result_name(args)`` names it
+    instead where given) and prints ``table(result)``."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument(
         "--out",
@@ -234,7 +256,7 @@ def run_one_gpu(script: str, doc: str, add_args, measure, table, argv: list[str]
     result = environment(script, small)
     result.update(measure(device, small, args))
     result["seconds"] = round(time.time() - started, 1)
-    path = write_result(out_dir(args.out), script, result)
+    path = write_result(out_dir(args.out), result_name(args) if result_name else script, result)
     print(
         f"{result['device']}  torch {result['torch']}  megatron-core {result['megatron_core']}  ({result['seconds']} s)"
     )

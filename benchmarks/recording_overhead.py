@@ -2,13 +2,13 @@
 
 Usage::
 
-    python benchmarks/recording_overhead.py [--out DIR] [--rounds N] [--small]
+    python benchmarks/recording_overhead.py [--out DIR] [--rounds N] [--small] [--experts sequential|grouped]
 
-Writes ``DIR/recording_overhead.json`` (default ``benchmarks/results`` on CUDA) and prints a table.  Without
+Writes ``DIR/recording_overhead.json`` (``recording_overhead_grouped.json`` with ``--experts grouped``) (default ``benchmarks/results`` on CUDA) and prints a table.  Without
 CUDA it runs tiny sizes on CPU (gloo), a smoke test of the script itself; its numbers mean nothing.
 
 One process, one GPU, EP = 1: one Megatron-core MoE layer (hidden 4096, ffn 2048, 64 experts, top-8, 8192
-tokens, bf16, alltoall dispatcher, SequentialMLP) unpatched, patched at the default placement, and patched with
+tokens, bf16, alltoall dispatcher, SequentialMLP or GroupedMLP) unpatched, patched at the default placement, and patched with
 its recording off; two separately built instances of each, forwards interleaved, paired CUDA-event wall clock
 and host CPU time; the kernels the patch adds (profiler); the count under CUDA graph replay (see
 :func:`part_record`).
@@ -27,7 +27,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import CUDA, Timer, build_moe_layer, moe_config, run_one_gpu, sync, time_stats  # noqa: E402
+from bench_common import (  # noqa: E402
+    CUDA,
+    Timer,
+    build_moe_layer,
+    grouped_gemm_source,
+    moe_config,
+    run_one_gpu,
+    sync,
+    time_stats,
+)
 
 
 class _OneMoE(torch.nn.Module):
@@ -69,7 +78,7 @@ def _paired(ms: dict[str, np.ndarray], base: str, scale: float) -> dict:
     return out
 
 
-def part_record(device, small: bool, copies: int = 2, rounds: int = 500) -> dict:
+def part_record(device, small: bool, copies: int = 2, rounds: int = 500, grouped: bool = False) -> dict:
     """The patch's cost on one MoE layer at the default placement, forward (as in training: weights
     require grad, the autograd graph is built).
 
@@ -87,7 +96,7 @@ def part_record(device, small: bool, copies: int = 2, rounds: int = 500) -> dict
     from megatron_eplb.patches import megatron as eplb_mcore
     from torch.profiler import ProfilerActivity, profile
 
-    dtype = torch.bfloat16 if CUDA else torch.float32
+    dtype = torch.bfloat16 if CUDA or grouped else torch.float32  # GroupedMLP runs bf16 only
     if small:
         h, ffn, experts, topk, tokens = 64, 128, 8, 2, 256
         rounds, warm, prof_fwd = min(rounds, 8), 2, 2
@@ -95,7 +104,8 @@ def part_record(device, small: bool, copies: int = 2, rounds: int = 500) -> dict
         h, ffn, experts, topk, tokens = 4096, 2048, 64, 8, 8192
         warm, prof_fwd = 10, 40
     kinds = ("unpatched", "patched", "norecord")
-    config = moe_config(h, ffn, experts, topk, dtype)
+    source = grouped_gemm_source(device) if grouped else None  # before the GroupedMLP layers are built
+    config = moe_config(h, ffn, experts, topk, dtype, grouped=grouped)
     torch.manual_seed(0)
     weights = _OneMoE(config, device).state_dict()
     models: dict[str, torch.nn.Module] = {}
@@ -111,7 +121,16 @@ def part_record(device, small: bool, copies: int = 2, rounds: int = 500) -> dict
     del weights
     x = torch.randn(tokens, 1, h, device=device, dtype=dtype)
     out: dict = {
-        "setup": dict(hidden=h, ffn=ffn, experts=experts, topk=topk, tokens=tokens, dtype=str(dtype))
+        "setup": dict(
+            hidden=h,
+            ffn=ffn,
+            experts=experts,
+            topk=topk,
+            tokens=tokens,
+            dtype=str(dtype),
+            experts_class="GroupedMLP" if grouped else "SequentialMLP",
+            grouped_gemm=source,
+        )
     }
 
     # Correctness: every instance's output is bitwise equal; the loads are the router's counts.
@@ -233,7 +252,7 @@ def part_record(device, small: bool, copies: int = 2, rounds: int = 500) -> dict
 
 
 def measure(device, small: bool, args) -> dict:
-    rec = part_record(device, small, rounds=args.rounds)
+    rec = part_record(device, small, rounds=args.rounds, grouped=args.experts == "grouped")
     # The issue's measure: the layer forward with vs without the EPLB patch (recording on, default
     # placement).  The recording alone (patched vs patched with recording off) is reported beside it.
     return {
@@ -252,7 +271,10 @@ def _table(r: dict) -> str:
     lines: list[str] = []
     p = r["record"]
     ci = lambda d: f"{d['median_pct']:+.2f} % ({d['ci95_pct'][0]:+.2f} ... {d['ci95_pct'][1]:+.2f})"  # noqa: E731
-    lines.append(f"MoE layer forward, unpatched: {p['forward_ms']:.3f} ms (median of {p['rounds']} rounds)")
+    lines.append(
+        f"{p['setup']['experts_class']} MoE layer forward, unpatched: {p['forward_ms']:.3f} ms "
+        f"(median of {p['rounds']} rounds)"
+    )
     lines.append(f"  whole patch:            {ci(p['patch_pct'])}")
     lines.append(f"  recording alone:        {ci(p['recording_pct'])}")
     lines.append(f"  patch, recording off:   {ci(p['patch_without_recording_pct'])}")
@@ -277,10 +299,16 @@ def _table(r: dict) -> str:
 
 def _args(parser) -> None:
     parser.add_argument("--rounds", "--record-rounds", type=int, default=500, help="paired rounds")
+    parser.add_argument(
+        "--experts", choices=("sequential", "grouped"), default="sequential", help="the layer's expert class"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_one_gpu("recording_overhead.py", __doc__, _args, measure, _table, argv)
+    def name(args) -> str:
+        return "recording_overhead_grouped" if args.experts == "grouped" else "recording_overhead"
+
+    return run_one_gpu("recording_overhead.py", __doc__, _args, measure, _table, argv, result_name=name)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from megatron_eplb.replica_split import (  # noqa: E402
     DEFAULT_ITERATIONS,
     balanced_shares,
     best_split_bound,
+    copy_bounds,
     rank_loads_of_shares,
     replica_tables,
 )
@@ -47,8 +48,38 @@ def _time(fn, device: torch.device, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats * 1e6
 
 
+def _graph_of(fn, w: torch.Tensor):
+    """``fn(static)`` captured as a CUDA graph: ``(graph, static input, static output)``."""
+    static = w.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(static)
+    graph.replay()
+    return graph, static, out
+
+
+def _kernels(fn, w: torch.Tensor) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(w)
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+
+
 def bench(
-    experts: int, ranks: int, redundant: int, device: torch.device, iterations: int, repeats: int
+    experts: int,
+    ranks: int,
+    redundant: int,
+    device: torch.device,
+    iterations: int,
+    repeats: int,
+    compiled: bool = False,
 ) -> dict:
     rng = np.random.default_rng(experts + ranks + redundant)
     layers = 16
@@ -74,25 +105,27 @@ def bench(
         "vs_bound_mean": float(np.mean(ratios)),
         "us_eager": _time(lambda: balanced_shares(w, tables, iterations), device, repeats),
     }
-    if device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            balanced_shares(w, tables, iterations)
-            torch.cuda.synchronize()
-        row["kernels"] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
-        static = w.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            balanced_shares(static, tables, iterations)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = balanced_shares(static, tables, iterations)
-        graph.replay()
-        row["graph_equal"] = bool(torch.equal(out, balanced_shares(w, tables, iterations)))
+    def split(x):
+        return copy_bounds(balanced_shares(x, tables, iterations))
+
+    if device.type == "cuda":
+        row["kernels"] = _kernels(split, w)
+        graph, _, out = _graph_of(split, w)
+        row["graph_equal"] = bool(torch.equal(out, split(w)))
         row["us_cuda_graph"] = _time(graph.replay, device, repeats)
+    if compiled:
+        # The same split through torch.compile (inductor fuses the ~470 small ops into a few kernels).
+        t0 = time.perf_counter()
+        fused = torch.compile(split, fullgraph=True, dynamic=False)
+        row["compiled_equal"] = bool(torch.equal(fused(w), split(w)))
+        row["compile_s"] = time.perf_counter() - t0
+        row["us_compiled"] = _time(lambda: fused(w), device, repeats)
+        if device.type == "cuda":
+            row["kernels_compiled"] = _kernels(fused, w)
+            graph, _, out = _graph_of(fused, w)
+            row["compiled_graph_equal"] = bool(torch.equal(out, split(w)))
+            row["us_compiled_graph"] = _time(graph.replay, device, repeats)
     return row
 
 
@@ -104,10 +137,11 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--compile", action="store_true", help="also time the split through torch.compile")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     device = torch.device(args.device)
-    rows = [bench(e, n, r, device, args.iterations, args.repeats) for e, n, r in SETTINGS]
+    rows = [bench(e, n, r, device, args.iterations, args.repeats, args.compile) for e, n, r in SETTINGS]
     print(
         f"{'E':>5}{'EP':>5}{'R':>5}{'K':>5}{'worst':>8}{'mean':>8}{'us eager':>10}{'us graph':>10}{'kernels':>9}"
     )
@@ -117,6 +151,15 @@ def main(argv=None) -> int:
             f"{r['vs_bound_mean']:>8.4f}{r['us_eager']:>10.0f}{r.get('us_cuda_graph', float('nan')):>10.0f}"
             f"{r.get('kernels', 0):>9}"
         )
+    if args.compile:
+        print(
+            f"{'E':>5}{'EP':>5}{'R':>5}{'equal':>7}{'compile s':>11}{'us compiled':>13}{'us graph':>10}{'kernels':>9}"
+        )
+        for r in rows:
+            print(
+                f"{r['experts']:>5}{r['ep']:>5}{r['redundant']:>5}{str(r['compiled_equal']):>7}{r['compile_s']:>11.1f}"
+                f"{r['us_compiled']:>13.0f}{r.get('us_compiled_graph', float('nan')):>10.0f}{r.get('kernels_compiled', 0):>9}"
+            )
     print(
         f"device {device}; K = replicated experts of the timed layer; worst/mean = bound's busiest rank / split's"
     )

@@ -70,7 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import apply_preset  # noqa: E402
+from bench_common import apply_preset, grouped_gemm_source  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 KINDS = ("sequential", "grouped")
@@ -79,21 +79,6 @@ KINDS = ("sequential", "grouped")
 EQUIVALENCE_RTOL = 2e-2
 FULL = dict(hidden=4096, ffn=2048, experts=64, topk=8, tokens=8192, warmup=5, repeats=30)
 SMALL = dict(hidden=64, ffn=64, experts=8, topk=2, tokens=128, warmup=1, repeats=3)
-
-
-# ============================================================================ grouped_gemm
-def grouped_gemm_source(device: torch.device) -> str:
-    """Install the grouped GEMM ``GroupedMLP`` needs (the ``grouped_gemm`` package where importable, else
-    megatron-eplb's drop-in) and say which, with the drop-in's backend for this benchmark's bf16 GEMMs
-    (``torch._grouped_mm`` or the per-group loop) on ``device``."""
-    from megatron_eplb.patches.megatron import grouped_gemm
-
-    source = grouped_gemm.install()
-    if source == "megatron_eplb":
-        a = torch.zeros(16, 64, dtype=torch.bfloat16, device=device)
-        b = torch.zeros(2, 64, 64, dtype=torch.bfloat16, device=device)
-        source = f"megatron_eplb drop-in ({grouped_gemm.backend(a, b)})"
-    return source
 
 
 # ============================================================================ setup

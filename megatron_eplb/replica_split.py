@@ -211,7 +211,8 @@ def balanced_shares(
 class BalancedSplit:
     """One layer's per-batch split, ``copy_bounds(balanced_shares(load, tables))``, replayed as one CUDA graph
     on CUDA: eagerly its ~470 small kernels took 6.5-9.4 ms of host time per call on an H200 host (the
-    forward's launch rate), replayed 0.7 ms (``benchmarks/replica_split_bench.py``).  The graph is captured at
+    forward's launch rate), replayed 0.7 ms (``benchmarks/replica_split_bench.py``; through ``torch.compile``
+    still ~310 kernels and 0.5-1.0 ms replayed, so no gain).  The graph is captured at
     the first call and reads the tables in place: a new placement whose tables have the same shapes (as many
     replicated experts, as many copies at most) is copied into them (:meth:`retarget`) and replays the same
     graph; other shapes capture again (tens of milliseconds of host time, once).  Inside a caller's own

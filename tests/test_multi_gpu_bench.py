@@ -57,6 +57,24 @@ def test_band_compare_holds_a_run_to_the_noise_of_the_baseline_rerun():
     assert two["band_max_rel"] == pytest.approx(0.05 / 3.0) and two["band_mean_rel"] > c["band_mean_rel"]
 
 
+def test_band_compare_in_bf16_judges_the_smoothed_curve_on_its_mean():
+    """bf16 runs drift apart chaotically: one step far off (a spike) fails the per-step max but not the
+    mean of the 5-step averages; a run whose whole curve sits higher fails both."""
+    import multi_gpu_bench as b
+
+    rng = np.random.default_rng(0)
+    base = list(5.0 * np.exp(-np.arange(40) / 20) + 2.0)
+    again = [x * (1 + 0.01 * rng.standard_normal()) for x in base]
+    spike = list(base)
+    spike[20] *= 1.3
+    assert not b.band_compare(base, [again], spike, factor=2.0, floor=1e-2)["pass"]
+    smoothed = b.band_compare(base, [again], spike, factor=2.0, floor=1e-2, smooth=5)
+    assert smoothed["pass"] and smoothed["smooth"] == 5 and smoothed["allowed_max_rel"] is None
+    assert smoothed["steps"] == 40 and smoothed["max_rel"] > 2 * smoothed["band_max_rel"]
+    higher = [x * 1.1 for x in base]
+    assert not b.band_compare(base, [again], higher, factor=2.0, floor=1e-2, smooth=5)["pass"]
+
+
 def test_loss_health_flags_a_divergence_and_passes_a_smooth_run():
     import multi_gpu_bench as b
 

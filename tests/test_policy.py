@@ -9,13 +9,8 @@ from hypothesis import strategies as st
 
 from megatron_eplb.placement import ExpertPlacement
 from megatron_eplb.policy import PolicyError, placement_diagnostics, rebalance, rebalance_with_info
-from megatron_eplb.policy.common import (
-    _argsort_descending,
-    count_same_rank_duplicates,
-    items_from_counts,
-    lpt_pack,
-    replicate,
-)
+from megatron_eplb.policy.common import items_from_counts, replicate
+from megatron_eplb.policy.packing import _argsort_descending, count_same_rank_duplicates, lpt_pack
 from megatron_eplb.policy.search import SearchState, local_search, pair_rounds
 from megatron_eplb.stats import balance_summary, moved_slots, rank_loads, read_load_file
 

@@ -45,7 +45,7 @@ from . import deepseek  # noqa: F401
 
 # isort: on
 from .common import NODE_LOCALITY, as_load, homes_from_placement, make_problem
-from .common import count_same_rank_duplicates as _count_dups
+from .packing import count_same_rank_duplicates as _count_dups
 from .registry import AUTO, Plan, PolicyOptions, check_policy_name, get_policy, policy_names, register_policy
 
 __all__ = [

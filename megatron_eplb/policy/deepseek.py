@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import PolicyError, Problem, _argsort_descending, _argsort_small_ints, _lpt_pack_free
+from .common import PolicyError, Problem
+from .packing import _argsort_descending, _argsort_small_ints, _lpt_pack_free
 from .registry import Plan, PolicyOptions, register_policy
 
 __all__ = [

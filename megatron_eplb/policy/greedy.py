@@ -7,14 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from .candidates import Best, keep_best, keep_lower, sub_problem
-from .common import (
-    Problem,
-    items_from_counts,
-    lpt_pack,
-    phy2log_from_items,
-    replicate_for_packing,
-    separate_copies,
-)
+from .common import Problem, items_from_counts, replicate_for_packing
+from .packing import lpt_pack, phy2log_from_items, separate_copies
 from .registry import Plan, PolicyOptions, register_policy
 from .search import SearchState, local_search, pair_rounds
 

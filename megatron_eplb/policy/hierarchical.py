@@ -17,17 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from .candidates import Best, keep_best, keep_lower, node_bound, peak_rank_load, sub_problem
-from .common import (
-    PolicyError,
-    Problem,
-    items_from_counts,
-    lpt_pack,
-    packing_bound,
-    phy2log_from_items,
-    replicate_for_packing,
-    separate_copies,
-)
+from .common import PolicyError, Problem, items_from_counts, packing_bound, replicate_for_packing
 from .greedy import global_best, refine
+from .packing import lpt_pack, phy2log_from_items, separate_copies
 from .registry import Plan, PolicyOptions, register_policy
 from .search import SearchState
 

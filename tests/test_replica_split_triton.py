@@ -1,0 +1,149 @@
+"""megatron_eplb/replica_split_triton.py: the fused kernel is bitwise ``copy_bounds(balanced_shares(...))``.
+
+Runs on CUDA, or on CPU through triton's interpreter::
+
+    TRITON_INTERPRET=1 PYTHONPATH=$PWD:/path/to/triton DS_ACCELERATOR=cpu python -m pytest -q \\
+        tests/test_replica_split_triton.py
+
+Skipped where triton does not import (CPU CI) or where there is neither CUDA nor the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_eplb import replica_split_triton as fused
+from megatron_eplb.replica_split import BalancedSplit, balanced_shares, copy_bounds, replica_tables
+
+if not fused.available():
+    pytest.skip("triton is not importable here (CPU CI): the fused split is not built", allow_module_level=True)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if not torch.cuda.is_available() and not _INTERPRET:
+    pytest.skip("the fused split needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not _INTERPRET else "cpu")
+
+
+def _placement(rng, experts: int, ranks: int, slots_per_rank: int, copies: int, empty: int = 0) -> np.ndarray:
+    """A random ``phy2log`` row ``[ranks * slots_per_rank]``: every expert once, the other slots extra copies
+    (at most ``copies`` per expert, copies of one expert may share a rank) and ``empty`` empty slots."""
+    slots = ranks * slots_per_rank
+    extra = slots - experts - empty
+    if extra < 0:
+        raise ValueError("too few slots")
+    room = np.repeat(np.arange(experts), copies - 1)
+    extras = rng.choice(room, size=min(extra, room.shape[0]), replace=False)
+    empty += extra - extras.shape[0]
+    row = np.concatenate([np.arange(experts), extras, np.full(empty, -1)]).astype(np.int64)
+    rng.shuffle(row)
+    return row
+
+
+def _loads(rng, experts: int) -> list[np.ndarray]:
+    """Uniform, skewed (gamma), all tied, all zero, mostly zero, one hot expert, and large counts."""
+    hot = np.zeros(experts, dtype=np.int64)
+    hot[rng.integers(experts)] = 100_000
+    return [
+        rng.integers(0, 1000, size=experts),
+        (rng.gamma(0.3, size=experts) * 4000).astype(np.int64),
+        np.full(experts, 37),
+        np.zeros(experts, dtype=np.int64),
+        rng.integers(0, 50, size=experts) * (rng.random(experts) < 0.3),
+        hot,
+        rng.integers(0, 1 << 26, size=experts),
+        rng.integers(0, 4, size=experts),
+    ]
+
+
+def _check(row: np.ndarray, ranks: int, experts: int, loads, iterations_list=(8,)) -> int:
+    tables = replica_tables(row, ranks, experts, DEVICE)
+    checked = 0
+    for load in loads:
+        w = torch.as_tensor(np.asarray(load, dtype=np.int64), device=DEVICE)
+        for iterations in iterations_list:
+            want = copy_bounds(balanced_shares(w, tables, iterations))
+            got = fused.balanced_bounds(w, tables, iterations)
+            assert got.dtype == torch.int64 and got.shape == want.shape
+            assert torch.equal(got, want), (
+                f"E={experts} N={ranks} K={tables.replicated.numel()} C={tables.copy_rank.shape[1]} "
+                f"iterations={iterations} load={load.tolist()} row={row.tolist()}"
+            )
+            checked += 1
+    return checked
+
+
+# (experts, ranks, slots per rank, most copies, empty slots)
+SHAPES = [
+    (4, 1, 6, 3, 0),  # N = 1: every copy on the one rank
+    (8, 2, 5, 2, 0),
+    (8, 2, 8, 8, 1),  # up to 8 copies
+    (16, 4, 5, 2, 0),
+    (16, 4, 8, 5, 2),
+    (32, 8, 5, 3, 0),
+    (30, 3, 12, 4, 3),  # nothing a power of two
+    (64, 8, 9, 2, 0),
+    (64, 16, 8, 8, 0),  # K = 64 replicated experts, C = 8
+    (100, 20, 7, 3, 1),
+    (256, 32, 9, 2, 0),
+    (256, 64, 5, 2, 0),
+]
+
+
+@pytest.mark.parametrize("experts,ranks,slots,copies,empty", SHAPES)
+def test_fused_bounds_equal_the_torch_split(experts, ranks, slots, copies, empty):
+    rng = np.random.default_rng(experts * 1000 + ranks * 10 + copies)
+    checked = 0
+    for _ in range(3):
+        row = _placement(rng, experts, ranks, slots, copies, empty)
+        checked += _check(row, ranks, experts, _loads(rng, experts))
+    assert checked == 24
+
+
+def test_fused_bounds_for_other_round_counts():
+    rng = np.random.default_rng(7)
+    row = _placement(rng, 24, 4, 8, 4)
+    _check(row, 4, 24, _loads(rng, 24), iterations_list=(0, 1, 2, 3, 16))
+
+
+def test_fused_bounds_without_replicas_and_with_one_copy_at_most():
+    rng = np.random.default_rng(3)
+    # K = 0 with C = 2 (an expert twice on... no: one empty slot per rank keeps C = 1), and K = 0, C = 1
+    row = np.array([1, 0, -1, 2, 3, -1])
+    tables = replica_tables(row, 2, 4, DEVICE)
+    assert tables.replicated.numel() == 0 and tables.copy_rank.shape[1] == 1
+    got = fused.balanced_bounds(torch.tensor([5, 6, 7, 8], device=DEVICE), tables)
+    assert got.shape == (4, 0)
+    # K = 0 while the tables have C = 2 columns (a retargeted split keeps its shapes): the even split
+    tables = replica_tables(np.array([0, 1, 2, 0]), 2, 3, DEVICE)
+    empty = tables._replace(
+        copy_rank=torch.tensor([[0, 2], [0, 2], [1, 2]], device=DEVICE),
+        copy_count=torch.ones(3, dtype=torch.int64, device=DEVICE),
+        single_rank=torch.tensor([0, 0, 1], device=DEVICE),
+        replicated=torch.zeros(0, dtype=torch.int64, device=DEVICE),
+    )
+    for load in _loads(rng, 3):
+        w = torch.as_tensor(load, device=DEVICE)
+        assert torch.equal(fused.balanced_bounds(w, empty), copy_bounds(balanced_shares(w, empty)))
+
+
+def test_fused_bounds_on_every_pair_of_small_loads():
+    """Exhaustive over small loads on a placement with shared ranks: ties everywhere, many zero steps."""
+    row = np.array([0, 1, 2, 0, 1, 3, 2, 1, 0])  # 3 ranks x 3 slots: expert 0 and 1 on every rank
+    loads = [np.array([a, b, c, d]) for a in range(0, 7, 2) for b in range(5) for c in (0, 3) for d in (1, 9)]
+    _check(row, 3, 4, loads)
+
+
+def test_balanced_split_uses_the_kernel_on_cuda():
+    if DEVICE.type != "cuda":
+        pytest.skip("BalancedSplit launches the kernel on CUDA only")
+    rng = np.random.default_rng(11)
+    row = _placement(rng, 64, 8, 10, 3)
+    tables = replica_tables(row, 8, 64, DEVICE)
+    split = BalancedSplit(tables)
+    for load in _loads(rng, 64):
+        w = torch.as_tensor(load, device=DEVICE)
+        assert torch.equal(split(w), copy_bounds(balanced_shares(w, tables)))
+    assert split.path == "triton"

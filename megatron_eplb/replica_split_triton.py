@@ -154,7 +154,9 @@ if triton is not None:
         """``water_fill`` of ``[K_P, C_P]`` levels and ``[K_P]`` amounts, by ranks instead of a stable sort."""
         mine = levels[:, None, :]  # [K, 1, c]
         other = levels[:, :, None]  # [K, c', 1]
-        first = (other < mine) | ((other == mine) & (c[:, None] < c[None, :])[None, :, :])  # c' sorts before c
+        first = (other < mine) | (
+            (other == mine) & (c[:, None] < c[None, :])[None, :, :]
+        )  # c' sorts before c
         pos = tl.sum(first.to(tl.int64), axis=1)  # [K, C]: sorted position of copy c
         upto = first | (c[:, None] == c[None, :])[None, :, :]
         prefix = tl.sum(tl.where(upto, other, 0), axis=1)  # [K, C]: prefix[pos[c]] of the sorted levels

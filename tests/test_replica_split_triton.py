@@ -20,7 +20,9 @@ from megatron_eplb import replica_split_triton as fused
 from megatron_eplb.replica_split import BalancedSplit, balanced_shares, copy_bounds, replica_tables
 
 if not fused.available():
-    pytest.skip("triton is not importable here (CPU CI): the fused split is not built", allow_module_level=True)
+    pytest.skip(
+        "triton is not importable here (CPU CI): the fused split is not built", allow_module_level=True
+    )
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if not torch.cuda.is_available() and not _INTERPRET:
     pytest.skip("the fused split needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
@@ -79,13 +81,15 @@ def _check(row: np.ndarray, ranks: int, experts: int, loads, iterations_list=(8,
 SHAPES = [
     (4, 1, 6, 3, 0),  # N = 1: every copy on the one rank
     (8, 2, 5, 2, 0),
-    (8, 2, 8, 8, 1),  # up to 8 copies
+    (8, 2, 8, 8, 1),
+    (8, 4, 16, 8, 0),  # every expert 8 copies: C = 8
     (16, 4, 5, 2, 0),
     (16, 4, 8, 5, 2),
     (32, 8, 5, 3, 0),
     (30, 3, 12, 4, 3),  # nothing a power of two
     (64, 8, 9, 2, 0),
-    (64, 16, 8, 8, 0),  # K = 64 replicated experts, C = 8
+    (64, 16, 8, 8, 0),
+    (64, 32, 6, 8, 0),  # K ~ 64 replicated experts, C ~ 7
     (100, 20, 7, 3, 1),
     (256, 32, 9, 2, 0),
     (256, 64, 5, 2, 0),
@@ -103,14 +107,16 @@ def test_fused_bounds_equal_the_torch_split(experts, ranks, slots, copies, empty
 
 
 def test_fused_bounds_for_other_round_counts():
-    rng = np.random.default_rng(7)
-    row = _placement(rng, 24, 4, 8, 4)
-    _check(row, 4, 24, _loads(rng, 24), iterations_list=(0, 1, 2, 3, 16))
+    # seed 0: 4 of these 128 splits fall back to the even split (worse busiest rank), checked with the others
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        row = _placement(rng, 24, 4, 8, 4)
+        _check(row, 4, 24, _loads(rng, 24), iterations_list=(0, 1, 2, 3, 16))
 
 
 def test_fused_bounds_without_replicas_and_with_one_copy_at_most():
     rng = np.random.default_rng(3)
-    # K = 0 with C = 2 (an expert twice on... no: one empty slot per rank keeps C = 1), and K = 0, C = 1
+    # K = 0, C = 1: no bounds at all
     row = np.array([1, 0, -1, 2, 3, -1])
     tables = replica_tables(row, 2, 4, DEVICE)
     assert tables.replicated.numel() == 0 and tables.copy_rank.shape[1] == 1

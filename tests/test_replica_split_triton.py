@@ -11,6 +11,8 @@ Skipped where triton does not import (CPU CI) or where there is neither CUDA nor
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,11 @@ import torch
 
 from megatron_eplb import replica_split_triton as fused
 from megatron_eplb.replica_split import BalancedSplit, balanced_shares, copy_bounds, replica_tables
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+# the GPU check (benchmarks/replica_split_bench.py) runs the same cases
+from replica_split_bench import CHECK_SHAPES, check_fused, check_loads  # noqa: E402
+from replica_split_bench import random_placement as _placement  # noqa: E402
 
 if not fused.available():
     pytest.skip(
@@ -29,42 +36,11 @@ if not torch.cuda.is_available() and not _INTERPRET:
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not _INTERPRET else "cpu")
 
 
-def _placement(rng, experts: int, ranks: int, slots_per_rank: int, copies: int, empty: int = 0) -> np.ndarray:
-    """A random ``phy2log`` row ``[ranks * slots_per_rank]``: every expert once, the other slots extra copies
-    (at most ``copies`` per expert, copies of one expert may share a rank) and ``empty`` empty slots."""
-    slots = ranks * slots_per_rank
-    extra = slots - experts - empty
-    if extra < 0:
-        raise ValueError("too few slots")
-    room = np.repeat(np.arange(experts), copies - 1)
-    extras = rng.choice(room, size=min(extra, room.shape[0]), replace=False)
-    empty += extra - extras.shape[0]
-    row = np.concatenate([np.arange(experts), extras, np.full(empty, -1)]).astype(np.int64)
-    rng.shuffle(row)
-    return row
-
-
-def _loads(rng, experts: int) -> list[np.ndarray]:
-    """Uniform, skewed (gamma), all tied, all zero, mostly zero, one hot expert, and large counts."""
-    hot = np.zeros(experts, dtype=np.int64)
-    hot[rng.integers(experts)] = 100_000
-    return [
-        rng.integers(0, 1000, size=experts),
-        (rng.gamma(0.3, size=experts) * 4000).astype(np.int64),
-        np.full(experts, 37),
-        np.zeros(experts, dtype=np.int64),
-        rng.integers(0, 50, size=experts) * (rng.random(experts) < 0.3),
-        hot,
-        rng.integers(0, 1 << 26, size=experts),
-        rng.integers(0, 4, size=experts),
-    ]
-
-
 def _check(row: np.ndarray, ranks: int, experts: int, loads, iterations_list=(8,)) -> int:
     tables = replica_tables(row, ranks, experts, DEVICE)
     checked = 0
     for load in loads:
-        w = torch.as_tensor(np.asarray(load, dtype=np.int64), device=DEVICE)
+        w = torch.as_tensor(load, device=DEVICE)
         for iterations in iterations_list:
             want = copy_bounds(balanced_shares(w, tables, iterations))
             got = fused.balanced_bounds(w, tables, iterations)
@@ -77,32 +53,13 @@ def _check(row: np.ndarray, ranks: int, experts: int, loads, iterations_list=(8,
     return checked
 
 
-# (experts, ranks, slots per rank, most copies, empty slots)
-SHAPES = [
-    (4, 1, 6, 3, 0),  # N = 1: every copy on the one rank
-    (8, 2, 5, 2, 0),
-    (8, 2, 8, 8, 1),
-    (8, 4, 16, 8, 0),  # every expert 8 copies: C = 8
-    (16, 4, 5, 2, 0),
-    (16, 4, 8, 5, 2),
-    (32, 8, 5, 3, 0),
-    (30, 3, 12, 4, 3),  # nothing a power of two
-    (64, 8, 9, 2, 0),
-    (64, 16, 8, 8, 0),
-    (64, 32, 6, 8, 0),  # K ~ 64 replicated experts, C ~ 7
-    (100, 20, 7, 3, 1),
-    (256, 32, 9, 2, 0),
-    (256, 64, 5, 2, 0),
-]
-
-
-@pytest.mark.parametrize("experts,ranks,slots,copies,empty", SHAPES)
+@pytest.mark.parametrize("experts,ranks,slots,copies,empty", CHECK_SHAPES)
 def test_fused_bounds_equal_the_torch_split(experts, ranks, slots, copies, empty):
     rng = np.random.default_rng(experts * 1000 + ranks * 10 + copies)
     checked = 0
     for _ in range(3):
         row = _placement(rng, experts, ranks, slots, copies, empty)
-        checked += _check(row, ranks, experts, _loads(rng, experts))
+        checked += _check(row, ranks, experts, check_loads(rng, experts))
     assert checked == 24
 
 
@@ -111,7 +68,7 @@ def test_fused_bounds_for_other_round_counts():
     rng = np.random.default_rng(0)
     for _ in range(4):
         row = _placement(rng, 24, 4, 8, 4)
-        _check(row, 4, 24, _loads(rng, 24), iterations_list=(0, 1, 2, 3, 16))
+        _check(row, 4, 24, check_loads(rng, 24), iterations_list=(0, 1, 2, 3, 16))
 
 
 def test_fused_bounds_without_replicas_and_with_one_copy_at_most():
@@ -130,7 +87,7 @@ def test_fused_bounds_without_replicas_and_with_one_copy_at_most():
         single_rank=torch.tensor([0, 0, 1], device=DEVICE),
         replicated=torch.zeros(0, dtype=torch.int64, device=DEVICE),
     )
-    for load in _loads(rng, 3):
+    for load in check_loads(rng, 3):
         w = torch.as_tensor(load, device=DEVICE)
         assert torch.equal(fused.balanced_bounds(w, empty), copy_bounds(balanced_shares(w, empty)))
 
@@ -149,7 +106,13 @@ def test_balanced_split_uses_the_kernel_on_cuda():
     row = _placement(rng, 64, 8, 10, 3)
     tables = replica_tables(row, 8, 64, DEVICE)
     split = BalancedSplit(tables)
-    for load in _loads(rng, 64):
+    for load in check_loads(rng, 64):
         w = torch.as_tensor(load, device=DEVICE)
         assert torch.equal(split(w), copy_bounds(balanced_shares(w, tables)))
     assert split.path == "triton"
+
+
+def test_the_gpu_check_passes_here():
+    """``benchmarks/replica_split_bench.py``'s check (what ``--device cuda`` runs first) on one seed."""
+    rows, bad = check_fused(DEVICE, seeds=1)
+    assert rows > 100 and bad == []

@@ -218,8 +218,9 @@ class BalancedSplit:
       launch, bitwise the same bounds; it reads the tables in place.  If it fails to compile or launch
       (logged once), this split and every later one take the graph path.  Inside a caller's own CUDA-graph
       capture it is launched as well (captured with the caller's graph) once it has run outside.
-    - ``"graph"``: the torch functions captured as one CUDA graph at the first call, reading the tables in
-      place (with :attr:`FUSED_IN_GRAPH`, the fused kernel captured the same way: ``"triton_graph"``).
+    - ``"graph"`` (no triton, or a layer too large for the kernel's one block: ``replica_split_triton.fits``):
+      the torch functions captured as one CUDA graph at the first call, reading the tables in place (with
+      :attr:`FUSED_IN_GRAPH`, the fused kernel captured the same way: ``"triton_graph"``).
     - ``"torch"``: on CPU, inside a caller's capture before a first graph or launch, or if capturing fails
       (logged once): the torch functions eagerly.
 
@@ -257,8 +258,14 @@ class BalancedSplit:
             try:
                 from . import replica_split_triton as fused
 
-                self._fused = fused if fused.available() else None
-                why = None if fused.available() else "triton does not import"
+                num_experts, copies = tables.copy_rank.shape
+                shape = (num_experts, copies, tables.replicated.numel(), tables.num_ranks)
+                if not fused.available():
+                    why = "triton does not import"
+                elif not fused.fits(*shape):
+                    why = f"E, C, K, N = {shape} exceed the fused kernel's one block"
+                else:
+                    self._fused = fused
             except Exception as exc:  # noqa: BLE001 - no kernel: the graph path computes the same split
                 why = f"its module failed to import: {exc}"
         if self._fused is None:

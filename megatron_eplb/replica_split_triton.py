@@ -14,7 +14,8 @@ or scans (robust across the Triton compiler and its CPU interpreter):
 - ``cumsum`` / ``diff`` over the copies -> triangular sums over ``[K_P, C_P, C_P]``;
 - the line search's ``alpha = clamp(num / den, 0, 1)`` in fp64 from the same exact integers (IEEE division
   and multiplication are correctly rounded on both, no fused multiply-add: the product goes to ``floor``);
-- integer floor division written so that it is floor division whatever ``//`` does on negative operands.
+- integer floor division written so that it is floor division whatever ``//`` does on negative operands, and
+  ``floor`` of the fp64 product as the truncation corrected where it rounded up (no math library call).
 
 Padding behaves like the torch code's missing copies (level ``_BIG``: never raised, share 0), so the padded
 problem has the same answer.  Loads must be ``>= 0`` and below ``2**49`` (token counts; the torch code needs
@@ -23,6 +24,8 @@ the same for its ``_BIG`` levels and exact fp64 line search).
 Triton is optional: this module imports without it (:func:`available` is then ``False``) and
 :mod:`megatron_eplb.replica_split` imports this module only when a split runs on CUDA.
 """
+
+import functools
 
 import torch
 
@@ -35,7 +38,7 @@ except Exception:  # noqa: BLE001 - any import failure means "no triton"
     triton = None
     tl = None
 
-__all__ = ["available", "balanced_bounds", "launch_config"]
+__all__ = ["MAX_TILE", "available", "balanced_bounds", "fits", "launch_config"]
 
 
 def available() -> bool:
@@ -45,6 +48,12 @@ def available() -> bool:
 
 def _pow2(x: int) -> int:
     return max(2, 1 << (max(int(x), 1) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_config(num_experts: int, copies: int, replicated: int, num_ranks: int) -> tuple:
+    cfg = launch_config(num_experts, copies, replicated, num_ranks)
+    return tuple(cfg.items())
 
 
 def launch_config(num_experts: int, copies: int, replicated: int, num_ranks: int) -> dict:
@@ -57,9 +66,22 @@ def launch_config(num_experts: int, copies: int, replicated: int, num_ranks: int
     """
     c_p, k_p, n_p = _pow2(copies), _pow2(replicated), _pow2(num_ranks)
     block_e = min(_pow2(num_experts), 64)
-    tile = max(k_p * c_p * n_p, k_p * c_p * c_p, block_e * n_p, block_e * c_p * c_p)
-    num_warps = 4 if tile <= 4096 else 8 if tile <= 16384 else 16
+    # The largest tile, [K_P, C_P, N_P] or [K_P, C_P, C_P]: from 8192 elements on, 16 warps keep ptxas's
+    # register spills small (int64 everywhere); below, 8 warps halve each warp's instructions against 4.
+    tile = max(k_p * c_p * n_p, k_p * c_p * c_p)
+    num_warps = 4 if tile <= 1024 else 8 if tile < 8192 else 16
     return {"C_P": c_p, "K_P": k_p, "N_P": n_p, "BLOCK_E": block_e, "num_warps": num_warps}
+
+
+MAX_TILE = 1 << 15
+"""The largest ``K_P * C_P * max(N_P, C_P)`` the one block takes (e.g. ``K <= 128, C <= 4, N <= 64``): above,
+registers spill heavily; :class:`~megatron_eplb.replica_split.BalancedSplit` keeps its graph path there."""
+
+
+def fits(num_experts: int, copies: int, replicated: int, num_ranks: int) -> bool:
+    """Whether one layer's split fits the kernel's one block (:data:`MAX_TILE`)."""
+    cfg = launch_config(num_experts, copies, replicated, num_ranks)
+    return cfg["K_P"] * cfg["C_P"] * max(cfg["N_P"], cfg["C_P"]) <= MAX_TILE
 
 
 def balanced_bounds(
@@ -85,7 +107,10 @@ def balanced_bounds(
     bounds = torch.empty(num_experts, copies - 1, dtype=torch.int64, device=load.device)
     if copies == 1 or num_experts == 0:
         return bounds
-    cfg = launch_config(num_experts, copies, replicated.numel(), num_ranks)
+    if load.is_cuda and load.device.index != torch.cuda.current_device():
+        with torch.cuda.device(load.device):  # triton launches on the current device
+            return balanced_bounds(load, tables, iterations)
+    cfg = dict(_launch_config(num_experts, copies, replicated.numel(), num_ranks))
     num_warps = cfg.pop("num_warps")
     _balanced_bounds_kernel[(1,)](
         load.contiguous(),
@@ -102,6 +127,7 @@ def balanced_bounds(
         COPIES=copies,
         BIG=_BIG,
         num_warps=num_warps,
+        enable_fp_fusion=False,  # no fp64 multiply-add contraction (none arises; this makes it certain)
         **cfg,
     )
     return bounds
@@ -115,6 +141,12 @@ if triton is not None:
         q = a // b
         r = a - q * b
         return tl.where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
+
+    @triton.jit
+    def _floor_to_int(v):
+        """``floor(v)`` of fp64 ``|v| < 2**53`` as int64: the truncation, one less where that rounded up."""
+        t = v.to(tl.int64)
+        return tl.where(t.to(tl.float64) > v, t - 1, t)
 
     @triton.jit
     def _to_ranks(v, rank, n):
@@ -229,7 +261,7 @@ if triton is not None:
             den = tl.maximum(tl.sum(change * change, axis=0), 1)
             alpha = num.to(tl.float64) / den.to(tl.float64)
             alpha = tl.minimum(tl.maximum(alpha, 0.0), 1.0)
-            moved = tl.floor(alpha * _cumsum(step, c).to(tl.float64)).to(tl.int64)
+            moved = _floor_to_int(alpha * _cumsum(step, c).to(tl.float64))
             after = _cumsum(x, c) + moved
             x = after - _previous(after, c)
 

@@ -237,6 +237,17 @@ def test_balanced_split_falls_back_when_the_fused_kernel_fails(monkeypatch):
     assert BalancedSplit._fused_failed and split.path == "torch" and split._fused is None
 
 
+def test_fused_kernel_sizes_import_without_triton():
+    """The fused kernel's module imports without triton (CPU CI); its padded sizes and the one-block limit."""
+    from megatron_eplb import replica_split_triton as fused
+
+    cfg = fused.launch_config(30, 3, 5, 3)
+    assert (cfg["C_P"], cfg["K_P"], cfg["N_P"]) == (4, 8, 4) and cfg["num_warps"] == 4
+    assert fused.launch_config(8, 2, 0, 1)["K_P"] == 2  # K = 0 and N = 1 pad to 2
+    assert fused.fits(256, 2, 64, 64) and fused.fits(64, 8, 64, 16) and fused.fits(512, 4, 128, 64)
+    assert not fused.fits(1024, 8, 512, 64)
+
+
 def test_batched_loads_split_like_one_at_a_time():
     rng = np.random.default_rng(4)
     row = rebalance(rng.gamma(0.5, size=(1, 32)) * 1000, 40, 8, policy="greedy").phy2log[0]

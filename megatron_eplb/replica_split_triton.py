@@ -122,9 +122,9 @@ def balanced_bounds(
         num_experts,
         replicated.numel(),
         num_ranks,
+        copies,
         ITERATIONS=max(int(iterations), 0),
         E_BLOCKS=triton.cdiv(num_experts, cfg["BLOCK_E"]),
-        COPIES=copies,
         BIG=_BIG,
         num_warps=num_warps,
         enable_fp_fusion=False,  # no fp64 multiply-add contraction (none arises; this makes it certain)
@@ -201,7 +201,7 @@ if triton is not None:
         bonus = (pos < remainder[:, None]).to(tl.int64)
         return tl.where(low, lam[:, None] - levels + bonus, 0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_experts", "num_replicated", "num_ranks", "copies"])
     def _balanced_bounds_kernel(
         load_ptr,  # int64 [E]
         copy_rank_ptr,  # int64 [E, C]
@@ -212,9 +212,9 @@ if triton is not None:
         num_experts,
         num_replicated,
         num_ranks,
+        copies,  # C
         ITERATIONS: tl.constexpr,
         E_BLOCKS: tl.constexpr,
-        COPIES: tl.constexpr,
         BIG: tl.constexpr,
         C_P: tl.constexpr,
         K_P: tl.constexpr,
@@ -231,8 +231,8 @@ if triton is not None:
         rep = tl.load(replicated_ptr + k, mask=in_k, other=0)
         amount = tl.load(load_ptr + rep, mask=in_k, other=0)
         count = tl.load(copy_count_ptr + rep, mask=in_k, other=1)
-        in_kc = in_k[:, None] & (c[None, :] < COPIES)
-        rank = tl.load(copy_rank_ptr + rep[:, None] * COPIES + c[None, :], mask=in_kc, other=num_ranks)
+        in_kc = in_k[:, None] & (c[None, :] < copies)
+        rank = tl.load(copy_rank_ptr + rep[:, None] * copies + c[None, :], mask=in_kc, other=num_ranks)
         missing = rank == num_ranks
         even = _even(amount, count, c)
 
@@ -247,8 +247,8 @@ if triton is not None:
             rep_hits = tl.sum(((e[:, None] == rep[None, :]) & in_k[None, :]).to(tl.int32), axis=1)
             cnt = tl.load(copy_count_ptr + e, mask=in_e, other=1)
             bound = _cumsum(_even(w, cnt, c), c)
-            out = in_e[:, None] & (rep_hits == 0)[:, None] & (c[None, :] < COPIES - 1)
-            tl.store(bounds_ptr + e[:, None] * (COPIES - 1) + c[None, :], bound, mask=out)
+            out = in_e[:, None] & (rep_hits == 0)[:, None] & (c[None, :] < copies - 1)
+            tl.store(bounds_ptr + e[:, None] * (copies - 1) + c[None, :], bound, mask=out)
 
         x = even
         for _ in range(ITERATIONS):
@@ -270,5 +270,5 @@ if triton is not None:
         worst_even = tl.max(tl.where(in_n, fixed + _to_ranks(even, rank, n), -1), axis=0)
         x = tl.where(worst > worst_even, even, x)
         bound = _cumsum(x, c)
-        out = in_k[:, None] & (c[None, :] < COPIES - 1)
-        tl.store(bounds_ptr + rep[:, None] * (COPIES - 1) + c[None, :], bound, mask=out)
+        out = in_k[:, None] & (c[None, :] < copies - 1)
+        tl.store(bounds_ptr + rep[:, None] * (copies - 1) + c[None, :], bound, mask=out)

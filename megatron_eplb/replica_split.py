@@ -227,7 +227,7 @@ class BalancedSplit:
     A new placement whose tables have the same shapes (as many replicated experts, as many copies at most) is
     copied into them (:meth:`retarget`) and keeps the kernel or graph; other shapes make a new split (a new
     graph capture, tens of milliseconds of host time; a kernel of new padded sizes compiles once per process,
-    about a second, cached on disk by triton).  Which path runs is logged once per process.
+    0.5-10 s of host time, then cached on disk by triton).  Which path runs is logged once per process.
 
     Args:
         tables: the layer's :class:`ReplicaTables`.

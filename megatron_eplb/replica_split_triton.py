@@ -117,7 +117,8 @@ def balanced_bounds(
         copy_rank.contiguous(),
         copy_count.contiguous(),
         single_rank.contiguous(),
-        replicated.contiguous(),
+        # an empty [K] view may point one past its allocation: hand any valid pointer (never read when K = 0)
+        replicated.contiguous() if replicated.numel() else copy_count,
         bounds,
         num_experts,
         replicated.numel(),

@@ -11,7 +11,8 @@ or scans (robust across the Triton compiler and its CPU interpreter):
 - :func:`~megatron_eplb.replica_split.water_fill`'s stable sort over the copies -> each copy's sorted position
   ``pos[c] = #{c' : level[c'] < level[c] or (level[c'] == level[c] and c' < c)}``, the prefix sums over the
   sorted order -> sums over ``pos[c'] <= pos[c]``, the unsort is implicit (every value stays on its copy);
-- ``cumsum`` / ``diff`` over the copies -> triangular sums over ``[K_P, C_P, C_P]``;
+- ``cumsum`` / ``diff`` over the copies -> triangular sums over ``[K_P, C_P, C_P]`` (``diff(cumsum(x) + m)``
+  as ``x + diff(m)``: the same integers);
 - the line search's ``alpha = clamp(num / den, 0, 1)`` in fp64 from the same exact integers (IEEE division
   and multiplication are correctly rounded on both, no fused multiply-add: the product goes to ``floor``);
 - integer floor division written so that it is floor division whatever ``//`` does on negative operands, and
@@ -187,9 +188,8 @@ if triton is not None:
         """``water_fill`` of ``[K_P, C_P]`` levels and ``[K_P]`` amounts, by ranks instead of a stable sort."""
         mine = levels[:, None, :]  # [K, 1, c]
         other = levels[:, :, None]  # [K, c', 1]
-        first = (other < mine) | (
-            (other == mine) & (c[:, None] < c[None, :])[None, :, :]
-        )  # c' sorts before c
+        lower_index = (c[:, None] < c[None, :])[None, :, :]  # [1, c', c]: c' < c
+        first = (other < mine) | ((other == mine) & lower_index)  # c' sorts before c (a stable sort)
         pos = tl.sum(first.to(tl.int64), axis=1)  # [K, C]: sorted position of copy c
         upto = first | (c[:, None] == c[None, :])[None, :, :]
         prefix = tl.sum(tl.where(upto, other, 0), axis=1)  # [K, C]: prefix[pos[c]] of the sorted levels
@@ -258,13 +258,13 @@ if triton is not None:
             step = _water_fill(others, amount, c) - x
             # exact line search of sum(rank_load ** 2) along the step
             change = tl.where(in_n, _to_ranks(step, rank, n), 0)
-            num = -tl.sum(tl.where(in_n, rank_load, 0) * change, axis=0)
+            num = -tl.sum(rank_load * change, axis=0)  # change is 0 past the N ranks
             den = tl.maximum(tl.sum(change * change, axis=0), 1)
             alpha = num.to(tl.float64) / den.to(tl.float64)
             alpha = tl.minimum(tl.maximum(alpha, 0.0), 1.0)
+            # after = cumsum(x) + moved, x = diff(after): the same integers as x + diff(moved)
             moved = _floor_to_int(alpha * _cumsum(step, c).to(tl.float64))
-            after = _cumsum(x, c) + moved
-            x = after - _previous(after, c)
+            x = x + moved - _previous(moved, c)
 
         # Never worse than the even split (the single experts load both alike).
         worst = tl.max(tl.where(in_n, fixed + _to_ranks(x, rank, n), -1), axis=0)

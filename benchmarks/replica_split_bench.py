@@ -1,5 +1,6 @@
 """The ``balanced`` dispatch's split (:func:`megatron_eplb.replica_split.balanced_shares`): time per call and
-quality against the exact bound.
+quality against the exact bound; on CUDA also the fused Triton kernel
+(:mod:`megatron_eplb.replica_split_triton`), checked bitwise against the torch split.
 
     .venv/bin/python benchmarks/replica_split_bench.py [--device cuda] [--out results.json]
 
@@ -7,6 +8,15 @@ Per setting (experts, EP, redundant slots): a greedy placement planned on one lo
 (the split only sees this batch): microseconds per call (eager; on CUDA also replayed as a CUDA graph, the
 split has no host sync and static shapes), kernels per call (CUDA), and the worst and mean ratio of the
 bound's busiest rank to the split's (1.0 = as good as an LP) over 16 layers.
+
+The fused kernel (CUDA with triton; "n/a" elsewhere): microseconds per call launched directly (back to back,
+so the larger of the host's launch cost and the kernel's GPU time), replayed as a CUDA graph, the kernel's
+own GPU time (profiler), kernels per call, ``BalancedSplit``'s whole call (the patch's cost: direct launch and
+in a graph), and whether it equals ``copy_bounds(balanced_shares(...))`` on the setting's 16 layers x 8 loads.
+Before the timings, :func:`check_fused` compares it bitwise on further random placements and loads (1 to 8
+copies, up to 64 replicated experts, one rank, no replicas, ties, zeros, large counts, 0 to 16 rounds).
+Exit status 1 if the kernel disagrees on any row, fails, or (on CUDA) triton does not import
+(``--skip-triton`` to time the torch split alone).
 """
 
 from __future__ import annotations
@@ -33,6 +43,108 @@ from megatron_eplb.replica_split import (  # noqa: E402
 )
 
 SETTINGS = [(16, 2, 2), (16, 4, 4), (64, 8, 8), (64, 8, 16), (256, 32, 32), (256, 64, 64)]
+
+# check_fused's placements: (experts, ranks, slots per rank, most copies, empty slots)
+CHECK_SHAPES = [
+    (4, 1, 6, 3, 0),  # N = 1: every copy on the one rank
+    (8, 2, 5, 2, 0),
+    (8, 2, 8, 8, 1),
+    (8, 4, 16, 8, 0),  # every expert 8 copies: C = 8
+    (16, 4, 5, 2, 0),
+    (16, 4, 8, 5, 2),
+    (32, 8, 5, 3, 0),
+    (30, 3, 12, 4, 3),  # nothing a power of two
+    (64, 8, 9, 2, 0),
+    (64, 16, 8, 8, 0),
+    (64, 32, 6, 8, 0),  # ~60 replicated experts, C ~ 7
+    (100, 20, 7, 3, 1),
+    (256, 32, 9, 2, 0),
+    (256, 64, 5, 2, 0),
+]
+
+
+def random_placement(
+    rng, experts: int, ranks: int, slots_per_rank: int, copies: int, empty: int = 0
+) -> np.ndarray:
+    """A random ``phy2log`` row ``[ranks * slots_per_rank]``: every expert once, the other slots extra copies
+    (at most ``copies`` per expert, copies of one expert may share a rank) and ``empty`` (or more) empty slots."""
+    slots = ranks * slots_per_rank
+    extra = slots - experts - empty
+    if extra < 0:
+        raise ValueError(f"{slots} slots cannot hold {experts} experts and {empty} empty slots")
+    room = np.repeat(np.arange(experts), copies - 1)
+    extras = rng.choice(room, size=min(extra, room.shape[0]), replace=False)
+    empty += extra - extras.shape[0]
+    row = np.concatenate([np.arange(experts), extras, np.full(empty, -1)]).astype(np.int64)
+    rng.shuffle(row)
+    return row
+
+
+def check_loads(rng, experts: int) -> np.ndarray:
+    """int64 ``[8, E]``: uniform, skewed (gamma), all tied, all zero, mostly zero, one hot expert, large
+    counts (up to 2**26), tiny counts (many ties)."""
+    hot = np.zeros(experts, dtype=np.int64)
+    hot[rng.integers(experts)] = 100_000
+    return np.stack(
+        [
+            rng.integers(0, 1000, size=experts),
+            (rng.gamma(0.3, size=experts) * 4000).astype(np.int64),
+            np.full(experts, 37),
+            np.zeros(experts, dtype=np.int64),
+            rng.integers(0, 50, size=experts) * (rng.random(experts) < 0.3),
+            hot,
+            rng.integers(0, 1 << 26, size=experts),
+            rng.integers(0, 4, size=experts),
+        ]
+    ).astype(np.int64)
+
+
+def fused_mismatches(loads: torch.Tensor, tables, iterations: int, what: str) -> tuple[int, list[str]]:
+    """Rows where the fused kernel's bounds differ from ``copy_bounds(balanced_shares(...))``.
+
+    Args:
+        loads: int64 ``[B, E]`` on the tables' device.
+    Returns:
+        ``(rows checked, descriptions of the rows that differ)``."""
+    from megatron_eplb.replica_split_triton import balanced_bounds
+
+    want = copy_bounds_batched(balanced_shares(loads, tables, iterations))  # [B, E, C - 1]
+    bad = []
+    for i in range(loads.shape[0]):
+        got = balanced_bounds(loads[i], tables, iterations)
+        if not torch.equal(got, want[i]):
+            rows = (got != want[i]).any(1).nonzero().flatten().tolist()
+            bad.append(f"{what} iterations={iterations} load#{i}: experts {rows[:8]} differ")
+    return loads.shape[0], bad
+
+
+def copy_bounds_batched(shares: torch.Tensor) -> torch.Tensor:
+    """``copy_bounds`` of int64 ``[B, E, C]`` shares: ``[B, E, C - 1]``."""
+    return shares.cumsum(dim=-1)[..., :-1].contiguous()
+
+
+def check_fused(device: torch.device, seeds: int = 3) -> tuple[int, list[str]]:
+    """The fused kernel against the torch split on :data:`CHECK_SHAPES` (``seeds`` placements each, 8 loads,
+    8 rounds; one shape also 0, 1, 2, 3 and 16 rounds) and on a layer with no replicas.
+
+    Returns:
+        ``(rows checked, descriptions of the rows that differ)``."""
+    rows, bad = 0, []
+    for experts, ranks, slots, copies, empty in CHECK_SHAPES:
+        rng = np.random.default_rng(experts * 1000 + ranks * 10 + copies)
+        for seed in range(seeds):
+            row = random_placement(rng, experts, ranks, slots, copies, empty)
+            tables = replica_tables(row, ranks, experts, device)
+            loads = torch.as_tensor(check_loads(rng, experts), device=device)
+            what = f"E={experts} N={ranks} K={tables.replicated.numel()} C={tables.copy_rank.shape[1]} seed {seed}"
+            for iterations in (0, 1, 2, 3, 8, 16) if experts == 16 and copies == 5 else (DEFAULT_ITERATIONS,):
+                n, b = fused_mismatches(loads, tables, iterations, what)
+                rows, bad = rows + n, bad + b
+    tables = replica_tables(np.array([1, 0, -1, 2, 3, -1]), 2, 4, device)  # no replicas: C = 1, no bounds
+    n, b = fused_mismatches(
+        torch.as_tensor(check_loads(np.random.default_rng(0), 4), device=device), tables, 8, "K=0"
+    )
+    return rows + n, bad + b
 
 
 def _time(fn, device: torch.device, repeats: int) -> float:
@@ -64,12 +176,20 @@ def _graph_of(fn, w: torch.Tensor):
 
 
 def _kernels(fn, w: torch.Tensor) -> int:
+    return _profile(fn, w)[0]
+
+
+def _profile(fn, w: torch.Tensor, repeats: int = 1) -> tuple[int, float]:
+    """``(CUDA kernels per call, their summed GPU time per call in us)`` of ``fn(w)`` (the profiler's)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn(w)
+        for _ in range(repeats):
+            fn(w)
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy = sum(e.time_range.elapsed_us() for e in events)
+    return len(events) // repeats, busy / repeats
 
 
 def bench(
@@ -80,6 +200,7 @@ def bench(
     iterations: int,
     repeats: int,
     compiled: bool = False,
+    fused: bool = False,
 ) -> dict:
     rng = np.random.default_rng(experts + ranks + redundant)
     layers = 16
@@ -100,6 +221,7 @@ def bench(
         "ep": ranks,
         "redundant": redundant,
         "replicated_experts": int(tables.replicated.numel()),
+        "copies": int(tables.copy_rank.shape[1]),
         "iterations": iterations,
         "vs_bound_worst": float(min(ratios)),
         "vs_bound_mean": float(np.mean(ratios)),
@@ -114,6 +236,11 @@ def bench(
         graph, _, out = _graph_of(split, w)
         row["graph_equal"] = bool(torch.equal(out, split(w)))
         row["us_cuda_graph"] = _time(graph.replay, device, repeats)
+    if fused:
+        try:
+            row.update(_bench_fused(plan.phy2log, load, ranks, experts, device, iterations, repeats, split))
+        except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON, exit status 1
+            row.update(triton_error=repr(exc), triton_equal=False, triton_mismatches=[repr(exc)])
     if compiled:
         # The same split through torch.compile (inductor fuses the ~470 small ops into a few kernels).
         t0 = time.perf_counter()
@@ -129,6 +256,41 @@ def bench(
     return row
 
 
+def _bench_fused(phy2log, load, ranks, experts, device, iterations, repeats, split) -> dict:
+    """The fused kernel's columns for one setting (CUDA): see the module's docstring."""
+    from megatron_eplb.replica_split import BalancedSplit
+    from megatron_eplb.replica_split_triton import balanced_bounds
+
+    rng = np.random.default_rng(experts + ranks)
+    rows, bad = 0, []
+    for layer in range(phy2log.shape[0]):
+        tables = replica_tables(phy2log[layer], ranks, experts, device)
+        loads = np.concatenate([load[layer : layer + 1], check_loads(rng, experts)[1:]])
+        n, b = fused_mismatches(torch.as_tensor(loads, device=device), tables, iterations, f"layer {layer}")
+        rows, bad = rows + n, bad + b
+    tables = replica_tables(phy2log[0], ranks, experts, device)
+    w = torch.as_tensor(load[0], device=device)
+
+    def kernel(x):
+        return balanced_bounds(x, tables, iterations)
+
+    repeats = max(10 * repeats, 500)  # tens of microseconds a call: more calls for a steady mean
+    out = {"triton_rows": rows, "triton_mismatches": bad, "triton_equal": not bad}
+    out["us_triton"] = _time(lambda: kernel(w), device, repeats)
+    out["kernels_triton"], out["us_triton_gpu"] = _profile(kernel, w, repeats=50)
+    graph, _, result = _graph_of(kernel, w)
+    out["triton_graph_equal"] = bool(torch.equal(result, split(w)))
+    out["us_triton_graph"] = _time(graph.replay, device, repeats)
+    for in_graph in (False, True):
+        BalancedSplit.FUSED_IN_GRAPH = in_graph
+        call = BalancedSplit(replica_tables(phy2log[0], ranks, experts, device), iterations)
+        key = "us_split_call_graph" if in_graph else "us_split_call"
+        out[key] = _time(lambda call=call: call(w), device, repeats)
+        out[key.replace("us_", "path_")] = call.path
+    BalancedSplit.FUSED_IN_GRAPH = False
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -138,10 +300,30 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", default=None)
     parser.add_argument("--compile", action="store_true", help="also time the split through torch.compile")
+    parser.add_argument(
+        "--skip-triton", action="store_true", help="no fused kernel columns (CUDA without triton)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     device = torch.device(args.device)
-    rows = [bench(e, n, r, device, args.iterations, args.repeats, args.compile) for e, n, r in SETTINGS]
+    fused, status, check = _fused_status(device, args.skip_triton)
+    if fused:
+        t0 = time.perf_counter()
+        try:
+            rows_checked, bad = check_fused(device)
+        except Exception as exc:  # noqa: BLE001 - reported, exit status 1
+            rows_checked, bad, fused = 0, [f"the fused kernel failed: {exc!r}"], False
+            status = 1
+        check = {"rows": rows_checked, "mismatches": bad, "seconds": time.perf_counter() - t0}
+        print(
+            f"fused kernel vs torch split: {rows_checked} rows, {len(bad)} differ ({check['seconds']:.0f} s)"
+        )
+        for line in bad[:20]:
+            print("  MISMATCH", line)
+        status = 1 if bad else status
+    rows = [
+        bench(e, n, r, device, args.iterations, args.repeats, args.compile, fused) for e, n, r in SETTINGS
+    ]
     print(
         f"{'E':>5}{'EP':>5}{'R':>5}{'K':>5}{'worst':>8}{'mean':>8}{'us eager':>10}{'us graph':>10}{'kernels':>9}"
     )
@@ -161,12 +343,54 @@ def main(argv=None) -> int:
                 f"{r['us_compiled']:>13.0f}{r.get('us_compiled_graph', float('nan')):>10.0f}{r.get('kernels_compiled', 0):>9}"
             )
     print(
-        f"device {device}; K = replicated experts of the timed layer; worst/mean = bound's busiest rank / split's"
+        f"{'E':>5}{'EP':>5}{'R':>5}{'C':>3}{'fused equal':>13}{'us direct':>11}{'us graph':>10}{'us GPU':>8}"
+        f"{'kernels':>9}{'us call':>9}{'us call graph':>15}"
+    )
+    for r in rows:
+        if "us_triton" not in r:
+            print(
+                f"{r['experts']:>5}{r['ep']:>5}{r['redundant']:>5}{'':>3}{r.get('triton_error', 'n/a'):>13}"
+            )
+            status = 1 if "triton_error" in r else status
+            continue
+        print(
+            f"{r['experts']:>5}{r['ep']:>5}{r['redundant']:>5}{r['copies']:>3}"
+            f"{str(r['triton_equal'] and r['triton_graph_equal']) + ' /' + str(r['triton_rows']):>13}"
+            f"{r['us_triton']:>11.1f}{r['us_triton_graph']:>10.1f}{r['us_triton_gpu']:>8.1f}{r['kernels_triton']:>9}"
+            f"{r['us_split_call']:>9.1f}{r['us_split_call_graph']:>15.1f}"
+        )
+        if not (r["triton_equal"] and r["triton_graph_equal"]):
+            status = 1
+            for line in r["triton_mismatches"][:10]:
+                print("  MISMATCH", line)
+    print(
+        f"device {device}; K = replicated experts of the timed layer; worst/mean = bound's busiest rank / split's;"
+        " fused: us direct = launched back to back, us graph = one graph replay, us GPU = kernel time (profiler),"
+        " us call = BalancedSplit's call (direct / FUSED_IN_GRAPH)"
     )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"device": str(device), "rows": rows}, indent=1))
-    return 0
+        result = {"device": str(device), "fused_check": check, "rows": rows}
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    if status:
+        print("FAILED: the fused kernel disagrees with the torch split or did not run (see above)")
+    return status
+
+
+def _fused_status(device: torch.device, skip: bool) -> tuple[bool, int, dict]:
+    """``(time the fused kernel, exit status so far, check record)``: CUDA with triton, unless skipped."""
+    if device.type != "cuda":
+        return False, 0, {"skipped": "not CUDA: n/a"}
+    if skip:
+        return False, 0, {"skipped": "--skip-triton"}
+    from megatron_eplb import replica_split_triton
+
+    if not replica_split_triton.available():
+        print(
+            "FAILED: triton does not import here; the fused kernel was not checked (--skip-triton to skip it)"
+        )
+        return False, 1, {"skipped": "triton does not import"}
+    return True, 0, {}
 
 
 if __name__ == "__main__":

@@ -209,14 +209,25 @@ def balanced_shares(
 
 
 class BalancedSplit:
-    """One layer's per-batch split, ``copy_bounds(balanced_shares(load, tables))``, replayed as one CUDA graph
-    on CUDA: eagerly its ~470 small kernels took 6.5-9.4 ms of host time per call on an H200 host (the
-    forward's launch rate), replayed 0.7 ms (``benchmarks/replica_split_bench.py``; through ``torch.compile``
-    still ~310 kernels and 0.5-1.0 ms replayed, so no gain).  The graph is captured at
-    the first call and reads the tables in place: a new placement whose tables have the same shapes (as many
-    replicated experts, as many copies at most) is copied into them (:meth:`retarget`) and replays the same
-    graph; other shapes capture again (tens of milliseconds of host time, once).  Inside a caller's own
-    CUDA-graph capture, on CPU, or if capturing fails (logged once), it runs eagerly.
+    """One layer's per-batch split, ``copy_bounds(balanced_shares(load, tables))``, at a cost fit for every MoE
+    layer's forward.  Eagerly its ~470 small kernels took 6.5-9.4 ms of host time per call on an H200 host (the
+    forward's launch rate), replayed as one CUDA graph 0.7 ms (``benchmarks/replica_split_bench.py``; through
+    ``torch.compile`` still ~310 kernels and 0.5-1.0 ms replayed, so no gain).  So on CUDA, by :attr:`path`:
+
+    - ``"triton"`` (when triton imports): the fused kernel of :mod:`megatron_eplb.replica_split_triton`, one
+      launch, bitwise the same bounds; it reads the tables in place.  If it fails to compile or launch
+      (logged once), this split and every later one take the graph path.  Inside a caller's own CUDA-graph
+      capture it is launched as well (captured with the caller's graph) once it has run outside.
+    - ``"graph"`` (no triton, or a layer too large for the kernel's one block: ``replica_split_triton.fits``):
+      the torch functions captured as one CUDA graph at the first call, reading the tables in place (with
+      :attr:`FUSED_IN_GRAPH`, the fused kernel captured the same way: ``"triton_graph"``).
+    - ``"torch"``: on CPU, inside a caller's capture before a first graph or launch, or if capturing fails
+      (logged once): the torch functions eagerly.
+
+    A new placement whose tables have the same shapes (as many replicated experts, as many copies at most) is
+    copied into them (:meth:`retarget`) and keeps the kernel or graph; other shapes make a new split (a new
+    graph capture, tens of milliseconds of host time; a kernel of new padded sizes compiles once per process,
+    0.5-10 s of host time, then cached on disk by triton).  Which path runs is logged once per process.
 
     Args:
         tables: the layer's :class:`ReplicaTables`.
@@ -224,13 +235,56 @@ class BalancedSplit:
     Call: ``split(load)`` with int64 ``[E]`` global tokens per expert (``tables``' device) returns int64
     ``[E, C - 1]`` copy bounds (a fresh tensor)."""
 
+    FUSED_IN_GRAPH = False
+    """Replay the fused kernel inside a captured CUDA graph (input copy, replay, output clone) instead of one
+    direct launch; ``benchmarks/replica_split_bench.py`` times both."""
+
+    _fused_failed = False  # a fused kernel failed once in this process: the graph path from then on
+    _logged: set[str] = set()
+
     def __init__(self, tables: ReplicaTables, iterations: int = DEFAULT_ITERATIONS) -> None:
         self.tables = tables
         self.iterations = iterations
         self._graph = None
-        self._eager = tables.copy_rank.device.type != "cuda"
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
+        self._launched = False
+        self._fused = None
+        if tables.copy_rank.device.type != "cuda":
+            self.path = "torch"
+            return
+        why = "a fused kernel failed earlier" if BalancedSplit._fused_failed else None
+        if why is None:
+            try:
+                from . import replica_split_triton as fused
+
+                num_experts, copies = tables.copy_rank.shape
+                shape = (num_experts, copies, tables.replicated.numel(), tables.num_ranks)
+                if not fused.available():
+                    why = "triton does not import"
+                elif not fused.fits(*shape):
+                    why = f"E, C, K, N = {shape} exceed the fused kernel's one block"
+                else:
+                    self._fused = fused
+            except Exception as exc:  # noqa: BLE001 - no kernel: the graph path computes the same split
+                why = f"its module failed to import: {exc}"
+        if self._fused is None:
+            self.path = "graph"
+            self._log(f"CUDA graph of the torch split ({why})")
+        else:
+            self.path = "triton_graph" if self.FUSED_IN_GRAPH else "triton"
+            how = "replayed in a CUDA graph" if self.FUSED_IN_GRAPH else "one launch per call"
+            self._log(f"fused Triton kernel ({how})")
+
+    @classmethod
+    def _log(cls, what: str, warn: bool = False) -> None:
+        import logging
+
+        if what in cls._logged:
+            return
+        cls._logged.add(what)
+        log = logging.getLogger("megatron_eplb")
+        (log.warning if warn else log.info)("megatron-eplb: balanced dispatch split: %s", what)
 
     def retarget(self, tables: ReplicaTables) -> BalancedSplit:
         """This layer's split for a new placement's ``tables``: ``self`` with the tables copied in (stream
@@ -246,27 +300,45 @@ class BalancedSplit:
         return self
 
     def _compute(self, load: torch.Tensor) -> torch.Tensor:
+        if self.path.startswith("triton"):
+            return self._fused.balanced_bounds(load, self.tables, self.iterations)
         return copy_bounds(balanced_shares(load, self.tables, self.iterations))
 
     def __call__(self, load: torch.Tensor) -> torch.Tensor:
         load = load.to(torch.int64)
-        if self._eager or torch.cuda.is_current_stream_capturing():
-            return self._compute(load)
+        capturing = self.path != "torch" and torch.cuda.is_current_stream_capturing()
+        if self.path == "triton" and (self._launched or not capturing):
+            try:
+                out = self._fused.balanced_bounds(load, self.tables, self.iterations)
+            except Exception as exc:  # noqa: BLE001 - the graph path computes the same split
+                if capturing:
+                    raise
+                self._give_up_fused(exc)
+            else:
+                self._launched = True
+                return out
+        if self.path == "torch" or capturing:
+            return copy_bounds(balanced_shares(load, self.tables, self.iterations))
         if self._graph is None and not self._capture(load):
-            return self._compute(load)
+            return self(load)
         self._input.copy_(load)
         self._graph.replay()
         return self._output.clone()
 
-    def _capture(self, load: torch.Tensor) -> bool:
-        import logging
+    def _give_up_fused(self, exc: Exception) -> None:
+        BalancedSplit._fused_failed = True
+        self.path, self._fused, self._graph = "graph", None, None
+        self._log(
+            f"the fused Triton kernel failed ({exc!r}); CUDA graph of the torch split instead", warn=True
+        )
 
+    def _capture(self, load: torch.Tensor) -> bool:
         try:
             self._input = load.clone()
             side = torch.cuda.Stream(device=load.device)
             side.wait_stream(torch.cuda.current_stream(load.device))
             with torch.cuda.stream(side), torch.no_grad():
-                self._compute(self._input)  # warm-up outside the capture (allocator, lazy inits)
+                self._compute(self._input)  # warm-up outside the capture (allocator, lazy inits, compiling)
             torch.cuda.current_stream(load.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.no_grad():
@@ -274,10 +346,11 @@ class BalancedSplit:
             self._graph = graph
             return True
         except Exception as exc:  # noqa: BLE001 - the eager path computes the same split
-            self._eager = True
-            logging.getLogger("megatron_eplb").warning(
-                "megatron-eplb: balanced dispatch runs eagerly (capturing its CUDA graph failed: %s)", exc
-            )
+            if self.path == "triton_graph":
+                self._give_up_fused(exc)
+                return False
+            self.path = "torch"
+            self._log(f"eager torch (capturing its CUDA graph failed: {exc})", warn=True)
             return False
 
 

@@ -181,24 +181,29 @@ def test_runs_on_cuda_like_on_cpu():
     assert torch.equal(cpu, gpu.cpu())
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_balanced_split_replays_what_it_computes(device):
-    """``BalancedSplit``: on CUDA one captured graph replayed for each new batch; the same bounds as the eager
+@pytest.mark.parametrize("device,fused_in_graph", [("cpu", False), ("cuda", False), ("cuda", True)])
+def test_balanced_split_replays_what_it_computes(device, fused_in_graph, monkeypatch):
+    """``BalancedSplit``: on CUDA the fused kernel (where triton imports: launched directly, or captured in a
+    graph) or one captured graph of the torch split, for each new batch; the same bounds as the eager
     functions for every load (a replay never returns a stale or shared output)."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA")
     from megatron_eplb.replica_split import BalancedSplit
 
+    monkeypatch.setattr(BalancedSplit, "FUSED_IN_GRAPH", fused_in_graph)
     row = rebalance(np.random.default_rng(5).gamma(0.5, size=(1, 64)) * 1000, 72, 8).phy2log[0]
     tables = replica_tables(row, 8, 64, device)
     split = BalancedSplit(tables)
+    if device == "cpu":
+        assert split.path == "torch"
     gen = torch.Generator().manual_seed(6)
     outs = []
     for _ in range(4):
         load = torch.randint(0, 5000, (64,), generator=gen).to(device)
         outs.append(split(load))
         assert torch.equal(outs[-1], copy_bounds(balanced_shares(load, tables)))
-    assert (split._graph is not None) == (device == "cuda")
+    assert split.path in (("torch",) if device == "cpu" else ("triton", "triton_graph", "graph"))
+    assert (split._graph is not None) == (split.path in ("graph", "triton_graph"))
     assert not torch.equal(outs[0], outs[1])
     # A new placement: with tables of the same shapes (seed 9) the same graph replays on the new tables, with
     # other shapes (seed 7: 8 replicated experts instead of 5) a new split.
@@ -209,6 +214,38 @@ def test_balanced_split_replays_what_it_computes(device):
         assert (moved is split) == same
         load = torch.randint(0, 5000, (64,), generator=gen).to(device)
         assert torch.equal(moved(load), copy_bounds(balanced_shares(load, new_tables)))
+
+
+def test_balanced_split_falls_back_when_the_fused_kernel_fails(monkeypatch):
+    """A kernel that fails to compile or launch: logged, the graph path for this split and every later one,
+    and (capturing fails on CPU here) the eager split: the same bounds either way."""
+    from megatron_eplb.replica_split import BalancedSplit
+
+    class Broken:
+        @staticmethod
+        def balanced_bounds(load, tables, iterations):
+            raise RuntimeError("no kernel today")
+
+    monkeypatch.setattr(BalancedSplit, "_fused_failed", False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    row = rebalance(np.random.default_rng(5).gamma(0.5, size=(1, 64)) * 1000, 72, 8).phy2log[0]
+    tables = replica_tables(row, 8, 64)
+    split = BalancedSplit(tables)
+    split.path, split._fused = "triton", Broken()
+    load = torch.randint(0, 5000, (64,), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(split(load), copy_bounds(balanced_shares(load, tables)))
+    assert BalancedSplit._fused_failed and split.path == "torch" and split._fused is None
+
+
+def test_fused_kernel_sizes_import_without_triton():
+    """The fused kernel's module imports without triton (CPU CI); its padded sizes and the one-block limit."""
+    from megatron_eplb import replica_split_triton as fused
+
+    cfg = fused.launch_config(30, 3, 5, 3)
+    assert (cfg["C_P"], cfg["K_P"], cfg["N_P"]) == (4, 8, 4) and cfg["num_warps"] == 4
+    assert fused.launch_config(8, 2, 0, 1)["K_P"] == 2  # K = 0 and N = 1 pad to 2
+    assert fused.fits(256, 2, 64, 64) and fused.fits(64, 8, 64, 16) and fused.fits(512, 4, 128, 64)
+    assert not fused.fits(1024, 8, 512, 64)
 
 
 def test_batched_loads_split_like_one_at_a_time():

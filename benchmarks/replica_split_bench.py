@@ -238,7 +238,7 @@ def bench(
         row["us_cuda_graph"] = _time(graph.replay, device, repeats)
     if fused:
         try:
-            row.update(_bench_fused(plan.phy2log, load, ranks, experts, device, iterations, repeats, split))
+            row.update(_bench_fused(plan.phy2log, load, ranks, experts, device, iterations, repeats))
         except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON, exit status 1
             row.update(triton_error=repr(exc), triton_equal=False, triton_mismatches=[repr(exc)])
     if compiled:
@@ -256,34 +256,42 @@ def bench(
     return row
 
 
-def _bench_fused(phy2log, load, ranks, experts, device, iterations, repeats, split) -> dict:
+def _bench_fused(phy2log, load, ranks, experts, device, iterations, repeats) -> dict:
     """The fused kernel's columns for one setting (CUDA): see the module's docstring."""
     from megatron_eplb.replica_split import BalancedSplit
-    from megatron_eplb.replica_split_triton import balanced_bounds
+    from megatron_eplb.replica_split_triton import balanced_bounds, fits
 
     rng = np.random.default_rng(experts + ranks)
-    rows, bad = 0, []
+    rows, bad, fitting = 0, [], []
     for layer in range(phy2log.shape[0]):
         tables = replica_tables(phy2log[layer], ranks, experts, device)
+        if not fits(experts, tables.copy_rank.shape[1], tables.replicated.numel(), ranks):
+            continue  # BalancedSplit keeps the graph path for this layer
+        fitting.append(layer)
         loads = np.concatenate([load[layer : layer + 1], check_loads(rng, experts)[1:]])
         n, b = fused_mismatches(torch.as_tensor(loads, device=device), tables, iterations, f"layer {layer}")
         rows, bad = rows + n, bad + b
-    tables = replica_tables(phy2log[0], ranks, experts, device)
-    w = torch.as_tensor(load[0], device=device)
+    out = {"triton_rows": rows, "triton_mismatches": bad, "triton_equal": not bad}
+    out["layers_too_large"] = phy2log.shape[0] - len(fitting)
+    if not fitting:
+        return out
+    first = fitting[0]  # timed: the first layer the kernel takes (the other columns time layer 0)
+    out["triton_timed_layer"] = first
+    tables = replica_tables(phy2log[first], ranks, experts, device)
+    w = torch.as_tensor(load[first], device=device)
 
     def kernel(x):
         return balanced_bounds(x, tables, iterations)
 
     repeats = max(10 * repeats, 500)  # tens of microseconds a call: more calls for a steady mean
-    out = {"triton_rows": rows, "triton_mismatches": bad, "triton_equal": not bad}
     out["us_triton"] = _time(lambda: kernel(w), device, repeats)
     out["kernels_triton"], out["us_triton_gpu"] = _profile(kernel, w, repeats=50)
     graph, _, result = _graph_of(kernel, w)
-    out["triton_graph_equal"] = bool(torch.equal(result, split(w)))
+    out["triton_graph_equal"] = bool(torch.equal(result, copy_bounds(balanced_shares(w, tables, iterations))))
     out["us_triton_graph"] = _time(graph.replay, device, repeats)
     for in_graph in (False, True):
         BalancedSplit.FUSED_IN_GRAPH = in_graph
-        call = BalancedSplit(replica_tables(phy2log[0], ranks, experts, device), iterations)
+        call = BalancedSplit(replica_tables(phy2log[first], ranks, experts, device), iterations)
         key = "us_split_call_graph" if in_graph else "us_split_call"
         out[key] = _time(lambda call=call: call(w), device, repeats)
         out[key.replace("us_", "path_")] = call.path

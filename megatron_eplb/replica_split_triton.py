@@ -74,9 +74,10 @@ def launch_config(num_experts: int, copies: int, replicated: int, num_ranks: int
     return {"C_P": c_p, "K_P": k_p, "N_P": n_p, "BLOCK_E": block_e, "num_warps": num_warps}
 
 
-MAX_TILE = 1 << 15
-"""The largest ``K_P * C_P * max(N_P, C_P)`` the one block takes (e.g. ``K <= 128, C <= 4, N <= 64``): above,
-registers spill heavily; :class:`~megatron_eplb.replica_split.BalancedSplit` keeps its graph path there."""
+MAX_TILE = 1 << 14
+"""The largest ``K_P * C_P * max(N_P, C_P)`` the one block takes (e.g. ``K <= 64, C <= 4, N <= 64``): the int64
+reductions of a ``1 << 15`` tile need 256 KiB of shared memory, more than an H200's 227 KiB per block (measured:
+``OutOfResources``); :class:`~megatron_eplb.replica_split.BalancedSplit` keeps its graph path above."""
 
 
 def fits(num_experts: int, copies: int, replicated: int, num_ranks: int) -> bool:

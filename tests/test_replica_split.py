@@ -244,8 +244,8 @@ def test_fused_kernel_sizes_import_without_triton():
     cfg = fused.launch_config(30, 3, 5, 3)
     assert (cfg["C_P"], cfg["K_P"], cfg["N_P"]) == (4, 8, 4) and cfg["num_warps"] == 4
     assert fused.launch_config(8, 2, 0, 1)["K_P"] == 2  # K = 0 and N = 1 pad to 2
-    assert fused.fits(256, 2, 64, 64) and fused.fits(64, 8, 64, 16) and fused.fits(512, 4, 128, 64)
-    assert not fused.fits(1024, 8, 512, 64)
+    assert fused.fits(256, 2, 64, 64) and fused.fits(64, 8, 64, 16) and fused.fits(512, 4, 64, 64)
+    assert not fused.fits(512, 4, 128, 64) and not fused.fits(1024, 8, 512, 64)
 
 
 def test_batched_loads_split_like_one_at_a_time():

@@ -214,13 +214,13 @@ class BalancedSplit:
     forward's launch rate), replayed as one CUDA graph 0.7 ms (``benchmarks/replica_split_bench.py``; through
     ``torch.compile`` still ~310 kernels and 0.5-1.0 ms replayed, so no gain).  So on CUDA, by :attr:`path`:
 
-    - ``"triton"`` (when triton imports): the fused kernel of :mod:`megatron_eplb.replica_split_triton`, one
-      launch, bitwise the same bounds; it reads the tables in place.  If it fails to compile or launch
+    - ``"triton_graph"`` (when triton imports; ``"triton"`` without :attr:`FUSED_IN_GRAPH`): the fused kernel
+      of :mod:`megatron_eplb.replica_split_triton` replayed as a one-kernel CUDA graph (or launched directly),
+      bitwise the same bounds; it reads the tables in place.  If it fails to compile or launch
       (logged once), this split and every later one take the graph path.  Inside a caller's own CUDA-graph
       capture it is launched as well (captured with the caller's graph) once it has run outside.
     - ``"graph"`` (no triton, or a layer too large for the kernel's one block: ``replica_split_triton.fits``):
-      the torch functions captured as one CUDA graph at the first call, reading the tables in place (with
-      :attr:`FUSED_IN_GRAPH`, the fused kernel captured the same way: ``"triton_graph"``).
+      the torch functions captured as one CUDA graph at the first call, reading the tables in place.
     - ``"torch"``: on CPU, inside a caller's capture before a first graph or launch, or if capturing fails
       (logged once): the torch functions eagerly.
 
@@ -235,9 +235,10 @@ class BalancedSplit:
     Call: ``split(load)`` with int64 ``[E]`` global tokens per expert (``tables``' device) returns int64
     ``[E, C - 1]`` copy bounds (a fresh tensor)."""
 
-    FUSED_IN_GRAPH = False
+    FUSED_IN_GRAPH = True
     """Replay the fused kernel inside a captured CUDA graph (input copy, replay, output clone) instead of one
-    direct launch; ``benchmarks/replica_split_bench.py`` times both."""
+    direct launch: a triton launch costs 50-60 us of host time, the replay 30-50 us per call on an H200 host
+    (``benchmarks/replica_split_bench.py`` times both), and the forwards it runs in are host-bound."""
 
     _fused_failed = False  # a fused kernel failed once in this process: the graph path from then on
     _logged: set[str] = set()

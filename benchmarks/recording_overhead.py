@@ -78,9 +78,15 @@ def _paired(ms: dict[str, np.ndarray], base: str, scale: float) -> dict:
     return out
 
 
-def part_record(device, small: bool, copies: int = 2, rounds: int = 500, grouped: bool = False) -> dict:
+def part_record(
+    device, small: bool, copies: int = 2, rounds: int = 500, grouped: bool = False, redundant: int = 0
+) -> dict:
     """The patch's cost on one MoE layer at the default placement, forward (as in training: weights
     require grad, the autograd graph is built).
+
+    With ``redundant > 0`` the patched kinds hold that many replica slots (experts ``0 .. redundant-1`` twice)
+    under the default ``balanced`` dispatch: the per-batch split runs in every forward, and the replicated
+    experts' tokens are computed in two GEMMs each (the whole patch with per-batch shares).
 
     Three kinds of the same layer (same weights, same input): ``unpatched``, ``patched`` (the code as it
     is) and ``norecord`` (patched, recording switched off), ``copies`` separately built instances of each
@@ -95,6 +101,8 @@ def part_record(device, small: bool, copies: int = 2, rounds: int = 500, grouped
     """
     from megatron_eplb.patches import megatron as eplb_mcore
     from torch.profiler import ProfilerActivity, profile
+
+    from megatron_eplb.placement import ExpertPlacement
 
     dtype = torch.bfloat16 if CUDA or grouped else torch.float32  # GroupedMLP runs bf16 only
     if small:
@@ -115,7 +123,8 @@ def part_record(device, small: bool, copies: int = 2, rounds: int = 500, grouped
             m = _OneMoE(config, device)
             m.load_state_dict(weights)
             if kind != "unpatched":
-                handles[f"{kind}{i}"] = eplb_mcore.apply(m)
+                placement = ExpertPlacement.default(1, experts, 1, redundant) if redundant else None
+                handles[f"{kind}{i}"] = eplb_mcore.apply(m, placement, replica_dispatch="balanced")
                 handles[f"{kind}{i}"].recording = kind == "patched"
             models[f"{kind}{i}"] = m
     del weights
@@ -129,6 +138,8 @@ def part_record(device, small: bool, copies: int = 2, rounds: int = 500, grouped
             tokens=tokens,
             dtype=str(dtype),
             experts_class="GroupedMLP" if grouped else "SequentialMLP",
+            redundant_slots=redundant,
+            replica_dispatch="balanced",
             grouped_gemm=source,
         )
     }
@@ -141,7 +152,9 @@ def part_record(device, small: bool, copies: int = 2, rounds: int = 500, grouped
         h0.reset_loads()
         models["patched0"](x)
         out["loads_sum_ok"] = int(h0.loads().sum()) == tokens * topk
-        out["slot_loads_equal_loads"] = bool(torch.equal(h0.loads(), h0.slot_loads()))
+        out["slot_loads_equal_loads"] = (
+            bool(torch.equal(h0.loads(), h0.slot_loads())) if not redundant else None
+        )
         out["norecord_counts_nothing"] = int(handles["norecord0"].loads().sum()) == 0
 
         # Under CUDA graph replay the count (an in-place add into a buffer that is never replaced) counts
@@ -252,7 +265,9 @@ def part_record(device, small: bool, copies: int = 2, rounds: int = 500, grouped
 
 
 def measure(device, small: bool, args) -> dict:
-    rec = part_record(device, small, rounds=args.rounds, grouped=args.experts == "grouped")
+    rec = part_record(
+        device, small, rounds=args.rounds, grouped=args.experts == "grouped", redundant=args.redundant
+    )
     # The issue's measure: the layer forward with vs without the EPLB patch (recording on, default
     # placement).  The recording alone (patched vs patched with recording off) is reported beside it.
     return {
@@ -271,8 +286,10 @@ def _table(r: dict) -> str:
     lines: list[str] = []
     p = r["record"]
     ci = lambda d: f"{d['median_pct']:+.2f} % ({d['ci95_pct'][0]:+.2f} ... {d['ci95_pct'][1]:+.2f})"  # noqa: E731
+    r = p["setup"]["redundant_slots"]
     lines.append(
-        f"{p['setup']['experts_class']} MoE layer forward, unpatched: {p['forward_ms']:.3f} ms "
+        f"{p['setup']['experts_class']} MoE layer forward{f' ({r} replica slots, balanced split)' if r else ''}, "
+        f"unpatched: {p['forward_ms']:.3f} ms "
         f"(median of {p['rounds']} rounds)"
     )
     lines.append(f"  whole patch:            {ci(p['patch_pct'])}")
@@ -302,11 +319,18 @@ def _args(parser) -> None:
     parser.add_argument(
         "--experts", choices=("sequential", "grouped"), default="sequential", help="the layer's expert class"
     )
+    parser.add_argument(
+        "--redundant",
+        type=int,
+        default=0,
+        help="replica slots of the patched layer (balanced dispatch: the per-batch split in every forward)",
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
     def name(args) -> str:
-        return "recording_overhead_grouped" if args.experts == "grouped" else "recording_overhead"
+        grouped = "_grouped" if args.experts == "grouped" else ""
+        return f"recording_overhead{grouped}" + (f"_r{args.redundant}" if args.redundant else "")
 
     return run_one_gpu("recording_overhead.py", __doc__, _args, measure, _table, argv, result_name=name)
 

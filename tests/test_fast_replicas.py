@@ -1,0 +1,137 @@
+"""megatron_eplb/fast_replicas.py (per-step replicas, issue #20): the pure choice of each step's spare copies and
+its split, and the replay's fast rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_eplb.cli import main
+from megatron_eplb.fast_replicas import (
+    fast_tables,
+    plan_fast_replicas,
+    rank_loads_of_copies,
+    split_over_copies,
+)
+from megatron_eplb.placement import ExpertPlacement
+from megatron_eplb.replay import replay
+from megatron_eplb.replica_split import balanced_shares, rank_loads_of_shares, replica_tables
+
+
+def _skewed(rng, steps: int, experts: int, tokens: int = 4096) -> torch.Tensor:
+    """int64 ``[steps, E]``: every step its own hot experts."""
+    hot = rng.gamma(0.3, size=(steps, experts))
+    return torch.as_tensor(rng.multinomial(tokens, hot / hot.sum(1, keepdims=True)))
+
+
+def _placements(rng, experts: int, ranks: int):
+    """Persistent rows ``[P]``: the default layout, one with redundant copies, and a random permutation."""
+    yield ExpertPlacement.default(1, experts, ranks, 0).phy2log[0]
+    yield ExpertPlacement.default(1, experts, ranks, ranks).phy2log[0]
+    yield rng.permutation(experts)
+
+
+@pytest.mark.parametrize("ranks,experts,fast", [(4, 16, 1), (8, 16, 1), (8, 64, 2), (2, 8, 1)])
+def test_plan_properties(ranks, experts, fast):
+    rng = np.random.default_rng(ranks * 100 + experts + fast)
+    load = _skewed(rng, 40, experts)
+    for row in _placements(rng, experts, ranks):
+        tables = fast_tables(row, ranks, experts, fast)
+        plan = plan_fast_replicas(load, tables)
+        b, d = load.shape[0], plan.copy_rank.shape[-1]
+        # tokens conserved, none on padding, none negative
+        assert torch.equal(plan.shares.sum(-1), load)
+        assert (plan.shares >= 0).all() and (plan.shares[plan.copy_rank == ranks] == 0).all()
+        # deterministic, and each step alone gives the same as the batch (every rank derives the same)
+        again = plan_fast_replicas(load.clone(), tables)
+        assert all(torch.equal(a, b) for a, b in zip(plan, again))
+        for t in (0, 7, 39):
+            one = plan_fast_replicas(load[t], tables)
+            assert all(torch.equal(a, b[t]) for a, b in zip(one, plan))
+        # never worse than the persistent placement alone (its balanced split) on the step's busiest rank
+        persistent = balanced_shares(load, replica_tables(row, ranks, experts))
+        before = rank_loads_of_shares(persistent, replica_tables(row, ranks, experts)).amax(-1)
+        after = rank_loads_of_copies(plan.shares, plan.copy_rank, ranks).amax(-1)
+        assert (after <= before).all()
+        # the spare copies: on ranks without a copy of the expert, one per (rank, expert), slots consistent
+        s = len(row) // ranks
+        held = torch.zeros(b, experts, ranks, dtype=torch.int64)
+        held.scatter_add_(2, plan.copy_rank.clamp(max=ranks - 1), (plan.copy_rank < ranks).to(torch.int64))
+        assert held.max() <= (1 if len(set(row.tolist())) == len(row) else 2)
+        for t in range(b):
+            for r in range(ranks):
+                for j in range(fast):
+                    e = int(plan.fast_expert[t, r, j])
+                    slot = r * (s + fast) + s + j
+                    where = (plan.copy_slot[t] == slot).nonzero()
+                    if e < 0:  # empty: nothing computes there
+                        assert len(where) == 0 or int(plan.shares[t][tuple(where[0])]) == 0
+                        continue
+                    assert e not in row[r * s : (r + 1) * s]
+                    assert len(where) == 1 and int(where[0, 0]) == e
+                    assert (
+                        int(plan.copy_rank[t, e, where[0, 1]]) == r
+                        and int(plan.shares[t, e, where[0, 1]]) > 0
+                    )
+        # the persistent copies keep their slots, in order, first
+        c = tables.copy_rank.shape[1]
+        real = tables.copy_slot >= 0
+        assert torch.equal(plan.copy_slot[:, :, :c][:, real], tables.copy_slot[real].expand(b, -1))
+        assert d == tables.max_copies
+
+
+def test_persistent_split_is_the_balanced_dispatch():
+    """Without spare copies the split is exactly the ``balanced`` dispatch's (the live path routes with it)."""
+    rng = np.random.default_rng(3)
+    load = _skewed(rng, 30, 16)
+    for row in _placements(rng, 16, 4):
+        tables = replica_tables(row, 4, 16)
+        split = split_over_copies(load, tables.copy_rank.expand(30, -1, -1).contiguous(), 4)
+        assert torch.equal(split, balanced_shares(load, tables))
+
+
+def test_spare_copies_follow_the_batch():
+    """On steps whose hot experts change, one spare slot per rank brings the busiest rank near the mean."""
+    rng = np.random.default_rng(5)
+    load = _skewed(rng, 50, 16, tokens=8192)
+    row = ExpertPlacement.default(1, 16, 8, 0).phy2log[0]
+    plan = plan_fast_replicas(load, fast_tables(row, 8, 16, 1))
+    ranks = rank_loads_of_copies(plan.shares, plan.copy_rank, 8).double()
+    fast = (ranks.mean(1) / ranks.amax(1)).mean()
+    base = rank_loads_of_copies(load.view(50, 16, 1), torch.as_tensor(row // 2).view(16, 1), 8).double()
+    default = (base.mean(1) / base.amax(1)).mean()
+    assert default < 0.6 and fast > 0.9, (float(default), float(fast))
+
+
+def test_no_spare_slots_and_no_tokens():
+    row = ExpertPlacement.default(1, 8, 2, 0).phy2log[0]
+    plan = plan_fast_replicas(torch.zeros(8, dtype=torch.int64), fast_tables(row, 2, 8, 1))
+    assert (plan.fast_expert == -1).all() and (plan.shares == 0).all()
+    plan = plan_fast_replicas(torch.arange(8), fast_tables(row, 2, 8, 0))
+    assert plan.fast_expert.shape == (2, 0) and torch.equal(plan.shares.sum(-1), torch.arange(8))
+    with pytest.raises(ValueError, match="do not divide"):
+        fast_tables(np.arange(7), 2, 7, 1)
+
+
+def test_replay_fast_rows():
+    rng = np.random.default_rng(0)
+    loads = _skewed(rng, 30, 16).numpy().reshape(30, 1, 16).repeat(2, axis=1)
+    result = replay(loads, 4, 4, policies=("greedy",), interval=10, window=10, fast_slots=1, bound=False)
+    rows = {row["name"]: row for row in result["rows"]}
+    assert {"default + fast", "greedy + fast"} <= set(rows)
+    assert rows["default + fast"]["mean"] > rows["greedy balanced"]["mean"]
+    assert rows["default + fast"]["mean"] > rows["default"]["mean"]
+    assert result["config"]["fast_slots"] == 1
+    with pytest.raises(ValueError, match="spare slots"):
+        replay(loads, 4, 4, fast_slots=2)
+
+
+def test_cli_fast_slots(tmp_path, capsys):
+    trace = "examples/traces/demo_train_ep2.npz"
+    args = ["replay", trace, "--ep-size", "4", "--redundancy", "4", "--steps", "20", "--interval", "10"]
+    args += ["--window", "10", "--no-bound", "--no-progress", "--plot", "", "--policies", "greedy"]
+    assert main([*args, "--fast-slots", "1"]) == 0
+    assert "default + fast" in capsys.readouterr().out
+    assert main([*args, "--fast-slots", "2"]) != 0
+    assert "--fast-slots 2" in capsys.readouterr().err

@@ -151,6 +151,8 @@ class MegatronEPLB:
         # with the direct column sum.
         self._route_acc: list[dict[torch.Size, torch.Tensor]] = [{} for _ in range(self.num_layers)]
         self._tables: list[_LayerTables] = [None] * self.num_layers
+        #: Per-step replicas (``fast_replicas.install``), or None: they route every layer when set.
+        self.fast = None
         for idx in range(self.num_layers):
             self._tables[idx] = self._routing_tables(placement.phy2log[idx])
         for idx, layer in enumerate(self._layers):
@@ -556,6 +558,8 @@ class MegatronEPLB:
             if padding_mask is not None:  # Megatron's router: True marks padding
                 routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)
             self._count_routed(idx, routed)
+        if self.fast is not None:  # per-step replicas: this step's copies and split (fast_replicas.py)
+            return self.fast.route(idx, probs, routing_map)
         log2phy, count, local_slot, direct, replicas = self._tables[idx]
         if direct is True:  # slot s holds expert s: physical routing is the logical routing
             return probs, routing_map

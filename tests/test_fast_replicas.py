@@ -135,3 +135,22 @@ def test_cli_fast_slots(tmp_path, capsys):
     assert "default + fast" in capsys.readouterr().out
     assert main([*args, "--fast-slots", "2"]) != 0
     assert "--fast-slots 2" in capsys.readouterr().err
+
+
+def test_config_keys():
+    import argparse
+
+    from megatron_eplb.config import EPLBConfig, EPLBConfigError, add_eplb_args
+
+    assert EPLBConfig().eplb_fast_replicas is False and EPLBConfig().eplb_fast_replica_budget == 1
+    args = add_eplb_args(argparse.ArgumentParser()).parse_args(
+        ["--eplb-fast-replicas", "--eplb-fast-replica-budget", "2"]
+    )
+    cfg = EPLBConfig.from_args(args)
+    assert cfg.eplb_fast_replicas and cfg.eplb_fast_replica_budget == 2
+    with pytest.raises(EPLBConfigError, match="did you mean 'eplb_fast_replicas'"):
+        EPLBConfig.from_dict({"eplb_fast_replica": True})
+    with pytest.raises(EPLBConfigError, match="eplb_fast_replica_budget=0 must be >= 1"):
+        EPLBConfig.from_dict({"eplb_fast_replica_budget": 0})
+    with pytest.raises(EPLBConfigError, match="eplb_replica_dispatch='balanced'"):
+        EPLBConfig.from_dict({"eplb_fast_replicas": True, "eplb_replica_dispatch": "even"})

@@ -110,7 +110,49 @@ def _checks(rank: int, world: int, kind: str, steps: int) -> dict:
                 torch.testing.assert_close(pat(x), ref(x), rtol=RTOL, atol=1e-6)
             results[f"{dispatcher}/{name}"]["pool_free_no_grad"] = handle.fast.pool.in_use == 0
     results["train"] = _gpt_training(dict(fast_replicas=1), kind, steps, rank, world)
+    results["errors"] = _errors(_moe_config("alltoall", topk=2, num_layers=1, kind=kind))
     return results
+
+
+def _errors(config) -> dict:
+    """What per-step replicas refuse, before anything changes: the message of each."""
+    from megatron_eplb.patches import megatron as eplb_mcore
+    from megatron_eplb.patches.megatron.apply import _check_fast
+    from megatron_eplb.patches.megatron.compat import EPLBPatchError
+
+    from megatron_eplb.config import EPLBConfig
+
+    out = {}
+    _, pat = _twin_models(config)
+    experts = pat.layers[0].experts
+    cases = {
+        "dispatch": lambda: eplb_mcore.apply(pat, fast_replicas=1, replica_dispatch="even"),
+        "expert_class": lambda: _check_fast(
+            [("layers.0", _Layer(torch.nn.Linear(2, 2), config))], "balanced"
+        ),
+    }
+    for name, fn in cases.items():
+        try:
+            fn()
+            out[name] = None
+        except EPLBPatchError as exc:
+            out[name] = str(exc)
+    pat.layers[0].config.gradient_accumulation_fusion = True
+    try:
+        eplb_mcore.apply(pat, config=EPLBConfig(eplb_fast_replicas=True))
+        out["fusion"] = None
+    except EPLBPatchError as exc:
+        out["fusion"] = str(exc)
+    pat.layers[0].config.gradient_accumulation_fusion = False
+    out["unchanged"] = (
+        pat.layers[0].experts is experts and getattr(pat, "_megatron_eplb_handle", None) is None
+    )
+    return out
+
+
+class _Layer:
+    def __init__(self, experts, config) -> None:
+        self.experts, self.config = experts, config
 
 
 @pytest.mark.slow
@@ -118,6 +160,12 @@ def _checks(rank: int, world: int, kind: str, steps: int) -> dict:
 def test_fast_replicas_equal_unpatched_and_sum_gradients_back(kind):
     results = run_distributed(_checks, 2, kind, STEPS, timeout=900)
     for rank, res in enumerate(results):
+        errors = res.pop("errors")
+        assert "use 'balanced'" in errors["dispatch"], errors
+        assert "expert class Linear" in errors["expert_class"], errors
+        assert "supported: SequentialMLP, GroupedMLP" in errors["expert_class"], errors
+        assert "gradient_accumulation_fusion=False" in errors["fusion"], errors
+        assert errors["unchanged"], errors
         train = res.pop("train")
         assert train["fetched"] > 0
         for name, r in res.items():

@@ -225,6 +225,8 @@ class MegatronEPLB:
         self._slot_loads.zero_()
         for pending in self._slot_counts_pending:
             pending.clear()
+        if self.fast is not None:
+            self.fast.reset_loads()
 
     # ---------------------------------------------------------------- slots
     def slot_params(self, layer: int, slot: int) -> list[SlotParam]:

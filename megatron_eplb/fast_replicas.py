@@ -45,6 +45,7 @@ from .replica_split import DEFAULT_ITERATIONS, water_fill
 
 __all__ = [
     "FastPlan",
+    "FastPlanner",
     "FastTables",
     "choose_fast_replicas",
     "fast_tables",
@@ -309,3 +310,69 @@ def plan_fast_replicas(
         union_slot.reshape(*batch, num_experts, d),
         shares.reshape(*batch, num_experts, d),
     )
+
+
+class FastPlanner:
+    """One layer's :func:`plan_fast_replicas`, replayed as one CUDA graph on CUDA (eagerly it is several hundred
+    small kernels: host time in the middle of the forward, as for the balanced split's
+    :class:`~megatron_eplb.replica_split.BalancedSplit`).  The graph is captured at the first call and reads the
+    tables in place: a new persistent placement whose tables have the same shapes is copied into them
+    (:meth:`retarget`) and replays the same graph; other shapes capture again.  Inside a caller's own CUDA-graph
+    capture, on CPU, or if capturing fails (logged once), it runs eagerly.
+
+    Args:
+        tables: the layer's :class:`FastTables`.
+        iterations: water-filling rounds of the split.
+    Call: ``planner(load)`` with int64 ``[E]`` global tokens per expert (``tables``' device) returns a
+    :class:`FastPlan` of fresh tensors."""
+
+    def __init__(self, tables: FastTables, iterations: int = DEFAULT_ITERATIONS) -> None:
+        self.tables = tables
+        self.iterations = iterations
+        self._graph = None
+        self._eager = tables.copy_rank.device.type != "cuda"
+        self._input: torch.Tensor | None = None
+        self._output: FastPlan | None = None
+
+    def retarget(self, tables: FastTables) -> FastPlanner:
+        """This layer's planner for new ``tables``: ``self`` with the tables copied in when their shapes match,
+        else a new :class:`FastPlanner`."""
+        old = self.tables
+        same = old[3:] == tables[3:] and all(a.shape == b.shape for a, b in zip(old[:3], tables[:3]))
+        if not same:
+            return FastPlanner(tables, self.iterations)
+        for dst, src in zip(old[:3], tables[:3]):
+            dst.copy_(src, non_blocking=True)
+        return self
+
+    def __call__(self, load: torch.Tensor) -> FastPlan:
+        load = load.to(torch.int64)
+        if self._eager or torch.cuda.is_current_stream_capturing():
+            return plan_fast_replicas(load, self.tables, self.iterations)
+        if self._graph is None and not self._capture(load):
+            return plan_fast_replicas(load, self.tables, self.iterations)
+        self._input.copy_(load)
+        self._graph.replay()
+        return FastPlan(*(t.clone() for t in self._output))
+
+    def _capture(self, load: torch.Tensor) -> bool:
+        import logging
+
+        try:
+            self._input = load.clone()
+            side = torch.cuda.Stream(device=load.device)
+            side.wait_stream(torch.cuda.current_stream(load.device))
+            with torch.cuda.stream(side), torch.no_grad():
+                plan_fast_replicas(self._input, self.tables, self.iterations)  # warm-up outside the capture
+            torch.cuda.current_stream(load.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.no_grad():
+                self._output = plan_fast_replicas(self._input, self.tables, self.iterations)
+            self._graph = graph
+            return True
+        except Exception as exc:  # noqa: BLE001 - the eager path computes the same plan
+            self._eager = True
+            logging.getLogger("megatron_eplb").warning(
+                "megatron-eplb: per-step replicas plan eagerly (capturing its CUDA graph failed: %s)", exc
+            )
+            return False

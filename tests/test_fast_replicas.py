@@ -154,3 +154,57 @@ def test_config_keys():
         EPLBConfig.from_dict({"eplb_fast_replica_budget": 0})
     with pytest.raises(EPLBConfigError, match="eplb_replica_dispatch='balanced'"):
         EPLBConfig.from_dict({"eplb_fast_replicas": True, "eplb_replica_dispatch": "even"})
+
+
+def test_planner_matches_the_pure_function_and_retargets():
+    from megatron_eplb.fast_replicas import FastPlanner
+
+    rng = np.random.default_rng(11)
+    load = _skewed(rng, 6, 16)
+    rows = list(_placements(rng, 16, 4))
+    planner = FastPlanner(fast_tables(rows[0], 4, 16, 1))
+    for t in range(6):
+        assert all(
+            torch.equal(a, b) for a, b in zip(planner(load[t]), plan_fast_replicas(load[t], planner.tables))
+        )
+    same = planner.retarget(
+        fast_tables(rows[2], 4, 16, 1)
+    )  # a permutation: the same shapes, tables copied in
+    assert same is planner
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(same(load[0]), plan_fast_replicas(load[0], fast_tables(rows[2], 4, 16, 1)))
+    )
+    other = planner.retarget(fast_tables(rows[1], 4, 16, 1))  # redundant copies: other shapes, a new planner
+    assert other is not planner
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(other(load[1]), plan_fast_replicas(load[1], fast_tables(rows[1], 4, 16, 1)))
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_plan_is_bitwise_the_cpu_plan():
+    """On the GPU the planner replays a CUDA graph; its plans equal the CPU's bit for bit (every rank, any device)."""
+    import time
+
+    from megatron_eplb.fast_replicas import FastPlanner
+
+    rng = np.random.default_rng(12)
+    for ranks, experts, fast in ((8, 64, 1), (8, 256, 1), (64, 256, 1), (8, 64, 2)):
+        load = _skewed(rng, 20, experts, tokens=65536)
+        row = ExpertPlacement.default(1, experts, ranks, 0).phy2log[0]
+        planner = FastPlanner(fast_tables(row, ranks, experts, fast, "cuda"))
+        for t in range(20):
+            gpu = planner(load[t].cuda())
+            cpu = plan_fast_replicas(load[t], fast_tables(row, ranks, experts, fast))
+            assert all(torch.equal(a.cpu(), b) for a, b in zip(gpu, cpu)), (ranks, experts, fast, t)
+        assert planner._graph is not None
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for t in range(20):
+            planner(load[t % 20].cuda())
+        torch.cuda.synchronize()
+        print(
+            f"EP {ranks}, {experts} experts, {fast} spare: {(time.perf_counter() - t0) / 20 * 1e3:.3f} ms per plan"
+        )

@@ -63,7 +63,13 @@ def _gpt_training(handle_kw: dict, kind: str, steps: int, rank: int, world: int)
     # skewed tokens: a few token ids much more often, so that some experts are hot
     weights = torch.ones(32)
     weights[:4] = 20.0
-    for _ in range(steps):
+    from megatron_eplb.placement import ExpertPlacement
+
+    rng = np.random.default_rng(9)
+    moved = ExpertPlacement(np.stack([rng.permutation(8) for _ in range(2)]), world, 8)
+    for step in range(steps):
+        if step == steps // 3:  # the slow timescale re-places (optimizer state moves); the fast one follows
+            handle.set_placement(moved, opts["pat"])
         tokens = torch.multinomial(weights, 16, replacement=True, generator=gen).view(2, 8)
         position_ids = torch.arange(8).expand(2, 8)
         mask = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril().logical_not()
@@ -111,7 +117,67 @@ def _checks(rank: int, world: int, kind: str, steps: int) -> dict:
             results[f"{dispatcher}/{name}"]["pool_free_no_grad"] = handle.fast.pool.in_use == 0
     results["train"] = _gpt_training(dict(fast_replicas=1), kind, steps, rank, world)
     results["errors"] = _errors(_moe_config("alltoall", topk=2, num_layers=1, kind=kind))
+    results["recompute"] = _recompute(rank, world, kind)
     return results
+
+
+def _recompute(rank: int, world: int, kind: str) -> dict:
+    """A GPT under full activation recompute with per-step replicas against the unpatched model without it: the
+    layer's forward runs again in backward (its counts, copies and fetch again, on every rank in the same order);
+    loss and gradients equal, loads counted once."""
+    from megatron_eplb.patches import megatron as eplb_mcore
+    from test_megatron_patch import _rel
+
+    def gpt(**recompute):
+        model = tiny_gpt(world, dispatcher="alltoall", experts=kind, **recompute)
+        with torch.no_grad():  # the same router on every rank, expert 0 hot
+            for name, p in model.named_parameters():
+                if name.endswith("router.weight"):
+                    torch.distributed.broadcast(p, 0)
+                    p[0] += 0.5 * p[1:].mean(0)
+        return model
+
+    ref = gpt()
+    pat = gpt(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    pat.load_state_dict(ref.state_dict())
+    handle = eplb_mcore.apply(pat, fast_replicas=1)
+    counts = []
+    hooks = [
+        layer.router.register_forward_hook(lambda m, i, o: counts.append(o[1].sum(0).to(torch.int64)))
+        for _, layer in eplb_mcore.find_moe_layers(ref)
+    ]
+    gen = torch.Generator().manual_seed(500 + rank)
+    tokens = torch.randint(0, 32, (2, 8), generator=gen)
+    position_ids = torch.arange(8).expand(2, 8)
+    mask = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril().logical_not()
+    losses = []
+    for model in (ref, pat):
+        loss = model(tokens, position_ids, mask, labels=tokens).mean()
+        loss.backward()
+        losses.append(loss.detach())
+    handle.sum_replica_grads()
+    for h in hooks:
+        h.remove()
+    ref_params = dict(ref.named_parameters())
+    dense = [
+        (p, ref_params[n]) for n, p in pat.named_parameters() if ".experts." not in n and p.grad is not None
+    ]
+    tokens_computed = handle.slot_loads().sum() + handle.fast.spare_loads.sum()
+    return {
+        "loss": _rel(losses[1], losses[0]),
+        "dense_grad": max(_rel(a.grad, b.grad) for a, b in dense),
+        "loads_match": bool(torch.equal(handle.loads(), torch.stack(counts))),
+        "tokens_once": _all_tokens_once(handle, tokens_computed),
+        "pool_free": handle.fast.pool.in_use == 0,
+        "fetched": handle.fast.fetched,
+    }
+
+
+def _all_tokens_once(handle, computed) -> bool:
+    """Over the EP group, the tokens the experts computed (persistent + spare slots) = the pairs routed once."""
+    both = torch.stack([computed, handle.loads().sum()]).to(torch.int64)
+    torch.distributed.all_reduce(both)
+    return bool(both[0] == both[1])
 
 
 def _errors(config) -> dict:
@@ -159,7 +225,12 @@ class _Layer:
 @pytest.mark.parametrize("kind", EXPERT_KINDS)
 def test_fast_replicas_equal_unpatched_and_sum_gradients_back(kind):
     results = run_distributed(_checks, 2, kind, STEPS, timeout=900)
+    recompute_fetched = []
     for rank, res in enumerate(results):
+        rec = res.pop("recompute")
+        recompute_fetched.append(rec["fetched"])
+        assert rec["loss"] <= RTOL and rec["dense_grad"] <= RTOL, rec
+        assert rec["loads_match"] and rec["tokens_once"] and rec["pool_free"], rec
         errors = res.pop("errors")
         assert "use 'balanced'" in errors["dispatch"], errors
         assert "expert class Linear" in errors["expert_class"], errors
@@ -180,6 +251,7 @@ def test_fast_replicas_equal_unpatched_and_sum_gradients_back(kind):
         np.testing.assert_allclose(pat, ref, rtol=RTOL)
         assert train["copies_identical"]
         assert train["optimizer_params"]["pat"] == train["optimizer_params"]["ref"]  # copies own no state
+    assert sum(recompute_fetched) > 0  # the recompute case used its spare slots
     # The spare slots were really used (so the equal expert gradients above include copies' gradients summed
     # back into their holders): on the default placement a copy computed tokens on some rank, in every case.
     for case in ("allgather/default", "alltoall/default"):

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_eplb.fast_replicas import FastPlan, FastTables, fast_tables, plan_fast_replicas
+from megatron_eplb.fast_replicas import FastPlan, FastPlanner, FastTables, fast_tables
 from megatron_eplb.replica_split import copy_bounds, source_offsets
 
 from .compat import EPLBPatchError
@@ -233,7 +233,7 @@ class FastReplicas:
         n, s = handle.ep_size, handle.slots_per_rank
         self.union_slots_per_rank = s + budget
         self.width = sum(sp.numel for sp in handle.slot_params(0, 0))
-        self._cache: list[tuple[np.ndarray, FastTables] | None] = [None] * handle.num_layers
+        self._cache: list[tuple[np.ndarray, FastPlanner] | None] = [None] * handle.num_layers
         self._holders: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [None] * handle.num_layers
         self._plans: list[FastPlan | None] = [None] * handle.num_layers
         #: int64 ``[L, F]`` tokens each spare slot of this rank computed since :meth:`reset_loads`.
@@ -256,17 +256,22 @@ class FastReplicas:
         )
 
     # ------------------------------------------------------------------ tables
-    def tables(self, idx: int) -> FastTables:
-        """Layer ``idx``'s :class:`FastTables` for the handle's current persistent row (rebuilt on a commit)."""
+    def planner(self, idx: int) -> FastPlanner:
+        """Layer ``idx``'s :class:`FastPlanner` for the handle's current persistent row (retargeted on a commit)."""
         handle = self.handle
         row = handle.placement.phy2log[idx]
         cached = self._cache[idx]
         if cached is not None and np.array_equal(cached[0], row):
             return cached[1]
         tables = fast_tables(row, handle.ep_size, handle.num_experts, self.budget, handle.device)
-        self._cache[idx] = (row.copy(), tables)
-        # Host: the persistent holders of each expert, (rank, local slot), for the fetch.
-        s = handle.slots_per_rank
+        planner = FastPlanner(tables) if cached is None else cached[1].retarget(tables)
+        self._cache[idx] = (row.copy(), planner)
+        self._set_holders(idx, tables)
+        return planner
+
+    def _set_holders(self, idx: int, tables: FastTables) -> None:
+        """Host: the persistent holders of each expert, (rank, local slot), for the fetch."""
+        handle = self.handle
         copy_rank = tables.copy_rank.cpu().numpy()
         union = tables.copy_slot.cpu().numpy()
         u = self.union_slots_per_rank
@@ -275,8 +280,6 @@ class FastReplicas:
             np.where(union >= 0, union % u, -1),
             (copy_rank < handle.ep_size).sum(1),
         )
-        assert (np.where(union >= 0, union % u, 0) < s).all()
-        return tables
 
     # ------------------------------------------------------------------- route
     def route(
@@ -287,10 +290,10 @@ class FastReplicas:
         from .handle import _all_gather_counts
 
         handle = self.handle
-        tables = self.tables(idx)
+        planner = self.planner(idx)
         counts = routing_map.sum(dim=0, dtype=torch.int64)  # [E]
         every = _all_gather_counts(counts, handle.ep_group, handle.ep_size)  # [N, E]
-        plan = plan_fast_replicas(every.sum(dim=0), tables)
+        plan = planner(every.sum(dim=0))
         self._plans[idx] = plan
         first = source_offsets(every)[handle.ep_rank]
         copy_count = (plan.copy_rank < handle.ep_size).sum(dim=1).clamp(min=1)
@@ -363,11 +366,13 @@ class FastReplicas:
         cls = type(experts)
         if cls.__name__ == "GroupedMLP":
             hidden_size = experts.config.hidden_size
+            # GroupedMLP reads weight1 as view(F, H, -1): the copies' blocks back to back (one copy: a view).
+            stacked = [t[0] if len(tensors) == 1 else torch.stack(t) for t in zip(*tensors)]
             view = _SpareView(
                 experts,
                 num_local_experts=self.budget,
-                weight1=torch.stack([t[0] for t in tensors]).reshape(hidden_size, -1),
-                weight2=torch.stack([t[1] for t in tensors]).reshape(-1, hidden_size),
+                weight1=stacked[0].reshape(hidden_size, -1),
+                weight2=stacked[1].reshape(-1, hidden_size),
             )
         else:
             template = experts.local_experts[0]

@@ -26,9 +26,9 @@ variant runs the same ``--steps`` skew patterns (after ``--warmup`` steps):
 
 Per variant: the median and worst of the slowest rank's forward+backward time (CUDA events), the worst step
 over the median, the per-step realized balancedness (tokens each rank's experts computed, counted in a second
-pass over the same patterns), the time of the copies' fetch (its all-to-all in forward, the gradients' way
-back in backward: CUDA events around them; not overlapped with the dispatch, so all of it is on the critical
-path), the peak memory, the fast path's buffer bytes (``FastReplicas.memory_report``), and the equivalence of
+pass over the same patterns), the exposed time of the copies' fetch (the compute stream's wait for the
+all-to-all started at routing, plus the gradients' way back in backward: CUDA events around both), the peak
+memory, the fast path's buffer bytes (``FastReplicas.memory_report``), and the equivalence of
 each EPLB variant with the unpatched layer (bf16: output, input / router / expert gradients).
 """
 
@@ -101,13 +101,14 @@ def patterns(args) -> torch.Tensor:
 
 
 class FetchTimer:
-    """CUDA events around the copies' fetch (forward) and the gradients' way back (backward)."""
+    """CUDA events on the compute stream around the wait for the copies' fetch (forward: started at routing,
+    asynchronously, so this is the part not hidden) and around the gradients' way back (backward, synchronous)."""
 
     def __init__(self) -> None:
         from megatron_eplb.patches.megatron import fast_replicas
 
         self.cls = fast_replicas._LayerFetch
-        self.original = (self.cls.receive, self.cls.send_back)
+        self.original = (self.cls.finish, self.cls.send_back)
         self.pairs: list[tuple] = []
         timer = self
 
@@ -124,7 +125,7 @@ class FetchTimer:
 
             return wrapper
 
-        self.cls.receive = timed(self.original[0])
+        self.cls.finish = timed(self.original[0])
         self.cls.send_back = timed(self.original[1])
 
     def take_ms(self) -> float:
@@ -134,7 +135,7 @@ class FetchTimer:
         return ms
 
     def remove(self) -> None:
-        self.cls.receive, self.cls.send_back = self.original
+        self.cls.finish, self.cls.send_back = self.original
 
 
 def step_loads(layer: Layer, x: torch.Tensor, skew: torch.Tensor, pats: torch.Tensor) -> np.ndarray:

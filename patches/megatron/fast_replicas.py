@@ -9,9 +9,10 @@ parameters), every rank gets ``F`` **spare slots** (``eplb_fast_replica_budget``
    pure, on the device); the tokens are routed onto the **union** layout of ``U = S + F`` slots per rank (rank
    ``r``'s persistent slot ``k`` is union slot ``r * U + k``, its spare slot ``j`` is ``r * U + S + j``): the
    dispatcher is rebuilt for ``N * U`` slots, ``U`` of them local;
-2. **fetch** (in the experts forward, before the expert compute): the chosen experts' weights come from a
-   persistent holder over one ``all_to_all_single`` of the EP group that every rank enters (split sizes from
-   the spare choice, identical everywhere; skipped by every rank when no spare slot is used).  Each copy is
+2. **fetch** (started right after routing, asynchronously, ahead of the token dispatch; awaited in the experts
+   forward, before the expert compute): the chosen experts' weights come from a persistent holder over one
+   ``all_to_all_single`` of the EP group that every rank enters (split sizes from the spare choice, brought to
+   the host: identical everywhere; skipped by every rank when no spare slot is used).  Each copy is
    read from the holder's parameters through autograd (:class:`_Fetch`): in backward the copy's weight gradient
    travels back by the reverse all-to-all and is summed into the holder's gradient by autograd itself, so it is
    in ``param.grad`` (or Megatron's ``main_grad`` hooks) before the optimizer step, and the persistent
@@ -32,7 +33,8 @@ all without autograd), see :meth:`FastReplicas.memory_report`.
 Supported: ``SequentialMLP`` and the legacy ``GroupedMLP``, the allgather and alltoall dispatchers, without
 ``gradient_accumulation_fusion`` (Megatron's fused wgrad writes into ``main_grad`` of the parameter it knows,
 which a fetched copy is not).  The spare choice needs a host sync per layer for the all-to-all's split sizes
-(as Megatron's alltoall dispatcher has for its own).
+(as Megatron's alltoall dispatcher has for its own).  On NCCL the fetch shares the EP group's communicator (and
+stream) with the token dispatch, so it runs before the dispatch's all-to-all, not beside it.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class _Fetch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, send, fetch):
         ctx.fetch = fetch
-        copies = fetch.receive(send.detach())
+        copies = fetch.finish()  # the all-to-all was started at routing (``send``'s data is on its way)
         return hidden.view_as(hidden), copies
 
     @staticmethod
@@ -174,22 +176,30 @@ class _LayerFetch:
         sp = handle.slot_params(self.idx, 0)[0]
         return sp.of(sp.param).reshape(-1)[:0].reshape(0, self.width)  # keeps the graph on a non-sender
 
-    def receive(self, send: torch.Tensor) -> torch.Tensor:
-        """``[F, n]`` the spare copies of this rank (rows of unused spare slots are zeros)."""
+    def start(self, send: torch.Tensor) -> None:
+        """Start the all-to-all that brings this rank its copies (asynchronous: it runs while the tokens are
+        dispatched; :meth:`finish` waits for it)."""
         owner = self.owner
-        f = owner.budget
-        self.buffer = owner.pool.take((f, self.width), send.dtype, send.device)
-        self.buffer.zero_()
-        got = self.buffer.new_empty(len(self.recv_rows), self.width)
-        dist.all_to_all_single(
-            got.view(-1),
-            send.contiguous().view(-1),
+        self.buffer = owner.pool.take((owner.budget, self.width), send.dtype, send.device)
+        self._got = self.buffer.new_empty(len(self.recv_rows), self.width)
+        self._sent = send.detach().contiguous()
+        self._work = dist.all_to_all_single(
+            self._got.view(-1),
+            self._sent.view(-1),
             self.out_splits,
             self.in_splits,
             group=owner.handle.ep_group,
+            async_op=True,
         )
+
+    def finish(self) -> torch.Tensor:
+        """``[F, n]`` the spare copies of this rank (rows of unused spare slots are zeros)."""
+        self._work.wait()
+        self.buffer.zero_()
         if self.recv_rows:
-            self.buffer.index_copy_(0, torch.tensor(self.recv_rows, device=send.device), got)
+            rows = torch.tensor(self.recv_rows, device=self.buffer.device)
+            self.buffer.index_copy_(0, rows, self._got)
+        self._got = self._sent = self._work = None
         return self.buffer
 
     def send_back(self, grad_copies: torch.Tensor | None) -> torch.Tensor:
@@ -236,6 +246,8 @@ class FastReplicas:
         self._cache: list[tuple[np.ndarray, FastPlanner] | None] = [None] * handle.num_layers
         self._holders: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [None] * handle.num_layers
         self._plans: list[FastPlan | None] = [None] * handle.num_layers
+        # Per layer, this step's fetch (started at routing) and the rows it sends, until the experts run.
+        self._fetches: list[tuple[_LayerFetch, torch.Tensor | None] | None] = [None] * handle.num_layers
         #: int64 ``[L, F]`` tokens each spare slot of this rank computed since :meth:`reset_loads`.
         self.spare_loads = torch.zeros(handle.num_layers, budget, dtype=torch.int64)
         #: copies fetched by this rank (spare slots used) since :meth:`reset_loads`, and steps (layer forwards).
@@ -295,6 +307,14 @@ class FastReplicas:
         every = _all_gather_counts(counts, handle.ep_group, handle.ep_size)  # [N, E]
         plan = planner(every.sum(dim=0))
         self._plans[idx] = plan
+        # The copies' all-to-all starts now, ahead of the token dispatch (the spare choice comes to the host:
+        # the split sizes; every rank enters the same collectives in the same order).
+        fetch = _LayerFetch(self, idx, plan.fast_expert.cpu().numpy())
+        send = None
+        if fetch.any:
+            send = fetch.send_rows()
+            fetch.start(send)
+        self._fetches[idx] = (fetch, send)
         first = source_offsets(every)[handle.ep_rank]
         copy_count = (plan.copy_rank < handle.ep_size).sum(dim=1).clamp(min=1)
         return route_to_slots(
@@ -313,19 +333,18 @@ class FastReplicas:
         s = self.handle.slots_per_rank
 
         def forward(hidden, tokens_per_expert, probs):
-            plan = self._plans[idx]
-            if plan is None:
+            pending = self._fetches[idx]
+            if pending is None:
                 raise EPLBPatchError(f"MoE layer {idx}: experts called without routing (per-step replicas)")
-            fetch = _LayerFetch(self, idx, plan.fast_expert.cpu().numpy())
+            self._fetches[idx] = None
+            fetch, send = pending
             counts = torch.as_tensor(tokens_per_expert)
             copies = None
             if fetch.any:
-                send = fetch.send_rows()
                 if torch.is_grad_enabled() and (hidden.requires_grad or send.requires_grad):
                     hidden, copies = _Fetch.apply(hidden, send, fetch)
                 else:
-                    with torch.no_grad():
-                        copies = fetch.receive(send)
+                    copies = fetch.finish()
             persistent = int(counts[:s].sum())
             out, bias = inner(hidden[:persistent], tokens_per_expert[:s], probs[:persistent])
             spare_counts = counts[s:]

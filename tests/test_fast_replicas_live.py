@@ -1,9 +1,10 @@
 """Per-step replicas (``eplb_fast_replicas``, ``patches/megatron/fast_replicas.py``) in real Megatron-core MoE
-layers against the unpatched model (gloo, CPU, fp32, EP=2): outputs and gradients equal, each copy's gradient
-summed back into its holder, the spare slots used, and training over many steps with losses equal.
+layers against the unpatched model (gloo, CPU, fp32): outputs and gradients equal, each copy's gradient summed
+back into its holder, the spare slots used, and training over many steps with losses equal.
 
-Launches: one per expert kind (SequentialMLP, the legacy GroupedMLP): the MoE-stack checks (allgather and alltoall
-dispatchers; the default placement and one with persistent replicas) and a GPTModel trained with Adam.
+Launches: EP=2, one per expert kind (SequentialMLP, the legacy GroupedMLP): the MoE-stack checks (allgather and
+alltoall dispatchers; the default placement and one with persistent replicas), a GPTModel trained 100 steps with
+Adam, full activation recompute and the refusals; EP=4 with two spare slots per rank (SequentialMLP).
 """
 
 from __future__ import annotations
@@ -257,3 +258,34 @@ def test_fast_replicas_equal_unpatched_and_sum_gradients_back(kind):
     # back into their holders): on the default placement a copy computed tokens on some rank, in every case.
     for case in ("allgather/default", "alltoall/default"):
         assert sum(res[case]["fetched"] for res in results) > 0, case
+
+
+def _ep4_checks(rank: int, world: int, budget: int) -> dict:
+    from megatron_eplb.patches import megatron as eplb_mcore
+    from test_megatron_patch import _random_placement
+
+    _init(world)
+    torch.manual_seed(100 + rank)
+    x = torch.randn(16, 3, 16)
+    w = torch.randn(16, 3, 16)
+    out = {}
+    for dispatcher in ("alltoall", "allgather"):
+        config = _moe_config(dispatcher, topk=4, num_layers=2)
+        placements = {"default": None, "replicas": _random_placement(np.random.default_rng(3), 2, world, 4)}
+        for name, placement in placements.items():
+            ref, pat = _twin_models(config)
+            handle = eplb_mcore.apply(pat, placement, fast_replicas=budget)
+            out[f"{dispatcher}/{name}"] = _stack_checks(handle, ref, pat, x, w)
+    return out
+
+
+@pytest.mark.slow
+def test_fast_replicas_ep4_two_spare_slots():
+    """EP 4, top-4, two spare slots per rank, with and without persistent replicas (SequentialMLP)."""
+    results = run_distributed(_ep4_checks, 4, 2, timeout=900)
+    for rank, res in enumerate(results):
+        for name, r in res.items():
+            for key in ("out", "loss", "x_grad", "router_grad", "expert_grad"):
+                assert r[key] <= RTOL, f"rank {rank} {name}: {key} differs by {r[key]:.2e}"
+            assert r["loads_match"] and r["tokens_conserved"] and r["pool_free_after_backward"], (rank, name)
+    assert all(sum(res[name]["fetched"] for res in results) > 0 for name in results[0])

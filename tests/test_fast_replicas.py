@@ -208,3 +208,39 @@ def test_cuda_graph_plan_is_bitwise_the_cpu_plan():
         print(
             f"EP {ranks}, {experts} experts, {fast} spare: {(time.perf_counter() - t0) / 20 * 1e3:.3f} ms per plan"
         )
+
+
+def test_fetch_prefers_a_holder_inside_the_node():
+    """Who sends which copy to whom (host lists, the same on every rank): a holder in the target's node when
+    there is one, the sends spread over the holders, every received row sent by exactly one rank."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("megatron.core")
+    from megatron_eplb.patches.megatron.fast_replicas import _LayerFetch
+
+    n, f, experts = 8, 1, 15
+    # 2 slots per rank; expert 0 on rank 0 (node 0) and rank 5 (node 1), every other expert once
+    phy2log = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 10, 11, 12, 13, 14])
+    tables = fast_tables(phy2log, n, experts, f)
+    copy_rank = tables.copy_rank.numpy()
+    union = tables.copy_slot.numpy()
+    holders = (copy_rank, np.where(union >= 0, union % 3, -1), (copy_rank < n).sum(1))
+    fast_expert = np.full((n, f), -1)
+    fast_expert[2, 0] = 0  # rank 2 (node 0) takes a copy of expert 0: from rank 0
+    fast_expert[6, 0] = 0  # rank 6 (node 1): from rank 5
+    fast_expert[7, 0] = 1  # expert 1 only on rank 0: across the nodes
+    sends, recvs = {}, {}
+    for me in range(n):
+        owner = SimpleNamespace(
+            handle=SimpleNamespace(ep_size=n, ep_rank=me),
+            budget=f,
+            _holders=[holders],
+            ranks_per_node=4,
+            width=3,
+        )
+        fetch = _LayerFetch(owner, 0, fast_expert)
+        sends[me] = [t for t, _ in fetch.send_items]
+        recvs[me] = fetch.out_splits
+    assert sends[0] == [2, 7] and sends[5] == [6]
+    assert all(not sends[r] for r in (1, 2, 3, 4, 6, 7))
+    assert recvs[2][0] == 3 and recvs[6][5] == 3 and recvs[7][0] == 3  # out_splits in elements (width 3)

@@ -89,12 +89,12 @@ def apply(
     if fast_replicas is None:
         fast_replicas = cfg.eplb_fast_replica_budget if cfg.eplb_fast_replicas else 0
     if fast_replicas:
-        _check_fast(layers, dispatch)
+        _check_fast(layers, dispatch, cfg.eplb_num_nodes, ep_size)
     handle = MegatronEPLB(model, layers, placement, ep_group, dispatch)
     if fast_replicas:
         from .fast_replicas import install
 
-        install(handle, fast_replicas)
+        install(handle, fast_replicas, cfg.eplb_num_nodes)
     model._megatron_eplb_handle = handle
     return handle
 
@@ -138,10 +138,16 @@ def _check_layers(layers: list[tuple[str, torch.nn.Module]]) -> None:
         raise EPLBPatchError("pipeline parallel size > 1 is not supported; supported: 1")
 
 
-def _check_fast(layers: list[tuple[str, torch.nn.Module]], dispatch: str) -> None:
+def _check_fast(
+    layers: list[tuple[str, torch.nn.Module]], dispatch: str, num_nodes: int = 1, ep_size: int = 1
+) -> None:
     """Per-step replicas: refuse what they do not support before anything changes."""
     from .fast_replicas import SUPPORTED_FAST_EXPERTS
 
+    if ep_size % num_nodes:
+        raise EPLBPatchError(
+            f"eplb_num_nodes={num_nodes} does not divide the EP size {ep_size} (per-step replicas fetch inside a node first)"
+        )
     if dispatch != "balanced":
         raise EPLBPatchError(
             f"per-step replicas split over all copies with the per-batch shares; replica_dispatch={dispatch!r} "

@@ -59,9 +59,11 @@ logger = logging.getLogger(__name__)
 SUPPORTED_FAST_EXPERTS = ("SequentialMLP", "GroupedMLP")
 
 
-def install(handle, budget: int) -> FastReplicas:
+def install(handle, budget: int, num_nodes: int = 1) -> FastReplicas:
     """Give every MoE layer of ``handle`` (a ``MegatronEPLB``) ``budget`` spare slots per rank, refilled every
-    step; returns the :class:`FastReplicas` (also ``handle.fast``).  Local: no communication.
+    step; returns the :class:`FastReplicas` (also ``handle.fast``).  Local: no communication.  With
+    ``num_nodes`` > 1 (``eplb_num_nodes``: the EP group's ranks in that many equal consecutive nodes) a copy is
+    fetched from a holder inside its rank's node where there is one.
 
     Raises:
         EPLBPatchError: an unsupported expert class or ``gradient_accumulation_fusion`` (names what works).
@@ -80,7 +82,9 @@ def install(handle, budget: int) -> FastReplicas:
                 "False (the fused wgrad writes into the main_grad of the parameter it knows, which a fetched copy "
                 "is not; its gradient would be lost)"
             )
-    fast = FastReplicas(handle, int(budget))
+    if num_nodes < 1 or handle.ep_size % num_nodes:
+        raise EPLBPatchError(f"eplb_num_nodes={num_nodes} does not divide the EP size {handle.ep_size}")
+    fast = FastReplicas(handle, int(budget), handle.ep_size // num_nodes)
     handle.fast = fast
     return fast
 
@@ -146,8 +150,11 @@ class _LayerFetch:
                 e = int(fast_expert[t, j])
                 if e < 0:
                     continue
-                c = (t * f + j) % int(count[e])  # spread the sends over the expert's holders
-                src = int(holder_rank[e, c])
+                holders = holder_rank[e, : int(count[e])]
+                near = holders[holders // owner.ranks_per_node == t // owner.ranks_per_node]
+                holders = near if len(near) else holders  # a holder inside the target's node first
+                src = int(holders[(t * f + j) % len(holders)])  # spread the sends over the holders
+                c = int(np.nonzero(holder_rank[e] == src)[0][0])
                 if src == me:
                     self.send_items.append((t, int(holder_slot[e, c])))
                     in_splits[t] += 1
@@ -233,12 +240,14 @@ class FastReplicas:
     Attributes:
         handle: the ``MegatronEPLB`` handle (persistent placement, storages, EP group).
         budget: ``F`` spare slots per rank.
+        ranks_per_node: EP ranks per node (consecutive): a copy comes from a holder in its rank's node first.
         pool: the receive buffers shared by the layers.
     """
 
-    def __init__(self, handle, budget: int) -> None:
+    def __init__(self, handle, budget: int, ranks_per_node: int | None = None) -> None:
         self.handle = handle
         self.budget = budget
+        self.ranks_per_node = ranks_per_node or handle.ep_size
         self.pool = _Pool()
         n, s = handle.ep_size, handle.slots_per_rank
         self.union_slots_per_rank = s + budget

@@ -22,7 +22,9 @@ variant runs the same ``--steps`` skew patterns (after ``--warmup`` steps):
   loads (the best a window could do for this workload) with the per-batch ``balanced`` split;
 * ``fast``: the default placement with ``--budget`` spare slots per rank refilled every step
   (``eplb_fast_replicas``): the same slot count;
-* ``fast_planned``: ``fast`` on a greedy placement planned on the sum (no persistent redundant slot).
+* ``fast_planned``: ``fast`` on a greedy placement planned on the sum (no persistent redundant slot);
+* ``fast_own_group``: ``fast`` with the copies' all-to-all on a communicator of its own
+  (``FastReplicas.use_separate_group``), so that on NCCL it runs beside the token dispatch, not before it.
 
 Per variant: the median and worst of the slowest rank's forward+backward time (CUDA events), the worst step
 over the median, the per-step realized balancedness (tokens each rank's experts computed, counted in a second
@@ -68,7 +70,7 @@ from step_time_skew import (  # noqa: E402
 CUDA = torch.cuda.is_available()
 FULL = dict(hidden=4096, ffn=2048, experts=64, topk=8, tokens=8192, warmup=5, steps=40)
 SMALL = dict(hidden=64, ffn=64, experts=8, topk=2, tokens=128, warmup=1, steps=4)
-VARIANTS = ("off", "persistent", "fast", "fast_planned")
+VARIANTS = ("off", "persistent", "fast", "fast_planned", "fast_own_group")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -169,9 +171,13 @@ def run_variant(name, kind, args, device, skew, pats, x, grad, loads, ref) -> di
         placement, fast = ExpertPlacement.default(1, args.experts, world, 0), args.budget
     elif name == "fast_planned":
         placement, fast = rebalance(total, args.experts, world, policy="greedy"), args.budget
+    elif name == "fast_own_group":
+        placement, fast = ExpertPlacement.default(1, args.experts, world, 0), args.budget
     if name != "off":
         layer.handle = eplb_mcore.apply(layer.module, placement, fast_replicas=fast)
         layer.placement = placement
+        if name == "fast_own_group":  # the copies on a communicator of their own, beside the token dispatch
+            layer.handle.fast.use_separate_group()
     timer = FetchTimer() if fast else None
     module = layer.module
     ms, fetch_ms = [], []

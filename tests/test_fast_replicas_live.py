@@ -117,6 +117,12 @@ def _checks(rank: int, world: int, kind: str, steps: int) -> dict:
             with torch.no_grad():  # without autograd the copies die with the forward
                 torch.testing.assert_close(pat(x), ref(x), rtol=RTOL, atol=1e-6)
             results[f"{dispatcher}/{name}"]["pool_free_no_grad"] = handle.fast.pool.in_use == 0
+    # the copies on a process group of their own (beside the token dispatch on NCCL)
+    ref, pat = _twin_models(_moe_config("alltoall", topk=2, num_layers=2, kind=kind))
+    handle = eplb_mcore.apply(pat, fast_replicas=1)
+    handle.fast.use_separate_group()
+    results["alltoall/own_group"] = _stack_checks(handle, ref, pat, x, w)
+    results["alltoall/own_group"]["pool_free_no_grad"] = True
     results["train"] = _gpt_training(dict(fast_replicas=1), kind, steps, rank, world)
     results["errors"] = _errors(_moe_config("alltoall", topk=2, num_layers=1, kind=kind))
     results["recompute"] = _recompute(rank, world, kind)
@@ -256,7 +262,7 @@ def test_fast_replicas_equal_unpatched_and_sum_gradients_back(kind):
     assert sum(recompute_fetched) > 0  # the recompute case used its spare slots
     # The spare slots were really used (so the equal expert gradients above include copies' gradients summed
     # back into their holders): on the default placement a copy computed tokens on some rank, in every case.
-    for case in ("allgather/default", "alltoall/default"):
+    for case in ("allgather/default", "alltoall/default", "alltoall/own_group"):
         assert sum(res[case]["fetched"] for res in results) > 0, case
 
 

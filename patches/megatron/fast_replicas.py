@@ -34,7 +34,8 @@ Supported: ``SequentialMLP`` and the legacy ``GroupedMLP``, the allgather and al
 ``gradient_accumulation_fusion`` (Megatron's fused wgrad writes into ``main_grad`` of the parameter it knows,
 which a fetched copy is not).  The spare choice needs a host sync per layer for the all-to-all's split sizes
 (as Megatron's alltoall dispatcher has for its own).  On NCCL the fetch shares the EP group's communicator (and
-stream) with the token dispatch, so it runs before the dispatch's all-to-all, not beside it.
+stream) with the token dispatch, so it runs before the dispatch's all-to-all, not beside it, unless
+:meth:`FastReplicas.use_separate_group` gave it a communicator of its own.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ class _LayerFetch:
             self._sent.view(-1),
             self.out_splits,
             self.in_splits,
-            group=owner.handle.ep_group,
+            group=owner.fetch_group,
             async_op=True,
         )
 
@@ -223,7 +224,7 @@ class _LayerFetch:
             outgoing.view(-1),
             self.in_splits,
             self.out_splits,
-            group=owner.handle.ep_group,
+            group=owner.fetch_group,
         )
         self.release()
         return grad_send
@@ -248,6 +249,9 @@ class FastReplicas:
         self.handle = handle
         self.budget = budget
         self.ranks_per_node = ranks_per_node or handle.ep_size
+        #: The process group the copies travel over: the EP group, or a communicator of their own
+        #: (:meth:`use_separate_group`).
+        self.fetch_group = handle.ep_group
         self.pool = _Pool()
         n, s = handle.ep_size, handle.slots_per_rank
         self.union_slots_per_rank = s + budget
@@ -407,6 +411,22 @@ class FastReplicas:
             modules = [_FunctionalExpert(template, dict(zip(names, t))) for t in tensors]
             view = _SpareView(experts, num_local_experts=self.budget, local_experts=modules)
         return cls.forward(view, hidden, tokens_per_expert, probs)
+
+    def use_separate_group(self):
+        """Fetch over a process group of its own with the EP group's ranks (collective over the WORLD: every
+        rank must call it, in the same order as its other group creations).  On NCCL the EP group's collectives
+        share one stream, so the fetch runs before the token dispatch's all-to-all; on a communicator of its own
+        it runs beside it.  Returns the new group."""
+        ranks = dist.get_process_group_ranks(self.handle.ep_group)
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, ranks)
+        mine = None
+        for group in sorted({tuple(r) for r in every}):  # every EP group, the same order on every rank
+            new = dist.new_group(list(group))
+            if dist.get_rank() in group:
+                mine = new
+        self.fetch_group = mine
+        return mine
 
     # ------------------------------------------------------------------ report
     def reset_loads(self) -> None:

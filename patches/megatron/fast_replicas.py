@@ -175,14 +175,20 @@ class _LayerFetch:
         """``[k, n]`` the rows this rank sends, read from its parameters with autograd (their gradient flows back
         into the holder's parameters)."""
         handle = self.owner.handle
-        rows = [
-            torch.cat([sp.of(sp.param).reshape(-1) for sp in handle.slot_params(self.idx, k)])
-            for _, k in self.send_items
-        ]
-        if rows:
-            return torch.stack(rows)
-        sp = handle.slot_params(self.idx, 0)[0]
-        return sp.of(sp.param).reshape(-1)[:0].reshape(0, self.width)  # keeps the graph on a non-sender
+        if not self.send_items:
+            sp = handle.slot_params(self.idx, 0)[0]
+            return sp.of(sp.param).reshape(-1)[:0].reshape(0, self.width)  # keeps the graph on a non-sender
+        slots = [handle.slot_params(self.idx, k) for _, k in self.send_items]  # [k][tensors of a slot]
+        columns = []
+        for parts in zip(*slots):
+            first = parts[0]
+            if first.is_whole or any(sp.param is not first.param for sp in parts):  # a parameter per slot
+                columns.append(torch.stack([sp.of(sp.param).reshape(-1) for sp in parts]))
+            else:  # blocks of one stacked parameter (GroupedMLP): one gather, one gradient for it in backward
+                blocks = first.param.view(-1).view(-1, first.numel)
+                rows = torch.tensor([sp.offset // sp.numel for sp in parts], device=blocks.device)
+                columns.append(blocks.index_select(0, rows))
+        return torch.cat(columns, dim=1)
 
     def start(self, send: torch.Tensor) -> None:
         """Start the all-to-all that brings this rank its copies (asynchronous: it runs while the tokens are

@@ -17,7 +17,9 @@ What one launch measures, every rank in step (EP = world size unless ``--ep`` sa
   ``lr_warmup`` steps and a cosine decay to ``lr_min_ratio`` x ``lr`` (DeepSpeed's ``WarmupCosineLR``),
   gradient clipping ``grad_clip``): ``off`` (DeepSpeed + Megatron MoE, no EPLB), ``eplb`` (dynamic EPLB,
   default policy, redundant slots, even split of a replicated expert's tokens over its copies),
-  ``eplb_balanced`` (the same with per-batch replica shares: ``eplb_replica_dispatch: balanced``), ``rotate`` (dynamic EPLB with a test policy that sends every rank's slots
+  ``eplb_balanced`` (the same with per-batch replica shares: ``eplb_replica_dispatch: balanced``),
+  ``eplb_fast`` (per-step replicas: no persistent redundant slot, ``--redundancy-per-rank`` spare slots per
+  rank refilled every step with copies of its hottest experts, ``eplb_fast_replicas``), ``rotate`` (dynamic EPLB with a test policy that sends every rank's slots
   to the next rank at every rebalance: forced moves, the worst case for the stall; needs EP >= 2) and, on
   CUDA, ``off_again`` (the baseline once more: the run-to-run noise band of non-deterministic kernels);
   ``off_reordered`` (the baseline with each micro-batch's sequences in reverse order: the same math, every
@@ -102,8 +104,8 @@ SMALL = dict(
 )  # fmt: skip
 ADAM = dict(betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0)
 
-RUNS = ("off", "off_again", "off_reordered", "eplb", "eplb_balanced", "rotate")
-EPLB_RUNS = ("eplb", "eplb_balanced", "rotate")  # runs with dynamic EPLB
+RUNS = ("off", "off_again", "off_reordered", "eplb", "eplb_balanced", "eplb_fast", "rotate")
+EPLB_RUNS = ("eplb", "eplb_balanced", "eplb_fast", "rotate")  # runs with dynamic EPLB
 REFERENCES = ("off_again", "off_reordered")  # runs without EPLB whose distance from off is the noise band
 TRANSFER_EVENTS = ("start_layer", "finish_layer")
 REBALANCE_KINDS = ("gather", "plan_await", "transfer")
@@ -305,11 +307,13 @@ def environment(args: argparse.Namespace, ep: int) -> dict:
 
 
 # ============================================================================ one training run
-def eplb_config(args: argparse.Namespace, ep: int, dispatch: str = "even") -> dict:
+def eplb_config(args: argparse.Namespace, ep: int, dispatch: str = "even", fast: bool = False) -> dict:
+    extra = dict(eplb_fast_replicas=True, eplb_fast_replica_budget=args.redundancy_per_rank) if fast else {}
     return dict(
+        **extra,
         eplb_replica_dispatch=dispatch,
         dynamic_eplb=True,
-        init_redundancy_expert=args.redundancy_per_rank * ep,
+        init_redundancy_expert=0 if fast else args.redundancy_per_rank * ep,
         num_iterations_eplb_update=args.rebalance_every,
         num_wait_worker_iterations=args.wait_worker,
         eplb_window_size=args.rebalance_every,
@@ -367,7 +371,9 @@ def train_run(name: str, args: argparse.Namespace, ep: int, after=None) -> dict:
     engine, _, _, _, manager = eplb_ds.initialize(
         model=model,
         config=ds_config(args, targs),
-        eplb=eplb_config(args, ep, "balanced" if name == "eplb_balanced" else "even") if dynamic else False,
+        eplb=eplb_config(args, ep, "even" if name in ("eplb", "rotate") else "balanced", name == "eplb_fast")
+        if dynamic
+        else False,
         policy_fn=rotate_policy if name == "rotate" else None,
     )
     handle = engine.eplb_handle
@@ -408,7 +414,10 @@ def train_run(name: str, args: argparse.Namespace, ep: int, after=None) -> dict:
         loss = engine(tokens, pos, mask, labels=labels).float().mean()
         engine.backward(loss)
         if handle is not None:
-            loads.append(handle.slot_loads().clone())  # this step's per-slot counts (reset by engine.step)
+            counts = handle.slot_loads().clone()  # this step's per-slot counts (reset by engine.step)
+            if handle.fast is not None:  # spare slots (eplb_fast): their tokens on the rank's first slot
+                counts[:, 0] += handle.fast.spare_loads.sum(dim=1).to(counts.device)
+            loads.append(counts)
         engine.step()
         if CUDA:
             end.record()

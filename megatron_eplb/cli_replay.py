@@ -1,5 +1,6 @@
 """`megatron-eplb replay`: a recorded load trace under the default placement, each policy with the even and the
-per-batch (``balanced``) split, the best split, and a per-step oracle (added by ``cli.build_parser``).
+per-batch (``balanced``) split, the best split, per-step replicas (``--fast-slots``) and a per-step oracle
+(added by ``cli.build_parser``).
 
 Imports :mod:`.cli_common`, never :mod:`.cli`."""
 
@@ -90,6 +91,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             f"--redundancy {args.redundancy}: {num_experts} experts + {args.redundancy} redundant slots do not "
             f"divide over --ep-size {args.ep_size}"
         )
+    if not 0 <= args.fast_slots * args.ep_size <= args.redundancy:
+        raise CLIError(
+            f"--fast-slots {args.fast_slots}: the spare slots are part of the redundant ones; "
+            f"--redundancy {args.redundancy} at --ep-size {args.ep_size} allows 0..{args.redundancy // args.ep_size}"
+        )
     for flag, value in (
         ("--interval", args.interval),
         ("--window", args.window),
@@ -109,6 +115,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             bound=not args.no_bound,
             time_resolved=args.time_resolved,
             progress=not args.no_progress,
+            fast_slots=args.fast_slots,
         )
     except (PolicyError, ValueError) as exc:
         raise CLIError(str(exc)) from None
@@ -145,6 +152,13 @@ def add_commands(subparsers) -> None:
     p.add_argument("--oracle-policy", default="greedy", help="policy of the per-step oracle (default greedy)")
     p.add_argument("--steps", type=int, default=None, help="replay only the first N steps")
     p.add_argument("--time-resolved", action="store_true", help="also plan from the window's per-step loads")
+    p.add_argument(
+        "--fast-slots",
+        type=int,
+        default=0,
+        help="spare slots per rank refilled every step with copies of its hottest experts (per-step replicas; "
+        "taken from --redundancy): adds the rows 'default + fast' and '<policy> + fast'",
+    )
     p.add_argument(
         "--no-bound", action="store_true", help="skip the best split (the exact bound; slow on big E)"
     )

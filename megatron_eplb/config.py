@@ -120,6 +120,20 @@ class EPLBConfig:
         "light as the placement allows), 'even' round-robin, or 'local_first' (a copy on the token's rank).",
         choices=REPLICA_DISPATCH,
     )
+    eplb_fast_replicas: bool = _key(
+        False,
+        "Per-step replicas (the fast timescale): every MoE layer forward, eplb_fast_replica_budget spare slots per "
+        "rank take copies of that step's hottest experts, chosen from its exact global counts with the balanced "
+        "split; their weights are fetched from a holder rank (one all-to-all over the EP group) and their "
+        "gradients summed back into the holder's before the optimizer step (no optimizer state). Needs "
+        "eplb_replica_dispatch='balanced'; Megatron-core SequentialMLP or GroupedMLP experts.",
+    )
+    eplb_fast_replica_budget: int = _key(
+        1,
+        "Spare slots per rank for eplb_fast_replicas: at most this many expert copies fetched per rank, MoE "
+        "layer and step.",
+        min=1,
+    )
     eplb_capacity: str = _key(
         "logical",
         "Capacity of deepspeed.moe layers with replicas: 'logical' (the gate's capacity per logical expert: "
@@ -154,6 +168,12 @@ class EPLBConfig:
             raise EPLBConfigError(
                 f"expert_map_path={self.expert_map_path!r} does not exist; record a map first by running with "
                 "expert_map_record_path set (or `megatron-eplb plan ... --out MAP.json`)"
+            )
+        if self.eplb_fast_replicas and self.eplb_replica_dispatch != "balanced":
+            raise EPLBConfigError(
+                f"eplb_fast_replicas=true splits each step's tokens over all copies with the per-batch shares, but "
+                f"eplb_replica_dispatch={self.eplb_replica_dispatch!r}; set eplb_replica_dispatch='balanced' (the "
+                "default) or eplb_fast_replicas=false"
             )
         if self.gate_eplb and not self.dynamic_eplb:
             raise EPLBConfigError(

@@ -40,6 +40,10 @@ class LoadWindow:
         """Keep this step's counts (device copies, no host sync) and reset the handle's counters."""
         self._logical[self._next].copy_(self.handle.loads())
         self._slots[self._next].copy_(self.handle.slot_loads())
+        fast = getattr(self.handle, "fast", None)
+        if fast is not None:  # per-step replicas: their tokens count on the rank that computed them (only the
+            # rank sums of the per-slot counts are read), on its first slot
+            self._slots[self._next, :, 0] += fast.spare_loads.sum(dim=1).to(self.device, non_blocking=True)
         self._next = (self._next + 1) % self._logical.shape[0]
         self.filled = min(self.filled + 1, self._logical.shape[0])
         self.handle.reset_loads()

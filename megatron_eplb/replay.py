@@ -30,7 +30,14 @@ from .policy import rebalance
 from .replica_split import DEFAULT_ITERATIONS, balanced_shares, best_split_bound, replica_tables
 from .stats import moved_slots
 
-__all__ = ["even_rank_loads", "balanced_rank_loads", "replay", "step_balancedness", "summarize"]
+__all__ = [
+    "even_rank_loads",
+    "balanced_rank_loads",
+    "fast_rank_loads",
+    "replay",
+    "step_balancedness",
+    "summarize",
+]
 
 
 def even_rank_loads(placement: ExpertPlacement, loads: np.ndarray) -> np.ndarray:
@@ -65,6 +72,23 @@ def balanced_rank_loads(
         per_rank = np.zeros((flat.shape[0], placement.num_ranks + 1))
         np.add.at(per_rank.T, rank, flat.T)
         out[:, layer] = per_rank[:, :-1]
+    return out
+
+
+def fast_rank_loads(
+    placement: ExpertPlacement, loads: np.ndarray, num_fast: int, iterations: int = DEFAULT_ITERATIONS
+) -> np.ndarray:
+    """float64 ``[k, L, N]`` rank loads with ``num_fast`` spare slots per rank filled every step with copies of
+    that step's hottest experts, on top of ``placement`` (the persistent one), and the balanced split over
+    all copies (:func:`~megatron_eplb.fast_replicas.plan_fast_replicas`, each step its own)."""
+    from .fast_replicas import fast_tables, plan_fast_replicas, rank_loads_of_copies
+
+    batch = torch.as_tensor(np.asarray(loads, dtype=np.int64))
+    out = np.zeros((batch.shape[0], placement.num_layers, placement.num_ranks))
+    for layer in range(placement.num_layers):
+        tables = fast_tables(placement.phy2log[layer], placement.num_ranks, placement.num_experts, num_fast)
+        plan = plan_fast_replicas(batch[:, layer], tables, iterations)
+        out[:, layer] = rank_loads_of_copies(plan.shares, plan.copy_rank, placement.num_ranks).numpy()
     return out
 
 
@@ -118,6 +142,7 @@ def replay(
     time_resolved: bool = False,
     iterations: int = DEFAULT_ITERATIONS,
     progress: bool = False,
+    fast_slots: int = 0,
 ) -> dict:
     """Per-step balancedness of every strategy on the same steps.
 
@@ -131,6 +156,11 @@ def replay(
         time_resolved: also plan with the window's per-step loads (issue #13 part 3).
         iterations: the balanced split's rounds.
         progress: a tqdm progress bar.
+        fast_slots: ``F`` > 0 adds the per-step replicas (issue #20): ``F`` of each rank's slots are spare
+            slots refilled every step with copies of that step's hottest experts
+            (:mod:`~megatron_eplb.fast_replicas`); the persistent placement keeps ``R - N * F`` redundant
+            slots (same slot count as the other rows). Rows ``default + fast`` (the default placement, never
+            re-planned) and, per policy, ``{policy} + fast`` (re-planned like the others).
     Returns:
         ``{"config": {...}, "rows": [{"name", "policy", "split", "per_step" [T], "mean", "p10", "worst",
         "moved_slots"}, ...], "split_vs_bound_min": float | None}``; ``split_vs_bound_min`` is the worst
@@ -145,9 +175,18 @@ def replay(
         raise ValueError(
             f"{num_experts} experts + {redundancy} redundant slots do not divide over {ep_size} ranks"
         )
+    persistent_redundancy = redundancy - ep_size * fast_slots
+    if fast_slots < 0 or persistent_redundancy < 0:
+        raise ValueError(
+            f"fast_slots={fast_slots} spare slots per rank need {ep_size * fast_slots} of the {redundancy} "
+            f"redundant slots (0 <= fast_slots <= redundancy / ep_size)"
+        )
     segments = _schedule(num_steps, interval)
     variants = [(p, False) for p in policies] + ([(p, True) for p in policies] if time_resolved else [])
-    bar = tqdm(total=num_steps * (2 + len(variants)), desc="replay", unit="step", disable=not progress)
+    fast_rows = (1 + len(policies)) if fast_slots else 0
+    bar = tqdm(
+        total=num_steps * (2 + len(variants) + fast_rows), desc="replay", unit="step", disable=not progress
+    )
     rows = []
     first = interval if interval < num_steps else 0  # the summaries' first step
 
@@ -192,6 +231,24 @@ def replay(
             busiest = balanced.max(axis=2)
             ratio = np.divide(best, busiest, out=np.ones_like(best), where=busiest > 0).min()
             ratio_min = float(ratio) if ratio_min is None else min(ratio_min, float(ratio))
+    if fast_slots:
+        start = ExpertPlacement.default(num_layers, num_experts, ep_size, persistent_redundancy)
+        per_step = step_balancedness(fast_rank_loads(start, loads, fast_slots, iterations))
+        rows.append(row("default + fast", "none", "fast", per_step, 0))
+        bar.update(num_steps)
+        for policy in policies:
+            current, moved, fast = start, 0, []
+            for begin, end in segments:
+                if begin > 0:
+                    past = loads[max(0, begin - window) : begin]
+                    new = _plan(past, slots - ep_size * fast_slots, ep_size, policy, current, False)
+                    moved += int(moved_slots(current, new).sum())
+                    current = new
+                fast.append(fast_rank_loads(current, loads[begin:end], fast_slots, iterations))
+                bar.update(end - begin)
+            rows.append(
+                row(f"{policy} + fast", policy, "fast", step_balancedness(np.concatenate(fast)), moved)
+            )
     oracle, moved, previous = [], 0, None
     for t in range(num_steps):
         plan = rebalance(loads[t].astype(np.float64), slots, ep_size, policy=oracle_policy)
@@ -215,6 +272,7 @@ def replay(
         interval=interval,
         window=window,
         iterations=iterations,
+        fast_slots=fast_slots,
     )
     return {"config": config, "rows": rows, "split_vs_bound_min": ratio_min}
 

@@ -41,6 +41,7 @@ def apply(
     config: EPLBConfig | None = None,
     *,
     replica_dispatch: str | None = None,
+    fast_replicas: int | None = None,
 ) -> MegatronEPLB:
     """Make every MoE layer of ``model`` placement-aware; return the handle that controls them.
 
@@ -56,6 +57,8 @@ def apply(
             ``eplb_replica_dispatch``).
         replica_dispatch: ``"even"``, ``"local_first"`` or ``"balanced"``; overrides
             ``config.eplb_replica_dispatch``.
+        fast_replicas: spare slots per rank for per-step replicas (``fast_replicas.py``; 0 = off); overrides
+            ``config.eplb_fast_replicas`` / ``eplb_fast_replica_budget``.
     Raises:
         EPLBPatchError: no MoE layer, unsupported class/dispatcher/parallel layout/version, or a placement
             that does not match the model.  Nothing is changed when it raises.
@@ -82,7 +85,16 @@ def apply(
         placement = _placement_from_config(config, len(layers), num_experts, ep_size)
     check_placement(placement, len(layers), num_experts, ep_size, None)
     check_same_placement_everywhere(placement, ep_group)
+    cfg = config or EPLBConfig()
+    if fast_replicas is None:
+        fast_replicas = cfg.eplb_fast_replica_budget if cfg.eplb_fast_replicas else 0
+    if fast_replicas:
+        _check_fast(layers, dispatch, cfg.eplb_num_nodes, ep_size)
     handle = MegatronEPLB(model, layers, placement, ep_group, dispatch)
+    if fast_replicas:
+        from .fast_replicas import install
+
+        install(handle, fast_replicas, cfg.eplb_num_nodes)
     model._megatron_eplb_handle = handle
     return handle
 
@@ -124,6 +136,35 @@ def _check_layers(layers: list[tuple[str, torch.nn.Module]]) -> None:
         and parallel_state.get_pipeline_model_parallel_world_size() > 1
     ):
         raise EPLBPatchError("pipeline parallel size > 1 is not supported; supported: 1")
+
+
+def _check_fast(
+    layers: list[tuple[str, torch.nn.Module]], dispatch: str, num_nodes: int = 1, ep_size: int = 1
+) -> None:
+    """Per-step replicas: refuse what they do not support before anything changes."""
+    from .fast_replicas import SUPPORTED_FAST_EXPERTS
+
+    if ep_size % num_nodes:
+        raise EPLBPatchError(
+            f"eplb_num_nodes={num_nodes} does not divide the EP size {ep_size} (per-step replicas fetch inside a node first)"
+        )
+    if dispatch != "balanced":
+        raise EPLBPatchError(
+            f"per-step replicas split over all copies with the per-batch shares; replica_dispatch={dispatch!r} "
+            "is not supported with them: use 'balanced'"
+        )
+    for name, layer in layers:
+        kind = type(layer.experts).__name__
+        if kind not in SUPPORTED_FAST_EXPERTS:
+            raise EPLBPatchError(
+                f"MoE layer {name!r}: per-step replicas (eplb_fast_replicas) do not support expert class {kind}; "
+                f"supported: {', '.join(SUPPORTED_FAST_EXPERTS)}"
+            )
+        if getattr(layer.config, "gradient_accumulation_fusion", False):
+            raise EPLBPatchError(
+                f"MoE layer {name!r}: per-step replicas need gradient_accumulation_fusion=False (the fused wgrad "
+                "writes into the main_grad of the parameter it knows, which a fetched copy is not)"
+            )
 
 
 def _check_device(layer: torch.nn.Module, ep_group) -> None:

@@ -151,6 +151,8 @@ class MegatronEPLB:
         # with the direct column sum.
         self._route_acc: list[dict[torch.Size, torch.Tensor]] = [{} for _ in range(self.num_layers)]
         self._tables: list[_LayerTables] = [None] * self.num_layers
+        #: Per-step replicas (``fast_replicas.install``), or None: they route every layer when set.
+        self.fast = None
         for idx in range(self.num_layers):
             self._tables[idx] = self._routing_tables(placement.phy2log[idx])
         for idx, layer in enumerate(self._layers):
@@ -223,6 +225,8 @@ class MegatronEPLB:
         self._slot_loads.zero_()
         for pending in self._slot_counts_pending:
             pending.clear()
+        if self.fast is not None:
+            self.fast.reset_loads()
 
     # ---------------------------------------------------------------- slots
     def slot_params(self, layer: int, slot: int) -> list[SlotParam]:
@@ -556,6 +560,8 @@ class MegatronEPLB:
             if padding_mask is not None:  # Megatron's router: True marks padding
                 routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)
             self._count_routed(idx, routed)
+        if self.fast is not None:  # per-step replicas: this step's copies and split (fast_replicas.py)
+            return self.fast.route(idx, probs, routing_map)
         log2phy, count, local_slot, direct, replicas = self._tables[idx]
         if direct is True:  # slot s holds expert s: physical routing is the logical routing
             return probs, routing_map

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,39 @@ def test_model_dependent_config_errors_come_before_the_heavy_start_as_one_line(c
             "train.py: error: EPLBConfigError: init_redundancy_expert=3: 16 experts + 3 redundant = 19 slots do "
             "not divide over EP size 2; use one of [2, 4]"
         ], err
+
+
+def test_unwritable_outputs_are_one_line_before_the_process_group_deepspeed_or_the_model(
+    tmp_path, capsys, monkeypatch
+):
+    """--save / --metrics-out that cannot be written, or a --save holding later checkpoints: exit code 1 on
+    every rank within a second, before DeepSpeed and Megatron are even imported by train.py."""
+    import train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(train, "init_parallel", lambda *a: (_ for _ in ()).throw(AssertionError("too late")))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    held = tmp_path / "held"
+    (held / "iter_0000040").mkdir(parents=True)
+    (held / "iter_0000040" / "model_logical.pt").write_bytes(b"x")
+    for argv, message in (
+        (
+            ["--save", str(blocker / "ckpt")],
+            f"--save {str(blocker / 'ckpt')!r} is not writable (NotADirectoryError",
+        ),
+        (
+            ["--metrics-out", str(tmp_path)],
+            f"--metrics-out {str(tmp_path)!r} is a directory; give a file name",
+        ),
+        (["--save", str(held)], f"--save {held} already holds checkpoints past iteration 0 (iter_0000040)"),
+    ):
+        t0 = time.monotonic()
+        with pytest.raises(SystemExit) as exc:
+            train.main([*argv, "--output-dir", str(tmp_path / "out"), "--no-wandb"])
+        assert exc.value.code == 1 and time.monotonic() - t0 < 5
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("train.py: error: ") and message in err[0], err
 
 
 def test_train_script_flags_and_outputs_checked_before_step_1(tmp_path, capsys):

@@ -309,6 +309,7 @@ def _dynamic(every: int, **overrides) -> dict:
         init_redundancy_expert=2,
         num_iterations_eplb_update=every,
         num_wait_worker_iterations=1,
+        eplb_max_plan_wait=20.0,  # the due step waits for the plan: rebalances at fixed steps
         eplb_window_size=every,
         eplb_policy="greedy",
     )

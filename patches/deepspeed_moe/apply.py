@@ -7,7 +7,6 @@ groups, built as DeepSpeed builds them) and the checks that refuse a model befor
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -22,8 +21,8 @@ from .handle import CAPACITY_MODES, DeepSpeedMoEEPLB
 
 __all__ = ["REPLICA_DISPATCH", "apply", "attach", "expert_groups", "find_moe_layers"]
 
-REPLICA_DISPATCH = ("even", "local_first")
-"""Replica-dispatch modes of this adapter (a subset of ``megatron_eplb.config.REPLICA_DISPATCH``)."""
+REPLICA_DISPATCH = ("balanced", "even", "local_first")
+"""Replica-dispatch modes of this adapter (those of ``megatron_eplb.config.REPLICA_DISPATCH``)."""
 
 
 def find_moe_layers(model: torch.nn.Module | Sequence[torch.nn.Module]) -> list[tuple[str, torch.nn.Module]]:
@@ -77,7 +76,7 @@ def apply(
             ``config.init_redundancy_expert`` redundant slots.
         config: optional :class:`EPLBConfig` (``expert_map_path``, ``init_redundancy_expert``,
             ``eplb_replica_dispatch``, ``eplb_capacity``).
-        replica_dispatch: ``"even"`` or ``"local_first"`` (overrides the config).
+        replica_dispatch: ``"balanced"``, ``"even"`` or ``"local_first"`` (overrides the config).
         capacity: ``"logical"`` or ``"per_slot"`` (overrides the config).
         use_data_before_expert_parallel: DeepSpeed's ``use_data_before_expert_parallel_`` (group layout).
     Raises:
@@ -89,13 +88,6 @@ def apply(
     layers, ep_group = _checked_layers(model, use_data_before_expert_parallel)
     first = layers[0][1]
     dispatch = replica_dispatch or (config or EPLBConfig()).eplb_replica_dispatch
-    if replica_dispatch is None and dispatch == "balanced":
-        # The config's default serves the Megatron path; this adapter's capacity-bounded dispatch splits evenly.
-        logging.getLogger("megatron_eplb").warning(
-            "megatron-eplb: eplb_replica_dispatch='balanced' is not implemented for deepspeed.moe layers; "
-            "their replicas split tokens evenly (set eplb_replica_dispatch: even to silence this)"
-        )
-        dispatch = "even"
     if dispatch not in REPLICA_DISPATCH:
         raise DeepSpeedEPLBError(
             f"replica_dispatch={dispatch!r} is not supported for DeepSpeed MoE layers; supported: "

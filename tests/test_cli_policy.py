@@ -188,6 +188,12 @@ def test_plan_out_directory_is_one_clear_error_before_planning(loads, tmp_path, 
     ]
     assert main(["simulate", "--load", str(a), "--ep-sizes", "4", "--out", str(out_dir), "--plot", ""]) == 2
     assert "--out" in capsys.readouterr().err
+    # --out under a parent that cannot be created (a file in the way): one line, before planning
+    blocker = tmp_path / "a.json"
+    assert main(_plan(a, "--out", blocker / "sub" / "map.json")) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{blocker / 'sub' / 'map.json'}': '{blocker}' is not a directory" in err, err
+    assert not list(tmp_path.glob("**/*.tmp"))
 
 
 def test_evaluate_worst_layer_slowdown_is_that_layers(loads, tmp_path, capsys):

@@ -198,6 +198,8 @@ def _train(
         monitor=metrics,
         transport_factory=lambda group: _fault_transport(fault, group),
     )
+    # the planning rank's worker starts with the manager, not inside the first awaited plan
+    worker_at_start = manager._worker is not None and manager._worker.is_alive()
     dp_group = parallel_state.get_data_parallel_group()
     gen = torch.Generator().manual_seed(100 + rank)
     eval_tokens = torch.randint(0, V, (2, SEQ), generator=torch.Generator().manual_seed(7))
@@ -283,6 +285,7 @@ def _train(
         "phases": phases,
         "in_flight": in_flight,
         "step_seconds": step_seconds,
+        "worker_at_start": worker_at_start,
         "norms": norms,
         "placement": handle.placement.phy2log.tolist(),
         "metrics": metrics.logged,
@@ -471,6 +474,7 @@ def test_rebalances_move_experts_and_losses_equal_the_run_without_eplb(ep2):
         runs = [len(r) for r in "".join("p" if x == "planning" else " " for x in phases).split()]
         assert runs and set(runs) == {1}, phases
         assert "planning" not in res["interval"]["phases"]  # num_wait_worker_iterations=0: awaited at once
+    assert results[0]["main"]["worker_at_start"] and not results[1]["main"]["worker_at_start"]  # rank 0 plans
     first = results[0]["main"]["history"][0]
     assert first["balancedness_after"] > first["balancedness_before"]
     # measured per-slot balancedness of the window after each rebalance beats what the old placement would

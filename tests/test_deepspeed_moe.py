@@ -922,6 +922,23 @@ def test_megatron_deepspeed_order_apply_then_optimizer_then_initialize(ep2):
 # ============================================================================ refusals
 
 
+def test_example_checks_its_outputs_before_deepspeed_starts(tmp_path, monkeypatch):
+    """``--save`` / ``--metrics-out`` that cannot be written: one line, before the process group or model."""
+    import train_deepspeed_moe as ex
+
+    monkeypatch.setattr(ex, "init_distributed", lambda: (_ for _ in ()).throw(AssertionError("too late")))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    argv = [*SMALL, "--no-wandb", "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        ex.main([*argv, "--save", str(blocker / "ckpt"), "--metrics-out", str(tmp_path)])
+    text = str(exc.value.code)
+    assert (
+        text.startswith("train_deepspeed_moe.py: error: ") and "--save" in text and "is not writable" in text
+    ), text
+    assert f"--metrics-out {str(tmp_path)!r} is a directory" in text, text
+
+
 def _pitfalls() -> dict:
     import train_deepspeed_moe as ex
     from megatron_eplb.patches import deepspeed_moe as eplb_dsmoe

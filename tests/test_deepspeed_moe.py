@@ -558,6 +558,7 @@ def _drop_run(stream, extra, capacity, redundancy, steps=12):
         "rates": rates,
         "losses": losses,
         "committed": sum(r.outcome == "committed" for r in manager.history),
+        "dispatch": handle.replica_dispatch,
     }
 
 
@@ -607,6 +608,8 @@ def test_per_slot_capacity_drops_fewer_tokens(ep2, k):
     )
     assert mean_per_slot < mean_logical
     assert all(np.isfinite(per_slot["losses"]))
+    # per-slot capacity splits replicas evenly (keeps the most pairs); the default dispatch serves logical
+    assert (logical["dispatch"], per_slot["dispatch"]) == ("balanced", "even")
 
 
 # ============================================================================ checkpoints

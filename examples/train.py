@@ -23,7 +23,8 @@ arrives (the ranks agree at the end of the step, save, write the metrics and the
 DIR`` continues from the saved iteration (``--tag`` picks another than ``latest``): step counter, data
 position and domain switch; ``--train-iters`` is the total, as in Megatron.  Resume on fewer ranks (e.g.
 one GPU lost): ``deepspeed --num_gpus 1 examples/train.py --load CKPT ...``.  ``--save``, ``--metrics-out``,
-``--output-dir`` and the record path are checked to be writable before step 1; ``--metrics-out`` is
+``--output-dir`` and the record path are checked to be writable first, before DeepSpeed, Megatron or the
+model start; ``--metrics-out`` is
 rewritten (whole, atomically) every ``--log-interval`` steps.  With dynamic EPLB and no
 ``expert_map_record_path`` the map is recorded to ``OUTPUT_DIR/expert_map.json``.
 """
@@ -402,6 +403,17 @@ def later_tags(save_dir: str, start: int) -> list[str]:
     ]
 
 
+def later_tag_problem(save_dir: str, later: list[str], start: int) -> list[str]:
+    """The error for checkpoint tags past ``start`` that a run would write over (``[]`` when none)."""
+    if not later:
+        return []
+    return [
+        f"--save {save_dir} already holds checkpoints past iteration {start} ({', '.join(later)}), which this "
+        "run would write over: choose another --save, continue from them with --load, or pass "
+        "--overwrite-checkpoints"
+    ]
+
+
 def rank0_decides(problem: str | None) -> None:
     """Rank 0's verdict on every rank: raise :class:`SetupError` everywhere when it found a problem."""
     box = [problem]
@@ -504,9 +516,15 @@ def train(args: argparse.Namespace) -> dict:
             f"--save-interval {args.save_interval} is not a multiple of gradient_accumulation_steps {gas} "
             "(a checkpoint is taken at an optimizer step)"
         )
+    # Outputs first, on every rank, before the heavy start (DeepSpeed's and Megatron's imports, the process
+    # group, the model): a run that cannot write its checkpoints or metrics says so in a second.
+    problems = output_problems(args, record)
+    if args.save and not args.load and not args.overwrite_checkpoints:
+        problems += later_tag_problem(args.save, later_tags(args.save, 0), 0)
+    if problems:
+        raise SetupError("; ".join(problems))
     ep = init_parallel(args.expert_model_parallel_size, args.seed)
     rank = dist.get_rank()
-    rank0_decides("; ".join(output_problems(args, record)) or None if rank == 0 else None)
     if rank == 0:
         log.info("building the model (%d layers, %d experts, EP=%d)", args.num_layers, args.num_experts, ep)
     model = build_model(args, ep)
@@ -552,15 +570,9 @@ def train(args: argparse.Namespace) -> dict:
             left,
             manager.config.num_iterations_eplb_update,
         )
-    if args.save and not args.overwrite_checkpoints:
+    if args.save and args.load and not args.overwrite_checkpoints:  # (without --load: checked above)
         later = later_tags(args.save, start) if rank == 0 else []
-        rank0_decides(
-            f"--save {args.save} already holds checkpoints past iteration {start} ({', '.join(later)}), which "
-            "this run would write over: choose another --save, continue from them with --load, or pass "
-            "--overwrite-checkpoints"
-            if later
-            else None
-        )
+        rank0_decides("".join(later_tag_problem(args.save, later, start)) or None)
     if rank == 0:
         log.info("text domains available: %s; training on %s", available_domains(), " -> ".join(domains))
     batches = [

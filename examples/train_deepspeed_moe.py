@@ -237,6 +237,11 @@ def drop_rate(handle) -> float:
 
 
 def train(args: argparse.Namespace) -> dict:
+    from train import output_problems  # examples/train.py: the same checks of the output paths
+
+    problems = output_problems(args)  # before DeepSpeed, the process group or the model start
+    if problems:
+        raise SystemExit("train_deepspeed_moe.py: error: " + "; ".join(problems))
     import deepspeed
     from megatron_eplb.patches import deepspeed_moe as eplb_dsmoe
 

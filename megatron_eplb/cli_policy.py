@@ -25,6 +25,7 @@ from .cli_common import (
 from .errors import PolicyError
 from .placement import ExpertPlacement
 from .policy import NODE_LOCALITY, placement_diagnostics, policy_names, rebalance_with_info
+from .policy.common import check_problem_size
 
 __all__ = ["add_commands", "cmd_plan", "cmd_evaluate", "cmd_simulate"]
 
@@ -156,6 +157,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     jobs = [
         (p, ep, spec) for spec in specs for p in policies for ep in eps if p != "none" or spec == specs[0]
     ]
+    for policy, ep, spec in jobs:  # every size checked before the first plan (--ep-sizes 1000000)
+        r = 0 if policy == "none" else _redundancy_for(spec, num_experts, ep)
+        try:
+            check_problem_size(num_layers, num_experts, num_experts + r + (-(num_experts + r)) % ep, ep)
+        except PolicyError as exc:
+            raise CLIError(f"--ep-sizes {ep}: {exc}") from None
     rows = []
     done = set()
     for policy, ep, spec in tqdm(jobs, desc="simulate", unit="plan", disable=args.no_progress):

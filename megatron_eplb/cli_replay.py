@@ -15,6 +15,7 @@ import numpy as np
 from .cli_common import CLIError
 from .errors import PolicyError
 from .policy import policy_names
+from .policy.common import check_problem_size
 from .replay import replay
 from .trace import read_traces
 
@@ -103,6 +104,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     ):
         if value < 1:
             raise CLIError(f"{flag} must be >= 1, got {value}")
+    try:  # --ep-size 1000000: one clear error, not a process killed for memory
+        check_problem_size(loads.shape[1], num_experts, num_experts + args.redundancy, args.ep_size)
+    except PolicyError as exc:
+        raise CLIError(f"--ep-size {args.ep_size}: {exc}") from None
     try:
         result = replay(
             loads,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["collective_device", "new_group_like", "warm_up"]
+__all__ = ["all_gather_counts", "collective_device", "new_group_like", "warm_up"]
 
 
 def collective_device(group=None) -> torch.device:
@@ -57,3 +57,14 @@ def warm_up(group) -> None:
     ops = [dist.P2POp(dist.isend, out, to, group=group), dist.P2POp(dist.irecv, inp, src, group=group)]
     for req in dist.batch_isend_irecv(ops):
         req.wait()
+
+
+def all_gather_counts(counts: torch.Tensor, group, size: int) -> torch.Tensor:
+    """int64 ``[size, E]``: ``counts [E]`` of every rank of ``group`` (``size`` ranks), in rank order; one
+    collective, no host sync (the per-batch replica split of both MoE adapters)."""
+    if size == 1:
+        return counts.unsqueeze(0)
+    out = counts.new_empty(size * counts.shape[0])  # the concatenated form (gloo takes no stacked output)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(out, counts, group=group)
+    return out.view(size, -1)

@@ -55,7 +55,9 @@ class EPLBConfig:
     dynamic_eplb: bool = _key(False, "Rebalance while running (record, plan, move, commit).")
     num_iterations_eplb_update: int = _key(400, "Steps between rebalances.", min=1)
     num_wait_worker_iterations: int = _key(
-        30, "Steps the policy worker gets before its plan is awaited (bounded by eplb_worker_timeout).", min=0
+        30,
+        "Steps the policy worker gets before its plan is awaited (a step waits at most eplb_max_plan_wait for it).",
+        min=0,
     )
     gate_eplb: bool = _key(False, "Rebalance only once, then keep that placement.")
     expert_map_path: str | None = _key(
@@ -102,9 +104,16 @@ class EPLBConfig:
     eplb_window_size: int = _key(100, "Steps of load kept in the sliding window the planner sees.", min=1)
     eplb_worker_timeout: float = _key(
         30.0,
-        "Seconds the awaited plan may be late before this rebalance is skipped; after one late plan the next is "
-        "not waited for, and a worker late twice in a row is killed and replaced.",
+        "Seconds after its submission a plan may still arrive (training goes on meanwhile) before this "
+        "rebalance is dropped; a worker that misses this deadline twice in a row is killed and replaced.",
         gt=0,
+    )
+    eplb_max_plan_wait: float = _key(
+        1.0,
+        "Seconds the step at which the plan is due (num_wait_worker_iterations after planning started) may "
+        "wait for it; a plan not there by then is taken at the first later step it is ready, on every rank at "
+        "once, and training goes on meanwhile (0 = never wait; no wait after a missed deadline).",
+        min=0,
     )
     eplb_layers_per_step: int = _key(1, "MoE layers transferred and committed per step.", min=1)
     eplb_churn_weight: float = _key(

@@ -12,8 +12,14 @@ In inference only ``manager.step()``, once per forward pass.
 States (one transition function, every transition logged)::
 
     RECORDING ──due──▶ PLANNING ──plan arrived──▶ TRANSFERRING(layer k…) ──last layer──▶ RECORDING
-        ▲                 │ late / dead worker / no change                                     │
+        ▲               ↻ │ not ready yet: training goes on, asked again next step           │
+        │                 │ dropped (eplb_worker_timeout passed, worker dead) / no change      │
         └─────────────────┴──────────────────────────────────────────── gate_eplb ──▶ GATED ◀─┘
+
+A plan is awaited ``num_wait_worker_iterations`` steps after planning starts; that step waits at most
+``eplb_max_plan_wait`` for it, later steps do not wait at all (a late plan never stalls training for
+``eplb_worker_timeout``): the planning rank looks, one broadcast tells every rank, and all take the plan at
+the same step, or all drop it.
 
 The model side is a *handle* (``megatron_eplb.patches.megatron.apply`` returns one) satisfying
 :class:`megatron_eplb.protocols.ExpertModel`; the optimizer side an
@@ -67,6 +73,7 @@ __all__ = [
 log = logging.getLogger("megatron_eplb")
 
 CANARY_SAMPLE_WORDS = 65536  # 16-bit words hashed per tensor by the 'sampled' canary
+_PLAN_PENDING, _PLAN_ARRIVED, _PLAN_DROPPED = 0, 1, 2  # the planning rank's verdict on an awaited plan
 
 
 class EPLBManager:
@@ -335,30 +342,36 @@ class EPLBManager:
         return [int(layer) for layer in np.nonzero(similarity < threshold)[0]]
 
     def _await_plan(self, state: Planning) -> State:
-        """PLANNING -> TRANSFERRING (or back to RECORDING: late plan, or nothing to move)."""
+        """PLANNING at or past its due step: the plan is there -> TRANSFERRING (or RECORDING when nothing
+        moves); not yet -> PLANNING (training goes on, the next step looks again); dropped (late past
+        ``eplb_worker_timeout``, the worker died or the policy failed) -> RECORDING.  The planning rank
+        decides and one broadcast tells every rank, so all take the same branch at the same step and a plan
+        is applied whole or not at all.  Only the due step itself may wait, at most ``eplb_max_plan_wait``."""
         t0 = time.monotonic()
         record = state.record
-        new_sub = None
+        status, new_sub = _PLAN_PENDING, None
         if self._rank == self._planner_rank:
-            remaining = self.config.eplb_worker_timeout - (time.monotonic() - state.submitted_at)
-            if (
-                self._worker.late_in_a_row
-            ):  # it missed its last deadline: look, but do not stall training again
-                remaining = 0.0
-            hung = self._worker.hung
-            try:
-                new_sub = self._worker.result(timeout=max(0.0, remaining))
-            except PolicyWorkerError as exc:
-                log.error("EPLB step %d: %s", self.step_count, exc)
-            if self._worker.hung > hung and self.monitor is not None:
-                self.monitor.log(self.step_count, {"eplb/policy_worker_hung": self._worker.hung})
-        new_sub = broadcast_placement(new_sub, src=self._planner_rank)
-        record.seconds["plan_wait"] = time.monotonic() - t0
-        if new_sub is None:
+            status, new_sub = self._poll_plan(state)
+        status = self._broadcast_status(status)
+        if status == _PLAN_ARRIVED:
+            new_sub = broadcast_placement(new_sub, src=self._planner_rank)
+        _add_seconds(record, "plan_wait", t0)
+        if status == _PLAN_PENDING:
+            if not state.late and self._rank == 0:
+                log.warning(
+                    "EPLB step %d: the plan is not ready at its due step; training goes on with the current "
+                    "placement, and the plan is taken at the first step it is ready (or dropped %.1fs after "
+                    "its submission, eplb_worker_timeout)",
+                    self.step_count,
+                    self.config.eplb_worker_timeout,
+                )
+            state.late = True
+            return state
+        if status == _PLAN_DROPPED:
             if self._rank == 0:
                 log.warning(
-                    "EPLB step %d: the plan did not arrive within eplb_worker_timeout=%.1fs; keeping the current "
-                    "placement for this round",
+                    "EPLB step %d: no plan within eplb_worker_timeout=%.1fs (late, or the worker died or "
+                    "failed); keeping the current placement for this round",
                     self.step_count,
                     self.config.eplb_worker_timeout,
                 )
@@ -391,6 +404,38 @@ class EPLBManager:
             Phase.PLANNING, Phase.TRANSFERRING, f"{len(queue)} layers, {record.moved_slots} slots to move"
         )
         return Transferring(record, state.window_load, old, new, plan, executor, queue)
+
+    def _poll_plan(self, state: Planning) -> tuple[int, ExpertPlacement | None]:
+        """The planning rank's look at the worker: ``(status, placement)``.  The due step waits up to
+        ``eplb_max_plan_wait`` (not at all after a missed deadline); later steps only look.  Once
+        ``eplb_worker_timeout`` has passed since the submission the request is given up (the worker counts
+        the miss and is replaced after two in a row)."""
+        worker, cfg = self._worker, self.config
+        left = cfg.eplb_worker_timeout - (time.monotonic() - state.submitted_at)
+        wait = 0.0 if state.late or worker.late_in_a_row else cfg.eplb_max_plan_wait
+        hung = worker.hung
+        try:
+            if left <= wait:  # the deadline falls within this look: the last one
+                placement = worker.result(timeout=max(left, 0.0))
+            else:
+                placement = worker.wait(wait)
+        except PolicyWorkerError as exc:
+            log.error("EPLB step %d: %s", self.step_count, exc)
+            return _PLAN_DROPPED, None
+        finally:
+            if worker.hung > hung and self.monitor is not None:
+                self.monitor.log(self.step_count, {"eplb/policy_worker_hung": worker.hung})
+        if placement is not None:
+            return _PLAN_ARRIVED, placement
+        return (_PLAN_PENDING, None) if worker.pending_id is not None else (_PLAN_DROPPED, None)
+
+    def _broadcast_status(self, status: int) -> int:
+        """The planning rank's ``status`` on every rank (one scalar broadcast)."""
+        if not dist.is_initialized():
+            return status
+        t = torch.tensor([status], dtype=torch.int64, device=collective_device(None))
+        dist.broadcast(t, src=self._planner_rank)
+        return int(t.item())
 
     def _update_similarity_baseline(self, window_load: np.ndarray, layers: list[int]) -> None:
         if self._last_update_load is None:

@@ -61,12 +61,15 @@ class Gated:
 
 @dataclass
 class Planning:
-    """The worker plans on ``window_load [L, E]``; the plan is awaited at ``due_step``."""
+    """The worker plans on ``window_load [L, E]``; the plan is awaited from ``due_step`` on.  ``late``: it
+    was not there at ``due_step``; training goes on and every step looks again without waiting, until it
+    arrives or ``eplb_worker_timeout`` after ``submitted_at`` drops it."""
 
     record: RebalanceRecord
     window_load: np.ndarray
     submitted_at: float
     due_step: int
+    late: bool = False
     phase: Phase = Phase.PLANNING
 
 

@@ -182,8 +182,17 @@ def read_load_file(path: str | os.PathLike, *, keep_dense_rows: bool = False) ->
     path = Path(text)
     if not path.is_file():
         raise FileNotFoundError(f"load file {str(path)!r} does not exist")
+    raw = path.read_bytes()
+    if raw[:1] == b"\x80":  # pickle's protocol opcode: the OLMoE originals (real_traces/.../original_pkl)
+        raise ValueError(
+            f"{path} is a Python pickle; load files are JSON (pickles are not read: unpickling runs code). "
+            "For the OLMoE/Mixtral counts use the lossless JSON conversion beside them, "
+            "olmoe_mixtral_domain_expert_counts.json#MODEL/DOMAIN (e.g. #olmoe/arxiv, #mistral/github/top1)"
+        )
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a JSON text file (it is not UTF-8); load files are JSON") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: malformed JSON ({exc})") from None
     if isinstance(data, dict) and isinstance(data.get("models"), dict):
@@ -244,8 +253,15 @@ def _pick_model_load(models: dict, selector: str | None, path: Path) -> list:
     model = models.get(parts[0]) if len(parts) in (2, 3) else None
     rows = (model.get(key) or {}).get(parts[1]) if isinstance(model, dict) else None
     if rows is None or (len(parts) == 3 and parts[2] != "top1"):
+        top1 = [
+            f"{m}/{d}/top1"
+            for m, v in models.items()
+            if isinstance(v, dict)
+            for d in (v.get("counts_top1") or {})
+        ]
         raise ValueError(
-            f"{path}: no load '{selector}'; there: {', '.join(choices)} (add /top1 for top-1 counts)"
+            f"{path}: no load '{selector}'; there: {', '.join(choices)}"
+            + (f"; top-1 counts: {', '.join(top1)}" if top1 else "")
         )
     return rows
 

@@ -291,6 +291,18 @@ class PolicyWorker:
         """The pending request's placement if it is ready, else ``None`` (the request stays pending)."""
         return self._receive(0.0)
 
+    def wait(self, timeout: float) -> ExpertPlacement | None:
+        """The pending request's placement if it arrives within ``timeout`` s, else ``None``; unlike
+        :meth:`result` a request still pending stays pending (ask again later).  After ``None``,
+        :attr:`pending_id` says whether it is still pending (``None``: the worker died, nothing will come).
+        Raises :class:`PolicyWorkerError` when the policy raised."""
+        if self.pending_id is None:
+            return None
+        placement = self._receive(max(timeout, 0.0))
+        if placement is not None:
+            self.late_in_a_row = 0
+        return placement
+
     def result(self, timeout: float | None = None) -> ExpertPlacement | None:
         """Wait up to ``timeout`` s (``None``: forever) for the pending request's placement.
 

@@ -13,10 +13,17 @@ Usage (the function must be importable by the child processes: define it at modu
 Each rank's return value comes back in rank order (it must pickle).  If any rank raises, the others are
 stopped and :class:`DistributedTestError` carries every failed rank's traceback.  Share one launch
 between several checks (spawning costs seconds): return a dict of results and assert on it in the test.
+
+DeepSpeed's CPU shared-memory allreduce (``DS_ACCELERATOR=cpu``) creates one 66 MB file per rank,
+``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, and never removes it: 230 of them (15 GB
+of RAM) after one session's runs.  Every port a test gets from :func:`free_port` is remembered; the files of
+those ports are removed when :func:`run_distributed` returns and, for launcher runs, after each test
+(``tests/conftest.py`` calls :func:`remove_shm_buffers`).  Files of other ports (other jobs) are left alone.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import queue
 import socket
@@ -26,7 +33,10 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-__all__ = ["DistributedTestError", "free_port", "run_distributed"]
+__all__ = ["DistributedTestError", "free_port", "remove_shm_buffers", "run_distributed", "used_ports"]
+
+SHM_PATTERN = "/dev/shm/deepspeed_allreduce_buffer_{uid}_*_{port}_*"
+_PORTS: set[int] = set()  # every port handed out by free_port() in this process, not yet cleaned
 
 
 class DistributedTestError(RuntimeError):
@@ -34,10 +44,33 @@ class DistributedTestError(RuntimeError):
 
 
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
+    """A TCP port that is free on 127.0.0.1 right now (remembered for :func:`remove_shm_buffers`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    _PORTS.add(port)
+    return port
+
+
+def used_ports() -> set[int]:
+    """The ports :func:`free_port` handed out whose shared-memory files were not removed yet."""
+    return set(_PORTS)
+
+
+def remove_shm_buffers(ports=None) -> list[str]:
+    """Remove DeepSpeed's shared-memory allreduce files of ``ports`` (default: every port :func:`free_port`
+    handed out); call it once the processes on those ports have ended.  Returns the paths removed."""
+    ports = used_ports() if ports is None else set(ports)
+    removed = []
+    for port in ports:
+        for path in glob.glob(SHM_PATTERN.format(uid=os.getuid(), port=port)):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+        _PORTS.discard(port)
+    return removed
 
 
 def _worker(
@@ -133,6 +166,8 @@ def run_distributed(
                 p.terminate()
         for p in procs:
             p.join(timeout=10)
+        if not any(p.is_alive() for p in procs):
+            remove_shm_buffers([port])
     if errors:
         text = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in sorted(errors.items()))
         raise DistributedTestError(f"{len(errors)} of {world_size} ranks failed:\n{text}")

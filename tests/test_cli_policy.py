@@ -83,6 +83,17 @@ def test_plan_node_aware_and_policies(loads, tmp_path, capsys):
         (["--exclude-ranks", "x"], "--exclude-ranks must be a comma-separated list"),
         (["--exclude-ranks", "7"], "rank 7 is out of range"),
         (["--num-nodes", "3"], "num_nodes=3 does not divide num_ranks=4"),
+        (
+            ["--ep-size", "1000000"],
+            "num_ranks=1000000 is more than num_slots=40: every rank needs at least one",
+        ),
+        (
+            ["--ep-size", "1000000", "--num-slots", "1000000"],
+            "num_ranks=1,000,000 is larger than any expert-parallel",
+        ),
+        (["--num-slots", "100000000"], "layer-slots, more than a planner run takes (16,777,216;"),
+        (["--ep-size", "64"], "num_ranks=64 is more than num_slots=40"),
+        (["--ep-size", "16", "--num-slots", "20"], "number of slots; use 32 (or"),
     ],
 )
 def test_plan_user_errors(loads, tmp_path, capsys, argv, message):
@@ -95,7 +106,19 @@ def test_plan_user_errors(loads, tmp_path, capsys, argv, message):
             args += [flag, value]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("megatron-eplb plan: error:") and message in err
+    assert err.startswith("megatron-eplb plan: error:") and message.split(" (or")[0] in err
+    assert "use 32 or 32" not in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_huge_sizes_are_refused_before_any_plan(loads, tmp_path, capsys):
+    """``--ep-size 1000000`` (and its kin): one line up front, not a process killed for memory."""
+    a, _ = loads
+    args = ["simulate", "--load", str(a), "--ep-sizes", "4,1000000", "--plot", "", "--no-progress"]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert "--ep-sizes 1000000: num_ranks=1,000,000 is larger than any expert-parallel group" in err
+    assert "policy" not in out  # nothing planned, no table
 
 
 def test_plan_missing_files_and_mismatched_previous(loads, tmp_path, capsys):
@@ -165,6 +188,12 @@ def test_plan_out_directory_is_one_clear_error_before_planning(loads, tmp_path, 
     ]
     assert main(["simulate", "--load", str(a), "--ep-sizes", "4", "--out", str(out_dir), "--plot", ""]) == 2
     assert "--out" in capsys.readouterr().err
+    # --out under a parent that cannot be created (a file in the way): one line, before planning
+    blocker = tmp_path / "a.json"
+    assert main(_plan(a, "--out", blocker / "sub" / "map.json")) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{blocker / 'sub' / 'map.json'}': '{blocker}' is not a directory" in err, err
+    assert not list(tmp_path.glob("**/*.tmp"))
 
 
 def test_evaluate_worst_layer_slowdown_is_that_layers(loads, tmp_path, capsys):

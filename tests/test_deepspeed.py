@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,39 @@ def test_model_dependent_config_errors_come_before_the_heavy_start_as_one_line(c
         ], err
 
 
+def test_unwritable_outputs_are_one_line_before_the_process_group_deepspeed_or_the_model(
+    tmp_path, capsys, monkeypatch
+):
+    """--save / --metrics-out that cannot be written, or a --save holding later checkpoints: exit code 1 on
+    every rank within a second, before DeepSpeed and Megatron are even imported by train.py."""
+    import train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(train, "init_parallel", lambda *a: (_ for _ in ()).throw(AssertionError("too late")))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    held = tmp_path / "held"
+    (held / "iter_0000040").mkdir(parents=True)
+    (held / "iter_0000040" / "model_logical.pt").write_bytes(b"x")
+    for argv, message in (
+        (
+            ["--save", str(blocker / "ckpt")],
+            f"--save {str(blocker / 'ckpt')!r} is not writable (NotADirectoryError",
+        ),
+        (
+            ["--metrics-out", str(tmp_path)],
+            f"--metrics-out {str(tmp_path)!r} is a directory; give a file name",
+        ),
+        (["--save", str(held)], f"--save {held} already holds checkpoints past iteration 0 (iter_0000040)"),
+    ):
+        t0 = time.monotonic()
+        with pytest.raises(SystemExit) as exc:
+            train.main([*argv, "--output-dir", str(tmp_path / "out"), "--no-wandb"])
+        assert exc.value.code == 1 and time.monotonic() - t0 < 5
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("train.py: error: ") and message in err[0], err
+
+
 def test_train_script_flags_and_outputs_checked_before_step_1(tmp_path, capsys):
     import train
 
@@ -140,7 +174,7 @@ def _train_command(out: Path, *extra: str) -> tuple[list[str], dict]:
     (out / "ds.json").write_text(json.dumps(ds))
     (out / "eplb.yaml").write_text(
         "eplb:\n  dynamic_eplb: true\n  num_wait_worker_iterations: 1\n  eplb_window_size: 5\n"
-        "  eplb_worker_timeout: 20\n  eplb_layers_per_step: 2\n"
+        "  eplb_worker_timeout: 20\n  eplb_max_plan_wait: 20\n  eplb_layers_per_step: 2\n"
     )
     cmd = launcher()
     if "--master_port" not in cmd:
@@ -206,6 +240,14 @@ def test_launcher_trains_rebalances_records_and_saves(launched):
     manager_steps = re.findall(r"EPLB rebalance at step (\d+): committed", log)
     train_steps = re.findall(r"rebalance at step (\d+) \(the manager's count[^)]*\): committed", log)
     assert manager_steps and manager_steps == train_steps, (manager_steps, train_steps)
+    # ... and TensorBoard's: every rebalance's scalars at the step its record says (the manager's count)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tb_steps = [e.step for e in events.Scalars("eplb/moved_slots")]
+    assert tb_steps == [r["completed_step"] for r in metrics["rebalances"]], tb_steps
+    assert {int(s) for s in manager_steps} <= set(tb_steps)
     # the console says what the start is doing, without the upstream warnings known to be harmless
     assert "building the model" in log and "starting DeepSpeed" in log
     assert "Apex is not installed" not in log and "all_gather_into_tensor` is deprecated" not in log
@@ -493,6 +535,7 @@ def _generation_checks(ckpt_dir: str) -> dict:
         init_redundancy_expert=placement.num_redundant,
         num_iterations_eplb_update=3,
         num_wait_worker_iterations=1,
+        eplb_max_plan_wait=60.0,
         eplb_window_size=3,
         eplb_policy="greedy",
     )
@@ -583,7 +626,7 @@ def _engine_checks(rank, world, launched_ckpt):
 
     out: dict = {}
     dyn = {"dynamic_eplb": True, "num_iterations_eplb_update": 3, "num_wait_worker_iterations": 0,
-           "init_redundancy_expert": 2, "eplb_layers_per_step": 2}  # fmt: skip
+           "eplb_max_plan_wait": 60.0, "init_redundancy_expert": 2, "eplb_layers_per_step": 2}  # fmt: skip
     for stage in (0, 1):
         _, _, base, _ = _train(stage, False, 10)
         engine, manager, eplb, records = _train(stage, dyn, 10, policy_fn=_shift_policy)
@@ -770,7 +813,7 @@ def _resume_checks(rank, world, ckpt_dir):
     logging.getLogger("megatron_eplb").addHandler(Keep())
     logging.getLogger("megatron_eplb").setLevel(logging.INFO)
     cfg = {"init_redundancy_expert": 2, "dynamic_eplb": True, "num_iterations_eplb_update": 2,
-           "num_wait_worker_iterations": 0}  # fmt: skip
+           "num_wait_worker_iterations": 0, "eplb_max_plan_wait": 60.0}  # fmt: skip
     model = [*MODEL[:-4], "--seq-length", "128", "--micro-batch-size", "2"]  # EP from the world size (1)
     engine, manager, _, _ = _train(0, cfg, 0, model=model)
     info = eplb_ds.load_checkpoint(engine, manager, ckpt_dir)

@@ -69,6 +69,59 @@ def test_routes_to_slots_splits_each_expert_evenly_over_its_copies():
             assert max(per_copy) - min(per_copy) <= 1, (e, per_copy)
 
 
+def test_split_routes_give_each_copy_its_share_within_the_capacity():
+    """The balanced dispatch's mapping: every source rank's kept routes (DeepSpeed's dense rows, some
+    dropped) land on copies of their expert, each (slot, row) once per source, rows < C, and the copies
+    together receive exactly the shares ``balanced_shares`` computed from the ranks' counts."""
+    from megatron_eplb.patches.deepspeed_moe import split_routes_to_slots
+    from megatron_eplb.patches.deepspeed_moe.routing import expert_counts
+
+    from megatron_eplb.placement import build_log2phy
+    from megatron_eplb.replica_split import (
+        balanced_shares,
+        copy_bounds,
+        even_shares,
+        rank_loads_of_shares,
+        replica_tables,
+        source_offsets,
+    )
+
+    phy2log = np.array([0, 1, 2, 0, 3, 0, 1, 4, 5, 6, 7, 1])  # 3 ranks x 4 slots; 0: 3 copies, 1: 3
+    ranks, num_experts, t, capacity = 3, 8, 48, 10
+    log2phy, count = build_log2phy(phy2log[None], num_experts)
+    gen = torch.Generator().manual_seed(3)
+    routes = []
+    for _ in range(ranks):  # each source rank: top-2 routes skewed to experts 0 and 1, DeepSpeed's rows
+        first = torch.where(torch.rand(t, generator=gen) < 0.7, 0, torch.randint(0, 8, (t,), generator=gen))
+        experts = torch.stack([first, (first + 1 + torch.randint(0, 7, (t,), generator=gen)) % 8])
+        rows = torch.zeros_like(experts)
+        for e in range(num_experts):
+            mask = experts == e
+            rows[mask] = torch.arange(int(mask.sum()))
+        routes.append((torch.where(rows < capacity, experts, -1).int(), rows.int()))
+    every = torch.stack([expert_counts(ind, num_experts) for ind, _ in routes])  # [N, E] kept routes
+    tables = replica_tables(phy2log, ranks, num_experts)
+    shares = balanced_shares(every.sum(0), tables)
+    bounds = copy_bounds(shares)
+    received = torch.zeros(len(phy2log), dtype=torch.int64)
+    for r, (indices, rows) in enumerate(routes):
+        slot, row = split_routes_to_slots(
+            indices, rows, torch.as_tensor(log2phy[0]), source_offsets(every)[r], bounds
+        )
+        kept = indices >= 0
+        assert torch.equal(slot >= 0, kept)
+        assert torch.equal(torch.as_tensor(phy2log)[slot[kept]], indices[kept].long())  # a copy of its expert
+        pairs = set(zip(slot[kept].tolist(), row[kept].tolist()))
+        assert len(pairs) == int(kept.sum()) and int(row[kept].max()) < capacity
+        received += torch.bincount(slot[kept], minlength=len(phy2log))
+    for e in range(num_experts):  # the copies computed exactly the shares
+        got = [int(received[s]) for s in log2phy[0, e] if s >= 0]
+        assert got == shares[e, : count[0, e]].tolist(), (e, got, shares[e])
+    busiest = int(rank_loads_of_shares(shares, tables).max())
+    even = int(rank_loads_of_shares(even_shares(every.sum(0), tables.copy_count, 3), tables).max())
+    assert busiest < even, (busiest, even)  # this batch: the balanced split beats the even one
+
+
 def test_per_slot_capacity_is_the_expert_capacity_times_its_copies():
     from megatron_eplb.patches.deepspeed_moe import per_slot_capacity, routes_to_slots
 
@@ -232,7 +285,9 @@ def _rel(a, b) -> float:
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
 
 
-DYN = {"dynamic_eplb": True, "num_iterations_eplb_update": 2, "num_wait_worker_iterations": 0,
+# eplb_max_plan_wait: the due step waits for the plan (a cold worker on 2 shared cores may take seconds), so
+# rebalances come at fixed steps in these short runs
+DYN = {"dynamic_eplb": True, "num_iterations_eplb_update": 2, "num_wait_worker_iterations": 0, "eplb_max_plan_wait": 60.0,
        "init_redundancy_expert": 2, "eplb_layers_per_step": 2}  # fmt: skip
 
 
@@ -270,6 +325,42 @@ def _equivalence(stream, extra, stage, bf16=False, redundancy=2, data_before=Fal
     return out, engine, manager
 
 
+def _dispatch_balance(stream, extra, steps=12) -> dict:
+    """The unpatched model, then EPLB with the ``even`` and the ``balanced`` dispatch on the same batches,
+    random draws and plans (greedy, every 3 steps): losses, the kept routes, and the realized per-step
+    balancedness (kept tokens per rank) of each dispatch."""
+    base_engine, _ = _engine(extra, 0, None)
+    base_kept = _kept_routes(base_engine)
+    base = _run(base_engine, steps, stream)
+    out = {"base_losses": base[0]}
+    for dispatch in ("even", "balanced"):
+        eplb = {"dynamic_eplb": True, "num_iterations_eplb_update": 3, "num_wait_worker_iterations": 0,
+                "eplb_max_plan_wait": 60.0, "eplb_worker_timeout": 60.0, "init_redundancy_expert": 4,
+                "eplb_layers_per_step": 2, "eplb_policy": "greedy", "eplb_log_interval": 1,
+                "eplb_replica_dispatch": dispatch}  # fmt: skip
+        engine, manager = _engine(extra, 0, eplb)
+        kept = _kept_routes(engine)
+        losses, _, logits = _run(engine, steps, stream)
+        committed = [r.completed_step for r in manager.history if r.outcome == "committed"]
+        out[dispatch] = {
+            "handle_dispatch": engine.eplb_handle.replica_dispatch,
+            "loss_rel": _rel(losses, base[0]),
+            "eval_diff": float((logits - base[2]).abs().max()),
+            "same_drops": len(kept) == len(base_kept)
+            and all(torch.equal(a, b) for a, b in zip(kept, base_kept)),
+            "committed": committed,
+            "placement": engine.eplb_handle.placement.phy2log.tolist(),
+            # steps after the first commit: the same placement in both runs, balance set by the dispatch
+            "realized": [
+                m["eplb/balancedness_realized"]
+                for m in manager.realized
+                if committed and m["first_step"] > committed[0]
+            ],  # fmt: skip
+        }
+        manager.close()
+    return out
+
+
 # ============================================================================ EP = 2
 
 
@@ -301,6 +392,8 @@ def _ep2_checks(rank, world):
         out[f"zero2_bf16{bf16}"], _, _ = _equivalence(
             rank, ["--moe-top-k", "2", "--capacity-factor", "0.5"], 2, bf16, 0
         )
+    for name, extra in (("capacity", ["--capacity-factor", "1.0"]), ("dropless", ["--no-drop-tokens"])):
+        out[f"balance_{name}"] = _dispatch_balance(rank, ["--moe-top-k", "2", *extra])
     out["client_optimizer"] = _client_optimizer_flow(rank)
     out["pitfalls"] = _pitfalls()
     out["per_slot"] = _per_slot_checks(rank)
@@ -332,6 +425,25 @@ def test_losses_outputs_and_drops_equal_the_unpatched_layer(ep2, case):
         assert c["dropped_routes"] > 0, "the capacity dropped nothing: the drop path was not exercised"
     else:
         assert c["dropped_routes"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["capacity", "dropless"])
+def test_balanced_dispatch_equals_the_unpatched_layer_and_balances_better_than_even(ep2, case):
+    """``balanced`` (the default) for deepspeed.moe: the gate's kept routes and the losses are the unpatched
+    layer's (capacity semantics exact), and on the same placements the busiest rank is lighter than with
+    the ``even`` split."""
+    c = ep2[f"balance_{case}"]
+    even, balanced = c["even"], c["balanced"]
+    assert (even["handle_dispatch"], balanced["handle_dispatch"]) == ("even", "balanced")
+    for run in (even, balanced):
+        assert run["loss_rel"] <= 1e-5 and run["eval_diff"] <= 1e-5, run
+        assert run["same_drops"], "the EPLB gate kept another set of (token, expert) pairs"
+        assert run["committed"], run
+    assert even["placement"] == balanced["placement"] and even["committed"] == balanced["committed"]
+    assert len(balanced["realized"]) >= 5 and len(balanced["realized"]) == len(even["realized"])
+    assert np.mean(balanced["realized"]) > np.mean(even["realized"]), (balanced["realized"], even["realized"])
+    assert min(np.subtract(balanced["realized"], even["realized"])) >= -0.02
 
 
 @pytest.mark.slow
@@ -446,6 +558,7 @@ def _drop_run(stream, extra, capacity, redundancy, steps=12):
         "rates": rates,
         "losses": losses,
         "committed": sum(r.outcome == "committed" for r in manager.history),
+        "dispatch": handle.replica_dispatch,
     }
 
 
@@ -495,6 +608,8 @@ def test_per_slot_capacity_drops_fewer_tokens(ep2, k):
     )
     assert mean_per_slot < mean_logical
     assert all(np.isfinite(per_slot["losses"]))
+    # per-slot capacity splits replicas evenly (keeps the most pairs); the default dispatch serves logical
+    assert (logical["dispatch"], per_slot["dispatch"]) == ("balanced", "even")
 
 
 # ============================================================================ checkpoints
@@ -701,6 +816,8 @@ def launched(tmp_path_factory):
             "8",
             "--num-wait-worker-iterations",
             "1",
+            "--eplb-max-plan-wait",
+            "60",
             "--eplb-window-size",
             "8",
             "--eplb-log-interval",
@@ -808,6 +925,23 @@ def test_megatron_deepspeed_order_apply_then_optimizer_then_initialize(ep2):
 # ============================================================================ refusals
 
 
+def test_example_checks_its_outputs_before_deepspeed_starts(tmp_path, monkeypatch):
+    """``--save`` / ``--metrics-out`` that cannot be written: one line, before the process group or model."""
+    import train_deepspeed_moe as ex
+
+    monkeypatch.setattr(ex, "init_distributed", lambda: (_ for _ in ()).throw(AssertionError("too late")))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    argv = [*SMALL, "--no-wandb", "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        ex.main([*argv, "--save", str(blocker / "ckpt"), "--metrics-out", str(tmp_path)])
+    text = str(exc.value.code)
+    assert (
+        text.startswith("train_deepspeed_moe.py: error: ") and "--save" in text and "is not writable" in text
+    ), text
+    assert f"--metrics-out {str(tmp_path)!r} is a directory" in text, text
+
+
 def _pitfalls() -> dict:
     import train_deepspeed_moe as ex
     from megatron_eplb.patches import deepspeed_moe as eplb_dsmoe
@@ -826,7 +960,7 @@ def _pitfalls() -> dict:
     out["zero2_replicas"] = error(lambda: _engine([], 2, {"init_redundancy_expert": 2}))
     out["zero3"] = error(lambda: _engine([], 3, {}))
     out["capacity"] = error(lambda: _engine([], 0, {"eplb_capacity": "slots"}))
-    out["dispatch"] = error(lambda: eplb_dsmoe.apply(ex.build_model(_args(), 2), replica_dispatch="balanced"))
+    out["dispatch"] = error(lambda: eplb_dsmoe.apply(ex.build_model(_args(), 2), replica_dispatch="lp"))
     twice = ex.build_model(_args(), 2)
     eplb_dsmoe.apply(twice)
     out["twice"] = error(lambda: eplb_dsmoe.apply(twice))
@@ -843,5 +977,6 @@ def test_unsupported_setups_are_clear_errors(ep2):
     )
     assert "supported stages: 0, 1, and 2 without redundant slots" in c["zero3"]
     assert "eplb_capacity" in c["capacity"] and "per_slot" in c["capacity"]
-    assert "supported: even, local_first" in c["dispatch"]
+    assert "replica_dispatch='lp' is not supported" in c["dispatch"]
+    assert "supported: balanced, even, local_first" in c["dispatch"]
     assert "already called" in c["twice"]

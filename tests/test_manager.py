@@ -44,6 +44,22 @@ def slow_policy(load, num_slots, num_ranks, **kwargs):
     return rebalance(load, num_slots, num_ranks, **kwargs)
 
 
+_LATE_CALLS: list[int] = []  # in the worker process: calls of late_once_policy so far
+
+
+def late_once_policy(load, num_slots, num_ranks, **kwargs):
+    """A policy whose first plan comes 1.5 s late (the worker is busy, not hung); later plans at once."""
+    if not _LATE_CALLS:
+        _LATE_CALLS.append(1)
+        time.sleep(1.5)
+    from megatron_eplb.policy import rebalance
+
+    return rebalance(load, num_slots, num_ranks, **kwargs)
+
+
+POLICIES = {"slow": slow_policy, "late_once": late_once_policy}
+
+
 def _build(ep: int, experts: str = "sequential"):
     init_megatron(ep)
     model = tiny_gpt(ep, experts=experts)
@@ -171,7 +187,7 @@ def _train(
     handle = eplb_mcore.apply(pat, config=cfg)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
     opt_pat = torch.optim.Adam(pat.parameters(), lr=1e-2)
-    policy_fn = slow_policy if faults.get("slow_policy_once") else None
+    policy_fn = POLICIES[faults["policy"]] if faults.get("policy") else None
     metrics = _Metrics()
     fault = {"on": False}  # read when an executor is built (a transfer's start), as the old env var was
     manager = EPLBManager(
@@ -182,13 +198,15 @@ def _train(
         monitor=metrics,
         transport_factory=lambda group: _fault_transport(fault, group),
     )
+    # the planning rank's worker starts with the manager, not inside the first awaited plan
+    worker_at_start = manager._worker is not None and manager._worker.is_alive()
     dp_group = parallel_state.get_data_parallel_group()
     gen = torch.Generator().manual_seed(100 + rank)
     eval_tokens = torch.randint(0, V, (2, SEQ), generator=torch.Generator().manual_seed(7))
     position_ids = torch.arange(SEQ).expand(2, SEQ)
     mask = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).tril().logical_not()
     losses = {"ref": [], "pat": []}
-    eval_diffs, records, phases, in_flight = [], [], [], []
+    eval_diffs, records, phases, in_flight, step_seconds = [], [], [], [], []
     norms = {"ref": [], "pat": []}
     for step in range(steps):
         # ranks of one EP group see different tokens; DP copies of a rank too
@@ -220,7 +238,10 @@ def _train(
             pat.eval()
             with torch.no_grad():
                 before = pat(eval_tokens, position_ids, mask)
+        time.sleep(faults.get("step_sleep", 0.0))  # a step of some length, so that seconds pass in steps
+        t0 = time.monotonic()
         rec = manager.step()
+        step_seconds.append(time.monotonic() - t0)
         phases.append(manager.phase.value)
         state = manager.state
         moving = isinstance(state, Transferring)
@@ -263,6 +284,8 @@ def _train(
         "history": [r.as_dict() for r in manager.history],
         "phases": phases,
         "in_flight": in_flight,
+        "step_seconds": step_seconds,
+        "worker_at_start": worker_at_start,
         "norms": norms,
         "placement": handle.placement.phy2log.tolist(),
         "metrics": metrics.logged,
@@ -289,6 +312,7 @@ def _dynamic(every: int, **overrides) -> dict:
         init_redundancy_expert=2,
         num_iterations_eplb_update=every,
         num_wait_worker_iterations=1,
+        eplb_max_plan_wait=20.0,  # the due step waits for the plan: rebalances at fixed steps
         eplb_window_size=every,
         eplb_policy="greedy",
     )
@@ -297,7 +321,12 @@ def _dynamic(every: int, **overrides) -> dict:
 
 def _run_scenarios(rank: int, world: int, record_dir: str) -> dict:
     out = {}
-    base = _dynamic(8, eplb_worker_timeout=20.0, expert_map_record_path=os.path.join(record_dir, "map.json"))
+    base = _dynamic(  # the due step may wait for the plan up to the timeout: rebalances at fixed steps
+        8,
+        eplb_worker_timeout=20.0,
+        eplb_max_plan_wait=20.0,
+        expert_map_record_path=os.path.join(record_dir, "map.json"),
+    )
     out["main"] = _train(rank, world, world, 52, base, {"clip": True}, record_dir)
     torch.distributed.barrier()
     from megatron_eplb.patches import megatron as eplb_mcore
@@ -311,7 +340,7 @@ def _run_scenarios(rank: int, world: int, record_dir: str) -> dict:
     out["recorded_after_main"] = ExpertPlacement.from_json(
         recorded, allow_same_rank_copies=True
     ).phy2log.tolist()
-    faults = dict(kill_worker_at=9, slow_policy_once=True)
+    faults = dict(kill_worker_at=9, policy="slow")
     out["killed_worker"] = _train(
         rank, world, world, 12, dict(base, eplb_worker_timeout=3.0), faults, record_dir
     )
@@ -326,6 +355,16 @@ def _run_scenarios(rank: int, world: int, record_dir: str) -> dict:
         base, num_iterations_eplb_update=10_000, eplb_update_interval=1e-3, num_wait_worker_iterations=0
     )
     out["interval"] = _train(rank, world, world, 6, timed, {}, record_dir)
+    # a plan 1.5 s late: the due step waits 0.05 s, training goes on, the plan is taken when it is ready
+    late = dict(base, eplb_max_plan_wait=0.05, expert_map_record_path=None)
+    out["late_plan"] = _train(
+        rank, world, world, 40, late, {"policy": "late_once", "step_sleep": 0.05}, record_dir
+    )
+    # a worker that never answers: no step waits for the 1.5 s timeout; the plan is dropped after it
+    hung = dict(late, eplb_worker_timeout=1.5)
+    out["hung_plan"] = _train(
+        rank, world, world, 40, hung, {"policy": "slow", "step_sleep": 0.05}, record_dir
+    )
     return out
 
 
@@ -435,6 +474,7 @@ def test_rebalances_move_experts_and_losses_equal_the_run_without_eplb(ep2):
         runs = [len(r) for r in "".join("p" if x == "planning" else " " for x in phases).split()]
         assert runs and set(runs) == {1}, phases
         assert "planning" not in res["interval"]["phases"]  # num_wait_worker_iterations=0: awaited at once
+    assert results[0]["main"]["worker_at_start"] and not results[1]["main"]["worker_at_start"]  # rank 0 plans
     first = results[0]["main"]["history"][0]
     assert first["balancedness_after"] > first["balancedness_before"]
     # measured per-slot balancedness of the window after each rebalance beats what the old placement would
@@ -465,6 +505,26 @@ def test_killed_worker_keeps_the_old_placement_and_training_exact(ep2):
         run = res["killed_worker"]
         _assert_same_losses(run, "killed worker")
         assert run["history"][0]["outcome"] == "late_plan"
+
+
+def test_a_late_plan_never_stalls_training_and_is_taken_whole_when_it_arrives(ep2):
+    results, _ = ep2
+    for res in results:
+        run = res["late_plan"]
+        _assert_same_losses(run, "late plan")
+        assert run["weights_equal"] and run["copies_identical"]
+        first = run["history"][0]
+        assert first["outcome"] == "committed", run["history"]
+        # planned at step 8, due at 9, ready ~1.5 s later: taken at a later step, training went on meanwhile
+        assert first["completed_step"] - first["started_step"] > 3, first
+        assert max(run["step_seconds"]) < 1.0, max(run["step_seconds"])  # the plan took 1.5 s
+        runs = [len(r) for r in "".join("p" if x == "planning" else " " for x in run["phases"]).split()]
+        assert max(runs) > 3, run["phases"]
+        hung = res["hung_plan"]
+        _assert_same_losses(hung, "hung worker")
+        assert hung["history"][0]["outcome"] == "late_plan", hung["history"]
+        assert max(hung["step_seconds"]) < 1.0, max(hung["step_seconds"])  # eplb_worker_timeout is 1.5 s
+    assert results[0]["late_plan"]["placement"] == results[1]["late_plan"]["placement"]
 
 
 def test_failed_transfer_rolls_back_and_training_stays_exact(ep2):

@@ -82,6 +82,12 @@ def test_replay_cli_errors(tmp_path, capsys):
         main(["replay", str(DEMO_TRACE), "--ep-size", "2", "--redundancy", "2", "--policies", "gredy"]) == 2
     )
     assert "unknown policy 'gredy'" in capsys.readouterr().err
+    # the demo trace has 16 experts: 1000000 - 16 redundant slots fill 1000000 ranks, refused up front
+    argv = ["replay", str(DEMO_TRACE), "--ep-size", "1000000", "--redundancy", "999984", "--plot", ""]
+    assert main(argv) == 2
+    assert "--ep-size 1000000: num_ranks=1,000,000 is larger than any expert-parallel group" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.skipif(not DEEPSEEK.is_dir(), reason="real traces not on this machine")

@@ -104,8 +104,46 @@ def test_read_one_load_of_a_file_of_several_models(tmp_path):
         stats.read_load_file(path)
     with pytest.raises(ValueError, match="no load 'olmoe/c4'"):
         stats.read_load_file(f"{path}#olmoe/c4")
+    with pytest.raises(
+        ValueError, match="no load 'mistral/c4/top1'; there: .*; top-1 counts: olmoe/arxiv/top1$"
+    ):
+        stats.read_load_file(f"{path}#mistral/c4/top1")
+    pickle = tmp_path / "arxiv.pkl"
+    pickle.write_bytes(b"\x80\x04\x95\x00")
+    with pytest.raises(
+        ValueError, match="is a Python pickle; .*olmoe_mixtral_domain_expert_counts.json#MODEL/DOMAIN"
+    ):
+        stats.read_load_file(pickle)
     real = Path(__file__).resolve().parents[2] / "shared/data/real_traces/olmoe_routing_output"
     real = real / "olmoe_mixtral_domain_expert_counts.json"
     if real.is_file():
         assert stats.read_load_file(f"{real}#olmoe/arxiv").shape == (3, 64)
         assert stats.read_load_file(f"{real}#mistral/github").shape == (3, 8)
+
+
+REAL_TRACES = Path(__file__).resolve().parents[2] / "shared/data/real_traces"
+
+
+@pytest.mark.skipif(not REAL_TRACES.is_dir(), reason="../shared/data/real_traces not present")
+def test_every_real_trace_works_with_the_cli(capsys):
+    """Every load in ../shared/data/real_traces, through ``megatron-eplb evaluate`` and ``simulate``: each
+    DeepSeek-V3 file, each model/domain (and top-1 counts) of the OLMoE/Mixtral file; the original pickles
+    get one line that points at the JSON."""
+    from megatron_eplb.cli import main
+
+    olmoe = REAL_TRACES / "olmoe_routing_output" / "olmoe_mixtral_domain_expert_counts.json"
+    models = json.loads(olmoe.read_text())["models"]
+    loads = [str(p) for p in sorted((REAL_TRACES / "sglang_deepseek_v3").glob("*.json"))]
+    loads += [f"{olmoe}#{m}/{d}" for m, v in models.items() for d in v["counts"]]
+    loads += [f"{olmoe}#{m}/{d}/top1" for m, v in models.items() for d in v.get("counts_top1", {})]
+    assert len(loads) >= 4 + 13 + 10
+    for load in loads:
+        experts = stats.read_load_file(load).shape[1]
+        ep = 8 if experts >= 64 else 2
+        argv = ["simulate", "--load", load, "--ep-sizes", str(ep), "--redundancy", "ep", "--plot", ""]
+        assert main([*argv, "--policies", "none,greedy", "--no-progress"]) == 0, load
+        out = capsys.readouterr().out
+        assert "greedy" in out and "none" in out, (load, out)
+    for pickle in sorted((REAL_TRACES / "olmoe_routing_output" / "original_pkl").rglob("*.pkl"))[:3]:
+        assert main(["evaluate", "--load", str(pickle), "--map", "unused.json"]) == 2
+        assert "is a Python pickle" in capsys.readouterr().err

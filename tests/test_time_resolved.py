@@ -99,7 +99,7 @@ def _manager_time_resolved(rank: int, world: int) -> str:
     cfg = EPLBConfig(
         dynamic_eplb=True, eplb_time_resolved=True, num_iterations_eplb_update=6, eplb_window_size=5
     )
-    cfg = cfg.replace(num_wait_worker_iterations=0)
+    cfg = cfg.replace(num_wait_worker_iterations=0, eplb_max_plan_wait=60.0)
     manager = EPLBManager(handle, cfg, policy_fn=recording_policy)
     outcome = None
     for step in range(6):

@@ -137,6 +137,21 @@ def test_hung_worker_is_killed_and_replaced_after_two_missed_deadlines(caplog):
                 pass
 
 
+def test_wait_keeps_a_late_request_pending_and_takes_it_when_it_arrives():
+    """The manager's non-blocking look: ``wait`` gives up after its timeout without dropping the request."""
+    previous = ExpertPlacement.default(1, 4, 2)
+    with PolicyWorker(slow_policy) as w:
+        w.submit(np.ones((1, 4)), previous, {"tag": 1, "delay": 1.0})
+        t0 = time.monotonic()
+        assert w.wait(0.05) is None and time.monotonic() - t0 < 0.5
+        assert w.pending_id is not None and w.dropped == 0 and w.late_in_a_row == 0  # still pending
+        got = None
+        while got is None and time.monotonic() - t0 < 60:
+            got = w.wait(0.0) or (time.sleep(0.05) or None)
+        np.testing.assert_array_equal(got.phy2log[0], np.roll(previous.phy2log[0], 1))
+        assert w.pending_id is None and w.wait(0.0) is None  # nothing pending any more
+
+
 def test_policy_error_is_raised():
     previous = ExpertPlacement.default(1, 4, 2)
     with PolicyWorker(failing_policy, start=False) as w:

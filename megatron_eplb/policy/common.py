@@ -17,7 +17,10 @@ from ..errors import PolicyError
 from ..placement import ExpertPlacement
 
 __all__ = [
+    "MAX_LAYER_SLOTS",
+    "MAX_RANKS",
     "NODE_LOCALITY",
+    "check_problem_size",
     "PolicyError",
     "Problem",
     "make_problem",
@@ -28,6 +31,37 @@ __all__ = [
 
 # Node-aware placement modes (the one definition; config, CLI and docs read it from here).
 NODE_LOCALITY = ("relaxed", "strict")
+
+MAX_LAYER_SLOTS = 1 << 24
+"""The most ``layers x slots per layer`` a planner run takes (its ``[L, P]`` int64 arrays 128 MiB each, a few
+dozen of them live at once).  Real EP groups are far below: DeepSeek-V3 at EP 256 with 512 slots is 58 x 512
+= 29696.  Beyond it the planner would be killed for memory without a word."""
+
+MAX_RANKS = 1 << 16
+"""The largest expert-parallel group a plan is made for (the largest in use are a few hundred ranks)."""
+
+
+def check_problem_size(num_layers: int, num_experts: int, num_slots: int, num_ranks: int) -> None:
+    """Raise :class:`PolicyError` before any work when the sizes cannot be planned: more ranks than slots,
+    more than :data:`MAX_RANKS` ranks (``--ep-size 1000000``) or more than :data:`MAX_LAYER_SLOTS` layer-slots.  Pure; no arrays made."""
+    if num_ranks > num_slots:
+        raise PolicyError(
+            f"num_ranks={num_ranks} is more than num_slots={num_slots}: every rank needs at least one slot "
+            f"(num_slots a multiple of num_ranks, at least the {num_experts} experts)"
+        )
+    if num_ranks > MAX_RANKS:
+        raise PolicyError(
+            f"num_ranks={num_ranks:,} is larger than any expert-parallel group a plan is made for "
+            f"({MAX_RANKS:,}; the largest in use have a few hundred ranks): check the EP size"
+        )
+    size = num_layers * num_slots
+    if size > MAX_LAYER_SLOTS:
+        raise PolicyError(
+            f"{num_layers} layers x {num_slots} slots on {num_ranks} ranks is {size:,} layer-slots, more than a "
+            f"planner run takes ({MAX_LAYER_SLOTS:,}; each of its [layers, slots] arrays alone would be "
+            f"{size * 8 / 2**30:.1f} GiB): check the EP size and the slot count (real EP groups have up to a few "
+            "thousand slots per layer)"
+        )
 
 
 @dataclass(frozen=True)
@@ -138,11 +172,13 @@ def make_problem(
     num_ranks = _as_int(num_ranks, "num_ranks")
     num_nodes = _as_int(num_nodes, "num_nodes")
     num_groups = _as_int(num_groups, "num_groups")
+    check_problem_size(num_layers, num_experts, num_slots, num_ranks)
     if num_slots % num_ranks:
         below = num_slots - num_slots % num_ranks
+        choices = sorted({below if below >= num_experts else below + num_ranks, below + num_ranks})
         raise PolicyError(
             f"num_slots={num_slots} is not a multiple of num_ranks={num_ranks}: every rank needs the same "
-            f"number of slots; use {below if below >= num_experts else below + num_ranks} or {below + num_ranks}"
+            f"number of slots; use {' or '.join(map(str, choices))}"
         )
     if num_slots < num_experts:
         raise PolicyError(

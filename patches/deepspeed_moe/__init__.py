@@ -20,6 +20,11 @@ What :func:`apply` changes in each ``MoE`` layer (MoE layer ids count ``MoE`` mo
   ``[P, C, M]`` dispatch buffer (``routing.py``); ``MOELayer``'s own forward then dispatches to ``P`` slots;
 * ``Experts`` holds ``S = P / EP`` slots (copies of the expert module) filled from their logical experts.
 
+Replica dispatch (``eplb_replica_dispatch``): ``balanced`` (default) splits each batch's kept routes of a
+replicated expert over its copies from every EP rank's counts (one all-gather of ``[E]`` per layer and
+forward), so that the batch's busiest rank is as light as the placement allows; ``even`` round-robin;
+``local_first``.  Each copy's rows stay ``< C``: the split only decides which copy computes a kept route.
+
 Capacity (``eplb_capacity``): ``logical`` (default) keeps the gate's capacity per logical expert, so
 exactly the tokens the unpatched layer drops are dropped and the layer computes the same function;
 ``per_slot`` gives every physical slot the capacity of one expert, so ``c`` copies of a hot expert keep up
@@ -38,7 +43,7 @@ from .apply import REPLICA_DISPATCH, apply, attach, expert_groups, find_moe_laye
 from .checkpoint import install_checkpoint_hooks, load_checkpoint, save_checkpoint
 from .handle import CAPACITY_MODES, DeepSpeedMoEEPLB
 from .initialize import SUPPORTED_ZERO_STAGES, initialize
-from .routing import per_slot_capacity, routes_to_slots
+from .routing import per_slot_capacity, routes_to_slots, split_routes_to_slots
 
 __all__ = [
     "CAPACITY_MODES",
@@ -55,4 +60,5 @@ __all__ = [
     "routes_to_slots",
     "save_checkpoint",
     "SUPPORTED_ZERO_STAGES",
+    "split_routes_to_slots",
 ]

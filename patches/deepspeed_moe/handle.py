@@ -32,9 +32,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_eplb.checkpoint import check_state_fits, logical_to_physical
-from megatron_eplb.comm import collective_device
+from megatron_eplb.comm import all_gather_counts, collective_device
 from megatron_eplb.errors import CheckpointError, DeepSpeedEPLBError, ExpertMapError
 from megatron_eplb.placement import ExpertPlacement, build_log2phy
+from megatron_eplb.replica_split import BalancedSplit, replica_tables, source_offsets
 from megatron_eplb.slot_copies import (
     all_gather_rows,
     flatten,
@@ -45,7 +46,7 @@ from megatron_eplb.slot_copies import (
 )
 from megatron_eplb.slots import SlotParam
 
-from .routing import per_slot_capacity, routes_to_slots, slot_counts
+from .routing import expert_counts, per_slot_capacity, routes_to_slots, slot_counts, split_routes_to_slots
 
 __all__ = ["CAPACITY_MODES", "DeepSpeedMoEEPLB", "EXPERT_KEY_INFIX"]
 
@@ -67,7 +68,8 @@ class DeepSpeedMoEEPLB:
     Attributes:
         model: the model.  layer_names: ``[L]`` module names of the ``MoE`` layers.
         ep_group: the expert-parallel group (DeepSpeed's ``ep_size_<EP>``); ``ep_size``, ``ep_rank``.
-        replica_dispatch: ``"even"`` or ``"local_first"``.
+        replica_dispatch: ``"balanced"`` (per-batch shares from every rank's kept routes), ``"even"`` or
+            ``"local_first"``.
         capacity: ``"logical"`` (the gate's capacity per logical expert, the unpatched math) or
             ``"per_slot"`` (each physical slot its own capacity; changes which tokens are dropped).
         num_layers: ``L``.  num_experts: ``E``.  slots_per_rank: ``S``.
@@ -249,7 +251,7 @@ class DeepSpeedMoEEPLB:
             )
         except ExpertMapError as exc:
             raise DeepSpeedEPLBError(f"layer {layer}: {exc}") from None
-        self._tables[layer] = self._routing_tables(row)
+        self._tables[layer] = self._routing_tables(row, self._tables[layer][3])
         self.placement = placement
 
     # --------------------------------------------------------------- training
@@ -383,17 +385,23 @@ class DeepSpeedMoEEPLB:
             offset += t.numel()
         return out
 
-    def _routing_tables(self, row: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Device tables of one layer: log2phy ``[E, R]``, replica_count ``[E]`` (at least 1) and
-        local_slot ``[E]`` (this rank's lowest slot holding the expert, else -1)."""
+    def _routing_tables(self, row: np.ndarray, old_split: BalancedSplit | None = None) -> tuple:
+        """Device tables of one layer: log2phy ``[E, R]``, replica_count ``[E]`` (at least 1), local_slot
+        ``[E]`` (this rank's lowest slot holding the expert, else -1) and, for the ``balanced`` dispatch of a
+        layer with replicas, its :class:`~megatron_eplb.replica_split.BalancedSplit` (``old_split``
+        retargeted when given), else None."""
         row = np.asarray(row, dtype=np.int64)
         log2phy, count = build_log2phy(row[None, :], self.num_experts)
         local_slot = np.full(self.num_experts, -1, dtype=np.int64)
         for slot in reversed(self.local_slots()):
             if row[slot] >= 0:
                 local_slot[row[slot]] = slot
+        split = None
+        if self.replica_dispatch == "balanced" and int(count[0].max()) > 1:
+            tables = replica_tables(row, self.ep_size, self.num_experts, self.device)
+            split = BalancedSplit(tables) if old_split is None else old_split.retarget(tables)
         to = functools.partial(torch.as_tensor, dtype=torch.int64, device=self.device)
-        return to(log2phy[0]), to(np.maximum(count[0], 1)), to(local_slot)
+        return to(log2phy[0]), to(np.maximum(count[0], 1)), to(local_slot), split
 
     def _convert_layer(self, idx: int, moe: torch.nn.Module) -> None:
         """Rebuild the layer's experts for ``S`` slots (filled from the logical experts) and wrap its gate."""
@@ -461,15 +469,22 @@ class DeepSpeedMoEEPLB:
             else:
                 out = original(input, used_token, True, use_tutel)
             l_aux, capacity, _, indices, locations, gates, exp_counts = out
-            log2phy, count, local_slot = self._tables[idx]
-            slot, row = routes_to_slots(
-                indices,
-                locations,
-                log2phy,
-                count,
-                offset=self.ep_rank,
-                local_slot=local_slot if self.replica_dispatch == "local_first" else None,
-            )
+            log2phy, count, local_slot, split = self._tables[idx]
+            if split is not None:  # balanced: this batch's shares from every rank's kept routes
+                every = all_gather_counts(
+                    expert_counts(indices, self.num_experts), self.ep_group, self.ep_size
+                )
+                first = source_offsets(every)[self.ep_rank]
+                slot, row = split_routes_to_slots(indices, locations, log2phy, first, split(every.sum(dim=0)))
+            else:
+                slot, row = routes_to_slots(
+                    indices,
+                    locations,
+                    log2phy,
+                    count,
+                    offset=self.ep_rank,
+                    local_slot=local_slot if self.replica_dispatch == "local_first" else None,
+                )
             sent = slot_counts(slot, num_slots)
             if per_slot:
                 capacity = _logical_capacity(gate, input.shape[0], self.num_experts, indices.shape[0])

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["per_slot_capacity", "routes_to_slots", "slot_counts"]
+__all__ = ["expert_counts", "per_slot_capacity", "routes_to_slots", "slot_counts", "split_routes_to_slots"]
 
 
 def routes_to_slots(
@@ -65,6 +65,54 @@ def routes_to_slots(
     slot = torch.where(routed, slot, torch.full_like(slot, -1))
     row_in_copy = torch.where(routed, row_in_copy, torch.zeros_like(row_in_copy))
     return slot, row_in_copy
+
+
+def split_routes_to_slots(
+    indices: torch.Tensor,
+    locations: torch.Tensor,
+    log2phy: torch.Tensor,
+    first: torch.Tensor,
+    bounds: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map the gate's routes to slots and rows by per-batch shares (``balanced`` dispatch; a pure function).
+
+    Every source rank's kept routes of expert ``e`` are laid end to end in rank order; the route in row
+    ``l`` of this rank's buffer of ``e`` has global position ``g = first[e] + l`` and goes to the copy whose
+    run of positions holds ``g`` (``bounds``, from :func:`megatron_eplb.replica_split.copy_bounds`), in row
+    ``g - max(run start, first[e])`` of that copy's buffer: the routes this rank sends one copy are a
+    contiguous piece of its rows ``0 .. k_e - 1``, so their rows there are distinct and ``< C`` (``l < C``).
+    DeepSpeed's gates number the kept routes of an expert ``0 .. k_e - 1`` (first choices first), so the
+    copies receive exactly the shares ``bounds`` was made from.  The gate's decision (kept routes, weights,
+    capacity) is untouched.
+
+    Args:
+        indices: int ``[k, T]`` logical expert of each route, ``-1`` = dropped.
+        locations: int ``[k, T]`` row of each route in its expert's capacity buffer.
+        log2phy: int64 ``[E, R]`` slots of each expert (``-1`` padded, ascending).
+        first: int64 ``[E]`` global position of this rank's first route of each expert
+            (:func:`megatron_eplb.replica_split.source_offsets` of every rank's :func:`expert_counts`).
+        bounds: int64 ``[E, R - 1]`` exclusive ends of copies ``0 .. R-2``' runs.
+    Returns:
+        slot int64 ``[k, T]`` (``-1`` where not routed) and row int64 ``[k, T]`` (0 where not routed).
+    """
+    routed = indices >= 0
+    expert = indices.long().clamp(min=0)
+    g = first[expert] + locations.long()  # [k, T]
+    ends = bounds[expert]  # [k, T, R - 1]
+    copy = (ends <= g.unsqueeze(-1)).sum(dim=-1)  # [k, T]
+    start = torch.cat(
+        [torch.zeros_like(bounds[:, :1]), bounds], dim=1
+    )  # [E, R]: where each copy's run starts
+    row = g - torch.maximum(start[expert, copy], first[expert])
+    slot = log2phy[expert, copy]
+    slot = torch.where(routed, slot, torch.full_like(slot, -1))
+    row = torch.where(routed, row, torch.zeros_like(row))
+    return slot, row
+
+
+def expert_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 ``[E]``: kept routes of each logical expert in ``indices`` (int ``[k, T]``, ``-1`` = dropped)."""
+    return slot_counts(indices, num_experts)[1:]
 
 
 def per_slot_capacity(

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eplb.checkpoint import check_state_fits
-from megatron_eplb.comm import collective_device
+from megatron_eplb.comm import all_gather_counts, collective_device
 from megatron_eplb.errors import CheckpointError
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
 from megatron_eplb.replica_split import BalancedSplit, replica_tables, source_offsets
@@ -585,18 +585,8 @@ class MegatronEPLB:
         every EP rank (one all-gather on the device, no host sync), the shares from their sums, and this
         rank's ``(first [E], bounds [E, C-1])`` for :func:`route_to_slots`.  Every rank computes the same."""
         counts = routing_map.sum(dim=0, dtype=torch.int64)  # [E], every pair the dispatcher sends
-        every = _all_gather_counts(counts, self.ep_group, self.ep_size)  # [EP, E]
+        every = all_gather_counts(counts, self.ep_group, self.ep_size)  # [EP, E]
         return source_offsets(every)[self.ep_rank], split(every.sum(dim=0))
-
-
-def _all_gather_counts(counts: torch.Tensor, group, size: int) -> torch.Tensor:
-    """int64 ``[size, E]``: ``counts [E]`` of every rank of ``group`` (one collective, no host sync)."""
-    if size == 1:
-        return counts.unsqueeze(0)
-    out = counts.new_empty(size * counts.shape[0])  # the concatenated form (gloo takes no stacked output)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
-    gather(out, counts, group=group)
-    return out.view(size, -1)
 
 
 def _slot_grad(sp: SlotParam) -> torch.Tensor:

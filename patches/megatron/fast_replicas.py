@@ -318,12 +318,12 @@ class FastReplicas:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[T, E]`` logical probs / routing map to the ``[T, N * U]`` union slots of this step (collective: the
         ``[E]`` counts of every EP rank, one all-gather)."""
-        from .handle import _all_gather_counts
+        from megatron_eplb.comm import all_gather_counts
 
         handle = self.handle
         planner = self.planner(idx)
         counts = routing_map.sum(dim=0, dtype=torch.int64)  # [E]
-        every = _all_gather_counts(counts, handle.ep_group, handle.ep_size)  # [N, E]
+        every = all_gather_counts(counts, handle.ep_group, handle.ep_size)  # [N, E]
         plan = planner(every.sum(dim=0))
         self._plans[idx] = plan
         # The copies' all-to-all starts now, ahead of the token dispatch (the spare choice comes to the host:

@@ -12,7 +12,9 @@ plus ``--eplb-config FILE.yaml`` and ``--additional-config JSON``; the ds_config
 lowest-precedence source.  Half-way (``--switch-at``) the data switches domain (code -> Wikipedia prose),
 which shifts the routing; every completed rebalance prints the balancedness before and after.
 
-bf16 + ZeRO 1 + gradient accumulation: ``--deepspeed_config configs/ds_config_zero1_bf16.json --bf16``.
+bf16 + ZeRO 1 + gradient accumulation: ``--deepspeed_config configs/ds_config_zero1_bf16.json --bf16``;
+ZeRO 2: ``--deepspeed_config configs/ds_config_zero2.json``.  Tensor parallelism for attention and dense
+layers (experts keep TP = 1): ``--tensor-model-parallel-size 2 --sequence-parallel``.
 Grouped-GEMM experts (Megatron's legacy ``GroupedMLP``, bf16): ``--moe-grouped-gemm --bf16``; without the
 ``grouped_gemm`` package megatron-eplb's drop-in on ``torch._grouped_mm`` is installed for it.
 
@@ -69,6 +71,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--expert-model-parallel-size", type=int, default=None, help="EP size (default: world size)"
     )
+    g.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="TP size of attention and dense layers (experts keep TP = 1); training with TP > 1 needs "
+        "--sequence-parallel",
+    )
+    g.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (TP > 1)")
     g.add_argument("--moe-token-dispatcher-type", default="alltoall", choices=["alltoall", "allgather"])
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="0 keeps routing free to drift")
     g.add_argument("--moe-router-enable-expert-bias", action="store_true")
@@ -183,9 +193,9 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_parallel(ep_size: int | None, seed: int = 1234) -> int:
-    """NCCL (one GPU per process, ``LOCAL_RANK``) or gloo (CPU) process group and Megatron's parallel state;
-    returns the EP size."""
+def init_parallel(ep_size: int | None, seed: int = 1234, tp_size: int = 1) -> int:
+    """NCCL (one GPU per process, ``LOCAL_RANK``) or gloo (CPU) process group and Megatron's parallel state
+    (TP ``tp_size`` for attention and dense layers, expert TP 1); returns the EP size."""
     import deepspeed
     from megatron.core import parallel_state as ps
     from megatron_eplb.patches import megatron as eplb_mcore
@@ -197,6 +207,13 @@ def init_parallel(ep_size: int | None, seed: int = 1234) -> int:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     world = dist.get_world_size()
     ep = ep_size or world
+    if world % tp_size:
+        from megatron_eplb.patches.deepspeed import DeepSpeedEPLBError
+
+        raise DeepSpeedEPLBError(
+            f"--tensor-model-parallel-size {tp_size} does not divide the world size {world}; choose one of "
+            f"{[d for d in range(1, world + 1) if world % d == 0]}"
+        )
     if world % ep:
         from megatron_eplb.patches.deepspeed import DeepSpeedEPLBError
 
@@ -205,7 +222,9 @@ def init_parallel(ep_size: int | None, seed: int = 1234) -> int:
             f"{[d for d in range(1, world + 1) if world % d == 0]}"
         )
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(expert_model_parallel_size=ep)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp_size, expert_model_parallel_size=ep, expert_tensor_parallel_size=1
+        )
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     model_parallel_cuda_manual_seed(seed)
@@ -253,7 +272,10 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
         num_attention_heads=args.num_attention_heads,
         num_moe_experts=args.num_experts,
         moe_router_topk=args.moe_router_topk,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
         expert_model_parallel_size=ep_size,
+        expert_tensor_parallel_size=1,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         moe_grouped_gemm=grouped,
         moe_router_load_balancing_type="aux_loss" if args.moe_aux_loss_coeff > 0 else "none",
@@ -270,6 +292,10 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
         init_method_std=0.02,
     )
     spec = get_gpt_layer_local_spec(num_experts=args.num_experts, moe_grouped_gemm=grouped)
+    if args.sequence_parallel:  # torch norms that allow sequence parallelism (no Apex / Transformer Engine)
+        from megatron_eplb.patches.megatron.tp import sequence_parallel_block_spec
+
+        spec = sequence_parallel_block_spec(spec, args.num_layers)
     torch.manual_seed(args.seed)
     model = GPTModel(
         config=cfg,
@@ -504,8 +530,11 @@ def train(args: argparse.Namespace) -> dict:
             f"--save-interval {args.save_interval} is not a multiple of gradient_accumulation_steps {gas} "
             "(a checkpoint is taken at an optimizer step)"
         )
-    ep = init_parallel(args.expert_model_parallel_size, args.seed)
+    ep = init_parallel(args.expert_model_parallel_size, args.seed, args.tensor_model_parallel_size)
     rank = dist.get_rank()
+    from megatron.core import parallel_state as ps
+
+    data_rank = ps.get_data_parallel_rank()  # the TP ranks of one replica read the same batches
     rank0_decides("; ".join(output_problems(args, record)) or None if rank == 0 else None)
     if rank == 0:
         log.info("building the model (%d layers, %d experts, EP=%d)", args.num_layers, args.num_experts, ep)
@@ -564,7 +593,7 @@ def train(args: argparse.Namespace) -> dict:
     if rank == 0:
         log.info("text domains available: %s; training on %s", available_domains(), " -> ".join(domains))
     batches = [
-        ByteBatches(load_domain(d), args.micro_batch_size, args.seq_length, seed=args.seed, rank=rank)
+        ByteBatches(load_domain(d), args.micro_batch_size, args.seq_length, seed=args.seed, rank=data_rank)
         for d in domains
     ]
     if manager is not None:  # what eplb_trace_path's file says about the data

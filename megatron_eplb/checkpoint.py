@@ -155,13 +155,15 @@ def logical_optimizer_state(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """The optimizer state of the logical model: ``{logical parameter name: {key: CPU tensor}}``.
 
-    Dense parameters from this rank (identical on every data-parallel rank), each logical expert from its
-    first copy (gathered over ``handle.ep_group``), named and shaped as the unpatched model without EP holds
-    its experts (``handle.logical_entries``: one tensor per expert, or stacked over the experts).
-    ``slots``: :class:`megatron_eplb.protocols.OptimizerSlots`.  Collective (EP group, and
+    Dense parameters from this rank (identical on every data-parallel rank; joined over tensor parallelism
+    where the handle has ``dense_to_logical``), each logical expert from its first copy (gathered over
+    ``handle.ep_group``), named and shaped as the unpatched model without EP holds its experts
+    (``handle.logical_entries``: one tensor per expert, or stacked over the experts).  ``slots``:
+    :class:`megatron_eplb.protocols.OptimizerSlots`.  Collective (EP group, TP group, and
     ``slots.full_state``'s groups); complete on every rank.
     """
     expert_ids = _expert_param_ids(handle) if handle is not None else set()
+    to_logical = getattr(handle, "dense_to_logical", None)
     out: dict[str, dict[str, torch.Tensor]] = {}
     expert_state: dict[int, dict[str, torch.Tensor]] = {}
     for name, p in model.named_parameters():
@@ -170,6 +172,8 @@ def logical_optimizer_state(
         if id(p) in expert_ids:
             expert_state[id(p)] = state
         else:
+            if to_logical is not None:  # e.g. joined over tensor parallelism (collective)
+                state = {k: to_logical(p, v.detach()) for k, v in state.items()}
             out[name] = {k: v.detach().cpu() for k, v in state.items()}
     if handle is None:
         return out
@@ -474,6 +478,7 @@ def load_logical_checkpoint(
     if slots is not None:
         optimizer = payload["optimizer"]
         experts = _expert_full_states(handle, optimizer, model_state) if handle is not None else {}
+        to_local = getattr(handle, "dense_to_local", None)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 values = experts.get(id(p))
@@ -481,6 +486,8 @@ def load_logical_checkpoint(
                     values = dict(optimizer.get(name) or {})
                     if MASTER_KEY not in values and torch.is_tensor(model_state.get(name)):
                         values[MASTER_KEY] = model_state[name].float()  # saved without masters (an fp32 run)
+                    if to_local is not None:  # e.g. this rank's tensor-parallel part
+                        values = {k: to_local(p, v) for k, v in values.items()}
                 if values:
                     slots.set_full_state(p, {k: v.to(p.device) for k, v in values.items()})
         slots.set_optimizer_step(int(payload.get("optimizer_step") or 0))
@@ -512,10 +519,13 @@ def _check_before_load(directory, payload, model, handle, slots, config, strict)
     check_state_fits(physical, model, source=source, saved_facts=saved_facts, strict=strict)
     if slots is not None:
         experts = _expert_param_ids(handle) if handle is not None else set()
+        to_local = getattr(handle, "dense_to_local", None)
         for name, p in model.named_parameters():
             if id(p) in experts:  # the experts' state is checked where it is split (_expert_full_states)
                 continue
             for key, value in (payload["optimizer"].get(name) or {}).items():
+                if torch.is_tensor(value) and to_local is not None:  # this rank's part (e.g. its TP shard)
+                    value = to_local(p, value)
                 if torch.is_tensor(value) and value.shape != p.shape:
                     raise CheckpointError(
                         f"{source}: optimizer state {key!r} of {name!r} has shape {list(value.shape)} but "

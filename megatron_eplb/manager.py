@@ -414,7 +414,13 @@ class EPLBManager:
         count = self.config.eplb_layers_per_step
         batch, state.queue = state.queue[:count], state.queue[count:]
         layers = self.handle.moe_layers()
+        begin = getattr(self.optimizer_state, "begin_layer", None)  # optional: e.g. ZeRO's partition pieces
         for layer in batch:
+            if begin is not None:
+                begin(
+                    layer,
+                    [list(self.handle.slot_params(layer, k)) for k in range(self.handle.slots_per_rank)],
+                )
             transfer = state.executor.start_layer(layer)
             hook = layers[layer].register_forward_pre_hook(self._commit_hook(state, layer))
             state.in_flight[layer] = (transfer, hook)
@@ -475,6 +481,9 @@ class EPLBManager:
                 layer,
                 problem,
             )
+        end = getattr(self.optimizer_state, "end_layer", None)
+        if end is not None:
+            end(layer)
         _add_seconds(record, "transfer", t0)
 
     def _snapshot_destinations(self, state: Transferring, layer: int) -> dict[int, list[torch.Tensor]]:

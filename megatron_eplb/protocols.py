@@ -115,6 +115,11 @@ class OptimizerSlots(Protocol):
     master under key ``"fp32"`` where the optimizer keeps one, then the moments, keys sorted); Adam's
     ``step`` is one count per optimizer, never slot state: read and written only through
     :meth:`optimizer_step` / :meth:`set_optimizer_step`.
+
+    Optional: ``begin_layer(layer, slots)`` / ``end_layer(layer)`` around a layer's transfer (the manager calls
+    them when present; collective in the same order on every rank): a layout whose per-slot storage is not the
+    same on every slot (ZeRO partitions cutting through a layer) returns whole tensors from :meth:`tensors` in
+    between and writes them back at the end.
     """
 
     def tensors(self, params: Sequence[torch.Tensor | SlotParam]) -> list[torch.Tensor]:

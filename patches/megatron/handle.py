@@ -28,7 +28,7 @@ from megatron_eplb.replica_split import BalancedSplit, replica_tables, source_of
 from megatron_eplb.slot_copies import all_gather_rows, gather_logical, recomputing, refill_slots
 from megatron_eplb.slots import SlotParam
 
-from . import dist_ckpt
+from . import dist_ckpt, tp
 from .compat import EPLBPatchError, model_facts, param_device
 from .dispatchers import rebuild_dispatcher, route_to_slots
 from .experts import ExpertStorage, storage_for
@@ -134,6 +134,9 @@ class MegatronEPLB:
         #: Record loads (``loads()``, ``slot_loads()``) on real forwards; ``False`` pauses recording (e.g. for
         #: evaluation forwards that should not steer the placement).
         self.recording = True
+        # Logical loads count each routed token once: with TP > 1 and no sequence parallelism (inference) the
+        # TP ranks of an attention group route the same tokens, so only TP rank 0 counts them.
+        self._counts_logical = _routes_own_tokens(self._layers[0])
         # Per layer, the per-slot token counts exactly as the dispatcher hands them to the experts (a host
         # tensor for the alltoall and allgather dispatchers): a forward only keeps a reference (a list
         # append, no op); ``slot_loads()`` sums them all at once.  In the middle of the host-bound MoE
@@ -371,11 +374,13 @@ class MegatronEPLB:
         return model_facts(self.model, self.num_layers)
 
     def logical_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state dict in the logical layout (collective over :attr:`ep_group`): every logical
-        expert once, keyed as the unpatched model without EP keys it (:meth:`logical_entries`); other keys are
-        this rank's own.  Save it with the expert map beside it (:func:`megatron_eplb.checkpoint.save_expert_map`).
+        """The model's state dict in the logical layout (collective over :attr:`ep_group`, and over the TP
+        group with TP > 1): every logical expert once, keyed as the unpatched model without EP keys it
+        (:meth:`logical_entries`); other keys are this rank's own, TP-sharded parameters joined over the TP
+        group as the model without TP has them (:meth:`dense_to_logical`).  Save it with the expert map beside
+        it (:func:`megatron_eplb.checkpoint.save_expert_map`).
         """
-        state = dict(self.model.state_dict())
+        state = tp.gather_dense_state(self.model, dict(self.model.state_dict()), self._expert_param_ids())
         for layer in range(self.num_layers):
             storage, prefix = self._storages[layer], self.experts_prefix(layer)
             for key in storage.state_keys(self.slots_per_rank):
@@ -392,13 +397,14 @@ class MegatronEPLB:
     ) -> dict[str, torch.Tensor]:
         """This rank's model state dict made from a logical one (:meth:`logical_state_dict`, any placement or
         EP size): every local slot from its logical expert under ``phy2log`` (``[L, P]``, default the current
-        placement); an empty slot keeps what it holds.  Local, no communication.
+        placement); an empty slot keeps what it holds; TP-sharded dense parameters as this TP rank's part of
+        the whole tensor (:meth:`dense_to_local`).  Local, no communication.
 
         Raises:
             CheckpointError: ``state_dict`` lacks an entry of an MoE layer's experts (names the key).
         """
         phy2log = self.placement.phy2log if phy2log is None else phy2log
-        physical = dict(state_dict)
+        physical = tp.shard_dense_state(self.model, dict(state_dict), self._expert_param_ids())
         for layer in range(self.num_layers):
             storage, prefix = self._storages[layer], self.experts_prefix(layer)
             experts = self.split_logical_entries(layer, state_dict)
@@ -415,13 +421,27 @@ class MegatronEPLB:
         return physical
 
     def load_logical_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
-        """Load a logical state dict (:meth:`logical_state_dict`, any placement or EP size) into this model:
-        every slot is filled from its logical expert, after every tensor is checked to fit (one
-        :class:`~megatron_eplb.errors.CheckpointError` naming the key, nothing loaded).  Local, no
-        communication.  Returns what ``Module.load_state_dict`` returns."""
+        """Load a logical state dict (:meth:`logical_state_dict`, any placement, EP or TP size) into this
+        model: every slot is filled from its logical expert, every TP-sharded parameter from its part of the
+        whole tensor, after every tensor is checked to fit (one :class:`~megatron_eplb.errors.CheckpointError`
+        naming the key, nothing loaded).  Local, no communication.  Returns what ``Module.load_state_dict``
+        returns."""
         physical = self.physical_state_dict(state_dict)
         check_state_fits(physical, self.model, source="the logical state dict")  # before anything is loaded
         return self.model.load_state_dict(physical, strict=strict)
+
+    def dense_to_logical(self, p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """``local`` (shaped like non-expert parameter ``p`` on this rank: the weight or its optimizer state)
+        as the model without TP has it (collective over the TP group when ``p`` is TP-sharded)."""
+        return tp.gather_tp(p, local)
+
+    def dense_to_local(self, p: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a whole (:meth:`dense_to_logical`) tensor of non-expert parameter ``p``.  Local."""
+        return tp.shard_tp(p, logical)
+
+    def _expert_param_ids(self) -> set[int]:
+        """``id`` of every parameter of the MoE layers' experts (never TP-sharded: expert TP = 1)."""
+        return {id(p) for layer in self._layers for p in layer.experts.parameters()}
 
     # ============================================================ internals
     def _storage(self, layer: int, slot: int) -> ExpertStorage:
@@ -551,7 +571,7 @@ class MegatronEPLB:
         self, idx: int, probs: torch.Tensor, routing_map: torch.Tensor, padding_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Record logical loads; map ``[T, E]`` probs / routing map to ``[T, P]`` physical slots."""
-        if self.recording and not recomputing():
+        if self.recording and self._counts_logical and not recomputing():
             routed = routing_map
             if padding_mask is not None:  # Megatron's router: True marks padding
                 routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)
@@ -581,6 +601,15 @@ class MegatronEPLB:
         counts = routing_map.sum(dim=0, dtype=torch.int64)  # [E], every pair the dispatcher sends
         every = _all_gather_counts(counts, self.ep_group, self.ep_size)  # [EP, E]
         return source_offsets(every)[self.ep_rank], split(every.sum(dim=0))
+
+
+def _routes_own_tokens(layer: torch.nn.Module) -> bool:
+    """Whether this rank's router sees tokens no other rank of its TP group sees: TP = 1, sequence
+    parallelism, or TP rank 0 (without sequence parallelism every TP rank routes the same tokens)."""
+    if getattr(layer.config, "sequence_parallel", False):
+        return True
+    group = getattr(layer, "attn_tp_group", None) or tp.tp_group()
+    return group is None or dist.get_world_size(group) == 1 or dist.get_rank(group) == 0
 
 
 def _all_gather_counts(counts: torch.Tensor, group, size: int) -> torch.Tensor:

@@ -264,10 +264,34 @@ def _checkpoint_checks(tmp: Path, engine, manager) -> dict:
     return out
 
 
+def _refusals() -> dict:
+    """The layouts the DeepSpeed wiring refuses, with their messages (no model needed)."""
+    from megatron.core import parallel_state as ps
+    from megatron_eplb.patches.deepspeed import groups
+
+    out = {}
+    layouts = {
+        "pp": dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2),
+        "expert_tp": dict(
+            tensor_model_parallel_size=2, expert_tensor_parallel_size=2, expert_model_parallel_size=2
+        ),
+    }
+    for name, kwargs in layouts.items():
+        ps.destroy_model_parallel()
+        ps.initialize_model_parallel(**kwargs)
+        try:
+            groups.megatron_groups()
+            out[name] = None
+        except Exception as exc:  # noqa: BLE001
+            out[name] = f"{type(exc).__name__}: {exc}"
+    ps.destroy_model_parallel()
+    return out
+
+
 def _all_checks(rank, world, tmp):
     os.environ.update(ENV)
     tmp = Path(tmp)
-    return {"zero2": _zero2_checks(tmp), "tp": _tp_checks(tmp)}
+    return {"zero2": _zero2_checks(tmp), "tp": _tp_checks(tmp), "refused": _refusals()}
 
 
 @pytest.fixture(scope="module")
@@ -329,3 +353,10 @@ def test_checkpoint_across_tp_layouts(checks):
     assert c["tp1_info"] == "replanned" and c["tp1_equal"]  # TP2 x EP2 (10 slots) -> EP2 x DP2 (8 slots)
     assert c["tp2_info"] == "replanned" and c["tp2_equal"]  # and back, 10 slots again
     assert np.isfinite(checks["tp"]["eplb"]["losses"]).all()
+
+
+@pytest.mark.slow
+def test_pipeline_and_expert_tensor_parallel_are_refused_with_what_is_supported(checks):
+    c = checks["refused"]
+    assert "DeepSpeedEPLBError" in c["pp"] and "pipeline parallel size 2" in c["pp"] and "PP = 1" in c["pp"]
+    assert "expert tensor parallel size 2" in c["expert_tp"] and "supported: 1" in c["expert_tp"]

@@ -43,7 +43,8 @@ def megatron_groups():
     if ps.get_pipeline_model_parallel_world_size() > 1:
         raise DeepSpeedEPLBError(
             f"pipeline parallel size {ps.get_pipeline_model_parallel_world_size()} is not supported under "
-            "DeepSpeed; supported: PP = 1 (TP > 1 with sequence parallelism and expert TP = 1 is supported)"
+            "DeepSpeed; supported: PP = 1 (TP > 1 with sequence parallelism and expert TP = 1 is supported; "
+            "Megatron's pipeline schedules under the DeepSpeed engine are not)"
         )
     if ps.get_context_parallel_world_size() > 1:
         raise DeepSpeedEPLBError("context parallel size > 1 is not supported; supported: CP = 1")

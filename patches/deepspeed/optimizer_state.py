@@ -23,14 +23,14 @@ _OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 class DeepSpeedSlotState:
-    """Per-slot optimizer tensors under DeepSpeed, for each of the optimizers it builds at ZeRO 0 and 1.
+    """Per-slot optimizer tensors under DeepSpeed, for each of the optimizers it builds at ZeRO 0, 1 and 2.
 
     ``tensors(params)`` returns tensors that *are* the optimizer's storage (writing them writes the state):
 
     * ZeRO 0, fp32 (a plain torch optimizer): its per-parameter state (``exp_avg``, ``exp_avg_sq``);
     * ZeRO 0, bf16 (DeepSpeed's ``FP16_UnfusedOptimizer`` in bf16): each parameter's fp32 master copy
       (``optimizer.fp32_groups``) and the torch optimizer's state of that master;
-    * ZeRO 1, fp32 or bf16 (``DeepSpeedZeroOptimizer``): for each parameter its fp32 master fragment
+    * ZeRO 1 and 2, fp32 or bf16 (``DeepSpeedZeroOptimizer``): for each parameter its fp32 master fragment
       (``param._hp_mapping``, what ``deepspeed.utils.safe_get_full_fp32_param`` reads) and the matching
       slices of the Adam moments of DeepSpeed's flat fp32 partition (``safe_get_full_optimizer_state``'s
       source).  Fragments of one (layer, slot) have the same shape on every EP rank (identical parameter

@@ -123,7 +123,11 @@ def _check_layers(layers: list[tuple[str, torch.nn.Module]]) -> None:
         parallel_state.model_parallel_is_initialized()
         and parallel_state.get_pipeline_model_parallel_world_size() > 1
     ):
-        raise EPLBPatchError("pipeline parallel size > 1 is not supported; supported: 1")
+        raise EPLBPatchError(
+            f"pipeline parallel size {parallel_state.get_pipeline_model_parallel_world_size()} is not "
+            "supported; supported: 1 (TP > 1 with expert TP = 1 is; per-stage MoE layer ids, loads, plans "
+            "and commits across pipeline stages are not implemented yet)"
+        )
 
 
 def _check_device(layer: torch.nn.Module, ep_group) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from typing import Any
 
 import torch
@@ -68,12 +69,14 @@ def logical_grad_norm(model: torch.nn.Module, handle: Any, ep_group, norm_type: 
     parameter whole, each TP-replicated one once): see :func:`megatron_eplb.gradients.logical_grad_norm`.
     Sums stay on the device; one host sync.  Collective over ``ep_group``, the TP group (TP > 1) and, under
     ZeRO, DeepSpeed's gradient partitions."""
-    from megatron_eplb.patches.megatron import tp
-
     if norm_type != 2.0:
         raise DeepSpeedEPLBError("only the L2 gradient norm is supported")
-    group = tp.tp_group()
     experts = _expert_params(model, handle)
+    if "megatron.core" not in sys.modules:  # not a Megatron-core model (deepspeed.moe): no Megatron TP
+        return gradients.logical_grad_norm(_full_grads(model), experts, ep_group)
+    from megatron_eplb.patches.megatron import tp
+
+    group = tp.tp_group()
     grads = ((p, g) for p, g in _full_grads(model) if id(p) in experts or tp.counted_once(p, group))
     return gradients.logical_grad_norm(grads, experts, ep_group, dense_group=group)
 

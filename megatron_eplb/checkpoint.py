@@ -70,6 +70,7 @@ from .checkpoint_files import (
 from .checkpoint_layout import logical_to_physical, physical_to_logical, split_expert_key
 from .errors import CheckpointError
 from .optimizer_state import MASTER_KEY
+from .pipeline import gather_over_stages, global_placement, stage_of, stage_placement
 from .placement import ExpertPlacement
 
 if TYPE_CHECKING:
@@ -274,6 +275,16 @@ def save_logical_checkpoint(
     model = handle.model if model is None else model
     model_state = handle.logical_state_dict() if handle is not None else model.state_dict()
     optimizer = logical_optimizer_state(model, handle, slots) if slots is not None else {}
+    stage = stage_of(handle)
+    if stage is not None:  # PP: every stage's part under the whole model's names, gathered (rank 0 writes)
+        parts = gather_over_stages(
+            (handle.state_to_global(_to_cpu(model_state)), handle.state_to_global(optimizer)), stage
+        )
+        model_state = {k: v for state, _ in parts for k, v in state.items()}
+        optimizer = {k: v for _, opt in parts for k, v in opt.items()}
+    placement = None
+    if handle is not None:  # the whole model's map (PP: every stage's rows; collective over the stages)
+        placement = global_placement(handle.placement, stage, expert_load)
     error = None
     if rank0:
         files: dict[str, Any] = {}
@@ -287,9 +298,7 @@ def save_logical_checkpoint(
             FACTS_KEY: _model_facts(handle),
             **dict(extra or {}),
         }
-        if handle is not None:
-            placement = handle.placement
-            placement = placement.with_load(expert_load) if expert_load is not None else placement
+        if placement is not None:
             files[EXPERT_MAP_FILENAME] = placement.to_json()
             payload[MAP_SHA256_KEY] = sha256_text(files[EXPERT_MAP_FILENAME])
         payload[CHECKSUMS_KEY] = payload_checksums(payload)
@@ -304,6 +313,10 @@ def save_logical_checkpoint(
     if error:
         raise CheckpointError(error)
     return directory
+
+
+def _to_cpu(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
 
 
 def _save_target_problem(directory: Path, overwrite: bool) -> str | None:
@@ -462,6 +475,10 @@ def load_logical_checkpoint(
     failure: BaseException | None = None
     try:
         payload = read_logical_checkpoint(directory)
+        if stage_of(handle) is not None:  # PP: this stage's part of the whole model's checkpoint
+            payload = dict(payload)
+            payload["model"] = handle.state_to_stage(payload["model"])
+            payload["optimizer"] = handle.state_to_stage(payload.get("optimizer") or {})
         placement, info = _check_before_load(directory, payload, model, handle, slots, config, strict)
     except (CheckpointError, FileNotFoundError, OSError) as exc:
         failure = exc
@@ -509,6 +526,8 @@ def _check_before_load(directory, payload, model, handle, slots, config, strict)
             raise CheckpointError(f"{source}: {mismatch}")
         uses_saved_map = config is None or config.expert_map_path is None
         saved_map = load_expert_map(directory, payload.get(MAP_SHA256_KEY) if uses_saved_map else None)
+        if saved_map is not None:  # PP: this stage's rows of the whole model's map
+            saved_map = stage_placement(saved_map, stage_of(handle))
         placement, info = resume_placement(saved_map, handle, config)
         phy2log = (placement or handle.placement).phy2log
         physical = handle.physical_state_dict(

@@ -46,6 +46,7 @@ from .gradients import logical_grad_norm, primary_expert_params
 from .load_window import LoadWindow
 from .optimizer_state import OptimizerSlotState
 from .phases import Gated, Phase, Planning, RebalanceRecord, Recording, State, Transferring
+from .pipeline import gather_over_stages, global_placement, max_over_world, merge_stage_records, stage_of
 from .placement import ExpertPlacement
 from .protocols import ExpertModel, OptimizerSlots, Transport
 from .stats import balance_summary, load_similarity, moved_slots, realized_balance
@@ -102,11 +103,18 @@ class EPLBManager:
     ) -> None:
         self.handle = handle
         self.config = config or EPLBConfig()
-        self.config.validate_for(handle.num_layers, handle.num_experts, handle.ep_size)
+        #: With PP > 1 this stage's place among the model's MoE layers (:mod:`megatron_eplb.pipeline`): the
+        #: manager of each stage runs its own layers over ``load_group`` (the stage's ranks), in lockstep
+        #: with the other stages' managers (see :meth:`_end_round`); None with PP = 1.
+        self.stage = stage_of(handle)
+        total = self.stage.total_layers if self.stage is not None else handle.num_layers
+        self.config.validate_for(total, handle.num_experts, handle.ep_size)
         self.optimizer = optimizer
         self.optimizer_state = optimizer_state or (
             OptimizerSlotState(optimizer) if optimizer is not None else None
         )
+        if load_group is None and self.stage is not None:  # PP: the ranks of this stage
+            load_group = self.stage.stage_group
         self.load_group = load_group  # all ranks that route tokens (EP x expert-DP); None = world
         self.monitor = monitor
         self.step_count = 0
@@ -117,7 +125,15 @@ class EPLBManager:
         if self._rank == 0:
             for note in self.config.notes():
                 log.warning("megatron-eplb: %s", note)
-        self._planner_rank = 0
+        # the first rank of the stage plans (and runs the worker) for its layers; with PP = 1, rank 0
+        self._planner_rank = (
+            dist.get_global_rank(load_group, 0) if self.stage is not None and load_group is not None else 0
+        )
+        self._round_sync_at: int | None = None  # PP: the step all stages agree on a rebalance's length
+        self._round_end: int | None = None  # PP: the step every stage's rebalance has completed
+        self._round_steps = 0  # PP: steps this stage's transfer takes (0: nothing to move)
+        self._round_records: list[RebalanceRecord] = []
+        self._last_window_load: np.ndarray | None = None  # PP: the window this stage's last rebalance used
         self.window = LoadWindow(handle, self.config.eplb_window_size, load_group)
         self._device = self.window.device
         self._last_update_load: np.ndarray | None = None  # [L, E] load at each layer's last update
@@ -198,7 +214,9 @@ class EPLBManager:
             self._log_realized_balance()
         if self._trace is not None and self.step_count - self._traced_upto >= self._trace_every:
             self._gather_trace()
+        self._end_round()
         self.state = self._next(self.state)
+        self._end_round()
         done, self._completed = self._completed, []
         return done[-1] if done else None
 
@@ -221,7 +239,32 @@ class EPLBManager:
             state = self._await_plan(state)
         if isinstance(state, Transferring):
             self._start_transfers(state)
+        if self._round_sync_at == self.step_count:  # PP: every stage is here at this step
+            self._round_sync_at = None
+            self._round_end = self.step_count + max_over_world(self._round_steps, self._device)
         return state
+
+    def _end_round(self) -> None:
+        """PP > 1, at the step every stage's rebalance has completed (the same step on every rank): the record
+        map of all stages' layers (gathered over the pipeline group; rank 0 writes), the whole model's record
+        to the monitor, and under ``gate_eplb`` every stage gated when any stage committed."""
+        if self._round_end is None or self.step_count < self._round_end:
+            return
+        self._round_end = None
+        records, self._round_records = self._round_records, []
+        mine = records[-1] if records else None
+        stage = self.stage
+        load = self._last_window_load if mine is not None else None
+        placement = global_placement(self.handle.placement, stage, load)
+        merged = merge_stage_records(
+            gather_over_stages(mine.as_dict() if mine else {"outcome": "none"}, stage), stage.layer_counts
+        )
+        if self.config.expert_map_record_path and self._rank == 0:
+            placement.to_json(self.config.expert_map_record_path)
+        if self.monitor is not None and merged["outcome"] != "none":
+            self.monitor.rebalance(self.step_count, merged, placement, placement.expert_load)
+        if self.config.gate_eplb and merged["outcome"] == "committed":
+            self.state = Gated()
 
     def _log_transition(self, old: Phase, new: Phase, why: str) -> None:
         if self._rank == 0:
@@ -229,13 +272,17 @@ class EPLBManager:
 
     def _due(self) -> bool:
         cfg = self.config
-        if not cfg.dynamic_eplb:
+        if not cfg.dynamic_eplb or self._round_sync_at is not None or self._round_end is not None:
             return False
         by_steps = self.step_count - self._last_rebalance_step >= cfg.num_iterations_eplb_update
         by_time = False
         if cfg.eplb_update_interval is not None:
             # Agree across ranks: one scalar all-reduce per step, only when a time interval is configured.
-            by_time = self._any_rank(time.monotonic() - self._last_rebalance_time >= cfg.eplb_update_interval)
+            # (with PP over every stage: they plan in lockstep)
+            by_time = self._any_rank(
+                time.monotonic() - self._last_rebalance_time >= cfg.eplb_update_interval,
+                world=self.stage is not None,
+            )
         return by_steps or by_time
 
     # ------------------------------------------------------------- record
@@ -278,6 +325,9 @@ class EPLBManager:
         """RECORDING -> PLANNING: gather the window, submit it to the worker (planning rank)."""
         cfg = self.config
         t0 = time.monotonic()
+        if self.stage is not None:  # every stage starts at this step and agrees on the length at the await
+            self._round_sync_at = self.step_count + cfg.num_wait_worker_iterations
+            self._round_steps = 0
         load, per_slot = self.gather_window()
         placement = self.handle.placement
         layers = self._layers_to_replan(load)
@@ -352,7 +402,9 @@ class EPLBManager:
                 log.error("EPLB step %d: %s", self.step_count, exc)
             if self._worker.hung > hung and self.monitor is not None:
                 self.monitor.log(self.step_count, {"eplb/policy_worker_hung": self._worker.hung})
-        new_sub = broadcast_placement(new_sub, src=self._planner_rank)
+        new_sub = broadcast_placement(
+            new_sub, src=self._planner_rank, group=self.load_group if self.stage is not None else None
+        )
         record.seconds["plan_wait"] = time.monotonic() - t0
         if new_sub is None:
             if self._rank == 0:
@@ -387,6 +439,7 @@ class EPLBManager:
         )
         record.moved_slots = int(moved_slots(old, new).sum())
         queue = list(plan.layers_changed)
+        self._round_steps = -(-len(queue) // self.config.eplb_layers_per_step)
         self._log_transition(
             Phase.PLANNING, Phase.TRANSFERRING, f"{len(queue)} layers, {record.moved_slots} slots to move"
         )
@@ -511,11 +564,11 @@ class EPLBManager:
     def _slot_bytes(self, layer: int) -> int:
         return sum(t.numel() * t.element_size() for t in self._slot_tensors(layer, 0))
 
-    def _any_rank(self, flag: bool) -> bool:
+    def _any_rank(self, flag: bool, world: bool = False) -> bool:
         if not dist.is_initialized():
             return flag
         t = torch.tensor([int(flag)], device=self._device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.load_group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=None if world else self.load_group)
         return bool(t.item())
 
     def _finish(self, state: Planning | Transferring, outcome: str, why: str) -> State:
@@ -526,6 +579,12 @@ class EPLBManager:
         record.completed_step = self.step_count
         self.history.append(record)
         self._completed.append(record)
+        if self.stage is not None:  # PP: the map, the monitor and the gate wait for every stage (_end_round)
+            self._round_records.append(record)
+            self._last_window_load = state.window_load
+            nxt = Recording()
+            self._log_transition(state.phase, nxt.phase, why)
+            return nxt
         if (
             outcome in ("committed", "failed_layers", "no_change")  # the map a run ends with, with its load
             and self.config.expert_map_record_path
@@ -590,9 +649,9 @@ class EPLBManager:
         path = self.config.expert_map_record_path
         if not path:
             return None
-        load = self.checkpoint_load()
+        placement = global_placement(self.handle.placement, self.stage, self.checkpoint_load())
         if self._rank == 0:
-            self.handle.placement.with_load(load).to_json(path)
+            placement.to_json(path)
         return Path(path)
 
     def checkpoint_load(self) -> np.ndarray | None:

@@ -43,8 +43,11 @@ def megatron_groups():
     if ps.get_pipeline_model_parallel_world_size() > 1:
         raise DeepSpeedEPLBError(
             f"pipeline parallel size {ps.get_pipeline_model_parallel_world_size()} is not supported under "
-            "DeepSpeed; supported: PP = 1 (TP > 1 with sequence parallelism and expert TP = 1 is supported; "
-            "Megatron's pipeline schedules under the DeepSpeed engine are not)"
+            "DeepSpeed; supported: PP = 1 under the DeepSpeed engine (TP > 1 with sequence parallelism and "
+            "expert TP = 1 is supported; the engine cannot run Megatron's pipeline schedules). PP > 1 runs "
+            "through Megatron's schedules (get_forward_backward_func) with a torch optimizer and EPLBManager: "
+            "eplb_mcore.apply(model), patches.megatron.pipeline.finalize_grads, examples/train.py "
+            "--pipeline-model-parallel-size"
         )
     if ps.get_context_parallel_world_size() > 1:
         raise DeepSpeedEPLBError("context parallel size > 1 is not supported; supported: CP = 1")

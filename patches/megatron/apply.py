@@ -17,12 +17,14 @@ import torch.distributed as dist
 
 from megatron_eplb.comm import collective_device
 from megatron_eplb.config import REPLICA_DISPATCH, EPLBConfig
+from megatron_eplb.pipeline import stage_placement
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
 
 from .compat import EPLBPatchError, check_mcore_version, ensure_compat, param_device
 from .dispatchers import SUPPORTED_DISPATCHERS, dispatcher_kind
 from .experts import storage_class
 from .handle import MegatronEPLB, check_placement, check_same_placement_everywhere
+from .pipeline import pipeline_stage
 
 __all__ = ["REPLICA_DISPATCH", "apply", "find_moe_layers"]
 
@@ -78,18 +80,19 @@ def apply(
     dispatch = replica_dispatch or (config or EPLBConfig()).eplb_replica_dispatch
     if dispatch not in REPLICA_DISPATCH:
         raise EPLBPatchError(f"replica_dispatch={dispatch!r}; supported: {', '.join(REPLICA_DISPATCH)}")
+    stage = pipeline_stage(len(layers))  # PP > 1: this stage's MoE layers among the model's (collective)
     if placement is None:
         placement = _placement_from_config(config, len(layers), num_experts, ep_size)
+    placement = stage_placement(placement, stage)  # a whole-model map: this stage's rows
     check_placement(placement, len(layers), num_experts, ep_size, None)
     check_same_placement_everywhere(placement, ep_group)
-    handle = MegatronEPLB(model, layers, placement, ep_group, dispatch)
+    handle = MegatronEPLB(model, layers, placement, ep_group, dispatch, stage)
     model._megatron_eplb_handle = handle
     return handle
 
 
 def _check_layers(layers: list[tuple[str, torch.nn.Module]]) -> None:
     """Raise :class:`EPLBPatchError` for the first layer the patch cannot convert (nothing changed yet)."""
-    from megatron.core import parallel_state
 
     first = layers[0][1]
     for name, layer in layers:
@@ -119,15 +122,6 @@ def _check_layers(layers: list[tuple[str, torch.nn.Module]]) -> None:
             )
         if layer.experts.ep_group is not first.experts.ep_group:
             raise EPLBPatchError(f"{where}: uses another expert-parallel group than the first MoE layer")
-    if (
-        parallel_state.model_parallel_is_initialized()
-        and parallel_state.get_pipeline_model_parallel_world_size() > 1
-    ):
-        raise EPLBPatchError(
-            f"pipeline parallel size {parallel_state.get_pipeline_model_parallel_world_size()} is not "
-            "supported; supported: 1 (TP > 1 with expert TP = 1 is; per-stage MoE layer ids, loads, plans "
-            "and commits across pipeline stages are not implemented yet)"
-        )
 
 
 def _check_device(layer: torch.nn.Module, ep_group) -> None:

@@ -23,12 +23,13 @@ import torch.distributed as dist
 from megatron_eplb.checkpoint import check_state_fits
 from megatron_eplb.comm import collective_device
 from megatron_eplb.errors import CheckpointError
+from megatron_eplb.pipeline import PipelineStage
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
 from megatron_eplb.replica_split import BalancedSplit, replica_tables, source_offsets
 from megatron_eplb.slot_copies import all_gather_rows, gather_logical, recomputing, refill_slots
 from megatron_eplb.slots import SlotParam
 
-from . import dist_ckpt, tp
+from . import dist_ckpt, pipeline, tp
 from .compat import EPLBPatchError, model_facts, param_device
 from .dispatchers import rebuild_dispatcher, route_to_slots
 from .experts import ExpertStorage, storage_for
@@ -112,8 +113,11 @@ class MegatronEPLB:
         placement: ExpertPlacement,
         ep_group,
         replica_dispatch: str,
+        stage: PipelineStage | None = None,
     ) -> None:
         self.model = model
+        #: With PP > 1: this stage's place among the model's MoE layers (global layer ids); else None.
+        self.stage = stage
         self.layer_names = [name for name, _ in layers]
         self._layers = [layer for _, layer in layers]
         self.ep_group = ep_group
@@ -371,7 +375,15 @@ class MegatronEPLB:
     def model_facts(self) -> dict[str, Any]:
         """The model's shape facts a checkpoint stores (:func:`.compat.model_facts`: ``hidden_size``,
         ``num_experts``, ...); a load into a model with other facts names them."""
-        return model_facts(self.model, self.num_layers)
+        return model_facts(self.model, self.stage.total_layers if self.stage is not None else self.num_layers)
+
+    def state_to_global(self, state: dict) -> dict:
+        """``state`` keyed by this pipeline stage's names -> by the whole model's (PP = 1: unchanged)."""
+        return state if self.stage is None else pipeline.state_to_global(self.model, state)
+
+    def state_to_stage(self, state: dict) -> dict:
+        """This pipeline stage's part of a whole-model ``state``, keyed by its names (PP = 1: unchanged)."""
+        return state if self.stage is None else pipeline.state_to_stage(self.model, state)
 
     def logical_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict in the logical layout (collective over :attr:`ep_group`, and over the TP

@@ -1,0 +1,261 @@
+"""Pipeline parallelism: PP2 x EP2 through Megatron-core's 1F1B schedule (``get_forward_backward_func``), a
+plain torch Adam and the EPLB manager, 4 micro-batches per step.
+
+One 4-process launch (gloo, CPU) runs every check: a GPT of 4 layers (dense, MoE | MoE, MoE: stage 0 holds MoE
+layer 0, stage 1 MoE layers 1 and 2) trained without EPLB and with dynamic EPLB moving slots every 2 steps;
+the record map; a logical checkpoint saved under PP2 x EP2 and loaded under PP1 x EP2 (= EP2 x DP2); a static
+map of all stages sliced per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dist import run_distributed  # noqa: E402
+
+H, E, V, SEQ, B = 16, 8, 32, 8, 2
+MICRO = 4  # micro-batches per step (>= 4: 1F1B has a steady phase with 2 stages)
+STEPS = 7
+DYN = {"dynamic_eplb": True, "num_iterations_eplb_update": 2, "num_wait_worker_iterations": 0,
+       "init_redundancy_expert": 2, "eplb_layers_per_step": 1, "eplb_log_interval": 100}  # fmt: skip
+
+
+def _move_policy(load, num_slots, num_ranks, previous=None, **kwargs):
+    """Always moves experts: rotate every layer's slots by one rank's worth plus one (a picklable policy)."""
+    phy2log = np.asarray(previous.phy2log if hasattr(previous, "phy2log") else previous)
+    return np.roll(phy2log, num_slots // num_ranks + 1, axis=1)
+
+
+def _init(pp: int, ep: int) -> None:
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    eplb_mcore.enable_cpu()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(1, pp, expert_model_parallel_size=ep)
+    model_parallel_cuda_manual_seed(1234)
+
+
+def _model(pp: int):
+    """The stage's part of the 4-layer GPT (seeded the same on every layout: each layer from its global id)."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg = TransformerConfig(
+        num_layers=4,
+        hidden_size=H,
+        num_attention_heads=2,
+        num_moe_experts=E,
+        moe_layer_freq=[0, 1, 1, 1],
+        moe_router_topk=2,
+        moe_ffn_hidden_size=8,
+        ffn_hidden_size=16,
+        moe_token_dispatcher_type="alltoall",
+        expert_model_parallel_size=2,
+        pipeline_model_parallel_size=pp,
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+        moe_aux_loss_coeff=0.0,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        pipeline_dtype=torch.float32,
+        batch_p2p_sync=False,
+    )
+    spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
+    model = GPTModel(
+        cfg,
+        spec,
+        vocab_size=V,
+        max_sequence_length=SEQ,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=False,
+    )
+    # the same weights whatever the layout: every tensor from (its global name, the EP rank for experts)
+    from megatron_eplb.patches.megatron.pipeline import state_to_global
+
+    names = {
+        local: name
+        for name, local in state_to_global(model, {n: n for n, _ in model.named_parameters()}).items()
+    }
+    ep_rank = ps.get_expert_model_parallel_rank()
+    with torch.no_grad():
+        for local, p in model.named_parameters():
+            key = names[local] + (f"@{ep_rank}" if not getattr(p, "allreduce", True) else "")
+            g = torch.Generator().manual_seed(sum(ord(c) * (i + 1) for i, c in enumerate(key)) % (2**31))
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def _batches(step: int):
+    """This data-parallel rank's micro-batches of ``step`` (every stage reads them: the last needs labels)."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    g = torch.Generator().manual_seed(1000 * step + ps.get_data_parallel_rank())
+    return [torch.randint(0, V, (B, SEQ + 1), generator=g) for _ in range(MICRO)]
+
+
+def _train(model, optimizer, manager=None, steps: int = STEPS, first: int = 0):
+    """``steps`` optimizer steps of 1F1B over ``MICRO`` micro-batches; the global mean loss of each."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron_eplb.patches.megatron.pipeline import finalize_grads
+
+    mask = torch.triu(torch.ones(SEQ, SEQ), 1).bool()[None, None]
+    pos = torch.arange(SEQ)[None].expand(B, -1)
+
+    def forward_step(data, model):
+        tok = next(data)
+        out = model(tok[:, :-1], pos, mask, labels=tok[:, 1:])
+
+        def loss_func(output):
+            loss = output.float().mean()
+            return loss, {"loss": loss.detach()}
+
+        return out, loss_func
+
+    losses, moved = [], 0
+    for step in range(first, first + steps):
+        optimizer.zero_grad(set_to_none=False)
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(_batches(step)),
+            model=model,
+            num_microbatches=MICRO,
+            seq_length=SEQ,
+            micro_batch_size=B,
+            forward_only=False,
+        )
+        finalize_grads(model)
+        if manager is not None:
+            manager.before_optimizer_step()
+        optimizer.step()
+        if manager is not None:
+            record = manager.step()
+            moved += record.moved_slots if record is not None and record.outcome == "committed" else 0
+        loss = torch.zeros(1)
+        if ps.is_pipeline_last_stage():
+            loss += sum(float(o["loss"]) for o in out) / MICRO
+        dist.all_reduce(loss)
+        losses.append(float(loss) / ps.get_data_parallel_world_size())
+    return losses, moved
+
+
+def _adam(model):
+    import torch
+
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    return torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def _checks(rank: int, world: int, tmp: str) -> dict:
+    import torch
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    from megatron_eplb import EPLBConfig
+    from megatron_eplb.checkpoint import read_logical_checkpoint
+    from megatron_eplb.manager import EPLBManager
+
+    out: dict = {}
+    tmp = Path(tmp)
+    # --- PP2 x EP2 without EPLB: the reference
+    _init(2, 2)
+    model = _model(2)
+    out["ref"], _ = _train(model, _adam(model))
+    # --- the same with dynamic EPLB moving slots
+    model = _model(2)
+    record = tmp / "record_map.json"
+    cfg = EPLBConfig.from_dict({**DYN, "expert_map_record_path": str(record)})
+    handle = eplb_mcore.apply(model, config=cfg)
+    out["stage"] = (handle.stage.layer_offset, handle.stage.num_layers, handle.stage.total_layers)
+    optimizer = _adam(model)
+    manager = EPLBManager(handle, cfg, optimizer, policy_fn=_move_policy)
+    out["eplb"], out["moved"] = _train(model, optimizer, manager)
+    out["committed"] = [r.layers_committed for r in manager.history if r.outcome == "committed"]
+    out["started"] = [r.started_step for r in manager.history]
+    manager.save_checkpoint(tmp / "ckpt")
+    out["placement_rows"] = handle.placement.phy2log.tolist()
+    manager.close()
+    # --- a static map of every stage's layers: each stage starts from its rows
+    _init(2, 2)
+    static_map = str(tmp / "ckpt" / "expert_map.json")  # the placement of every stage's layers at the save
+    static = eplb_mcore.apply(_model(2), config=EPLBConfig.from_dict({"expert_map_path": static_map}))
+    out["static_rows"] = static.placement.phy2log.tolist()
+    # --- load the PP2 x EP2 checkpoint under PP1 x EP2 (EP2 x DP2), save it again
+    _init(1, 2)
+    model = _model(1)
+    handle = eplb_mcore.apply(model, config=EPLBConfig.from_dict({"init_redundancy_expert": 2}))
+    optimizer = _adam(model)
+    manager = EPLBManager(handle, EPLBConfig.from_dict({"init_redundancy_expert": 2}), optimizer)
+    out["load_action"] = manager.load_checkpoint(tmp / "ckpt")["placement"]["action"]
+    manager.save_checkpoint(tmp / "ckpt_pp1")
+    manager.close()
+    if rank == 0:
+        a, b = read_logical_checkpoint(tmp / "ckpt"), read_logical_checkpoint(tmp / "ckpt_pp1")
+        out["model_keys"] = (sorted(a["model"]) == sorted(b["model"]), len(a["model"]))
+        out["model_diff"] = max(
+            float((a["model"][k] - b["model"][k]).abs().max())
+            for k in a["model"]
+            if torch.is_tensor(a["model"][k])
+        )
+        out["opt_keys"] = (sorted(a["optimizer"]) == sorted(b["optimizer"]), len(a["optimizer"]))
+        out["opt_diff"] = max(
+            float((a["optimizer"][n][k] - b["optimizer"][n][k]).abs().max())
+            for n in a["optimizer"]
+            for k in a["optimizer"][n]
+        )
+        out["opt_step"] = (a["optimizer_step"], b["optimizer_step"])
+        out["record"] = json.loads(record.read_text())["moe_layer_count"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def pp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pp")
+    return run_distributed(_checks, 4, str(tmp), timeout=600, env={"DS_ACCELERATOR": "cpu"})
+
+
+def test_stages_hold_global_layer_ids(pp):
+    assert [r["stage"] for r in pp] == [(0, 1, 3), (0, 1, 3), (1, 2, 3), (1, 2, 3)]
+
+
+def test_rebalances_move_slots_and_losses_equal_the_unpatched_model(pp):
+    r = pp[0]
+    assert r["moved"] > 0 and r["committed"], r
+    assert sum(map(len, pp[2]["committed"])) > 0  # the second stage moved its layers too
+    rel = [abs(a - b) / abs(b) for a, b in zip(r["eplb"], r["ref"])]
+    assert max(rel) <= 1e-5, (r["eplb"], r["ref"])
+    assert all(p["eplb"] == r["eplb"] for p in pp)
+    # the stages plan in lockstep (stage 1 moves 2 layers, one per step: its rebalances take a step longer, so
+    # its third, started at step 6 as stage 0's, is still moving when the run ends)
+    assert (pp[0]["started"], pp[2]["started"]) == ([2, 4, 6], [2, 4])
+
+
+def test_record_and_static_maps_cover_every_stage(pp):
+    assert pp[0]["record"] == 3
+    assert pp[0]["static_rows"] == pp[0]["placement_rows"]  # stage 0: MoE layer 0
+    assert pp[2]["static_rows"] == pp[2]["placement_rows"]  # stage 1: MoE layers 1, 2
+
+
+def test_checkpoint_pp2_loads_under_pp1_with_weights_and_optimizer_state(pp):
+    r = pp[0]
+    assert r["load_action"] == "restored"
+    assert r["model_keys"][0] and r["opt_keys"][0], r
+    assert r["model_diff"] == 0.0 and r["opt_diff"] == 0.0
+    assert r["opt_step"][0] == r["opt_step"][1] == STEPS

@@ -79,6 +79,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--sequence-parallel",
     )
     g.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (TP > 1)")
+    g.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="pipeline stages (> 1: Megatron's 1F1B schedule with a torch Adam and the EPLB manager, "
+        "examples/train_pipeline.py; gradient_accumulation_steps micro-batches per step, at least the stages)",
+    )
     g.add_argument("--moe-token-dispatcher-type", default="alltoall", choices=["alltoall", "allgather"])
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="0 keeps routing free to drift")
     g.add_argument("--moe-router-enable-expert-bias", action="store_true")
@@ -193,9 +200,10 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_parallel(ep_size: int | None, seed: int = 1234, tp_size: int = 1) -> int:
+def init_parallel(ep_size: int | None, seed: int = 1234, tp_size: int = 1, pp_size: int = 1) -> int:
     """NCCL (one GPU per process, ``LOCAL_RANK``) or gloo (CPU) process group and Megatron's parallel state
-    (TP ``tp_size`` for attention and dense layers, expert TP 1); returns the EP size."""
+    (TP ``tp_size`` for attention and dense layers, expert TP 1, PP ``pp_size`` stages); returns the EP size
+    (default: the ranks of one stage)."""
     import deepspeed
     from megatron.core import parallel_state as ps
     from megatron_eplb.patches import megatron as eplb_mcore
@@ -206,7 +214,14 @@ def init_parallel(ep_size: int | None, seed: int = 1234, tp_size: int = 1) -> in
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     world = dist.get_world_size()
-    ep = ep_size or world
+    ep = ep_size or world // pp_size
+    if world % (tp_size * pp_size) or world % (ep * pp_size):
+        from megatron_eplb.patches.deepspeed import DeepSpeedEPLBError
+
+        raise DeepSpeedEPLBError(
+            f"--pipeline-model-parallel-size {pp_size} with TP {tp_size} and EP {ep} does not fit the world size "
+            f"{world}: world must be a multiple of TP x PP and of EP x PP"
+        )
     if world % tp_size:
         from megatron_eplb.patches.deepspeed import DeepSpeedEPLBError
 
@@ -223,7 +238,10 @@ def init_parallel(ep_size: int | None, seed: int = 1234, tp_size: int = 1) -> in
         )
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
-            tensor_model_parallel_size=tp_size, expert_model_parallel_size=ep, expert_tensor_parallel_size=1
+            tensor_model_parallel_size=tp_size,
+            pipeline_model_parallel_size=pp_size,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=1,
         )
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -264,6 +282,7 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
         if dist.is_initialized() and dist.get_rank() == 0:
             log.info("GroupedMLP experts, grouped GEMM from: %s", source)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    pp = getattr(args, "pipeline_model_parallel_size", 1)
     cfg = TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -276,6 +295,9 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
         sequence_parallel=args.sequence_parallel,
         expert_model_parallel_size=ep_size,
         expert_tensor_parallel_size=1,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=dtype,
+        batch_p2p_sync=torch.cuda.is_available(),
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         moe_grouped_gemm=grouped,
         moe_router_load_balancing_type="aux_loss" if args.moe_aux_loss_coeff > 0 else "none",
@@ -303,11 +325,15 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
         vocab_size=VOCAB_SIZE,
         max_sequence_length=args.seq_length,
         position_embedding_type="learned_absolute",
+        pre_process=ps.is_pipeline_first_stage(),  # PP > 1: this stage's layers only
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=pp == 1,  # tied across stages needs the first/last stage sync
     )
     ep_rank = ps.get_expert_model_parallel_rank()
     num_local = args.num_experts // ep_size
     with torch.no_grad():
-        for layer_id, layer in enumerate(model.decoder.layers):
+        for layer in model.decoder.layers:
+            layer_id = layer.layer_number - 1  # global: the same experts whatever the pipeline stages
             for k, weights in enumerate(local_expert_weights(layer.mlp.experts)):
                 g = torch.Generator().manual_seed(
                     args.seed * 100_003 + layer_id * 1009 + ep_rank * num_local + k
@@ -510,6 +536,10 @@ def train(args: argparse.Namespace) -> dict:
 
     from megatron_eplb.config import EPLBConfig
 
+    if args.pipeline_model_parallel_size > 1:  # the DeepSpeed engine cannot run Megatron's pipeline schedules
+        from train_pipeline import train_pipeline
+
+        return train_pipeline(args)
     ds_cfg = ds_config_for(args)
     eplb = None if args.no_eplb else EPLBConfig.from_args(args, ds_cfg)
     if eplb is not None:  # what needs the model, before the heavy start (every layer of this model is MoE)

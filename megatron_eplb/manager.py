@@ -46,7 +46,14 @@ from .gradients import logical_grad_norm, primary_expert_params
 from .load_window import LoadWindow
 from .optimizer_state import OptimizerSlotState
 from .phases import Gated, Phase, Planning, RebalanceRecord, Recording, State, Transferring
-from .pipeline import gather_over_stages, global_placement, max_over_world, merge_stage_records, stage_of
+from .pipeline import (
+    gather_layers,
+    gather_over_stages,
+    global_placement,
+    max_over_world,
+    round_summary,
+    stage_of,
+)
 from .placement import ExpertPlacement
 from .protocols import ExpertModel, OptimizerSlots, Transport
 from .stats import balance_summary, load_similarity, moved_slots, realized_balance
@@ -252,13 +259,9 @@ class EPLBManager:
             return
         self._round_end = None
         records, self._round_records = self._round_records, []
-        mine = records[-1] if records else None
-        stage = self.stage
+        mine = records[-1].as_dict() if records else None
         load = self._last_window_load if mine is not None else None
-        placement = global_placement(self.handle.placement, stage, load)
-        merged = merge_stage_records(
-            gather_over_stages(mine.as_dict() if mine else {"outcome": "none"}, stage), stage.layer_counts
-        )
+        placement, merged = round_summary(self.handle.placement, self.stage, load, mine)
         if self.config.expert_map_record_path and self._rank == 0:
             placement.to_json(self.config.expert_map_record_path)
         if self.monitor is not None and merged["outcome"] != "none":
@@ -300,8 +303,14 @@ class EPLBManager:
         and writes to the monitor."""
         logical, per_slot = self.window.gather_steps(self.config.eplb_log_interval)
         h = self.handle
-        default = ExpertPlacement.default(h.num_layers, h.num_experts, h.ep_size, 0)
-        metrics = realized_balance(h.placement, default, logical, per_slot)
+        placement = h.placement
+        if self.stage is not None:  # PP: every stage's layers (collective over the stages)
+            logical, per_slot, phy2log = gather_layers(
+                self.stage, logical, per_slot, placement.phy2log[None], axis=1
+            )
+            placement = ExpertPlacement(phy2log[0], h.ep_size, h.num_experts, allow_same_rank_copies=True)
+        default = ExpertPlacement.default(placement.num_layers, h.num_experts, h.ep_size, 0)
+        metrics = realized_balance(placement, default, logical, per_slot)
         if metrics is None:
             return
         first = self.step_count - per_slot.shape[0] + 1
@@ -679,6 +688,7 @@ class EPLBManager:
         """Keep the steps since the last gather, per source rank (collective over ``load_group``)."""
         k = self.step_count - self._traced_upto
         counts = self.window.gather_steps_per_rank(k)  # [k, R, L, E]
+        (counts,) = gather_layers(self.stage, counts, axis=2)  # PP: every stage's layers
         if self._rank == 0:
             steps = np.arange(self.step_count - counts.shape[0] + 1, self.step_count + 1)
             self._trace.append((counts, steps))
@@ -692,14 +702,18 @@ class EPLBManager:
             raise RuntimeError("write_trace() needs eplb_trace_path set in the config")
         if self.step_count > self._traced_upto:
             self._gather_trace()
+        h = self.handle
+        names = list(getattr(h, "layer_names", []))
+        if self.stage is not None:  # PP: every stage's layers, under the whole model's names (collective)
+            names = list(h.state_to_global(dict.fromkeys(names)))
+            names = [n for part in gather_over_stages(names, self.stage) for n in part]
         if self._rank != 0 or not self._trace:
             return None
-        h = self.handle
         meta = {
             "ep_size": h.ep_size,
-            "num_layers": h.num_layers,
+            "num_layers": len(names) if self.stage is not None else h.num_layers,
             "num_experts": h.num_experts,
-            "layer_names": list(getattr(h, "layer_names", [])),
+            "layer_names": names,
             "replica_dispatch": getattr(h, "replica_dispatch", None),
             **self.trace_meta,
         }

@@ -23,10 +23,12 @@ from .placement import ExpertPlacement
 
 __all__ = [
     "PipelineStage",
+    "gather_layers",
     "gather_over_stages",
     "global_placement",
     "max_over_world",
     "merge_stage_records",
+    "round_summary",
     "stage_of",
     "stage_placement",
 ]
@@ -100,6 +102,16 @@ def gather_over_stages(value: Any, stage: PipelineStage | None) -> list[Any]:
     return out
 
 
+def gather_layers(stage: PipelineStage | None, *arrays: np.ndarray, axis: int = 0) -> tuple[np.ndarray, ...]:
+    """Each of ``arrays`` (this stage's layers along ``axis``, e.g. ``[k, L_s, E]`` with ``axis=1``) joined
+    over every stage in stage order (``[k, L, E]``).  Collective over ``stage.group``; with PP = 1 the arrays
+    themselves."""
+    if stage is None or stage.size == 1:
+        return tuple(arrays)
+    parts = gather_over_stages(tuple(np.asarray(a) for a in arrays), stage)
+    return tuple(np.concatenate([p[i] for p in parts], axis=axis) for i in range(len(arrays)))
+
+
 def global_placement(
     placement: ExpertPlacement, stage: PipelineStage | None, load: np.ndarray | None = None
 ) -> ExpertPlacement:
@@ -128,6 +140,18 @@ def max_over_world(value: int, device: torch.device | str = "cpu") -> int:
     t = torch.tensor([int(value)], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def round_summary(
+    placement: ExpertPlacement, stage: PipelineStage, load: np.ndarray | None, record: dict | None
+) -> tuple[ExpertPlacement, dict]:
+    """At the end of a rebalance of every stage: the whole model's placement (with the ``[L, E]`` load every
+    stage planned from, ``load [L_s, E]``) and its one record (:func:`merge_stage_records` of every stage's
+    ``record``, a ``RebalanceRecord.as_dict()``; ``outcome`` ``"none"`` when no stage has one).  Collective
+    over ``stage.group``."""
+    whole = global_placement(placement, stage, load)
+    records = gather_over_stages(record if record is not None else {"outcome": "none"}, stage)
+    return whole, merge_stage_records(records, stage.layer_counts)
 
 
 def merge_stage_records(records: list[dict[str, Any]], layer_counts: list[int] | tuple[int, ...]) -> dict:

@@ -181,7 +181,10 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
     # --- the same with dynamic EPLB moving slots
     model = _model(2)
     record = tmp / "record_map.json"
-    cfg = EPLBConfig.from_dict({**DYN, "expert_map_record_path": str(record)})
+    trace = tmp / "trace.npz"
+    cfg = EPLBConfig.from_dict(
+        {**DYN, "expert_map_record_path": str(record), "eplb_trace_path": str(trace), "eplb_log_interval": 3}
+    )
     handle = eplb_mcore.apply(model, config=cfg)
     out["stage"] = (handle.stage.layer_offset, handle.stage.num_layers, handle.stage.total_layers)
     optimizer = _adam(model)
@@ -189,9 +192,15 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
     out["eplb"], out["moved"] = _train(model, optimizer, manager)
     out["committed"] = [r.layers_committed for r in manager.history if r.outcome == "committed"]
     out["started"] = [r.started_step for r in manager.history]
+    out["realized"] = manager.realized
     manager.save_checkpoint(tmp / "ckpt")
     out["placement_rows"] = handle.placement.phy2log.tolist()
-    manager.close()
+    manager.close()  # writes the trace
+    if rank == 0:
+        from megatron_eplb.trace import read_trace
+
+        t = read_trace(trace)
+        out["trace"] = (t.counts.shape, t.meta["num_layers"], t.meta["layer_names"])
     # --- a static map of every stage's layers: each stage starts from its rows
     _init(2, 2)
     static_map = str(tmp / "ckpt" / "expert_map.json")  # the placement of every stage's layers at the save
@@ -247,8 +256,14 @@ def test_rebalances_move_slots_and_losses_equal_the_unpatched_model(pp):
     assert (pp[0]["started"], pp[2]["started"]) == ([2, 4, 6], [2, 4])
 
 
-def test_record_and_static_maps_cover_every_stage(pp):
+def test_record_and_static_maps_trace_and_metrics_cover_every_stage(pp):
     assert pp[0]["record"] == 3
+    shape, layers, names = pp[0]["trace"]
+    assert layers == 3 and shape[0] == STEPS and shape[2:] == (3, E), pp[0]["trace"]  # [steps, ranks, L, E]
+    assert names == ["decoder.layers.1.mlp", "decoder.layers.2.mlp", "decoder.layers.3.mlp"]
+    assert (
+        len(pp[0]["realized"]) == 2 and pp[0]["realized"] == pp[2]["realized"]
+    )  # steps 1-3, 4-6, all layers
     assert pp[0]["static_rows"] == pp[0]["placement_rows"]  # stage 0: MoE layer 0
     assert pp[2]["static_rows"] == pp[2]["placement_rows"]  # stage 1: MoE layers 1, 2
 
@@ -259,3 +274,30 @@ def test_checkpoint_pp2_loads_under_pp1_with_weights_and_optimizer_state(pp):
     assert r["model_keys"][0] and r["opt_keys"][0], r
     assert r["model_diff"] == 0.0 and r["opt_diff"] == 0.0
     assert r["opt_step"][0] == r["opt_step"][1] == STEPS
+
+
+@pytest.mark.slow
+def test_example_trains_with_pipeline_stages(tmp_path):
+    """``examples/train.py --pipeline-model-parallel-size 2`` (torchrun, 4 CPU ranks): rebalances commit, the
+    record map and the checkpoint's map cover the MoE layers of both stages."""
+    import os
+    import subprocess
+
+    from dist import free_port
+
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
+           str(free_port()), str(repo / "examples" / "train.py"), "--pipeline-model-parallel-size", "2",
+           "--expert-model-parallel-size", "2", "--num-layers", "4", "--hidden-size", "32", "--num-experts", "8",
+           "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "6", "--dynamic-eplb",
+           "--num-iterations-eplb-update", "2", "--num-wait-worker-iterations", "0", "--init-redundancy-expert",
+           "2", "--no-wandb", "--output-dir", str(tmp_path), "--save", str(tmp_path / "ckpt"),
+           "--metrics-out", str(tmp_path / "m.json")]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert any(r["outcome"] == "committed" for r in metrics["rebalances"]), metrics["rebalances"]
+    assert json.loads((tmp_path / "expert_map.json").read_text())["moe_layer_count"] == 4
+    ckpt_map = json.loads((tmp_path / "ckpt" / "iter_0000006" / "expert_map.json").read_text())
+    assert ckpt_map["moe_layer_count"] == 4

@@ -315,9 +315,12 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
     )
     spec = get_gpt_layer_local_spec(num_experts=args.num_experts, moe_grouped_gemm=grouped)
     if args.sequence_parallel:  # torch norms that allow sequence parallelism (no Apex / Transformer Engine)
+        from megatron.core.transformer.transformer_block import get_num_layers_to_build
         from megatron_eplb.patches.megatron.tp import sequence_parallel_block_spec
 
-        spec = sequence_parallel_block_spec(spec, args.num_layers)
+        spec = sequence_parallel_block_spec(
+            spec, get_num_layers_to_build(cfg)
+        )  # this pipeline stage's layers
     torch.manual_seed(args.seed)
     model = GPTModel(
         config=cfg,
@@ -327,7 +330,6 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
         position_embedding_type="learned_absolute",
         pre_process=ps.is_pipeline_first_stage(),  # PP > 1: this stage's layers only
         post_process=ps.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=pp == 1,  # tied across stages needs the first/last stage sync
     )
     ep_rank = ps.get_expert_model_parallel_rank()
     num_local = args.num_experts // ep_size

@@ -11,8 +11,7 @@ manager, as Megatron-core training without DeepSpeed does::
 (gloo on CPU, NCCL on GPUs; ``deepspeed`` as the launcher works too).  Each stage holds its MoE layers and
 balances them; layer ids in the maps, the metrics and the checkpoints are the whole model's.  ``--save DIR``
 writes one logical checkpoint of all stages at the end (``DIR/iter_0000040``), which loads under any PP / EP
-size (``manager.load_checkpoint``); ``--load`` restores one.  Word embedding and output layer are untied
-under PP (their first-to-last-stage copy is not handled here).  TP > 1 with sequence parallelism combines.
+size (``manager.load_checkpoint``); ``--load`` restores one.  TP > 1 with sequence parallelism combines.
 """
 
 from __future__ import annotations
@@ -38,8 +37,10 @@ def train_pipeline(args: argparse.Namespace) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron_eplb.patches import megatron as eplb_mcore
+    from megatron_eplb.patches.deepspeed.checkpoint import LATEST_FILENAME, resolve_tag, step_tag
     from megatron_eplb.patches.megatron.pipeline import finalize_grads
 
+    from megatron_eplb.checkpoint_files import atomic_write_text
     from megatron_eplb.config import EPLBConfig
     from megatron_eplb.manager import EPLBManager
 
@@ -56,16 +57,25 @@ def train_pipeline(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     monitor = None if eplb is None else train.make_monitor(args, Path(args.output_dir).name)
     manager = None if eplb is None else EPLBManager(handle, eplb, optimizer, monitor=monitor)
+    start = 0
     if args.load and manager is not None:
-        manager.load_checkpoint(args.load)
+        tag = resolve_tag(args.load, args.tag)
+        start = int(manager.load_checkpoint(Path(args.load) / tag).get("global_steps") or 0)
     dev = train.device()
-    data = train.ByteBatches(
-        train.load_domain(args.domains.split(",")[0]),
-        args.micro_batch_size,
-        args.seq_length,
-        seed=args.seed,
-        rank=ps.get_data_parallel_rank(),
-    )
+    domains = args.domains.split(",")
+    switch = int(args.train_iters * args.switch_at) if len(domains) > 1 else args.train_iters + 1
+    data = [
+        train.ByteBatches(
+            train.load_domain(d),
+            args.micro_batch_size,
+            args.seq_length,
+            seed=args.seed,
+            rank=ps.get_data_parallel_rank(),
+        )
+        for d in domains
+    ]
+    for i, batches in enumerate(data):  # a resumed run continues the data where it stopped
+        batches.skip(micro * (min(start, switch) if i == 0 else max(0, start - switch)))
     mask = train.causal_mask(args.seq_length).to(dev)
     pos = torch.arange(args.seq_length, device=dev)[None].expand(args.micro_batch_size, -1)
 
@@ -89,11 +99,12 @@ def train_pipeline(args: argparse.Namespace) -> dict:
             "off" if manager is None else "on",
         )
     losses, rebalances, t0 = [], [], time.monotonic()
-    for it in range(1, args.train_iters + 1):
+    for it in range(start + 1, args.train_iters + 1):
         optimizer.zero_grad(set_to_none=False)
+        batches = data[0 if it <= switch else 1]
         out = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=iter([data.next() for _ in range(micro)]),
+            data_iterator=iter([batches.next() for _ in range(micro)]),
             model=model,
             num_microbatches=micro,
             seq_length=args.seq_length,
@@ -118,13 +129,18 @@ def train_pipeline(args: argparse.Namespace) -> dict:
                 it,
                 args.train_iters,
                 losses[-1],
-                (time.monotonic() - t0) / it,
+                (time.monotonic() - t0) / (it - start),
             )
     if manager is not None:
-        if args.save:
+        if args.save:  # DIR/iter_0000040 and DIR/latest, as examples/train.py (generate.py loads it)
+            tag = step_tag(args.train_iters)
             manager.save_checkpoint(
-                Path(args.save) / f"iter_{args.train_iters:07d}", overwrite=args.overwrite_checkpoints
+                Path(args.save) / tag,
+                extra={"global_steps": args.train_iters},
+                overwrite=args.overwrite_checkpoints,
             )
+            if rank == 0:
+                atomic_write_text(Path(args.save) / LATEST_FILENAME, tag + "\n")
         manager.record_map()
         manager.close()
     if monitor is not None:
@@ -132,6 +148,9 @@ def train_pipeline(args: argparse.Namespace) -> dict:
     result = {
         "losses": losses,
         "rebalances": rebalances,
+        "realized_balancedness": manager.realized if manager is not None else [],
+        "switch_step": switch,
+        "completed": True,
         "pipeline_model_parallel_size": pp,
         "stage": None if handle is None or handle.stage is None else handle.stage.rank,
         "placement": None if handle is None else handle.placement.phy2log.tolist(),

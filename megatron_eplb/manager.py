@@ -254,7 +254,8 @@ class EPLBManager:
     def _end_round(self) -> None:
         """PP > 1, at the step every stage's rebalance has completed (the same step on every rank): the record
         map of all stages' layers (gathered over the pipeline group; rank 0 writes), the whole model's record
-        to the monitor, and under ``gate_eplb`` every stage gated when any stage committed."""
+        (global layer ids; what :meth:`step` returns and the monitor gets), and under ``gate_eplb`` every stage
+        gated when any stage committed."""
         if self._round_end is None or self.step_count < self._round_end:
             return
         self._round_end = None
@@ -264,7 +265,10 @@ class EPLBManager:
         placement, merged = round_summary(self.handle.placement, self.stage, load, mine)
         if self.config.expert_map_record_path and self._rank == 0:
             placement.to_json(self.config.expert_map_record_path)
-        if self.monitor is not None and merged["outcome"] != "none":
+        if merged["outcome"] == "none":
+            return
+        self._completed.append(RebalanceRecord(**merged))
+        if self.monitor is not None:
             self.monitor.rebalance(self.step_count, merged, placement, placement.expert_load)
         if self.config.gate_eplb and merged["outcome"] == "committed":
             self.state = Gated()
@@ -587,13 +591,13 @@ class EPLBManager:
         record.outcome = outcome
         record.completed_step = self.step_count
         self.history.append(record)
-        self._completed.append(record)
-        if self.stage is not None:  # PP: the map, the monitor and the gate wait for every stage (_end_round)
-            self._round_records.append(record)
+        if self.stage is not None:  # PP: the map, the record, the monitor and the gate wait for every stage
+            self._round_records.append(record)  # (_end_round)
             self._last_window_load = state.window_load
             nxt = Recording()
             self._log_transition(state.phase, nxt.phase, why)
             return nxt
+        self._completed.append(record)
         if (
             outcome in ("committed", "failed_layers", "no_change")  # the map a run ends with, with its load
             and self.config.expert_map_record_path

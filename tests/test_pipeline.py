@@ -81,7 +81,7 @@ def _model(pp: int):
         max_sequence_length=SEQ,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=True,  # the last stage holds a copy of the word embedding
     )
     # the same weights whatever the layout: every tensor from (its global name, the EP rank for experts)
     from megatron_eplb.patches.megatron.pipeline import state_to_global
@@ -93,7 +93,8 @@ def _model(pp: int):
     ep_rank = ps.get_expert_model_parallel_rank()
     with torch.no_grad():
         for local, p in model.named_parameters():
-            key = names[local] + (f"@{ep_rank}" if not getattr(p, "allreduce", True) else "")
+            name = names.get(local, "embedding.word_embeddings.weight")  # the last stage's tied copy
+            key = name + (f"@{ep_rank}" if not getattr(p, "allreduce", True) else "")
             g = torch.Generator().manual_seed(sum(ord(c) * (i + 1) for i, c in enumerate(key)) % (2**31))
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return model
@@ -129,7 +130,7 @@ def _train(model, optimizer, manager=None, steps: int = STEPS, first: int = 0):
 
         return out, loss_func
 
-    losses, moved = [], 0
+    losses, moved, layers = [], 0, set()
     for step in range(first, first + steps):
         optimizer.zero_grad(set_to_none=False)
         out = get_forward_backward_func()(
@@ -147,13 +148,15 @@ def _train(model, optimizer, manager=None, steps: int = STEPS, first: int = 0):
         optimizer.step()
         if manager is not None:
             record = manager.step()
-            moved += record.moved_slots if record is not None and record.outcome == "committed" else 0
+            if record is not None and record.outcome == "committed":
+                moved += record.moved_slots
+                layers.update(record.layers_committed)
         loss = torch.zeros(1)
         if ps.is_pipeline_last_stage():
             loss += sum(float(o["loss"]) for o in out) / MICRO
         dist.all_reduce(loss)
         losses.append(float(loss) / ps.get_data_parallel_world_size())
-    return losses, moved
+    return losses, (moved, sorted(layers))
 
 
 def _adam(model):
@@ -189,10 +192,14 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
     out["stage"] = (handle.stage.layer_offset, handle.stage.num_layers, handle.stage.total_layers)
     optimizer = _adam(model)
     manager = EPLBManager(handle, cfg, optimizer, policy_fn=_move_policy)
-    out["eplb"], out["moved"] = _train(model, optimizer, manager)
+    out["eplb"], (out["moved"], out["returned_layers"]) = _train(model, optimizer, manager)
     out["committed"] = [r.layers_committed for r in manager.history if r.outcome == "committed"]
     out["started"] = [r.started_step for r in manager.history]
     out["realized"] = manager.realized
+    tied = (
+        model.shared_embedding_or_output_weight()
+    )  # the first stage's word embedding, the last stage's copy
+    out["tied"] = None if tied is None else tied.detach().clone()
     manager.save_checkpoint(tmp / "ckpt")
     out["placement_rows"] = handle.placement.phy2log.tolist()
     manager.close()  # writes the trace
@@ -248,12 +255,19 @@ def test_rebalances_move_slots_and_losses_equal_the_unpatched_model(pp):
     r = pp[0]
     assert r["moved"] > 0 and r["committed"], r
     assert sum(map(len, pp[2]["committed"])) > 0  # the second stage moved its layers too
+    assert all(p["returned_layers"] == [0, 1, 2] for p in pp)  # step()'s records: the whole model, global ids
     rel = [abs(a - b) / abs(b) for a, b in zip(r["eplb"], r["ref"])]
     assert max(rel) <= 1e-5, (r["eplb"], r["ref"])
     assert all(p["eplb"] == r["eplb"] for p in pp)
     # the stages plan in lockstep (stage 1 moves 2 layers, one per step: its rebalances take a step longer, so
     # its third, started at step 6 as stage 0's, is still moving when the run ends)
     assert (pp[0]["started"], pp[2]["started"]) == ([2, 4, 6], [2, 4])
+
+
+def test_tied_word_embedding_stays_equal_on_first_and_last_stage(pp):
+    import torch
+
+    assert pp[0]["tied"] is not None and torch.equal(pp[0]["tied"], pp[2]["tied"])
 
 
 def test_record_and_static_maps_trace_and_metrics_cover_every_stage(pp):

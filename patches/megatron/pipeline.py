@@ -7,7 +7,9 @@ global layer ``layer_number - 1``).  This module knows that naming and nothing e
   counts of every stage gathered over Megatron's pipeline group; collective), None with PP = 1;
 * :func:`state_to_global` / :func:`state_to_stage`: a state dict (or any dict keyed by parameter name, e.g.
   the logical optimizer state) between the stage's names and the whole model's (the names of the model built
-  with PP = 1), so logical checkpoints load across PP sizes;
+  with PP = 1), so logical checkpoints load across PP sizes; with tied word embeddings the last stage's copy
+  (``output_layer.weight``, kept equal to the first stage's word embedding by Megatron) is not saved and is
+  filled from ``embedding.word_embeddings.weight`` on load, as the model with PP = 1 has one tensor;
 * :func:`finalize_grads`: what Megatron's ``finalize_model_grads`` does for a model that is not wrapped in
   Megatron's DDP (a plain torch optimizer loop): dense gradients averaged over data parallelism, expert
   gradients over expert data parallelism, the tied word embedding summed over the embedding group.
@@ -28,6 +30,7 @@ from .compat import EPLBPatchError
 
 __all__ = ["finalize_grads", "pipeline_stage", "state_to_global", "state_to_stage"]
 
+_EMBEDDING, _OUTPUT = "embedding.word_embeddings.weight", "output_layer.weight"
 _LAYER_KEY = re.compile(r"^(?P<block>(?:[^.]+\.)*?layers\.)(?P<index>\d+)\.")
 
 
@@ -77,6 +80,8 @@ def state_to_global(model: torch.nn.Module, state: dict) -> dict:
     names = _layer_names(model)
     out = {}
     for key, value in state.items():
+        if key == _OUTPUT and _tied_copy(model):  # the first stage's word embedding is the whole model's
+            continue
         match = _LAYER_KEY.match(key)
         local = match.group(0) if match else None
         if local in names:
@@ -104,15 +109,31 @@ def state_to_stage(model: torch.nn.Module, state: dict) -> dict:
                 out[local + key[len(match.group(0)) :]] = value
         elif key in own:
             out[key] = value
+    if _tied_copy(model) and _OUTPUT not in out and _EMBEDDING in state:
+        out[_OUTPUT] = state[_EMBEDDING]
     return out
+
+
+def _tied_copy(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a last stage (not the first) holding a copy of the tied word embedding."""
+    return bool(
+        getattr(model, "share_embeddings_and_output_weights", False)
+        and getattr(model, "post_process", False)
+        and not getattr(model, "pre_process", True)
+    )
 
 
 def finalize_grads(model: torch.nn.Module) -> None:
     """Reduce the gradients of an unwrapped Megatron-core ``model`` after a pipeline schedule's backward, as
-    Megatron's DDP + ``finalize_model_grads`` would: dense parameters averaged over the data-parallel group,
-    expert parameters (``allreduce=False``) over the expert data-parallel group, and with PP > 1 the tied
-    word embedding / output weight summed over the embedding group.  Collective over those groups."""
+    Megatron's DDP + ``finalize_model_grads`` would: with TP > 1 the TP-replicated (sequence-parallel)
+    parameters summed over the TP group, dense parameters averaged over the data-parallel group, expert
+    parameters (``allreduce=False``) over the expert data-parallel group, and with PP > 1 the tied word
+    embedding / output weight summed over the embedding group.  Collective over those groups."""
     from megatron.core import parallel_state as ps
+
+    from . import tp
+
+    tp.allreduce_tp_replicated_grads(*tp.tp_replicated_params(model))
 
     groups = {True: ps.get_data_parallel_group(), False: ps.get_expert_data_parallel_group()}
     for dense, group in groups.items():

@@ -141,6 +141,9 @@ class EPLBManager:
         self._round_steps = 0  # PP: steps this stage's transfer takes (0: nothing to move)
         self._round_records: list[RebalanceRecord] = []
         self._last_window_load: np.ndarray | None = None  # PP: the window this stage's last rebalance used
+        self._transfer_broken = (
+            False  # PP: a timed-out transfer broke this stage's group (remade at round end)
+        )
         self.window = LoadWindow(handle, self.config.eplb_window_size, load_group)
         self._device = self.window.device
         self._last_update_load: np.ndarray | None = None  # [L, E] load at each layer's last update
@@ -259,6 +262,9 @@ class EPLBManager:
         if self._round_end is None or self.step_count < self._round_end:
             return
         self._round_end = None
+        if self._any_rank(self._transfer_broken, world=True):  # a stage's transfer group broke: all make anew
+            self._transfer_group = new_group_like(self.handle.ep_group)
+            self._transfer_broken = False
         records, self._round_records = self._round_records, []
         mine = records[-1].as_dict() if records else None
         load = self._last_window_load if mine is not None else None
@@ -534,11 +540,12 @@ class EPLBManager:
         else:
             if problem is None:
                 problem = "its forward did not run before the optimizer step"
-            elif self._any_rank(broken):
-                self._transfer_group = new_group_like(
-                    self.handle.ep_group
-                )  # a timed-out receive closes gloo's pair
-                executor.group = self._transfer_group
+            elif self._any_rank(broken):  # a timed-out receive closes gloo's pair
+                if self.stage is not None:  # PP: a new group needs every rank (made at _end_round)
+                    self._transfer_broken = True
+                else:
+                    self._transfer_group = new_group_like(self.handle.ep_group)
+                    executor.group = self._transfer_group
             self._restore(layer, undo)
             record.layers_rolled_back.append(layer)
             log.error(

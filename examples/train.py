@@ -215,13 +215,6 @@ def init_parallel(ep_size: int | None, seed: int = 1234, tp_size: int = 1, pp_si
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     world = dist.get_world_size()
     ep = ep_size or world // pp_size
-    if world % (tp_size * pp_size) or world % (ep * pp_size):
-        from megatron_eplb.patches.deepspeed import DeepSpeedEPLBError
-
-        raise DeepSpeedEPLBError(
-            f"--pipeline-model-parallel-size {pp_size} with TP {tp_size} and EP {ep} does not fit the world size "
-            f"{world}: world must be a multiple of TP x PP and of EP x PP"
-        )
     if world % tp_size:
         from megatron_eplb.patches.deepspeed import DeepSpeedEPLBError
 
@@ -235,6 +228,13 @@ def init_parallel(ep_size: int | None, seed: int = 1234, tp_size: int = 1, pp_si
         raise DeepSpeedEPLBError(
             f"--expert-model-parallel-size {ep} does not divide the world size {world}; choose one of "
             f"{[d for d in range(1, world + 1) if world % d == 0]}"
+        )
+    if pp_size > 1 and (world % (tp_size * pp_size) or world % (ep * pp_size)):
+        from megatron_eplb.patches.deepspeed import DeepSpeedEPLBError
+
+        raise DeepSpeedEPLBError(
+            f"--pipeline-model-parallel-size {pp_size} with TP {tp_size} and EP {ep} does not fit the world size "
+            f"{world}: world must be a multiple of TP x PP and of EP x PP"
         )
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(

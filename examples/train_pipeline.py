@@ -85,7 +85,7 @@ def train_pipeline(args: argparse.Namespace) -> dict:
 
         def loss_func(output):
             loss = output.float().mean()
-            return loss, {"loss": loss.detach()}
+            return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
 
         return out, loss_func
 
@@ -119,7 +119,7 @@ def train_pipeline(args: argparse.Namespace) -> dict:
         if record is not None:
             rebalances.append(record.as_dict())
         loss = torch.zeros(1, device=dev)
-        if ps.is_pipeline_last_stage():
+        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:  # once per replica
             loss += sum(float(o["loss"]) for o in out) / micro
         dist.all_reduce(loss)
         losses.append(float(loss) / ps.get_data_parallel_world_size())

@@ -141,9 +141,8 @@ class EPLBManager:
         self._round_steps = 0  # PP: steps this stage's transfer takes (0: nothing to move)
         self._round_records: list[RebalanceRecord] = []
         self._last_window_load: np.ndarray | None = None  # PP: the window this stage's last rebalance used
-        self._transfer_broken = (
-            False  # PP: a timed-out transfer broke this stage's group (remade at round end)
-        )
+        # PP: a timed-out transfer broke this stage's transfer group (remade at the round's end)
+        self._transfer_broken = False
         self.window = LoadWindow(handle, self.config.eplb_window_size, load_group)
         self._device = self.window.device
         self._last_update_load: np.ndarray | None = None  # [L, E] load at each layer's last update

@@ -158,9 +158,10 @@ def merge_stage_records(records: list[dict[str, Any]], layer_counts: list[int] |
     """One rebalance record (``RebalanceRecord.as_dict()``) of the whole model from one per stage (in stage
     order, ``layer_counts[s]`` MoE layers each): layer lists with global ids, moved slots and bytes summed,
     balancedness (a mean over layers) weighted by each stage's layer count, seconds the slowest stage's, the
-    outcome ``committed`` when any stage committed (else the first stage's).  Pure."""
+    outcome ``committed`` when any stage committed (else the first stage's that has one; ``"none"`` marks a
+    stage without a record).  Pure."""
     offsets = np.concatenate([[0], np.cumsum(layer_counts)[:-1]]).astype(int)
-    out = dict(records[0])
+    out = dict(next((r for r in records if r.get("outcome", "none") != "none"), records[0]))
     for key in ("layers_planned", "layers_committed", "layers_rolled_back"):
         out[key] = [int(layer) + int(o) for r, o in zip(records, offsets) for layer in r.get(key, [])]
     for key in ("moved_slots", "moved_bytes"):
@@ -176,5 +177,7 @@ def merge_stage_records(records: list[dict[str, Any]], layer_counts: list[int] |
             seconds[phase] = max(seconds.get(phase, 0.0), float(value))
     out["seconds"] = seconds
     outcomes = [r.get("outcome") for r in records]
-    out["outcome"] = "committed" if "committed" in outcomes else outcomes[0]
+    out["outcome"] = (
+        "committed" if "committed" in outcomes else next((o for o in outcomes if o != "none"), "none")
+    )
     return out

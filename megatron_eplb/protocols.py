@@ -35,7 +35,7 @@ class ExpertModel(Protocol):
     """A model whose MoE layers hold physical expert slots (``patches.megatron.apply`` returns one)."""
 
     num_layers: int
-    """``L``: MoE layers (global ids ``0..L-1``)."""
+    """``L``: MoE layers (ids ``0..L-1``; with pipeline stages the stage's own, see below)."""
     num_experts: int
     """``E``: logical experts per MoE layer."""
     slots_per_rank: int
@@ -46,6 +46,11 @@ class ExpertModel(Protocol):
     """This rank's index in the expert-parallel group."""
     ep_group: Any
     """The expert-parallel ``torch.distributed`` process group."""
+
+    # Optional, with pipeline parallelism (PP > 1): ``stage`` (a :class:`megatron_eplb.pipeline.PipelineStage`:
+    # the stage's MoE layers ``0..L-1`` are the model's ``offset..offset+L-1``), ``state_to_global(state)`` /
+    # ``state_to_stage(state)`` (a dict keyed by parameter name between the stage's and the whole model's
+    # names).  The manager and the checkpoints use them when present.
 
     @property
     def placement(self) -> ExpertPlacement:

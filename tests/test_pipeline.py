@@ -109,8 +109,9 @@ def _batches(step: int):
     return [torch.randint(0, V, (B, SEQ + 1), generator=g) for _ in range(MICRO)]
 
 
-def _train(model, optimizer, manager=None, steps: int = STEPS, first: int = 0):
-    """``steps`` optimizer steps of 1F1B over ``MICRO`` micro-batches; the global mean loss of each."""
+def _train(model, optimizer, manager=None, steps: int = STEPS, first: int = 0, forward_only: bool = False):
+    """``steps`` optimizer steps of 1F1B over ``MICRO`` micro-batches; the global mean loss of each
+    (``forward_only``: the schedule's evaluation, no backward, no step)."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -126,13 +127,14 @@ def _train(model, optimizer, manager=None, steps: int = STEPS, first: int = 0):
 
         def loss_func(output):
             loss = output.float().mean()
-            return loss, {"loss": loss.detach()}
+            return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
 
         return out, loss_func
 
     losses, moved, layers = [], 0, set()
     for step in range(first, first + steps):
-        optimizer.zero_grad(set_to_none=False)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=False)
         out = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(_batches(step)),
@@ -140,19 +142,23 @@ def _train(model, optimizer, manager=None, steps: int = STEPS, first: int = 0):
             num_microbatches=MICRO,
             seq_length=SEQ,
             micro_batch_size=B,
-            forward_only=False,
+            forward_only=forward_only,
         )
-        finalize_grads(model)
+        if forward_only:
+            optimizer = manager = None
+        else:
+            finalize_grads(model)
         if manager is not None:
             manager.before_optimizer_step()
-        optimizer.step()
+        if optimizer is not None:
+            optimizer.step()
         if manager is not None:
             record = manager.step()
             if record is not None and record.outcome == "committed":
                 moved += record.moved_slots
                 layers.update(record.layers_committed)
         loss = torch.zeros(1)
-        if ps.is_pipeline_last_stage():
+        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:  # once per replica
             loss += sum(float(o["loss"]) for o in out) / MICRO
         dist.all_reduce(loss)
         losses.append(float(loss) / ps.get_data_parallel_world_size())
@@ -179,8 +185,8 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
     tmp = Path(tmp)
     # --- PP2 x EP2 without EPLB: the reference
     _init(2, 2)
-    model = _model(2)
-    out["ref"], _ = _train(model, _adam(model))
+    ref = _model(2)
+    out["ref"], _ = _train(ref, _adam(ref))
     # --- the same with dynamic EPLB moving slots
     model = _model(2)
     record = tmp / "record_map.json"
@@ -193,6 +199,8 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
     optimizer = _adam(model)
     manager = EPLBManager(handle, cfg, optimizer, policy_fn=_move_policy)
     out["eplb"], (out["moved"], out["returned_layers"]) = _train(model, optimizer, manager)
+    handle.recording = False  # evaluation does not steer the placement
+    out["eval"] = [_train(m, None, steps=2, first=100, forward_only=True)[0] for m in (ref, model)]
     out["committed"] = [r.layers_committed for r in manager.history if r.outcome == "committed"]
     out["started"] = [r.started_step for r in manager.history]
     out["realized"] = manager.realized
@@ -241,6 +249,27 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
     return out
 
 
+def test_stage_rows_and_merged_records_are_pure_functions():
+    from megatron_eplb.pipeline import PipelineStage, merge_stage_records, stage_placement
+    from megatron_eplb.placement import ExpertPlacement
+
+    whole = ExpertPlacement.default(3, E, 2, 2).with_load(np.arange(3 * E).reshape(3, E))
+    stage = PipelineStage(None, 1, 2, (1, 2))
+    rows = stage_placement(whole, stage)
+    assert rows.phy2log.tolist() == whole.phy2log[1:].tolist()
+    assert rows.expert_load.tolist() == whole.expert_load[1:].tolist()
+    assert stage_placement(rows, stage) is rows  # a map of this stage alone
+    merged = merge_stage_records(
+        [
+            {"outcome": "no_change", "layers_committed": [], "moved_slots": 0, "balancedness_after": 0.9},
+            {"outcome": "committed", "layers_committed": [0, 1], "moved_slots": 5, "balancedness_after": 0.6},
+        ],
+        (1, 2),
+    )
+    assert merged["outcome"] == "committed" and merged["layers_committed"] == [1, 2]
+    assert merged["moved_slots"] == 5 and merged["balancedness_after"] == pytest.approx((0.9 + 2 * 0.6) / 3)
+
+
 @pytest.fixture(scope="module")
 def pp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pp")
@@ -259,6 +288,8 @@ def test_rebalances_move_slots_and_losses_equal_the_unpatched_model(pp):
     rel = [abs(a - b) / abs(b) for a, b in zip(r["eplb"], r["ref"])]
     assert max(rel) <= 1e-5, (r["eplb"], r["ref"])
     assert all(p["eplb"] == r["eplb"] for p in pp)
+    ref_eval, eplb_eval = r["eval"]  # outputs at evaluation (forward-only schedule) after the moves
+    assert max(abs(a - b) / abs(b) for a, b in zip(eplb_eval, ref_eval)) <= 1e-5, r["eval"]
     # the stages plan in lockstep (stage 1 moves 2 layers, one per step: its rebalances take a step longer, so
     # its third, started at step 6 as stage 0's, is still moving when the run ends)
     assert (pp[0]["started"], pp[2]["started"]) == ([2, 4, 6], [2, 4])

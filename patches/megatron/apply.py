@@ -46,7 +46,8 @@ def apply(
 ) -> MegatronEPLB:
     """Make every MoE layer of ``model`` placement-aware; return the handle that controls them.
 
-    Collective over the expert-parallel group (gathers the logical experts to fill the slots).  Call it
+    Collective over the expert-parallel group (gathers the logical experts to fill the slots) and, with
+    PP > 1, over the pipeline group (each stage's MoE layer count, for global layer ids).  Call it
     after ``parallel_state`` is initialised and before building the optimizer: the experts' parameters
     are re-created once here (never again afterwards).
 

@@ -230,8 +230,26 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
     out["load_action"] = manager.load_checkpoint(tmp / "ckpt")["placement"]["action"]
     manager.save_checkpoint(tmp / "ckpt_pp1")
     manager.close()
+    # --- and back: the PP1 x EP2 save into PP2 x EP2 (each stage takes its layers; the tied copy filled)
+    _init(2, 2)
+    model = _model(2)
+    handle = eplb_mcore.apply(model, config=EPLBConfig.from_dict({"init_redundancy_expert": 2}))
+    manager = EPLBManager(handle, EPLBConfig.from_dict({"init_redundancy_expert": 2}), _adam(model))
+    manager.load_checkpoint(tmp / "ckpt_pp1")
+    manager.save_checkpoint(tmp / "ckpt_pp2_again")
+    manager.close()
     if rank == 0:
         a, b = read_logical_checkpoint(tmp / "ckpt"), read_logical_checkpoint(tmp / "ckpt_pp1")
+        c = read_logical_checkpoint(tmp / "ckpt_pp2_again")
+        out["back_diff"] = max(
+            float((a["model"][k] - c["model"][k]).abs().max())
+            for k in a["model"]
+            if torch.is_tensor(a["model"][k])
+        ) + max(
+            float((a["optimizer"][n][k] - c["optimizer"][n][k]).abs().max())
+            for n in a["optimizer"]
+            for k in a["optimizer"][n]
+        )
         out["model_keys"] = (sorted(a["model"]) == sorted(b["model"]), len(a["model"]))
         out["model_diff"] = max(
             float((a["model"][k] - b["model"][k]).abs().max())
@@ -319,6 +337,7 @@ def test_checkpoint_pp2_loads_under_pp1_with_weights_and_optimizer_state(pp):
     assert r["model_keys"][0] and r["opt_keys"][0], r
     assert r["model_diff"] == 0.0 and r["opt_diff"] == 0.0
     assert r["opt_step"][0] == r["opt_step"][1] == STEPS
+    assert r["back_diff"] == 0.0  # PP1 x EP2 -> PP2 x EP2 gives back the same checkpoint
 
 
 @pytest.mark.slow

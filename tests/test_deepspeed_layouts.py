@@ -119,7 +119,19 @@ def _train(tp: int, ep: int, ds: str, eplb, policy_fn=None, steps: int = STEPS, 
         if manager is not None:
             logical, _ = manager.window.gather_steps(1)
             loads.append(logical[0].sum(axis=1).tolist())  # tokens x top-k routed per MoE layer this step
-    return engine, manager, {"losses": losses, "records": records, "loads": loads}
+    # the outputs at evaluation (eval mode, no grad, load recording paused) on a batch of its own
+    engine.eval()
+    if manager is not None:
+        manager.handle.recording = False
+    tok = torch.randint(0, 256, (B, T + 1), generator=torch.Generator().manual_seed(99 + replica))[rows]
+    with torch.no_grad():
+        value = engine(tok[:, :-1], pos, train.causal_mask(T), labels=tok[:, 1:]).float().mean()
+    dist.all_reduce(value)
+    engine.train()
+    if manager is not None:
+        manager.handle.recording = True
+    out = {"losses": losses, "records": records, "loads": loads, "eval": float(value) / dist.get_world_size()}
+    return engine, manager, out
 
 
 def _logical(engine, manager) -> dict:
@@ -318,6 +330,7 @@ def test_zero2_fp32_losses_equal_with_moves_and_replicas(checks):
     run = c["moves_r2"]
     assert run["records"] >= 2 and run["replicas"] > 0
     assert _rel(run["losses"], c["base"]["losses"]) <= 1e-5, (run["losses"], c["base"]["losses"])
+    assert _rel([run["eval"]], [c["base"]["eval"]]) <= 1e-5  # outputs at evaluation after the moves
     assert run["copies_identical"]
     # the state after 8 steps (fp32 sums in another order: Adam's first steps amplify 1e-7 differences)
     assert max(run["state_diff"].values()) <= 1e-3, run["state_diff"]
@@ -329,7 +342,9 @@ def test_zero2_bf16_moves_exact_and_replicas_within_bf16_rounding(checks):
     moved, replicas = c["moves_r0"], c["moves_r2"]
     assert moved["records"] >= 2 and replicas["records"] >= 2 and replicas["replicas"] > 0
     assert moved["losses"] == c["base"]["losses"]  # moves alone: bit-identical to the run without EPLB
+    assert moved["eval"] == c["base"]["eval"]
     assert _rel(replicas["losses"], c["base"]["losses"]) <= BF16_REPLICA_RTOL
+    assert _rel([replicas["eval"]], [c["base"]["eval"]]) <= BF16_REPLICA_RTOL
     assert moved["copies_identical"] and replicas["copies_identical"]
 
 
@@ -340,6 +355,7 @@ def test_tp2_ep2_sequence_parallel_matches_tp1_and_the_unpatched_model(checks):
     assert _rel(base, reference) <= 1e-5, (base, reference)  # TP 2 + SP under DeepSpeed = TP 1, same batch
     assert run["records"] >= 2 and run["replicas"] > 0
     assert _rel(run["losses"], base) <= 1e-5, (run["losses"], base)
+    assert _rel([run["eval"]], [c["base"]["eval"]]) <= 1e-5  # outputs at evaluation after the moves
     assert run["copies_identical"] and run["tp_replicas_identical"] and run["placement_everywhere"]
     assert run["groups"] == {"ep": [0, 1], "load": 4} or run["groups"]["load"] == 4
     # each routed token counted once: (DP 2 x B x T tokens) x top-k per MoE layer and step, not once per TP rank

@@ -132,6 +132,7 @@ def _train(model, optimizer, manager=None, steps: int = STEPS, first: int = 0, f
         return out, loss_func
 
     losses, moved, layers = [], 0, set()
+    maps = []  # the placement each step ran with (a commit happens in the step's first forward)
     for step in range(first, first + steps):
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=False)
@@ -153,6 +154,7 @@ def _train(model, optimizer, manager=None, steps: int = STEPS, first: int = 0, f
         if optimizer is not None:
             optimizer.step()
         if manager is not None:
+            maps.append(manager.handle.placement.phy2log.tolist())
             record = manager.step()
             if record is not None and record.outcome == "committed":
                 moved += record.moved_slots
@@ -162,7 +164,7 @@ def _train(model, optimizer, manager=None, steps: int = STEPS, first: int = 0, f
             loss += sum(float(o["loss"]) for o in out) / MICRO
         dist.all_reduce(loss)
         losses.append(float(loss) / ps.get_data_parallel_world_size())
-    return losses, (moved, sorted(layers))
+    return losses, (moved, sorted(layers), maps)
 
 
 def _adam(model):
@@ -198,7 +200,7 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
     out["stage"] = (handle.stage.layer_offset, handle.stage.num_layers, handle.stage.total_layers)
     optimizer = _adam(model)
     manager = EPLBManager(handle, cfg, optimizer, policy_fn=_move_policy)
-    out["eplb"], (out["moved"], out["returned_layers"]) = _train(model, optimizer, manager)
+    out["eplb"], (out["moved"], out["returned_layers"], out["maps"]) = _train(model, optimizer, manager)
     handle.recording = False  # evaluation does not steer the placement
     out["eval"] = [_train(m, None, steps=2, first=100, forward_only=True)[0] for m in (ref, model)]
     out["committed"] = [r.layers_committed for r in manager.history if r.outcome == "committed"]
@@ -303,6 +305,9 @@ def test_rebalances_move_slots_and_losses_equal_the_unpatched_model(pp):
     assert r["moved"] > 0 and r["committed"], r
     assert sum(map(len, pp[2]["committed"])) > 0  # the second stage moved its layers too
     assert all(p["returned_layers"] == [0, 1, 2] for p in pp)  # step()'s records: the whole model, global ids
+    # every rank of a stage ran every step with the same map of its layers, and the maps did change
+    assert pp[0]["maps"] == pp[1]["maps"] and pp[2]["maps"] == pp[3]["maps"]
+    assert len({str(m) for m in pp[0]["maps"]}) > 1 and len({str(m) for m in pp[2]["maps"]}) > 1
     rel = [abs(a - b) / abs(b) for a, b in zip(r["eplb"], r["ref"])]
     assert max(rel) <= 1e-5, (r["eplb"], r["ref"])
     assert all(p["eplb"] == r["eplb"] for p in pp)

@@ -240,6 +240,18 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
     manager.load_checkpoint(tmp / "ckpt_pp1")
     manager.save_checkpoint(tmp / "ckpt_pp2_again")
     manager.close()
+    # --- virtual pipeline stages (interleaved 1F1B) are refused, naming what is supported
+    from megatron.core import parallel_state as ps
+    from megatron_eplb.patches.megatron.pipeline import pipeline_stage
+
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(1, 2, virtual_pipeline_model_parallel_size=2, expert_model_parallel_size=2)
+    try:
+        pipeline_stage(1)
+        out["virtual"] = None
+    except eplb_mcore.EPLBPatchError as exc:
+        out["virtual"] = str(exc)
+    ps.destroy_model_parallel()
     if rank == 0:
         a, b = read_logical_checkpoint(tmp / "ckpt"), read_logical_checkpoint(tmp / "ckpt_pp1")
         c = read_logical_checkpoint(tmp / "ckpt_pp2_again")
@@ -267,6 +279,10 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
         out["opt_step"] = (a["optimizer_step"], b["optimizer_step"])
         out["record"] = json.loads(record.read_text())["moe_layer_count"]
     return out
+
+
+def test_virtual_pipeline_stages_are_refused_with_what_is_supported(pp):
+    assert "virtual pipeline parallel size 2" in pp[0]["virtual"] and "supported: PP >= 1" in pp[0]["virtual"]
 
 
 def test_stage_rows_and_merged_records_are_pure_functions():

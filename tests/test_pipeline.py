@@ -177,6 +177,7 @@ def _adam(model):
 
 def _checks(rank: int, world: int, tmp: str) -> dict:
     import torch
+    from megatron.core import dist_checkpointing
     from megatron_eplb.patches import megatron as eplb_mcore
 
     from megatron_eplb import EPLBConfig
@@ -211,6 +212,9 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
     )  # the first stage's word embedding, the last stage's copy
     out["tied"] = None if tied is None else tied.detach().clone()
     manager.save_checkpoint(tmp / "ckpt")
+    (tmp / "dist").mkdir(exist_ok=True)  # and a Megatron dist checkpoint (torch_dist) of the same state
+    torch.distributed.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "dist"), sharded_strategy=("torch_dist", 1))
     out["placement_rows"] = handle.placement.phy2log.tolist()
     manager.close()  # writes the trace
     if rank == 0:
@@ -232,6 +236,18 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
     out["load_action"] = manager.load_checkpoint(tmp / "ckpt")["placement"]["action"]
     manager.save_checkpoint(tmp / "ckpt_pp1")
     manager.close()
+    logical = handle.logical_state_dict()
+    other = _model(
+        1
+    )  # the dist checkpoint of PP2 x EP2 into PP1 x EP2 (Megatron's loader, global layer keys)
+    other_handle = eplb_mcore.apply(other, config=EPLBConfig.from_dict({"init_redundancy_expert": 2}))
+    other.load_state_dict(dist_checkpointing.load(other.sharded_state_dict(), str(tmp / "dist")))
+    from_dist = other_handle.logical_state_dict()
+    tensors = sorted(k for k in logical if torch.is_tensor(logical[k]))
+    out["dist_diff"] = (
+        tensors == sorted(k for k in from_dist if torch.is_tensor(from_dist[k])),
+        max(float((logical[k] - from_dist[k]).abs().max()) for k in tensors),
+    )
     # --- and back: the PP1 x EP2 save into PP2 x EP2 (each stage takes its layers; the tied copy filled)
     _init(2, 2)
     model = _model(2)
@@ -359,6 +375,10 @@ def test_checkpoint_pp2_loads_under_pp1_with_weights_and_optimizer_state(pp):
     assert r["model_diff"] == 0.0 and r["opt_diff"] == 0.0
     assert r["opt_step"][0] == r["opt_step"][1] == STEPS
     assert r["back_diff"] == 0.0  # PP1 x EP2 -> PP2 x EP2 gives back the same checkpoint
+
+
+def test_megatron_dist_checkpoint_pp2_loads_under_pp1(pp):
+    assert all(p["dist_diff"] == (True, 0.0) for p in pp), [p["dist_diff"] for p in pp]
 
 
 @pytest.mark.slow

@@ -48,7 +48,6 @@ from .optimizer_state import OptimizerSlotState
 from .phases import Gated, Phase, Planning, RebalanceRecord, Recording, State, Transferring
 from .pipeline import (
     gather_layers,
-    gather_over_stages,
     global_placement,
     max_over_world,
     round_summary,
@@ -57,7 +56,7 @@ from .pipeline import (
 from .placement import ExpertPlacement
 from .protocols import ExpertModel, OptimizerSlots, Transport
 from .stats import balance_summary, load_similarity, moved_slots, realized_balance
-from .trace import LoadTrace, write_trace
+from .trace_recorder import TraceRecorder
 from .transfer import TransferError, TransferExecutor, plan_transfer
 from .worker import PolicyWorker, PolicyWorkerError, broadcast_placement
 
@@ -161,14 +160,19 @@ class EPLBManager:
         )
         self._transfer_group = new_group_like(self.handle.ep_group) if self.config.dynamic_eplb else None
         self._completed: list[RebalanceRecord] = []
-        # eplb_trace_path: every step's counts of every source rank, gathered every few steps (before the
-        # window's ring overwrites them); rank 0 keeps them and writes the file at close().
-        self.trace_meta: dict[
-            str, Any
-        ] = {}  #: extra keys for the trace file's meta (e.g. the data's domains)
-        self._trace: list[tuple[np.ndarray, np.ndarray]] | None = [] if self.config.eplb_trace_path else None
-        self._traced_upto = 0  # the trace holds every step up to this one
-        self._trace_every = min(self.config.eplb_log_interval, self.config.eplb_window_size)
+        #: extra keys for the trace file's meta (e.g. the data's domains)
+        self.trace_meta: dict[str, Any] = {}
+        # eplb_trace_path: every step's counts of every source rank (rank 0 writes the file at close())
+        self._trace = (
+            TraceRecorder(
+                self.window,
+                min(self.config.eplb_log_interval, self.config.eplb_window_size),
+                self.stage,
+                self._rank,
+            )
+            if self.config.eplb_trace_path
+            else None
+        )
 
     # ------------------------------------------------------------- the calls
     def before_optimizer_step(self) -> None:
@@ -221,8 +225,8 @@ class EPLBManager:
         self.window.record()
         if self.step_count % self.config.eplb_log_interval == 0:
             self._log_realized_balance()
-        if self._trace is not None and self.step_count - self._traced_upto >= self._trace_every:
-            self._gather_trace()
+        if self._trace is not None:
+            self._trace.maybe_gather(self.step_count)
         self._end_round()
         self.state = self._next(self.state)
         self._end_round()
@@ -681,7 +685,9 @@ class EPLBManager:
 
     def resume_at(self, step: int) -> None:
         """Continue counting from ``step`` (a resumed run); the next rebalance is a full interval away."""
-        self.step_count = self._last_rebalance_step = self._traced_upto = int(step)
+        self.step_count = self._last_rebalance_step = int(step)
+        if self._trace is not None:
+            self._trace.upto = self.step_count
         self._last_rebalance_time = time.monotonic()
 
     def close(self) -> None:
@@ -694,46 +700,15 @@ class EPLBManager:
             self._worker = None
 
     # -------------------------------------------------------------- trace
-    def _gather_trace(self) -> None:
-        """Keep the steps since the last gather, per source rank (collective over ``load_group``)."""
-        k = self.step_count - self._traced_upto
-        counts = self.window.gather_steps_per_rank(k)  # [k, R, L, E]
-        (counts,) = gather_layers(self.stage, counts, axis=2)  # PP: every stage's layers
-        if self._rank == 0:
-            steps = np.arange(self.step_count - counts.shape[0] + 1, self.step_count + 1)
-            self._trace.append((counts, steps))
-        self._traced_upto = self.step_count
-
     def write_trace(self, path: str | os.PathLike | None = None) -> Path | None:
         """Write every step recorded so far to ``path`` (default ``eplb_trace_path``) as a
         :mod:`megatron_eplb.trace` file.  Collective (the last steps are gathered first); rank 0 writes and
         returns the path, other ranks return None."""
         if self._trace is None:
             raise RuntimeError("write_trace() needs eplb_trace_path set in the config")
-        if self.step_count > self._traced_upto:
-            self._gather_trace()
-        h = self.handle
-        names = list(getattr(h, "layer_names", []))
-        if self.stage is not None:  # PP: every stage's layers, under the whole model's names (collective)
-            names = list(h.state_to_global(dict.fromkeys(names)))
-            names = [n for part in gather_over_stages(names, self.stage) for n in part]
-        if self._rank != 0 or not self._trace:
-            return None
-        meta = {
-            "ep_size": h.ep_size,
-            "num_layers": len(names) if self.stage is not None else h.num_layers,
-            "num_experts": h.num_experts,
-            "layer_names": names,
-            "replica_dispatch": getattr(h, "replica_dispatch", None),
-            **self.trace_meta,
-        }
-        counts = np.concatenate([c for c, _ in self._trace])
-        steps = np.concatenate([s for _, s in self._trace])
-        path = write_trace(path or self.config.eplb_trace_path, LoadTrace(counts, steps, meta))
-        log.info(
-            "EPLB: wrote the load trace of %d steps (%s sources) to %s", len(steps), counts.shape[1], path
+        return self._trace.write(
+            path or self.config.eplb_trace_path, self.handle, self.step_count, self.trace_meta
         )
-        return path
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor | None:

@@ -140,7 +140,7 @@ class MegatronEPLB:
         self.recording = True
         # Logical loads count each routed token once: with TP > 1 and no sequence parallelism (inference) the
         # TP ranks of an attention group route the same tokens, so only TP rank 0 counts them.
-        self._counts_logical = _routes_own_tokens(self._layers[0])
+        self._counts_logical = tp.routes_own_tokens(self._layers[0])
         # Per layer, the per-slot token counts exactly as the dispatcher hands them to the experts (a host
         # tensor for the alltoall and allgather dispatchers): a forward only keeps a reference (a list
         # append, no op); ``slot_loads()`` sums them all at once.  In the middle of the host-bound MoE
@@ -613,15 +613,6 @@ class MegatronEPLB:
         counts = routing_map.sum(dim=0, dtype=torch.int64)  # [E], every pair the dispatcher sends
         every = _all_gather_counts(counts, self.ep_group, self.ep_size)  # [EP, E]
         return source_offsets(every)[self.ep_rank], split(every.sum(dim=0))
-
-
-def _routes_own_tokens(layer: torch.nn.Module) -> bool:
-    """Whether this rank's router sees tokens no other rank of its TP group sees: TP = 1, sequence
-    parallelism, or TP rank 0 (without sequence parallelism every TP rank routes the same tokens)."""
-    if getattr(layer.config, "sequence_parallel", False):
-        return True
-    group = getattr(layer, "attn_tp_group", None) or tp.tp_group()
-    return group is None or dist.get_world_size(group) == 1 or dist.get_rank(group) == 0
 
 
 def _all_gather_counts(counts: torch.Tensor, group, size: int) -> torch.Tensor:

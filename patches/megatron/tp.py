@@ -34,6 +34,7 @@ __all__ = [
     "gather_dense_state",
     "gather_tp",
     "is_tp_sharded",
+    "routes_own_tokens",
     "sequence_parallel_block_spec",
     "shard_dense_state",
     "shard_tp",
@@ -67,6 +68,15 @@ def counted_once(p: torch.Tensor, group=None) -> bool:
     """Whether ``p`` counts on this rank in a sum over the TP group (sharded: every rank; else TP rank 0)."""
     group = tp_group() if group is None else group
     return group is None or is_tp_sharded(p) or dist.get_rank(group) == 0
+
+
+def routes_own_tokens(layer: torch.nn.Module) -> bool:
+    """Whether this rank's router (of MoE ``layer``) sees tokens no other rank of its TP group sees: TP = 1,
+    sequence parallelism, or TP rank 0 (without sequence parallelism every TP rank routes the same tokens)."""
+    if getattr(layer.config, "sequence_parallel", False):
+        return True
+    group = getattr(layer, "attn_tp_group", None) or tp_group()
+    return group is None or dist.get_world_size(group) == 1 or dist.get_rank(group) == 0
 
 
 def tp_replicated_params(model: torch.nn.Module, config=None) -> tuple[list, list]:

@@ -32,14 +32,15 @@ MODEL = [
 ]  # fmt: skip
 
 
-def ranks() -> tuple[int, str]:
-    """``(processes, what)``: one per GPU (at most 2, NCCL) where CUDA is available, else 2 CPU ranks (gloo)."""
+def ranks(cpu_ranks: int = 2) -> tuple[int, str]:
+    """``(processes, what)``: one per GPU (at most 2, NCCL) where CUDA is available, else ``cpu_ranks`` CPU
+    ranks (gloo)."""
     import torch
 
     if torch.cuda.is_available():
         n = min(2, torch.cuda.device_count())
         return n, f"{n} GPU{'s' if n > 1 else ''}, NCCL"
-    return 2, "2 CPU ranks, gloo"
+    return cpu_ranks, f"{cpu_ranks} CPU ranks, gloo"
 
 
 def launcher() -> list[str]:
@@ -114,6 +115,33 @@ def main(argv=None) -> int:
         "megatron-eplb's torch._grouped_mm drop-in where the grouped_gemm package is missing)",
     )
     parser.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="TP for attention and dense layers in phase 1 (experts keep TP 1; add --sequence-parallel)",
+    )
+    parser.add_argument(
+        "--sequence-parallel", action="store_true", help="Megatron sequence parallelism (TP > 1)"
+    )
+    parser.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="pipeline stages in phase 1 (Megatron's 1F1B + torch Adam; EP = ranks / stages); phase 2 serves the "
+        "logical checkpoint with PP 1",
+    )
+    parser.add_argument(
+        "--cpu-ranks",
+        type=int,
+        default=2,
+        help="CPU processes (gloo) where there is no GPU; e.g. 4 for --pipeline-model-parallel-size 2 with EP 2",
+    )
+    parser.add_argument(
+        "--deepspeed-config",
+        default="configs/ds_config.json",
+        help="ds_config of phase 1, e.g. configs/ds_config_zero2.json (ZeRO 2)",
+    )
+    parser.add_argument(
         "--train-args",
         default="",
         help="extra examples/train.py flags (one string, shell syntax); they come last, so they win",
@@ -123,19 +151,23 @@ def main(argv=None) -> int:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    n, where = ranks()
+    n, where = ranks(args.cpu_ranks)
     cuda = "GPU" in where
-    model = [*MODEL, "--expert-model-parallel-size", str(n)]
+    pp, tp = args.pipeline_model_parallel_size, args.tensor_model_parallel_size
+    # EP = the ranks of one pipeline stage; phase 2 serves with that EP (the recorded map's) and PP = TP = 1
+    model = [*MODEL, "--expert-model-parallel-size", str(max(1, n // pp))]
     if args.grouped_gemm:
         model += ["--moe-grouped-gemm", "--bf16"]
+    layout = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+    layout += ["--sequence-parallel"] * args.sequence_parallel
     iters = args.train_iters or (60 if args.quick else 300)
     every = max(10, iters // 6)
     expert_map = out / "expert_map.json"
     train = [
         *launcher(), "--num_gpus", str(n), "examples/train.py",
-        "--deepspeed_config", "configs/ds_config.json",
+        "--deepspeed_config", args.deepspeed_config,
         "--eplb-config", "configs/eplb_dynamic.yaml",
-        *model,
+        *model, *layout,
         "--train-iters", str(iters), "--log-interval", str(max(5, iters // 20)),
         "--num-iterations-eplb-update", str(every), "--eplb-window-size", str(every),
         "--expert-map-record-path", str(expert_map),

@@ -6,8 +6,10 @@ once per forward pass).
         --load outputs/demo/checkpoint --expert-map-path outputs/demo/expert_map.json \\
         --num-layers 4 --hidden-size 64 --num-experts 16 --moe-router-topk 2
 
-Every rank serves its own requests (greedy decoding, byte level); the experts are spread over the EP
-ranks as the map says (replicas of hot experts included).  Reports TTFT p50/p99, TPOT mean and the
+Every data-parallel replica serves its own requests (greedy decoding, byte level); the experts are spread
+over the EP ranks as the map says (replicas of hot experts included).  ``--tensor-model-parallel-size 2``
+serves with attention TP (without sequence parallelism: the prompts grow token by token); a checkpoint trained
+under any TP / PP / EP loads (it is logical).  Pipeline stages are not used for serving (PP = 1).  Reports TTFT p50/p99, TPOT mean and the
 measured balancedness, next to the balancedness the default placement would have had on the same loads.
 """
 
@@ -32,7 +34,7 @@ from data import ByteBatches, decode, load_domain  # noqa: E402
 from train import add_model_args, build_model, causal_mask, device, init_parallel, quiet_known_warnings  # noqa: E402
 
 from megatron_eplb.config import EPLBConfig, add_eplb_args  # noqa: E402
-from megatron_eplb.errors import EPLBError  # noqa: E402
+from megatron_eplb.errors import EPLBConfigError, EPLBError  # noqa: E402
 
 log = logging.getLogger("megatron_eplb.generate")
 
@@ -97,6 +99,8 @@ def load_unpatched(
     from megatron_eplb.checkpoint import check_state_fits
 
     state = eplb_mcore.unpatched_state_dict(model, logical_state)
+    experts = {id(p) for _, layer in eplb_mcore.find_moe_layers(model) for p in layer.experts.parameters()}
+    state = eplb_mcore.tp.shard_dense_state(model, state, experts)  # TP > 1: this rank's shards
     check_state_fits(state, model, source=source, saved_facts=saved_facts)
     model.load_state_dict(state, strict=False)
 
@@ -145,7 +149,9 @@ def greedy_generate(
         window = tokens[:, -seq_length:]
         n = window.shape[1]
         pos = torch.arange(n, device=window.device)[None].expand(window.shape[0], -1)
-        logits = model(window, pos, causal_mask(n).to(window.device))
+        logits = model(
+            window, pos, causal_mask(n).to(window.device), runtime_gather_output=True
+        )  # TP: whole vocab
         if after_forward is not None:
             after_forward()
         nxt = logits[:, -1].float().argmax(-1, keepdim=True)
@@ -160,8 +166,15 @@ def generate(args: argparse.Namespace) -> dict:
     from megatron_eplb.placement import ExpertPlacement
     from megatron_eplb.stats import balance_summary, balancedness
 
-    ep = init_parallel(args.expert_model_parallel_size, args.seed)
+    if args.pipeline_model_parallel_size > 1 or args.sequence_parallel:
+        raise EPLBConfigError(
+            "generate.py serves with --pipeline-model-parallel-size 1 and without --sequence-parallel (prompts grow "
+            "by one token per step); supported: --tensor-model-parallel-size N with any EP. A checkpoint trained "
+            "with pipeline stages or sequence parallelism loads into it (checkpoints are logical)"
+        )
+    ep = init_parallel(args.expert_model_parallel_size, args.seed, args.tensor_model_parallel_size)
     rank = dist.get_rank()
+    from megatron.core import parallel_state as ps
     from megatron_eplb.patches.deepspeed import resolve_tag
 
     from megatron_eplb.checkpoint import read_logical_checkpoint
@@ -185,7 +198,11 @@ def generate(args: argparse.Namespace) -> dict:
             meta.get("global_steps"),
         )
     data = ByteBatches(
-        load_domain(args.domain), args.batch_size, args.prompt_len, seed=args.seed + 7, rank=rank
+        load_domain(args.domain),
+        args.batch_size,
+        args.prompt_len,
+        seed=args.seed + 7,
+        rank=ps.get_data_parallel_rank(),
     )
     ttft, tpot = [], []
     sample = ""

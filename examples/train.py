@@ -12,7 +12,9 @@ plus ``--eplb-config FILE.yaml`` and ``--additional-config JSON``; the ds_config
 lowest-precedence source.  Half-way (``--switch-at``) the data switches domain (code -> Wikipedia prose),
 which shifts the routing; every completed rebalance prints the balancedness before and after.
 
-bf16 + ZeRO 1 + gradient accumulation: ``--deepspeed_config configs/ds_config_zero1_bf16.json --bf16``.
+bf16 + ZeRO 1 + gradient accumulation: ``--deepspeed_config configs/ds_config_zero1_bf16.json --bf16``;
+ZeRO 2: ``--deepspeed_config configs/ds_config_zero2.json``.  Tensor parallelism for attention and dense
+layers (experts keep TP = 1): ``--tensor-model-parallel-size 2 --sequence-parallel``.
 Grouped-GEMM experts (Megatron's legacy ``GroupedMLP``, bf16): ``--moe-grouped-gemm --bf16``; without the
 ``grouped_gemm`` package megatron-eplb's drop-in on ``torch._grouped_mm`` is installed for it.
 
@@ -69,6 +71,21 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--moe-router-topk", type=int, default=2)
     g.add_argument(
         "--expert-model-parallel-size", type=int, default=None, help="EP size (default: world size)"
+    )
+    g.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="TP size of attention and dense layers (experts keep TP = 1); training with TP > 1 needs "
+        "--sequence-parallel",
+    )
+    g.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism (TP > 1)")
+    g.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="pipeline stages (> 1: Megatron's 1F1B schedule with a torch Adam and the EPLB manager, "
+        "examples/train_pipeline.py; gradient_accumulation_steps micro-batches per step, at least the stages)",
     )
     g.add_argument("--moe-token-dispatcher-type", default="alltoall", choices=["alltoall", "allgather"])
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="0 keeps routing free to drift")
@@ -184,9 +201,10 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_parallel(ep_size: int | None, seed: int = 1234) -> int:
-    """NCCL (one GPU per process, ``LOCAL_RANK``) or gloo (CPU) process group and Megatron's parallel state;
-    returns the EP size."""
+def init_parallel(ep_size: int | None, seed: int = 1234, tp_size: int = 1, pp_size: int = 1) -> int:
+    """NCCL (one GPU per process, ``LOCAL_RANK``) or gloo (CPU) process group and Megatron's parallel state
+    (TP ``tp_size`` for attention and dense layers, expert TP 1, PP ``pp_size`` stages); returns the EP size
+    (default: the ranks of one stage)."""
     import deepspeed
     from megatron.core import parallel_state as ps
     from megatron_eplb.patches import megatron as eplb_mcore
@@ -197,7 +215,14 @@ def init_parallel(ep_size: int | None, seed: int = 1234) -> int:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     world = dist.get_world_size()
-    ep = ep_size or world
+    ep = ep_size or world // pp_size
+    if world % tp_size:
+        from megatron_eplb.patches.deepspeed import DeepSpeedEPLBError
+
+        raise DeepSpeedEPLBError(
+            f"--tensor-model-parallel-size {tp_size} does not divide the world size {world}; choose one of "
+            f"{[d for d in range(1, world + 1) if world % d == 0]}"
+        )
     if world % ep:
         from megatron_eplb.patches.deepspeed import DeepSpeedEPLBError
 
@@ -205,8 +230,20 @@ def init_parallel(ep_size: int | None, seed: int = 1234) -> int:
             f"--expert-model-parallel-size {ep} does not divide the world size {world}; choose one of "
             f"{[d for d in range(1, world + 1) if world % d == 0]}"
         )
+    if pp_size > 1 and (world % (tp_size * pp_size) or world % (ep * pp_size)):
+        from megatron_eplb.patches.deepspeed import DeepSpeedEPLBError
+
+        raise DeepSpeedEPLBError(
+            f"--pipeline-model-parallel-size {pp_size} with TP {tp_size} and EP {ep} does not fit the world size "
+            f"{world}: world must be a multiple of TP x PP and of EP x PP"
+        )
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(expert_model_parallel_size=ep)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp_size,
+            pipeline_model_parallel_size=pp_size,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=1,
+        )
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     model_parallel_cuda_manual_seed(seed)
@@ -246,6 +283,7 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
         if dist.is_initialized() and dist.get_rank() == 0:
             log.info("GroupedMLP experts, grouped GEMM from: %s", source)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    pp = getattr(args, "pipeline_model_parallel_size", 1)
     cfg = TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -254,7 +292,13 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
         num_attention_heads=args.num_attention_heads,
         num_moe_experts=args.num_experts,
         moe_router_topk=args.moe_router_topk,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
         expert_model_parallel_size=ep_size,
+        expert_tensor_parallel_size=1,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=dtype,
+        batch_p2p_sync=torch.cuda.is_available(),
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         moe_grouped_gemm=grouped,
         moe_router_load_balancing_type="aux_loss" if args.moe_aux_loss_coeff > 0 else "none",
@@ -271,6 +315,13 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
         init_method_std=0.02,
     )
     spec = get_gpt_layer_local_spec(num_experts=args.num_experts, moe_grouped_gemm=grouped)
+    if args.sequence_parallel:  # torch norms that allow sequence parallelism (no Apex / Transformer Engine)
+        from megatron.core.transformer.transformer_block import get_num_layers_to_build
+        from megatron_eplb.patches.megatron.tp import sequence_parallel_block_spec
+
+        spec = sequence_parallel_block_spec(
+            spec, get_num_layers_to_build(cfg)
+        )  # this pipeline stage's layers
     torch.manual_seed(args.seed)
     model = GPTModel(
         config=cfg,
@@ -278,11 +329,14 @@ def build_model(args: argparse.Namespace, ep_size: int) -> torch.nn.Module:
         vocab_size=VOCAB_SIZE,
         max_sequence_length=args.seq_length,
         position_embedding_type="learned_absolute",
+        pre_process=ps.is_pipeline_first_stage(),  # PP > 1: this stage's layers only
+        post_process=ps.is_pipeline_last_stage(),
     )
     ep_rank = ps.get_expert_model_parallel_rank()
     num_local = args.num_experts // ep_size
     with torch.no_grad():
-        for layer_id, layer in enumerate(model.decoder.layers):
+        for layer in model.decoder.layers:
+            layer_id = layer.layer_number - 1  # global: the same experts whatever the pipeline stages
             for k, weights in enumerate(local_expert_weights(layer.mlp.experts)):
                 g = torch.Generator().manual_seed(
                     args.seed * 100_003 + layer_id * 1009 + ep_rank * num_local + k
@@ -496,6 +550,10 @@ def train(args: argparse.Namespace) -> dict:
 
     from megatron_eplb.config import EPLBConfig
 
+    if args.pipeline_model_parallel_size > 1:  # the DeepSpeed engine cannot run Megatron's pipeline schedules
+        from train_pipeline import train_pipeline
+
+        return train_pipeline(args)
     ds_cfg = ds_config_for(args)
     eplb = None if args.no_eplb else EPLBConfig.from_args(args, ds_cfg)
     if eplb is not None:  # what needs the model, before the heavy start (every layer of this model is MoE)
@@ -523,8 +581,11 @@ def train(args: argparse.Namespace) -> dict:
         problems += later_tag_problem(args.save, later_tags(args.save, 0), 0)
     if problems:
         raise SetupError("; ".join(problems))
-    ep = init_parallel(args.expert_model_parallel_size, args.seed)
+    ep = init_parallel(args.expert_model_parallel_size, args.seed, args.tensor_model_parallel_size)
     rank = dist.get_rank()
+    from megatron.core import parallel_state as ps
+
+    data_rank = ps.get_data_parallel_rank()  # the TP ranks of one replica read the same batches
     if rank == 0:
         log.info("building the model (%d layers, %d experts, EP=%d)", args.num_layers, args.num_experts, ep)
     model = build_model(args, ep)
@@ -576,7 +637,7 @@ def train(args: argparse.Namespace) -> dict:
     if rank == 0:
         log.info("text domains available: %s; training on %s", available_domains(), " -> ".join(domains))
     batches = [
-        ByteBatches(load_domain(d), args.micro_batch_size, args.seq_length, seed=args.seed, rank=rank)
+        ByteBatches(load_domain(d), args.micro_batch_size, args.seq_length, seed=args.seed, rank=data_rank)
         for d in domains
     ]
     if manager is not None:  # what eplb_trace_path's file says about the data

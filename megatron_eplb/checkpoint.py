@@ -70,6 +70,7 @@ from .checkpoint_files import (
 from .checkpoint_layout import logical_to_physical, physical_to_logical, split_expert_key
 from .errors import CheckpointError
 from .optimizer_state import MASTER_KEY
+from .pipeline import gather_over_stages, global_placement, stage_of, stage_placement
 from .placement import ExpertPlacement
 
 if TYPE_CHECKING:
@@ -155,13 +156,15 @@ def logical_optimizer_state(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """The optimizer state of the logical model: ``{logical parameter name: {key: CPU tensor}}``.
 
-    Dense parameters from this rank (identical on every data-parallel rank), each logical expert from its
-    first copy (gathered over ``handle.ep_group``), named and shaped as the unpatched model without EP holds
-    its experts (``handle.logical_entries``: one tensor per expert, or stacked over the experts).
-    ``slots``: :class:`megatron_eplb.protocols.OptimizerSlots`.  Collective (EP group, and
+    Dense parameters from this rank (identical on every data-parallel rank; joined over tensor parallelism
+    where the handle has ``dense_to_logical``), each logical expert from its first copy (gathered over
+    ``handle.ep_group``), named and shaped as the unpatched model without EP holds its experts
+    (``handle.logical_entries``: one tensor per expert, or stacked over the experts).  ``slots``:
+    :class:`megatron_eplb.protocols.OptimizerSlots`.  Collective (EP group, TP group, and
     ``slots.full_state``'s groups); complete on every rank.
     """
     expert_ids = _expert_param_ids(handle) if handle is not None else set()
+    to_logical = getattr(handle, "dense_to_logical", None)
     out: dict[str, dict[str, torch.Tensor]] = {}
     expert_state: dict[int, dict[str, torch.Tensor]] = {}
     for name, p in model.named_parameters():
@@ -170,6 +173,8 @@ def logical_optimizer_state(
         if id(p) in expert_ids:
             expert_state[id(p)] = state
         else:
+            if to_logical is not None:  # e.g. joined over tensor parallelism (collective)
+                state = {k: to_logical(p, v.detach()) for k, v in state.items()}
             out[name] = {k: v.detach().cpu() for k, v in state.items()}
     if handle is None:
         return out
@@ -270,6 +275,16 @@ def save_logical_checkpoint(
     model = handle.model if model is None else model
     model_state = handle.logical_state_dict() if handle is not None else model.state_dict()
     optimizer = logical_optimizer_state(model, handle, slots) if slots is not None else {}
+    stage = stage_of(handle)
+    if stage is not None:  # PP: every stage's part under the whole model's names, gathered (rank 0 writes)
+        parts = gather_over_stages(
+            (handle.state_to_global(_to_cpu(model_state)), handle.state_to_global(optimizer)), stage
+        )
+        model_state = {k: v for state, _ in parts for k, v in state.items()}
+        optimizer = {k: v for _, opt in parts for k, v in opt.items()}
+    placement = None
+    if handle is not None:  # the whole model's map (PP: every stage's rows; collective over the stages)
+        placement = global_placement(handle.placement, stage, expert_load)
     error = None
     if rank0:
         files: dict[str, Any] = {}
@@ -283,9 +298,7 @@ def save_logical_checkpoint(
             FACTS_KEY: _model_facts(handle),
             **dict(extra or {}),
         }
-        if handle is not None:
-            placement = handle.placement
-            placement = placement.with_load(expert_load) if expert_load is not None else placement
+        if placement is not None:
             files[EXPERT_MAP_FILENAME] = placement.to_json()
             payload[MAP_SHA256_KEY] = sha256_text(files[EXPERT_MAP_FILENAME])
         payload[CHECKSUMS_KEY] = payload_checksums(payload)
@@ -300,6 +313,10 @@ def save_logical_checkpoint(
     if error:
         raise CheckpointError(error)
     return directory
+
+
+def _to_cpu(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
 
 
 def _save_target_problem(directory: Path, overwrite: bool) -> str | None:
@@ -458,6 +475,10 @@ def load_logical_checkpoint(
     failure: BaseException | None = None
     try:
         payload = read_logical_checkpoint(directory)
+        if stage_of(handle) is not None:  # PP: this stage's part of the whole model's checkpoint
+            payload = dict(payload)
+            payload["model"] = handle.state_to_stage(payload["model"])
+            payload["optimizer"] = handle.state_to_stage(payload.get("optimizer") or {})
         placement, info = _check_before_load(directory, payload, model, handle, slots, config, strict)
     except (CheckpointError, FileNotFoundError, OSError) as exc:
         failure = exc
@@ -474,6 +495,7 @@ def load_logical_checkpoint(
     if slots is not None:
         optimizer = payload["optimizer"]
         experts = _expert_full_states(handle, optimizer, model_state) if handle is not None else {}
+        to_local = getattr(handle, "dense_to_local", None)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 values = experts.get(id(p))
@@ -481,6 +503,8 @@ def load_logical_checkpoint(
                     values = dict(optimizer.get(name) or {})
                     if MASTER_KEY not in values and torch.is_tensor(model_state.get(name)):
                         values[MASTER_KEY] = model_state[name].float()  # saved without masters (an fp32 run)
+                    if to_local is not None:  # e.g. this rank's tensor-parallel part
+                        values = {k: to_local(p, v) for k, v in values.items()}
                 if values:
                     slots.set_full_state(p, {k: v.to(p.device) for k, v in values.items()})
         slots.set_optimizer_step(int(payload.get("optimizer_step") or 0))
@@ -502,6 +526,8 @@ def _check_before_load(directory, payload, model, handle, slots, config, strict)
             raise CheckpointError(f"{source}: {mismatch}")
         uses_saved_map = config is None or config.expert_map_path is None
         saved_map = load_expert_map(directory, payload.get(MAP_SHA256_KEY) if uses_saved_map else None)
+        if saved_map is not None:  # PP: this stage's rows of the whole model's map
+            saved_map = stage_placement(saved_map, stage_of(handle))
         placement, info = resume_placement(saved_map, handle, config)
         phy2log = (placement or handle.placement).phy2log
         physical = handle.physical_state_dict(
@@ -512,10 +538,13 @@ def _check_before_load(directory, payload, model, handle, slots, config, strict)
     check_state_fits(physical, model, source=source, saved_facts=saved_facts, strict=strict)
     if slots is not None:
         experts = _expert_param_ids(handle) if handle is not None else set()
+        to_local = getattr(handle, "dense_to_local", None)
         for name, p in model.named_parameters():
             if id(p) in experts:  # the experts' state is checked where it is split (_expert_full_states)
                 continue
             for key, value in (payload["optimizer"].get(name) or {}).items():
+                if torch.is_tensor(value) and to_local is not None:  # this rank's part (e.g. its TP shard)
+                    value = to_local(p, value)
                 if torch.is_tensor(value) and value.shape != p.shape:
                     raise CheckpointError(
                         f"{source}: optimizer state {key!r} of {name!r} has shape {list(value.shape)} but "

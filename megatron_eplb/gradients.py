@@ -46,6 +46,7 @@ def logical_grad_norm(
     expert_params: dict[int, bool | Sequence[SlotParam]],
     ep_group=None,
     device: torch.device | str | None = None,
+    dense_group=None,
 ) -> float:
     """L2 norm of the logical model's gradient, each logical expert counted once.
 
@@ -58,8 +59,11 @@ def logical_grad_norm(
             data-parallel reduced), counted once locally.
         ep_group: the expert-parallel group the expert part is summed over (None: no reduction).
         device: where the sums live (default: the device ``ep_group``'s collectives need, CUDA for NCCL).
+        dense_group: the group the dense part is summed over (tensor parallelism: pass each TP shard on its
+            rank and each TP-replicated parameter on one rank only); None: no reduction.
     Returns:
-        ``sqrt(sum dense^2 + all_reduce_EP(sum primary^2))`` as a Python float: the only host sync.
+        ``sqrt(all_reduce_dense(sum dense^2) + all_reduce_EP(sum primary^2))`` as a Python float: the only
+        host sync.
     """
     device = collective_device(ep_group) if device is None else torch.device(device)
     dense, expert = [], []
@@ -74,4 +78,7 @@ def logical_grad_norm(
     expert_sq = _sum_of_squares(expert, device)
     if ep_group is not None and dist.is_initialized() and dist.get_world_size(ep_group) > 1:
         dist.all_reduce(expert_sq, group=ep_group)
-    return float((_sum_of_squares(dense, device) + expert_sq).sqrt())
+    dense_sq = _sum_of_squares(dense, device)
+    if dense_group is not None and dist.is_initialized() and dist.get_world_size(dense_group) > 1:
+        dist.all_reduce(dense_sq, group=dense_group)
+    return float((dense_sq + expert_sq).sqrt())

@@ -52,10 +52,17 @@ from .gradients import logical_grad_norm, primary_expert_params
 from .load_window import LoadWindow
 from .optimizer_state import OptimizerSlotState
 from .phases import Gated, Phase, Planning, RebalanceRecord, Recording, State, Transferring
+from .pipeline import (
+    gather_layers,
+    global_placement,
+    max_over_world,
+    round_summary,
+    stage_of,
+)
 from .placement import ExpertPlacement
 from .protocols import ExpertModel, OptimizerSlots, Transport
 from .stats import balance_summary, load_similarity, moved_slots, realized_balance
-from .trace import LoadTrace, write_trace
+from .trace_recorder import TraceRecorder
 from .transfer import TransferError, TransferExecutor, plan_transfer
 from .worker import PolicyWorker, PolicyWorkerError, broadcast_placement
 
@@ -109,11 +116,18 @@ class EPLBManager:
     ) -> None:
         self.handle = handle
         self.config = config or EPLBConfig()
-        self.config.validate_for(handle.num_layers, handle.num_experts, handle.ep_size)
+        #: With PP > 1 this stage's place among the model's MoE layers (:mod:`megatron_eplb.pipeline`): the
+        #: manager of each stage runs its own layers over ``load_group`` (the stage's ranks), in lockstep
+        #: with the other stages' managers (see :meth:`_end_round`); None with PP = 1.
+        self.stage = stage_of(handle)
+        total = self.stage.total_layers if self.stage is not None else handle.num_layers
+        self.config.validate_for(total, handle.num_experts, handle.ep_size)
         self.optimizer = optimizer
         self.optimizer_state = optimizer_state or (
             OptimizerSlotState(optimizer) if optimizer is not None else None
         )
+        if load_group is None and self.stage is not None:  # PP: the ranks of this stage
+            load_group = self.stage.stage_group
         self.load_group = load_group  # all ranks that route tokens (EP x expert-DP); None = world
         self.monitor = monitor
         self.step_count = 0
@@ -124,7 +138,17 @@ class EPLBManager:
         if self._rank == 0:
             for note in self.config.notes():
                 log.warning("megatron-eplb: %s", note)
-        self._planner_rank = 0
+        # the first rank of the stage plans (and runs the worker) for its layers; with PP = 1, rank 0
+        self._planner_rank = (
+            dist.get_global_rank(load_group, 0) if self.stage is not None and load_group is not None else 0
+        )
+        self._round_sync_at: int | None = None  # PP: the step all stages agree on a rebalance's length
+        self._round_end: int | None = None  # PP: the step every stage's rebalance has completed
+        self._round_steps = 0  # PP: steps this stage's transfer takes (0: nothing to move)
+        self._round_records: list[RebalanceRecord] = []
+        self._last_window_load: np.ndarray | None = None  # PP: the window this stage's last rebalance used
+        # PP: a timed-out transfer broke this stage's transfer group (remade at the round's end)
+        self._transfer_broken = False
         self.window = LoadWindow(handle, self.config.eplb_window_size, load_group)
         self._device = self.window.device
         self._last_update_load: np.ndarray | None = None  # [L, E] load at each layer's last update
@@ -143,14 +167,19 @@ class EPLBManager:
         )
         self._transfer_group = new_group_like(self.handle.ep_group) if self.config.dynamic_eplb else None
         self._completed: list[RebalanceRecord] = []
-        # eplb_trace_path: every step's counts of every source rank, gathered every few steps (before the
-        # window's ring overwrites them); rank 0 keeps them and writes the file at close().
-        self.trace_meta: dict[
-            str, Any
-        ] = {}  #: extra keys for the trace file's meta (e.g. the data's domains)
-        self._trace: list[tuple[np.ndarray, np.ndarray]] | None = [] if self.config.eplb_trace_path else None
-        self._traced_upto = 0  # the trace holds every step up to this one
-        self._trace_every = min(self.config.eplb_log_interval, self.config.eplb_window_size)
+        #: extra keys for the trace file's meta (e.g. the data's domains)
+        self.trace_meta: dict[str, Any] = {}
+        # eplb_trace_path: every step's counts of every source rank (rank 0 writes the file at close())
+        self._trace = (
+            TraceRecorder(
+                self.window,
+                min(self.config.eplb_log_interval, self.config.eplb_window_size),
+                self.stage,
+                self._rank,
+            )
+            if self.config.eplb_trace_path
+            else None
+        )
 
     # ------------------------------------------------------------- the calls
     def before_optimizer_step(self) -> None:
@@ -203,9 +232,11 @@ class EPLBManager:
         self.window.record()
         if self.step_count % self.config.eplb_log_interval == 0:
             self._log_realized_balance()
-        if self._trace is not None and self.step_count - self._traced_upto >= self._trace_every:
-            self._gather_trace()
+        if self._trace is not None:
+            self._trace.maybe_gather(self.step_count)
+        self._end_round()
         self.state = self._next(self.state)
+        self._end_round()
         done, self._completed = self._completed, []
         return done[-1] if done else None
 
@@ -228,7 +259,35 @@ class EPLBManager:
             state = self._await_plan(state)
         if isinstance(state, Transferring):
             self._start_transfers(state)
+        if self._round_sync_at == self.step_count:  # PP: every stage is here at this step
+            self._round_sync_at = None
+            self._round_end = self.step_count + max_over_world(self._round_steps, self._device)
         return state
+
+    def _end_round(self) -> None:
+        """PP > 1, at the step every stage's rebalance has completed (the same step on every rank): the record
+        map of all stages' layers (gathered over the pipeline group; rank 0 writes), the whole model's record
+        (global layer ids; what :meth:`step` returns and the monitor gets), and under ``gate_eplb`` every stage
+        gated when any stage committed."""
+        if self._round_end is None or self.step_count < self._round_end:
+            return
+        self._round_end = None
+        if self._any_rank(self._transfer_broken, world=True):  # a stage's transfer group broke: all make anew
+            self._transfer_group = new_group_like(self.handle.ep_group)
+            self._transfer_broken = False
+        records, self._round_records = self._round_records, []
+        mine = records[-1].as_dict() if records else None
+        load = self._last_window_load if mine is not None else None
+        placement, merged = round_summary(self.handle.placement, self.stage, load, mine)
+        if self.config.expert_map_record_path and self._rank == 0:
+            placement.to_json(self.config.expert_map_record_path)
+        if merged["outcome"] == "none":
+            return
+        self._completed.append(RebalanceRecord(**merged))
+        if self.monitor is not None:
+            self.monitor.rebalance(self.step_count, merged, placement, placement.expert_load)
+        if self.config.gate_eplb and merged["outcome"] == "committed":
+            self.state = Gated()
 
     def _log_transition(self, old: Phase, new: Phase, why: str) -> None:
         if self._rank == 0:
@@ -236,13 +295,17 @@ class EPLBManager:
 
     def _due(self) -> bool:
         cfg = self.config
-        if not cfg.dynamic_eplb:
+        if not cfg.dynamic_eplb or self._round_sync_at is not None or self._round_end is not None:
             return False
         by_steps = self.step_count - self._last_rebalance_step >= cfg.num_iterations_eplb_update
         by_time = False
         if cfg.eplb_update_interval is not None:
             # Agree across ranks: one scalar all-reduce per step, only when a time interval is configured.
-            by_time = self._any_rank(time.monotonic() - self._last_rebalance_time >= cfg.eplb_update_interval)
+            # (with PP over every stage: they plan in lockstep)
+            by_time = self._any_rank(
+                time.monotonic() - self._last_rebalance_time >= cfg.eplb_update_interval,
+                world=self.stage is not None,
+            )
         return by_steps or by_time
 
     # ------------------------------------------------------------- record
@@ -260,8 +323,14 @@ class EPLBManager:
         and writes to the monitor."""
         logical, per_slot = self.window.gather_steps(self.config.eplb_log_interval)
         h = self.handle
-        default = ExpertPlacement.default(h.num_layers, h.num_experts, h.ep_size, 0)
-        metrics = realized_balance(h.placement, default, logical, per_slot)
+        placement = h.placement
+        if self.stage is not None:  # PP: every stage's layers (collective over the stages)
+            logical, per_slot, phy2log = gather_layers(
+                self.stage, logical, per_slot, placement.phy2log[None], axis=1
+            )
+            placement = ExpertPlacement(phy2log[0], h.ep_size, h.num_experts, allow_same_rank_copies=True)
+        default = ExpertPlacement.default(placement.num_layers, h.num_experts, h.ep_size, 0)
+        metrics = realized_balance(placement, default, logical, per_slot)
         if metrics is None:
             return
         first = self.step_count - per_slot.shape[0] + 1
@@ -285,6 +354,9 @@ class EPLBManager:
         """RECORDING -> PLANNING: gather the window, submit it to the worker (planning rank)."""
         cfg = self.config
         t0 = time.monotonic()
+        if self.stage is not None:  # every stage starts at this step and agrees on the length at the await
+            self._round_sync_at = self.step_count + cfg.num_wait_worker_iterations
+            self._round_steps = 0
         load, per_slot = self.gather_window()
         placement = self.handle.placement
         layers = self._layers_to_replan(load)
@@ -354,7 +426,9 @@ class EPLBManager:
             status, new_sub = self._poll_plan(state)
         status = self._broadcast_status(status)
         if status == _PLAN_ARRIVED:
-            new_sub = broadcast_placement(new_sub, src=self._planner_rank)
+            new_sub = broadcast_placement(
+                new_sub, src=self._planner_rank, group=self.load_group if self.stage is not None else None
+            )
         _add_seconds(record, "plan_wait", t0)
         if status == _PLAN_PENDING:
             if not state.late and self._rank == 0:
@@ -366,6 +440,8 @@ class EPLBManager:
                     self.config.eplb_worker_timeout,
                 )
             state.late = True
+            if self.stage is not None:  # PP: every stage looks again at the next step, and agrees there
+                self._round_sync_at = self.step_count + 1
             return state
         if status == _PLAN_DROPPED:
             if self._rank == 0:
@@ -400,6 +476,7 @@ class EPLBManager:
         )
         record.moved_slots = int(moved_slots(old, new).sum())
         queue = list(plan.layers_changed)
+        self._round_steps = -(-len(queue) // self.config.eplb_layers_per_step)
         self._log_transition(
             Phase.PLANNING, Phase.TRANSFERRING, f"{len(queue)} layers, {record.moved_slots} slots to move"
         )
@@ -430,12 +507,21 @@ class EPLBManager:
         return (_PLAN_PENDING, None) if worker.pending_id is not None else (_PLAN_DROPPED, None)
 
     def _broadcast_status(self, status: int) -> int:
-        """The planning rank's ``status`` on every rank (one scalar broadcast)."""
+        """The planning rank's ``status`` on every rank (one scalar broadcast).  PP: every stage takes the
+        same branch at the same step (one more all-reduce over the world): a plan dropped on any stage drops
+        the round on all, a plan still pending on any stage keeps every stage waiting."""
         if not dist.is_initialized():
             return status
-        t = torch.tensor([status], dtype=torch.int64, device=collective_device(None))
-        dist.broadcast(t, src=self._planner_rank)
-        return int(t.item())
+        device = collective_device(None)
+        t = torch.tensor([status], dtype=torch.int64, device=device)
+        group = self.load_group if self.stage is not None else None
+        dist.broadcast(t, src=self._planner_rank, group=group)
+        if self.stage is None:
+            return int(t.item())
+        flags = torch.stack([t[0] == _PLAN_DROPPED, t[0] == _PLAN_PENDING]).to(torch.int64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        dropped, pending = flags.tolist()
+        return _PLAN_DROPPED if dropped else _PLAN_PENDING if pending else _PLAN_ARRIVED
 
     def _update_similarity_baseline(self, window_load: np.ndarray, layers: list[int]) -> None:
         if self._last_update_load is None:
@@ -459,7 +545,13 @@ class EPLBManager:
         count = self.config.eplb_layers_per_step
         batch, state.queue = state.queue[:count], state.queue[count:]
         layers = self.handle.moe_layers()
+        begin = getattr(self.optimizer_state, "begin_layer", None)  # optional: e.g. ZeRO's partition pieces
         for layer in batch:
+            if begin is not None:
+                begin(
+                    layer,
+                    [list(self.handle.slot_params(layer, k)) for k in range(self.handle.slots_per_rank)],
+                )
             transfer = state.executor.start_layer(layer)
             hook = layers[layer].register_forward_pre_hook(self._commit_hook(state, layer))
             state.in_flight[layer] = (transfer, hook)
@@ -507,11 +599,12 @@ class EPLBManager:
         else:
             if problem is None:
                 problem = "its forward did not run before the optimizer step"
-            elif self._any_rank(broken):
-                self._transfer_group = new_group_like(
-                    self.handle.ep_group
-                )  # a timed-out receive closes gloo's pair
-                executor.group = self._transfer_group
+            elif self._any_rank(broken):  # a timed-out receive closes gloo's pair
+                if self.stage is not None:  # PP: a new group needs every rank (made at _end_round)
+                    self._transfer_broken = True
+                else:
+                    self._transfer_group = new_group_like(self.handle.ep_group)
+                    executor.group = self._transfer_group
             self._restore(layer, undo)
             record.layers_rolled_back.append(layer)
             log.error(
@@ -520,6 +613,9 @@ class EPLBManager:
                 layer,
                 problem,
             )
+        end = getattr(self.optimizer_state, "end_layer", None)
+        if end is not None:
+            end(layer)
         _add_seconds(record, "transfer", t0)
 
     def _snapshot_destinations(self, state: Transferring, layer: int) -> dict[int, list[torch.Tensor]]:
@@ -547,11 +643,11 @@ class EPLBManager:
     def _slot_bytes(self, layer: int) -> int:
         return sum(t.numel() * t.element_size() for t in self._slot_tensors(layer, 0))
 
-    def _any_rank(self, flag: bool) -> bool:
+    def _any_rank(self, flag: bool, world: bool = False) -> bool:
         if not dist.is_initialized():
             return flag
         t = torch.tensor([int(flag)], device=self._device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.load_group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=None if world else self.load_group)
         return bool(t.item())
 
     def _finish(self, state: Planning | Transferring, outcome: str, why: str) -> State:
@@ -561,6 +657,12 @@ class EPLBManager:
         record.outcome = outcome
         record.completed_step = self.step_count
         self.history.append(record)
+        if self.stage is not None:  # PP: the map, the record, the monitor and the gate wait for every stage
+            self._round_records.append(record)  # (_end_round)
+            self._last_window_load = state.window_load
+            nxt = Recording()
+            self._log_transition(state.phase, nxt.phase, why)
+            return nxt
         self._completed.append(record)
         if (
             outcome in ("committed", "failed_layers", "no_change")  # the map a run ends with, with its load
@@ -626,9 +728,9 @@ class EPLBManager:
         path = self.config.expert_map_record_path
         if not path:
             return None
-        load = self.checkpoint_load()
+        placement = global_placement(self.handle.placement, self.stage, self.checkpoint_load())
         if self._rank == 0:
-            self.handle.placement.with_load(load).to_json(path)
+            placement.to_json(path)
         return Path(path)
 
     def checkpoint_load(self) -> np.ndarray | None:
@@ -639,7 +741,9 @@ class EPLBManager:
 
     def resume_at(self, step: int) -> None:
         """Continue counting from ``step`` (a resumed run); the next rebalance is a full interval away."""
-        self.step_count = self._last_rebalance_step = self._traced_upto = int(step)
+        self.step_count = self._last_rebalance_step = int(step)
+        if self._trace is not None:
+            self._trace.upto = self.step_count
         self._last_rebalance_time = time.monotonic()
 
     def close(self) -> None:
@@ -652,41 +756,15 @@ class EPLBManager:
             self._worker = None
 
     # -------------------------------------------------------------- trace
-    def _gather_trace(self) -> None:
-        """Keep the steps since the last gather, per source rank (collective over ``load_group``)."""
-        k = self.step_count - self._traced_upto
-        counts = self.window.gather_steps_per_rank(k)  # [k, R, L, E]
-        if self._rank == 0:
-            steps = np.arange(self.step_count - counts.shape[0] + 1, self.step_count + 1)
-            self._trace.append((counts, steps))
-        self._traced_upto = self.step_count
-
     def write_trace(self, path: str | os.PathLike | None = None) -> Path | None:
         """Write every step recorded so far to ``path`` (default ``eplb_trace_path``) as a
         :mod:`megatron_eplb.trace` file.  Collective (the last steps are gathered first); rank 0 writes and
         returns the path, other ranks return None."""
         if self._trace is None:
             raise RuntimeError("write_trace() needs eplb_trace_path set in the config")
-        if self.step_count > self._traced_upto:
-            self._gather_trace()
-        if self._rank != 0 or not self._trace:
-            return None
-        h = self.handle
-        meta = {
-            "ep_size": h.ep_size,
-            "num_layers": h.num_layers,
-            "num_experts": h.num_experts,
-            "layer_names": list(getattr(h, "layer_names", [])),
-            "replica_dispatch": getattr(h, "replica_dispatch", None),
-            **self.trace_meta,
-        }
-        counts = np.concatenate([c for c, _ in self._trace])
-        steps = np.concatenate([s for _, s in self._trace])
-        path = write_trace(path or self.config.eplb_trace_path, LoadTrace(counts, steps, meta))
-        log.info(
-            "EPLB: wrote the load trace of %d steps (%s sources) to %s", len(steps), counts.shape[1], path
+        return self._trace.write(
+            path or self.config.eplb_trace_path, self.handle, self.step_count, self.trace_meta
         )
-        return path
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor | None:

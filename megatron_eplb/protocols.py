@@ -35,7 +35,7 @@ class ExpertModel(Protocol):
     """A model whose MoE layers hold physical expert slots (``patches.megatron.apply`` returns one)."""
 
     num_layers: int
-    """``L``: MoE layers (global ids ``0..L-1``)."""
+    """``L``: MoE layers (ids ``0..L-1``; with pipeline stages the stage's own, see below)."""
     num_experts: int
     """``E``: logical experts per MoE layer."""
     slots_per_rank: int
@@ -46,6 +46,11 @@ class ExpertModel(Protocol):
     """This rank's index in the expert-parallel group."""
     ep_group: Any
     """The expert-parallel ``torch.distributed`` process group."""
+
+    # Optional, with pipeline parallelism (PP > 1): ``stage`` (a :class:`megatron_eplb.pipeline.PipelineStage`:
+    # the stage's MoE layers ``0..L-1`` are the model's ``offset..offset+L-1``), ``state_to_global(state)`` /
+    # ``state_to_stage(state)`` (a dict keyed by parameter name between the stage's and the whole model's
+    # names).  The manager and the checkpoints use them when present.
 
     @property
     def placement(self) -> ExpertPlacement:
@@ -115,6 +120,11 @@ class OptimizerSlots(Protocol):
     master under key ``"fp32"`` where the optimizer keeps one, then the moments, keys sorted); Adam's
     ``step`` is one count per optimizer, never slot state: read and written only through
     :meth:`optimizer_step` / :meth:`set_optimizer_step`.
+
+    Optional: ``begin_layer(layer, slots)`` / ``end_layer(layer)`` around a layer's transfer (the manager calls
+    them when present; collective in the same order on every rank): a layout whose per-slot storage is not the
+    same on every slot (ZeRO partitions cutting through a layer) returns whole tensors from :meth:`tensors` in
+    between and writes them back at the end.
     """
 
     def tensors(self, params: Sequence[torch.Tensor | SlotParam]) -> list[torch.Tensor]:

@@ -46,9 +46,8 @@ def test_unsupported_zero_stage_names_supported_stages():
     from megatron_eplb.patches.deepspeed import DeepSpeedEPLBError, _check_ds_config
 
     assert _check_ds_config({"zero_optimization": {"stage": 1}}) == 1
-    for stage in (2, 3):
-        with pytest.raises(DeepSpeedEPLBError, match="supported stages: 0, 1"):
-            _check_ds_config({"zero_optimization": {"stage": stage}})
+    with pytest.raises(DeepSpeedEPLBError, match="supported stages: 0, 1, 2"):
+        _check_ds_config({"zero_optimization": {"stage": 3}})
     with pytest.raises(DeepSpeedEPLBError, match="grad_accum_dtype"):
         _check_ds_config({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}})
 

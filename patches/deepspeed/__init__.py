@@ -15,15 +15,15 @@ One file per job:
 * :mod:`.groups` — DeepSpeed's expert groups made from Megatron's (the only writes into DeepSpeed's private
   group dicts), expert parameters tagged with their group;
 * :mod:`.optimizer_state` — :class:`DeepSpeedSlotState`, the per-slot optimizer tensors (fp32 masters, Adam
-  moments) of the optimizers DeepSpeed builds at ZeRO 0 and 1, the core's ``OptimizerSlots`` interface;
+  moments) of the optimizers DeepSpeed builds at ZeRO 0, 1 and 2, the core's ``OptimizerSlots`` interface;
 * :mod:`.engine` — the engine hooks: replica-gradient sum before DeepSpeed reduces, logical clipping,
   ``manager.step()`` after applied steps, Megatron's expert-bias update;
 * :mod:`.initialize` — :func:`initialize` and the ds_config checks;
 * :mod:`.checkpoint` — :func:`save_checkpoint` / :func:`load_checkpoint`: the core's logical checkpoint
   plus DeepSpeed's engine steps and lr scheduler.
 
-Supported: ZeRO stage 0 and 1, fp32 and bf16 (bf16 gradient accumulation, DeepSpeed's default; masters
-and Adam moments fp32), gradient accumulation, TP = PP = 1.  Every import of ``deepspeed`` in this package
+Supported: ZeRO stage 0, 1 and 2, fp32 and bf16 (bf16 gradient accumulation, DeepSpeed's default; masters
+and Adam moments fp32), gradient accumulation, TP >= 1 with sequence parallelism and expert TP = 1, PP = 1.  Every import of ``deepspeed`` in this package
 is the real DeepSpeed (absolute imports).
 """
 

@@ -5,7 +5,10 @@ DeepSpeed has no public after-step callback and decides MoE handling inside the 
 * while ``deepspeed.initialize`` builds the engine, it is told it has MoE layers (:func:`engine_has_moe`:
   optimizer param groups split into MoE / dense);
 * ``engine.allreduce_gradients`` first sums the gradients of every logical expert's copies
-  (``manager.before_optimizer_step()``) at the accumulation boundary, before DeepSpeed reduces;
+  (``manager.before_optimizer_step()``) at the accumulation boundary, before DeepSpeed reduces; under ZeRO 2
+  (and ZeRO 1 with ``overlap_comm``), where DeepSpeed reduces each gradient in a backward hook as soon as it
+  is ready, the expert gradients are held back in that hook (:func:`hold_back_reductions`) and handed to
+  DeepSpeed right after the sum, on every micro-step;
 * gradient clipping counts each logical expert once (:func:`logical_grad_norm`; DeepSpeed's own clipping is
   switched off by :func:`disable_ds_clipping`: with EP it would clip each rank with its own norm and count a
   replicated expert once per copy);
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from typing import Any
 
 import torch
@@ -33,6 +37,7 @@ from .errors import DeepSpeedEPLBError
 __all__ = [
     "disable_ds_clipping",
     "engine_has_moe",
+    "hold_back_reductions",
     "install_hooks",
     "logical_grad_norm",
     "update_expert_bias",
@@ -60,12 +65,20 @@ def _expert_params(model: torch.nn.Module, handle: Any) -> dict:
 
 
 def logical_grad_norm(model: torch.nn.Module, handle: Any, ep_group, norm_type: float = 2.0) -> float:
-    """The L2 norm of the gradient of the *logical* model (each logical expert once): see
-    :func:`megatron_eplb.gradients.logical_grad_norm`.  Sums stay on the device; one host sync.
-    Collective over ``ep_group`` (and, under ZeRO 1, DeepSpeed's gradient partitions)."""
+    """The L2 norm of the gradient of the *logical* model (each logical expert once, each TP-sharded
+    parameter whole, each TP-replicated one once): see :func:`megatron_eplb.gradients.logical_grad_norm`.
+    Sums stay on the device; one host sync.  Collective over ``ep_group``, the TP group (TP > 1) and, under
+    ZeRO, DeepSpeed's gradient partitions."""
     if norm_type != 2.0:
         raise DeepSpeedEPLBError("only the L2 gradient norm is supported")
-    return gradients.logical_grad_norm(_full_grads(model), _expert_params(model, handle), ep_group)
+    experts = _expert_params(model, handle)
+    if "megatron.core" not in sys.modules:  # not a Megatron-core model (deepspeed.moe): no Megatron TP
+        return gradients.logical_grad_norm(_full_grads(model), experts, ep_group)
+    from megatron_eplb.patches.megatron import tp
+
+    group = tp.tp_group()
+    grads = ((p, g) for p, g in _full_grads(model) if id(p) in experts or tp.counted_once(p, group))
+    return gradients.logical_grad_norm(grads, experts, ep_group, dense_group=group)
 
 
 def _scale_grads(model: torch.nn.Module, coef: float) -> None:
@@ -118,18 +131,68 @@ def update_expert_bias(layers: list) -> None:
             r.local_tokens_per_expert.zero_()
 
 
-def install_hooks(engine, manager, handle, model, clip: float, ep_group, layers) -> None:
+def hold_back_reductions(engine, params: list[torch.nn.Parameter]):
+    """Hold DeepSpeed's in-backward reduction of ``params``' gradients back; return ``release()`` (or None
+    where DeepSpeed reduces only after backward: ZeRO 0, ZeRO 1 without ``overlap_comm``).
+
+    ZeRO 2 (and ZeRO 1 with ``overlap_comm`` at the accumulation boundary) reduce-scatters a gradient inside
+    backward, in the hook that fires when it is ready (``process_gradients``), and frees it: too early for the
+    replica-gradient sum.  The hook keeps these parameters' gradients in place instead; ``release()`` hands
+    them to DeepSpeed's own ``process_gradients`` in the order their hooks fired (the same on every rank).
+    Call it after the sum, before ``engine.allreduce_gradients``' epilogue reduces the last bucket.
+    """
+    opt = engine.optimizer
+    if not params or not hasattr(opt, "process_gradients"):
+        return None
+    if not (getattr(opt, "partition_gradients", False) or getattr(opt, "overlap_comm", False)):
+        return None
+    ids = {id(p) for p in params}
+    original = opt.process_gradients
+    held: list = []
+
+    def process_gradients(param, i):
+        if id(param) in ids and not getattr(opt, "_coalesce_grad_reduction", False):
+            held.append((param, i))
+            return
+        original(param, i)
+
+    def release() -> None:
+        items = list(held)
+        held.clear()
+        for param, i in items:
+            original(param, i)
+
+    opt.process_gradients = process_gradients
+    return release
+
+
+def install_hooks(engine, manager, handle, model, clip: float, ep_group, layers, grad_sync=None) -> None:
     """Wrap ``engine.allreduce_gradients`` (replica-gradient sum first), ``engine._take_model_step`` (logical
-    clipping at ``clip``) and ``engine.step`` (expert bias and ``manager.step()`` after applied steps)."""
+    clipping at ``clip``) and ``engine.step`` (expert bias and ``manager.step()`` after applied steps).
+
+    ``grad_sync``: ``(params, fn)`` — gradients that must be summed before DeepSpeed reduces them besides the
+    experts' (the sequence-parallel ones over the TP group), ``fn()`` sums them (collective)."""
     original_allreduce = engine.allreduce_gradients
     original_take_step = engine._take_model_step
     original_step = engine.step
+    sync_params, sync = grad_sync if grad_sync is not None else ([], None)
+    # held back with and without EPLB alike: the same buckets, the same reduction order (comparable runs)
+    expert_params = [p for _, layer in layers for p in layer.experts.parameters()]
+    release = hold_back_reductions(engine, expert_params + list(sync_params))
+    # ZeRO 2 reduces (and frees) the gradients of every micro-step; ZeRO 0/1 accumulate them up to the boundary
+    every_micro_step = bool(getattr(engine.optimizer, "partition_gradients", False))
 
     def allreduce_gradients(*args, **kwargs):
-        if manager is not None and engine.is_gradient_accumulation_boundary():
-            manager.before_optimizer_step()  # replica sum first: DeepSpeed then reduces identical copies
-        elif handle is not None and engine.is_gradient_accumulation_boundary():
-            handle.sum_replica_grads()
+        boundary = engine.is_gradient_accumulation_boundary()
+        if boundary or every_micro_step:
+            if sync is not None:
+                sync()
+            if manager is not None and boundary:
+                manager.before_optimizer_step()  # replica sum first: DeepSpeed then reduces identical copies
+            elif handle is not None:
+                handle.sum_replica_grads()
+        if release is not None:
+            release()
         return original_allreduce(*args, **kwargs)
 
     def take_model_step(*args, **kwargs):

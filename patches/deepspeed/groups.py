@@ -16,10 +16,12 @@ import torch.distributed as dist
 from .errors import DeepSpeedEPLBError
 
 __all__ = [
+    "MegatronMPU",
     "dense_dp_group",
     "expert_group_name",
     "megatron_groups",
     "register_expert_groups",
+    "routing_group",
     "tag_expert_params",
 ]
 
@@ -38,9 +40,81 @@ def megatron_groups():
             "Megatron's parallel_state is not initialised: call deepspeed.init_distributed() and "
             "megatron.core.parallel_state.initialize_model_parallel(expert_model_parallel_size=EP) first"
         )
-    if ps.get_tensor_model_parallel_world_size() > 1 or ps.get_pipeline_model_parallel_world_size() > 1:
-        raise DeepSpeedEPLBError("tensor/pipeline parallel size > 1 is not supported; supported: TP = PP = 1")
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        raise DeepSpeedEPLBError(
+            f"pipeline parallel size {ps.get_pipeline_model_parallel_world_size()} is not supported under "
+            "DeepSpeed; supported: PP = 1 under the DeepSpeed engine (TP > 1 with sequence parallelism and "
+            "expert TP = 1 is supported; the engine cannot run Megatron's pipeline schedules). PP > 1 runs "
+            "through Megatron's schedules (get_forward_backward_func) with a torch optimizer and EPLBManager: "
+            "eplb_mcore.apply(model), patches.megatron.pipeline.finalize_grads, examples/train.py "
+            "--pipeline-model-parallel-size"
+        )
+    if ps.get_context_parallel_world_size() > 1:
+        raise DeepSpeedEPLBError("context parallel size > 1 is not supported; supported: CP = 1")
+    if ps.get_expert_tensor_parallel_world_size() > 1:
+        raise DeepSpeedEPLBError(
+            f"expert tensor parallel size {ps.get_expert_tensor_parallel_world_size()} is not supported; "
+            "supported: 1 (initialize_model_parallel(..., expert_tensor_parallel_size=1))"
+        )
     return ps.get_expert_model_parallel_group(), ps.get_expert_data_parallel_group()
+
+
+def routing_group():
+    """Every rank that routes tokens through the same MoE layers: Megatron's tensor x data parallel group
+    (the whole world at PP = 1).  Loads are summed and commits voted over it, so the TP ranks of one
+    data-parallel replica (which route different parts of the sequence under sequence parallelism) and
+    every expert-DP copy agree."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+
+
+class MegatronMPU:
+    """Megatron's ``parallel_state`` under the names DeepSpeed's ``mpu=`` argument calls (read live, so one
+    object serves every layout a process sets up): DeepSpeed then reduces dense gradients over Megatron's
+    data-parallel group, not over the TP ranks that hold different shards."""
+
+    @staticmethod
+    def _ps():
+        from megatron.core import parallel_state as ps
+
+        return ps
+
+    def get_data_parallel_group(self):
+        return self._ps().get_data_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return self._ps().get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._ps().get_data_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self._ps().get_model_parallel_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(self.get_model_parallel_group())
+
+    def get_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(self.get_model_parallel_group())
+
+    def get_tensor_model_parallel_group(self):
+        return self._ps().get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self._ps().get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self._ps().get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self._ps().get_tensor_model_parallel_src_rank()
+
+    def get_pipeline_model_parallel_group(self):
+        return self._ps().get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self._ps().get_pipeline_model_parallel_world_size()
 
 
 def register_expert_groups(ep_group, expert_dp_group) -> str:

@@ -14,8 +14,9 @@ makes DeepSpeed's expert groups from Megatron's (:mod:`.groups`), builds the eng
 builds the manager with :class:`.optimizer_state.DeepSpeedSlotState` and installs the engine hooks
 (:mod:`.engine`).
 
-Supported: ZeRO stage 0 and 1, fp32 and bf16 (bf16 gradient accumulation, DeepSpeed's default; masters
-and Adam moments fp32), gradient accumulation, TP = PP = 1.
+Supported: ZeRO stage 0, 1 and 2, fp32 and bf16 (bf16 gradient accumulation, DeepSpeed's default; masters
+and Adam moments fp32), gradient accumulation, TP >= 1 with sequence parallelism and expert TP = 1
+(Megatron's parallel state passed to DeepSpeed as ``mpu``), PP = 1.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ from megatron_eplb.placement import ExpertPlacement
 
 from .engine import disable_ds_clipping, engine_has_moe, install_hooks
 from .errors import DeepSpeedEPLBError
-from .groups import dense_dp_group, megatron_groups, register_expert_groups, tag_expert_params
+from .groups import MegatronMPU, megatron_groups, register_expert_groups, routing_group, tag_expert_params
 from .optimizer_state import DeepSpeedSlotState
 
 __all__ = ["SUPPORTED_ZERO_STAGES", "check_ds_config", "initialize"]
 
 log = logging.getLogger("megatron_eplb")
 
-SUPPORTED_ZERO_STAGES = (0, 1)
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
 
 
 def _load_ds_config(config: Any, args: Any) -> dict:
@@ -77,8 +78,8 @@ def check_ds_config(ds_config: dict) -> int:
     if stage not in SUPPORTED_ZERO_STAGES:
         raise DeepSpeedEPLBError(
             f"zero_optimization.stage={stage} is not supported with megatron-eplb; supported stages: "
-            f"{', '.join(map(str, SUPPORTED_ZERO_STAGES))} (stage 2/3 partition gradients/weights inside "
-            "backward hooks, before replica gradients can be summed)"
+            f"{', '.join(map(str, SUPPORTED_ZERO_STAGES))} (stage 3 partitions the weights themselves, "
+            "so an expert slot has no whole tensor to move)"
         )
     if (ds_config.get("fp16", {}) or {}).get("enabled", False):
         raise DeepSpeedEPLBError("fp16 is not supported with megatron-eplb; use fp32 or bf16")
@@ -167,6 +168,7 @@ def initialize(
     ds_config.pop("eplb", None)  # DeepSpeed accepts it, but it is ours
     ep_group, expert_dp_group = megatron_groups()
     ep_size = dist.get_world_size(ep_group)
+    tp_size = eplb_mcore.tp.tp_size()
     _check_parallel_layout(ep_size)
     layers = eplb_mcore.find_moe_layers(model)
     if not layers:
@@ -182,6 +184,7 @@ def initialize(
     num_layers, num_experts = tag_expert_params(model, group_name)
     if kwargs.get("optimizer") is None or callable(kwargs.get("optimizer")):
         model_parameters = _moe_param_groups(model, model_parameters)
+    kwargs.setdefault("mpu", MegatronMPU())  # dense gradients reduced over Megatron's DP group, not over TP
     with engine_has_moe(num_layers, num_experts):
         engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(
             model=model, config=ds_config, model_parameters=model_parameters, args=None, **kwargs
@@ -193,19 +196,22 @@ def initialize(
             handle,
             eplb_config,
             optimizer_state=DeepSpeedSlotState(engine),
-            load_group=dense_dp_group(),
+            load_group=routing_group(),
             monitor=monitor,
             policy_fn=policy_fn,
         )
-    install_hooks(engine, manager, handle, model, clip, ep_group, layers)
+    summed, averaged = eplb_mcore.tp.tp_replicated_params(model, layers[0][1].config)
+    grad_sync = (summed + averaged, lambda: eplb_mcore.tp.allreduce_tp_replicated_grads(summed, averaged))
+    install_hooks(engine, manager, handle, model, clip, ep_group, layers, grad_sync=grad_sync)
     if dist.get_rank() == 0:
         log.info(
-            "megatron-eplb: DeepSpeed engine with %d MoE layers x %d experts, EP=%d (group %s), ZeRO %d, "
+            "megatron-eplb: DeepSpeed engine with %d MoE layers x %d experts, EP=%d (group %s), TP=%d, ZeRO %d, "
             "clipping %.3g (logical experts once), EPLB %s",
             num_layers,
             num_experts,
             ep_size,
             group_name,
+            tp_size,
             engine.zero_optimization_stage(),
             clip,
             "off" if eplb_config is None else eplb_config.to_json(),

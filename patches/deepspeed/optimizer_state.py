@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_eplb.comm import collective_device
 from megatron_eplb.optimizer_state import MASTER_KEY, OptimizerSlotState, param_shaped_state
 from megatron_eplb.slots import SlotParam, as_slot_params
 
@@ -22,18 +23,23 @@ _OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 class DeepSpeedSlotState:
-    """Per-slot optimizer tensors under DeepSpeed, for each of the optimizers it builds at ZeRO 0 and 1.
+    """Per-slot optimizer tensors under DeepSpeed, for each of the optimizers it builds at ZeRO 0, 1 and 2.
 
     ``tensors(params)`` returns tensors that *are* the optimizer's storage (writing them writes the state):
 
     * ZeRO 0, fp32 (a plain torch optimizer): its per-parameter state (``exp_avg``, ``exp_avg_sq``);
     * ZeRO 0, bf16 (DeepSpeed's ``FP16_UnfusedOptimizer`` in bf16): each parameter's fp32 master copy
       (``optimizer.fp32_groups``) and the torch optimizer's state of that master;
-    * ZeRO 1, fp32 or bf16 (``DeepSpeedZeroOptimizer``): for each parameter its fp32 master fragment
+    * ZeRO 1 and 2, fp32 or bf16 (``DeepSpeedZeroOptimizer``): for each parameter its fp32 master fragment
       (``param._hp_mapping``, what ``deepspeed.utils.safe_get_full_fp32_param`` reads) and the matching
       slices of the Adam moments of DeepSpeed's flat fp32 partition (``safe_get_full_optimizer_state``'s
       source).  Fragments of one (layer, slot) have the same shape on every EP rank (identical parameter
-      layout), so they are exchanged between EP ranks in place.
+      layout), so they are exchanged between EP ranks in place — as long as every slot of a layer has the
+      same fragments on this rank.  Where the data-parallel partitions cut through a layer's slots (ZeRO 1
+      and 2 with expert-DP > 1: slot ``k``'s pieces on one DP rank, slot ``k'``'s on another) a moved slot's
+      pieces must come from other DP ranks: :meth:`begin_layer` then assembles the layer's whole fp32
+      masters and moments (one all-reduce over the expert-DP group), ``tensors`` returns those while the
+      layer is in flight, and :meth:`end_layer` writes each rank's own pieces back.
 
     Per parameter the order is ``fp32`` (when there is a master) then the moment keys sorted (ZeRO 1: the
     fragment keys sorted), the same on every rank.  ``full_state`` / ``set_full_state`` read/write whole
@@ -46,6 +52,9 @@ class DeepSpeedSlotState:
         self._group_of: dict[int, int] | None = None
         self._master_of: dict[int, torch.Tensor] | None = None
         self._state_ensured = False
+        # id(param) -> {key: whole flat fp32 tensor} of the layers in flight (begin_layer .. end_layer)
+        self._whole: dict[int, dict[str, torch.Tensor]] = {}
+        self._whole_params: dict[int, list[torch.Tensor]] = {}
 
     # ----------------------------------------------------------- layouts
     @property
@@ -129,14 +138,71 @@ class DeepSpeedSlotState:
                 out[key] = value.narrow(0, addr.start, addr.numel)
         return out
 
+    # ----------------------------------------------------------- a layer in flight
+    def begin_layer(self, layer: int, slots: list[list[torch.Tensor | SlotParam]]) -> None:
+        """Before a transfer of MoE layer ``layer`` (``slots[k]``: local slot ``k``'s tensors): where
+        DeepSpeed's data-parallel partitions hold different pieces of different slots, assemble every slot's
+        whole fp32 master and moments (one all-reduce over the parameters' DP group; :meth:`tensors` returns
+        them until :meth:`end_layer`).  Collective over that group; a no-op where fragments are whole."""
+        params = list({id(sp.param): sp.param for slot in slots for sp in as_slot_params(slot)}.values())
+        if not params or not all(hasattr(p, "_hp_mapping") for p in params):  # ZeRO's partitioned layout only
+            return
+        group = getattr(params[0], "_dp_group", None)
+        if group is None or dist.get_world_size(group) == 1:
+            return
+        keys = [MASTER_KEY, *self.state_keys()]
+        flat = torch.zeros(
+            len(keys), sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device
+        )
+        offset = 0
+        for p in params:
+            frags = self.fragments(p)
+            if not frags:  # no piece of p in this rank's partition
+                offset += p.numel()
+                continue
+            addr = p._hp_mapping.lp_fragment_address
+            for i, key in enumerate(keys):
+                if key in frags:
+                    flat[i, offset + addr.start : offset + addr.start + addr.numel].copy_(
+                        frags[key].reshape(-1)
+                    )
+            offset += p.numel()
+        device = collective_device(group)
+        reduced = flat.to(device)
+        dist.all_reduce(reduced, group=group)
+        flat = reduced.to(flat.device)
+        offset = 0
+        for p in params:
+            self._whole[id(p)] = {key: flat[i, offset : offset + p.numel()] for i, key in enumerate(keys)}
+            offset += p.numel()
+        self._whole_params[layer] = params
+
+    def end_layer(self, layer: int) -> None:
+        """After layer ``layer``'s transfer committed or rolled back: write this rank's own pieces of the
+        whole tensors :meth:`begin_layer` assembled back into DeepSpeed's partitions, then drop them.  Local."""
+        for p in self._whole_params.pop(layer, []):
+            whole = self._whole.pop(id(p))
+            frags = self.fragments(p)
+            if not frags:
+                continue
+            addr = p._hp_mapping.lp_fragment_address
+            with torch.no_grad():
+                for key, frag in frags.items():
+                    frag.copy_(whole[key].narrow(0, addr.start, addr.numel).view_as(frag))
+
     # ----------------------------------------------------------- in place
     def tensors(self, params: list[torch.Tensor | SlotParam]) -> list[torch.Tensor]:
         """The optimizer storage of ``params`` (masters and moments), in a fixed order; a
         :class:`~megatron_eplb.slots.SlotParam` that is a block of its parameter gets that block of each
-        (under ZeRO: of this rank's fragment, possibly empty)."""
+        (under ZeRO: of this rank's fragment, possibly empty; while a layer is in flight between
+        :meth:`begin_layer` and :meth:`end_layer`: of its whole tensors, written back after)."""
         out: list[torch.Tensor] = []
         for sp in as_slot_params(params):
             p = sp.param
+            whole = self._whole.get(id(p))
+            if whole is not None:
+                out.extend(sp.of(whole[k].view(p.shape)) for k in sorted(whole))
+                continue
             if hasattr(p, "_hp_mapping"):
                 frags = self.fragments(p)
                 if frags:

@@ -33,8 +33,8 @@ What :func:`apply` changes in each ``MoELayer`` (MoE layer ids ``l`` count MoE l
 
 Supported: megatron-core 0.16–0.19, ``SequentialMLP`` and ``GroupedMLP`` experts (GroupedMLP without the
 ``grouped_gemm`` package: :func:`grouped_gemm.install` before building the model), ``allgather`` and
-``alltoall`` dispatchers, expert-TP = 1, PP = 1, dropless or capacity-dropping routers without padding to
-capacity.
+``alltoall`` dispatchers, TP >= 1 (sequence parallelism on or off) with expert-TP = 1, PP >= 1 through Megatron's
+schedules (no virtual stages), dropless or capacity-dropping routers without padding to capacity.
 
 One module per seam (a new expert class is one new file in ``experts/``; a new dispatcher is one entry in
 ``dispatchers.py``):
@@ -48,6 +48,9 @@ One module per seam (a new expert class is one new file in ``experts/``; a new d
 * ``unpatched.py``: :func:`unpatched_state_dict`, a logical checkpoint for a model without EPLB;
 * ``dispatchers.py``: dispatcher adapters (allgather, alltoall) and :func:`route_to_slots`;
 * ``dist_ckpt.py``: Megatron dist checkpointing in the logical layout;
+* ``tp.py``: tensor parallelism outside Megatron's DDP (TP-replicated gradients, TP shards of checkpoints);
+* ``pipeline.py``: pipeline stages (the stage's MoE layers among the model's, stage <-> whole-model names,
+  ``finalize_grads`` for an unwrapped model);
 * ``handle.py``: :class:`MegatronEPLB`, the model side (:class:`megatron_eplb.protocols.ExpertModel`);
 * ``apply.py``: :func:`apply`, :func:`find_moe_layers` and the checks.
 """
@@ -55,6 +58,8 @@ One module per seam (a new expert class is one new file in ``experts/``; a new d
 from __future__ import annotations
 
 from . import grouped_gemm
+from . import pipeline as pipeline
+from . import tp as tp
 from .apply import REPLICA_DISPATCH as REPLICA_DISPATCH  # re-exported (not in __all__), as before the split
 from .apply import apply, find_moe_layers
 from .compat import SUPPORTED_MCORE_VERSIONS, EPLBPatchError, ensure_compat, mcore_version, model_facts

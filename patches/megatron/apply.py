@@ -17,12 +17,14 @@ import torch.distributed as dist
 
 from megatron_eplb.comm import collective_device
 from megatron_eplb.config import REPLICA_DISPATCH, EPLBConfig
+from megatron_eplb.pipeline import stage_placement
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
 
 from .compat import EPLBPatchError, check_mcore_version, ensure_compat, param_device
 from .dispatchers import SUPPORTED_DISPATCHERS, dispatcher_kind
 from .experts import storage_class
 from .handle import MegatronEPLB, check_placement, check_same_placement_everywhere
+from .pipeline import pipeline_stage
 
 __all__ = ["REPLICA_DISPATCH", "apply", "find_moe_layers"]
 
@@ -45,7 +47,8 @@ def apply(
 ) -> MegatronEPLB:
     """Make every MoE layer of ``model`` placement-aware; return the handle that controls them.
 
-    Collective over the expert-parallel group (gathers the logical experts to fill the slots).  Call it
+    Collective over the expert-parallel group (gathers the logical experts to fill the slots) and, with
+    PP > 1, over the pipeline group (each stage's MoE layer count, for global layer ids).  Call it
     after ``parallel_state`` is initialised and before building the optimizer: the experts' parameters
     are re-created once here (never again afterwards).
 
@@ -81,8 +84,10 @@ def apply(
     dispatch = replica_dispatch or (config or EPLBConfig()).eplb_replica_dispatch
     if dispatch not in REPLICA_DISPATCH:
         raise EPLBPatchError(f"replica_dispatch={dispatch!r}; supported: {', '.join(REPLICA_DISPATCH)}")
+    stage = pipeline_stage(len(layers))  # PP > 1: this stage's MoE layers among the model's (collective)
     if placement is None:
         placement = _placement_from_config(config, len(layers), num_experts, ep_size)
+    placement = stage_placement(placement, stage)  # a whole-model map: this stage's rows
     check_placement(placement, len(layers), num_experts, ep_size, None)
     check_same_placement_everywhere(placement, ep_group)
     cfg = config or EPLBConfig()
@@ -90,7 +95,7 @@ def apply(
         fast_replicas = cfg.eplb_fast_replica_budget if cfg.eplb_fast_replicas else 0
     if fast_replicas:
         _check_fast(layers, dispatch, cfg.eplb_num_nodes, ep_size)
-    handle = MegatronEPLB(model, layers, placement, ep_group, dispatch)
+    handle = MegatronEPLB(model, layers, placement, ep_group, dispatch, stage)
     if fast_replicas:
         from .fast_replicas import install
 
@@ -101,7 +106,6 @@ def apply(
 
 def _check_layers(layers: list[tuple[str, torch.nn.Module]]) -> None:
     """Raise :class:`EPLBPatchError` for the first layer the patch cannot convert (nothing changed yet)."""
-    from megatron.core import parallel_state
 
     first = layers[0][1]
     for name, layer in layers:
@@ -131,11 +135,6 @@ def _check_layers(layers: list[tuple[str, torch.nn.Module]]) -> None:
             )
         if layer.experts.ep_group is not first.experts.ep_group:
             raise EPLBPatchError(f"{where}: uses another expert-parallel group than the first MoE layer")
-    if (
-        parallel_state.model_parallel_is_initialized()
-        and parallel_state.get_pipeline_model_parallel_world_size() > 1
-    ):
-        raise EPLBPatchError("pipeline parallel size > 1 is not supported; supported: 1")
 
 
 def _check_fast(

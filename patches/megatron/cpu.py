@@ -39,7 +39,11 @@ def enable_cpu() -> list[str]:
     * :func:`ensure_compat` (on any device);
     * the model-parallel RNG tracker (``model_parallel_cuda_manual_seed``, ``get_cuda_rng_tracker().fork``)
       keeps CPU generator states;
-    * the alltoall dispatcher gets no CUDA side stream and passes its split sizes as Python lists.
+    * the alltoall dispatcher gets no CUDA side stream and passes its split sizes as Python lists;
+    * the pipeline schedules (``get_forward_backward_func``) allocate their token counter on CPU (they name
+      ``device="cuda"``);
+    * with PP > 1 and tied word embeddings, the last stage's copy of the word embedding is synchronised with
+      the first stage's on CPU (Megatron moves it with ``.cuda()`` for that all-reduce).
 
     Returns:
         the names of the fixes in effect.
@@ -56,11 +60,53 @@ def enable_cpu() -> list[str]:
             _fix_synchronize(),
             _fix_rng_tracker(),
             _fix_alltoall(),
+            _fix_schedules(),
+            _fix_tied_embeddings(),
         ]
         _CPU_FIXES.extend(f for f in fixes if f)
         for fix in _CPU_FIXES:
             logger.info("enable_cpu: %s", fix)
         return list(_CPU_FIXES)
+
+
+class _TorchOnCPU:
+    """``torch`` as Megatron's pipeline schedules see it on CPU: ``zeros(..., device="cuda")`` on CPU."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        if device is not None and str(device).startswith("cuda"):
+            device = "cpu"
+        return torch.zeros(*args, device=device, **kwargs)
+
+
+def _fix_schedules() -> str:
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchOnCPU()
+    return "pipeline schedules allocate their token counter on CPU"
+
+
+def _fix_tied_embeddings() -> str:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = getattr(LanguageModule, "setup_embeddings_and_output_layer", None)
+    if original is None or getattr(original, "_eplb_cpu", False):
+        return ""
+
+    def setup(self, *args: Any, **kwargs: Any) -> Any:
+        real = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t  # the first/last-stage all-reduce of the tied weight, on CPU
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = real
+
+    setup._eplb_cpu = True
+    LanguageModule.setup_embeddings_and_output_layer = setup
+    return "tied word embeddings are synchronised over pipeline stages on CPU"
 
 
 def _fix_current_device() -> str:

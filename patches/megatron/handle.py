@@ -23,12 +23,13 @@ import torch.distributed as dist
 from megatron_eplb.checkpoint import check_state_fits
 from megatron_eplb.comm import all_gather_counts, collective_device
 from megatron_eplb.errors import CheckpointError
+from megatron_eplb.pipeline import PipelineStage
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
 from megatron_eplb.replica_split import BalancedSplit, replica_tables, source_offsets
 from megatron_eplb.slot_copies import all_gather_rows, gather_logical, recomputing, refill_slots
 from megatron_eplb.slots import SlotParam
 
-from . import dist_ckpt
+from . import dist_ckpt, pipeline, tp
 from .compat import EPLBPatchError, model_facts, param_device
 from .dispatchers import rebuild_dispatcher, route_to_slots
 from .experts import ExpertStorage, storage_for
@@ -112,8 +113,11 @@ class MegatronEPLB:
         placement: ExpertPlacement,
         ep_group,
         replica_dispatch: str,
+        stage: PipelineStage | None = None,
     ) -> None:
         self.model = model
+        #: With PP > 1: this stage's place among the model's MoE layers (global layer ids); else None.
+        self.stage = stage
         self.layer_names = [name for name, _ in layers]
         self._layers = [layer for _, layer in layers]
         self.ep_group = ep_group
@@ -134,6 +138,9 @@ class MegatronEPLB:
         #: Record loads (``loads()``, ``slot_loads()``) on real forwards; ``False`` pauses recording (e.g. for
         #: evaluation forwards that should not steer the placement).
         self.recording = True
+        # Logical loads count each routed token once: with TP > 1 and no sequence parallelism (inference) the
+        # TP ranks of an attention group route the same tokens, so only TP rank 0 counts them.
+        self._counts_logical = tp.routes_own_tokens(self._layers[0])
         # Per layer, the per-slot token counts exactly as the dispatcher hands them to the experts (a host
         # tensor for the alltoall and allgather dispatchers): a forward only keeps a reference (a list
         # append, no op); ``slot_loads()`` sums them all at once.  In the middle of the host-bound MoE
@@ -372,14 +379,24 @@ class MegatronEPLB:
     def model_facts(self) -> dict[str, Any]:
         """The model's shape facts a checkpoint stores (:func:`.compat.model_facts`: ``hidden_size``,
         ``num_experts``, ...); a load into a model with other facts names them."""
-        return model_facts(self.model, self.num_layers)
+        return model_facts(self.model, self.stage.total_layers if self.stage is not None else self.num_layers)
+
+    def state_to_global(self, state: dict) -> dict:
+        """``state`` keyed by this pipeline stage's names -> by the whole model's (PP = 1: unchanged)."""
+        return state if self.stage is None else pipeline.state_to_global(self.model, state)
+
+    def state_to_stage(self, state: dict) -> dict:
+        """This pipeline stage's part of a whole-model ``state``, keyed by its names (PP = 1: unchanged)."""
+        return state if self.stage is None else pipeline.state_to_stage(self.model, state)
 
     def logical_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state dict in the logical layout (collective over :attr:`ep_group`): every logical
-        expert once, keyed as the unpatched model without EP keys it (:meth:`logical_entries`); other keys are
-        this rank's own.  Save it with the expert map beside it (:func:`megatron_eplb.checkpoint.save_expert_map`).
+        """The model's state dict in the logical layout (collective over :attr:`ep_group`, and over the TP
+        group with TP > 1): every logical expert once, keyed as the unpatched model without EP keys it
+        (:meth:`logical_entries`); other keys are this rank's own, TP-sharded parameters joined over the TP
+        group as the model without TP has them (:meth:`dense_to_logical`).  Save it with the expert map beside
+        it (:func:`megatron_eplb.checkpoint.save_expert_map`).
         """
-        state = dict(self.model.state_dict())
+        state = tp.gather_dense_state(self.model, dict(self.model.state_dict()), self._expert_param_ids())
         for layer in range(self.num_layers):
             storage, prefix = self._storages[layer], self.experts_prefix(layer)
             for key in storage.state_keys(self.slots_per_rank):
@@ -396,13 +413,14 @@ class MegatronEPLB:
     ) -> dict[str, torch.Tensor]:
         """This rank's model state dict made from a logical one (:meth:`logical_state_dict`, any placement or
         EP size): every local slot from its logical expert under ``phy2log`` (``[L, P]``, default the current
-        placement); an empty slot keeps what it holds.  Local, no communication.
+        placement); an empty slot keeps what it holds; TP-sharded dense parameters as this TP rank's part of
+        the whole tensor (:meth:`dense_to_local`).  Local, no communication.
 
         Raises:
             CheckpointError: ``state_dict`` lacks an entry of an MoE layer's experts (names the key).
         """
         phy2log = self.placement.phy2log if phy2log is None else phy2log
-        physical = dict(state_dict)
+        physical = tp.shard_dense_state(self.model, dict(state_dict), self._expert_param_ids())
         for layer in range(self.num_layers):
             storage, prefix = self._storages[layer], self.experts_prefix(layer)
             experts = self.split_logical_entries(layer, state_dict)
@@ -419,13 +437,27 @@ class MegatronEPLB:
         return physical
 
     def load_logical_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
-        """Load a logical state dict (:meth:`logical_state_dict`, any placement or EP size) into this model:
-        every slot is filled from its logical expert, after every tensor is checked to fit (one
-        :class:`~megatron_eplb.errors.CheckpointError` naming the key, nothing loaded).  Local, no
-        communication.  Returns what ``Module.load_state_dict`` returns."""
+        """Load a logical state dict (:meth:`logical_state_dict`, any placement, EP or TP size) into this
+        model: every slot is filled from its logical expert, every TP-sharded parameter from its part of the
+        whole tensor, after every tensor is checked to fit (one :class:`~megatron_eplb.errors.CheckpointError`
+        naming the key, nothing loaded).  Local, no communication.  Returns what ``Module.load_state_dict``
+        returns."""
         physical = self.physical_state_dict(state_dict)
         check_state_fits(physical, self.model, source="the logical state dict")  # before anything is loaded
         return self.model.load_state_dict(physical, strict=strict)
+
+    def dense_to_logical(self, p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """``local`` (shaped like non-expert parameter ``p`` on this rank: the weight or its optimizer state)
+        as the model without TP has it (collective over the TP group when ``p`` is TP-sharded)."""
+        return tp.gather_tp(p, local)
+
+    def dense_to_local(self, p: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a whole (:meth:`dense_to_logical`) tensor of non-expert parameter ``p``.  Local."""
+        return tp.shard_tp(p, logical)
+
+    def _expert_param_ids(self) -> set[int]:
+        """``id`` of every parameter of the MoE layers' experts (never TP-sharded: expert TP = 1)."""
+        return {id(p) for layer in self._layers for p in layer.experts.parameters()}
 
     # ============================================================ internals
     def _storage(self, layer: int, slot: int) -> ExpertStorage:
@@ -555,7 +587,7 @@ class MegatronEPLB:
         self, idx: int, probs: torch.Tensor, routing_map: torch.Tensor, padding_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Record logical loads; map ``[T, E]`` probs / routing map to ``[T, P]`` physical slots."""
-        if self.recording and not recomputing():
+        if self.recording and self._counts_logical and not recomputing():
             routed = routing_map
             if padding_mask is not None:  # Megatron's router: True marks padding
                 routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)

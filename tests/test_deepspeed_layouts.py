@@ -1,0 +1,378 @@
+"""DeepSpeed layouts beyond EP x DP at ZeRO 0/1: ZeRO 2 (fp32 and bf16) on EP2 x DP2, TP2 x EP2 with sequence
+parallelism, and a logical checkpoint carried across layouts (TP2 x EP2 -> EP2 x DP2 -> TP2 x EP2).
+
+One 4-process launch (gloo, CPU) runs every check; each check trains the tiny GPT MoE of test_deepspeed.py
+for a few steps under ``eplb_ds.initialize``, without EPLB and with EPLB moving slots every 3 steps, and
+compares.  ZeRO 2 gets a small ``reduce_bucket_size`` so that DeepSpeed reduce-scatters buckets inside
+backward (with one bucket everything would wait for the end of backward and hide a late replica sum).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "examples"))
+
+from test_deepspeed import (  # noqa: E402
+    BF16_REPLICA_RTOL,
+    ENV,
+    SMALL,
+    _logical_state,
+    _rel,
+    _shift_policy,
+    _state_diff,
+)
+
+# Three MoE layers: ZeRO's expert-DP partitions then split a layer's slots between two ranks, so the copies of
+# an expert can have their partition pieces on different ranks (with two layers each partition is one layer)
+LAYERS = 3
+MODEL = ["--num-layers", str(LAYERS), *SMALL[2:]]
+STEPS = 8
+B, T = 2, 32  # micro-batch and sequence length of SMALL
+TOPK = 2
+DYN = {"dynamic_eplb": True, "num_iterations_eplb_update": 3, "num_wait_worker_iterations": 0,
+       "init_redundancy_expert": 2, "eplb_layers_per_step": 2}  # fmt: skip
+
+
+def _move_policy(load, num_slots, num_ranks, previous=None, **kwargs):
+    """A test policy that always moves experts: roll every layer's slots by one rank's worth plus one, then
+    reverse rank 0's slots, so the copies of an expert do not keep one local slot index on every rank (their
+    ZeRO partition pieces then live on different data-parallel ranks)."""
+    phy2log = _shift_policy(load, num_slots, num_ranks, previous)
+    per_rank = num_slots // num_ranks
+    phy2log[:, :per_rank] = phy2log[:, :per_rank][:, ::-1].copy()
+    return phy2log
+
+
+def _ds_config(tmp: Path, stage: int, bf16: bool) -> str:
+    cfg = json.loads((REPO / "configs" / "ds_config.json").read_text())
+    cfg.pop("eplb")
+    cfg["zero_optimization"] = {"stage": stage, "reduce_bucket_size": 4096, "allgather_bucket_size": 4096}
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    path = tmp / f"ds_z{stage}{'_bf16' if bf16 else ''}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def _layout(tp: int, ep: int) -> None:
+    """Megatron's parallel state for TP ``tp`` x EP ``ep`` (expert TP 1) on the 4 ranks."""
+    import train
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    train.init_parallel(ep, 1234, tp)
+
+
+def _engine(tp: int, ep: int, ds: str, eplb, policy_fn=None):
+    import train
+    from megatron_eplb.patches import deepspeed as eplb_ds
+
+    _layout(tp, ep)
+    argv = [*MODEL, "--tensor-model-parallel-size", str(tp), "--expert-model-parallel-size", str(ep),
+            "--deepspeed_config", ds, "--gradient-clipping", "0.5", "--no-wandb"]  # fmt: skip
+    if tp > 1:
+        argv.append("--sequence-parallel")
+    args = train.parse_args(argv)
+    net = train.build_model(args, ep)
+    engine, _, _, _, manager = eplb_ds.initialize(
+        model=net, config=train.ds_config_for(args), eplb=eplb, args=args, policy_fn=policy_fn
+    )
+    return engine, manager
+
+
+def _train(tp: int, ep: int, ds: str, eplb, policy_fn=None, steps: int = STEPS, half: bool = False):
+    """Train ``steps`` steps on random tokens, the same global batch in every layout: data-parallel replica
+    ``d`` reads rows seeded by ``d`` (its TP ranks read the same rows); ``half``: TP 1 reference in which
+    ranks ``2d`` and ``2d + 1`` each read one half of replica ``d``'s rows of the TP 2 layout."""
+    import torch
+    import torch.distributed as dist
+    import train
+    from megatron.core import parallel_state as ps
+
+    engine, manager = _engine(tp, ep, ds, eplb, policy_fn)
+    replica = dist.get_rank() // 2 if half else ps.get_data_parallel_rank()
+    gen = torch.Generator().manual_seed(1000 + replica)
+    rows = slice((dist.get_rank() % 2) * B // 2, (dist.get_rank() % 2 + 1) * B // 2) if half else slice(0, B)
+    b = rows.stop - rows.start
+    pos = torch.arange(T)[None].expand(b, -1)
+    losses, records, loads = [], 0, []
+    for _ in range(steps):
+        tok = torch.randint(0, 256, (B, T + 1), generator=gen)[rows]
+        loss = engine(tok[:, :-1], pos, train.causal_mask(T), labels=tok[:, 1:]).float().mean()
+        engine.backward(loss)
+        engine.step()
+        value = loss.detach().clone()
+        dist.all_reduce(value)
+        losses.append(float(value) / dist.get_world_size())
+        records += engine.eplb_last_record is not None
+        if manager is not None:
+            logical, _ = manager.window.gather_steps(1)
+            loads.append(logical[0].sum(axis=1).tolist())  # tokens x top-k routed per MoE layer this step
+    # the outputs at evaluation (eval mode, no grad, load recording paused) on a batch of its own
+    engine.eval()
+    if manager is not None:
+        manager.handle.recording = False
+    tok = torch.randint(0, 256, (B, T + 1), generator=torch.Generator().manual_seed(99 + replica))[rows]
+    with torch.no_grad():
+        value = engine(tok[:, :-1], pos, train.causal_mask(T), labels=tok[:, 1:]).float().mean()
+    dist.all_reduce(value)
+    engine.train()
+    if manager is not None:
+        manager.handle.recording = True
+    out = {"losses": losses, "records": records, "loads": loads, "eval": float(value) / dist.get_world_size()}
+    return engine, manager, out
+
+
+def _logical(engine, manager) -> dict:
+    """``{logical param name: {"weight", "fp32", "exp_avg", ...}}`` of the logical model (collective)."""
+    from megatron_eplb.patches import deepspeed as eplb_ds
+
+    from megatron_eplb.checkpoint import logical_optimizer_state
+
+    weights = manager.handle.logical_state_dict()
+    optim = logical_optimizer_state(engine.module, manager.handle, eplb_ds.DeepSpeedSlotState(engine))
+    return {k: {"weight": weights[k].detach().float().cpu(), **v} for k, v in optim.items()}
+
+
+def _copies_identical(engine, manager) -> bool:
+    """Every copy of a logical expert holds bitwise the same weights and optimizer state (DeepSpeed's fp32
+    master and Adam moments, whole: under ZeRO assembled from the expert-DP ranks' partition pieces).
+    Collective over the EP and expert-DP groups."""
+    import torch
+    import torch.distributed as dist
+    from megatron_eplb.patches import deepspeed as eplb_ds
+
+    handle, slots = manager.handle, eplb_ds.DeepSpeedSlotState(engine)
+    for layer in range(handle.num_layers):
+        local = []
+        for k in range(handle.slots_per_rank):
+            params = handle.slot_params(layer, k)
+            tensors = [p.data for p in params]
+            for p in params:
+                state = slots.full_state(p)
+                tensors += [state[key] for key in sorted(state)]
+            local.append(torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]))
+        local = torch.stack(local)
+        parts = [torch.empty_like(local) for _ in range(handle.ep_size)]
+        dist.all_gather(parts, local, group=handle.ep_group)
+        every = torch.cat(parts)
+        for e in range(handle.num_experts):
+            copies = every[torch.as_tensor(handle.placement.phy2log[layer] == e)]
+            if not torch.equal(copies, copies[:1].expand_as(copies)):
+                return False
+    return True
+
+
+def _same_everywhere(value) -> bool:
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, value)
+    return all(p == parts[0] for p in parts)
+
+
+def _tp_replicas_identical(engine) -> bool:
+    """Parameters kept whole on every TP rank (layernorms, router) hold the same values on every TP rank."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    for p in engine.module.parameters():
+        if getattr(p, "tensor_model_parallel", False) or getattr(p, "allreduce", True) is False:
+            continue
+        parts = [torch.empty_like(p.data) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, p.data.contiguous(), group=group)
+        if not all(torch.equal(parts[0], q) for q in parts):
+            return False
+    return True
+
+
+def _zero2_checks(tmp: Path) -> dict:
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        ds = _ds_config(tmp, 2, dtype == "bf16")
+        engine, manager, base = _train(1, 2, ds, False)
+        out[dtype] = {"base": base, "optimizer": type(engine.optimizer).__name__}
+        ref = _logical_state(engine, None) if dtype == "fp32" else None
+        runs = {"moves_r2": DYN} if dtype == "fp32" else {"moves_r0": {**DYN, "init_redundancy_expert": 0},
+                                                             "moves_r2": DYN}  # fmt: skip
+        for name, cfg in runs.items():
+            engine, manager, run = _train(1, 2, ds, cfg, _move_policy)
+            run["copies_identical"] = _copies_identical(engine, manager)
+            run["replicas"] = int((manager.handle.placement.replica_count > 1).sum())
+            if (
+                ref is not None
+            ):  # every logical expert's weights, fp32 master and Adam moments vs the run without
+                run["state_diff"] = _state_diff(_logical(engine, manager), ref)
+            manager.close()
+            out[dtype][name] = run
+    return out
+
+
+def _tp_checks(tmp: Path) -> dict:
+    import torch.distributed as dist
+
+    ds = _ds_config(tmp, 2, False)
+    out = {}
+    _, _, out["reference"] = _train(
+        1, 2, _ds_config(tmp, 1, False), False, half=True
+    )  # TP 1, DP 4, same batch
+    _, _, out["base"] = _train(2, 2, ds, False)
+    engine, manager, run = _train(2, 2, ds, DYN, _move_policy)
+    run["copies_identical"] = _copies_identical(engine, manager)
+    run["tp_replicas_identical"] = _tp_replicas_identical(engine)
+    run["placement_everywhere"] = _same_everywhere(manager.handle.placement.phy2log.tolist())
+    run["replicas"] = int((manager.handle.placement.replica_count > 1).sum())
+    run["groups"] = {
+        "ep": dist.get_process_group_ranks(manager.handle.ep_group),
+        "load": dist.get_world_size(manager.load_group),
+    }
+    out["eplb"] = run
+    out["ckpt"] = _checkpoint_checks(tmp, engine, manager)
+    manager.close()
+    return out
+
+
+def _checkpoint_checks(tmp: Path, engine, manager) -> dict:
+    """TP2 x EP2 (trained, slots moved, replicas) -> EP2 x DP2 (another placement) -> TP2 x EP2 again."""
+    import torch
+    from megatron_eplb.patches import deepspeed as eplb_ds
+
+    def equal(a: dict, b: dict) -> bool:
+        return set(a) == set(b) and all(
+            set(a[k]) == set(b[k]) and all(torch.equal(a[k][s], b[k][s]) for s in b[k]) for k in b
+        )
+
+    out = {}
+    saved = _logical(engine, manager)
+    eplb_ds.save_checkpoint(engine, manager, tmp / "ckpt_tp2", tag="t")
+    ds = _ds_config(tmp, 2, False)
+    engine1, manager1 = _engine(1, 2, ds, {"init_redundancy_expert": 0})
+    out["tp1_info"] = eplb_ds.load_checkpoint(engine1, manager1, tmp / "ckpt_tp2", tag="t")["placement"][
+        "action"
+    ]
+    out["tp1_equal"] = equal(_logical(engine1, manager1), saved)
+    eplb_ds.save_checkpoint(engine1, manager1, tmp / "ckpt_tp1", tag="t")
+    manager1.close()
+    engine2, manager2 = _engine(2, 2, ds, {"init_redundancy_expert": 2})
+    out["tp2_info"] = eplb_ds.load_checkpoint(engine2, manager2, tmp / "ckpt_tp1", tag="t")["placement"][
+        "action"
+    ]
+    out["tp2_equal"] = equal(_logical(engine2, manager2), saved)
+    out["keys"] = len(saved)
+    manager2.close()
+    return out
+
+
+def _refusals() -> dict:
+    """The layouts the DeepSpeed wiring refuses, with their messages (no model needed)."""
+    from megatron.core import parallel_state as ps
+    from megatron_eplb.patches.deepspeed import groups
+
+    out = {}
+    layouts = {
+        "pp": dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2),
+        "expert_tp": dict(
+            tensor_model_parallel_size=2, expert_tensor_parallel_size=2, expert_model_parallel_size=2
+        ),
+    }
+    for name, kwargs in layouts.items():
+        ps.destroy_model_parallel()
+        ps.initialize_model_parallel(**kwargs)
+        try:
+            groups.megatron_groups()
+            out[name] = None
+        except Exception as exc:  # noqa: BLE001
+            out[name] = f"{type(exc).__name__}: {exc}"
+    ps.destroy_model_parallel()
+    return out
+
+
+def _all_checks(rank, world, tmp):
+    os.environ.update(ENV)
+    tmp = Path(tmp)
+    return {"zero2": _zero2_checks(tmp), "tp": _tp_checks(tmp), "refused": _refusals()}
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory):
+    from dist import run_distributed
+
+    tmp = tmp_path_factory.mktemp("layouts")
+    return run_distributed(_all_checks, 4, str(tmp), timeout=900, env=ENV)[0]
+
+
+def test_unsupported_zero_stage_3_names_the_supported_stages():
+    from megatron_eplb.patches.deepspeed import SUPPORTED_ZERO_STAGES, DeepSpeedEPLBError, check_ds_config
+
+    assert SUPPORTED_ZERO_STAGES == (0, 1, 2)
+    assert check_ds_config({"zero_optimization": {"stage": 2}}) == 2
+    with pytest.raises(DeepSpeedEPLBError, match="supported stages: 0, 1, 2"):
+        check_ds_config({"zero_optimization": {"stage": 3}})
+
+
+@pytest.mark.slow
+def test_zero2_fp32_losses_equal_with_moves_and_replicas(checks):
+    c = checks["zero2"]["fp32"]
+    assert c["optimizer"] == "DeepSpeedZeroOptimizer"
+    run = c["moves_r2"]
+    assert run["records"] >= 2 and run["replicas"] > 0
+    assert _rel(run["losses"], c["base"]["losses"]) <= 1e-5, (run["losses"], c["base"]["losses"])
+    assert _rel([run["eval"]], [c["base"]["eval"]]) <= 1e-5  # outputs at evaluation after the moves
+    assert run["copies_identical"]
+    # the state after 8 steps (fp32 sums in another order: Adam's first steps amplify 1e-7 differences)
+    assert max(run["state_diff"].values()) <= 1e-3, run["state_diff"]
+
+
+@pytest.mark.slow
+def test_zero2_bf16_moves_exact_and_replicas_within_bf16_rounding(checks):
+    c = checks["zero2"]["bf16"]
+    moved, replicas = c["moves_r0"], c["moves_r2"]
+    assert moved["records"] >= 2 and replicas["records"] >= 2 and replicas["replicas"] > 0
+    assert moved["losses"] == c["base"]["losses"]  # moves alone: bit-identical to the run without EPLB
+    assert moved["eval"] == c["base"]["eval"]
+    assert _rel(replicas["losses"], c["base"]["losses"]) <= BF16_REPLICA_RTOL
+    assert _rel([replicas["eval"]], [c["base"]["eval"]]) <= BF16_REPLICA_RTOL
+    assert moved["copies_identical"] and replicas["copies_identical"]
+
+
+@pytest.mark.slow
+def test_tp2_ep2_sequence_parallel_matches_tp1_and_the_unpatched_model(checks):
+    c = checks["tp"]
+    reference, base, run = c["reference"]["losses"], c["base"]["losses"], c["eplb"]
+    assert _rel(base, reference) <= 1e-5, (base, reference)  # TP 2 + SP under DeepSpeed = TP 1, same batch
+    assert run["records"] >= 2 and run["replicas"] > 0
+    assert _rel(run["losses"], base) <= 1e-5, (run["losses"], base)
+    assert _rel([run["eval"]], [c["base"]["eval"]]) <= 1e-5  # outputs at evaluation after the moves
+    assert run["copies_identical"] and run["tp_replicas_identical"] and run["placement_everywhere"]
+    assert run["groups"] == {"ep": [0, 1], "load": 4} or run["groups"]["load"] == 4
+    # each routed token counted once: (DP 2 x B x T tokens) x top-k per MoE layer and step, not once per TP rank
+    assert run["loads"] and all(v == [2 * B * T * TOPK] * LAYERS for v in run["loads"]), run["loads"]
+
+
+@pytest.mark.slow
+def test_checkpoint_across_tp_layouts(checks):
+    c = checks["tp"]["ckpt"]
+    assert c["keys"] > 0
+    assert c["tp1_info"] == "replanned" and c["tp1_equal"]  # TP2 x EP2 (10 slots) -> EP2 x DP2 (8 slots)
+    assert c["tp2_info"] == "replanned" and c["tp2_equal"]  # and back, 10 slots again
+    assert np.isfinite(checks["tp"]["eplb"]["losses"]).all()
+
+
+@pytest.mark.slow
+def test_pipeline_and_expert_tensor_parallel_are_refused_with_what_is_supported(checks):
+    c = checks["refused"]
+    assert "DeepSpeedEPLBError" in c["pp"] and "pipeline parallel size 2" in c["pp"] and "PP = 1" in c["pp"]
+    assert "expert tensor parallel size 2" in c["expert_tp"] and "supported: 1" in c["expert_tp"]

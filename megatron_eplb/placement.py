@@ -450,6 +450,32 @@ class ExpertPlacement:
             validate=False,
         )
 
+    def with_layer(self, layer: int, phy2log_row: np.ndarray) -> ExpertPlacement:
+        """A copy with layer ``layer``'s row replaced by ``phy2log_row`` (``[P]``), validated like the whole map.
+
+        Raises:
+            ExpertMapError: ``layer`` out of range, a row of another length, or a row the map rejects.
+        """
+        if not 0 <= layer < self.num_layers:
+            raise ExpertMapError(f"layer {layer} out of range [0, {self.num_layers})")
+        row = np.asarray(phy2log_row, dtype=np.int64).reshape(-1)
+        if row.shape[0] != self.num_slots:
+            raise ExpertMapError(
+                f"layer {layer}: phy2log row has {row.shape[0]} slots, the model has {self.num_slots}"
+            )
+        phy2log = self.phy2log.copy()
+        phy2log[layer] = row
+        try:
+            return ExpertPlacement(
+                phy2log,
+                self.num_ranks,
+                self.num_experts,
+                expert_load=self.expert_load,
+                allow_same_rank_copies=self.allow_same_rank_copies,
+            )
+        except ExpertMapError as exc:
+            raise ExpertMapError(f"layer {layer}: {exc}") from None
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ExpertPlacement):
             return NotImplemented

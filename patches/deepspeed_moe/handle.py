@@ -230,28 +230,13 @@ class DeepSpeedMoEEPLB:
     def commit_layer(self, layer: int, phy2log_row: Sequence[int] | np.ndarray) -> None:
         """Route MoE layer ``layer`` with ``phy2log_row`` (``[P]``), whose slots already hold those experts.
         Local: every rank commits the same row at the same step (the manager does)."""
-        if not 0 <= layer < self.num_layers:
-            raise DeepSpeedEPLBError(f"layer {layer} out of range [0, {self.num_layers})")
         if not self.patched:
             raise DeepSpeedEPLBError("commit_layer on an unpatched model (attach()); use apply()")
-        row = np.asarray(phy2log_row, dtype=np.int64).reshape(-1)
-        if row.shape[0] != self.num_slots:
-            raise DeepSpeedEPLBError(
-                f"layer {layer}: phy2log row has {row.shape[0]} slots, the model has {self.num_slots}"
-            )
-        phy2log = self.placement.phy2log.copy()
-        phy2log[layer] = row
         try:
-            placement = ExpertPlacement(
-                phy2log,
-                self.ep_size,
-                self.num_experts,
-                expert_load=self.placement.expert_load,
-                allow_same_rank_copies=self.placement.allow_same_rank_copies,
-            )
+            placement = self.placement.with_layer(layer, phy2log_row)
         except ExpertMapError as exc:
-            raise DeepSpeedEPLBError(f"layer {layer}: {exc}") from None
-        self._tables[layer] = self._routing_tables(row, self._tables[layer][3])
+            raise DeepSpeedEPLBError(str(exc)) from None
+        self._tables[layer] = self._routing_tables(placement.phy2log[layer], self._tables[layer][3])
         self.placement = placement
 
     # --------------------------------------------------------------- training

@@ -286,26 +286,11 @@ class MegatronEPLB:
     def commit_layer(self, layer: int, phy2log_row: Sequence[int] | np.ndarray) -> None:
         """Switch MoE layer ``layer`` to ``phy2log_row`` (``[P]``) whose slot weights are already in place
         (written by a mover).  Local, no communication: every rank must commit the same row at the same step."""
-        if not 0 <= layer < self.num_layers:
-            raise EPLBPatchError(f"layer {layer} out of range [0, {self.num_layers})")
-        row = np.asarray(phy2log_row, dtype=np.int64).reshape(-1)
-        if row.shape[0] != self.num_slots:
-            raise EPLBPatchError(
-                f"layer {layer}: phy2log row has {row.shape[0]} slots, the model has {self.num_slots}"
-            )
-        phy2log = self.placement.phy2log.copy()
-        phy2log[layer] = row
         try:
-            placement = ExpertPlacement(
-                phy2log,
-                self.ep_size,
-                self.num_experts,
-                expert_load=self.placement.expert_load,
-                allow_same_rank_copies=self.placement.allow_same_rank_copies,
-            )
+            placement = self.placement.with_layer(layer, phy2log_row)
         except ExpertMapError as exc:
-            raise EPLBPatchError(f"layer {layer}: {exc}") from None
-        self._tables[layer] = self._routing_tables(row, layer)
+            raise EPLBPatchError(str(exc)) from None
+        self._tables[layer] = self._routing_tables(placement.phy2log[layer], layer)
         self.placement = placement
 
     # --------------------------------------------------------------- training

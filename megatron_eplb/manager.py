@@ -64,7 +64,15 @@ from .protocols import ExpertModel, OptimizerSlots, Transport
 from .stats import balance_summary, load_similarity, moved_slots, realized_balance
 from .trace_recorder import TraceRecorder
 from .transfer import TransferError, TransferExecutor, plan_transfer
-from .worker import PolicyWorker, PolicyWorkerError, broadcast_placement
+from .worker import (
+    PLAN_ARRIVED,
+    PLAN_DROPPED,
+    PLAN_PENDING,
+    PolicyWorker,
+    agree_on_plan,
+    broadcast_placement,
+    poll_plan,
+)
 
 __all__ = [
     "EPLBManager",
@@ -80,7 +88,6 @@ __all__ = [
 log = logging.getLogger("megatron_eplb")
 
 CANARY_SAMPLE_WORDS = 65536  # 16-bit words hashed per tensor by the 'sampled' canary
-_PLAN_PENDING, _PLAN_ARRIVED, _PLAN_DROPPED = 0, 1, 2  # the planning rank's verdict on an awaited plan
 
 
 class EPLBManager:
@@ -421,16 +428,29 @@ class EPLBManager:
         is applied whole or not at all.  Only the due step itself may wait, at most ``eplb_max_plan_wait``."""
         t0 = time.monotonic()
         record = state.record
-        status, new_sub = _PLAN_PENDING, None
+        status, new_sub = PLAN_PENDING, None
         if self._rank == self._planner_rank:
-            status, new_sub = self._poll_plan(state)
-        status = self._broadcast_status(status)
-        if status == _PLAN_ARRIVED:
+            worker, cfg = self._worker, self.config
+            hung = worker.hung
+            status, new_sub = poll_plan(
+                worker,
+                submitted_at=state.submitted_at,
+                timeout=cfg.eplb_worker_timeout,
+                wait=0.0 if state.late or worker.late_in_a_row else cfg.eplb_max_plan_wait,
+                step=self.step_count,
+            )
+            if worker.hung > hung and self.monitor is not None:
+                self.monitor.log(self.step_count, {"eplb/policy_worker_hung": worker.hung})
+        pipeline = self.stage is not None
+        status = agree_on_plan(
+            status, self._planner_rank, self.load_group if pipeline else None, every_stage=pipeline
+        )
+        if status == PLAN_ARRIVED:
             new_sub = broadcast_placement(
                 new_sub, src=self._planner_rank, group=self.load_group if self.stage is not None else None
             )
         _add_seconds(record, "plan_wait", t0)
-        if status == _PLAN_PENDING:
+        if status == PLAN_PENDING:
             if not state.late and self._rank == 0:
                 log.warning(
                     "EPLB step %d: the plan is not ready at its due step; training goes on with the current "
@@ -443,7 +463,7 @@ class EPLBManager:
             if self.stage is not None:  # PP: every stage looks again at the next step, and agrees there
                 self._round_sync_at = self.step_count + 1
             return state
-        if status == _PLAN_DROPPED:
+        if status == PLAN_DROPPED:
             if self._rank == 0:
                 log.warning(
                     "EPLB step %d: no plan within eplb_worker_timeout=%.1fs (late, or the worker died or "
@@ -481,47 +501,6 @@ class EPLBManager:
             Phase.PLANNING, Phase.TRANSFERRING, f"{len(queue)} layers, {record.moved_slots} slots to move"
         )
         return Transferring(record, state.window_load, old, new, plan, executor, queue)
-
-    def _poll_plan(self, state: Planning) -> tuple[int, ExpertPlacement | None]:
-        """The planning rank's look at the worker: ``(status, placement)``.  The due step waits up to
-        ``eplb_max_plan_wait`` (not at all after a missed deadline); later steps only look.  Once
-        ``eplb_worker_timeout`` has passed since the submission the request is given up (the worker counts
-        the miss and is replaced after two in a row)."""
-        worker, cfg = self._worker, self.config
-        left = cfg.eplb_worker_timeout - (time.monotonic() - state.submitted_at)
-        wait = 0.0 if state.late or worker.late_in_a_row else cfg.eplb_max_plan_wait
-        hung = worker.hung
-        try:
-            if left <= wait:  # the deadline falls within this look: the last one
-                placement = worker.result(timeout=max(left, 0.0))
-            else:
-                placement = worker.wait(wait)
-        except PolicyWorkerError as exc:
-            log.error("EPLB step %d: %s", self.step_count, exc)
-            return _PLAN_DROPPED, None
-        finally:
-            if worker.hung > hung and self.monitor is not None:
-                self.monitor.log(self.step_count, {"eplb/policy_worker_hung": worker.hung})
-        if placement is not None:
-            return _PLAN_ARRIVED, placement
-        return (_PLAN_PENDING, None) if worker.pending_id is not None else (_PLAN_DROPPED, None)
-
-    def _broadcast_status(self, status: int) -> int:
-        """The planning rank's ``status`` on every rank (one scalar broadcast).  PP: every stage takes the
-        same branch at the same step (one more all-reduce over the world): a plan dropped on any stage drops
-        the round on all, a plan still pending on any stage keeps every stage waiting."""
-        if not dist.is_initialized():
-            return status
-        device = collective_device(None)
-        t = torch.tensor([status], dtype=torch.int64, device=device)
-        group = self.load_group if self.stage is not None else None
-        dist.broadcast(t, src=self._planner_rank, group=group)
-        if self.stage is None:
-            return int(t.item())
-        flags = torch.stack([t[0] == _PLAN_DROPPED, t[0] == _PLAN_PENDING]).to(torch.int64)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        dropped, pending = flags.tolist()
-        return _PLAN_DROPPED if dropped else _PLAN_PENDING if pending else _PLAN_ARRIVED
 
     def _update_similarity_baseline(self, window_load: np.ndarray, layers: list[int]) -> None:
         if self._last_update_load is None:

@@ -27,7 +27,22 @@ import numpy as np
 from .errors import PolicyWorkerError
 from .placement import ExpertPlacement
 
-__all__ = ["PolicyWorker", "PolicyWorkerError", "broadcast_placement", "default_policy_fn"]
+__all__ = [
+    "PLAN_ARRIVED",
+    "PLAN_DROPPED",
+    "PLAN_PENDING",
+    "PolicyWorker",
+    "PolicyWorkerError",
+    "agree_on_plan",
+    "broadcast_placement",
+    "default_policy_fn",
+    "poll_plan",
+]
+
+log = logging.getLogger("megatron_eplb")
+
+PLAN_PENDING, PLAN_ARRIVED, PLAN_DROPPED = 0, 1, 2
+"""The planning rank's verdict on an awaited plan (:func:`poll_plan`, :func:`agree_on_plan`)."""
 
 log = logging.getLogger(__name__)
 
@@ -404,3 +419,49 @@ def broadcast_placement(placement: ExpertPlacement | None, src: int, group=None)
     return ExpertPlacement(
         table.cpu().numpy(), num_ranks, num_experts, allow_same_rank_copies=bool(allow), validate=False
     )
+
+
+def poll_plan(
+    worker: PolicyWorker, *, submitted_at: float, timeout: float, wait: float, step: int
+) -> tuple[int, ExpertPlacement | None]:
+    """The planning rank's look at ``worker``: ``(verdict, placement)``.
+
+    Waits up to ``wait`` seconds (the due step; 0 for a later look, or after a missed deadline); once
+    ``timeout`` seconds have passed since ``submitted_at`` (``time.monotonic()``) the request is given up (the
+    worker counts the miss and is replaced after two in a row).  A worker error is logged (at training step
+    ``step``) and is a drop.
+    """
+    left = timeout - (time.monotonic() - submitted_at)
+    try:
+        if left <= wait:  # the deadline falls within this look: the last one
+            placement = worker.result(timeout=max(left, 0.0))
+        else:
+            placement = worker.wait(wait)
+    except PolicyWorkerError as exc:
+        log.error("EPLB step %d: %s", step, exc)
+        return PLAN_DROPPED, None
+    if placement is not None:
+        return PLAN_ARRIVED, placement
+    return (PLAN_PENDING, None) if worker.pending_id is not None else (PLAN_DROPPED, None)
+
+
+def agree_on_plan(verdict: int, src: int, group=None, every_stage: bool = False) -> int:
+    """The verdict of the planning rank ``src`` (a global rank) on every rank of ``group`` (one scalar
+    broadcast).  ``every_stage`` (pipeline parallelism: one planning rank per stage): every rank of the world
+    takes the same branch at the same step (one more all-reduce): a plan dropped on any stage drops the round
+    on all, a plan still pending on any stage keeps every stage waiting."""
+    import torch
+    import torch.distributed as dist
+
+    from .comm import collective_device
+
+    if not dist.is_initialized():
+        return verdict
+    t = torch.tensor([verdict], dtype=torch.int64, device=collective_device(group))
+    dist.broadcast(t, src=src, group=group)
+    if not every_stage:
+        return int(t.item())
+    flags = torch.stack([t[0] == PLAN_DROPPED, t[0] == PLAN_PENDING]).to(torch.int64)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    dropped, pending = flags.tolist()
+    return PLAN_DROPPED if dropped else PLAN_PENDING if pending else PLAN_ARRIVED

@@ -111,15 +111,25 @@ def tiny_gpt(ep: int, *, dispatcher: str = "allgather", seed: int = 0, experts: 
     return fp32_grouped(GPTModel(transformer_config, spec, vocab_size=V, max_sequence_length=SEQ))
 
 
-def copies_identical(handle) -> bool:
-    """Every copy of an expert holds the same weights (gathered over the EP group; collective)."""
+def copies_identical(handle, optimizer_state=None) -> bool:
+    """Every copy of an expert holds the same weights (gathered over the EP group; collective), bitwise.
+
+    ``optimizer_state``: an optimizer-slot view with ``full_state(param) -> {key: tensor}`` (e.g.
+    ``DeepSpeedSlotState(engine)``: the fp32 master and Adam moments, under ZeRO assembled from the
+    data-parallel ranks' partition pieces; collective there): every copy's optimizer state must match too, and
+    a slot without any state is an error (the comparison would be empty)."""
     for layer in range(handle.num_layers):
-        local = torch.stack(
-            [
-                torch.cat([t.reshape(-1) for t in handle.slot_tensors(layer, k)])
-                for k in range(handle.slots_per_rank)
-            ]
-        )
+        local = []
+        for k in range(handle.slots_per_rank):
+            tensors = list(handle.slot_tensors(layer, k))
+            for sp in handle.slot_params(layer, k) if optimizer_state is not None else ():
+                state = optimizer_state.full_state(sp.param)
+                if not state:
+                    raise ValueError(f"layer {layer} slot {k}: no optimizer state to compare")
+                # the slot's block of each state tensor (the whole of it for a slot with its own parameter)
+                tensors += [state[key].reshape(-1)[sp.offset : sp.offset + sp.numel] for key in sorted(state)]
+            local.append(torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]))
+        local = torch.stack(local)
         parts = [torch.empty_like(local) for _ in range(handle.ep_size)]
         torch.distributed.all_gather(parts, local, group=handle.ep_group)
         every = torch.cat(parts)

@@ -2,9 +2,11 @@
 
 The model is examples/train_deepspeed_moe.py's GPT (``deepspeed.moe.layer.MoE`` in every block), small.
 Launches are shared: one 2-rank run (EP = 2) holds the equivalence checks against the unpatched DeepSpeed
-model (top-1 and top-2, capacity dropping on and off, ZeRO 0 and 1, fp32 and bf16, rebalances that move
+model (top-1 and top-2, capacity dropping on and off, ZeRO 0, 1 and 2, fp32 and bf16, rebalances that move
 slots every 2 steps), the per-slot capacity measurement and the checkpoint round trips; one 4-rank run
-(EP = 2 x expert-DP = 2) repeats the equivalence with ZeRO 1.
+(EP = 2 x expert-DP = 2) repeats the equivalence with ZeRO 0 and 1, and ZeRO 2 with redundant slots (buckets
+reduce-scattered inside backward, gradient accumulation; and once without the hold-back of those
+reductions, which must break it).
 """
 
 from __future__ import annotations
@@ -158,24 +160,21 @@ def test_capacity_key_and_refusals():
 
 
 def test_zero_stages_supported_and_refused():
+    """ZeRO 0, 1 and 2 with and without redundant slots (the Megatron-core path's check: it does not look at
+    the slots); stage 3 refused, naming the supported stages (in a launch: test_unsupported_setups...)."""
+    from megatron_eplb.patches import deepspeed as eplb_ds
     from megatron_eplb.patches.deepspeed_moe import SUPPORTED_ZERO_STAGES
-    from megatron_eplb.patches.deepspeed_moe.initialize import check_zero_stage
 
-    from megatron_eplb.config import EPLBConfig
     from megatron_eplb.errors import DeepSpeedEPLBError
 
-    assert SUPPORTED_ZERO_STAGES == (0, 1, 2)
-    cfg = EPLBConfig()
+    assert SUPPORTED_ZERO_STAGES == eplb_ds.SUPPORTED_ZERO_STAGES == (0, 1, 2)
 
     def ds(stage):
-        return {"zero_optimization": {"stage": stage}}
+        return {"zero_optimization": {"stage": stage}, "eplb": {"init_redundancy_expert": 2}}
 
-    assert [check_zero_stage(ds(s), cfg, 10, 8) for s in (0, 1)] == [0, 1]
-    assert check_zero_stage(ds(2), cfg, 8, 8) == 2  # no redundant slot
-    with pytest.raises(DeepSpeedEPLBError, match="init_redundancy_expert=0"):
-        check_zero_stage(ds(2), cfg, 10, 8)
-    with pytest.raises(DeepSpeedEPLBError, match="supported stages: 0, 1, and 2 without redundant slots"):
-        check_zero_stage(ds(3), cfg, 8, 8)
+    assert [eplb_ds.check_ds_config(ds(s)) for s in (0, 1, 2)] == [0, 1, 2]
+    with pytest.raises(DeepSpeedEPLBError, match="supported stages: 0, 1, 2"):
+        eplb_ds.check_ds_config(ds(3))
 
 
 # ============================================================================ multi-process helpers
@@ -187,28 +186,43 @@ def _shift_policy(load, num_slots, num_ranks, previous=None, **kwargs):
     return np.roll(phy2log, num_slots // num_ranks + 1, axis=1)
 
 
+def _move_policy(load, num_slots, num_ranks, previous=None, **kwargs):
+    """:func:`_shift_policy`, then rank 0's slots reversed: the copies of an expert do not keep one local slot
+    index on every rank, so under ZeRO 2 their gradient partitions live on different expert-DP ranks."""
+    phy2log = _shift_policy(load, num_slots, num_ranks, previous)
+    per_rank = num_slots // num_ranks
+    phy2log[:, :per_rank] = phy2log[:, :per_rank][:, ::-1].copy()
+    return phy2log
+
+
 def _args(extra=()):
     import train_deepspeed_moe as ex
 
     return ex.parse_args([*SMALL, "--no-wandb", *extra])
 
 
-def _ds_config(stage: int, bf16: bool = False, lr: float = 1e-2, data_before: bool = False, clip=0.0) -> dict:
+def _ds_config(
+    stage: int, bf16: bool = False, lr: float = 1e-2, data_before: bool = False, clip=0.0, gas=1, bucket=None
+) -> dict:
+    """``gas``: gradient accumulation steps; ``bucket``: ZeRO's reduce (and all-gather) bucket size in elements
+    (small: ZeRO 2 reduce-scatters buckets inside backward; DeepSpeed's default holds the whole model)."""
     cfg = {
         "use_data_before_expert_parallelism": data_before,
         "train_micro_batch_size_per_gpu": 4,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": gas,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
         "zero_optimization": {"stage": stage},
         "gradient_clipping": clip,
         "steps_per_print": 10**9,
     }
+    if bucket is not None:
+        cfg["zero_optimization"].update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     if bf16:
         cfg["bf16"] = {"enabled": True}
     return cfg
 
 
-def _engine(extra, stage, eplb, bf16=False, policy_fn=None, data_before=False, clip=0.0):
+def _engine(extra, stage, eplb, bf16=False, policy_fn=None, data_before=False, clip=0.0, gas=1, bucket=None):
     """``(engine, manager)``: the example's GPT under plain ``deepspeed.initialize`` (``eplb`` None) or
     ``eplb_dsmoe.initialize`` (``eplb`` a dict of EPLB keys, or False: no EPLB, read-only handle)."""
     import deepspeed
@@ -217,7 +231,7 @@ def _engine(extra, stage, eplb, bf16=False, policy_fn=None, data_before=False, c
 
     args = _args(extra)
     model = ex.build_model(args, 2, data_before)
-    cfg = _ds_config(stage, bf16, data_before=data_before, clip=clip)
+    cfg = _ds_config(stage, bf16, data_before=data_before, clip=clip, gas=gas, bucket=bucket)
     if eplb is None:
         engine, *_ = deepspeed.initialize(
             model=model, config=cfg, model_parameters=[p for p in model.parameters() if p.requires_grad]
@@ -291,19 +305,33 @@ DYN = {"dynamic_eplb": True, "num_iterations_eplb_update": 2, "num_wait_worker_i
        "init_redundancy_expert": 2, "eplb_layers_per_step": 2}  # fmt: skip
 
 
-def _equivalence(stream, extra, stage, bf16=False, redundancy=2, data_before=False, baseline=None, clip=0.0):
+def _equivalence(
+    stream,
+    extra,
+    stage,
+    bf16=False,
+    redundancy=2,
+    data_before=False,
+    baseline=None,
+    clip=0.0,
+    gas=1,
+    bucket=None,
+    policy_fn=_shift_policy,
+    steps=STEPS,
+):
     """The unpatched DeepSpeed model (``baseline`` None: plain ``deepspeed.initialize``; False: ``initialize(
-    eplb=False)``) and the EPLB one (``redundancy`` redundant slots, a slot-moving rebalance every 2 steps),
-    trained on the same batches with the same random draws."""
-    base_engine, _ = _engine(extra, stage, baseline, bf16, data_before=data_before, clip=clip)
+    eplb=False)``) and the EPLB one (``redundancy`` redundant slots, a slot-moving rebalance every 2 optimizer
+    steps), trained on the same batches with the same random draws (``steps`` micro-steps, ``gas`` of them
+    per optimizer step).  ZeRO 2: ``copies_identical`` — every copy of an expert bitwise the same in weights,
+    fp32 master and Adam moments at the end."""
+    ds = {"data_before": data_before, "clip": clip, "gas": gas, "bucket": bucket}
+    base_engine, _ = _engine(extra, stage, baseline, bf16, **ds)
     base_kept = _kept_routes(base_engine)
-    base = _run(base_engine, STEPS, stream)
+    base = _run(base_engine, steps, stream)
     eplb = {**DYN, "init_redundancy_expert": redundancy}
-    engine, manager = _engine(
-        extra, stage, eplb, bf16, policy_fn=_shift_policy, data_before=data_before, clip=clip
-    )
+    engine, manager = _engine(extra, stage, eplb, bf16, policy_fn=policy_fn, **ds)
     kept = _kept_routes(engine)
-    eplb = _run(engine, STEPS, stream)
+    eplb = _run(engine, steps, stream)
     if baseline is False:  # both record: the same routed pairs and drops
         drops = [e.eplb_handle.drop_counts().tolist() for e in (base_engine, engine)]
     same_drops = len(kept) == len(base_kept) and all(torch.equal(a, b) for a, b in zip(kept, base_kept))
@@ -320,9 +348,19 @@ def _equivalence(stream, extra, stage, bf16=False, redundancy=2, data_before=Fal
         "drop_counts": drops if baseline is False else None,
         "base_losses": base[0],
         "eplb_losses": eplb[0],
+        "replicas": int((engine.eplb_handle.placement.replica_count > 1).sum()),
+        "copies_identical": _copies_identical(engine) if stage == 2 else None,
     }
     manager.close()
     return out, engine, manager
+
+
+def _copies_identical(engine) -> bool:
+    """Every copy of an expert holds bitwise the same weights, fp32 master and Adam moments (collective)."""
+    from megatron_eplb.patches.deepspeed import DeepSpeedSlotState
+    from models import copies_identical
+
+    return copies_identical(engine.eplb_handle, DeepSpeedSlotState(engine))
 
 
 def _dispatch_balance(stream, extra, steps=12) -> dict:
@@ -391,6 +429,10 @@ def _ep2_checks(rank, world):
     for bf16 in (False, True):  # ZeRO 2 without redundant slots: slots move, the run stays bit-identical
         out[f"zero2_bf16{bf16}"], _, _ = _equivalence(
             rank, ["--moe-top-k", "2", "--capacity-factor", "0.5"], 2, bf16, 0
+        )
+        # ... and with them (buckets reduce-scattered inside backward; EP x expert-DP = 2 x 2: ZERO2 below)
+        out[f"zero2_r2_bf16{bf16}"], _, _ = _equivalence(
+            rank, ["--moe-top-k", "2", "--capacity-factor", "0.5"], 2, bf16, 2, bucket=ZERO2_BUCKET
         )
     for name, extra in (("capacity", ["--capacity-factor", "1.0"]), ("dropless", ["--no-drop-tokens"])):
         out[f"balance_{name}"] = _dispatch_balance(rank, ["--moe-top-k", "2", *extra])
@@ -474,6 +516,18 @@ def test_zero2_without_redundant_slots_is_bit_identical(ep2, bf16):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("bf16", [False, True])
+def test_zero2_with_redundant_slots_on_ep2(ep2, bf16):
+    """EP 2 (expert-DP 1), ZeRO 2 with redundant slots and small buckets: fp32 losses equal to the unpatched
+    model's, bf16 within bf16 rounding, the copies bitwise identical (weights, fp32 master, Adam moments)."""
+    c = ep2[f"zero2_r2_bf16{bf16}"]
+    print(f"bf16={bf16}: largest relative loss difference {c['loss_rel']:.3g}")
+    assert c["records"] >= 2 and c["moved"] > 0 and c["replicas"] > 0, c
+    assert c["loss_rel"] <= (BF16_REPLICA_RTOL if bf16 else 1e-5), (c["base_losses"], c["eplb_losses"])
+    assert c["copies_identical"], c
+
+
+@pytest.mark.slow
 def test_no_megatron_core_needed(ep2):
     """Megatron-DeepSpeed users need not have megatron-core: the whole run never imported it."""
     assert ep2["megatron_core_imported"] == []
@@ -505,6 +559,43 @@ def _ep2_dp2_checks(rank, world):
         rank, ["--moe-top-k", "2", *drop], stage=1, data_before=True
     )
     out["layout_data_before"] = dist.get_process_group_ranks(engine.eplb_handle.ep_group)
+    out.update(_zero2_replica_checks(rank))
+    return out
+
+
+# ZeRO 2 with replicas on EP 2 x expert-DP 2: three MoE layers, so ZeRO's expert-DP partitions split a layer's
+# slots between the two expert-DP ranks, and _move_policy, so the copies of an expert have their partition
+# pieces on different expert-DP ranks; small buckets, so DeepSpeed reduce-scatters them inside backward.
+# Without the hold-back, a copy's gradient is reduce-scattered (and freed on the ranks that do not own its
+# partition) before the replica sum: the copies then diverge (ZERO2_UNHELD shows it).
+ZERO2_BUCKET = 4096  # elements; one expert of SMALL has 1072
+ZERO2 = {  # case: (extra arguments, bf16, gradient accumulation steps)
+    "zero2_fp32_k2": (["--moe-top-k", "2", "--capacity-factor", "0.5"], False, 1),
+    "zero2_fp32_k1_gas2": (["--moe-top-k", "1", "--capacity-factor", "0.5"], False, 2),
+    "zero2_bf16_k2_gas2": (["--moe-top-k", "2"], True, 2),
+}
+ZERO2_UNHELD = "zero2_fp32_k2_unheld"
+
+
+def _zero2_replica_checks(stream) -> dict:
+    from megatron_eplb.patches.deepspeed import engine as ds_engine
+
+    out = {}
+    for case, (extra, bf16, gas) in ZERO2.items():
+        out[case], _, _ = _equivalence(
+            stream, [*extra, "--num-layers", "3"], 2, bf16, bucket=ZERO2_BUCKET, gas=gas,
+            policy_fn=_move_policy, steps=STEPS * gas,
+        )  # fmt: skip
+    hold_back = ds_engine.hold_back_reductions
+    # the feature removed: DeepSpeed reduce-scatters the expert gradients as soon as they are ready
+    ds_engine.hold_back_reductions = lambda engine, params: None
+    try:
+        extra, bf16, gas = ZERO2["zero2_fp32_k2"]
+        out[ZERO2_UNHELD], _, _ = _equivalence(
+            stream, [*extra, "--num-layers", "3"], 2, bf16, bucket=ZERO2_BUCKET, policy_fn=_move_policy
+        )
+    finally:
+        ds_engine.hold_back_reductions = hold_back
     return out
 
 
@@ -527,6 +618,33 @@ def test_ep2_x_dp2_equals_the_unpatched_layer(ep2_dp2, case):
     assert [list(o["layout"][0]) for o in ep2_dp2] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [list(o["layout"][1]) for o in ep2_dp2] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     assert [list(o["layout_data_before"]) for o in ep2_dp2] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(ZERO2))
+def test_zero2_with_replicas_equals_the_unpatched_layer(ep2_dp2, case):
+    """ZeRO 2 with redundant slots on EP 2 x expert-DP 2 (buckets reduce-scattered inside backward, the copies'
+    partition pieces on different ranks, slots moved): fp32 losses equal to the unpatched DeepSpeed model's,
+    bf16 within bf16 rounding; every copy bitwise the same in weights, fp32 master and Adam moments."""
+    bf16 = "bf16" in case
+    print(case, "largest relative loss difference", max(out[case]["loss_rel"] for out in ep2_dp2))
+    for rank, out in enumerate(ep2_dp2):
+        c = out[case]
+        assert c["records"] >= 2 and c["moved"] > 0 and c["replicas"] > 0, (rank, c)
+        tol = BF16_REPLICA_RTOL if bf16 else 1e-5
+        assert c["loss_rel"] <= tol, (rank, c["base_losses"], c["eplb_losses"])
+        assert bf16 or c["eval_diff"] <= 1e-5, (rank, c["eval_diff"])  # outputs at evaluation after the moves
+        assert c["copies_identical"], (rank, "the copies of an expert diverged")
+
+
+@pytest.mark.slow
+def test_zero2_replicas_need_the_hold_back(ep2_dp2):
+    """The same run with DeepSpeed's in-backward reduction not held back: the copies diverge (this layout
+    really reduce-scatters expert gradients before the replica sum)."""
+    unheld = [out[ZERO2_UNHELD] for out in ep2_dp2]
+    print("without the hold-back: relative loss differences", [c["loss_rel"] for c in unheld])
+    assert not all(c["copies_identical"] for c in unheld), unheld
+    assert max(c["loss_rel"] for c in unheld) > 1e-5, [c["loss_rel"] for c in unheld]
 
 
 # ============================================================================ per-slot capacity
@@ -957,7 +1075,6 @@ def _pitfalls() -> dict:
     tutel = ex.build_model(_args(), 2)
     tutel.blocks[0].moe.deepspeed_moe.use_tutel = True
     out["tutel"] = error(lambda: eplb_dsmoe.apply(tutel))
-    out["zero2_replicas"] = error(lambda: _engine([], 2, {"init_redundancy_expert": 2}))
     out["zero3"] = error(lambda: _engine([], 3, {}))
     out["capacity"] = error(lambda: _engine([], 0, {"eplb_capacity": "slots"}))
     out["dispatch"] = error(lambda: eplb_dsmoe.apply(ex.build_model(_args(), 2), replica_dispatch="lp"))
@@ -971,11 +1088,8 @@ def _pitfalls() -> dict:
 def test_unsupported_setups_are_clear_errors(ep2):
     c = ep2["pitfalls"]
     assert "use_tutel=True is not supported" in c["tutel"]
-    assert (
-        "stage=2 with 2 redundant slots" in c["zero2_replicas"]
-        and "init_redundancy_expert=0" in c["zero2_replicas"]
-    )
-    assert "supported stages: 0, 1, and 2 without redundant slots" in c["zero3"]
+    assert "zero_optimization.stage=3 is not supported" in c["zero3"]
+    assert "supported stages: 0, 1, 2" in c["zero3"]
     assert "eplb_capacity" in c["capacity"] and "per_slot" in c["capacity"]
     assert "replica_dispatch='lp' is not supported" in c["dispatch"]
     assert "supported: balanced, even, local_first" in c["dispatch"]

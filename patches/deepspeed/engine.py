@@ -166,18 +166,25 @@ def hold_back_reductions(engine, params: list[torch.nn.Parameter]):
     return release
 
 
-def install_hooks(engine, manager, handle, model, clip: float, ep_group, layers, grad_sync=None) -> None:
+def install_hooks(
+    engine, manager, handle, model, clip: float, ep_group, layers, grad_sync=None, expert_params=None
+) -> None:
     """Wrap ``engine.allreduce_gradients`` (replica-gradient sum first), ``engine._take_model_step`` (logical
     clipping at ``clip``) and ``engine.step`` (expert bias and ``manager.step()`` after applied steps).
 
-    ``grad_sync``: ``(params, fn)`` — gradients that must be summed before DeepSpeed reduces them besides the
-    experts' (the sequence-parallel ones over the TP group), ``fn()`` sums them (collective)."""
+    ``layers``: ``[(name, MoELayer)]`` of Megatron-core (their experts' gradients are held back, their routers'
+    expert bias updated); ``expert_params``: the expert parameters to hold back instead (layers of another
+    kind, e.g. ``deepspeed.moe``: pass ``layers=[]``).  ``grad_sync``: ``(params, fn)`` — gradients that must
+    be summed before DeepSpeed reduces them besides the experts' (the sequence-parallel ones over the TP
+    group), ``fn()`` sums them (collective)."""
     original_allreduce = engine.allreduce_gradients
     original_take_step = engine._take_model_step
     original_step = engine.step
     sync_params, sync = grad_sync if grad_sync is not None else ([], None)
     # held back with and without EPLB alike: the same buckets, the same reduction order (comparable runs)
-    expert_params = [p for _, layer in layers for p in layer.experts.parameters()]
+    if expert_params is None:
+        expert_params = [p for _, layer in layers for p in layer.experts.parameters()]
+    expert_params = list(expert_params)
     release = hold_back_reductions(engine, expert_params + list(sync_params))
     # ZeRO 2 reduces (and frees) the gradients of every micro-step; ZeRO 0/1 accumulate them up to the boundary
     every_micro_step = bool(getattr(engine.optimizer, "partition_gradients", False))

@@ -1,11 +1,12 @@
 """``initialize``: ``deepspeed.initialize`` for a model with ``deepspeed.moe.layer.MoE`` layers, with EPLB.
 
-It checks the ds_config (ZeRO 0, 1, and 2 without redundant slots; fp16 refused; bf16 with DeepSpeed's
-bf16 gradient accumulation, as the Megatron-core path), creates DeepSpeed's expert groups as the engine would (EP and expert-DP, with the
-ds_config's ``use_data_before_expert_parallelism``), patches the model (:func:`.apply.apply`; with
-``eplb=False`` it only attaches a read-only handle), builds the engine, the manager with
-:class:`megatron_eplb.patches.deepspeed.DeepSpeedSlotState`, and installs the engine hooks of
-``patches/deepspeed/engine.py`` (replica-gradient sum before DeepSpeed reduces, logical clipping,
+It checks the ds_config as the Megatron-core path does (ZeRO 0, 1 and 2, each with and without redundant
+slots; fp16 refused; bf16 with DeepSpeed's bf16 gradient accumulation), creates DeepSpeed's expert groups as
+the engine would (EP and expert-DP, with the ds_config's ``use_data_before_expert_parallelism``), patches the
+model (:func:`.apply.apply`; with ``eplb=False`` it only attaches a read-only handle), builds the engine, the
+manager with :class:`megatron_eplb.patches.deepspeed.DeepSpeedSlotState`, and installs the engine hooks of
+``patches/deepspeed/engine.py`` (replica-gradient sum before DeepSpeed reduces — under ZeRO 2 the experts'
+gradients held back in DeepSpeed's backward hook until then, on every micro-step —, logical clipping,
 ``manager.step()`` after applied steps) and the checkpoint hooks of :mod:`.checkpoint`.
 """
 
@@ -24,7 +25,7 @@ from megatron_eplb.placement import ExpertPlacement
 
 from .apply import apply, attach, find_moe_layers
 
-__all__ = ["SUPPORTED_ZERO_STAGES", "check_zero_stage", "initialize"]
+__all__ = ["SUPPORTED_ZERO_STAGES", "initialize"]
 
 log = logging.getLogger("megatron_eplb")
 
@@ -32,32 +33,11 @@ USE_DATA_BEFORE_EXPERT_PARALLEL = "use_data_before_expert_parallelism"  # DeepSp
 
 
 SUPPORTED_ZERO_STAGES = (0, 1, 2)
-"""ZeRO stages of this path; stage 2 without redundant slots only (:func:`check_zero_stage`)."""
-
-
-def check_zero_stage(
-    ds_config: dict, eplb_config: EPLBConfig | None, num_slots: int, num_experts: int
-) -> int:
-    """The ZeRO stage, or :class:`DeepSpeedEPLBError` naming the supported ones.
-
-    Stage 0 and 1: everything.  Stage 2 partitions gradients inside backward (bucket by bucket), before the
-    copies of a replicated expert can sum theirs, so it runs without redundant slots only (``num_slots ==
-    num_experts``: dynamic EPLB moves slots, the math stays exact).  Stage 3: DeepSpeed's MoE layer does not
-    support it."""
-    zero = ds_config.get("zero_optimization", {}) or {}
-    stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
-    if stage not in SUPPORTED_ZERO_STAGES:
-        raise DeepSpeedEPLBError(
-            f"zero_optimization.stage={stage} is not supported for deepspeed.moe layers with megatron-eplb; "
-            "supported stages: 0, 1, and 2 without redundant slots (init_redundancy_expert=0)"
-        )
-    if stage == 2 and eplb_config is not None and num_slots != num_experts:
-        raise DeepSpeedEPLBError(
-            f"zero_optimization.stage=2 with {num_slots - num_experts} redundant slots is not supported: stage 2 "
-            "reduces gradients inside backward, before the copies of a replicated expert can sum theirs; "
-            "supported: stage 2 with init_redundancy_expert=0 (slots move, no replicas), or stage 0/1 with replicas"
-        )
-    return stage
+"""ZeRO stages of this path, each with and without redundant slots (checked by
+:func:`megatron_eplb.patches.deepspeed.check_ds_config`, the Megatron-core path's check).  Under stage 2 the
+expert gradients are held back in DeepSpeed's backward hook until the copies of a replicated expert have
+summed theirs (:func:`megatron_eplb.patches.deepspeed.engine.hold_back_reductions`).  Stage 3 is refused:
+DeepSpeed's MoE layer does not support it, and it partitions the expert weights a slot transfer moves."""
 
 
 def initialize(
@@ -134,9 +114,7 @@ def initialize(
         eplb_config.validate_for(len(layers), first.num_experts, first.ep_size)
     if handle is not None:
         placement = handle.placement
-    slots = _start_slots(placement, eplb_config, len(layers), first.num_experts, first.ep_size)
-    stage = check_zero_stage(ds_config, eplb_config, slots, first.num_experts)
-    check_ds_config({**ds_config, "zero_optimization": {"stage": min(stage, 1)}})  # fp16, bf16 accumulation
+    check_ds_config(ds_config)  # ZeRO stage, fp16, bf16 accumulation: the Megatron-core path's rules
     before = bool(ds_config.get(USE_DATA_BEFORE_EXPERT_PARALLEL, False))
     _to_accelerator(model)
     if handle is not None:
@@ -162,7 +140,10 @@ def initialize(
             monitor=monitor,
             policy_fn=policy_fn,
         )
-    install_hooks(engine, manager, handle, model, clip, handle.ep_group, [])
+    # ZeRO 2 reduce-scatters expert gradients inside backward: held back until the replica sum (the Megatron
+    # path's hooks; held with and without EPLB alike, so both reduce in the same order)
+    experts = [p for _, layer in layers for p in layer.deepspeed_moe.experts.parameters()]
+    install_hooks(engine, manager, handle, model, clip, handle.ep_group, [], expert_params=experts)
     install_checkpoint_hooks(engine, manager, handle)
     if dist.get_rank() == 0:
         log.info(
@@ -174,14 +155,3 @@ def initialize(
             "off" if eplb_config is None else eplb_config.to_json(),
         )
     return engine, optimizer, dataloader, lr_scheduler, manager
-
-
-def _start_slots(placement, eplb_config, num_layers: int, num_experts: int, ep_size: int) -> int:
-    """``P`` of the start placement (a given one, the config's map, or ``E + init_redundancy_expert``)."""
-    if placement is not None:
-        return placement.num_slots
-    if eplb_config is None:
-        return num_experts
-    if eplb_config.expert_map_path is not None:
-        return ExpertPlacement.from_json(eplb_config.expert_map_path, allow_same_rank_copies=True).num_slots
-    return num_experts + eplb_config.init_redundancy_expert

@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "examples"))
 
+from models import copies_identical  # noqa: E402
 from test_deepspeed import (  # noqa: E402
     BF16_REPLICA_RTOL,
     ENV,
@@ -149,29 +150,9 @@ def _copies_identical(engine, manager) -> bool:
     """Every copy of a logical expert holds bitwise the same weights and optimizer state (DeepSpeed's fp32
     master and Adam moments, whole: under ZeRO assembled from the expert-DP ranks' partition pieces).
     Collective over the EP and expert-DP groups."""
-    import torch
-    import torch.distributed as dist
     from megatron_eplb.patches import deepspeed as eplb_ds
 
-    handle, slots = manager.handle, eplb_ds.DeepSpeedSlotState(engine)
-    for layer in range(handle.num_layers):
-        local = []
-        for k in range(handle.slots_per_rank):
-            params = handle.slot_params(layer, k)
-            tensors = [p.data for p in params]
-            for p in params:
-                state = slots.full_state(p)
-                tensors += [state[key] for key in sorted(state)]
-            local.append(torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]))
-        local = torch.stack(local)
-        parts = [torch.empty_like(local) for _ in range(handle.ep_size)]
-        dist.all_gather(parts, local, group=handle.ep_group)
-        every = torch.cat(parts)
-        for e in range(handle.num_experts):
-            copies = every[torch.as_tensor(handle.placement.phy2log[layer] == e)]
-            if not torch.equal(copies, copies[:1].expand_as(copies)):
-                return False
-    return True
+    return copies_identical(manager.handle, eplb_ds.DeepSpeedSlotState(engine))
 
 
 def _same_everywhere(value) -> bool:

@@ -569,31 +569,30 @@ def _ep2_dp2_checks(rank, world):
 # Without the hold-back, a copy's gradient is reduce-scattered (and freed on the ranks that do not own its
 # partition) before the replica sum: the copies then diverge (ZERO2_UNHELD shows it).
 ZERO2_BUCKET = 4096  # elements; one expert of SMALL has 1072
-ZERO2 = {  # case: (extra arguments, bf16, gradient accumulation steps)
-    "zero2_fp32_k2": (["--moe-top-k", "2", "--capacity-factor", "0.5"], False, 1),
-    "zero2_fp32_k1_gas2": (["--moe-top-k", "1", "--capacity-factor", "0.5"], False, 2),
-    "zero2_bf16_k2_gas2": (["--moe-top-k", "2"], True, 2),
-}
+ZERO2 = {  # case: _equivalence's arguments besides the ZeRO 2 layout
+    "zero2_fp32_k2": {"extra": ["--moe-top-k", "2", "--capacity-factor", "0.5"]},
+    "zero2_fp32_k1_gas2": {"extra": ["--moe-top-k", "1", "--capacity-factor", "0.5"], "gas": 2},
+    "zero2_bf16_k2_gas2": {"extra": ["--moe-top-k", "2"], "bf16": True, "gas": 2},
+    # clipping by the logical norm (full gradients gathered from ZeRO's partitions): against initialize(eplb=False)
+    "zero2_fp32_k2_clip": {"extra": ["--moe-top-k", "2", "--capacity-factor", "0.5"], "clip": 0.05, "baseline": False},
+}  # fmt: skip
 ZERO2_UNHELD = "zero2_fp32_k2_unheld"
+
+
+def _zero2_equivalence(stream, extra, gas=1, **kwargs) -> dict:
+    layout = {"bucket": ZERO2_BUCKET, "policy_fn": _move_policy, "gas": gas, "steps": STEPS * gas}
+    return _equivalence(stream, [*extra, "--num-layers", "3"], 2, **layout, **kwargs)[0]
 
 
 def _zero2_replica_checks(stream) -> dict:
     from megatron_eplb.patches.deepspeed import engine as ds_engine
 
-    out = {}
-    for case, (extra, bf16, gas) in ZERO2.items():
-        out[case], _, _ = _equivalence(
-            stream, [*extra, "--num-layers", "3"], 2, bf16, bucket=ZERO2_BUCKET, gas=gas,
-            policy_fn=_move_policy, steps=STEPS * gas,
-        )  # fmt: skip
+    out = {case: _zero2_equivalence(stream, **kwargs) for case, kwargs in ZERO2.items()}
     hold_back = ds_engine.hold_back_reductions
     # the feature removed: DeepSpeed reduce-scatters the expert gradients as soon as they are ready
     ds_engine.hold_back_reductions = lambda engine, params: None
     try:
-        extra, bf16, gas = ZERO2["zero2_fp32_k2"]
-        out[ZERO2_UNHELD], _, _ = _equivalence(
-            stream, [*extra, "--num-layers", "3"], 2, bf16, bucket=ZERO2_BUCKET, policy_fn=_move_policy
-        )
+        out[ZERO2_UNHELD] = _zero2_equivalence(stream, **ZERO2["zero2_fp32_k2"])
     finally:
         ds_engine.hold_back_reductions = hold_back
     return out
@@ -624,8 +623,9 @@ def test_ep2_x_dp2_equals_the_unpatched_layer(ep2_dp2, case):
 @pytest.mark.parametrize("case", list(ZERO2))
 def test_zero2_with_replicas_equals_the_unpatched_layer(ep2_dp2, case):
     """ZeRO 2 with redundant slots on EP 2 x expert-DP 2 (buckets reduce-scattered inside backward, the copies'
-    partition pieces on different ranks, slots moved): fp32 losses equal to the unpatched DeepSpeed model's,
-    bf16 within bf16 rounding; every copy bitwise the same in weights, fp32 master and Adam moments."""
+    partition pieces on different ranks, slots moved): fp32 losses equal to the unpatched DeepSpeed model's
+    (with clipping: ``initialize(eplb=False)``'s, which clips by the same logical norm), bf16 within bf16
+    rounding; every copy bitwise the same in weights, fp32 master and Adam moments."""
     bf16 = "bf16" in case
     print(case, "largest relative loss difference", max(out[case]["loss_rel"] for out in ep2_dp2))
     for rank, out in enumerate(ep2_dp2):

@@ -128,7 +128,7 @@ def copies_identical(handle, optimizer_state=None) -> bool:
                     raise ValueError(f"layer {layer} slot {k}: no optimizer state to compare")
                 # the slot's block of each state tensor (the whole of it for a slot with its own parameter)
                 tensors += [state[key].reshape(-1)[sp.offset : sp.offset + sp.numel] for key in sorted(state)]
-            local.append(torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]))
+            local.append(torch.cat([t.detach().reshape(-1).float() for t in tensors]))
         local = torch.stack(local)
         parts = [torch.empty_like(local) for _ in range(handle.ep_size)]
         torch.distributed.all_gather(parts, local, group=handle.ep_group)

@@ -2,7 +2,7 @@
 quality against the exact bound; on CUDA also the fused Triton kernel
 (:mod:`megatron_eplb.replica_split_triton`), checked bitwise against the torch split.
 
-    .venv/bin/python benchmarks/replica_split_bench.py [--device cuda] [--out results.json]
+    .venv/bin/python benchmarks/replica_split_bench.py [--device cuda] [--out results.json] [--route-only]
 
 Per setting (experts, EP, redundant slots): a greedy placement planned on one load, split of another load
 (the split only sees this batch): microseconds per call (eager; on CUDA also replayed as a CUDA graph, the

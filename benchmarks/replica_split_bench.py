@@ -2,7 +2,7 @@
 quality against the exact bound; on CUDA also the fused Triton kernel
 (:mod:`megatron_eplb.replica_split_triton`), checked bitwise against the torch split.
 
-    .venv/bin/python benchmarks/replica_split_bench.py [--device cuda] [--out results.json]
+    .venv/bin/python benchmarks/replica_split_bench.py [--device cuda] [--out results.json] [--route-only]
 
 Per setting (experts, EP, redundant slots): a greedy placement planned on one load, split of another load
 (the split only sees this batch): microseconds per call (eager; on CUDA also replayed as a CUDA graph, the
@@ -17,6 +17,12 @@ Before the timings, :func:`check_fused` compares it bitwise on further random pl
 copies, up to 64 replicated experts, one rank, no replicas, ties, zeros, large counts, 0 to 16 rounds).
 Exit status 1 if the kernel disagrees on any row, fails, or (on CUDA) triton does not import
 (``--skip-triton`` to time the torch split alone).
+
+The routing onto slots that consumes the split (``route_to_slots`` of ``patches/megatron/dispatchers.py``), at
+a layer's sizes (:data:`ROUTE_SETTINGS`: 8192 tokens, E = 64, P = 72, top-8; E = 32, P = 40, top-4; the default
+placement over 8 ranks): microseconds per call, forward and forward + backward in ``probs``, by replica
+dispatch (even round-robin, balanced split); on CUDA its kernels and their GPU time per forward (profiler), on
+CPU its aten ops per forward.  ``--route-only`` times this part alone.
 """
 
 from __future__ import annotations
@@ -38,11 +44,16 @@ from megatron_eplb.replica_split import (  # noqa: E402
     balanced_shares,
     best_split_bound,
     copy_bounds,
+    device_tables,
     rank_loads_of_shares,
     replica_tables,
+    source_offsets,
 )
 
 SETTINGS = [(16, 2, 2), (16, 4, 4), (64, 8, 8), (64, 8, 16), (256, 32, 32), (256, 64, 64)]
+
+# route_bench's layers: (tokens, experts, redundant slots, top-k, EP ranks)
+ROUTE_SETTINGS = [(8192, 64, 8, 8, 8), (8192, 32, 8, 4, 8)]
 
 # check_fused's placements: (experts, ranks, slots per rank, most copies, empty slots)
 CHECK_SHAPES = [
@@ -299,6 +310,80 @@ def _bench_fused(phy2log, load, ranks, experts, device, iterations, repeats) -> 
     return out
 
 
+def route_bench(
+    tokens: int, experts: int, redundant: int, topk: int, ranks: int, device: torch.device, repeats: int
+) -> list[dict]:
+    """``route_to_slots`` on one layer (default placement, random top-k routing): one row per replica dispatch
+    (``even``: round-robin; ``balanced``: this batch's split, computed outside the timed call)."""
+    from megatron_eplb.patches.megatron.dispatchers import SlotTables, route_to_slots, slot_tables
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_eplb.placement import ExpertPlacement
+
+    placement = ExpertPlacement.default(1, experts, ranks, redundant)
+    slots = experts + redundant
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(tokens, experts, generator=gen)
+    routing_map = torch.zeros(tokens, experts, dtype=torch.bool)
+    routing_map.scatter_(1, logits.topk(topk, dim=1).indices, True)
+    probs = (torch.softmax(logits, dim=1) * routing_map).to(device).requires_grad_()
+    routing_map = routing_map.to(device)
+    tables = slot_tables(torch.tensor(placement.log2phy[0]), torch.tensor(placement.replica_count[0]))
+    tables = SlotTables(*device_tables(list(tables), device))  # built on the host, as the handle does
+    counts = torch.stack([routing_map.sum(0)] * ranks)  # every source rank routes alike
+    split_tables = replica_tables(placement.phy2log[0], ranks, experts, device)
+    split = (source_offsets(counts)[1], copy_bounds(balanced_shares(counts.sum(0), split_tables)))
+    rows = []
+    for dispatch, kwargs in (("even", dict(offset=1)), ("balanced", dict(split=split))):
+
+        def forward(kwargs=kwargs):
+            return route_to_slots(probs, routing_map, tables, slots, **kwargs)
+
+        def forward_backward(kwargs=kwargs):
+            phys_probs, _ = forward(kwargs)
+            phys_probs.sum().backward()
+
+        row = {
+            "tokens": tokens,
+            "experts": experts,
+            "slots": slots,
+            "topk": topk,
+            "spread_experts": int(tables.spread.numel()),
+            "dispatch": dispatch,
+            "us_forward": _time(forward, device, repeats),
+            "us_forward_backward": _time(forward_backward, device, repeats),
+        }
+        if device.type == "cuda":
+            row["kernels_forward"], row["us_gpu_forward"] = _profile(lambda _: forward(), None, repeats=20)
+        else:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                forward()
+            row["aten_ops_forward"] = sum(
+                e.name.startswith("aten::")
+                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+                for e in prof.events()
+            )
+        rows.append(row)
+    return rows
+
+
+def _print_route(rows: list[dict], device: torch.device) -> None:
+    ops = "kernels" if device.type == "cuda" else "aten ops"
+    print(
+        f"{'T':>6}{'E':>4}{'P':>4}{'top':>4}{'K':>4}{'dispatch':>10}{'us fwd':>9}{'us fwd+bwd':>12}{ops:>10}{'us GPU':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['tokens']:>6}{r['experts']:>4}{r['slots']:>4}{r['topk']:>4}{r['spread_experts']:>4}{r['dispatch']:>10}"
+            f"{r['us_forward']:>9.0f}{r['us_forward_backward']:>12.0f}"
+            f"{r.get('kernels_forward', r.get('aten_ops_forward', 0)):>10}{r.get('us_gpu_forward', float('nan')):>8.1f}"
+        )
+    print(
+        f"route_to_slots on {device}: K = spread (replicated) experts; {ops} and us GPU per forward"
+        " (the split itself not included)"
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -311,9 +396,17 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--skip-triton", action="store_true", help="no fused kernel columns (CUDA without triton)"
     )
+    parser.add_argument("--route-only", action="store_true", help="time route_to_slots alone (no split)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     device = torch.device(args.device)
+    route_rows = [row for setting in ROUTE_SETTINGS for row in route_bench(*setting, device, args.repeats)]
+    _print_route(route_rows, device)
+    if args.route_only:
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"device": str(device), "route": route_rows}, indent=1))
+        return 0
     fused, status, check = _fused_status(device, args.skip_triton)
     if fused:
         t0 = time.perf_counter()
@@ -378,7 +471,7 @@ def main(argv=None) -> int:
     )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        result = {"device": str(device), "fused_check": check, "rows": rows}
+        result = {"device": str(device), "fused_check": check, "rows": rows, "route": route_rows}
         Path(args.out).write_text(json.dumps(result, indent=1))
     if status:
         print("FAILED: the fused kernel disagrees with the torch split or did not run (see above)")

@@ -39,6 +39,7 @@ __all__ = [
     "balanced_shares",
     "best_split_bound",
     "copy_bounds",
+    "device_tables",
     "even_shares",
     "rank_loads_of_shares",
     "replica_tables",
@@ -98,20 +99,18 @@ def replica_tables(
     position = np.arange(order.shape[0]) - starts[row[order]]
     copy_rank[row[order], position] = slot_rank[order]
     single_rank = np.where(count == 1, copy_rank[:, 0], num_ranks)
-    parts = [copy_rank.reshape(-1), count, single_rank, np.nonzero(count > 1)[0]]
-    flat = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+    parts = [copy_rank, count, single_rank, np.nonzero(count > 1)[0]]
+    return ReplicaTables(*device_tables([torch.from_numpy(p) for p in parts], device), int(num_ranks))
+
+
+def device_tables(parts: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """Integer CPU tables on ``device`` in one host-to-device copy (int64, the same shapes; views of one
+    buffer).  On CUDA from pinned memory, asynchronously: a placement commit lands in a layer's forward
+    pre-hook, where a pageable copy would synchronise the stream mid-forward."""
+    flat = torch.cat([p.reshape(-1).to(torch.int64) for p in parts])
     device = torch.device(device)
-    # On CUDA from pinned memory, asynchronously: a placement commit lands in a layer's forward pre-hook, where
-    # a pageable copy would synchronise the stream mid-forward.
     flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
-    e, ec = num_experts, num_experts * copies
-    return ReplicaTables(
-        flat[:ec].view(num_experts, copies),
-        flat[ec : ec + e],
-        flat[ec + e : ec + 2 * e],
-        flat[ec + 2 * e :],
-        int(num_ranks),
-    )
+    return [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in parts]), parts)]
 
 
 def water_fill(levels: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ from megatron_eplb.fast_replicas import FastPlan, FastPlanner, FastTables, fast_
 from megatron_eplb.replica_split import copy_bounds, source_offsets
 
 from .compat import EPLBPatchError
-from .dispatchers import rebuild_dispatcher, route_to_slots
+from .dispatchers import rebuild_dispatcher, route_to_slots, slot_tables
 
 __all__ = ["SUPPORTED_FAST_EXPERTS", "FastReplicas", "install"]
 
@@ -336,11 +336,12 @@ class FastReplicas:
         self._fetches[idx] = (fetch, send)
         first = source_offsets(every)[handle.ep_rank]
         copy_count = (plan.copy_rank < handle.ep_size).sum(dim=1).clamp(min=1)
+        # This step's copies are on the device: every expert is spread (no host sync to find the replicated).
+        experts = torch.arange(handle.num_experts, device=routing_map.device)
         return route_to_slots(
             probs,
             routing_map,
-            plan.copy_slot,
-            copy_count,
+            slot_tables(plan.copy_slot, copy_count, spread=experts),
             handle.ep_size * self.union_slots_per_rank,
             split=(first, copy_bounds(plan.shares)),
         )

@@ -25,13 +25,13 @@ from megatron_eplb.comm import all_gather_counts, collective_device
 from megatron_eplb.errors import CheckpointError
 from megatron_eplb.pipeline import PipelineStage
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
-from megatron_eplb.replica_split import BalancedSplit, replica_tables, source_offsets
+from megatron_eplb.replica_split import BalancedSplit, device_tables, replica_tables, source_offsets
 from megatron_eplb.slot_copies import all_gather_rows, gather_logical, recomputing, refill_slots
 from megatron_eplb.slots import SlotParam
 
 from . import dist_ckpt, pipeline, tp
 from .compat import EPLBPatchError, model_facts, param_device
-from .dispatchers import rebuild_dispatcher, route_to_slots
+from .dispatchers import SlotTables, rebuild_dispatcher, route_to_slots, slot_tables
 from .experts import ExpertStorage, storage_for
 
 __all__ = ["MegatronEPLB"]
@@ -46,9 +46,7 @@ _MAX_PENDING_SLOT_COUNTS = 256  # per layer, slot counts kept between two reads 
 class _LayerTables(NamedTuple):
     """The device tables one layer routes with (made by ``MegatronEPLB._routing_tables``)."""
 
-    log2phy: torch.Tensor  # int64 [E, C]
-    replica_count: torch.Tensor  # int64 [E]
-    local_slot: torch.Tensor  # int64 [E]: a slot of this rank holding the expert, else -1
+    slots: SlotTables  # route_to_slots' tables (``local_first``: a slot of this rank holding the expert wins)
     direct: torch.Tensor | bool | None  # True: identity; int64 [P] phy2log: a permutation; None: replicas
     replicas: BalancedSplit | None  # ``balanced`` dispatch of a layer with replicas, else None
 
@@ -91,7 +89,7 @@ class MegatronEPLB:
     :class:`~megatron_eplb.protocols.ExpertModel`.
 
     State (all of it): the current :attr:`placement`; per MoE layer its routing tables on the device
-    (``log2phy [E, C]``, ``replica_count [E]``, ``local_slot [E]``) and its expert storage; the load
+    (:class:`~.dispatchers.SlotTables`, the direct map, the balanced split) and its expert storage; the load
     buffers ``[L, E]`` and ``[L, S]``.  ``placement`` is the same on every rank of :attr:`ep_group`.
 
     Attributes:
@@ -464,49 +462,43 @@ class MegatronEPLB:
         self.write_slot(layer, slot, self._unflatten(flat))
 
     def _routing_tables(self, row: np.ndarray, layer: int | None = None) -> _LayerTables:
-        """Device tables of one layer: log2phy ``[E, C]``, replica_count ``[E]``, local_slot ``[E]``
-        (a slot of this rank holding the expert, else -1), the direct map: ``True`` when slot ``s``
-        holds expert ``s`` (the routing passes through unchanged), an int64 ``[P]`` ``phy2log`` row when every
-        slot holds a distinct expert (a column gather), else ``None`` (replicas or empty slots: the
-        split of :func:`route_to_slots`), and, for the ``balanced`` dispatch of a layer with replicas, its
-        :class:`~megatron_eplb.replica_split.BalancedSplit` (``layer``'s previous one retargeted, when given)."""
+        """Device tables of one layer: :func:`slot_tables` of its ``log2phy [E, C]``, ``replica_count [E]`` and,
+        for the ``local_first`` dispatch, ``local_slot [E]`` (a slot of this rank holding the expert, else -1);
+        the direct map: ``True`` when slot ``s`` holds expert ``s`` (the routing passes through unchanged), an
+        int64 ``[P]`` ``phy2log`` row when every slot holds a distinct expert (a column gather), else ``None``
+        (replicas or empty slots: :func:`route_to_slots`), and, for the ``balanced`` dispatch of a layer with
+        replicas, its :class:`~megatron_eplb.replica_split.BalancedSplit` (``layer``'s previous one retargeted,
+        when given)."""
         from megatron_eplb.placement import build_log2phy
 
         row = np.asarray(row, dtype=np.int64)
         log2phy, count = build_log2phy(row[None, :], self.num_experts)
-        local_slot = np.full(self.num_experts, -1, dtype=np.int64)
-        for slot in reversed(self.local_slots()):  # lowest local slot wins
-            if row[slot] >= 0:
-                local_slot[row[slot]] = slot
-        num_experts, copies = log2phy.shape[1:]
-        parts = [log2phy[0].reshape(-1), np.maximum(count[0], 1), local_slot]
-        permutation = row.shape[0] == self.num_experts and np.array_equal(
-            np.sort(row), np.arange(num_experts)
+        local_slot = None
+        if self.replica_dispatch == "local_first":
+            local_slot = np.full(self.num_experts, -1, dtype=np.int64)
+            for slot in reversed(self.local_slots()):  # lowest local slot wins
+                if row[slot] >= 0:
+                    local_slot[row[slot]] = slot
+            local_slot = torch.from_numpy(local_slot)
+        copies = log2phy.shape[2]
+        # Built on the host (which experts are spread: no host sync in the forward), then moved at once.
+        parts = list(
+            slot_tables(torch.from_numpy(log2phy[0]), torch.from_numpy(np.maximum(count[0], 1)), local_slot)
         )
-        identity = permutation and np.array_equal(row, np.arange(num_experts))
+        permutation = row.shape[0] == self.num_experts and np.array_equal(
+            np.sort(row), np.arange(self.num_experts)
+        )
+        identity = permutation and np.array_equal(row, np.arange(self.num_experts))
         if permutation and not identity:
-            parts.append(row)
-        # One host-to-device copy for all tables; on CUDA from pinned memory, asynchronous: a commit lands in
-        # a layer's forward pre-hook, where a pageable copy would synchronise the stream mid-forward.
-        flat = torch.from_numpy(np.concatenate(parts).astype(np.int64))
-        if self.device.type == "cuda":
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
-        else:
-            flat = flat.to(self.device)
-        ec, e2 = num_experts * copies, 2 * num_experts
-        direct = True if identity else flat[ec + e2 :] if permutation else None
+            parts.append(torch.from_numpy(row))
+        parts = device_tables(parts, self.device)
+        direct = True if identity else parts[-1] if permutation else None
         replicas = None
         if self.replica_dispatch == "balanced" and copies > 1:
-            tables = replica_tables(row, self.ep_size, num_experts, self.device)
+            tables = replica_tables(row, self.ep_size, self.num_experts, self.device)
             old = self._tables[layer].replicas if layer is not None else None
             replicas = BalancedSplit(tables) if old is None else old.retarget(tables)
-        return _LayerTables(
-            flat[:ec].view(num_experts, copies),
-            flat[ec : ec + num_experts],
-            flat[ec + num_experts : ec + e2],
-            direct,
-            replicas,
-        )
+        return _LayerTables(SlotTables(*parts[:4]), direct, replicas)
 
     def _convert_layer(self, idx: int, layer: torch.nn.Module) -> None:
         """Rebuild the experts for S slots (filled from the logical experts) and the dispatcher for P."""
@@ -579,7 +571,7 @@ class MegatronEPLB:
             self._count_routed(idx, routed)
         if self.fast is not None:  # per-step replicas: this step's copies and split (fast_replicas.py)
             return self.fast.route(idx, probs, routing_map)
-        log2phy, count, local_slot, direct, replicas = self._tables[idx]
+        slots, direct, replicas = self._tables[idx]
         if direct is True:  # slot s holds expert s: physical routing is the logical routing
             return probs, routing_map
         if direct is not None:  # one copy of each expert: a column gather (phys[:, s] = log[:, phy2log[s]])
@@ -587,11 +579,9 @@ class MegatronEPLB:
         return route_to_slots(
             probs,
             routing_map,
-            log2phy,
-            count,
+            slots,
             self.num_slots,
             offset=self.ep_rank,
-            local_slot=local_slot if self.replica_dispatch == "local_first" else None,
             split=None if replicas is None else self._batch_split(routing_map, replicas),
         )
 

@@ -47,7 +47,7 @@ if triton is not None:
 else:  # CPU CI has no triton: the kernel below is then never defined
     tl = None
 
-__all__ = ["MAX_TILE", "available", "fits", "launch_config", "plan_fast_replicas_fused"]
+__all__ = ["MAX_TILE", "available", "fits", "launch_config", "plan_fast_replicas_fused", "plan_views"]
 
 
 def available() -> bool:
@@ -97,7 +97,10 @@ def fits(num_experts: int, copies: int, num_ranks: int, num_fast: int) -> bool:
 
 
 def plan_fast_replicas_fused(
-    load: torch.Tensor, tables: FastTables, iterations: int = DEFAULT_ITERATIONS
+    load: torch.Tensor,
+    tables: FastTables,
+    iterations: int = DEFAULT_ITERATIONS,
+    out: torch.Tensor | None = None,
 ) -> FastPlan:
     """``plan_fast_replicas(load[None], tables, iterations)[0]``-wise in one kernel launch (bitwise equal).
 
@@ -106,10 +109,11 @@ def plan_fast_replicas_fused(
             or CPU under ``TRITON_INTERPRET=1`` (the tests).
         tables: the layer's :class:`~megatron_eplb.fast_replicas.FastTables`.
         iterations: water-filling rounds of the splits.
+        out: int64 ``[N * F + 3 * E * D]`` contiguous buffer to write the plan into (default: a fresh one).
     Returns:
         :class:`~megatron_eplb.fast_replicas.FastPlan` of one step (``fast_expert [N, F]``, ``copy_rank``,
-        ``copy_slot``, ``shares [E, D]``): views of one fresh int64 buffer.  No host sync: capturable in a CUDA
-        graph.
+        ``copy_slot``, ``shares [E, D]``): views of ``out`` (:func:`plan_views`).  No host sync: capturable in a
+        CUDA graph.
     """
     if triton is None:
         raise RuntimeError("megatron-eplb: the fused per-step plan needs triton, which does not import here")
@@ -119,19 +123,19 @@ def plan_fast_replicas_fused(
     load = load.reshape(-1).to(torch.int64)
     if load.shape[0] != num_experts:
         raise ValueError(f"load has {load.shape[0]} experts, the tables {num_experts}")
-    out = torch.empty(n * f + 3 * num_experts * d, dtype=torch.int64, device=load.device)
-    ed = num_experts * d
-    plan = FastPlan(
-        out[: n * f].view(n, f),
-        out[n * f : n * f + ed].view(num_experts, d),
-        out[n * f + ed : n * f + 2 * ed].view(num_experts, d),
-        out[n * f + 2 * ed :].view(num_experts, d),
-    )
+    size = n * f + 3 * num_experts * d
+    if out is None:
+        out = torch.empty(size, dtype=torch.int64, device=load.device)
+    elif out.shape != (size,) or out.dtype != torch.int64 or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous int64 [{size}] tensor, not {out.dtype} {tuple(out.shape)}"
+        )
+    plan = plan_views(out, tables)
     if num_experts == 0:
         return plan
     if load.is_cuda and load.device.index != torch.cuda.current_device():
         with torch.cuda.device(load.device):  # triton launches on the current device
-            return plan_fast_replicas_fused(load, tables, iterations)
+            return plan_fast_replicas_fused(load, tables, iterations, out)
     cfg = dict(_launch_config(num_experts, copies, n, f))
     num_warps = cfg.pop("num_warps")
     _fast_plan_kernel[(1,)](
@@ -154,6 +158,19 @@ def plan_fast_replicas_fused(
         **cfg,
     )
     return plan
+
+
+def plan_views(flat: torch.Tensor, tables: FastTables) -> FastPlan:
+    """The :class:`~megatron_eplb.fast_replicas.FastPlan` of one step laid out in one int64 buffer ``flat``
+    ``[N * F + 3 * E * D]`` (``fast_expert``, ``copy_rank``, ``copy_slot``, ``shares``, each row-major): views."""
+    num_experts, n, f, d = tables.copy_rank.shape[0], tables.num_ranks, tables.num_fast, tables.max_copies
+    ed = num_experts * d
+    return FastPlan(
+        flat[: n * f].view(n, f),
+        flat[n * f : n * f + ed].view(num_experts, d),
+        flat[n * f + ed : n * f + 2 * ed].view(num_experts, d),
+        flat[n * f + 2 * ed :].view(num_experts, d),
+    )
 
 
 if triton is not None:

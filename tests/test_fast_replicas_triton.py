@@ -67,7 +67,7 @@ def test_fused_plan_on_the_default_placement(experts, ranks, fast, redundant):
     rng = np.random.default_rng(experts + ranks)
     row = ExpertPlacement.default(1, experts, ranks, redundant).phy2log[0]
     gamma = rng.gamma(0.3, size=(4, experts))
-    loads = [rng.multinomial(8192, g / g.sum()) for g in gamma] + check_loads(rng, experts)[:4]
+    loads = [rng.multinomial(8192, g / g.sum()) for g in gamma] + check_loads(rng, experts)[1:3]
     _check(row, ranks, experts, fast, loads)
 
 
@@ -80,10 +80,10 @@ def test_fused_plan_for_other_round_counts():
 
 
 def test_fused_plan_on_every_small_load():
-    """Exhaustive over small loads on a placement with a replicated expert: ties everywhere, many zero steps,
+    """A grid of small loads on a placement with a replicated expert: ties everywhere, many zero steps,
     rounds without gain, a spare copy that ends up idle."""
     row = np.array([0, 1, 0, 2, 3, 4])  # 3 ranks x 2 slots: expert 0 on ranks 0 and 1
-    loads = [np.array([a, b, c, d, 1]) for a in (0, 3, 8) for b in (0, 5) for c in (0, 6) for d in (1, 4)]
+    loads = [np.array([a, b, c, d, 1]) for a in (0, 8) for b in (0, 5) for c in (0, 6) for d in (1, 4)]
     _check(row, 3, 5, 1, loads)
 
 
@@ -97,7 +97,7 @@ def test_fused_plan_edge_shapes():
 
 def test_the_gpu_check_passes_here():
     """``benchmarks/fast_replicas_gpu.py``'s check (what it runs on CUDA before timing) on its own seed."""
-    shapes = CHECK_SHAPES if DEVICE.type == "cuda" else CHECK_SHAPES[::4]  # the interpreter: a few shapes
+    shapes = CHECK_SHAPES if DEVICE.type == "cuda" else CHECK_SHAPES[::6]  # the interpreter: two shapes
     plans, bad = check_fused_plan(DEVICE, seeds=1, shapes=shapes)
     assert plans == 10 * len(shapes) and bad == []
 

@@ -477,7 +477,7 @@ def run_planner(args, device: torch.device, world: int) -> dict:
         out["check"] = {"plans": plans, "mismatch_count": len(bad), "mismatches": bad[:20]}
         print(f"fused plan vs torch planner: {plans} plans, {len(bad)} differ", flush=True)
     shapes = list(PLANNER_SHAPES)
-    if (args.experts, world, args.budget, 0) not in shapes:
+    if world > 1 and (args.experts, world, args.budget, 0) not in shapes:  # this run's layer (world 0: none)
         shapes.append((args.experts, world, args.budget, 0))
     out["rows"] = planner_rows(device, shapes, args.planner_repeats)
     out["passed"] = (
@@ -490,8 +490,30 @@ def run_planner(args, device: torch.device, world: int) -> dict:
     return out
 
 
+def planner_main(args) -> dict:
+    """``--planner only``: one process, no Megatron, no process group; writes
+    ``benchmarks/results/fast_replicas_planner_<cuda|cpu>.json`` (or ``--out``)."""
+    result: dict = {"script": "benchmarks/fast_replicas_gpu.py --planner only", "torch": torch.__version__}
+    if not CUDA:
+        print("--planner only needs CUDA (the fused kernel and the graph path); nothing timed", flush=True)
+    else:
+        import triton
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        result.update(device=torch.cuda.get_device_name(device), triton=triton.__version__)
+        result["planner"] = run_planner(args, device, world=0)
+    name = f"fast_replicas_planner_{'cuda' if CUDA else 'cpu'}.json"
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}", flush=True)
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.planner == "only":
+        return planner_main(args)
     started = time.time()
     rank, world, device = init_distributed(args.seed)
     from megatron_eplb.patches import megatron as eplb_mcore
@@ -502,9 +524,9 @@ def main(argv=None) -> dict:
     pats = patterns(args)
     skew = torch.zeros(args.experts, dtype=torch.float32, device=device)
     x, grad = _input(args.tokens, args, device, rank)
-    planner = run_planner(args, device, world) if CUDA and rank == 0 and args.planner != "off" else None
+    planner = run_planner(args, device, world) if CUDA and rank == 0 and args.planner == "on" else None
     rows = []
-    for kind in args.kinds if args.planner != "only" else []:
+    for kind in args.kinds:
         ref = Layer(kind, args, device, skew)
         loads = step_loads(ref, x, skew, pats)
         for name in args.variants:
@@ -550,12 +572,10 @@ def main(argv=None) -> dict:
             )
         result["table"] = lines
         name = f"fast_replicas_gpu_ws{world}_{'cuda' if CUDA else 'cpu'}.json"
-        if args.planner == "only":
-            name = f"fast_replicas_planner_{'cuda' if CUDA else 'cpu'}.json"
         out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / name
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
-        print("\n".join(lines), flush=True)
+        print("\n".join(lines + (planner["table"] if planner else [])), flush=True)
         print(
             f"equivalence (bf16, tolerance {EQUIVALENCE_RTOL:g}): {'passed' if result['equivalence_passed'] else 'FAILED'}"
         )

@@ -5,6 +5,7 @@ Usage (one process per GPU; NCCL + CUDA, bf16)::
 
     torchrun --nproc_per_node 2 benchmarks/fast_replicas_gpu.py     # EP = 2
     torchrun --nproc_per_node 1 benchmarks/fast_replicas_gpu.py     # EP = 1: nothing to balance (a smoke run)
+    python benchmarks/fast_replicas_gpu.py --planner only           # the per-step plan alone (no Megatron)
     (``python -m torch.distributed.run`` where no ``torchrun`` script is on PATH)
 
 Without CUDA it runs on CPU with gloo and ``--small`` sizes: a smoke test of the script, its times mean nothing.
@@ -32,6 +33,18 @@ pass over the same patterns), the exposed time of the copies' fetch (the compute
 all-to-all started at routing, plus the gradients' way back in backward: CUDA events around both), the peak
 memory, the fast path's buffer bytes (``FastReplicas.memory_report``), and the equivalence of
 each EPLB variant with the unpatched layer (bf16: output, input / router / expert gradients).
+
+The per-step plan itself (CUDA, rank 0, before the layer; ``--planner only``: nothing else, one process, no
+Megatron, ``benchmarks/results/fast_replicas_planner_cuda.json``; ``--planner off``: skipped): first
+:func:`check_fused_plan` compares the fused Triton kernel (:mod:`megatron_eplb.fast_replicas_triton`) bitwise
+with ``plan_fast_replicas`` in every output on random placements (persistent replicas, empty slots) and
+adversarial loads (zeros, one hot expert, ties, all equal, counts near ``2**40``), 3 placements per shape; then
+per shape of :data:`PLANNER_SHAPES` (and this run's layer when EP > 1), microseconds per call of
+``FastPlanner`` on the graph path (the torch plan replayed as a CUDA graph), ``FastPlanner`` on the fused kernel
+(replayed in a one-kernel graph: the default; and launched directly), the bare kernel launched back to back and
+its GPU time (profiler), and whether the fused plans equal the torch planner's on 20 skewed steps and the
+adversarial loads.  Shapes too large for the kernel's one block (``fits``) get the graph column only.  Written
+under ``"planner"`` in the JSON, its table printed after the layer's.
 """
 
 from __future__ import annotations

@@ -189,6 +189,11 @@ if triton is not None:
         best = tl.max(tl.where(valid, v, v0), axis=0)
         return tl.min(tl.where(valid & (v == best), idx, 1 << 30), axis=0)
 
+    @triton.jit
+    def _spare_hits(spare_at, spare_col, d):
+        """``[E_P, D_P, N_P]``: union column ``d`` of expert ``e`` is its spare copy on rank ``n``."""
+        return spare_at[:, None, :] & (spare_col[:, None, :] == d[None, :, None])
+
     @triton.jit(do_not_specialize=["num_experts", "copies", "num_ranks", "slots", "num_fast", "union"])
     def _fast_plan_kernel(
         load_ptr,  # int64 [E]
@@ -266,13 +271,15 @@ if triton is not None:
             has = has | (row & (n[None, :] == t) & ok)
             free -= (ok & (n == t)).to(tl.int64)
 
-        # 3. The union: persistent copies in their order, then the spare copies by rank.
+        # 3. The union: persistent copies in their order, then the spare copies by rank (written out now).
         spare = (fast[None, :, :] == e[:, None, None]) & (j[None, None, :] < num_fast)  # [E_P, N_P, F_P]
         spare_at = tl.sum(spare.to(tl.int64), axis=2) > 0  # [E_P, N_P] (one per rank at most)
         spare_j = tl.sum(tl.where(spare, j[None, None, :], 0), axis=2)  # [E_P, N_P]
         before = (n[:, None] < n[None, :])[None, :, :]  # [1, n', n]: n' < n
-        spare_pos = tl.sum((before & spare_at[:, :, None]).to(tl.int64), axis=1)  # [E_P, N_P]
-        hit = spare_at[:, None, :] & ((pcount[:, None] + spare_pos)[:, None, :] == d[None, :, None])
+        spare_col = pcount[:, None] + tl.sum(
+            (before & spare_at[:, :, None]).to(tl.int64), axis=1
+        )  # [E_P, N_P]
+        hit = _spare_hits(spare_at, spare_col, d)  # [E_P, D_P, N_P]
         any_hit = tl.sum(hit.to(tl.int64), axis=2) > 0  # [E_P, D_P]
         spare_rank = tl.sum(tl.where(hit, n[None, None, :], 0), axis=2)
         spare_slot = tl.sum(
@@ -284,6 +291,12 @@ if triton is not None:
         uslot = tl.load(copy_slot_ptr + e[:, None] * copies + d[None, :], mask=in_ed & first, other=-1)
         urank = tl.where(first, urank, tl.where(any_hit, spare_rank, num_ranks))
         uslot = tl.where(first, uslot, tl.where(any_hit, spare_slot, -1))
+        nf = num_ranks * num_fast
+        ed = num_experts * union
+        at = e[:, None] * union + d[None, :]
+        in_u = in_e[:, None] & (d[None, :] < union)
+        tl.store(out_ptr + nf + at, urank, mask=in_u)
+        tl.store(out_ptr + nf + ed + at, uslot, mask=in_u)
 
         # 4. The balanced split over the union, never worse than step 1's.
         umissing = urank == num_ranks
@@ -295,19 +308,14 @@ if triton is not None:
         shares = tl.where(uworst > uworst_even, ueven, shares)
         worse = tl.minimum(uworst, uworst_even) > pworst
         # A spare slot whose copy computes nothing stays empty (with step 1's split none computes anything).
-        spare_tokens = tl.sum(tl.where(hit, shares[:, :, None], 0), axis=1)  # [E_P, N_P]
+        # The [E_P, D_P, N_P] and [E_P, N_P, F_P] masks again from their small factors (short live ranges).
+        spare_tokens = tl.sum(tl.where(_spare_hits(spare_at, spare_col, d), shares[:, :, None], 0), axis=1)
+        spare = (fast[None, :, :] == e[:, None, None]) & (j[None, None, :] < num_fast)
         slot_tokens = tl.sum(tl.where(spare, spare_tokens[:, :, None], 0), axis=0)  # [N_P, F_P]
         fast = tl.where((slot_tokens > 0) & ~worse, fast, -1)
-
-        nf = num_ranks * num_fast
-        ed = num_experts * union
         tl.store(
             out_ptr + n[:, None] * num_fast + j[None, :], fast, mask=in_n[:, None] & (j[None, :] < num_fast)
         )
-        at = e[:, None] * union + d[None, :]
-        in_u = in_e[:, None] & (d[None, :] < union)
-        tl.store(out_ptr + nf + at, urank, mask=in_u)
-        tl.store(out_ptr + nf + ed + at, uslot, mask=in_u)
         # shares: the union's, or step 1's padded to D columns (stores to disjoint columns)
         tl.store(
             out_ptr + nf + 2 * ed + at,

@@ -363,7 +363,7 @@ class FastPlanner:
         why = "the fused kernel not asked for" if not fused else why
         if why is None:
             try:
-                from . import fast_replicas_triton as fused
+                from . import fast_replicas_triton as kernel
 
                 shape = (
                     tables.copy_rank.shape[0],
@@ -371,12 +371,12 @@ class FastPlanner:
                     tables.num_ranks,
                     tables.num_fast,
                 )
-                if not fused.available():
+                if not kernel.available():
                     why = "triton does not import"
-                elif not fused.fits(*shape):
+                elif not kernel.fits(*shape):
                     why = f"E, C, N, F = {shape} exceed the fused kernel's one block"
                 else:
-                    self._fused = fused
+                    self._fused = kernel
             except Exception as exc:  # noqa: BLE001 - no kernel: the graph path computes the same plan
                 why = f"its module failed to import: {exc}"
         if self._fused is None:

@@ -152,3 +152,20 @@ def test_planner_uses_the_kernel_on_cuda():
             assert graph.path == "graph"
         finally:
             FastPlanner.FUSED_IN_GRAPH = True
+
+
+def test_planner_direct_launch_path(monkeypatch):
+    """``FastPlanner``'s ``"triton"`` path (one launch per call), forced on this device: the torch plan, and a
+    retarget to tables of the same shapes keeps the kernel (they are read in place)."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # a CPU-only torch raises
+    rng = np.random.default_rng(5)
+    rows = [random_row(rng, 16, 4, 5, 2) for _ in range(2)]
+    planner = FastPlanner(fast_tables(rows[0], 4, 16, 1, DEVICE))
+    planner.path, planner._fused = "triton", fused  # what __init__ picks on CUDA without FUSED_IN_GRAPH
+    w = torch.as_tensor(check_loads(rng, 16)[7], device=DEVICE)
+    assert all(torch.equal(a, b) for a, b in zip(planner(w), plan_fast_replicas(w, planner.tables)))
+    other = fast_tables(rows[1], 4, 16, 1, DEVICE)
+    if other.copy_rank.shape == planner.tables.copy_rank.shape:
+        assert planner.retarget(other) is planner and planner.path == "triton"
+        assert all(torch.equal(a, b) for a, b in zip(planner(w), plan_fast_replicas(w, other)))
+    assert FastPlanner(other, fused=False).path == ("graph" if DEVICE.type == "cuda" else "torch")

@@ -22,6 +22,11 @@ Padding behaves like the torch code's missing copies (level ``_BIG``: never rais
 problem has the same answer.  Loads must be ``>= 0`` and below ``2**49`` (token counts; the torch code needs
 the same for its ``_BIG`` levels and exact fp64 line search).
 
+Its ``@triton.jit`` helpers (``_split_rounds``: the water-filling rounds with their line search,
+``_worst_rank``, ``_even``, ``_water_fill``, the one-hot rank reductions, ``_floor_div``) are shared with the
+per-step replicas' kernel (:mod:`megatron_eplb.fast_replicas_triton`), which splits over copies that change every
+step.
+
 Triton is optional: this module imports without it (:func:`available` is then ``False``) and
 :mod:`megatron_eplb.replica_split` imports this module only when a split runs on CUDA.
 """

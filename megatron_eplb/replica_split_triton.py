@@ -22,6 +22,11 @@ Padding behaves like the torch code's missing copies (level ``_BIG``: never rais
 problem has the same answer.  Loads must be ``>= 0`` and below ``2**49`` (token counts; the torch code needs
 the same for its ``_BIG`` levels and exact fp64 line search).
 
+Its ``@triton.jit`` helpers (``_split_rounds``: the water-filling rounds with their line search,
+``_worst_rank``, ``_even``, ``_water_fill``, the one-hot rank reductions, ``_floor_div``) are shared with the
+per-step replicas' kernel (:mod:`megatron_eplb.fast_replicas_triton`), which splits over copies that change every
+step.
+
 Triton is optional: this module imports without it (:func:`available` is then ``False``) and
 :mod:`megatron_eplb.replica_split` imports this module only when a split runs on CUDA.
 """
@@ -203,6 +208,34 @@ if triton is not None:
         bonus = (pos < remainder[:, None]).to(tl.int64)
         return tl.where(low, lam[:, None] - levels + bonus, 0)
 
+    @triton.jit
+    def _split_rounds(
+        x, amount, rank, missing, fixed, c, n, in_n, ITERATIONS: tl.constexpr, BIG: tl.constexpr
+    ):
+        """The balanced split's water-filling rounds from ``x [R, C_P]`` (the even split): every row's
+        ``amount [R]`` water-filled over its copies (``rank [R, C_P]``, ``missing`` = padding, rank ``N``) with
+        the others held, the step shortened by the exact line search; ``fixed [N_P]`` rank loads of experts
+        outside the tile.  Returns ``[R, C_P]`` (rows sum to ``amount``, 0 on padding)."""
+        for _ in range(ITERATIONS):
+            rank_load = fixed + _to_ranks(x, rank, n)  # [N_P]
+            others = tl.where(missing, BIG, _from_ranks(rank_load, rank, n) - x)
+            step = _water_fill(others, amount, c) - x
+            # exact line search of sum(rank_load ** 2) along the step
+            change = tl.where(in_n, _to_ranks(step, rank, n), 0)
+            num = -tl.sum(rank_load * change, axis=0)  # change is 0 past the N ranks
+            den = tl.maximum(tl.sum(change * change, axis=0), 1)
+            alpha = num.to(tl.float64) / den.to(tl.float64)
+            alpha = tl.minimum(tl.maximum(alpha, 0.0), 1.0)
+            # after = cumsum(x) + moved, x = diff(after): the same integers as x + diff(moved)
+            moved = _floor_to_int(alpha * _cumsum(step, c).to(tl.float64))
+            x = x + moved - _previous(moved, c)
+        return x
+
+    @triton.jit
+    def _worst_rank(x, rank, fixed, n, in_n):
+        """The busiest of the ``N`` ranks' loads: ``fixed [N_P]`` plus the shares ``x [R, C_P]`` on ``rank``."""
+        return tl.max(tl.where(in_n, fixed + _to_ranks(x, rank, n), -1), axis=0)
+
     @triton.jit(do_not_specialize=["num_experts", "num_replicated", "num_ranks", "copies"])
     def _balanced_bounds_kernel(
         load_ptr,  # int64 [E]
@@ -252,25 +285,9 @@ if triton is not None:
             out = in_e[:, None] & (rep_hits == 0)[:, None] & (c[None, :] < copies - 1)
             tl.store(bounds_ptr + e[:, None] * (copies - 1) + c[None, :], bound, mask=out)
 
-        x = even
-        for _ in range(ITERATIONS):
-            rank_load = fixed + _to_ranks(x, rank, n)  # [N_P]
-            others = tl.where(missing, BIG, _from_ranks(rank_load, rank, n) - x)
-            step = _water_fill(others, amount, c) - x
-            # exact line search of sum(rank_load ** 2) along the step
-            change = tl.where(in_n, _to_ranks(step, rank, n), 0)
-            num = -tl.sum(rank_load * change, axis=0)  # change is 0 past the N ranks
-            den = tl.maximum(tl.sum(change * change, axis=0), 1)
-            alpha = num.to(tl.float64) / den.to(tl.float64)
-            alpha = tl.minimum(tl.maximum(alpha, 0.0), 1.0)
-            # after = cumsum(x) + moved, x = diff(after): the same integers as x + diff(moved)
-            moved = _floor_to_int(alpha * _cumsum(step, c).to(tl.float64))
-            x = x + moved - _previous(moved, c)
-
+        x = _split_rounds(even, amount, rank, missing, fixed, c, n, in_n, ITERATIONS, BIG)
         # Never worse than the even split (the single experts load both alike).
-        worst = tl.max(tl.where(in_n, fixed + _to_ranks(x, rank, n), -1), axis=0)
-        worst_even = tl.max(tl.where(in_n, fixed + _to_ranks(even, rank, n), -1), axis=0)
-        x = tl.where(worst > worst_even, even, x)
+        x = tl.where(_worst_rank(x, rank, fixed, n, in_n) > _worst_rank(even, rank, fixed, n, in_n), even, x)
         bound = _cumsum(x, c)
         out = in_k[:, None] & (c[None, :] < copies - 1)
         tl.store(bounds_ptr + rep[:, None] * (copies - 1) + c[None, :], bound, mask=out)

@@ -244,3 +244,18 @@ def test_fetch_prefers_a_holder_inside_the_node():
     assert sends[0] == [2, 7] and sends[5] == [6]
     assert all(not sends[r] for r in (1, 2, 3, 4, 6, 7))
     assert recvs[2][0] == 3 and recvs[6][5] == 3 and recvs[7][0] == 3  # out_splits in elements (width 3)
+
+
+def test_fused_plan_module_without_triton():
+    """The fused kernel's module imports where triton does not (CPU CI: ``available()`` is then False), its
+    one-block size limit is plain Python, and a planner on CPU computes the torch plan."""
+    from megatron_eplb import fast_replicas_triton as fused
+    from megatron_eplb.fast_replicas import FastPlanner
+
+    assert fused.fits(64, 1, 8, 1) and fused.fits(256, 1, 8, 1) and not fused.fits(256, 1, 64, 1)
+    if not fused.available():
+        with pytest.raises(RuntimeError, match="needs triton"):
+            fused.plan_fast_replicas_fused(
+                torch.zeros(8, dtype=torch.int64), fast_tables(np.arange(8), 2, 8, 1)
+            )
+    assert FastPlanner(fast_tables(np.arange(8), 2, 8, 1)).path == "torch"

@@ -109,7 +109,7 @@ def test_balanced_split_uses_the_kernel_on_cuda():
     for load in check_loads(rng, 64):
         w = torch.as_tensor(load, device=DEVICE)
         assert torch.equal(split(w), copy_bounds(balanced_shares(w, tables)))
-    assert split.path == "triton"
+    assert split.path.startswith("triton")  # "triton_graph" (the default) or "triton"
 
 
 def test_the_gpu_check_passes_here():

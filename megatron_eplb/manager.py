@@ -29,7 +29,8 @@ The model side is a *handle* (``megatron_eplb.patches.megatron.apply`` returns o
 A transfer never blocks a step: ``step()`` posts a layer's P2P sends/receives and returns; the layer
 finishes, is checked and switches placement just before its next forward (the weights and optimizer
 state it carries do not change in between), or is rolled back if that forward did not run before the
-next optimizer step.
+next optimizer step.  This module decides when; :class:`~megatron_eplb.layer_mover.LayerMover`
+(:mod:`megatron_eplb.layer_mover`) does the moves.
 """
 
 from __future__ import annotations

@@ -163,11 +163,11 @@ def part_record(
         if CUDA:
             routed = torch.rand(tokens, experts, device=device) < topk / experts
             h0.reset_loads()
-            h0._count_routed(0, routed)  # creates the accumulator for this shape outside the capture
+            h0._recorder.count_routed(0, routed)  # creates the accumulator for this shape outside the capture
             h0.reset_loads()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                h0._count_routed(0, routed)
+                h0._recorder.count_routed(0, routed)
             h0.reset_loads()
             for _ in range(5):
                 graph.replay()

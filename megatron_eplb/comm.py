@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_counts", "collective_device", "new_group_like", "warm_up"]
+__all__ = ["all_gather_counts", "any_rank", "collective_device", "new_group_like", "warm_up"]
 
 
 def collective_device(group=None) -> torch.device:
@@ -18,6 +18,16 @@ def collective_device(group=None) -> torch.device:
     if "nccl" in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def any_rank(flag: bool, group=None, device: torch.device | None = None) -> bool:
+    """True on every rank of ``group`` (None: the world) when ``flag`` is True on any of them: one
+    all-reduce of one element on ``device`` (``flag`` itself without an initialised process group)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 def new_group_like(group):

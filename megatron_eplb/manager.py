@@ -29,7 +29,8 @@ The model side is a *handle* (``megatron_eplb.patches.megatron.apply`` returns o
 A transfer never blocks a step: ``step()`` posts a layer's P2P sends/receives and returns; the layer
 finishes, is checked and switches placement just before its next forward (the weights and optimizer
 state it carries do not change in between), or is rolled back if that forward did not run before the
-next optimizer step.
+next optimizer step.  This module decides when; :class:`~megatron_eplb.layer_mover.LayerMover`
+(:mod:`megatron_eplb.layer_mover`) does the moves.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import load_logical_checkpoint, save_logical_checkpoint
-from .comm import collective_device, new_group_like
+from .comm import any_rank
 from .config import EPLBConfig
 from .gradients import logical_grad_norm, primary_expert_params
+from .layer_mover import LayerMover
 from .load_window import LoadWindow
 from .optimizer_state import OptimizerSlotState
 from .phases import Gated, Phase, Planning, RebalanceRecord, Recording, State, Transferring
@@ -63,7 +65,7 @@ from .placement import ExpertPlacement
 from .protocols import ExpertModel, OptimizerSlots, Transport
 from .stats import balance_summary, load_similarity, moved_slots, realized_balance
 from .trace_recorder import TraceRecorder
-from .transfer import TransferError, TransferExecutor, plan_transfer
+from .transfer import plan_transfer
 from .worker import (
     PLAN_ARRIVED,
     PLAN_DROPPED,
@@ -87,14 +89,13 @@ __all__ = [
 
 log = logging.getLogger("megatron_eplb")
 
-CANARY_SAMPLE_WORDS = 65536  # 16-bit words hashed per tensor by the 'sampled' canary
-
 
 class EPLBManager:
     """Runs the EPLB pipeline for one model handle. One instance per process; all ranks call it in step.
 
-    The manager owns the placement: it decides every new one and is the only caller of the handle's
-    ``commit_layer`` (the handle routes with what it was last told).
+    The manager owns the placement: it decides every new one, and its :class:`~megatron_eplb.layer_mover.
+    LayerMover` (:attr:`mover`) is the only caller of the handle's ``commit_layer`` (the handle routes with
+    what it was last told).
 
     Args:
         handle: the model side (:class:`~megatron_eplb.protocols.ExpertModel`, from ``patches.megatron.apply``).
@@ -154,8 +155,6 @@ class EPLBManager:
         self._round_steps = 0  # PP: steps this stage's transfer takes (0: nothing to move)
         self._round_records: list[RebalanceRecord] = []
         self._last_window_load: np.ndarray | None = None  # PP: the window this stage's last rebalance used
-        # PP: a timed-out transfer broke this stage's transfer group (remade at the round's end)
-        self._transfer_broken = False
         self.window = LoadWindow(handle, self.config.eplb_window_size, load_group)
         self._device = self.window.device
         self._last_update_load: np.ndarray | None = None  # [L, E] load at each layer's last update
@@ -164,7 +163,6 @@ class EPLBManager:
         self._placement_before_last: ExpertPlacement | None = None  # for the next window's comparison
         self.state: State = Recording()
         self._policy_fn = policy_fn
-        self._transport_factory = transport_factory  # transfer group -> Transport (default: torch P2P)
         # The planning rank starts its worker process now: a cold start (spawn, imports) inside the first
         # awaited plan stalled that step by seconds.
         self._worker: PolicyWorker | None = (
@@ -172,7 +170,18 @@ class EPLBManager:
             if self.config.dynamic_eplb and self._rank == self._planner_rank
             else None
         )
-        self._transfer_group = new_group_like(self.handle.ep_group) if self.config.dynamic_eplb else None
+        #: the move and commit steps (posts, finishes, checks, commits or rolls back each layer; owns the
+        #: transfer group, made here: collective over the world)
+        self.mover = LayerMover(
+            handle,
+            self.optimizer_state,
+            self.config,
+            vote_group=self.load_group,
+            device=self._device,
+            pipeline=self.stage is not None,
+            transport_factory=transport_factory,
+            step_count=lambda: self.step_count,
+        )
         self._completed: list[RebalanceRecord] = []
         #: extra keys for the trace file's meta (e.g. the data's domains)
         self.trace_meta: dict[str, Any] = {}
@@ -195,7 +204,7 @@ class EPLBManager:
         A layer still in flight here did not run its forward this step; its transfer is rolled back (its
         staged copy would be stale after the optimizer step)."""
         if isinstance(self.state, Transferring):
-            self._finish_in_flight(self.state, commit=False)
+            self.mover.finish(self.state, commit=False)
         self.handle.sum_replica_grads()
 
     def grad_norm(self) -> float:
@@ -233,7 +242,7 @@ class EPLBManager:
         """
         if isinstance(self.state, Transferring):
             # inference: layers whose forward has not run since their transfer began finish here
-            self._finish_in_flight(self.state)
+            self.mover.finish(self.state)
         self.state = self._next(self.state, before_count=True)
         self.step_count += 1
         self.window.record()
@@ -265,7 +274,7 @@ class EPLBManager:
         if isinstance(state, Planning) and self.step_count >= state.due_step:
             state = self._await_plan(state)
         if isinstance(state, Transferring):
-            self._start_transfers(state)
+            self.mover.start(state)
         if self._round_sync_at == self.step_count:  # PP: every stage is here at this step
             self._round_sync_at = None
             self._round_end = self.step_count + max_over_world(self._round_steps, self._device)
@@ -279,9 +288,8 @@ class EPLBManager:
         if self._round_end is None or self.step_count < self._round_end:
             return
         self._round_end = None
-        if self._any_rank(self._transfer_broken, world=True):  # a stage's transfer group broke: all make anew
-            self._transfer_group = new_group_like(self.handle.ep_group)
-            self._transfer_broken = False
+        if self._any_rank(self.mover.group_broken, world=True):  # a stage's transfer group broke: remake
+            self.mover.renew_group()
         records, self._round_records = self._round_records, []
         mine = records[-1].as_dict() if records else None
         load = self._last_window_load if mine is not None else None
@@ -449,7 +457,7 @@ class EPLBManager:
             new_sub = broadcast_placement(
                 new_sub, src=self._planner_rank, group=self.load_group if self.stage is not None else None
             )
-        _add_seconds(record, "plan_wait", t0)
+        record.add_seconds("plan_wait", t0)
         if status == PLAN_PENDING:
             if not state.late and self._rank == 0:
                 log.warning(
@@ -483,17 +491,7 @@ class EPLBManager:
         plan = plan_transfer(old, new)
         if not plan.layers_changed:
             return self._finish(state, "no_change", "the policy kept every slot")
-        executor = TransferExecutor(
-            plan,
-            self._slot_tensors,
-            group=self._transfer_group,
-            vote_group=self.load_group,
-            checksums=self.config.eplb_transfer_canary != "off",
-            checksum_words=CANARY_SAMPLE_WORDS if self.config.eplb_transfer_canary == "sampled" else None,
-            transport=None
-            if self._transport_factory is None
-            else self._transport_factory(self._transfer_group),
-        )
+        executor = self.mover.executor(plan)
         record.moved_slots = int(moved_slots(old, new).sum())
         queue = list(plan.layers_changed)
         self._round_steps = -(-len(queue) // self.config.eplb_layers_per_step)
@@ -508,126 +506,8 @@ class EPLBManager:
         else:
             self._last_update_load[layers] = window_load[layers]
 
-    # --------------------------------------------------------------- move
-    def _slot_tensors(self, layer: int, local_slot: int) -> list[torch.Tensor]:
-        params = list(self.handle.slot_params(layer, local_slot))
-        tensors = [sp.data for sp in params]
-        if self.optimizer_state is not None:
-            tensors += self.optimizer_state.tensors(params)
-        return tensors
-
-    def _start_transfers(self, state: Transferring) -> None:
-        """Post the next ``eplb_layers_per_step`` layers' transfers (collective). Each layer finishes and
-        commits just before its next forward — the transfer overlaps the rest of this step and the forward
-        of the layers before it — or at the latest before the next optimizer step."""
-        t0 = time.monotonic()
-        count = self.config.eplb_layers_per_step
-        batch, state.queue = state.queue[:count], state.queue[count:]
-        layers = self.handle.moe_layers()
-        begin = getattr(self.optimizer_state, "begin_layer", None)  # optional: e.g. ZeRO's partition pieces
-        for layer in batch:
-            if begin is not None:
-                begin(
-                    layer,
-                    [list(self.handle.slot_params(layer, k)) for k in range(self.handle.slots_per_rank)],
-                )
-            transfer = state.executor.start_layer(layer)
-            hook = layers[layer].register_forward_pre_hook(self._commit_hook(state, layer))
-            state.in_flight[layer] = (transfer, hook)
-        _add_seconds(state.record, "transfer", t0)
-
-    def _commit_hook(self, state: Transferring, layer: int):
-        def hook(module, args):
-            self._finish_in_flight(state, upto=layer, commit=True)
-
-        return hook
-
-    def _finish_in_flight(self, state: Transferring, upto: int | None = None, commit: bool = True) -> None:
-        """Finish in-flight layers in layer order (every rank runs the same collectives in one order).
-        The phase does not change here: :meth:`step` completes the rebalance once nothing is left."""
-        for layer in sorted(state.in_flight):
-            if upto is not None and layer > upto:
-                break
-            self._finish_layer(state, layer, commit)
-
-    def _finish_layer(self, state: Transferring, layer: int, commit: bool) -> None:
-        """Wait for one layer's transfer, check it, then switch the layer to its new placement — or leave
-        the layer's old weights and placement intact (failed receive, canary mismatch, or ``commit=False``:
-        the layer's forward did not run before the optimizer step, so its staged copy would be stale)."""
-        t0 = time.monotonic()
-        record, executor = state.record, state.executor
-        transfer, hook = state.in_flight.pop(layer)
-        hook.remove()
-        canary = self.config.eplb_transfer_canary != "off"
-        undo = self._snapshot_destinations(state, layer) if canary or not commit else {}
-        problem, broken = None, False
-        try:
-            executor.finish_layer(transfer, timeout=self._transfer_timeout())
-        except TransferError as exc:
-            problem, broken = str(exc), exc.group_broken
-        if problem is None and canary:
-            bad = executor.verify_layer(transfer, timeout=self.config.eplb_worker_timeout)
-            if self._any_rank(bool(bad)):
-                problem = (
-                    f"canary: moved slots {bad or '(on another expert-DP copy)'} differ from their senders"
-                )
-        if problem is None and commit:
-            self.handle.commit_layer(layer, state.new.phy2log[layer])
-            record.layers_committed.append(layer)
-            record.moved_bytes += state.plan.layer(layer).num_sends * self._slot_bytes(layer)
-        else:
-            if problem is None:
-                problem = "its forward did not run before the optimizer step"
-            elif self._any_rank(broken):  # a timed-out receive closes gloo's pair
-                if self.stage is not None:  # PP: a new group needs every rank (made at _end_round)
-                    self._transfer_broken = True
-                else:
-                    self._transfer_group = new_group_like(self.handle.ep_group)
-                    executor.group = self._transfer_group
-            self._restore(layer, undo)
-            record.layers_rolled_back.append(layer)
-            log.error(
-                "EPLB step %d: layer %d transfer rolled back (%s); it keeps its old placement and weights",
-                self.step_count,
-                layer,
-                problem,
-            )
-        end = getattr(self.optimizer_state, "end_layer", None)
-        if end is not None:
-            end(layer)
-        _add_seconds(record, "transfer", t0)
-
-    def _snapshot_destinations(self, state: Transferring, layer: int) -> dict[int, list[torch.Tensor]]:
-        """Copies of the local slots this layer's transfer overwrites (for a rollback after the write)."""
-        part = state.plan.layer(layer)
-        me = self.handle.ep_rank
-        slots = set(part.recvs_to(me)[:, 3].tolist()) | set(part.copies_on(me)[:, 2].tolist())
-        return {s: [t.detach().clone() for t in self._slot_tensors(layer, s)] for s in sorted(slots)}
-
-    def _restore(self, layer: int, undo: dict[int, list[torch.Tensor]]) -> None:
-        with torch.no_grad():
-            for slot, saved in undo.items():
-                for dst, src in zip(self._slot_tensors(layer, slot), saved):
-                    dst.copy_(src)
-
-    def _transfer_timeout(self) -> float | None:
-        """How long ``finish_layer`` waits on the host: ``eplb_worker_timeout`` over gloo; none over NCCL,
-        where a wait with a timeout blocks the host until the receives land (slot moves at 0.51 of NCCL's
-        bandwidth instead of 0.8 on two H200s) while the compute stream can simply wait for them; a hung
-        NCCL peer is ended by the process group's own timeout (its watchdog), as for any collective."""
-        if collective_device(self._transfer_group).type == "cuda":
-            return None
-        return self.config.eplb_worker_timeout
-
-    def _slot_bytes(self, layer: int) -> int:
-        return sum(t.numel() * t.element_size() for t in self._slot_tensors(layer, 0))
-
     def _any_rank(self, flag: bool, world: bool = False) -> bool:
-        if not dist.is_initialized():
-            return flag
-        t = torch.tensor([int(flag)], device=self._device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=None if world else self.load_group)
-        return bool(t.item())
+        return any_rank(flag, None if world else self.load_group, self._device)
 
     def _finish(self, state: Planning | Transferring, outcome: str, why: str) -> State:
         """End a rebalance: keep its record, write the map (``expert_map_record_path``), report it; return
@@ -655,7 +535,6 @@ class EPLBManager:
         self._log_transition(state.phase, nxt.phase, why)
         return nxt
 
-    # -------------------------------------------------------------- misc
     # --------------------------------------------------------- checkpoints
     def save_checkpoint(
         self, directory: str | os.PathLike, extra: dict[str, Any] | None = None, *, overwrite: bool = False
@@ -750,7 +629,3 @@ def _grad(p: torch.Tensor) -> torch.Tensor | None:
     """The gradient Megatron accumulates into (``main_grad``) where there is one, else ``p.grad``."""
     g = getattr(p, "main_grad", None)
     return p.grad if g is None else g
-
-
-def _add_seconds(record: RebalanceRecord, phase: str, since: float) -> None:
-    record.seconds[phase] = record.seconds.get(phase, 0.0) + time.monotonic() - since

@@ -4,6 +4,7 @@ and the record each rebalance leaves (``EPLBManager.history``)."""
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,6 +43,10 @@ class RebalanceRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def add_seconds(self, phase: str, since: float) -> None:
+        """Add the time from ``since`` (``time.monotonic()``) to now to ``seconds[phase]``."""
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.monotonic() - since
 
 
 # One object per phase: the data a phase needs lives in its state and nowhere else.

@@ -12,6 +12,9 @@ Anything shaped like the parameter — its data, its gradient, an fp32 master, t
 same way (:meth:`SlotParam.of`); a 1-D fragment of its flattened form (ZeRO's partition) with
 :meth:`SlotParam.of_fragment`.  Every cut is a view: writing it writes the parameter's tensor.
 
+:class:`SlotShape`: where a handle's slots are (``P`` per layer, this rank's global slot ids) and its MoE
+layers, the same for every handle.
+
 Pure torch: no process group, no Megatron, no DeepSpeed.
 """
 
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SlotParam", "as_slot_params"]
+__all__ = ["SlotParam", "SlotShape", "as_slot_params"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,3 +95,27 @@ class SlotParam:
 def as_slot_params(params: Iterable[torch.Tensor | SlotParam]) -> list[SlotParam]:
     """``params`` as slot tensors: a plain tensor stands for the whole of it."""
     return [p if isinstance(p, SlotParam) else SlotParam.whole(p) for p in params]
+
+
+class SlotShape:
+    """The shape accessors every model handle (:class:`~megatron_eplb.protocols.ExpertModel`) computes the
+    same way, from its ``slots_per_rank`` (``S``), ``ep_size``, ``ep_rank`` and ``_layers`` (its MoE layer
+    modules, index = MoE layer id).  A mixin of the handles in ``patches/``."""
+
+    slots_per_rank: int
+    ep_size: int
+    ep_rank: int
+    _layers: list[torch.nn.Module]
+
+    @property
+    def num_slots(self) -> int:
+        """``P``: physical slots per layer over the EP group."""
+        return self.slots_per_rank * self.ep_size
+
+    def moe_layers(self) -> list[torch.nn.Module]:
+        """The MoE layer modules, index = MoE layer id (a transfer commits in their forward pre-hook)."""
+        return list(self._layers)
+
+    def local_slots(self) -> range:
+        """Global slot ids of this rank's local slots."""
+        return range(self.ep_rank * self.slots_per_rank, (self.ep_rank + 1) * self.slots_per_rank)

@@ -27,6 +27,7 @@ from models import (  # noqa: E402
 )
 
 from megatron_eplb import checkpoint as ckpt  # noqa: E402
+from megatron_eplb.load_recorder import MAX_PENDING_SLOT_COUNTS  # noqa: E402
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
 from megatron_eplb.protocols import ExpertModel  # noqa: E402
 
@@ -303,11 +304,11 @@ def _ep2_checks(rank: int, world: int, out_dir: str, kind: str) -> dict:
         pat(x)
     results["recording_off_counted"] = int(handle.loads().sum()) + int(handle.slot_loads().sum())
     handle.recording = True
-    forwards = eplb_mcore._MAX_PENDING_SLOT_COUNTS + 3
+    forwards = MAX_PENDING_SLOT_COUNTS + 3
     with torch.no_grad():
         for _ in range(forwards):
             pat(x)
-    results["pending_kept_max"] = max(len(p) for p in handle._slot_counts_pending)
+    results["pending_kept_max"] = max(len(p) for p in handle._recorder.slot_pending)
     slot_total = handle.slot_loads().sum(dim=1)
     torch.distributed.all_reduce(slot_total)
     pairs = x.shape[0] * x.shape[1] * config.moe_router_topk * forwards  # per rank and layer
@@ -478,12 +479,10 @@ def test_ep2_allgather_top2_equivalence(ep2):
 
 @pytest.mark.slow
 def test_ep2_recording_switch_and_bounded_slot_counts(ep2):
-    from megatron_eplb.patches import megatron as eplb_mcore
-
     results, _, _ = ep2
     for res in results:
         assert res["recording_off_counted"] == 0
-        assert res["pending_kept_max"] < eplb_mcore._MAX_PENDING_SLOT_COUNTS
+        assert res["pending_kept_max"] < MAX_PENDING_SLOT_COUNTS
         assert res["loads_after_many"] and res["slot_loads_after_many"]
 
 

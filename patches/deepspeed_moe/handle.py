@@ -34,6 +34,7 @@ import torch.distributed as dist
 from megatron_eplb.checkpoint import check_state_fits, logical_to_physical
 from megatron_eplb.comm import all_gather_counts, collective_device
 from megatron_eplb.errors import CheckpointError, DeepSpeedEPLBError, ExpertMapError
+from megatron_eplb.load_recorder import LoadRecorder
 from megatron_eplb.placement import ExpertPlacement, build_log2phy
 from megatron_eplb.replica_split import BalancedSplit, replica_tables, source_offsets
 from megatron_eplb.slot_copies import (
@@ -44,7 +45,7 @@ from megatron_eplb.slot_copies import (
     refill_slots,
     unflatten_into,
 )
-from megatron_eplb.slots import SlotParam
+from megatron_eplb.slots import SlotParam, SlotShape
 
 from .routing import expert_counts, per_slot_capacity, routes_to_slots, slot_counts, split_routes_to_slots
 
@@ -57,7 +58,7 @@ EXPERT_KEY_INFIX = "deepspeed_moe.experts.deepspeed_experts."
 """What a ``MoE`` module's expert keys have between the module name and the expert index."""
 
 
-class DeepSpeedMoEEPLB:
+class DeepSpeedMoEEPLB(SlotShape):
     """Controls the placement-aware ``deepspeed.moe.layer.MoE`` layers of one model (returned by
     :func:`megatron_eplb.patches.deepspeed_moe.apply`); an :class:`~megatron_eplb.protocols.ExpertModel`.
 
@@ -105,10 +106,9 @@ class DeepSpeedMoEEPLB:
         first = next(self._experts(0).parameters())
         self.device = first.device
         L, E, P = self.num_layers, self.num_experts, self.num_slots
-        self._loads = torch.zeros(L, E, dtype=torch.int64, device=self.device)
+        self._recorder = LoadRecorder(L, E, self.slots_per_rank, self.device)  # logical loads (slots: _sent)
         self._sent = torch.zeros(L, P + 1, dtype=torch.int64, device=self.device)
         self._drops = torch.zeros(L, 2, dtype=torch.int64, device=self.device)
-        self._loads_rows = list(self._loads.unbind(0))
         self._sent_rows = list(self._sent.unbind(0))
         self._drop_rows = list(self._drops.unbind(0))
         self.recording = True
@@ -129,20 +129,6 @@ class DeepSpeedMoEEPLB:
             for idx, layer in enumerate(self._layers):
                 layer.deepspeed_moe.gate.register_forward_hook(self._make_gate_observer(idx))
 
-    # ------------------------------------------------------------------ shape
-    @property
-    def num_slots(self) -> int:
-        """``P``: physical slots per layer over the EP group."""
-        return self.slots_per_rank * self.ep_size
-
-    def moe_layers(self) -> list[torch.nn.Module]:
-        """The ``MoE`` modules, index = MoE layer id (a transfer commits in their forward pre-hook)."""
-        return list(self._layers)
-
-    def local_slots(self) -> range:
-        """Global slot ids of this rank's local slots."""
-        return range(self.ep_rank * self.slots_per_rank, (self.ep_rank + 1) * self.slots_per_rank)
-
     def _experts(self, layer: int) -> torch.nn.ModuleList:
         return self._layers[layer].deepspeed_moe.experts.deepspeed_experts
 
@@ -150,7 +136,7 @@ class DeepSpeedMoEEPLB:
     def loads(self) -> torch.Tensor:
         """int64 ``[L, E]``: (token, expert) pairs the gate routed on this rank per logical expert since the
         last :meth:`reset_loads`, before the capacity dropped any (what the router chose).  The live buffer."""
-        return self._loads
+        return self._recorder.loads()
 
     def slot_loads(self) -> torch.Tensor:
         """int64 ``[L, S]``: tokens each local slot computed since the last :meth:`reset_loads` (the kept
@@ -173,7 +159,7 @@ class DeepSpeedMoEEPLB:
 
     def reset_loads(self) -> None:
         """Zero the per-step load buffers (in place, no host sync)."""
-        self._loads.zero_()
+        self._recorder.reset()
         self._sent.zero_()
 
     # ---------------------------------------------------------------- slots
@@ -418,7 +404,7 @@ class DeepSpeedMoEEPLB:
     def _record(self, idx: int, exp_counts: torch.Tensor, slot: torch.Tensor, sent: torch.Tensor) -> None:
         """Count one forward of layer ``idx``: routed pairs per expert, kept routes per slot, drops."""
         if self.recording and not recomputing():
-            self._loads_rows[idx].add_(exp_counts)
+            self._recorder.logical_rows[idx].add_(exp_counts)
             self._sent_rows[idx].add_(sent)
             routed = exp_counts.sum()
             self._drop_rows[idx].add_(torch.stack((routed, routed - (slot >= 0).sum())))

@@ -66,8 +66,6 @@ from .compat import SUPPORTED_MCORE_VERSIONS, EPLBPatchError, ensure_compat, mco
 from .cpu import enable_cpu
 from .dispatchers import SUPPORTED_DISPATCHERS
 from .dispatchers import route_to_slots as route_to_slots
-from .handle import _MAX_ACC_SHAPES as _MAX_ACC_SHAPES
-from .handle import _MAX_PENDING_SLOT_COUNTS as _MAX_PENDING_SLOT_COUNTS
 from .handle import MegatronEPLB
 from .unpatched import unpatched_state_dict
 

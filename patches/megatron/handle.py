@@ -2,7 +2,8 @@
 
 It satisfies :class:`megatron_eplb.protocols.ExpertModel`: shape facts, the EP group, per-slot tensors, the
 recorded loads, the routing tables, replica gradient sums and logical state dicts.  It owns the state of
-the patched layers (placement, routing tables on the device, load buffers) and wires each layer once
+the patched layers (placement, routing tables on the device, load buffers: a
+:class:`~megatron_eplb.load_recorder.LoadRecorder`) and wires each layer once
 (:meth:`MegatronEPLB._convert_layer`): the experts module through its storage (``experts/``), the token
 dispatcher through its adapter (``dispatchers.py``), the sharded state dict through ``dist_ckpt.py``.
 
@@ -23,11 +24,12 @@ import torch.distributed as dist
 from megatron_eplb.checkpoint import check_state_fits
 from megatron_eplb.comm import all_gather_counts, collective_device
 from megatron_eplb.errors import CheckpointError
+from megatron_eplb.load_recorder import LoadRecorder
 from megatron_eplb.pipeline import PipelineStage
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
 from megatron_eplb.replica_split import BalancedSplit, device_tables, replica_tables, source_offsets
 from megatron_eplb.slot_copies import all_gather_rows, gather_logical, recomputing, refill_slots
-from megatron_eplb.slots import SlotParam
+from megatron_eplb.slots import SlotParam, SlotShape
 
 from . import dist_ckpt, pipeline, tp
 from .compat import EPLBPatchError, model_facts, param_device
@@ -37,10 +39,6 @@ from .experts import ExpertStorage, storage_for
 __all__ = ["MegatronEPLB"]
 
 logger = logging.getLogger(__name__)
-
-# Routed-map accumulators kept per MoE layer (distinct token counts ``T``); see ``MegatronEPLB._route_acc``.
-_MAX_ACC_SHAPES = 4
-_MAX_PENDING_SLOT_COUNTS = 256  # per layer, slot counts kept between two reads before they are summed
 
 
 class _LayerTables(NamedTuple):
@@ -84,7 +82,7 @@ def check_same_placement_everywhere(placement: ExpertPlacement, group) -> None:
         )
 
 
-class MegatronEPLB:
+class MegatronEPLB(SlotShape):
     """Controls the placement-aware MoE layers of one model (returned by :func:`apply`); an
     :class:`~megatron_eplb.protocols.ExpertModel`.
 
@@ -129,32 +127,14 @@ class MegatronEPLB:
         self.placement = placement
         # Per layer, the expert storage of its experts module (set when the layer is converted).
         self._storages: list[ExpertStorage] = [None] * self.num_layers
-        self._loads = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64, device=self.device)
-        self._slot_loads = torch.zeros(
-            self.num_layers, self.slots_per_rank, dtype=torch.int64, device=self.device
-        )
+        # The load buffers (the per-forward counts: logical pairs routed, tokens per local slot).
+        self._recorder = LoadRecorder(self.num_layers, self.num_experts, self.slots_per_rank, self.device)
         #: Record loads (``loads()``, ``slot_loads()``) on real forwards; ``False`` pauses recording (e.g. for
         #: evaluation forwards that should not steer the placement).
         self.recording = True
         # Logical loads count each routed token once: with TP > 1 and no sequence parallelism (inference) the
         # TP ranks of an attention group route the same tokens, so only TP rank 0 counts them.
         self._counts_logical = tp.routes_own_tokens(self._layers[0])
-        # Per layer, the per-slot token counts exactly as the dispatcher hands them to the experts (a host
-        # tensor for the alltoall and allgather dispatchers): a forward only keeps a reference (a list
-        # append, no op); ``slot_loads()`` sums them all at once.  In the middle of the host-bound MoE
-        # forward even one small op costs tens of µs.
-        self._slot_counts_pending: list[list] = [[] for _ in range(self.num_layers)]
-        # Per-layer row views, made once: the per-forward adds go straight into them (no indexing or
-        # ``__setitem__`` on the hot path).  The buffers are only ever zeroed in place, so the views stay live.
-        self._loads_rows = list(self._loads.unbind(0))
-        self._slot_loads_rows = list(self._slot_loads.unbind(0))
-        # Per layer, int32 accumulators of the routed map, keyed by its shape ``[T, E]``: each forward adds its
-        # bool map with ONE elementwise op (``acc += routed``); the column sums are taken on read (``loads()``).
-        # One op instead of four (cast, memset, column sum, add) is what makes the recording cheap: the MoE
-        # forward is host-bound, and every op launched is host time on its critical path.  The accumulators
-        # are never replaced (graph-safe), at most ``_MAX_ACC_SHAPES`` per layer; other shapes are counted
-        # with the direct column sum.
-        self._route_acc: list[dict[torch.Size, torch.Tensor]] = [{} for _ in range(self.num_layers)]
         self._tables: list[_LayerTables] = [None] * self.num_layers
         #: Per-step replicas (``fast_replicas.install``), or None: they route every layer when set.
         self.fast = None
@@ -171,65 +151,24 @@ class MegatronEPLB:
             self.ep_size,
         )
 
-    # ------------------------------------------------------------------ shape
-    @property
-    def num_slots(self) -> int:
-        """``P``: physical slots per layer over the EP group."""
-        return self.slots_per_rank * self.ep_size
-
-    def moe_layers(self) -> list[torch.nn.Module]:
-        """The patched ``MoELayer`` modules, index = MoE layer id."""
-        return list(self._layers)
-
-    def local_slots(self) -> range:
-        """Global slot ids of this rank's local slots."""
-        return range(self.ep_rank * self.slots_per_rank, (self.ep_rank + 1) * self.slots_per_rank)
-
     # -------------------------------------------------------------- recording
     def loads(self) -> torch.Tensor:
         """int64 ``[L, E]``: (token, expert) pairs routed on this rank per MoE layer and logical expert
         since the last :meth:`reset_loads` (real forward passes only, padding tokens excluded).  The live
         buffer on the device, brought up to date by this call (the per-forward counts are folded in here,
         two small ops per layer and shape, no host sync); clone it to keep a snapshot."""
-        for row, accs in zip(self._loads_rows, self._route_acc):
-            for acc in accs.values():
-                row.add_(acc.sum(dim=0, dtype=torch.int64))
-                acc.zero_()
-        return self._loads
+        return self._recorder.loads()
 
     def slot_loads(self) -> torch.Tensor:
         """int64 ``[L, S]``: tokens each local physical slot computed since the last :meth:`reset_loads`.
 
         The live buffer on the device, brought up to date by this call (the counts kept since the last call
         are summed in: a few ops for all layers together)."""
-        self._fold_slot_counts()
-        return self._slot_loads
-
-    def _fold_slot_counts(self) -> None:
-        """Add the kept per-forward slot counts into ``_slot_loads`` and drop them: per device they came on,
-        one stack ``[N, S]``, one ``index_add_`` into an ``[L, S]`` table, one copy to the device."""
-        by_device: dict[torch.device, tuple[list[int], list[torch.Tensor]]] = {}
-        for idx, pending in enumerate(self._slot_counts_pending):
-            for counts in pending:
-                counts = torch.as_tensor(counts)
-                layers, rows = by_device.setdefault(counts.device, ([], []))
-                layers.append(idx)
-                rows.append(counts.reshape(-1))
-            pending.clear()
-        for device, (layers, rows) in by_device.items():
-            table = torch.zeros(self.num_layers, self.slots_per_rank, dtype=torch.int64, device=device)
-            table.index_add_(0, torch.tensor(layers, device=device), torch.stack(rows).to(torch.int64))
-            self._slot_loads.add_(table.to(self.device))
+        return self._recorder.slot_loads()
 
     def reset_loads(self) -> None:
         """Zero both load buffers (in place, no host sync)."""
-        self._loads.zero_()
-        for accs in self._route_acc:
-            for acc in accs.values():
-                acc.zero_()
-        self._slot_loads.zero_()
-        for pending in self._slot_counts_pending:
-            pending.clear()
+        self._recorder.reset()
         if self.fast is not None:
             self.fast.reset_loads()
 
@@ -537,28 +476,10 @@ class MegatronEPLB:
         def forward(*args, **kwargs):
             if self.recording and not recomputing():
                 counts = args[1] if len(args) > 1 else kwargs["tokens_per_expert"]
-                if getattr(counts, "is_cuda", False) and torch.cuda.is_current_stream_capturing():
-                    self._slot_loads_rows[idx].add_(counts)  # graph-safe: in place into a live buffer
-                else:
-                    pending = self._slot_counts_pending[idx]
-                    pending.append(counts)
-                    if len(pending) >= _MAX_PENDING_SLOT_COUNTS:  # nobody reads: bound what is kept
-                        self._fold_slot_counts()
+                self._recorder.keep_slot_counts(idx, counts)
             return experts_forward(*args, **kwargs)
 
         return forward
-
-    def _count_routed(self, idx: int, routed: torch.Tensor) -> None:
-        """Count the bool ``[T, E]`` map ``routed`` (padding already masked) into layer ``idx``'s logical
-        loads: one in-place add into the layer's accumulator of that shape (summed by :meth:`loads`)."""
-        accs = self._route_acc[idx]
-        acc = accs.get(routed.shape)
-        if acc is None:
-            if len(accs) >= _MAX_ACC_SHAPES:  # many token counts: count directly, hold no more memory
-                self._loads_rows[idx].add_(routed.sum(dim=0, dtype=torch.int64))
-                return
-            acc = accs[routed.shape] = torch.zeros(routed.shape, dtype=torch.int32, device=routed.device)
-        acc.add_(routed)  # int32 += bool; overflows only after 2**31 forwards between two reads
 
     def _route_physical(
         self, idx: int, probs: torch.Tensor, routing_map: torch.Tensor, padding_mask: torch.Tensor | None
@@ -568,7 +489,7 @@ class MegatronEPLB:
             routed = routing_map
             if padding_mask is not None:  # Megatron's router: True marks padding
                 routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)
-            self._count_routed(idx, routed)
+            self._recorder.count_routed(idx, routed)
         if self.fast is not None:  # per-step replicas: this step's copies and split (fast_replicas.py)
             return self.fast.route(idx, probs, routing_map)
         slots, direct, replicas = self._tables[idx]

@@ -13,6 +13,9 @@ Through the ``deepspeed`` launcher, one process per GPU, EP = N:
 3. ``examples/demo.py --quick`` (the ``make demo`` path);
 4. with ``--bench``: ``benchmarks/run_multi_gpu.sh N`` (the multi-GPU benchmark).
 
+``--zero2`` adds ZeRO 2 (``configs/ds_config_zero2.json``, fp32) to every expert class chosen: step 1 for
+SequentialMLP the same three ways, and ``examples/train_deepspeed_moe.py`` with replicas under ZeRO 2.
+
 ``--experts grouped`` runs the expert class Megatron's legacy ``GroupedMLP`` (``examples/train.py
 --moe-grouped-gemm``; megatron-eplb's ``torch._grouped_mm`` drop-in where the ``grouped_gemm`` package is
 missing) through step 1 in bf16 ZeRO 1 (GroupedMLP runs in bf16 only): without EPLB, with moves only, with
@@ -115,12 +118,22 @@ def train_summary(metrics: dict | None) -> dict | None:
 
 
 def deepspeed_moe_runs(
-    launch: list[str], n: int, iters: int, work: Path, env: dict, timeout: float, steps: list, checks: dict
+    launch: list[str],
+    n: int,
+    iters: int,
+    work: Path,
+    env: dict,
+    timeout: float,
+    steps: list,
+    checks: dict,
+    ds_config: str = "configs/ds_config.json",
+    prefix: str = "dsmoe",
 ) -> None:
     """``examples/train_deepspeed_moe.py`` (``deepspeed.moe.layer.MoE``, top-2, capacity 1.0) without EPLB,
-    with EPLB moving experts only and with replicas; moves-only losses equal the baseline's bit for bit."""
+    with EPLB moving experts only and with replicas; moves-only losses equal the baseline's bit for bit.
+    Runs and checks are named ``prefix_*``."""
     base = [
-        *launch, "examples/train_deepspeed_moe.py", "--deepspeed_config", "configs/ds_config.json",
+        *launch, "examples/train_deepspeed_moe.py", "--deepspeed_config", ds_config,
         "--train-iters", str(iters), "--no-wandb", "--log-interval", "10",
     ]  # fmt: skip
     eplb = [
@@ -129,21 +142,21 @@ def deepspeed_moe_runs(
     ]  # fmt: skip
     out = {}
     for name, extra in (
-        ("dsmoe_off", ["--no-eplb"]),
-        ("dsmoe_moves", [*eplb, "--init-redundancy-expert", "0"]),
-        ("dsmoe_eplb", [*eplb, "--init-redundancy-expert", str(2 * n)]),
+        (f"{prefix}_off", ["--no-eplb"]),
+        (f"{prefix}_moves", [*eplb, "--init-redundancy-expert", "0"]),
+        (f"{prefix}_eplb", [*eplb, "--init-redundancy-expert", str(2 * n)]),
     ):
         metrics = work / name / "metrics.json"
         cmd = [*base, "--output-dir", str(work / name), "--metrics-out", str(metrics), *extra]
         steps.append(run_step(name, cmd, work, env, timeout))
         out[name] = _json(metrics)
-    checks["loss_dsmoe_moves_vs_off"] = loss_check(out["dsmoe_off"], out["dsmoe_moves"], 0.0)
+    checks[f"loss_{prefix}_moves_vs_off"] = loss_check(out[f"{prefix}_off"], out[f"{prefix}_moves"], 0.0)
     early = {k: ({**v, "losses": v["losses"][:REPLICA_STEPS]} if v else v) for k, v in out.items()}
-    checks[f"loss_dsmoe_replicas_vs_off_first_{REPLICA_STEPS}"] = loss_check(
-        early["dsmoe_off"], early["dsmoe_eplb"], LOSS_RTOL["fp32"]
+    checks[f"loss_{prefix}_replicas_vs_off_first_{REPLICA_STEPS}"] = loss_check(
+        early[f"{prefix}_off"], early[f"{prefix}_eplb"], LOSS_RTOL["fp32"]
     )
     if n > 1:
-        for name in ("dsmoe_moves", "dsmoe_eplb"):
+        for name in (f"{prefix}_moves", f"{prefix}_eplb"):
             moved = [r for r in (out[name] or {}).get("rebalances", []) if r.get("outcome") == "committed"]
             checks[f"{name}_rebalanced"] = {
                 "ok": bool(moved) and sum(r.get("moved_slots", 0) for r in moved) > 0
@@ -190,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated expert classes: sequential (every step), grouped (GroupedMLP: bf16 ZeRO 1 training), "
         "deepspeed_moe (examples/train_deepspeed_moe.py: deepspeed.moe.layer.MoE without and with EPLB)",
     )
+    p.add_argument(
+        "--zero2",
+        action="store_true",
+        help="also ZeRO 2 (configs/ds_config_zero2.json, fp32) for each class chosen",
+    )
     args = p.parse_args(argv)
     kinds = [k for k in args.experts.split(",") if k]
     if set(kinds) - set(KINDS) or not kinds:
@@ -229,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     grouped = [*bf16, "--moe-grouped-gemm"]
     moves_only = ["--init-redundancy-expert", "0"]  # later flags win: no replicas, experts still move
     configs = {}
+    zero2 = ["--deepspeed_config", "configs/ds_config_zero2.json", "--lr", "1e-3"]
     if "sequential" in kinds:
-        configs.update(fp32=fp32, bf16_zero1=bf16)
+        configs.update(fp32=fp32, bf16_zero1=bf16, **({"fp32_zero2": zero2} if args.zero2 else {}))
     if "grouped" in kinds:
         configs["grouped_bf16_zero1"] = grouped
     runs = {}
@@ -249,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         eplb = runs[f"train_{kind}_eplb"]
         early_eplb = {k: (v[:REPLICA_STEPS] if k == "losses" else v) for k, v in (eplb or {}).items()}
         checks[f"loss_{kind}_replicas_vs_off_first_{REPLICA_STEPS}"] = loss_check(
-            early or None, early_eplb or None, LOSS_RTOL["fp32" if kind == "fp32" else "bf16"]
+            early or None, early_eplb or None, LOSS_RTOL["fp32" if kind.startswith("fp32") else "bf16"]
         )
         checks[f"loss_{kind}_replicas_vs_off_whole_run"] = {
             **loss_check(base, eplb, float("inf")),
@@ -264,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if "deepspeed_moe" in kinds:
         deepspeed_moe_runs(launch, n, args.steps, work, env, args.timeout, steps, checks)
+        if args.zero2:
+            deepspeed_moe_runs(
+                launch, n, args.steps, work, env, args.timeout, steps, checks, zero2[1], "dsmoe_zero2"
+            )
 
     gens = {}
     if "sequential" in kinds:  # generation and the demo from the SequentialMLP runs

@@ -23,20 +23,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# (E, C, N, F): the one-block limit's corners (fits) and the benchmark's shapes
+# (E, C, N, F[, K]): the one-block limit's corners (fits) and the benchmark's shapes (K: the replicated
+# experts, default the most there can be)
 SHAPES = [
     (16, 1, 2, 1),
     (64, 1, 8, 1),
     (64, 1, 8, 2),
-    (64, 2, 8, 2),
+    (64, 2, 8, 1, 8),
+    (64, 2, 8, 2, 16),
     (64, 1, 16, 1),
     (128, 1, 8, 2),
     (256, 1, 8, 1),
+    (256, 1, 16, 1),
+    (256, 2, 8, 1, 8),
 ]
 
 
-def compile_shape(experts: int, copies: int, ranks: int, fast: int, arch: int, warps: int | None) -> dict:
-    """One shape's compile record (see the module docstring)."""
+def compile_shape(shape: tuple, arch: int, warps: int | None) -> dict:
+    """One shape's ``(E, C, N, F[, K])`` compile record (see the module docstring)."""
+    experts, copies, ranks, fast = shape[:4]
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -44,14 +49,14 @@ def compile_shape(experts: int, copies: int, ranks: int, fast: int, arch: int, w
     from megatron_eplb import fast_replicas_triton as fused
     from megatron_eplb.fast_replicas import _BIG
 
-    cfg = fused.launch_config(experts, copies, ranks, fast)
+    cfg = fused.launch_config(*shape)
     num_warps = warps or cfg.pop("num_warps")
     cfg.pop("num_warps", None)
-    signature = {name: "*i64" for name in ("load_ptr", "copy_rank_ptr", "copy_slot_ptr", "out_ptr")}
+    signature = {name: "*i64" for name in ("load_ptr", "copy_rank_ptr", "copy_slot_ptr")}
     signature["holds_ptr"] = "*i1"
-    signature.update(
-        {name: "i32" for name in ("num_experts", "copies", "num_ranks", "slots", "num_fast", "union")}
-    )
+    signature.update({name: "*i64" for name in ("replicated_ptr", "out_ptr")})
+    scalars = ("num_experts", "copies", "num_ranks", "slots", "num_fast", "union", "num_replicated")
+    signature.update({name: "i32" for name in scalars})
     constexprs = dict(ITERATIONS=8, ROUNDS=ranks * fast, BIG=_BIG, **cfg)
     signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(fn=fused._fast_plan_kernel, signature=signature, constexprs=constexprs)
@@ -66,7 +71,8 @@ def compile_shape(experts: int, copies: int, ranks: int, fast: int, arch: int, w
         "copies": copies,
         "ranks": ranks,
         "fast": fast,
-        "fits": fused.fits(experts, copies, ranks, fast),
+        "replicated": shape[4] if len(shape) > 4 else None,
+        "fits": fused.fits(*shape),
     }
     record.update(cfg, num_warps=num_warps, shared_bytes=kernel.metadata.shared)
     record["compile_s"] = round(time.time() - started, 1)
@@ -96,7 +102,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--warps", type=int, default=None, help="override launch_config's warps")
-    p.add_argument("--shapes", nargs="*", default=None, help="E,C,N,F each (default: SHAPES)")
+    p.add_argument("--shapes", nargs="*", default=None, help="E,C,N,F[,K] each (default: SHAPES)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
@@ -105,7 +111,7 @@ def main(argv=None) -> int:
         f"{'E':>5}{'C':>3}{'N':>4}{'F':>3}{'fits':>6}{'warps':>6}{'shared KiB':>11}{'regs':>6}{'stack B':>9}{'spills B':>10}"
     )
     for shape in shapes:
-        r = compile_shape(*shape, args.arch, args.warps)
+        r = compile_shape(shape, args.arch, args.warps)
         rows.append(r)
         print(
             f"{r['experts']:>5}{r['copies']:>3}{r['ranks']:>4}{r['fast']:>3}{str(r['fits']):>6}{r['num_warps']:>6}"

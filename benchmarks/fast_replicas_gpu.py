@@ -375,7 +375,7 @@ def check_fused_plan(
             rng = np.random.default_rng([experts, ranks, slots, fast, seed])
             row = random_row(rng, experts, ranks, slots, empty)
             tables = fast_tables(row, ranks, experts, fast, device)
-            if not fits(experts, tables.copy_rank.shape[1], ranks, fast):
+            if not fits(experts, tables.copy_rank.shape[1], ranks, fast, tables.replicated.numel()):
                 continue
             what = f"E={experts} N={ranks} S={slots} F={fast} row={row.tolist()}"
             n, b = fused_plan_mismatches(tables, check_loads(rng, experts), iterations, what)
@@ -410,7 +410,7 @@ def _planner_row(experts, ranks, fast, redundant, device, repeats, iterations, f
     w = torch.as_tensor(skewed[0], device=device)
     rec = {"experts": experts, "ranks": ranks, "fast": fast, "redundant": redundant, "copies": copies}
     rec["union_copies"] = tables.max_copies
-    rec["fits"] = fits(experts, copies, ranks, fast)
+    rec["fits"] = fits(experts, copies, ranks, fast, tables.replicated.numel())
     graph = FastPlanner(tables, iterations, fused=False)
     rec["path_graph"] = graph.path
     rec["us_graph_call"] = _time(lambda: graph(w), device, repeats)
@@ -419,7 +419,7 @@ def _planner_row(experts, ranks, fast, redundant, device, repeats, iterations, f
     if not fused:
         rec["fused_error"], rec["fused_equal"] = "triton does not import", False
         return rec
-    rec["launch_config"] = launch_config(experts, copies, ranks, fast)
+    rec["launch_config"] = launch_config(experts, copies, ranks, fast, tables.replicated.numel())
 
     def kernel(x):
         return plan_fast_replicas_fused(x, tables, iterations)

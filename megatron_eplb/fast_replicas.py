@@ -66,6 +66,10 @@ class FastTables(NamedTuple):
         copy_slot: int64 ``[E, C]`` union slot of each persistent copy, ``-1`` for padding.
         holds: bool ``[E, N]`` whether rank ``n`` holds a persistent copy of expert ``e``.
         num_ranks: ``N``.  slots_per_rank: ``S``.  num_fast: ``F``.
+        replicated: int64 ``[K]`` the experts with two or more persistent copies (ascending), ``-1`` after them
+            up to ``K = 0`` if ``C = 1`` else ``min(E, N * S - E)`` entries (a length fixed by the shapes); only
+            the fused kernel reads it (its persistent split works over these rows alone).  ``None``: the kernel
+            derives it at launch (a host sync).
     """
 
     copy_rank: torch.Tensor
@@ -74,6 +78,7 @@ class FastTables(NamedTuple):
     num_ranks: int
     slots_per_rank: int
     num_fast: int
+    replicated: torch.Tensor | None = None
 
     @property
     def union_slots_per_rank(self) -> int:
@@ -149,7 +154,19 @@ def fast_tables(
         int(num_ranks),
         int(per_rank),
         int(num_fast),
+        torch.from_numpy(replicated_list(count, row.shape[0])).to(device),
     )
+
+
+def replicated_list(count: np.ndarray, slots: int) -> np.ndarray:
+    """:attr:`FastTables.replicated` from the persistent copies per expert ``count [E]`` and the ``P`` slots."""
+    count = np.asarray(count).reshape(-1)
+    num_experts = count.shape[0]
+    length = 0 if count.max(initial=1) <= 1 else min(num_experts, slots - num_experts)
+    out = np.full(length, -1, dtype=np.int64)
+    rep = np.nonzero(count >= 2)[0]
+    out[: rep.shape[0]] = rep
+    return out
 
 
 def rank_loads_of_copies(shares: torch.Tensor, copy_rank: torch.Tensor, num_ranks: int) -> torch.Tensor:
@@ -370,11 +387,12 @@ class FastPlanner:
                     tables.copy_rank.shape[1],
                     tables.num_ranks,
                     tables.num_fast,
+                    None if tables.replicated is None else tables.replicated.numel(),
                 )
                 if not kernel.available():
                     why = "triton does not import"
                 elif not kernel.fits(*shape):
-                    why = f"E, C, N, F = {shape} exceed the fused kernel's one block"
+                    why = f"E, C, N, F, K = {shape} exceed the fused kernel's one block"
                 else:
                     self._fused = kernel
             except Exception as exc:  # noqa: BLE001 - no kernel: the graph path computes the same plan
@@ -401,11 +419,16 @@ class FastPlanner:
         """This layer's planner for new ``tables``: ``self`` with the tables copied in when their shapes match,
         else a new :class:`FastPlanner`."""
         old = self.tables
-        same = old[3:] == tables[3:] and all(a.shape == b.shape for a, b in zip(old[:3], tables[:3]))
+        same = old[3:6] == tables[3:6] and all(a.shape == b.shape for a, b in zip(old[:3], tables[:3]))
+        rep_old, rep_new = old.replicated, tables.replicated
+        same = same and (rep_old is None) == (rep_new is None)
+        same = same and (rep_old is None or rep_old.shape == rep_new.shape)
         if not same:
             return FastPlanner(tables, self.iterations, self.fused)
         for dst, src in zip(old[:3], tables[:3]):
             dst.copy_(src, non_blocking=True)
+        if rep_old is not None:
+            rep_old.copy_(rep_new, non_blocking=True)
         return self
 
     def _compute(self, load: torch.Tensor) -> FastPlan:

@@ -102,18 +102,69 @@ def test_the_gpu_check_passes_here():
     assert plans == 10 * len(shapes) and bad == []
 
 
+def _chosen(row, ranks: int, experts: int, fast: int, load) -> torch.Tensor:
+    tables = fast_tables(np.asarray(row), ranks, experts, fast, DEVICE)
+    w = torch.as_tensor(np.asarray(load), dtype=torch.int64, device=DEVICE)
+    return plan_fast_replicas(w[None], tables).fast_expert[0]
+
+
+def test_fused_plan_union_rows():
+    """The union split's rows (the K replicated experts, then the spare slots' experts, each once): an expert
+    given two spare copies, a persistently replicated expert given a spare copy, no replicated expert (K = 0),
+    every expert replicated (K = E); tables without ``replicated`` (derived at launch) alike."""
+    # one hot expert spread over three more ranks: chosen three times
+    row, load = np.array([0, 1, 2, 3]), [4000, 3, 2, 1]
+    assert (_chosen(row, 4, 4, 1, load) == 0).sum() >= 2
+    _check(row, 4, 4, 1, [load, [900, 800, 0, 1], [5, 0, 0, 0]])
+    assert fast_tables(row, 4, 4, 1).replicated.numel() == 0
+    # expert 0 on ranks 0 and 1 (K = 1, then -1 padding), hot: a spare copy on rank 2 or 3 as well
+    row = np.array([0, 1, 0, 2, 3, 4, 5, 6])
+    load = [6000, 10, 20, 30, 40, 50, 60]
+    spare = _chosen(row, 4, 7, 2, load)
+    assert (spare == 0).any() and (spare >= 0).sum() >= 2
+    assert fast_tables(row, 4, 7, 2).replicated.tolist() == [0]
+    _check(row, 4, 7, 2, [load, [0, 900, 900, 0, 0, 0, 1], [3000, 3000, 0, 0, 0, 0, 7]])
+    # every expert twice (K = E), hot ones copied again
+    row = np.array([0, 1, 2, 3, 1, 0, 3, 2])
+    assert fast_tables(row, 4, 4, 1).replicated.tolist() == [0, 1, 2, 3]
+    rng = np.random.default_rng(3)
+    _check(row, 4, 4, 1, [[5000, 10, 7, 3], [100, 0, 0, 100]] + check_loads(rng, 4)[::3])
+    _check(row, 4, 4, 2, [[5000, 4000, 7, 3], [1, 1, 1, 1]])
+    # more row positions (K + N * F = 24) than experts (16): repeats and padding past E
+    row = random_row(np.random.default_rng([16, 8, 3, 2, 0, 99]), 16, 8, 3, 1)
+    _check(row, 8, 16, 2, [[1, 0, 0, 0, 2, 2, 2, 1, 0, 1, 2, 1, 0, 1, 0, 2], check_loads(rng, 16)[4]])
+    # a placement with three copies, two replicated experts and single ones; tables without replicated
+    row = np.array([0, 1, 0, 2, 0, 3, 1, 4, 5, 6])
+    tables = fast_tables(row, 5, 7, 1, DEVICE)
+    assert tables.replicated.tolist() == [0, 1, -1]
+    bare = tables._replace(replicated=None)
+    for load in check_loads(rng, 7):
+        w = torch.as_tensor(load, device=DEVICE)
+        want = plan_fast_replicas(w[None], tables)
+        for got in (fused.plan_fast_replicas_fused(w, tables), fused.plan_fast_replicas_fused(w, bare)):
+            assert all(torch.equal(a, b[0]) for a, b in zip(got, want))
+
+
 def test_fits_and_launch_config():
-    # the brief's one-block limit: E <= 64 at N <= 8 with up to 2 persistent copies, or N <= 16 with one;
-    # E <= 256 at N <= 8 with one; EP 64 never
-    assert fused.fits(64, 1, 8, 1) and fused.fits(64, 2, 8, 2) and fused.fits(64, 1, 16, 1)
-    assert fused.fits(256, 1, 8, 1) and fused.fits(128, 1, 8, 2)
-    assert not fused.fits(64, 3, 16, 1) and not fused.fits(256, 1, 16, 1) and not fused.fits(256, 1, 64, 1)
-    assert not fused.fits(128, 2, 8, 1)
+    # the splits work over K and R = K + N * F rows: E <= 256 (512) at N <= 16 (8) with one copy, or at N <= 8
+    # with K <= 16; N >= 16 with C >= 2 or N >= 32 never; K unknown: the most there can be (E)
+    assert fused.fits(64, 1, 8, 1) and fused.fits(64, 2, 8, 2, 16) and fused.fits(64, 1, 16, 1)
+    assert fused.fits(256, 1, 8, 1) and fused.fits(128, 1, 8, 2) and fused.fits(256, 1, 16, 1)
+    assert fused.fits(128, 2, 8, 1, 8) and fused.fits(256, 2, 8, 1, 16) and fused.fits(64, 3, 8, 1, 8)
+    assert fused.fits(512, 1, 8, 1) and not fused.fits(64, 2, 8, 2) and not fused.fits(64, 2, 16, 1, 8)
+    assert not fused.fits(64, 3, 16, 1) and not fused.fits(256, 1, 32, 1) and not fused.fits(256, 1, 64, 1)
+    assert not fused.fits(128, 2, 8, 1) and not fused.fits(256, 2, 16, 1, 16)
+    # the row list's positions, repeats included: R_P >= K + N * F even above E
+    assert fused.launch_config(16, 3, 8, 2, 8)["R_P"] == 32
     cfg = fused.launch_config(64, 1, 8, 1)
-    assert cfg == {"E_P": 64, "C_P": 2, "D_P": 8, "N_P": 8, "F_P": 2, "num_warps": 8}
-    for shape in [(8, 1, 2, 1), (64, 2, 8, 2), (256, 1, 8, 1), (64, 1, 16, 1)]:
+    assert cfg == {"E_P": 64, "C_P": 2, "D_P": 8, "N_P": 8, "F_P": 2, "K_P": 2, "R_P": 8, "num_warps": 4}
+    # the warps by the largest tile: 4 to 1024 elements, 8 below 4096, then 16
+    assert fused.launch_config(64, 2, 8, 1, 8)["num_warps"] == 16  # [R_P, D_P, D_P] = [16, 16, 16]
+    assert fused.launch_config(128, 1, 8, 1)["num_warps"] == 8  # [E_P, C_P, N_P] = [128, 2, 8]
+    assert fused.launch_config(16, 1, 4, 1)["num_warps"] == 4
+    for shape in [(8, 1, 2, 1), (64, 2, 8, 2, 16), (256, 1, 8, 1), (64, 1, 16, 1)]:
         cfg = fused.launch_config(*shape)
-        tile = cfg["E_P"] * cfg["D_P"] * max(cfg["N_P"], cfg["D_P"])
+        tile = cfg["R_P"] * cfg["D_P"] * max(cfg["N_P"], cfg["D_P"])
         assert tile <= fused.MAX_TILE and fused.fits(*shape)
 
 

@@ -428,6 +428,26 @@ def test_generate_with_tp2_without_sequence_parallel_matches_the_unpatched_model
     assert c["routed"] == [2 * B * sum(range(16, 20)) * TOPK] * LAYERS, c["routed"]
 
 
+def test_generate_takes_the_training_ds_config(tmp_path):
+    """examples/generate.py --deepspeed_config: the ZeRO 2 ds_config of training, its "eplb" section and bf16."""
+    import generate
+
+    from megatron_eplb.config import EPLBConfig
+
+    cfg = json.loads((REPO / "configs" / "ds_config_zero2.json").read_text())
+    cfg["eplb"] = {"eplb_policy": "greedy"}
+    cfg["bf16"] = {"enabled": True}
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    args = generate.parse_args([*GEN_MODEL, "--load", "x", "--deepspeed_config", str(tmp_path / "ds.json")])
+    assert args.bf16 and EPLBConfig.from_args(args, args.ds_config).eplb_policy == "greedy"
+    args = generate.parse_args(
+        [*GEN_MODEL, "--load", "x", "--deepspeed-config", str(REPO / "configs" / "ds_config_zero2.json")]
+    )
+    assert args.ds_config["zero_optimization"]["stage"] == 2 and not args.bf16
+    with pytest.raises(SystemExit):
+        generate.parse_args([*GEN_MODEL, "--load", "x", "--deepspeed_config", str(tmp_path / "missing.json")])
+
+
 def test_generate_refuses_pipeline_stages_and_sequence_parallelism_with_what_is_supported():
     import generate
 

@@ -149,10 +149,12 @@ def _logical(engine, manager) -> dict:
 
 def _copies_identical(engine, manager) -> bool:
     """Every copy of a logical expert holds bitwise the same weights and optimizer state (DeepSpeed's fp32
-    master and Adam moments, whole: under ZeRO assembled from the expert-DP ranks' partition pieces).
-    Collective over the EP and expert-DP groups."""
+    master and Adam moments, whole: under ZeRO assembled from the expert-DP ranks' partition pieces), on the
+    EP ranks and on every expert-DP replica (EP2 x DP2 and TP2 x EP2 on 4 ranks: expert-DP 2).  Collective
+    over the EP and expert-DP groups."""
     import torch
     import torch.distributed as dist
+    from megatron.core import parallel_state as ps
     from megatron_eplb.patches import deepspeed as eplb_ds
 
     handle, slots = manager.handle, eplb_ds.DeepSpeedSlotState(engine)
@@ -166,6 +168,11 @@ def _copies_identical(engine, manager) -> bool:
                 tensors += [state[key] for key in sorted(state)]
             local.append(torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]))
         local = torch.stack(local)
+        edp = ps.get_expert_data_parallel_group()
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(edp))]
+        dist.all_gather(parts, local, group=edp)
+        if len(parts) < 2 or not all(torch.equal(parts[0], q) for q in parts):
+            return False  # expert-DP 2 in every layout here
         parts = [torch.empty_like(local) for _ in range(handle.ep_size)]
         dist.all_gather(parts, local, group=handle.ep_group)
         every = torch.cat(parts)

@@ -470,6 +470,7 @@ def test_generate_refuses_pipeline_stages_and_sequence_parallelism_with_what_is_
 def test_pipeline_and_expert_tensor_parallel_are_refused_with_what_is_supported(checks):
     c = checks["refused"]
     assert "DeepSpeedEPLBError" in c["pp"] and "pipeline parallel size 2" in c["pp"] and "PP = 1" in c["pp"]
+    assert "examples/train_pipeline.py" in c["pp"] and "megatron_eplb.pipeline" in c["pp"]
     assert "expert tensor parallel size 2" in c["expert_tp"] and "supported: 1" in c["expert_tp"]
     assert c["train_pp_fit"].startswith(
         "DeepSpeedEPLBError: --pipeline-model-parallel-size 2 with TP 1 and EP 4"

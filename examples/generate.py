@@ -9,8 +9,10 @@ once per forward pass).
 Every data-parallel replica serves its own requests (greedy decoding, byte level); the experts are spread
 over the EP ranks as the map says (replicas of hot experts included).  ``--tensor-model-parallel-size 2``
 serves with attention TP (without sequence parallelism: the prompts grow token by token); a checkpoint trained
-under any TP / PP / EP loads (it is logical).  Pipeline stages are not used for serving (PP = 1).  Reports TTFT p50/p99, TPOT mean and the
-measured balancedness, next to the balancedness the default placement would have had on the same loads.
+under any TP / PP / EP loads (it is logical).  Pipeline stages are not used for serving (PP = 1).
+``--deepspeed_config`` takes the training run's ds_config (ZeRO 2 included): its ``"eplb"`` section and bf16
+apply.  Reports TTFT p50/p99, TPOT mean and the measured balancedness, next to the balancedness the default
+placement would have had on the same loads.
 """
 
 from __future__ import annotations
@@ -63,8 +65,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="baseline: Megatron's own expert layout (no EPLB patch), same checkpoint",
     )
+    g.add_argument(
+        "--deepspeed_config",
+        "--deepspeed-config",
+        default=None,
+        help='the training run\'s ds_config (e.g. configs/ds_config_zero2.json): its "eplb" section and bf16 '
+        "apply; its ZeRO stage and optimizer do not (serving runs no optimizer)",
+    )
     add_eplb_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.ds_config = None
+    if args.deepspeed_config is not None:
+        path = Path(args.deepspeed_config)
+        if not path.is_file():
+            parser.error(f"--deepspeed_config {path} does not exist")
+        args.ds_config = json.loads(path.read_text())
+        args.bf16 = args.bf16 or bool((args.ds_config.get("bf16") or {}).get("enabled", False))
+    return args
 
 
 def _gather_floats(values: list[float]) -> list[float]:
@@ -80,7 +97,7 @@ def resolve_placement(args: argparse.Namespace, ckpt: Path, map_sha256: str | No
     from megatron_eplb.checkpoint import load_expert_map
     from megatron_eplb.placement import ExpertPlacement
 
-    eplb = EPLBConfig.from_args(args)
+    eplb = EPLBConfig.from_args(args, args.ds_config)
     if eplb.expert_map_path is None:
         saved = load_expert_map(ckpt, map_sha256)
         if saved is None:
@@ -123,7 +140,7 @@ def load_model(args: argparse.Namespace, ep: int, ckpt: Path, placement=None, pa
     check_state_fits({}, model, source=source, saved_facts=saved_facts, facts=facts)
     handle = None
     if placement is not None:
-        handle = eplb_mcore.apply(model, placement, EPLBConfig.from_args(args))
+        handle = eplb_mcore.apply(model, placement, EPLBConfig.from_args(args, args.ds_config))
         handle.load_logical_state_dict(payload["model"], strict=False)
     else:
         load_unpatched(model, payload["model"], source, saved_facts)
@@ -209,7 +226,7 @@ def generate(args: argparse.Namespace) -> dict:
     manager = None
     if handle is not None:
         handle.reset_loads()
-        eplb = EPLBConfig.from_args(args)
+        eplb = EPLBConfig.from_args(args, args.ds_config)
         if eplb.dynamic_eplb or eplb.eplb_trace_path:  # a static map with a trace: the manager records only
             from megatron_eplb.manager import EPLBManager
 

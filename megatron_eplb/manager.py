@@ -437,7 +437,9 @@ class EPLBManager:
         t0 = time.monotonic()
         record = state.record
         status, new_sub = PLAN_PENDING, None
-        if self._rank == self._planner_rank:
+        if self._rank == self._planner_rank and state.arrived is not None:  # PP: kept from an earlier look
+            status, new_sub = PLAN_ARRIVED, state.arrived
+        elif self._rank == self._planner_rank:
             worker, cfg = self._worker, self.config
             hung = worker.hung
             status, new_sub = poll_plan(
@@ -459,6 +461,7 @@ class EPLBManager:
             )
         record.add_seconds("plan_wait", t0)
         if status == PLAN_PENDING:
+            state.arrived = new_sub  # PP: this stage's plan came, another stage's did not: keep it
             if not state.late and self._rank == 0:
                 log.warning(
                     "EPLB step %d: the plan is not ready at its due step; training goes on with the current "

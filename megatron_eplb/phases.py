@@ -68,13 +68,16 @@ class Gated:
 class Planning:
     """The worker plans on ``window_load [L, E]``; the plan is awaited from ``due_step`` on.  ``late``: it
     was not there at ``due_step``; training goes on and every step looks again without waiting, until it
-    arrives or ``eplb_worker_timeout`` after ``submitted_at`` drops it."""
+    arrives or ``eplb_worker_timeout`` after ``submitted_at`` drops it.  ``arrived`` (PP > 1, planning rank):
+    this stage's plan, taken from the worker at a step where another stage's was still pending, kept until
+    every stage has one (the worker gives a plan once)."""
 
     record: RebalanceRecord
     window_load: np.ndarray
     submitted_at: float
     due_step: int
     late: bool = False
+    arrived: ExpertPlacement | None = None
     phase: Phase = Phase.PLANNING
 
 

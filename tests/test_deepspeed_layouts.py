@@ -1,5 +1,6 @@
 """DeepSpeed layouts beyond EP x DP at ZeRO 0/1: ZeRO 2 (fp32 and bf16) on EP2 x DP2, TP2 x EP2 with sequence
-parallelism, and a logical checkpoint carried across layouts (TP2 x EP2 -> EP2 x DP2 -> TP2 x EP2).
+parallelism, a logical checkpoint carried across layouts (TP2 x EP2 -> EP2 x DP2 -> TP2 x EP2), and serving
+that checkpoint with TP 2 without sequence parallelism (examples/generate.py) against the unpatched model.
 
 One 4-process launch (gloo, CPU) runs every check; each check trains the tiny GPT MoE of test_deepspeed.py
 for a few steps under ``eplb_ds.initialize``, without EPLB and with EPLB moving slots every 3 steps, and
@@ -37,6 +38,7 @@ from test_deepspeed import (  # noqa: E402
 # an expert can have their partition pieces on different ranks (with two layers each partition is one layer)
 LAYERS = 3
 MODEL = ["--num-layers", str(LAYERS), *SMALL[2:]]
+GEN_MODEL = MODEL[: MODEL.index("--micro-batch-size")]  # examples/generate.py's model flags
 STEPS = 8
 B, T = 2, 32  # micro-batch and sequence length of SMALL
 TOPK = 2
@@ -148,11 +150,29 @@ def _logical(engine, manager) -> dict:
 
 def _copies_identical(engine, manager) -> bool:
     """Every copy of a logical expert holds bitwise the same weights and optimizer state (DeepSpeed's fp32
-    master and Adam moments, whole: under ZeRO assembled from the expert-DP ranks' partition pieces).
-    Collective over the EP and expert-DP groups."""
+    master and Adam moments, whole: under ZeRO assembled from the expert-DP ranks' partition pieces), and every
+    expert-DP replica holds the same slots (EP2 x DP2 and TP2 x EP2 on 4 ranks: expert-DP 2).  Collective over
+    the EP and expert-DP groups."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
     from megatron_eplb.patches import deepspeed as eplb_ds
 
-    return copies_identical(manager.handle, eplb_ds.DeepSpeedSlotState(engine))
+    handle = manager.handle
+    if not copies_identical(handle, eplb_ds.DeepSpeedSlotState(engine)):
+        return False
+    local = torch.cat(
+        [
+            t.detach().reshape(-1).float().cpu()
+            for layer in range(handle.num_layers)
+            for k in range(handle.slots_per_rank)
+            for t in handle.slot_tensors(layer, k)
+        ]
+    )
+    edp = ps.get_expert_data_parallel_group()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(edp))]
+    dist.all_gather(parts, local, group=edp)
+    return len(parts) >= 2 and all(torch.equal(parts[0], q) for q in parts)  # expert-DP 2 in every layout here
 
 
 def _same_everywhere(value) -> bool:
@@ -223,6 +243,45 @@ def _tp_checks(tmp: Path) -> dict:
     out["eplb"] = run
     out["ckpt"] = _checkpoint_checks(tmp, engine, manager)
     manager.close()
+    out["generate"] = _generate_tp_checks(tmp)
+    return out
+
+
+def _generate_tp_checks(tmp: Path) -> dict:
+    """Serving with attention TP 2 and no sequence parallelism (examples/generate.py's functions): the TP2 x
+    EP2 checkpoint (slots moved, replicas) with its map against Megatron's own layout of the same checkpoint;
+    every routed token counted once, not once per TP rank (the TP ranks route the same tokens)."""
+    import generate
+    import torch
+    import torch.distributed as dist
+    import train
+    from megatron.core import parallel_state as ps
+
+    _layout(2, 2)
+    flags = ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"]
+    args = generate.parse_args([*GEN_MODEL, *flags, "--load", str(tmp / "ckpt_tp2"), "--tag", "t"])
+    ckpt = tmp / "ckpt_tp2" / "t"
+    placement, _ = generate.resolve_placement(args, ckpt)
+    gen = torch.Generator().manual_seed(7 + ps.get_data_parallel_rank())  # the same prompts on both TP ranks
+    prompts = torch.randint(0, 256, (B, 16), generator=gen)
+    out, tokens, logits = {}, {}, {}
+    for name, where in (("eplb", placement), ("unpatched", None)):
+        model, handle, _ = generate.load_model(args, 2, ckpt, where)
+        if handle is not None:
+            handle.reset_loads()
+        tokens[name], _ = generate.greedy_generate(model, prompts, 4, T)
+        if handle is not None:
+            routed = handle.loads().sum(dim=1)  # [L]: (token, expert) pairs this rank counted
+            dist.all_reduce(routed)
+            out["routed"] = routed.tolist()
+            out["replicas"] = int((placement.replica_count > 1).sum())
+        with torch.no_grad():
+            logits[name] = model(prompts, torch.arange(16)[None].expand(B, -1), train.causal_mask(16),
+                                 runtime_gather_output=True)  # fmt: skip
+    out["tokens_equal"] = bool(torch.equal(tokens["eplb"], tokens["unpatched"]))
+    out["logits_rel"] = float(
+        (logits["eplb"] - logits["unpatched"]).abs().max() / logits["unpatched"].abs().max()
+    )
     return out
 
 
@@ -278,6 +337,13 @@ def _refusals() -> dict:
         except Exception as exc:  # noqa: BLE001
             out[name] = f"{type(exc).__name__}: {exc}"
     ps.destroy_model_parallel()
+    import train
+
+    try:  # examples/train.py: PP 2 with EP 4 on 4 ranks (a stage has 2)
+        train.init_parallel(4, 1234, 1, 2)
+        out["train_pp_fit"] = None
+    except Exception as exc:  # noqa: BLE001
+        out["train_pp_fit"] = f"{type(exc).__name__}: {exc}"
     return out
 
 
@@ -353,7 +419,52 @@ def test_checkpoint_across_tp_layouts(checks):
 
 
 @pytest.mark.slow
+def test_generate_with_tp2_without_sequence_parallel_matches_the_unpatched_model(checks):
+    c = checks["tp"]["generate"]
+    assert c["replicas"] > 0 and c["tokens_equal"], c
+    assert c["logits_rel"] <= 1e-5, c  # measured 0.0
+    # prompts of 16 tokens, 4 new: forwards over 16..19 tokens, B rows, 2 data-parallel replicas, top-k
+    assert c["routed"] == [2 * B * sum(range(16, 20)) * TOPK] * LAYERS, c["routed"]
+
+
+def test_generate_takes_the_training_ds_config(tmp_path):
+    """examples/generate.py --deepspeed_config: the ZeRO 2 ds_config of training, its "eplb" section and bf16."""
+    import generate
+
+    from megatron_eplb.config import EPLBConfig
+
+    cfg = json.loads((REPO / "configs" / "ds_config_zero2.json").read_text())
+    cfg["eplb"] = {"eplb_policy": "greedy"}
+    cfg["bf16"] = {"enabled": True}
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    args = generate.parse_args([*GEN_MODEL, "--load", "x", "--deepspeed_config", str(tmp_path / "ds.json")])
+    assert args.bf16 and EPLBConfig.from_args(args, args.ds_config).eplb_policy == "greedy"
+    args = generate.parse_args(
+        [*GEN_MODEL, "--load", "x", "--deepspeed-config", str(REPO / "configs" / "ds_config_zero2.json")]
+    )
+    assert args.ds_config["zero_optimization"]["stage"] == 2 and not args.bf16
+    with pytest.raises(SystemExit):
+        generate.parse_args([*GEN_MODEL, "--load", "x", "--deepspeed_config", str(tmp_path / "missing.json")])
+
+
+def test_generate_refuses_pipeline_stages_and_sequence_parallelism_with_what_is_supported():
+    import generate
+
+    from megatron_eplb.errors import EPLBConfigError
+
+    for flag in (["--pipeline-model-parallel-size", "2"], ["--sequence-parallel"]):
+        args = generate.parse_args([*GEN_MODEL, *flag, "--load", "unused"])
+        with pytest.raises(EPLBConfigError, match="supported: --tensor-model-parallel-size N with any EP"):
+            generate.generate(args)
+
+
+@pytest.mark.slow
 def test_pipeline_and_expert_tensor_parallel_are_refused_with_what_is_supported(checks):
     c = checks["refused"]
     assert "DeepSpeedEPLBError" in c["pp"] and "pipeline parallel size 2" in c["pp"] and "PP = 1" in c["pp"]
+    assert "examples/train_pipeline.py" in c["pp"] and "megatron_eplb.pipeline" in c["pp"]
     assert "expert tensor parallel size 2" in c["expert_tp"] and "supported: 1" in c["expert_tp"]
+    assert c["train_pp_fit"].startswith(
+        "DeepSpeedEPLBError: --pipeline-model-parallel-size 2 with TP 1 and EP 4"
+    )
+    assert "world must be a multiple of TP x PP and of EP x PP" in c["train_pp_fit"]

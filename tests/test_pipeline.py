@@ -1,10 +1,10 @@
 """Pipeline parallelism: PP2 x EP2 through Megatron-core's 1F1B schedule (``get_forward_backward_func``), a
 plain torch Adam and the EPLB manager, 4 micro-batches per step.
 
-One 4-process launch (gloo, CPU) runs every check: a GPT of 4 layers (dense, MoE | MoE, MoE: stage 0 holds MoE
+One 4-process launch (gloo, CPU) runs most checks: a GPT of 4 layers (dense, MoE | MoE, MoE: stage 0 holds MoE
 layer 0, stage 1 MoE layers 1 and 2) trained without EPLB and with dynamic EPLB moving slots every 2 steps;
 the record map; a logical checkpoint saved under PP2 x EP2 and loaded under PP1 x EP2 (= EP2 x DP2); a static
-map of all stages sliced per stage.
+map of all stages sliced per stage.  One 8-process launch runs PP2 x EP2 with expert data parallelism 2.
 """
 
 from __future__ import annotations
@@ -23,14 +23,28 @@ from dist import run_distributed  # noqa: E402
 H, E, V, SEQ, B = 16, 8, 32, 8, 2
 MICRO = 4  # micro-batches per step (>= 4: 1F1B has a steady phase with 2 stages)
 STEPS = 7
+EDP_STEPS = 10  # the expert-DP launch: its first round waits for the second stage's gated plan
+# every due step waits for its plan (a plan late on one stage would hold every stage's round a step longer)
 DYN = {"dynamic_eplb": True, "num_iterations_eplb_update": 2, "num_wait_worker_iterations": 0,
-       "init_redundancy_expert": 2, "eplb_layers_per_step": 1, "eplb_log_interval": 100}  # fmt: skip
+       "init_redundancy_expert": 2, "eplb_layers_per_step": 1, "eplb_log_interval": 100,
+       "eplb_max_plan_wait": 60.0}  # fmt: skip
 
 
 def _move_policy(load, num_slots, num_ranks, previous=None, **kwargs):
     """Always moves experts: rotate every layer's slots by one rank's worth plus one (a picklable policy)."""
     phy2log = np.asarray(previous.phy2log if hasattr(previous, "phy2log") else previous)
     return np.roll(phy2log, num_slots // num_ranks + 1, axis=1)
+
+
+def _gated_policy(load, num_slots, num_ranks, previous=None, gate: str = "", **kwargs):
+    """:func:`_move_policy`, but a stage of 2 MoE layers plans only once the file ``gate`` exists (at most 20
+    s): its plan comes steps after the other stage's."""
+    import time
+
+    deadline = time.monotonic() + 20
+    while len(load) == 2 and not Path(gate).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return _move_policy(load, num_slots, num_ranks, previous)
 
 
 def _init(pp: int, ep: int) -> None:
@@ -45,8 +59,9 @@ def _init(pp: int, ep: int) -> None:
     model_parallel_cuda_manual_seed(1234)
 
 
-def _model(pp: int):
-    """The stage's part of the 4-layer GPT (seeded the same on every layout: each layer from its global id)."""
+def _model(pp: int, bf16: bool = False):
+    """The stage's part of the 4-layer GPT (seeded the same on every layout: each layer from its global id;
+    ``bf16``: every parameter in bf16, as ``examples/train.py --bf16`` builds it)."""
     import torch
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -70,7 +85,9 @@ def _model(pp: int):
         moe_aux_loss_coeff=0.0,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        pipeline_dtype=torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
         batch_p2p_sync=False,
     )
     spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
@@ -97,6 +114,8 @@ def _model(pp: int):
             key = name + (f"@{ep_rank}" if not getattr(p, "allreduce", True) else "")
             g = torch.Generator().manual_seed(sum(ord(c) * (i + 1) for i, c in enumerate(key)) % (2**31))
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            if bf16:  # every parameter (Megatron keeps the position embedding fp32), as examples/train.py
+                p.data = p.data.to(torch.bfloat16)
     return model
 
 
@@ -109,9 +128,11 @@ def _batches(step: int):
     return [torch.randint(0, V, (B, SEQ + 1), generator=g) for _ in range(MICRO)]
 
 
-def _train(model, optimizer, manager=None, steps: int = STEPS, first: int = 0, forward_only: bool = False):
+def _train(
+    model, optimizer, manager=None, steps: int = STEPS, first: int = 0, forward_only: bool = False, after=None
+):
     """``steps`` optimizer steps of 1F1B over ``MICRO`` micro-batches; the global mean loss of each
-    (``forward_only``: the schedule's evaluation, no backward, no step)."""
+    (``forward_only``: the schedule's evaluation, no backward, no step; ``after()`` runs after each step)."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -164,6 +185,8 @@ def _train(model, optimizer, manager=None, steps: int = STEPS, first: int = 0, f
             loss += sum(float(o["loss"]) for o in out) / MICRO
         dist.all_reduce(loss)
         losses.append(float(loss) / ps.get_data_parallel_world_size())
+        if after is not None:
+            after()
     return losses, (moved, sorted(layers), maps)
 
 
@@ -256,6 +279,22 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
     manager.load_checkpoint(tmp / "ckpt_pp1")
     manager.save_checkpoint(tmp / "ckpt_pp2_again")
     manager.close()
+    # --- bf16 (every parameter, torch Adam on them): without EPLB, moves alone, moves with replicas
+    _init(2, 2)
+    ref = _model(2, bf16=True)
+    out["bf16"] = {"ref": _train(ref, _adam(ref))[0]}
+    out["bf16_eval"] = {"ref": _train(ref, None, steps=2, first=100, forward_only=True)[0]}
+    for name, redundant in (("moves_r0", 0), ("moves_r2", 2)):
+        model = _model(2, bf16=True)
+        cfg = EPLBConfig.from_dict({**DYN, "init_redundancy_expert": redundant})
+        handle = eplb_mcore.apply(model, config=cfg)
+        optimizer = _adam(model)
+        manager = EPLBManager(handle, cfg, optimizer, policy_fn=_move_policy)
+        out["bf16"][name], (moved, _, _) = _train(model, optimizer, manager)
+        handle.recording = False
+        out["bf16_eval"][name] = _train(model, None, steps=2, first=100, forward_only=True)[0]
+        out[f"bf16_{name}"] = (moved, _copies_identical(handle, optimizer)["replicas"])
+        manager.close()
     # --- virtual pipeline stages (interleaved 1F1B) are refused, naming what is supported
     from megatron.core import parallel_state as ps
     from megatron_eplb.patches.megatron.pipeline import pipeline_stage
@@ -294,6 +333,90 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
         )
         out["opt_step"] = (a["optimizer_step"], b["optimizer_step"])
         out["record"] = json.loads(record.read_text())["moe_layer_count"]
+    return out
+
+
+def _copies_identical(handle, optimizer) -> dict:
+    """Whether every copy of each expert holds bitwise the same weights and Adam moments: the copies of an
+    expert on the EP ranks of one expert-DP replica (``"replicas"``) and each slot over the expert-DP ranks
+    (``"expert_dp"``).  Collective over the EP and expert-DP groups."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_eplb.optimizer_state import OptimizerSlotState
+
+    slots = OptimizerSlotState(optimizer)
+    edp = ps.get_expert_data_parallel_group()
+    out = {"replicas": True, "expert_dp": True}
+    for layer in range(handle.num_layers):
+        local = []
+        for k in range(handle.slots_per_rank):
+            params = handle.slot_params(layer, k)
+            tensors = [sp.data for sp in params] + slots.tensors(params)
+            local.append(torch.cat([t.detach().reshape(-1).float() for t in tensors]))
+        local = torch.stack(local)  # [S, n]
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(edp))]
+        dist.all_gather(parts, local, group=edp)
+        out["expert_dp"] &= all(torch.equal(parts[0], q) for q in parts)
+        parts = [torch.empty_like(local) for _ in range(handle.ep_size)]
+        dist.all_gather(parts, local, group=handle.ep_group)
+        every = torch.cat(parts)  # [P, n]
+        for e in range(handle.num_experts):
+            copies = every[torch.as_tensor(handle.placement.phy2log[layer] == e)]
+            out["replicas"] &= torch.equal(copies, copies[:1].expand_as(copies))
+    return out
+
+
+def _expert_dp_checks(rank: int, world: int, tmp: str) -> dict:
+    """PP2 x EP2 on 8 ranks (data parallel 4 per stage, expert-DP 2): without EPLB and with slots moved; the
+    second stage's first plan comes only after the first stage's has arrived (it must be kept meanwhile)."""
+    import functools
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    from megatron_eplb import EPLBConfig
+    from megatron_eplb.manager import EPLBManager
+
+    out: dict = {}
+    _init(2, 2)
+    out["groups"] = (
+        ps.get_data_parallel_world_size(),
+        ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_data_parallel_world_size(),
+    )
+    ref = _model(2)
+    out["ref"], _ = _train(ref, _adam(ref), steps=EDP_STEPS)
+    model = _model(2)
+    # The first stage's due step waits for its plan (however slow the worker's start), the second's does not
+    # and its plan is gated until the first's has come: at step 2 one stage has its plan and the other not
+    cfg = EPLBConfig.from_dict({**DYN, "eplb_max_plan_wait": 60.0 if ps.is_pipeline_first_stage() else 0.0})
+    handle = eplb_mcore.apply(model, config=cfg)
+    optimizer = _adam(model)
+    gate = Path(tmp) / "gate"
+    manager = EPLBManager(handle, cfg, optimizer, policy_fn=functools.partial(_gated_policy, gate=str(gate)))
+
+    def release():  # the first stage's planning rank opens the gate once its first plan has come
+        worker = manager._worker
+        if rank == 0 and worker.last_seconds is not None and not gate.exists():
+            gate.touch()
+
+    out["load_group"] = dist.get_world_size(manager.load_group)
+    out["eplb"], (out["moved"], out["returned_layers"], out["maps"]) = _train(
+        model, optimizer, manager, steps=EDP_STEPS, after=release
+    )
+    out["committed"] = [r.layers_committed for r in manager.history if r.outcome == "committed"]
+    out["rounds"] = [(r.started_step, r.completed_step, r.outcome) for r in manager.history]
+    logical, _ = manager.window.gather_steps(1)  # the last step's routed (token, expert) pairs per layer
+    out["routed"] = logical[0].sum(axis=1).tolist()
+    out["copies"] = _copies_identical(handle, optimizer)
+    out["replicas"] = int((handle.placement.replica_count > 1).sum())
+    handle.recording = False
+    out["eval"] = [_train(m, None, steps=2, first=100, forward_only=True)[0] for m in (ref, model)]
+    manager.close()
+    ps.destroy_model_parallel()
     return out
 
 
@@ -348,6 +471,23 @@ def test_rebalances_move_slots_and_losses_equal_the_unpatched_model(pp):
     # the stages plan in lockstep (stage 1 moves 2 layers, one per step: its rebalances take a step longer, so
     # its third, started at step 6 as stage 0's, is still moving when the run ends)
     assert (pp[0]["started"], pp[2]["started"]) == ([2, 4, 6], [2, 4])
+
+
+def test_bf16_moves_exact_and_replicas_within_bf16_rounding(pp):
+    """bf16 through the 1F1B schedule: moves alone give bit-identical losses and evaluation outputs; with
+    replicas (their gradients summed once more) within the bf16 tolerance of the DeepSpeed tests."""
+    from test_deepspeed import BF16_REPLICA_RTOL
+
+    r = pp[0]
+    base, moved, replicas = (r["bf16"][k] for k in ("ref", "moves_r0", "moves_r2"))
+    assert all(p[k][0] > 0 and p[k][1] for p in pp for k in ("bf16_moves_r0", "bf16_moves_r2")), r
+    assert moved == base and r["bf16_eval"]["moves_r0"] == r["bf16_eval"]["ref"], (moved, base)
+    rel = max(
+        abs(a - b) / abs(b)
+        for a, b in zip(replicas + r["bf16_eval"]["moves_r2"], base + r["bf16_eval"]["ref"])
+    )
+    # measured: 2.6e-5 (losses and outputs), inside the unpatched bf16 run's own distance to fp32 (4.8e-5)
+    assert rel <= BF16_REPLICA_RTOL, (replicas, base)
 
 
 def test_tied_word_embedding_stays_equal_on_first_and_last_stage(pp):
@@ -406,3 +546,41 @@ def test_example_trains_with_pipeline_stages(tmp_path):
     assert json.loads((tmp_path / "expert_map.json").read_text())["moe_layer_count"] == 4
     ckpt_map = json.loads((tmp_path / "ckpt" / "iter_0000006" / "expert_map.json").read_text())
     assert ckpt_map["moe_layer_count"] == 4
+
+
+@pytest.fixture(scope="module")
+def pp_edp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pp_edp")
+    return run_distributed(_expert_dp_checks, 8, str(tmp), timeout=600, env={"DS_ACCELERATOR": "cpu"})
+
+
+def test_expert_data_parallel_under_pipeline_stages(pp_edp):
+    """PP2 x EP2 x expert-DP 2 (8 ranks): slots move, losses and evaluation outputs equal the unpatched
+    model's, every expert-DP replica and every copy of an expert holds the same weights and Adam moments."""
+    r = pp_edp[0]
+    assert all(p["groups"] == (4, 2, 2) and p["load_group"] == 4 for p in pp_edp), [
+        p["groups"] for p in pp_edp
+    ]
+    assert r["moved"] > 0 and r["replicas"] > 0 and sum(map(len, pp_edp[4]["committed"])) > 0, r
+    assert all(p["returned_layers"] == [0, 1, 2] for p in pp_edp)
+    stages = (range(0, 4), range(4, 8))  # ranks of stage 0 and stage 1
+    for ranks in stages:
+        assert all(pp_edp[i]["maps"] == pp_edp[ranks[0]]["maps"] for i in ranks)
+        assert len({str(m) for m in pp_edp[ranks[0]]["maps"]}) > 1
+    # the first stage's first plan came at step 2, the second's a step later: kept, and committed together
+    assert r["rounds"][0][0] == 2 and r["rounds"][0][1] >= 3, r["rounds"]
+    assert all(o == "committed" for p in pp_edp for *_, o in p["rounds"]), [p["rounds"] for p in pp_edp]
+    rel = [abs(a - b) / abs(b) for a, b in zip(r["eplb"], r["ref"])]
+    assert max(rel) <= 1e-5, (r["eplb"], r["ref"])
+    assert all(p["eplb"] == r["eplb"] for p in pp_edp)
+    ref_eval, eplb_eval = r["eval"]
+    assert max(abs(a - b) / abs(b) for a, b in zip(eplb_eval, ref_eval)) <= 1e-5, r["eval"]
+    assert all(p["copies"] == {"replicas": True, "expert_dp": True} for p in pp_edp), [
+        p["copies"] for p in pp_edp
+    ]
+    # every routed pair counted once over the stage's 4 data-parallel ranks: DP x micro-batches x B x SEQ x top-k
+    routed = 4 * MICRO * B * SEQ * 2
+    assert pp_edp[0]["routed"] == [routed] and pp_edp[4]["routed"] == [routed] * 2, (
+        r["routed"],
+        pp_edp[4]["routed"],
+    )

@@ -43,11 +43,13 @@ def megatron_groups():
     if ps.get_pipeline_model_parallel_world_size() > 1:
         raise DeepSpeedEPLBError(
             f"pipeline parallel size {ps.get_pipeline_model_parallel_world_size()} is not supported under "
-            "DeepSpeed; supported: PP = 1 under the DeepSpeed engine (TP > 1 with sequence parallelism and "
-            "expert TP = 1 is supported; the engine cannot run Megatron's pipeline schedules). PP > 1 runs "
-            "through Megatron's schedules (get_forward_backward_func) with a torch optimizer and EPLBManager: "
-            "eplb_mcore.apply(model), patches.megatron.pipeline.finalize_grads, examples/train.py "
-            "--pipeline-model-parallel-size"
+            "DeepSpeed; supported: PP = 1 under the DeepSpeed engine (with TP > 1 + sequence parallelism, "
+            "expert TP = 1, ZeRO 0/1/2; the engine cannot run Megatron's pipeline schedules). PP > 1 is "
+            "supported without the engine, through Megatron's schedules (get_forward_backward_func) with a "
+            "torch optimizer and EPLBManager: per stage eplb_mcore.apply(stage_model), then per step the "
+            "schedule, patches.megatron.pipeline.finalize_grads(stage_model), manager.before_optimizer_step(), "
+            "optimizer.step(), manager.step() (megatron_eplb.pipeline; the recipe is examples/train_pipeline.py, "
+            "which examples/train.py --pipeline-model-parallel-size N runs)"
         )
     if ps.get_context_parallel_world_size() > 1:
         raise DeepSpeedEPLBError("context parallel size > 1 is not supported; supported: CP = 1")

@@ -172,7 +172,9 @@ def _copies_identical(engine, manager) -> bool:
     edp = ps.get_expert_data_parallel_group()
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(edp))]
     dist.all_gather(parts, local, group=edp)
-    return len(parts) >= 2 and all(torch.equal(parts[0], q) for q in parts)  # expert-DP 2 in every layout here
+    return len(parts) >= 2 and all(
+        torch.equal(parts[0], q) for q in parts
+    )  # expert-DP 2 in every layout here
 
 
 def _same_everywhere(value) -> bool:

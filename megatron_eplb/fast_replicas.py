@@ -41,6 +41,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .kernel_paths import KernelPaths
 from .replica_split import DEFAULT_ITERATIONS, water_fill
 
 __all__ = [
@@ -329,21 +330,14 @@ def plan_fast_replicas(
     )
 
 
-class FastPlanner:
+class FastPlanner(KernelPaths):
     """One layer's :func:`plan_fast_replicas` for one step at a cost fit for every MoE layer's forward.  Eagerly it
     is several hundred small kernels (host time in the middle of the forward), replayed as one CUDA graph still
-    2.1-6.8 ms per layer on an H200.  So on CUDA, by :attr:`path` (as for the balanced split's
-    :class:`~megatron_eplb.replica_split.BalancedSplit`):
-
-    - ``"triton_graph"`` (when triton imports; ``"triton"`` without :attr:`FUSED_IN_GRAPH`): the fused kernel of
-      :mod:`megatron_eplb.fast_replicas_triton` replayed as a one-kernel CUDA graph (or launched directly),
-      bitwise the same plan; it reads the tables in place.  If it fails to compile or launch (logged once), this
-      planner and every later one take the graph path.  Inside a caller's own CUDA-graph capture it is launched
-      as well (captured with the caller's graph) once it has run outside.
-    - ``"graph"`` (no triton, or a layer too large for the kernel's one block: ``fast_replicas_triton.fits``):
-      the torch functions captured as one CUDA graph at the first call, reading the tables in place.
-    - ``"torch"``: on CPU, inside a caller's capture before a first graph or launch, or if capturing fails
-      (logged once): the torch functions eagerly.
+    1.4-2.7 ms per layer on an H200.  So on CUDA it takes the paths of :mod:`megatron_eplb.kernel_paths` (as the
+    balanced split's :class:`~megatron_eplb.replica_split.BalancedSplit`): the fused kernel of
+    :mod:`megatron_eplb.fast_replicas_triton` (bitwise the same plan) where triton imports and the layer fits its
+    one block (``fast_replicas_triton.fits``), else the torch functions as one CUDA graph; both read the tables
+    in place.
 
     A new persistent placement whose tables have the same shapes is copied into them (:meth:`retarget`) and keeps
     the kernel or graph; other shapes make a new planner.  Which path runs is logged once per process.
@@ -355,65 +349,32 @@ class FastPlanner:
     Call: ``planner(load)`` with int64 ``[E]`` global tokens per expert (``tables``' device) returns a
     :class:`FastPlan` of fresh tensors."""
 
-    FUSED_IN_GRAPH = True
-    """Replay the fused kernel inside a captured CUDA graph (input copy, replay, one output clone) instead of one
-    direct launch (a triton launch costs more host time than a replay; ``benchmarks/fast_replicas_gpu.py``
-    times both)."""
-
-    _fused_failed = False  # a fused kernel failed once in this process: the graph path from then on
-    _logged: set[str] = set()
+    LABEL = "per-step replicas plan"
+    RESULT = "plan"
 
     def __init__(self, tables: FastTables, iterations: int = DEFAULT_ITERATIONS, fused: bool = True) -> None:
         self.tables = tables
         self.iterations = iterations
         self.fused = fused
-        self._graph = None
-        self._input: torch.Tensor | None = None
-        self._output: FastPlan | None = None
         self._flat: torch.Tensor | None = None
-        self._launched = False
-        self._fused = None
-        if tables.copy_rank.device.type != "cuda":
-            self.path = "torch"
-            return
-        why = "a fused kernel failed earlier" if FastPlanner._fused_failed else None
-        why = "the fused kernel not asked for" if not fused else why
-        if why is None:
-            try:
-                from . import fast_replicas_triton as kernel
+        self._choose_path(tables.copy_rank.device, None if fused else "the fused kernel not asked for")
 
-                shape = (
-                    tables.copy_rank.shape[0],
-                    tables.copy_rank.shape[1],
-                    tables.num_ranks,
-                    tables.num_fast,
-                    None if tables.replicated is None else tables.replicated.numel(),
-                )
-                if not kernel.available():
-                    why = "triton does not import"
-                elif not kernel.fits(*shape):
-                    why = f"E, C, N, F, K = {shape} exceed the fused kernel's one block"
-                else:
-                    self._fused = kernel
-            except Exception as exc:  # noqa: BLE001 - no kernel: the graph path computes the same plan
-                why = f"its module failed to import: {exc}"
-        if self._fused is None:
-            self.path = "graph"
-            self._log(f"CUDA graph of the torch plan ({why})")
-        else:
-            self.path = "triton_graph" if self.FUSED_IN_GRAPH else "triton"
-            how = "replayed in a CUDA graph" if self.FUSED_IN_GRAPH else "one launch per call"
-            self._log(f"fused Triton kernel ({how})")
+    def _kernel(self):
+        from . import fast_replicas_triton as kernel
 
-    @classmethod
-    def _log(cls, what: str, warn: bool = False) -> None:
-        import logging
-
-        if what in cls._logged:
-            return
-        cls._logged.add(what)
-        log = logging.getLogger("megatron_eplb")
-        (log.warning if warn else log.info)("megatron-eplb: per-step replicas plan: %s", what)
+        t = self.tables
+        shape = (
+            t.copy_rank.shape[0],
+            t.copy_rank.shape[1],
+            t.num_ranks,
+            t.num_fast,
+            None if t.replicated is None else t.replicated.numel(),
+        )
+        if not kernel.available():
+            return None, "triton does not import"
+        if not kernel.fits(*shape):
+            return None, f"E, C, N, F, K = {shape} exceed the fused kernel's one block"
+        return kernel, None
 
     def retarget(self, tables: FastTables) -> FastPlanner:
         """This layer's planner for new ``tables``: ``self`` with the tables copied in when their shapes match,
@@ -431,62 +392,24 @@ class FastPlanner:
             rep_old.copy_(rep_new, non_blocking=True)
         return self
 
+    def _launch(self, load: torch.Tensor) -> FastPlan:
+        return self._fused.plan_fast_replicas_fused(load, self.tables, self.iterations)
+
+    def _torch(self, load: torch.Tensor) -> FastPlan:
+        return plan_fast_replicas(load, self.tables, self.iterations)
+
     def _compute(self, load: torch.Tensor) -> FastPlan:
         if self.path.startswith("triton"):
             return self._fused.plan_fast_replicas_fused(load, self.tables, self.iterations, self._flat)
-        return plan_fast_replicas(load, self.tables, self.iterations)
+        return self._torch(load)
 
-    def __call__(self, load: torch.Tensor) -> FastPlan:
-        load = load.to(torch.int64)
-        capturing = self.path != "torch" and torch.cuda.is_current_stream_capturing()
-        if self.path == "triton" and (self._launched or not capturing):
-            try:
-                out = self._fused.plan_fast_replicas_fused(load, self.tables, self.iterations)
-            except Exception as exc:  # noqa: BLE001 - the graph path computes the same plan
-                if capturing:
-                    raise
-                self._give_up_fused(exc)
-            else:
-                self._launched = True
-                return out
-        if self.path == "torch" or capturing:
-            return plan_fast_replicas(load, self.tables, self.iterations)
-        if self._graph is None and not self._capture(load):
-            return self(load)
-        self._input.copy_(load)
-        self._graph.replay()
-        if self.path == "triton_graph":  # one buffer: one copy
+    def _before_capture(self, load: torch.Tensor) -> None:
+        if self.path == "triton_graph":  # the kernel writes the whole plan into one buffer: one copy per call
+            t = self.tables
+            size = t.num_ranks * t.num_fast + 3 * t.copy_rank.shape[0] * t.max_copies
+            self._flat = torch.empty(size, dtype=torch.int64, device=load.device)
+
+    def _replayed(self) -> FastPlan:
+        if self.path == "triton_graph":
             return self._fused.plan_views(self._flat.clone(), self.tables)
         return FastPlan(*(t.clone() for t in self._output))
-
-    def _give_up_fused(self, exc: Exception) -> None:
-        FastPlanner._fused_failed = True
-        self.path, self._fused, self._graph, self._flat = "graph", None, None, None
-        self._log(
-            f"the fused Triton kernel failed ({exc!r}); CUDA graph of the torch plan instead", warn=True
-        )
-
-    def _capture(self, load: torch.Tensor) -> bool:
-        try:
-            self._input = load.clone()
-            if self.path == "triton_graph":
-                t = self.tables
-                size = t.num_ranks * t.num_fast + 3 * t.copy_rank.shape[0] * t.max_copies
-                self._flat = torch.empty(size, dtype=torch.int64, device=load.device)
-            side = torch.cuda.Stream(device=load.device)
-            side.wait_stream(torch.cuda.current_stream(load.device))
-            with torch.cuda.stream(side), torch.no_grad():
-                self._compute(self._input)  # warm-up outside the capture (allocator, lazy inits, compiling)
-            torch.cuda.current_stream(load.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.no_grad():
-                self._output = self._compute(self._input)
-            self._graph = graph
-            return True
-        except Exception as exc:  # noqa: BLE001 - the eager path computes the same plan
-            if self.path == "triton_graph":
-                self._give_up_fused(exc)
-                return False
-            self.path = "torch"
-            self._log(f"eager torch (capturing its CUDA graph failed: {exc})", warn=True)
-            return False

@@ -32,6 +32,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .kernel_paths import KernelPaths
+
 __all__ = [
     "DEFAULT_ITERATIONS",
     "BalancedSplit",
@@ -207,21 +209,14 @@ def balanced_shares(
     return torch.where(worse.view(b, 1, 1), shares, balanced).reshape(*batch, num_experts, copies)
 
 
-class BalancedSplit:
+class BalancedSplit(KernelPaths):
     """One layer's per-batch split, ``copy_bounds(balanced_shares(load, tables))``, at a cost fit for every MoE
     layer's forward.  Eagerly its ~470 small kernels took 6.5-9.4 ms of host time per call on an H200 host (the
     forward's launch rate), replayed as one CUDA graph 0.7 ms (``benchmarks/replica_split_bench.py``; through
-    ``torch.compile`` still ~310 kernels and 0.5-1.0 ms replayed, so no gain).  So on CUDA, by :attr:`path`:
-
-    - ``"triton_graph"`` (when triton imports; ``"triton"`` without :attr:`FUSED_IN_GRAPH`): the fused kernel
-      of :mod:`megatron_eplb.replica_split_triton` replayed as a one-kernel CUDA graph (or launched directly),
-      bitwise the same bounds; it reads the tables in place.  If it fails to compile or launch
-      (logged once), this split and every later one take the graph path.  Inside a caller's own CUDA-graph
-      capture it is launched as well (captured with the caller's graph) once it has run outside.
-    - ``"graph"`` (no triton, or a layer too large for the kernel's one block: ``replica_split_triton.fits``):
-      the torch functions captured as one CUDA graph at the first call, reading the tables in place.
-    - ``"torch"``: on CPU, inside a caller's capture before a first graph or launch, or if capturing fails
-      (logged once): the torch functions eagerly.
+    ``torch.compile`` still ~310 kernels and 0.5-1.0 ms replayed, so no gain).  So on CUDA it takes the paths of
+    :mod:`megatron_eplb.kernel_paths`: the fused kernel of :mod:`megatron_eplb.replica_split_triton` (bitwise the
+    same bounds) where triton imports and the layer fits its one block (``replica_split_triton.fits``), else the
+    torch functions as one CUDA graph; both read the tables in place.
 
     A new placement whose tables have the same shapes (as many replicated experts, as many copies at most) is
     copied into them (:meth:`retarget`) and keeps the kernel or graph; other shapes make a new split (a new
@@ -234,57 +229,24 @@ class BalancedSplit:
     Call: ``split(load)`` with int64 ``[E]`` global tokens per expert (``tables``' device) returns int64
     ``[E, C - 1]`` copy bounds (a fresh tensor)."""
 
-    FUSED_IN_GRAPH = True
-    """Replay the fused kernel inside a captured CUDA graph (input copy, replay, output clone) instead of one
-    direct launch: a triton launch costs 50-60 us of host time, the replay 30-50 us per call on an H200 host
-    (``benchmarks/replica_split_bench.py`` times both), and the forwards it runs in are host-bound."""
-
-    _fused_failed = False  # a fused kernel failed once in this process: the graph path from then on
-    _logged: set[str] = set()
+    LABEL = "balanced dispatch split"
+    RESULT = "split"
 
     def __init__(self, tables: ReplicaTables, iterations: int = DEFAULT_ITERATIONS) -> None:
         self.tables = tables
         self.iterations = iterations
-        self._graph = None
-        self._input: torch.Tensor | None = None
-        self._output: torch.Tensor | None = None
-        self._launched = False
-        self._fused = None
-        if tables.copy_rank.device.type != "cuda":
-            self.path = "torch"
-            return
-        why = "a fused kernel failed earlier" if BalancedSplit._fused_failed else None
-        if why is None:
-            try:
-                from . import replica_split_triton as fused
+        self._choose_path(tables.copy_rank.device)
 
-                num_experts, copies = tables.copy_rank.shape
-                shape = (num_experts, copies, tables.replicated.numel(), tables.num_ranks)
-                if not fused.available():
-                    why = "triton does not import"
-                elif not fused.fits(*shape):
-                    why = f"E, C, K, N = {shape} exceed the fused kernel's one block"
-                else:
-                    self._fused = fused
-            except Exception as exc:  # noqa: BLE001 - no kernel: the graph path computes the same split
-                why = f"its module failed to import: {exc}"
-        if self._fused is None:
-            self.path = "graph"
-            self._log(f"CUDA graph of the torch split ({why})")
-        else:
-            self.path = "triton_graph" if self.FUSED_IN_GRAPH else "triton"
-            how = "replayed in a CUDA graph" if self.FUSED_IN_GRAPH else "one launch per call"
-            self._log(f"fused Triton kernel ({how})")
+    def _kernel(self):
+        from . import replica_split_triton as fused
 
-    @classmethod
-    def _log(cls, what: str, warn: bool = False) -> None:
-        import logging
-
-        if what in cls._logged:
-            return
-        cls._logged.add(what)
-        log = logging.getLogger("megatron_eplb")
-        (log.warning if warn else log.info)("megatron-eplb: balanced dispatch split: %s", what)
+        num_experts, copies = self.tables.copy_rank.shape
+        shape = (num_experts, copies, self.tables.replicated.numel(), self.tables.num_ranks)
+        if not fused.available():
+            return None, "triton does not import"
+        if not fused.fits(*shape):
+            return None, f"E, C, K, N = {shape} exceed the fused kernel's one block"
+        return fused, None
 
     def retarget(self, tables: ReplicaTables) -> BalancedSplit:
         """This layer's split for a new placement's ``tables``: ``self`` with the tables copied in (stream
@@ -299,59 +261,17 @@ class BalancedSplit:
             dst.copy_(src, non_blocking=True)
         return self
 
-    def _compute(self, load: torch.Tensor) -> torch.Tensor:
-        if self.path.startswith("triton"):
-            return self._fused.balanced_bounds(load, self.tables, self.iterations)
+    def _launch(self, load: torch.Tensor) -> torch.Tensor:
+        return self._fused.balanced_bounds(load, self.tables, self.iterations)
+
+    def _torch(self, load: torch.Tensor) -> torch.Tensor:
         return copy_bounds(balanced_shares(load, self.tables, self.iterations))
 
-    def __call__(self, load: torch.Tensor) -> torch.Tensor:
-        load = load.to(torch.int64)
-        capturing = self.path != "torch" and torch.cuda.is_current_stream_capturing()
-        if self.path == "triton" and (self._launched or not capturing):
-            try:
-                out = self._fused.balanced_bounds(load, self.tables, self.iterations)
-            except Exception as exc:  # noqa: BLE001 - the graph path computes the same split
-                if capturing:
-                    raise
-                self._give_up_fused(exc)
-            else:
-                self._launched = True
-                return out
-        if self.path == "torch" or capturing:
-            return copy_bounds(balanced_shares(load, self.tables, self.iterations))
-        if self._graph is None and not self._capture(load):
-            return self(load)
-        self._input.copy_(load)
-        self._graph.replay()
+    def _compute(self, load: torch.Tensor) -> torch.Tensor:
+        return self._launch(load) if self.path.startswith("triton") else self._torch(load)
+
+    def _replayed(self) -> torch.Tensor:
         return self._output.clone()
-
-    def _give_up_fused(self, exc: Exception) -> None:
-        BalancedSplit._fused_failed = True
-        self.path, self._fused, self._graph = "graph", None, None
-        self._log(
-            f"the fused Triton kernel failed ({exc!r}); CUDA graph of the torch split instead", warn=True
-        )
-
-    def _capture(self, load: torch.Tensor) -> bool:
-        try:
-            self._input = load.clone()
-            side = torch.cuda.Stream(device=load.device)
-            side.wait_stream(torch.cuda.current_stream(load.device))
-            with torch.cuda.stream(side), torch.no_grad():
-                self._compute(self._input)  # warm-up outside the capture (allocator, lazy inits, compiling)
-            torch.cuda.current_stream(load.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.no_grad():
-                self._output = self._compute(self._input)
-            self._graph = graph
-            return True
-        except Exception as exc:  # noqa: BLE001 - the eager path computes the same split
-            if self.path == "triton_graph":
-                self._give_up_fused(exc)
-                return False
-            self.path = "torch"
-            self._log(f"eager torch (capturing its CUDA graph failed: {exc})", warn=True)
-            return False
 
 
 def copy_bounds(shares: torch.Tensor) -> torch.Tensor:

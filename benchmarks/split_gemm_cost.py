@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import CUDA, Timer, grouped_gemm_source, run_one_gpu, sync  # noqa: E402
 
 from megatron_eplb.placement import ExpertPlacement  # noqa: E402
-from megatron_eplb.replica_split import align_bounds, copy_bounds, replica_tables  # noqa: E402
-from megatron_eplb.replica_split import balanced_shares  # noqa: E402
+from megatron_eplb.replica_split import align_bounds, balanced_shares, copy_bounds, replica_tables  # noqa: E402
 
 
 def _groups(counts: np.ndarray, row: np.ndarray, bounds: np.ndarray | None) -> tuple[list[int], list[int]]:
@@ -105,7 +104,9 @@ def measure(device, small: bool, args) -> dict:
             "paired_pct": 100 * diff / base,
         }
     return {
-        "setup": dict(hidden=h, ffn=ffn, experts=experts, topk=topk, tokens=tokens, redundant_slots=redundant),
+        "setup": dict(
+            hidden=h, ffn=ffn, experts=experts, topk=topk, tokens=tokens, redundant_slots=redundant
+        ),
         "grouped_gemm": source,
         "rounds": rounds,
         "split_experts_rows": counts[:redundant].tolist(),

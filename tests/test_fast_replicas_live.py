@@ -267,9 +267,10 @@ def test_fast_replicas_equal_unpatched_and_sum_gradients_back(kind):
 
 
 def _ep4_checks(rank: int, world: int, budget: int) -> dict:
-    from megatron_eplb.config import EPLBConfig
     from megatron_eplb.patches import megatron as eplb_mcore
     from test_megatron_patch import _random_placement
+
+    from megatron_eplb.config import EPLBConfig
 
     _init(world)
     torch.manual_seed(100 + rank)

@@ -94,7 +94,7 @@ def route_to_slots(
         fused = _fused_kernels(probs, routing_map, tables, num_slots, split)
         if fused is not None:
             capturing = torch.cuda.is_current_stream_capturing()
-            if capturing and not _LAUNCHED:
+            if capturing and not fused.compiled(probs, tables, num_slots, split):
                 _log("torch inside a CUDA-graph capture until the fused kernels have run outside one")
             else:
                 try:
@@ -106,8 +106,6 @@ def route_to_slots(
                         raise
                     _give_up(exc)
                 else:
-                    if not capturing:
-                        _launched()
                     return out
     return route_to_slots_torch(probs, routing_map, tables, num_slots, offset=offset, split=split)
 
@@ -165,7 +163,6 @@ def route_to_slots_torch(
 
 # ----------------------------------------------------------------------------------- the path choice
 _FUSED_FAILED = False  # a fused launch failed in this process: the torch path from then on
-_LAUNCHED = False  # the fused kernels ran outside a CUDA-graph capture (compiled): they may be captured
 _logged: set[str] = set()
 
 
@@ -195,11 +192,6 @@ def _fused_kernels(probs, routing_map, tables, num_slots: int, split):
         return None
     _log("fused Triton kernels (two launches forward, one backward)")
     return fused
-
-
-def _launched() -> None:
-    global _LAUNCHED
-    _LAUNCHED = True
 
 
 def _give_up(exc: Exception) -> None:

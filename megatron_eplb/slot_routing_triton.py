@@ -40,9 +40,10 @@ except Exception:  # noqa: BLE001 - any import failure means "no triton"
     triton = None
     tl = None
 
-__all__ = ["available", "launch_config", "route_to_slots", "unfit"]
+__all__ = ["available", "compiled", "launch_config", "route_to_slots", "unfit"]
 
 _MAX_INDEX = 1 << 31
+_WARM: set[tuple] = set()  # the kernel variants that ran outside a CUDA-graph capture (compiled, loaded)
 
 
 def available() -> bool:
@@ -89,6 +90,19 @@ def unfit(probs: torch.Tensor, routing_map: torch.Tensor, tables, num_slots: int
     return None
 
 
+def _variant(kind: str, probs: torch.Tensor, tables, num_slots: int, split) -> tuple:
+    """What triton compiles a variant of the ``kind`` kernels for (the integer sizes are not specialized)."""
+    num_bounds = 0 if split is None else split[1].shape[1]
+    cfg = launch_config(probs.shape[1], num_slots, tables.spread_slots.shape[1], num_bounds)
+    return (kind, probs.device, probs.dtype, split is not None, cfg)
+
+
+def compiled(probs: torch.Tensor, tables, num_slots: int, split=None) -> bool:
+    """Whether the forward kernels for these dtypes and sizes ran outside a CUDA-graph capture (so a capture
+    does not compile them)."""
+    return _variant("forward", probs, tables, num_slots, split) in _WARM
+
+
 def route_to_slots(
     probs: torch.Tensor,
     routing_map: torch.Tensor,
@@ -116,8 +130,12 @@ def route_to_slots(
         with torch.cuda.device(probs.device):  # triton launches on the current device
             return route_to_slots(probs, routing_map, tables, num_slots, offset=offset, split=split)
     if torch.is_grad_enabled() and probs.requires_grad:
-        return _Route.apply(probs, routing_map, tables, num_slots, offset, split)
-    return _forward(probs, routing_map, tables, num_slots, offset, split)[:2]
+        out = _Route.apply(probs, routing_map, tables, num_slots, offset, split)
+    else:
+        out = _forward(probs, routing_map, tables, num_slots, offset, split)[:2]
+    if not (probs.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _WARM.add(_variant("forward", probs, tables, num_slots, split))
+    return out
 
 
 def _forward(probs, routing_map, tables, num_slots: int, offset: int, split):
@@ -187,12 +205,17 @@ def _forward(probs, routing_map, tables, num_slots: int, offset: int, split):
 
 
 def _backward(grad: torch.Tensor, routed: torch.Tensor, fixed, sel, table, num_slots: int) -> torch.Tensor:
-    """``grad_probs [T, E]``: ``grad [T, P]`` at each routed pair's slot, else 0 (``grad``'s dtype)."""
+    """``grad_probs [T, E]``: ``grad [T, P]`` at each routed pair's slot, else 0 (``grad``'s dtype).  One launch;
+    inside a CUDA-graph capture before the kernel ever ran, the same gather in torch functions."""
     num_tokens, num_experts = routed.shape
+    cfg = dict(launch_config(num_experts, num_slots, 1, 0))
+    variant = ("backward", grad.device, grad.dtype, tuple(cfg.items()))
+    capturing = grad.is_cuda and torch.cuda.is_current_stream_capturing()
+    if capturing and variant not in _WARM:
+        return _backward_torch(grad, routed, fixed, sel, table, num_slots)
     out = torch.empty(num_tokens, num_experts, dtype=grad.dtype, device=grad.device)
     if num_tokens == 0 or num_experts == 0:
         return out
-    cfg = dict(launch_config(num_experts, num_slots, 1, 0))
     rows_t = max(16, 4096 // cfg["BLOCK_E"])
     _grad_kernel[(triton.cdiv(num_tokens, rows_t),)](
         grad,  # any strides (``sum().backward()`` hands an expanded one)
@@ -209,7 +232,23 @@ def _backward(grad: torch.Tensor, routed: torch.Tensor, fixed, sel, table, num_s
         ROWS_T=rows_t,
         BLOCK_E=cfg["BLOCK_E"],
     )
+    if not capturing:
+        _WARM.add(variant)
     return out
+
+
+def _backward_torch(
+    grad: torch.Tensor, routed: torch.Tensor, fixed, sel, table, num_slots: int
+) -> torch.Tensor:
+    """:func:`_backward` in torch functions (bitwise the same): each pair's slot from ``fixed`` and ``sel``."""
+    num_tokens, num_experts = routed.shape
+    slot = fixed.to(torch.int64).expand(num_tokens, num_experts)
+    if sel.shape[0]:
+        spread_of = table[2 * num_slots :].to(torch.int64)  # [E]: k, or -1
+        picked = sel.t().to(torch.int64).gather(1, spread_of.clamp(min=0).expand(num_tokens, num_experts))
+        slot = torch.where(spread_of >= 0, picked, slot)
+    take = routed.view(torch.bool) & (slot >= 0) & (slot < num_slots)
+    return torch.where(take, grad.gather(1, slot.clamp(0, max(num_slots - 1, 0))), 0)
 
 
 class _Route(torch.autograd.Function):

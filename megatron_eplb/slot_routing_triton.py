@@ -56,21 +56,22 @@ def _pow2(x: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def launch_config(num_experts: int, num_slots: int, copies: int, num_bounds: int) -> tuple:
+def launch_config(num_experts: int, num_slots: int, num_spread: int, copies: int, num_bounds: int) -> tuple:
     """The kernels' block sizes for one layer's shapes: ``((name, value), ...)`` (powers of two).
 
-    ``SCAN_T``: tokens per step of a spread expert's scan; ``BLOCK_P`` / ``P_BLOCKS``: slots per tile and tiles
-    per row (``P`` up to 128 in one tile); ``ROWS_T``: tokens per program of the row and gradient kernels (a
+    ``SCAN_T``: tokens per step of a spread expert's scan (8 warps); ``BLOCK_P`` / ``P_BLOCKS``: slots per tile and tiles
+    per row (``P`` up to 128 in one tile); ``K_BLOCK``: spread experts per step of the tables; ``ROWS_T``: tokens per program of the row and gradient kernels (a
     ``[ROWS_T, BLOCK_P]`` tile of 4096 elements at most); ``BLOCK_E``: experts per tile."""
     block_p = min(_pow2(num_slots), 128)
     return (
-        ("SCAN_T", 1024),
+        ("SCAN_T", 4096),
         ("BLOCK_P", block_p),
         ("P_BLOCKS", triton.cdiv(num_slots, block_p) if triton is not None else 1),
         ("ROWS_T", max(16, 4096 // block_p)),
         ("BLOCK_E", min(_pow2(num_experts), 64)),
         ("C_P", _pow2(copies)),
         ("B_P", _pow2(num_bounds)),
+        ("K_BLOCK", min(_pow2(num_spread), 16)),
     )
 
 
@@ -93,7 +94,8 @@ def unfit(probs: torch.Tensor, routing_map: torch.Tensor, tables, num_slots: int
 def _variant(kind: str, probs: torch.Tensor, tables, num_slots: int, split) -> tuple:
     """What triton compiles a variant of the ``kind`` kernels for (the integer sizes are not specialized)."""
     num_bounds = 0 if split is None else split[1].shape[1]
-    cfg = launch_config(probs.shape[1], num_slots, tables.spread_slots.shape[1], num_bounds)
+    num_spread, copies = tables.spread_slots.shape
+    cfg = launch_config(probs.shape[1], num_slots, num_spread, copies, num_bounds)
     return (kind, probs.device, probs.dtype, split is not None, cfg)
 
 
@@ -159,7 +161,7 @@ def _forward(probs, routing_map, tables, num_slots: int, offset: int, split):
         first, bounds = split[0].contiguous(), split[1].contiguous()
         num_bounds = bounds.shape[1]
         bounds = bounds if bounds.numel() else fixed
-    cfg = dict(launch_config(num_experts, num_slots, copies, num_bounds))
+    cfg = dict(launch_config(num_experts, num_slots, num_spread, copies, num_bounds))
     _spread_slots_kernel[(num_spread + 1,)](
         routed,
         fixed,
@@ -183,6 +185,8 @@ def _forward(probs, routing_map, tables, num_slots: int, offset: int, split):
         BLOCK_E=cfg["BLOCK_E"],
         C_P=cfg["C_P"],
         B_P=cfg["B_P"],
+        K_BLOCK=cfg["K_BLOCK"],
+        num_warps=8,
     )
     phys_probs = torch.empty(num_tokens, num_slots, dtype=probs.dtype, device=device)
     phys_map = torch.empty(num_tokens, num_slots, dtype=torch.uint8, device=device)
@@ -208,7 +212,7 @@ def _backward(grad: torch.Tensor, routed: torch.Tensor, fixed, sel, table, num_s
     """``grad_probs [T, E]``: ``grad [T, P]`` at each routed pair's slot, else 0 (``grad``'s dtype).  One launch;
     inside a CUDA-graph capture before the kernel ever ran, the same gather in torch functions."""
     num_tokens, num_experts = routed.shape
-    cfg = dict(launch_config(num_experts, num_slots, 1, 0))
+    cfg = dict(launch_config(num_experts, num_slots, 0, 1, 0))
     variant = ("backward", grad.device, grad.dtype, tuple(cfg.items()))
     capturing = grad.is_cuda and torch.cuda.is_current_stream_capturing()
     if capturing and variant not in _WARM:
@@ -314,6 +318,7 @@ if triton is not None:
         BLOCK_E: tl.constexpr,
         C_P: tl.constexpr,
         B_P: tl.constexpr,
+        K_BLOCK: tl.constexpr,
     ):
         k = tl.program_id(0)
         if k < num_spread:
@@ -344,8 +349,10 @@ if triton is not None:
                 tl.store(sel_ptr + k * num_tokens + t, slot.to(tl.int32), mask=in_t)
                 t0 += SCAN_T
         else:
-            # The tables: each slot's expert and spread index, each expert's spread index.
+            # The tables: each slot's expert and spread index, each expert's spread index (K_BLOCK spread
+            # experts at a time).
             c = tl.arange(0, C_P)
+            kb = tl.arange(0, K_BLOCK)
             p0 = 0
             while p0 < num_slots:
                 p = p0 + tl.arange(0, BLOCK_P)
@@ -356,22 +363,30 @@ if triton is not None:
                     in_e = e < num_experts
                     slot = tl.load(fixed_ptr + e, mask=in_e, other=-1).to(tl.int64)
                     one = in_e
-                    j = 0
-                    while j < num_spread:
-                        one = one & (tl.load(spread_ptr + j) != e)
-                        j += 1
+                    j0 = 0
+                    while j0 < num_spread:
+                        sp = tl.load(spread_ptr + j0 + kb, mask=j0 + kb < num_spread, other=-1)
+                        one = one & (tl.max((sp[None, :] == e[:, None]).to(tl.int32), axis=1) == 0)
+                        j0 += K_BLOCK
                     mine = (slot[None, :] == p[:, None]) & one[None, :]
                     owner = tl.maximum(owner, tl.max(tl.where(mine, e[None, :].to(tl.int64), -1), axis=1))
                     e0 += BLOCK_E
                 spread_of = tl.full([BLOCK_P], -1, dtype=tl.int64)
-                j = 0
-                while j < num_spread:  # spread experts: their first `count` copies
-                    n = tl.load(count_ptr + j)
-                    slots = tl.load(spread_slots_ptr + j * copies + c, mask=(c < copies) & (c < n), other=-1)
-                    mine = tl.max((slots[None, :].to(tl.int64) == p[:, None]).to(tl.int32), axis=1) > 0
-                    spread_of = tl.where(mine, j, spread_of)
-                    owner = tl.where(mine, tl.load(spread_ptr + j).to(tl.int64), owner)
-                    j += 1
+                j0 = 0
+                while j0 < num_spread:  # spread experts: their first `count` copies
+                    j = j0 + kb
+                    in_j = j < num_spread
+                    n = tl.load(count_ptr + j, mask=in_j, other=0)
+                    sp = tl.load(spread_ptr + j, mask=in_j, other=-1).to(tl.int64)
+                    live = in_j[:, None] & (c[None, :] < copies) & (c[None, :] < n[:, None])
+                    slots = tl.load(spread_slots_ptr + j[:, None] * copies + c[None, :], mask=live, other=-1)
+                    hit = slots[None, :, :].to(tl.int64) == p[:, None, None]  # [BLOCK_P, K_BLOCK, C_P]
+                    mine = tl.max(hit.to(tl.int32), axis=2) > 0  # [BLOCK_P, K_BLOCK]
+                    k_of = tl.max(tl.where(mine, j[None, :].to(tl.int64), -1), axis=1)
+                    e_of = tl.max(tl.where(mine, sp[None, :], -1), axis=1)
+                    owner = tl.where(k_of >= 0, e_of, owner)
+                    spread_of = tl.where(k_of >= 0, k_of, spread_of)
+                    j0 += K_BLOCK
                 in_p = p < num_slots
                 tl.store(table_ptr + p, owner.to(tl.int32), mask=in_p)
                 tl.store(table_ptr + num_slots + p, spread_of.to(tl.int32), mask=in_p)
@@ -379,12 +394,15 @@ if triton is not None:
             e0 = 0
             while e0 < num_experts:
                 e = e0 + tl.arange(0, BLOCK_E)
-                spread_of = tl.full([BLOCK_E], -1, dtype=tl.int32)
-                j = 0
-                while j < num_spread:
-                    spread_of = tl.where(tl.load(spread_ptr + j) == e, j, spread_of)
-                    j += 1
-                tl.store(table_ptr + 2 * num_slots + e, spread_of, mask=e < num_experts)
+                spread_of = tl.full([BLOCK_E], -1, dtype=tl.int64)
+                j0 = 0
+                while j0 < num_spread:
+                    j = j0 + kb
+                    sp = tl.load(spread_ptr + j, mask=j < num_spread, other=-1)
+                    k_of = tl.max(tl.where(sp[None, :] == e[:, None], j[None, :].to(tl.int64), -1), axis=1)
+                    spread_of = tl.maximum(spread_of, k_of)
+                    j0 += K_BLOCK
+                tl.store(table_ptr + 2 * num_slots + e, spread_of.to(tl.int32), mask=e < num_experts)
                 e0 += BLOCK_E
 
     @triton.jit(do_not_specialize=["num_tokens", "num_experts", "num_slots"])

@@ -149,6 +149,7 @@ SHAPES = [
     (1000, 4, 2, 3, 2),
     (1000, 16, 2, 10, 4),
     (1000, 64, 4, 18, 8),
+    (100, 80, 4, 40, 6),  # E > 64, P > 128, K > 16: several tiles of experts, slots and spread experts
 ]
 
 

@@ -30,6 +30,7 @@ Triton is optional: this module imports without it (:func:`available` is then ``
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -44,6 +45,7 @@ __all__ = ["available", "compiled", "launch_config", "route_to_slots", "unfit"]
 
 _MAX_INDEX = 1 << 31
 _WARM: set[tuple] = set()  # the kernel variants that ran outside a CUDA-graph capture (compiled, loaded)
+_BACKWARD_FAILED = False  # the backward kernel failed in this process: its torch gather from then on
 
 
 def available() -> bool:
@@ -215,8 +217,29 @@ def _backward(grad: torch.Tensor, routed: torch.Tensor, fixed, sel, table, num_s
     cfg = dict(launch_config(num_experts, num_slots, 0, 1, 0))
     variant = ("backward", grad.device, grad.dtype, tuple(cfg.items()))
     capturing = grad.is_cuda and torch.cuda.is_current_stream_capturing()
-    if capturing and variant not in _WARM:
+    if _BACKWARD_FAILED or (capturing and variant not in _WARM):
         return _backward_torch(grad, routed, fixed, sel, table, num_slots)
+    try:
+        return _backward_kernel(grad, routed, fixed, sel, table, num_slots, cfg, variant, capturing)
+    except Exception as exc:  # noqa: BLE001 - the torch gather computes the same gradient
+        if capturing:
+            raise
+        _give_up_backward(exc)
+        return _backward_torch(grad, routed, fixed, sel, table, num_slots)
+
+
+def _give_up_backward(exc: Exception) -> None:
+    global _BACKWARD_FAILED
+    _BACKWARD_FAILED = True
+    logging.getLogger("megatron_eplb").warning(
+        "megatron-eplb: route_to_slots: the fused backward kernel failed (%r); a torch gather from now on",
+        exc,
+    )
+
+
+def _backward_kernel(grad, routed, fixed, sel, table, num_slots: int, cfg: dict, variant, capturing: bool):
+    """:func:`_backward` in one launch of :func:`_grad_kernel`."""
+    num_tokens, num_experts = routed.shape
     out = torch.empty(num_tokens, num_experts, dtype=grad.dtype, device=grad.device)
     if num_tokens == 0 or num_experts == 0:
         return out

@@ -178,6 +178,18 @@ def test_fused_routing_with_an_expanded_gradient_and_without_grad():
     assert not got[0].requires_grad and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_the_torch_gather_backward_equals_the_kernel(monkeypatch):
+    """The backward's torch gather (inside a capture before the kernel ran, or after it failed): bitwise too."""
+    monkeypatch.setattr(fused, "_BACKWARD_FAILED", True)
+    rng = np.random.default_rng(8)
+    gen = torch.Generator().manual_seed(8)
+    for routing_map, tables, kwargs, num_slots in _cases(rng, 120, 16, 2, 12, 4):
+        _check(routing_map, tables, kwargs, num_slots, torch.bfloat16, gen)
+    log2phy = torch.tensor([[3], [0], [5], [1]])  # K = 0
+    tables = slot_tables(log2phy, torch.ones(4, dtype=torch.int64))
+    _check(torch.rand(9, 4, generator=gen) < 0.5, tables, dict(offset=1), 6, torch.float32, gen)
+
+
 def test_fused_routing_without_spread_experts_and_without_tokens():
     gen = torch.Generator().manual_seed(2)
     # one copy each, two empty slots: K = 0

@@ -163,6 +163,7 @@ def route_to_slots_torch(
 
 # ----------------------------------------------------------------------------------- the path choice
 _FUSED_FAILED = False  # a fused launch failed in this process: the torch path from then on
+_FUSED = None  # the kernels' module once imported; False where it cannot be used
 _logged: set[str] = set()
 
 
@@ -178,20 +179,25 @@ def _log(what: str, warn: bool = False) -> None:
 
 def _fused_kernels(probs, routing_map, tables, num_slots: int, split):
     """The fused kernels' module when they take these shapes on CUDA, else ``None`` (the reason logged once)."""
-    try:
-        from . import slot_routing_triton as fused
-    except Exception as exc:  # noqa: BLE001 - no kernels: the torch path computes the same result
-        _log(f"torch (the fused kernels' module failed to import: {exc})")
+    global _FUSED
+    if _FUSED is None:  # imported once per process
+        try:
+            from . import slot_routing_triton as fused
+        except Exception as exc:  # noqa: BLE001 - no kernels: the torch path computes the same result
+            _log(f"torch (the fused kernels' module failed to import: {exc})")
+            fused = False
+        if fused and not fused.available():
+            _log("torch (triton does not import)")
+            fused = False
+        _FUSED = fused
+    if _FUSED is False:
         return None
-    if not fused.available():
-        _log("torch (triton does not import)")
-        return None
-    why = fused.unfit(probs, routing_map, tables, num_slots, split)
+    why = _FUSED.unfit(probs, routing_map, tables, num_slots, split)
     if why is not None:
         _log(f"torch for these shapes ({why})")
         return None
     _log("fused Triton kernels (two launches forward, one backward)")
-    return fused
+    return _FUSED
 
 
 def _give_up(exc: Exception) -> None:

@@ -83,6 +83,9 @@ def unfit(probs: torch.Tensor, routing_map: torch.Tensor, tables, num_slots: int
         return f"probs {tuple(probs.shape)} and routing map {tuple(routing_map.shape)} are not one [T, E]"
     if not probs.is_floating_point() or routing_map.dtype != torch.bool:
         return f"probs {probs.dtype} / routing map {routing_map.dtype} are not float / bool"
+    devices = {t.device for t in (routing_map, *tables, *(split or ()))}
+    if devices != {probs.device}:
+        return f"probs on {probs.device}, routing map, tables and split on {sorted(map(str, devices))}"
     num_tokens, num_experts = probs.shape
     if num_tokens * max(num_experts, num_slots, tables.spread.numel()) >= _MAX_INDEX:
         return f"T = {num_tokens} x max(E, P, K) reaches 2**31 (int32 offsets)"

@@ -321,3 +321,5 @@ def test_unfit_shapes_name_the_reason():
     assert fused.unfit(probs, probs > 0.5, tables, 3) is None
     assert "float / bool" in fused.unfit(probs, probs, tables, 3)
     assert "[T, E]" in fused.unfit(probs, (probs > 0.5)[:3], tables, 3)
+    if DEVICE.type == "cuda":
+        assert "tables" in fused.unfit(probs.to(DEVICE), (probs > 0.5).to(DEVICE), tables, 3)

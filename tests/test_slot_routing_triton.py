@@ -71,7 +71,7 @@ def _routings(rng, tokens: int, experts: int, topk: int, sources: int) -> list[t
 
 
 def _cases(rng, tokens: int, experts: int, ranks: int, slots_per_rank: int, topk: int):
-    """``(routing_map, tables, kwargs, P)`` for every EP rank: round-robin (the default tables, ``local_slot``
+    """``(routing_map, tables, kwargs, P)`` for the first three EP ranks: round-robin (the default tables, ``local_slot``
     tables, every expert spread) and the split over source ranks (default tables, every expert spread)."""
     row = _placement(rng, experts, ranks, slots_per_rank)
     log2phy, count = build_log2phy(row[None, :], experts)
@@ -84,7 +84,7 @@ def _cases(rng, tokens: int, experts: int, ranks: int, slots_per_rank: int, topk
     every = torch.arange(experts)
     default = slot_tables(log2phy, count)
     assert default.spread.numel() >= 1
-    for rank, routing_map in enumerate(maps):
+    for rank, routing_map in enumerate(maps[:3]):  # the first three EP ranks (the interpreter is slow)
         local = torch.full((experts,), -1, dtype=torch.int64)
         for slot in reversed(range(rank * slots_per_rank, (rank + 1) * slots_per_rank)):
             if row[slot] >= 0:
@@ -162,7 +162,7 @@ def test_fused_routing_equals_the_torch_routing_bitwise(tokens, experts, ranks, 
     for routing_map, tables, kwargs, num_slots in _cases(rng, tokens, experts, ranks, slots_per_rank, topk):
         _check(routing_map, tables, kwargs, num_slots, dtype, gen)
         checked += 1
-    assert checked == 5 * ranks
+    assert checked == 5 * min(ranks, 3)
 
 
 def test_fused_routing_with_an_expanded_gradient_and_without_grad():

@@ -385,6 +385,10 @@ def route_bench(
             if path == "fused":
                 row["fused_failed"] = slot_routing._FUSED_FAILED  # a failed launch: the torch path ran
             if device.type == "cuda":
+                # replayed as a CUDA graph (no grad): the GPU-bound cost, no host time per kernel
+                with torch.no_grad():
+                    graph, _, _ = _graph_of(lambda _: forward(), probs)
+                row["us_graph_forward"] = _time(graph.replay, device, repeats)
                 row["kernels_forward"], row["us_gpu_forward"] = _profile(
                     lambda _: forward(), None, repeats=20
                 )
@@ -411,21 +415,21 @@ def _print_route(rows: list[dict], device: torch.device) -> None:
     ops = "kernels" if device.type == "cuda" else "aten ops"
     print(
         f"{'T':>6}{'E':>4}{'P':>4}{'top':>4}{'K':>4}{'dtype':>10}{'dispatch':>10}{'path':>7}{'equal':>7}"
-        f"{'us fwd':>9}{'us fwd+bwd':>12}{ops:>9}{'us GPU':>8}{'bwd ' + ops:>13}{'us GPU':>8}"
+        f"{'us fwd':>9}{'us fwd+bwd':>12}{'us graph':>10}{ops:>9}{'us GPU':>8}{'bwd ' + ops:>13}{'us GPU':>8}"
     )
     for r in rows:
         print(
             f"{r['tokens']:>6}{r['experts']:>4}{r['slots']:>4}{r['topk']:>4}{r['spread_experts']:>4}{r['dtype']:>10}"
             f"{r['dispatch']:>10}{r['path']:>7}{str(r['bitwise_equal_torch']):>7}"
-            f"{r['us_forward']:>9.0f}{r['us_forward_backward']:>12.0f}"
+            f"{r['us_forward']:>9.0f}{r['us_forward_backward']:>12.0f}{r.get('us_graph_forward', float('nan')):>10.1f}"
             f"{r.get('kernels_forward', r.get('aten_ops_forward', 0)):>9}{r.get('us_gpu_forward', float('nan')):>8.1f}"
             f"{r.get('kernels_forward_backward', 0):>13}{r.get('us_gpu_forward_backward', float('nan')):>8.1f}"
         )
     print(
         f"route_to_slots on {device}: K = spread (replicated) experts; path torch = route_to_slots_torch, fused ="
         " route_to_slots (the Triton kernels on CUDA); equal = bitwise the torch path (outputs, gradient of"
-        f" probs); us = host wall per call back to back; {ops} and us GPU per forward and per forward +"
-        " backward (profiler; the split itself not included)"
+        f" probs); us = host wall per call back to back (us graph: the forward replayed as one CUDA graph); {ops}"
+        " and us GPU per forward and per forward + backward (profiler; the split itself not included)"
     )
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "even_shares",
     "rank_loads_of_shares",
     "replica_tables",
+    "source_offset",
     "source_offsets",
     "water_fill",
 ]
@@ -323,6 +324,17 @@ def source_offsets(counts: torch.Tensor) -> torch.Tensor:
         int64 ``[N_src, E]`` exclusive cumulative sum over the source ranks.
     """
     return counts.cumsum(dim=0) - counts
+
+
+def source_offset(counts: torch.Tensor, rank: int) -> torch.Tensor:
+    """``source_offsets(counts)[rank]`` in one kernel (the per-forward call: one rank's row).
+
+    Args:
+        counts: int64 ``[N_src, E]``; rank: the source rank.
+    Returns:
+        int64 ``[E]`` the pairs of each expert on the ranks before ``rank``.
+    """
+    return counts[:rank].sum(dim=0)
 
 
 def rank_loads_of_shares(shares: torch.Tensor, tables: ReplicaTables) -> torch.Tensor:

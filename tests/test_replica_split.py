@@ -21,6 +21,7 @@ from megatron_eplb.replica_split import (
     even_shares,
     rank_loads_of_shares,
     replica_tables,
+    source_offset,
     source_offsets,
     water_fill,
 )
@@ -89,6 +90,8 @@ def test_bounds_route_every_source_pair_to_its_copy_quota():
     tables = replica_tables(row, 4, 6)
     shares = balanced_shares(counts.sum(0), tables)
     bounds, first = copy_bounds(shares), source_offsets(counts)
+    for src in range(4):
+        assert torch.equal(source_offset(counts, src), first[src])
     got = torch.zeros_like(shares)
     for src in range(4):
         for e in range(6):

@@ -36,7 +36,7 @@ from megatron_eplb.comm import all_gather_counts, collective_device
 from megatron_eplb.errors import CheckpointError, DeepSpeedEPLBError, ExpertMapError
 from megatron_eplb.load_recorder import LoadRecorder
 from megatron_eplb.placement import ExpertPlacement, build_log2phy
-from megatron_eplb.replica_split import BalancedSplit, replica_tables, source_offsets
+from megatron_eplb.replica_split import BalancedSplit, replica_tables, source_offset
 from megatron_eplb.slot_copies import (
     all_gather_rows,
     flatten,
@@ -445,7 +445,7 @@ class DeepSpeedMoEEPLB(SlotShape):
                 every = all_gather_counts(
                     expert_counts(indices, self.num_experts), self.ep_group, self.ep_size
                 )
-                first = source_offsets(every)[self.ep_rank]
+                first = source_offset(every, self.ep_rank)
                 slot, row = split_routes_to_slots(indices, locations, log2phy, first, split(every.sum(dim=0)))
             else:
                 slot, row = routes_to_slots(

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eplb.fast_replicas import FastPlan, FastPlanner, FastTables, fast_tables
-from megatron_eplb.replica_split import align_bounds, copy_bounds, source_offsets
+from megatron_eplb.replica_split import align_bounds, copy_bounds, source_offset
 
 from .compat import EPLBPatchError
 from .dispatchers import rebuild_dispatcher, route_to_slots, slot_tables
@@ -335,7 +335,7 @@ class FastReplicas:
             send = fetch.send_rows()
             fetch.start(send)
         self._fetches[idx] = (fetch, send)
-        first = source_offsets(every)[handle.ep_rank]
+        first = source_offset(every, handle.ep_rank)
         copy_count = (plan.copy_rank < handle.ep_size).sum(dim=1).clamp(min=1)
         # This step's copies are on the device: every expert is spread (no host sync to find the replicated).
         experts = torch.arange(handle.num_experts, device=routing_map.device)

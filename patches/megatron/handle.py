@@ -27,7 +27,7 @@ from megatron_eplb.errors import CheckpointError
 from megatron_eplb.load_recorder import LoadRecorder
 from megatron_eplb.pipeline import PipelineStage
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
-from megatron_eplb.replica_split import BalancedSplit, device_tables, replica_tables, source_offsets
+from megatron_eplb.replica_split import BalancedSplit, device_tables, replica_tables, source_offset
 from megatron_eplb.slot_copies import all_gather_rows, gather_logical, recomputing, refill_slots
 from megatron_eplb.slots import SlotParam, SlotShape
 
@@ -517,7 +517,7 @@ class MegatronEPLB(SlotShape):
         rank's ``(first [E], bounds [E, C-1])`` for :func:`route_to_slots`.  Every rank computes the same."""
         counts = routing_map.sum(dim=0, dtype=torch.int64)  # [E], every pair the dispatcher sends
         every = all_gather_counts(counts, self.ep_group, self.ep_size)  # [EP, E]
-        return source_offsets(every)[self.ep_rank], split(every.sum(dim=0))
+        return source_offset(every, self.ep_rank), split(every.sum(dim=0))
 
 
 def _slot_grad(sp: SlotParam) -> torch.Tensor:

@@ -37,6 +37,10 @@ the order of the reductions does not matter; only ``num / den`` goes through fp6
 sides.  Loads must be ``>= 0`` and below ``2**49`` (as for the torch code's ``_BIG`` levels); the tables as
 :func:`~megatron_eplb.fast_replicas.fast_tables` makes them (an expert's real copies first, then padding).
 
+The cross-node rule (step 2a of :mod:`megatron_eplb.fast_replicas`, :attr:`FastTables.cross_node_rule
+<megatron_eplb.fast_replicas.FastTables.cross_node_rule>`) is not implemented here: such tables are refused, and
+:class:`~megatron_eplb.fast_replicas.FastPlanner` takes the torch functions' CUDA graph for them.
+
 Triton is optional: this module imports without it (:func:`available` is then ``False``) and
 :class:`~megatron_eplb.fast_replicas.FastPlanner` imports it only on CUDA.
 """
@@ -169,6 +173,12 @@ def plan_fast_replicas_fused(
     """
     if triton is None:
         raise RuntimeError("megatron-eplb: the fused per-step plan needs triton, which does not import here")
+    if tables.cross_node_rule:
+        raise ValueError(
+            "megatron-eplb: the fused per-step plan does not implement the cross-node rule (tables with "
+            f"num_nodes={tables.num_nodes}, cross_node_min_gain={tables.cross_node_min_gain}); use "
+            "fast_replicas.plan_fast_replicas (FastPlanner does)"
+        )
     num_experts, copies = tables.copy_rank.shape
     n, f, s = tables.num_ranks, tables.num_fast, tables.slots_per_rank
     d = tables.max_copies

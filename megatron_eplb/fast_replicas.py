@@ -45,7 +45,8 @@ The algorithm (:func:`plan_fast_replicas`), step by step:
 So the result is never worse than the persistent placement alone on the step's busiest rank, every rank
 derives the same choice from the same counts, and the tokens of every expert are conserved.
 
-The break-even of the cross-node rule (``eplb_fast_cross_node_min_tokens``, :data:`CROSS_NODE_MIN_TOKENS`): a
+The break-even of the cross-node rule (``eplb_fast_cross_node_min_tokens``, default
+:data:`~megatron_eplb.config.CROSS_NODE_MIN_TOKENS`): a
 copy's fetch and its gradient's return move ``2 x 3 h f x 2`` bytes (a bf16 gated MLP, ``h`` hidden, ``f`` FFN
 size) over the inter-node link at ``B`` bytes/s per GPU, ``12 h f / B`` seconds; a token taken off the busiest
 rank saves its ``18 h f`` flop of forward and backward at ``C`` flop/s.  ``h f`` cancels: a cross-node copy
@@ -59,11 +60,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .config import CROSS_NODE_MIN_TOKENS
 from .kernel_paths import KernelPaths
 from .replica_split import DEFAULT_ITERATIONS, water_fill
 
 __all__ = [
-    "CROSS_NODE_MIN_TOKENS",
+    "CROSS_NODE_MIN_TOKENS",  # (from megatron_eplb.config)
     "FastPlan",
     "FastPlanner",
     "FastTables",
@@ -84,13 +86,6 @@ def cross_node_break_even(flops_per_s: float, link_bytes_per_s: float) -> float:
     ``2 C / (3 B)`` (the module docstring), for ``C`` flop/s of expert compute per GPU and ``B`` bytes/s of
     inter-node link per GPU; independent of the expert's size."""
     return 2.0 * flops_per_s / (3.0 * link_bytes_per_s)
-
-
-#: The default of ``eplb_fast_cross_node_min_tokens``: :func:`cross_node_break_even` at the fast end of the link
-#: and the slow end of the compute of an H100/H200 cluster (400 TFLOP/s of bf16 grouped GEMM, 50 GB/s per GPU:
-#: a 400 Gb/s NIC each) is 5333 tokens; 700 TFLOP/s over 25 GB/s gives 18667.  The fetch overlaps the token
-#: dispatch, which hides part of it, so the default sits below the whole range, rounded to a power of two.
-CROSS_NODE_MIN_TOKENS = 4096
 
 
 class FastTables(NamedTuple):

@@ -476,10 +476,10 @@ class FastPlanner(KernelPaths):
             t.num_fast,
             None if t.replicated is None else t.replicated.numel(),
         )
-        if not kernel.available():
-            return None, "triton does not import"
         if t.cross_node_rule:
             return None, "the cross-node rule (eplb_fast_cross_node_min_tokens) is not in the fused kernel"
+        if not kernel.available():
+            return None, "triton does not import"
         if not kernel.fits(*shape):
             return None, f"E, C, N, F, K = {shape} exceed the fused kernel's one block"
         return kernel, None

@@ -171,14 +171,14 @@ def plan_fast_replicas_fused(
         ``copy_slot``, ``shares [E, D]``): views of ``out`` (:func:`plan_views`).  No host sync: capturable in a
         CUDA graph.
     """
-    if triton is None:
-        raise RuntimeError("megatron-eplb: the fused per-step plan needs triton, which does not import here")
     if tables.cross_node_rule:
         raise ValueError(
             "megatron-eplb: the fused per-step plan does not implement the cross-node rule (tables with "
             f"num_nodes={tables.num_nodes}, cross_node_min_gain={tables.cross_node_min_gain}); use "
             "fast_replicas.plan_fast_replicas (FastPlanner does)"
         )
+    if triton is None:
+        raise RuntimeError("megatron-eplb: the fused per-step plan needs triton, which does not import here")
     num_experts, copies = tables.copy_rank.shape
     n, f, s = tables.num_ranks, tables.num_fast, tables.slots_per_rank
     d = tables.max_copies

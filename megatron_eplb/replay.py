@@ -203,7 +203,8 @@ def replay(
             re-planned) and, per policy, ``{policy} + fast`` (re-planned like the others); a fast row also has
             ``copies`` and ``cross_node_copies``: spare copies used, and those fetched across nodes, per step
             (summed over layers; mean over the summary's steps) and ``cross_node_per_step`` [T].
-        num_nodes: nodes the ranks span (``N / num_nodes`` consecutive ranks each), for the fast rows' copies.
+        num_nodes: nodes the ranks span (``N / num_nodes`` consecutive ranks each): the policies plan with them
+            (``hierarchical``, ``auto``: node-aware) and the fast rows count their copies across nodes.
         cross_node_min_gain: ``m`` of the per-step replicas' cross-node rule (``eplb_fast_cross_node_min_tokens``;
             0: off).  With ``num_nodes > 1`` and ``m > 0`` every fast row has a companion ``... (any node)``
             without the rule (``m = 0``) on the same persistent placements, side by side.
@@ -263,7 +264,7 @@ def replay(
         for begin, end in segments:
             if begin > 0:
                 past = loads[max(0, begin - window) : begin]
-                new = _plan(past, slots, ep_size, policy, current, resolved)
+                new = _plan(past, slots, ep_size, policy, current, resolved, num_nodes)
                 moved += int(moved_slots(current, new).sum())
                 current = new
             seg = loads[begin:end]
@@ -307,7 +308,9 @@ def replay(
             for begin, end in segments:
                 if begin > 0:
                     past = loads[max(0, begin - window) : begin]
-                    new = _plan(past, slots - ep_size * fast_slots, ep_size, policy, current, False)
+                    new = _plan(
+                        past, slots - ep_size * fast_slots, ep_size, policy, current, False, num_nodes
+                    )
                     moved += int(moved_slots(current, new).sum())
                     current = new
                 placements.append((current, begin, end))
@@ -343,11 +346,25 @@ def replay(
 
 
 def _plan(
-    past: np.ndarray, slots: int, ep_size: int, policy: str, current: ExpertPlacement, resolved: bool
+    past: np.ndarray,
+    slots: int,
+    ep_size: int,
+    policy: str,
+    current: ExpertPlacement,
+    resolved: bool,
+    num_nodes: int = 1,
 ) -> ExpertPlacement:
-    """A plan from the window ``past [k, L, E]`` (its sum, or its steps with ``resolved``)."""
+    """A plan from the window ``past [k, L, E]`` (its sum, or its steps with ``resolved``), for ranks in
+    ``num_nodes`` nodes (the node-aware policies use them, as the manager's ``eplb_num_nodes``)."""
     if resolved:
         from .policy.time_resolved import plan_for_steps
 
-        return plan_for_steps(past, slots, ep_size, previous=current, policy=policy)
-    return rebalance(past.sum(axis=0).astype(np.float64), slots, ep_size, policy=policy, previous=current)
+        return plan_for_steps(past, slots, ep_size, previous=current, policy=policy, num_nodes=num_nodes)
+    return rebalance(
+        past.sum(axis=0).astype(np.float64),
+        slots,
+        ep_size,
+        policy=policy,
+        previous=current,
+        num_nodes=num_nodes,
+    )

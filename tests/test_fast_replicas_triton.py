@@ -220,3 +220,20 @@ def test_planner_direct_launch_path(monkeypatch):
         assert planner.retarget(other) is planner and planner.path == "triton"
         assert all(torch.equal(a, b) for a, b in zip(planner(w), plan_fast_replicas(w, other)))
     assert FastPlanner(other, fused=False).path == ("graph" if DEVICE.type == "cuda" else "torch")
+
+
+def test_fused_plan_with_nodes_and_the_rule_off():
+    """Tables of 2 nodes without the cross-node rule (``m = 0``) are the rule-free plan: the kernel takes them and
+    stays bitwise the torch plan; with the rule on it refuses them and the planner's torch path computes them."""
+    rng = np.random.default_rng(20)
+    row = random_row(rng, 16, 4, 5, 0)
+    tables = fast_tables(row, 4, 16, 1, DEVICE, num_nodes=2, cross_node_min_gain=0)
+    assert not tables.cross_node_rule
+    for load in check_loads(rng, 16)[:4]:
+        w = torch.as_tensor(np.asarray(load), dtype=torch.int64, device=DEVICE)
+        got = fused.plan_fast_replicas_fused(w, tables)
+        assert all(torch.equal(a, b[0]) for a, b in zip(got, plan_fast_replicas(w[None], tables)))
+    ruled = fast_tables(row, 4, 16, 1, DEVICE, num_nodes=2, cross_node_min_gain=64)
+    with pytest.raises(ValueError, match="cross-node rule"):
+        fused.plan_fast_replicas_fused(w, ruled)
+    assert FastPlanner(ruled)._kernel()[0] is None

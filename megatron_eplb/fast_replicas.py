@@ -46,11 +46,11 @@ So the result is never worse than the persistent placement alone on the step's b
 derives the same choice from the same counts, and the tokens of every expert are conserved.
 
 The break-even of the cross-node rule (``eplb_fast_cross_node_min_tokens``, default
-:data:`~megatron_eplb.config.CROSS_NODE_MIN_TOKENS`): a
-copy's fetch and its gradient's return move ``2 x 3 h f x 2`` bytes (a bf16 gated MLP, ``h`` hidden, ``f`` FFN
-size) over the inter-node link at ``B`` bytes/s per GPU, ``12 h f / B`` seconds; a token taken off the busiest
-rank saves its ``18 h f`` flop of forward and backward at ``C`` flop/s.  ``h f`` cancels: a cross-node copy
-pays from ``2 C / (3 B)`` tokens on, whatever the expert's size (:func:`cross_node_break_even`).
+:data:`~megatron_eplb.config.CROSS_NODE_MIN_TOKENS`): a copy's fetch and its gradient's return move
+``2 x 3 h f x 2`` bytes (a bf16 gated MLP, ``h`` hidden, ``f`` FFN size) over the inter-node link at ``B``
+bytes/s per GPU, ``12 h f / B`` seconds; a token taken off the busiest rank saves its ``18 h f`` flop of forward
+and backward at ``C`` flop/s.  ``h f`` cancels: a cross-node copy pays from ``2 C / (3 B)`` tokens on, whatever
+the expert's size (:func:`cross_node_break_even`).
 """
 
 from __future__ import annotations

@@ -120,8 +120,7 @@ class FastTables(NamedTuple):
 
     @property
     def cross_node_rule(self) -> bool:
-        """Whether the cross-node rule changes the choice (``num_nodes > 1`` and ``cross_node_min_gain > 0``);
-        the fused kernel does not implement it (:class:`FastPlanner` takes the torch path then)."""
+        """Whether the cross-node rule changes the choice (``num_nodes > 1`` and ``cross_node_min_gain > 0``)."""
         return self.num_nodes > 1 and self.cross_node_min_gain > 0 and self.near is not None
 
     @property
@@ -442,8 +441,8 @@ class FastPlanner(KernelPaths):
     1.4-2.7 ms per layer on an H200.  So on CUDA it takes the paths of :mod:`megatron_eplb.kernel_paths` (as the
     balanced split's :class:`~megatron_eplb.replica_split.BalancedSplit`): the fused kernel of
     :mod:`megatron_eplb.fast_replicas_triton` (bitwise the same plan) where triton imports and the layer fits its
-    one block (``fast_replicas_triton.fits``) and the cross-node rule is off (:attr:`FastTables.cross_node_rule`:
-    the kernel does not implement it), else the torch functions as one CUDA graph; both read the tables in place.
+    one block (``fast_replicas_triton.fits``; the cross-node rule included), else the torch functions as one CUDA
+    graph; both read the tables in place.
 
     A new persistent placement whose tables have the same shapes is copied into them (:meth:`retarget`) and keeps
     the kernel or graph; other shapes make a new planner.  Which path runs is logged once per process.
@@ -476,8 +475,6 @@ class FastPlanner(KernelPaths):
             t.num_fast,
             None if t.replicated is None else t.replicated.numel(),
         )
-        if t.cross_node_rule:
-            return None, "the cross-node rule (eplb_fast_cross_node_min_tokens) is not in the fused kernel"
         if not kernel.available():
             return None, "triton does not import"
         if not kernel.fits(*shape):

@@ -140,6 +140,7 @@ def part_record(
             experts_class="GroupedMLP" if grouped else "SequentialMLP",
             redundant_slots=redundant,
             replica_dispatch="balanced",
+            split_align=handles["patched0"].split_align,
             grouped_gemm=source,
         )
     }

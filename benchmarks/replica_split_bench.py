@@ -20,9 +20,12 @@ Exit status 1 if the kernel disagrees on any row, fails, or (on CUDA) triton doe
 
 The routing onto slots that consumes the split (``route_to_slots`` of ``patches/megatron/dispatchers.py``), at
 a layer's sizes (:data:`ROUTE_SETTINGS`: 8192 tokens, E = 64, P = 72, top-8; E = 32, P = 40, top-4; the default
-placement over 8 ranks): microseconds per call, forward and forward + backward in ``probs``, by replica
-dispatch (even round-robin, balanced split); on CUDA its kernels and their GPU time per forward (profiler), on
-CPU its aten ops per forward.  ``--route-only`` times this part alone.
+placement over 8 ranks; fp32 and bf16 probs): microseconds per call, forward and forward + backward in
+``probs``, by replica dispatch (even round-robin, balanced split) and path (the torch functions; on CUDA with
+triton also the public ``route_to_slots``, which takes the fused kernels of
+:mod:`megatron_eplb.slot_routing_triton`, checked bitwise against the torch path: exit status 1 if it differs
+or fell back); on CUDA their kernels and GPU time per forward and per forward + backward (profiler), on CPU
+the aten ops per forward.  ``--route-only`` times this part alone (``--out`` then writes its rows).
 """
 
 from __future__ import annotations
@@ -311,14 +314,26 @@ def _bench_fused(phy2log, load, ranks, experts, device, iterations, repeats) -> 
 
 
 def route_bench(
-    tokens: int, experts: int, redundant: int, topk: int, ranks: int, device: torch.device, repeats: int
+    tokens: int,
+    experts: int,
+    redundant: int,
+    topk: int,
+    ranks: int,
+    device: torch.device,
+    repeats: int,
+    dtype: torch.dtype = torch.float32,
+    fused: bool = False,
 ) -> list[dict]:
     """``route_to_slots`` on one layer (default placement, random top-k routing): one row per replica dispatch
-    (``even``: round-robin; ``balanced``: this batch's split, computed outside the timed call)."""
-    from megatron_eplb.patches.megatron.dispatchers import SlotTables, route_to_slots, slot_tables
+    (``even``: round-robin; ``balanced``: this batch's split, computed outside the timed call) and path
+    (``torch``: :func:`~megatron_eplb.slot_routing.route_to_slots_torch`; with ``fused``, also ``fused``: the
+    public :func:`~megatron_eplb.slot_routing.route_to_slots`, which takes the Triton kernels on CUDA, checked
+    bitwise against the torch path: outputs and the gradient of ``probs``)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from megatron_eplb import slot_routing
     from megatron_eplb.placement import ExpertPlacement
+    from megatron_eplb.slot_routing import SlotTables, route_to_slots_torch, slot_tables
 
     placement = ExpertPlacement.default(1, experts, ranks, redundant)
     slots = experts + redundant
@@ -326,61 +341,95 @@ def route_bench(
     logits = torch.randn(tokens, experts, generator=gen)
     routing_map = torch.zeros(tokens, experts, dtype=torch.bool)
     routing_map.scatter_(1, logits.topk(topk, dim=1).indices, True)
-    probs = (torch.softmax(logits, dim=1) * routing_map).to(device).requires_grad_()
+    probs = (torch.softmax(logits, dim=1) * routing_map).to(dtype).to(device).requires_grad_()
     routing_map = routing_map.to(device)
+    upstream = torch.randn(tokens, slots, generator=gen).to(dtype).to(device)
     tables = slot_tables(torch.tensor(placement.log2phy[0]), torch.tensor(placement.replica_count[0]))
     tables = SlotTables(*device_tables(list(tables), device))  # built on the host, as the handle does
     counts = torch.stack([routing_map.sum(0)] * ranks)  # every source rank routes alike
     split_tables = replica_tables(placement.phy2log[0], ranks, experts, device)
     split = (source_offsets(counts)[1], copy_bounds(balanced_shares(counts.sum(0), split_tables)))
+    paths = {"torch": route_to_slots_torch}
+    if fused:
+        paths["fused"] = slot_routing.route_to_slots
     rows = []
     for dispatch, kwargs in (("even", dict(offset=1)), ("balanced", dict(split=split))):
+        want = None
+        for path, route in paths.items():
 
-        def forward(kwargs=kwargs):
-            return route_to_slots(probs, routing_map, tables, slots, **kwargs)
+            def forward(kwargs=kwargs, route=route):
+                return route(probs, routing_map, tables, slots, **kwargs)
 
-        def forward_backward(kwargs=kwargs):
-            phys_probs, _ = forward(kwargs)
-            phys_probs.sum().backward()
+            def forward_backward(kwargs=kwargs, route=route):
+                phys_probs, _ = forward(kwargs, route)
+                phys_probs.backward(upstream)
 
-        row = {
-            "tokens": tokens,
-            "experts": experts,
-            "slots": slots,
-            "topk": topk,
-            "spread_experts": int(tables.spread.numel()),
-            "dispatch": dispatch,
-            "us_forward": _time(forward, device, repeats),
-            "us_forward_backward": _time(forward_backward, device, repeats),
-        }
-        if device.type == "cuda":
-            row["kernels_forward"], row["us_gpu_forward"] = _profile(lambda _: forward(), None, repeats=20)
-        else:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                forward()
-            row["aten_ops_forward"] = sum(
-                e.name.startswith("aten::")
-                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
-                for e in prof.events()
-            )
-        rows.append(row)
+            probs.grad = None
+            phys_probs, phys_map = forward()
+            phys_probs.backward(upstream)
+            got = (phys_map, _bits(phys_probs.detach()), _bits(probs.grad).clone())  # grad: accumulated below
+            want = got if want is None else want
+            row = {
+                "tokens": tokens,
+                "experts": experts,
+                "slots": slots,
+                "topk": topk,
+                "spread_experts": int(tables.spread.numel()),
+                "dtype": str(dtype).replace("torch.", ""),
+                "dispatch": dispatch,
+                "path": path,
+                "bitwise_equal_torch": all(torch.equal(a, b) for a, b in zip(got, want)),
+                "us_forward": _time(forward, device, repeats),
+                "us_forward_backward": _time(forward_backward, device, repeats),
+            }
+            if path == "fused":
+                row["fused_failed"] = slot_routing._FUSED_FAILED  # a failed launch: the torch path ran
+            if device.type == "cuda":
+                # replayed as a CUDA graph (no grad): the GPU-bound cost, no host time per kernel
+                with torch.no_grad():
+                    graph, _, _ = _graph_of(lambda _: forward(), probs)
+                row["us_graph_forward"] = _time(graph.replay, device, repeats)
+                row["kernels_forward"], row["us_gpu_forward"] = _profile(
+                    lambda _: forward(), None, repeats=20
+                )
+                row["kernels_forward_backward"], row["us_gpu_forward_backward"] = _profile(
+                    lambda _: forward_backward(), None, repeats=20
+                )
+            else:
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    forward()
+                row["aten_ops_forward"] = sum(
+                    e.name.startswith("aten::")
+                    and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+                    for e in prof.events()
+                )
+            rows.append(row)
     return rows
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view({4: torch.int32, 2: torch.int16}[x.element_size()])
 
 
 def _print_route(rows: list[dict], device: torch.device) -> None:
     ops = "kernels" if device.type == "cuda" else "aten ops"
     print(
-        f"{'T':>6}{'E':>4}{'P':>4}{'top':>4}{'K':>4}{'dispatch':>10}{'us fwd':>9}{'us fwd+bwd':>12}{ops:>10}{'us GPU':>8}"
+        f"{'T':>6}{'E':>4}{'P':>4}{'top':>4}{'K':>4}{'dtype':>10}{'dispatch':>10}{'path':>7}{'equal':>7}"
+        f"{'us fwd':>9}{'us fwd+bwd':>12}{'us graph':>10}{ops:>9}{'us GPU':>8}{'bwd ' + ops:>13}{'us GPU':>8}"
     )
     for r in rows:
         print(
-            f"{r['tokens']:>6}{r['experts']:>4}{r['slots']:>4}{r['topk']:>4}{r['spread_experts']:>4}{r['dispatch']:>10}"
-            f"{r['us_forward']:>9.0f}{r['us_forward_backward']:>12.0f}"
-            f"{r.get('kernels_forward', r.get('aten_ops_forward', 0)):>10}{r.get('us_gpu_forward', float('nan')):>8.1f}"
+            f"{r['tokens']:>6}{r['experts']:>4}{r['slots']:>4}{r['topk']:>4}{r['spread_experts']:>4}{r['dtype']:>10}"
+            f"{r['dispatch']:>10}{r['path']:>7}{str(r['bitwise_equal_torch']):>7}"
+            f"{r['us_forward']:>9.0f}{r['us_forward_backward']:>12.0f}{r.get('us_graph_forward', float('nan')):>10.1f}"
+            f"{r.get('kernels_forward', r.get('aten_ops_forward', 0)):>9}{r.get('us_gpu_forward', float('nan')):>8.1f}"
+            f"{r.get('kernels_forward_backward', 0):>13}{r.get('us_gpu_forward_backward', float('nan')):>8.1f}"
         )
     print(
-        f"route_to_slots on {device}: K = spread (replicated) experts; {ops} and us GPU per forward"
-        " (the split itself not included)"
+        f"route_to_slots on {device}: K = spread (replicated) experts; path torch = route_to_slots_torch, fused ="
+        " route_to_slots (the Triton kernels on CUDA); equal = bitwise the torch path (outputs, gradient of"
+        f" probs); us = host wall per call back to back (us graph: the forward replayed as one CUDA graph); {ops}"
+        " and us GPU per forward and per forward + backward (profiler; the split itself not included)"
     )
 
 
@@ -400,14 +449,32 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     device = torch.device(args.device)
-    route_rows = [row for setting in ROUTE_SETTINGS for row in route_bench(*setting, device, args.repeats)]
+    route_fused = device.type == "cuda" and not args.skip_triton
+    if route_fused:
+        from megatron_eplb import slot_routing_triton
+
+        route_fused = slot_routing_triton.available()
+        if not route_fused:
+            print("triton does not import here: route_to_slots timed on its torch path only")
+    route_rows = [
+        row
+        for setting in ROUTE_SETTINGS
+        for dtype in (torch.float32, torch.bfloat16)
+        for row in route_bench(*setting, device, args.repeats, dtype, route_fused)
+    ]
     _print_route(route_rows, device)
+    route_bad = [r for r in route_rows if not r["bitwise_equal_torch"] or r.get("fused_failed")]
+    if route_bad:
+        print(
+            f"FAILED: {len(route_bad)} fused route_to_slots rows differ from the torch path or fell back to it"
+        )
     if args.route_only:
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"device": str(device), "route": route_rows}, indent=1))
-        return 0
+        return 1 if route_bad else 0
     fused, status, check = _fused_status(device, args.skip_triton)
+    status = 1 if route_bad else status
     if fused:
         t0 = time.perf_counter()
         try:

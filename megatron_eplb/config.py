@@ -137,6 +137,13 @@ class EPLBConfig:
         "light as the placement allows), 'even' round-robin, or 'local_first' (a copy on the token's rank).",
         choices=REPLICA_DISPATCH,
     )
+    eplb_split_align: int = _key(
+        0,
+        "Round the balanced dispatch's per-batch cut points between an expert's copies to multiples of this many "
+        "tokens, so a copy computes whole row tiles of the grouped GEMM (an unaligned cut costs a partial tile; "
+        "each cut moves at most half of this). 0: 128 where the experts are on CUDA, 1 (exact) elsewhere.",
+        min=0,
+    )
     eplb_fast_replicas: bool = _key(
         False,
         "Per-step replicas (the fast timescale): every MoE layer forward, eplb_fast_replica_budget spare slots per "

@@ -92,15 +92,17 @@ def fits(num_experts: int, copies: int, replicated: int, num_ranks: int) -> bool
 
 
 def balanced_bounds(
-    load: torch.Tensor, tables: ReplicaTables, iterations: int = DEFAULT_ITERATIONS
+    load: torch.Tensor, tables: ReplicaTables, iterations: int = DEFAULT_ITERATIONS, align: int = 1
 ) -> torch.Tensor:
-    """``copy_bounds(balanced_shares(load, tables, iterations))`` in one kernel launch (bitwise equal).
+    """``align_bounds(copy_bounds(balanced_shares(load, tables, iterations)), load, align)`` in one kernel launch
+    (bitwise equal).
 
     Args:
         load: int64 ``[E]`` this batch's global tokens per logical expert (``>= 0``), on the tables' device:
             CUDA, or CPU under ``TRITON_INTERPRET=1`` (the tests).
         tables: the layer's :class:`~megatron_eplb.replica_split.ReplicaTables`.
         iterations: water-filling rounds.
+        align: the bounds rounded to multiples of this many tokens (1: exact).
     Returns:
         int64 ``[E, C - 1]`` copy bounds (a fresh tensor).  No host sync: capturable in a CUDA graph.
     """
@@ -116,7 +118,7 @@ def balanced_bounds(
         return bounds
     if load.is_cuda and load.device.index != torch.cuda.current_device():
         with torch.cuda.device(load.device):  # triton launches on the current device
-            return balanced_bounds(load, tables, iterations)
+            return balanced_bounds(load, tables, iterations, align)
     cfg = dict(_launch_config(num_experts, copies, replicated.numel(), num_ranks))
     num_warps = cfg.pop("num_warps")
     _balanced_bounds_kernel[(1,)](
@@ -131,6 +133,7 @@ def balanced_bounds(
         replicated.numel(),
         num_ranks,
         copies,
+        max(int(align), 1),
         ITERATIONS=max(int(iterations), 0),
         E_BLOCKS=triton.cdiv(num_experts, cfg["BLOCK_E"]),
         BIG=_BIG,
@@ -236,7 +239,14 @@ if triton is not None:
         """The busiest of the ``N`` ranks' loads: ``fixed [N_P]`` plus the shares ``x [R, C_P]`` on ``rank``."""
         return tl.max(tl.where(in_n, fixed + _to_ranks(x, rank, n), -1), axis=0)
 
-    @triton.jit(do_not_specialize=["num_experts", "num_replicated", "num_ranks", "copies"])
+    @triton.jit
+    def _align(bound, total, align):
+        """``align_bounds``: ``bound [R, C_P]`` to the nearest multiple of ``align`` at most ``total [R]``; a
+        bound at the total stays."""
+        rounded = tl.minimum(_floor_div(bound + align // 2, align) * align, total[:, None])
+        return tl.where(bound >= total[:, None], bound, rounded)
+
+    @triton.jit(do_not_specialize=["num_experts", "num_replicated", "num_ranks", "copies", "align"])
     def _balanced_bounds_kernel(
         load_ptr,  # int64 [E]
         copy_rank_ptr,  # int64 [E, C]
@@ -248,6 +258,7 @@ if triton is not None:
         num_replicated,
         num_ranks,
         copies,  # C
+        align,  # round the bounds to multiples of this (1: exact)
         ITERATIONS: tl.constexpr,
         E_BLOCKS: tl.constexpr,
         BIG: tl.constexpr,
@@ -281,13 +292,13 @@ if triton is not None:
             fixed += tl.sum(tl.where(single[:, None] == n[None, :], w[:, None], 0), axis=0)
             rep_hits = tl.sum(((e[:, None] == rep[None, :]) & in_k[None, :]).to(tl.int32), axis=1)
             cnt = tl.load(copy_count_ptr + e, mask=in_e, other=1)
-            bound = _cumsum(_even(w, cnt, c), c)
+            bound = _align(_cumsum(_even(w, cnt, c), c), w, align)
             out = in_e[:, None] & (rep_hits == 0)[:, None] & (c[None, :] < copies - 1)
             tl.store(bounds_ptr + e[:, None] * (copies - 1) + c[None, :], bound, mask=out)
 
         x = _split_rounds(even, amount, rank, missing, fixed, c, n, in_n, ITERATIONS, BIG)
         # Never worse than the even split (the single experts load both alike).
         x = tl.where(_worst_rank(x, rank, fixed, n, in_n) > _worst_rank(even, rank, fixed, n, in_n), even, x)
-        bound = _cumsum(x, c)
+        bound = _align(_cumsum(x, c), amount, align)
         out = in_k[:, None] & (c[None, :] < copies - 1)
         tl.store(bounds_ptr + rep[:, None] * (copies - 1) + c[None, :], bound, mask=out)

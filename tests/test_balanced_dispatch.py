@@ -23,15 +23,29 @@ from test_megatron_patch import (  # noqa: E402
     _twin_models,
 )
 
-from megatron_eplb.replica_split import balanced_shares, rank_loads_of_shares, replica_tables  # noqa: E402
+from megatron_eplb.config import EPLBConfig  # noqa: E402
+from megatron_eplb.replica_split import (  # noqa: E402
+    align_bounds,
+    balanced_shares,
+    copy_bounds,
+    rank_loads_of_shares,
+    replica_tables,
+)
 
 H = 16
 RTOL = 1e-6
 
 
-def _split_checks(handle) -> dict:
-    """After one forward: the slot counts equal the shares computed from the batch's global counts, and the
-    busiest rank is no heavier than under the even split (collective)."""
+def _aligned(shares: torch.Tensor, load: torch.Tensor, align: int) -> torch.Tensor:
+    """``[E, C]`` shares whose cut points are ``align_bounds`` of theirs."""
+    bounds = align_bounds(copy_bounds(shares), load, align)
+    ends = torch.cat([bounds, load.view(-1, 1)], dim=1)
+    return torch.diff(ends, dim=1, prepend=torch.zeros_like(ends[:, :1]))
+
+
+def _split_checks(handle, align: int = 1) -> dict:
+    """After one forward: the slot counts equal the shares computed from the batch's global counts (their cut
+    points rounded to ``align``), and the busiest rank is no heavier than under the even split (collective)."""
     loads = handle.loads().clone()
     torch.distributed.all_reduce(loads)  # [L, E] this batch's global counts
     slot = handle.slot_loads().clone()
@@ -43,6 +57,10 @@ def _split_checks(handle) -> dict:
         row = handle.placement.phy2log[layer]
         tables = replica_tables(row, handle.ep_size, handle.num_experts)
         shares = balanced_shares(loads[layer], tables)
+        if align > 1:
+            shares = _aligned(shares, loads[layer], align)
+            cuts = copy_bounds(shares)
+            exact &= bool(((cuts % align == 0) | (cuts == loads[layer].view(-1, 1))).all())
         expected = torch.zeros(handle.num_slots, dtype=torch.int64)
         log2phy = torch.from_numpy(handle.placement.log2phy[layer].copy())
         valid = log2phy >= 0
@@ -51,7 +69,7 @@ def _split_checks(handle) -> dict:
         even = balanced_shares(loads[layer], tables, iterations=0)
         busiest = int(rank_loads_of_shares(shares, tables).max())
         busiest_even = int(rank_loads_of_shares(even, tables).max())
-        not_worse &= busiest <= busiest_even
+        not_worse &= align > 1 or busiest <= busiest_even
         gain += busiest_even - busiest
     return {"shares_exact": exact, "not_worse_than_even": not_worse, "busiest_rank_gain": gain}
 
@@ -108,18 +126,21 @@ def _checks(rank: int, world: int, topk: int, dispatchers: tuple[str, ...], reco
     for dispatcher in dispatchers:
         config = _moe_config(dispatcher, topk=topk, num_layers=2)
         placements = {
-            "hot_spread": _hot_spread_placement(2, world, redundant=4),
-            "random_replicas": _random_placement(rng, 2, world, redundant=4),
-            "default": None,
+            "hot_spread": (_hot_spread_placement(2, world, redundant=4), 1),
+            "random_replicas": (_random_placement(rng, 2, world, redundant=4), 1),
+            "hot_spread_align4": (_hot_spread_placement(2, world, redundant=4), 4),
+            "default": (None, 1),
         }
-        for name, placement in placements.items():
+        for name, (placement, align) in placements.items():
             ref, pat = _twin_models(config)
-            handle = eplb_mcore.apply(pat, placement, replica_dispatch="balanced")
+            cfg = EPLBConfig(eplb_split_align=align)
+            handle = eplb_mcore.apply(pat, placement, cfg, replica_dispatch="balanced")
+            assert handle.split_align == align
             res = _compare(ref, pat, handle, x, w)
             handle.reset_loads()
             with torch.no_grad():
                 pat(x)
-            res.update(_split_checks(handle))
+            res.update(_split_checks(handle, align))
             results[f"{dispatcher}/{name}"] = res
     if recompute:
         results["recompute_full"] = _recompute(rank, world)

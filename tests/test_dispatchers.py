@@ -63,6 +63,26 @@ def test_route_to_slots_per_batch_shares_over_source_ranks():
     assert torch.equal(per_slot[log2phy[valid]], shares[valid])
 
 
+def test_route_to_slots_lives_in_the_core_and_runs_torch_on_cpu():
+    """``dispatchers`` re-exports the core's names; on CPU the public function is the torch routing."""
+    from megatron_eplb.patches.megatron import dispatchers
+
+    from megatron_eplb import slot_routing
+
+    assert dispatchers.route_to_slots is slot_routing.route_to_slots
+    assert (
+        dispatchers.SlotTables is slot_routing.SlotTables
+        and dispatchers.slot_tables is slot_routing.slot_tables
+    )
+    tables = slot_tables(torch.tensor([[0, 2], [1, -1]]), torch.tensor([2, 1]))
+    routing_map = torch.tensor([[True, True], [True, False], [False, True]])
+    probs = torch.rand(3, 2)
+    got = route_to_slots(probs, routing_map, tables, 3, offset=1)
+    want = slot_routing.route_to_slots_torch(probs, routing_map, tables, 3, offset=1)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[1].tolist() == [[False, True, True], [True, False, False], [False, True, False]]
+
+
 def _old_route_to_slots(
     probs, routing_map, log2phy, replica_count, num_slots, offset=0, local_slot=None, split=None
 ):

@@ -272,6 +272,8 @@ def _ep4_checks(rank: int, world: int, budget: int) -> dict:
     from megatron_eplb.patches import megatron as eplb_mcore
     from test_megatron_patch import _random_placement
 
+    from megatron_eplb.config import EPLBConfig
+
     _init(world)
     torch.manual_seed(100 + rank)
     x = torch.randn(16, 3, 16)
@@ -279,10 +281,12 @@ def _ep4_checks(rank: int, world: int, budget: int) -> dict:
     out = {}
     for dispatcher in ("alltoall", "allgather"):
         config = _moe_config(dispatcher, topk=4, num_layers=2)
-        placements = {"default": None, "replicas": _random_placement(np.random.default_rng(3), 2, world, 4)}
-        for name, placement in placements.items():
+        replicas = _random_placement(np.random.default_rng(3), 2, world, 4)
+        placements = {"default": (None, 1), "replicas": (replicas, 1), "replicas_align2": (replicas, 2)}
+        for name, (placement, align) in placements.items():
             ref, pat = _twin_models(config)
-            handle = eplb_mcore.apply(pat, placement, fast_replicas=budget)
+            cfg = EPLBConfig(eplb_split_align=align)  # cut points at even positions: the same math
+            handle = eplb_mcore.apply(pat, placement, cfg, fast_replicas=budget)
             out[f"{dispatcher}/{name}"] = _stack_checks(handle, ref, pat, x, w)
     return out
 

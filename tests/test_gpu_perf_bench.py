@@ -43,6 +43,14 @@ def test_recording_overhead(tmp_path):
     assert "MoE layer forward" in stdout
 
 
+def test_split_gemm_cost(tmp_path):
+    r, stdout = _run("split_gemm_cost.py", tmp_path, "--rounds", "3", "--align", "4", "16")
+    kinds = r["kinds"]
+    assert list(kinds) == ["unsplit", "split_exact", "split_aligned_4", "split_aligned_16"]
+    assert kinds["unsplit"]["groups"] == 8 and kinds["split_exact"]["groups"] == 10  # 2 replica slots
+    assert "split_aligned_16" in stdout
+
+
 def test_slot_copy_bandwidth(tmp_path):
     r, stdout = _run("slot_copy_bandwidth.py", tmp_path)
     assert r["bandwidth"]["copy_bandwidth_GBps"] > 0

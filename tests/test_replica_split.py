@@ -13,6 +13,8 @@ import torch
 from megatron_eplb.placement import ExpertPlacement
 from megatron_eplb.policy import rebalance
 from megatron_eplb.replica_split import (
+    BalancedSplit,
+    align_bounds,
     balanced_shares,
     best_split_bound,
     copy_bounds,
@@ -94,6 +96,32 @@ def test_bounds_route_every_source_pair_to_its_copy_quota():
             copy = torch.searchsorted(bounds[e], pos, right=True)
             got[e] += torch.bincount(copy, minlength=shares.shape[1])
     assert torch.equal(got, shares)
+
+
+@pytest.mark.parametrize("align", [2, 8, 128])
+def test_aligned_bounds_cut_at_multiples_and_conserve_tokens(align):
+    """``align_bounds``: every cut inside an expert's run is a multiple of ``align``, moved by at most
+    ``align / 2``; runs stay consecutive and end at the total; an empty copy stays empty; BalancedSplit(align)
+    returns exactly that."""
+    rng = np.random.default_rng(align)
+    for _ in range(20):
+        ranks, experts = 4, 12
+        row = np.concatenate([rng.permutation(experts), rng.choice(experts, 4, replace=False)])
+        tables = replica_tables(row, ranks, experts)
+        load = torch.as_tensor(rng.integers(0, 600, size=experts))
+        shares = balanced_shares(load, tables)
+        exact = copy_bounds(shares)
+        bounds = align_bounds(exact, load, align)
+        total = load.view(-1, 1)
+        assert bool((bounds <= total).all()) and bool((torch.diff(bounds, dim=1) >= 0).all())
+        inside = bounds < total
+        assert bool((bounds[inside] % align == 0).all())
+        assert bool(((bounds - exact).abs()[inside] <= align // 2).all())
+        assert torch.equal(bounds[exact >= total], exact[exact >= total])
+        empty = torch.diff(exact, dim=1) == 0
+        assert bool((torch.diff(bounds, dim=1)[empty] == 0).all())
+        assert torch.equal(BalancedSplit(tables, align=align)(load), bounds)
+    assert align_bounds(exact, load, 1) is exact
 
 
 def _brute_force_best(load: np.ndarray, row: np.ndarray, ranks: int) -> int:

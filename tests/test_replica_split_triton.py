@@ -19,7 +19,13 @@ import pytest
 import torch
 
 from megatron_eplb import replica_split_triton as fused
-from megatron_eplb.replica_split import BalancedSplit, balanced_shares, copy_bounds, replica_tables
+from megatron_eplb.replica_split import (
+    BalancedSplit,
+    align_bounds,
+    balanced_shares,
+    copy_bounds,
+    replica_tables,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 # the GPU check (benchmarks/replica_split_bench.py) runs the same cases
@@ -99,16 +105,30 @@ def test_fused_bounds_on_every_pair_of_small_loads():
     _check(row, 3, 4, loads)
 
 
+@pytest.mark.parametrize("align", [2, 3, 128])
+def test_fused_bounds_aligned_equal_the_torch_split(align):
+    """The kernel's rounding of the cut points (``align``) is ``align_bounds``'s, bitwise."""
+    rng = np.random.default_rng(align)
+    for experts, ranks, slots, copies in ((16, 4, 6, 3), (64, 8, 10, 2)):
+        row = _placement(rng, experts, ranks, slots, copies)
+        tables = replica_tables(row, ranks, experts, DEVICE)
+        for load in check_loads(rng, experts):
+            w = torch.as_tensor(load, device=DEVICE)
+            want = align_bounds(copy_bounds(balanced_shares(w, tables)), w, align)
+            assert torch.equal(fused.balanced_bounds(w, tables, align=align), want), (align, load.tolist())
+
+
 def test_balanced_split_uses_the_kernel_on_cuda():
     if DEVICE.type != "cuda":
         pytest.skip("BalancedSplit launches the kernel on CUDA only")
     rng = np.random.default_rng(11)
     row = _placement(rng, 64, 8, 10, 3)
     tables = replica_tables(row, 8, 64, DEVICE)
-    split = BalancedSplit(tables)
+    split, aligned = BalancedSplit(tables), BalancedSplit(tables, align=128)
     for load in check_loads(rng, 64):
         w = torch.as_tensor(load, device=DEVICE)
         assert torch.equal(split(w), copy_bounds(balanced_shares(w, tables)))
+        assert torch.equal(aligned(w), align_bounds(copy_bounds(balanced_shares(w, tables)), w, 128))
     assert split.path.startswith("triton")  # "triton_graph" (the default) or "triton"
 
 

@@ -96,7 +96,7 @@ def apply(
         fast_replicas = cfg.eplb_fast_replica_budget if cfg.eplb_fast_replicas else 0
     if fast_replicas:
         _check_fast(layers, dispatch, cfg.eplb_num_nodes, ep_size)
-    handle = MegatronEPLB(model, layers, placement, ep_group, dispatch, stage)
+    handle = MegatronEPLB(model, layers, placement, ep_group, dispatch, stage, cfg.eplb_split_align)
     if fast_replicas:
         from .fast_replicas import install
 

@@ -52,7 +52,7 @@ import torch.distributed as dist
 
 from megatron_eplb.config import CROSS_NODE_MIN_TOKENS
 from megatron_eplb.fast_replicas import FastPlan, FastPlanner, FastTables, fast_tables
-from megatron_eplb.replica_split import copy_bounds, source_offsets
+from megatron_eplb.replica_split import align_bounds, copy_bounds, source_offsets
 
 from .compat import EPLBPatchError
 from .dispatchers import rebuild_dispatcher, route_to_slots, slot_tables
@@ -364,7 +364,8 @@ class FastReplicas:
         planner = self.planner(idx)
         counts = routing_map.sum(dim=0, dtype=torch.int64)  # [E]
         every = all_gather_counts(counts, handle.ep_group, handle.ep_size)  # [N, E]
-        plan = planner(every.sum(dim=0))
+        total = every.sum(dim=0)
+        plan = planner(total)
         self._plans[idx] = plan
         # The copies' all-to-all starts now, ahead of the token dispatch (the spare choice comes to the host:
         # the split sizes; every rank enters the same collectives in the same order).
@@ -383,7 +384,7 @@ class FastReplicas:
             routing_map,
             slot_tables(plan.copy_slot, copy_count, spread=experts),
             handle.ep_size * self.union_slots_per_rank,
-            split=(first, copy_bounds(plan.shares)),
+            split=(first, align_bounds(copy_bounds(plan.shares), total, handle.split_align)),
         )
 
     # ----------------------------------------------------------------- experts

@@ -110,6 +110,7 @@ class MegatronEPLB(SlotShape):
         ep_group,
         replica_dispatch: str,
         stage: PipelineStage | None = None,
+        split_align: int = 0,
     ) -> None:
         self.model = model
         #: With PP > 1: this stage's place among the model's MoE layers (global layer ids); else None.
@@ -124,6 +125,8 @@ class MegatronEPLB(SlotShape):
         self.num_experts = int(self._layers[0].config.num_moe_experts)
         self.slots_per_rank = placement.slots_per_rank
         self.device = param_device(self._layers[0].experts)
+        #: The balanced dispatch's cut points between copies are multiples of this (``eplb_split_align``).
+        self.split_align = int(split_align) or (128 if self.device.type == "cuda" else 1)
         self.placement = placement
         # Per layer, the expert storage of its experts module (set when the layer is converted).
         self._storages: list[ExpertStorage] = [None] * self.num_layers
@@ -436,7 +439,7 @@ class MegatronEPLB(SlotShape):
         if self.replica_dispatch == "balanced" and copies > 1:
             tables = replica_tables(row, self.ep_size, self.num_experts, self.device)
             old = self._tables[layer].replicas if layer is not None else None
-            replicas = BalancedSplit(tables) if old is None else old.retarget(tables)
+            replicas = BalancedSplit(tables, align=self.split_align) if old is None else old.retarget(tables)
         return _LayerTables(SlotTables(*parts[:4]), direct, replicas)
 
     def _convert_layer(self, idx: int, layer: torch.nn.Module) -> None:

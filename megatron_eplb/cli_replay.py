@@ -44,10 +44,15 @@ def format_table(result: dict) -> str:
     lines.append("per-step balancedness = mean over layers of mean / max rank load (1.0 = perfect)")
     if fast:
         nodes, m = cfg.get("num_nodes", 1), cfg.get("cross_node_min_gain", 0)
+        where = (
+            "one node: none"
+            if nodes == 1
+            else f"{nodes} nodes of {cfg['ep_size'] // nodes} ranks; a copy across nodes only when it takes >= {m} "
+            "more tokens off the busiest rank than an in-node one; '(any node)': without that rule"
+        )
         lines.append(
-            f"copies/step, x-node/step: spare copies used per step (all layers), and those fetched across nodes "
-            f"({nodes} node(s) of {cfg['ep_size'] // nodes} ranks; a copy across nodes only when it takes >= {m} "
-            "more tokens off the busiest rank than an in-node one; '(any node)': without that rule)"
+            "copies/step, x-node/step: spare copies used per step (all layers), and those fetched across nodes "
+            f"({where})"
         )
     if result.get("split_vs_bound_min") is not None:
         lines.append(

@@ -39,8 +39,9 @@ SHAPES = [
 ]
 
 
-def compile_shape(shape: tuple, arch: int, warps: int | None) -> dict:
-    """One shape's ``(E, C, N, F[, K])`` compile record (see the module docstring)."""
+def compile_shape(shape: tuple, arch: int, warps: int | None, rule: bool = False) -> dict:
+    """One shape's ``(E, C, N, F[, K])`` compile record (see the module docstring); ``rule``: the kernel with the
+    cross-node rule compiled in (``eplb_num_nodes > 1`` and ``eplb_fast_cross_node_min_tokens > 0``)."""
     experts, copies, ranks, fast = shape[:4]
     import triton
     from triton.backends.compiler import GPUTarget
@@ -54,10 +55,12 @@ def compile_shape(shape: tuple, arch: int, warps: int | None) -> dict:
     cfg.pop("num_warps", None)
     signature = {name: "*i64" for name in ("load_ptr", "copy_rank_ptr", "copy_slot_ptr")}
     signature["holds_ptr"] = "*i1"
+    signature["near_ptr"] = "*i1"
     signature.update({name: "*i64" for name in ("replicated_ptr", "out_ptr")})
     scalars = ("num_experts", "copies", "num_ranks", "slots", "num_fast", "union", "num_replicated")
     signature.update({name: "i32" for name in scalars})
-    constexprs = dict(ITERATIONS=8, ROUNDS=ranks * fast, BIG=_BIG, **cfg)
+    signature["min_gain"] = "i64"
+    constexprs = dict(ITERATIONS=8, ROUNDS=ranks * fast, BIG=_BIG, **cfg, RULE=rule)
     signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(fn=fused._fast_plan_kernel, signature=signature, constexprs=constexprs)
     started = time.time()
@@ -73,6 +76,7 @@ def compile_shape(shape: tuple, arch: int, warps: int | None) -> dict:
         "fast": fast,
         "replicated": shape[4] if len(shape) > 4 else None,
         "fits": fused.fits(*shape),
+        "cross_node_rule": rule,
     }
     record.update(cfg, num_warps=num_warps, shared_bytes=kernel.metadata.shared)
     record["compile_s"] = round(time.time() - started, 1)
@@ -103,6 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--warps", type=int, default=None, help="override launch_config's warps")
     p.add_argument("--shapes", nargs="*", default=None, help="E,C,N,F[,K] each (default: SHAPES)")
+    p.add_argument("--rule", action="store_true", help="the kernel with the cross-node rule compiled in")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
         f"{'E':>5}{'C':>3}{'N':>4}{'F':>3}{'fits':>6}{'warps':>6}{'shared KiB':>11}{'regs':>6}{'stack B':>9}{'spills B':>10}"
     )
     for shape in shapes:
-        r = compile_shape(shape, args.arch, args.warps)
+        r = compile_shape(shape, args.arch, args.warps, args.rule)
         rows.append(r)
         print(
             f"{r['experts']:>5}{r['copies']:>3}{r['ranks']:>4}{r['fast']:>3}{str(r['fits']):>6}{r['num_warps']:>6}"

@@ -361,11 +361,12 @@ def fused_plan_mismatches(tables, loads, iterations: int, what: str) -> tuple[in
 
 
 def check_fused_plan(
-    device: torch.device, seeds: int = 1, iterations: int = 8, shapes=None
+    device: torch.device, seeds: int = 1, iterations: int = 8, shapes=None, cross_node: bool = False
 ) -> tuple[int, list[str]]:
     """The fused plan against the torch planner on ``shapes`` (default :data:`CHECK_SHAPES`): ``seeds``
     placements each, the :func:`check_loads` on each; shapes the kernel does not take
-    (:func:`~megatron_eplb.fast_replicas_triton.fits`) are skipped.  Returns ``(plans compared, mismatches)``."""
+    (:func:`~megatron_eplb.fast_replicas_triton.fits`) are skipped.  With ``cross_node`` an even ``N`` is also
+    checked as 2 nodes under the cross-node rule (``m = 16``).  Returns ``(plans compared, mismatches)``."""
     from megatron_eplb.fast_replicas import fast_tables
     from megatron_eplb.fast_replicas_triton import fits
 
@@ -374,12 +375,17 @@ def check_fused_plan(
         for seed in range(seeds):
             rng = np.random.default_rng([experts, ranks, slots, fast, seed])
             row = random_row(rng, experts, ranks, slots, empty)
-            tables = fast_tables(row, ranks, experts, fast, device)
-            if not fits(experts, tables.copy_rank.shape[1], ranks, fast, tables.replicated.numel()):
-                continue
-            what = f"E={experts} N={ranks} S={slots} F={fast} row={row.tolist()}"
-            n, b = fused_plan_mismatches(tables, check_loads(rng, experts), iterations, what)
-            rows, bad = rows + n, bad + b
+            nodes = ((1, 0), (2, 16)) if cross_node and ranks % 2 == 0 else ((1, 0),)
+            loads = check_loads(rng, experts)
+            for num_nodes, m in nodes:
+                tables = fast_tables(
+                    row, ranks, experts, fast, device, num_nodes=num_nodes, cross_node_min_gain=m
+                )
+                if not fits(experts, tables.copy_rank.shape[1], ranks, fast, tables.replicated.numel()):
+                    continue
+                what = f"E={experts} N={ranks} S={slots} F={fast} nodes={num_nodes} m={m} row={row.tolist()}"
+                n, b = fused_plan_mismatches(tables, loads, iterations, what)
+                rows, bad = rows + n, bad + b
     return rows, bad
 
 
@@ -484,7 +490,7 @@ def run_planner(args, device: torch.device, world: int) -> dict:
     bad: list[str] = []
     if out["triton"]:
         try:
-            plans, bad = check_fused_plan(device, seeds=3)
+            plans, bad = check_fused_plan(device, seeds=3, cross_node=True)
         except Exception as exc:  # noqa: BLE001 - reported: the kernel failed here
             plans, bad = 0, [f"the fused kernel failed: {exc!r}"]
         out["check"] = {"plans": plans, "mismatch_count": len(bad), "mismatches": bad[:20]}

@@ -1,5 +1,6 @@
 """`megatron-eplb replay`: a recorded load trace under the default placement, each policy with the even and the
-per-batch (``balanced``) split, the best split, per-step replicas (``--fast-slots``) and a per-step oracle
+per-batch (``balanced``) split, the best split, per-step replicas (``--fast-slots``; across ``--num-nodes`` with
+the cross-node rule, ``--cross-node-min-tokens``) and a per-step oracle
 (added by ``cli.build_parser``).
 
 Imports :mod:`.cli_common`, never :mod:`.cli`."""
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli_common import CLIError
+from .config import CROSS_NODE_MIN_TOKENS
 from .errors import PolicyError
 from .policy import policy_names
 from .policy.common import check_problem_size
@@ -31,11 +33,27 @@ def format_table(result: dict) -> str:
         f"{cfg['window']}; summaries over steps {cfg['summary_from_step']}..{cfg['steps'] - 1} (from the first re-plan)",
         f"{'strategy':<34}{'mean':>8}{'p10':>8}{'worst':>8}{'moved slots':>13}",
     ]
+    fast = any("copies" in row for row in result["rows"])
+    if fast:
+        lines[-1] += f"{'copies/step':>13}{'x-node/step':>13}"
     for row in result["rows"]:
-        lines.append(
-            f"{row['name']:<34}{row['mean']:>8.4f}{row['p10']:>8.4f}{row['worst']:>8.4f}{row['moved_slots']:>13d}"
-        )
+        line = f"{row['name']:<34}{row['mean']:>8.4f}{row['p10']:>8.4f}{row['worst']:>8.4f}{row['moved_slots']:>13d}"
+        if "copies" in row:
+            line += f"{row['copies']:>13.2f}{row['cross_node_copies']:>13.2f}"
+        lines.append(line)
     lines.append("per-step balancedness = mean over layers of mean / max rank load (1.0 = perfect)")
+    if fast:
+        nodes, m = cfg.get("num_nodes", 1), cfg.get("cross_node_min_gain", 0)
+        where = (
+            "one node: none"
+            if nodes == 1
+            else f"{nodes} nodes of {cfg['ep_size'] // nodes} ranks; a copy across nodes only when it takes >= {m} "
+            "more tokens off the busiest rank than an in-node one; '(any node)': without that rule"
+        )
+        lines.append(
+            "copies/step, x-node/step: spare copies used per step (all layers), and those fetched across nodes "
+            f"({where})"
+        )
     if result.get("split_vs_bound_min") is not None:
         lines.append(
             f"balanced split vs the best split over the same placement, worst (step, layer): "
@@ -101,9 +119,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         ("--interval", args.interval),
         ("--window", args.window),
         ("--ep-size", args.ep_size),
+        ("--num-nodes", args.num_nodes),
     ):
         if value < 1:
             raise CLIError(f"{flag} must be >= 1, got {value}")
+    if args.ep_size % args.num_nodes:
+        raise CLIError(f"--num-nodes {args.num_nodes} does not divide --ep-size {args.ep_size}")
+    if args.cross_node_min_tokens < 0:
+        raise CLIError(f"--cross-node-min-tokens must be >= 0, got {args.cross_node_min_tokens}")
     try:  # --ep-size 1000000: one clear error, not a process killed for memory
         check_problem_size(loads.shape[1], num_experts, num_experts + args.redundancy, args.ep_size)
     except PolicyError as exc:
@@ -121,6 +144,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             time_resolved=args.time_resolved,
             progress=not args.no_progress,
             fast_slots=args.fast_slots,
+            num_nodes=args.num_nodes,
+            cross_node_min_gain=args.cross_node_min_tokens,
         )
     except (PolicyError, ValueError) as exc:
         raise CLIError(str(exc)) from None
@@ -163,6 +188,22 @@ def add_commands(subparsers) -> None:
         default=0,
         help="spare slots per rank refilled every step with copies of its hottest experts (per-step replicas; "
         "taken from --redundancy): adds the rows 'default + fast' and '<policy> + fast'",
+    )
+    p.add_argument(
+        "--num-nodes",
+        type=int,
+        default=1,
+        help="nodes the EP group spans (equal consecutive ranks each): the fast rows count the copies fetched "
+        "across nodes and apply the cross-node rule (default 1)",
+    )
+    p.add_argument(
+        "--cross-node-min-tokens",
+        type=int,
+        default=CROSS_NODE_MIN_TOKENS,
+        help="eplb_fast_cross_node_min_tokens: a spare copy across nodes only when it takes at least this many "
+        "more tokens off the step's busiest rank than an in-node one (0 = anywhere); with --num-nodes > 1 each "
+        f"fast row gets an '(any node)' twin without the rule (default {CROSS_NODE_MIN_TOKENS}; the trace's "
+        "token counts set the scale)",
     )
     p.add_argument(
         "--no-bound", action="store_true", help="skip the best split (the exact bound; slow on big E)"

@@ -25,7 +25,7 @@ from .placement import ExpertPlacement, nearest_valid_redundancy
 from .policy import NODE_LOCALITY, policy_names
 
 __all__ = ["EPLBConfig", "EPLBConfigError", "add_eplb_args", "POLICIES", "REPLICA_DISPATCH", "CANARY"]  # noqa: F822
-__all__ += ["CAPACITY"]
+__all__ += ["CAPACITY", "CROSS_NODE_MIN_TOKENS"]
 
 # The choice lists of the keys below.  Policy names come from the policy registry
 # (megatron_eplb.policy.policy_names) and node-locality modes from megatron_eplb.policy.NODE_LOCALITY; the
@@ -33,6 +33,14 @@ __all__ += ["CAPACITY"]
 REPLICA_DISPATCH = ("even", "local_first", "balanced")  # how tokens of a replicated expert pick a copy
 CANARY = ("sampled", "full", "off")  # eplb_transfer_canary
 CAPACITY = ("logical", "per_slot")  # eplb_capacity (DeepSpeed MoE layers)
+
+#: The default of ``eplb_fast_cross_node_min_tokens``.  A per-step copy fetched across nodes moves its weights
+#: there and its gradient back: 2 x 3 h f x 2 bytes (bf16 gated MLP) at B bytes/s of inter-node link per GPU; a
+#: token taken off the busiest rank saves 18 h f flop of forward and backward at C flop/s.  h f cancels: the
+#: copy pays from 2 C / (3 B) tokens on (``fast_replicas.cross_node_break_even``), whatever the expert's size.
+#: 400 TFLOP/s over 50 GB/s (a 400 Gb/s NIC per GPU) is 5333 tokens, 700 over 25 GB/s 18667; the fetch overlaps
+#: the token dispatch, which hides part of it, so the default sits at the low end, rounded to a power of two.
+CROSS_NODE_MIN_TOKENS = 4096
 
 
 log = logging.getLogger("megatron_eplb")
@@ -149,6 +157,15 @@ class EPLBConfig:
         "Spare slots per rank for eplb_fast_replicas: at most this many expert copies fetched per rank, MoE "
         "layer and step.",
         min=1,
+    )
+    eplb_fast_cross_node_min_tokens: int = _key(
+        CROSS_NODE_MIN_TOKENS,
+        "With eplb_fast_replicas and eplb_num_nodes > 1: a spare copy whose rank's node holds no persistent copy "
+        "of the expert (fetched across nodes, its gradient sent back the same way) is taken only when it takes at "
+        "least this many more tokens off the step's busiest rank than the best copy inside a node holding the "
+        "expert; else that in-node copy. Break-even 2C/(3B) tokens for C flop/s of expert compute and B bytes/s "
+        "of inter-node link per GPU (400 TFLOP/s over 50 GB/s: 5333). 0 = copies go anywhere.",
+        min=0,
     )
     eplb_capacity: str = _key(
         "logical",

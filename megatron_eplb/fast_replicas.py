@@ -25,6 +25,18 @@ The algorithm (:func:`plan_fast_replicas`), step by step:
    (half the gap between the two ranks, at most what the expert has on the busy rank); copy the expert with
    the largest such gain there (ties: more tokens on the busy rank, then the lower expert), move those tokens;
    a round without gain changes nothing;
+2a. across nodes only when the gain pays for it (the **cross-node rule**, active with ``num_nodes > 1`` and
+   ``cross_node_min_gain = m > 0`` in :class:`FastTables`): the ranks are ``num_nodes`` equal consecutive nodes,
+   and a copy of expert ``e`` onto rank ``t`` is **cross-node** when no persistent copy of ``e`` is in ``t``'s
+   node (its weights come over the inter-node link and its gradient goes back the same way).  Per expert, two
+   candidates in step 2: the best overall target (the lightest open rank, gain ``g_all``) and the best **near**
+   target (the lightest open rank in a node holding ``e``, gain ``g_near``; 0 when there is none; the same
+   rank as the overall one when that one is near).  When the overall target is cross-node it is taken only if
+   ``g_all - g_near >= m`` (its extra gain over the best in-node copy pays for the fetch), and its **value**
+   is then ``g_all - m``; otherwise the near target is taken, value ``g_near``.  An in-node candidate's value
+   is its gain.  The expert of the round is the one with the largest value (ties as in step 2) and the tokens
+   moved are its candidate's gain.  With one node or ``m = 0`` every value is the gain and every target the
+   overall one: step 2 exactly (bitwise);
 3. split the step's tokens over the union of persistent and spare copies (the balanced split again, every
    expert water-filled over its copies, 8 line-searched rounds); if its busiest rank is heavier than the
    persistent-only split's, keep the persistent-only split (the spare copies get nothing);
@@ -32,6 +44,13 @@ The algorithm (:func:`plan_fast_replicas`), step by step:
 
 So the result is never worse than the persistent placement alone on the step's busiest rank, every rank
 derives the same choice from the same counts, and the tokens of every expert are conserved.
+
+The break-even of the cross-node rule (``eplb_fast_cross_node_min_tokens``, default
+:data:`~megatron_eplb.config.CROSS_NODE_MIN_TOKENS`): a copy's fetch and its gradient's return move
+``2 x 3 h f x 2`` bytes (a bf16 gated MLP, ``h`` hidden, ``f`` FFN size) over the inter-node link at ``B``
+bytes/s per GPU, ``12 h f / B`` seconds; a token taken off the busiest rank saves its ``18 h f`` flop of forward
+and backward at ``C`` flop/s.  ``h f`` cancels: a cross-node copy pays from ``2 C / (3 B)`` tokens on, whatever
+the expert's size (:func:`cross_node_break_even`).
 """
 
 from __future__ import annotations
@@ -41,14 +60,18 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .config import CROSS_NODE_MIN_TOKENS
 from .kernel_paths import KernelPaths
 from .replica_split import DEFAULT_ITERATIONS, water_fill
 
 __all__ = [
+    "CROSS_NODE_MIN_TOKENS",  # (from megatron_eplb.config)
     "FastPlan",
     "FastPlanner",
     "FastTables",
     "choose_fast_replicas",
+    "cross_node_break_even",
+    "cross_node_copies",
     "fast_tables",
     "plan_fast_replicas",
     "rank_loads_of_copies",
@@ -56,6 +79,13 @@ __all__ = [
 ]
 
 _BIG = 1 << 50  # the level of a padding copy or a full rank: above any real load; ``_BIG * D`` fits int64
+
+
+def cross_node_break_even(flops_per_s: float, link_bytes_per_s: float) -> float:
+    """Tokens a cross-node copy must take off the busiest rank to pay for its fetch and its gradient's return:
+    ``2 C / (3 B)`` (the module docstring), for ``C`` flop/s of expert compute per GPU and ``B`` bytes/s of
+    inter-node link per GPU; independent of the expert's size."""
+    return 2.0 * flops_per_s / (3.0 * link_bytes_per_s)
 
 
 class FastTables(NamedTuple):
@@ -71,6 +101,10 @@ class FastTables(NamedTuple):
             up to ``K = 0`` if ``C = 1`` else ``min(E, N * S - E)`` entries (a length fixed by the shapes); only
             the fused kernel reads it (its persistent split works over these rows alone).  ``None``: the kernel
             derives it at launch (a host sync).
+        near: bool ``[E, N]`` whether rank ``n``'s node holds a persistent copy of expert ``e`` (a spare copy of
+            ``e`` on ``n`` is fetched inside the node); ``None``: every rank is near (one node).
+        num_nodes: nodes the ranks span (``N / num_nodes`` consecutive ranks each).
+        cross_node_min_gain: ``m`` of the cross-node rule (step 2a of the module docstring), tokens.
     """
 
     copy_rank: torch.Tensor
@@ -80,6 +114,14 @@ class FastTables(NamedTuple):
     slots_per_rank: int
     num_fast: int
     replicated: torch.Tensor | None = None
+    near: torch.Tensor | None = None
+    num_nodes: int = 1
+    cross_node_min_gain: int = 0
+
+    @property
+    def cross_node_rule(self) -> bool:
+        """Whether the cross-node rule changes the choice (``num_nodes > 1`` and ``cross_node_min_gain > 0``)."""
+        return self.num_nodes > 1 and self.cross_node_min_gain > 0 and self.near is not None
 
     @property
     def union_slots_per_rank(self) -> int:
@@ -115,6 +157,8 @@ def fast_tables(
     num_experts: int,
     num_fast: int,
     device: torch.device | str = "cpu",
+    num_nodes: int = 1,
+    cross_node_min_gain: int = 0,
 ) -> FastTables:
     """The tables of one layer's persistent placement.
 
@@ -122,6 +166,8 @@ def fast_tables(
         phy2log_row: int ``[P]`` logical expert of each persistent slot (``-1`` = empty).
         num_ranks: ``N`` (``P % N == 0``).  num_experts: ``E`` (every expert needs a copy).
         num_fast: ``F`` spare slots per rank (>= 0).
+        num_nodes: nodes the ranks span, ``N / num_nodes`` consecutive ranks each (``N % num_nodes == 0``).
+        cross_node_min_gain: ``m`` (>= 0) of the cross-node rule (step 2a of the module docstring); 0: off.
     Returns:
         :class:`FastTables` on ``device``.
     """
@@ -130,6 +176,10 @@ def fast_tables(
         raise ValueError(f"{row.shape[0]} slots do not divide over {num_ranks} ranks")
     if num_fast < 0:
         raise ValueError(f"num_fast={num_fast} must be >= 0")
+    if num_nodes < 1 or num_ranks % num_nodes:
+        raise ValueError(f"num_nodes={num_nodes} does not divide the {num_ranks} ranks")
+    if cross_node_min_gain < 0:
+        raise ValueError(f"cross_node_min_gain={cross_node_min_gain} must be >= 0")
     per_rank = row.shape[0] // num_ranks
     slot_rank = np.arange(row.shape[0]) // per_rank
     union_slot = slot_rank * (per_rank + num_fast) + np.arange(row.shape[0]) % per_rank
@@ -147,15 +197,21 @@ def fast_tables(
     copy_slot[row[order], position] = union_slot[order]
     holds = np.zeros((num_experts, num_ranks + 1), dtype=bool)
     holds[np.arange(num_experts)[:, None], copy_rank] = True
+    holds = holds[:, :num_ranks]
+    node_holds = holds.reshape(num_experts, num_nodes, num_ranks // num_nodes).any(axis=2)  # [E, nodes]
+    near = node_holds[:, np.arange(num_ranks) // (num_ranks // num_nodes)]  # [E, N]
     device = torch.device(device)
     return FastTables(
         torch.from_numpy(copy_rank).to(device),
         torch.from_numpy(copy_slot).to(device),
-        torch.from_numpy(holds[:, :num_ranks].copy()).to(device),
+        torch.from_numpy(holds.copy()).to(device),
         int(num_ranks),
         int(per_rank),
         int(num_fast),
         torch.from_numpy(replicated_list(count, row.shape[0])).to(device),
+        torch.from_numpy(np.ascontiguousarray(near)).to(device),
+        int(num_nodes),
+        int(cross_node_min_gain),
     )
 
 
@@ -228,19 +284,28 @@ def split_over_copies(
 
 
 def choose_fast_replicas(
-    load: torch.Tensor, amount: torch.Tensor, holds: torch.Tensor, num_fast: int
+    load: torch.Tensor,
+    amount: torch.Tensor,
+    holds: torch.Tensor,
+    num_fast: int,
+    near: torch.Tensor | None = None,
+    min_gain: int = 0,
 ) -> torch.Tensor:
-    """The greedy choice of the spare copies (step 2 of the module docstring).
+    """The greedy choice of the spare copies (steps 2 and 2a of the module docstring).
 
     Args:
         load: int64 ``[B, E]`` tokens per expert of each step.
         amount: int64 ``[B, E, N]`` tokens of expert ``e`` on rank ``n`` under the persistent split.
         holds: bool ``[E, N]`` persistent copies.
         num_fast: ``F``.
+        near: bool ``[E, N]`` whether rank ``n``'s node holds a persistent copy of ``e`` (:attr:`FastTables.near`);
+            with ``min_gain > 0`` the cross-node rule (step 2a), else ignored.
+        min_gain: ``m``, tokens a cross-node copy must gain beyond the best in-node one.
     Returns:
         int64 ``[B, N, F]`` the expert each spare slot takes (``-1``: none).
     """
     b, num_experts, n = amount.shape
+    rule = near is not None and min_gain > 0
     amount = amount.clone()
     rank_load = amount.sum(dim=1)  # [B, N]
     has = holds.unsqueeze(0).expand(b, num_experts, n).clone()
@@ -252,11 +317,18 @@ def choose_fast_replicas(
         r = rank_load.argmax(dim=1)  # [B] the busiest rank (the lowest of ties)
         on_r = amount[ar, :, r]  # [B, E]
         open_ = (free > 0).unsqueeze(1) & ~has  # [B, E, N]
-        level = torch.where(open_, rank_load.unsqueeze(1), _BIG)
-        target = level.argmin(dim=2)  # [B, E] the lightest open rank for each expert
-        gap = rank_load.gather(1, r.unsqueeze(1)) - level.gather(2, target.unsqueeze(2)).squeeze(2)
-        gain = torch.minimum(on_r, gap.div(2, rounding_mode="floor")).clamp(min=0)  # [B, E]
-        e = (gain * scale + on_r).argmax(dim=1)  # [B]
+        busy = rank_load.gather(1, r.unsqueeze(1))  # [B, 1]
+        target, gain = _best_target(open_, rank_load, busy, on_r)  # [B, E] the lightest open rank for each
+        value = gain
+        if rule:  # step 2a: a cross-node target only when its extra gain over the best in-node one pays
+            t_near, g_near = _best_target(open_ & near, rank_load, busy, on_r)
+            cross = ~near.unsqueeze(0).expand(b, -1, -1).gather(2, target.unsqueeze(2)).squeeze(2)
+            pays = gain - g_near >= min_gain
+            use_near = cross & ~pays
+            target = torch.where(use_near, t_near, target)
+            value = torch.where(use_near, g_near, torch.where(cross, gain - min_gain, gain))
+            gain = torch.where(use_near, g_near, gain)
+        e = (value * scale + on_r).argmax(dim=1)  # [B]
         moved = gain.gather(1, e.unsqueeze(1)).squeeze(1)  # [B]
         ok = moved > 0
         t = target.gather(1, e.unsqueeze(1)).squeeze(1)  # [B]
@@ -269,6 +341,35 @@ def choose_fast_replicas(
         has[ar, e, t] |= ok
         free[ar, t] -= ok.to(torch.int64)
     return fast
+
+
+def _best_target(
+    open_: torch.Tensor, rank_load: torch.Tensor, busy: torch.Tensor, on_r: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per expert the lightest rank among ``open_ [B, E, N]`` (the lowest of ties) and the tokens a copy there
+    takes off the busiest rank (load ``busy [B, 1]``): ``min(on_r, gap // 2)``, at least 0 (0 without an open
+    rank).  Returns int64 ``[B, E]`` each."""
+    level = torch.where(open_, rank_load.unsqueeze(1), _BIG)
+    target = level.argmin(dim=2)
+    gap = busy - level.gather(2, target.unsqueeze(2)).squeeze(2)
+    return target, torch.minimum(on_r, gap.div(2, rounding_mode="floor")).clamp(min=0)
+
+
+def cross_node_copies(fast_expert: torch.Tensor, tables: FastTables) -> torch.Tensor:
+    """int64 ``[...]``: per step, the spare copies fetched across nodes (a used spare slot on a rank whose node
+    holds no persistent copy of its expert).
+
+    Args:
+        fast_expert: int64 ``[..., N, F]`` (:attr:`FastPlan.fast_expert`).
+        tables: the layer's :class:`FastTables`.
+    """
+    if tables.near is None:
+        return fast_expert.new_zeros(fast_expert.shape[:-2])
+    n = tables.num_ranks
+    used = fast_expert >= 0
+    rank = torch.arange(n, device=fast_expert.device).view(n, 1).expand_as(fast_expert)
+    near = tables.near[fast_expert.clamp(min=0), rank]
+    return (used & ~near).flatten(-2).sum(-1)
 
 
 def plan_fast_replicas(
@@ -292,7 +393,11 @@ def plan_fast_replicas(
     copy_rank = tables.copy_rank.unsqueeze(0).expand(b, -1, -1)  # [B, E, C]
     persistent = split_over_copies(load, copy_rank.contiguous(), n, iterations)  # [B, E, C]
     amount = load.new_zeros(b, num_experts, n + 1).scatter_add_(2, copy_rank, persistent)[..., :n]
-    fast = choose_fast_replicas(load, amount, tables.holds, f) if f > 0 else load.new_empty(b, n, 0)
+    fast = (
+        choose_fast_replicas(load, amount, tables.holds, f, tables.near, tables.cross_node_min_gain)
+        if f > 0
+        else load.new_empty(b, n, 0)
+    )
     # The union: persistent copies, then each expert's spare copies (a copy per spare slot holding it).
     q = torch.arange(n * f, device=load.device)
     experts = torch.arange(num_experts, device=load.device).view(1, -1, 1)
@@ -336,8 +441,8 @@ class FastPlanner(KernelPaths):
     1.4-2.7 ms per layer on an H200.  So on CUDA it takes the paths of :mod:`megatron_eplb.kernel_paths` (as the
     balanced split's :class:`~megatron_eplb.replica_split.BalancedSplit`): the fused kernel of
     :mod:`megatron_eplb.fast_replicas_triton` (bitwise the same plan) where triton imports and the layer fits its
-    one block (``fast_replicas_triton.fits``), else the torch functions as one CUDA graph; both read the tables
-    in place.
+    one block (``fast_replicas_triton.fits``; the cross-node rule included), else the torch functions as one CUDA
+    graph; both read the tables in place.
 
     A new persistent placement whose tables have the same shapes is copied into them (:meth:`retarget`) and keeps
     the kernel or graph; other shapes make a new planner.  Which path runs is logged once per process.
@@ -384,12 +489,16 @@ class FastPlanner(KernelPaths):
         rep_old, rep_new = old.replicated, tables.replicated
         same = same and (rep_old is None) == (rep_new is None)
         same = same and (rep_old is None or rep_old.shape == rep_new.shape)
+        same = same and (old.near is None) == (tables.near is None)
+        same = same and old[8:] == tables[8:]  # num_nodes, cross_node_min_gain
         if not same:
             return FastPlanner(tables, self.iterations, self.fused)
         for dst, src in zip(old[:3], tables[:3]):
             dst.copy_(src, non_blocking=True)
         if rep_old is not None:
             rep_old.copy_(rep_new, non_blocking=True)
+        if old.near is not None:
+            old.near.copy_(tables.near, non_blocking=True)
         return self
 
     def _launch(self, load: torch.Tensor) -> FastPlan:

@@ -37,6 +37,12 @@ the order of the reductions does not matter; only ``num / den`` goes through fp6
 sides.  Loads must be ``>= 0`` and below ``2**49`` (as for the torch code's ``_BIG`` levels); the tables as
 :func:`~megatron_eplb.fast_replicas.fast_tables` makes them (an expert's real copies first, then padding).
 
+The cross-node rule (step 2a of :mod:`megatron_eplb.fast_replicas`, tables whose
+:attr:`~megatron_eplb.fast_replicas.FastTables.cross_node_rule` is set) is compiled in only for them (``RULE``, a
+constexpr: the rule-free kernel is the same code as without it): in each greedy round a second first-minimum over
+the open ranks of the nodes holding each expert (:attr:`~megatron_eplb.fast_replicas.FastTables.near`), and the
+expert picked by its value (``g_all - m`` across nodes, else the gain) instead of its gain.
+
 Triton is optional: this module imports without it (:func:`available` is then ``False``) and
 :class:`~megatron_eplb.fast_replicas.FastPlanner` imports it only on CUDA.
 """
@@ -189,6 +195,7 @@ def plan_fast_replicas_fused(
         with torch.cuda.device(load.device):  # triton launches on the current device
             return plan_fast_replicas_fused(load, tables, iterations, out)
     replicated = _replicated(tables)
+    rule = bool(tables.cross_node_rule)
     cfg = dict(_launch_config(num_experts, copies, n, f, replicated.numel()))
     num_warps = cfg.pop("num_warps")
     _fast_plan_kernel[(1,)](
@@ -196,6 +203,7 @@ def plan_fast_replicas_fused(
         tables.copy_rank.contiguous(),
         tables.copy_slot.contiguous(),
         tables.holds.contiguous(),
+        tables.near.contiguous() if rule else tables.holds,  # any valid pointer without the rule
         # an empty [K] view may point one past its allocation: hand any valid pointer (never read when K = 0)
         replicated.contiguous() if replicated.numel() else out,
         out,
@@ -206,9 +214,11 @@ def plan_fast_replicas_fused(
         f,
         d,
         replicated.numel(),
+        int(tables.cross_node_min_gain) if rule else 0,
         ITERATIONS=max(int(iterations), 0),
         ROUNDS=n * f,
         BIG=_BIG,
+        RULE=rule,
         num_warps=num_warps,
         enable_fp_fusion=False,  # no fp64 multiply-add contraction in the line search
         **cfg,
@@ -270,6 +280,7 @@ if triton is not None:
             "num_fast",
             "union",
             "num_replicated",
+            "min_gain",
         ]
     )
     def _fast_plan_kernel(
@@ -277,6 +288,7 @@ if triton is not None:
         copy_rank_ptr,  # int64 [E, C]
         copy_slot_ptr,  # int64 [E, C]
         holds_ptr,  # bool [E, N]
+        near_ptr,  # bool [E, N]: rank n's node holds e (read with RULE only)
         replicated_ptr,  # int64 [K]: the experts with >= 2 persistent copies, then -1
         out_ptr,  # int64 [N * F + 3 * E * D], written: fast_expert, copy_rank, copy_slot, shares
         num_experts,
@@ -286,6 +298,7 @@ if triton is not None:
         num_fast,  # F
         union,  # D
         num_replicated,  # K
+        min_gain,  # m of the cross-node rule (RULE only)
         ITERATIONS: tl.constexpr,
         ROUNDS: tl.constexpr,  # N * F
         BIG: tl.constexpr,
@@ -296,6 +309,7 @@ if triton is not None:
         F_P: tl.constexpr,
         K_P: tl.constexpr,
         R_P: tl.constexpr,
+        RULE: tl.constexpr = False,  # the cross-node rule (step 2a of megatron_eplb.fast_replicas)
     ):
         e = tl.arange(0, E_P)
         c = tl.arange(0, C_P)
@@ -339,6 +353,8 @@ if triton is not None:
         rank_load = tl.sum(on_rank, axis=0)  # [N_P]
         in_en = in_e[:, None] & in_n[None, :]
         has = tl.load(holds_ptr + e[:, None] * num_ranks + n[None, :], mask=in_en, other=0) != 0
+        if RULE:
+            near = tl.load(near_ptr + e[:, None] * num_ranks + n[None, :], mask=in_en, other=0) != 0
         free = tl.where(in_n, num_fast, 0).to(tl.int64)  # [N_P]; padding ranks are never open
         fast = tl.full([N_P, F_P], -1, dtype=tl.int64)
         scale = tl.sum(amount, axis=0) + 1
@@ -352,7 +368,20 @@ if triton is not None:
             low = tl.min(level, axis=1)  # [E_P]
             target = tl.min(tl.where(level == low[:, None], n[None, :], N_P), axis=1)  # first minimum
             gain = tl.maximum(tl.minimum(on_r, _floor_div(top - low, 2)), 0)
-            x = _first_max(gain * scale + on_r, e, in_e)  # the expert copied
+            if RULE:  # the lightest open rank in a node holding the expert; across nodes only when it pays
+                nlevel = tl.where(open_ & near, rank_load[None, :], BIG)
+                nlevel = tl.where(in_n[None, :], nlevel, 2 * BIG)
+                nlow = tl.min(nlevel, axis=1)
+                ntarget = tl.min(tl.where(nlevel == nlow[:, None], n[None, :], N_P), axis=1)
+                ngain = tl.maximum(tl.minimum(on_r, _floor_div(top - nlow, 2)), 0)
+                cross = tl.sum(((n[None, :] == target[:, None]) & near).to(tl.int64), axis=1) == 0
+                use_near = cross & (gain - ngain < min_gain)
+                target = tl.where(use_near, ntarget, target)
+                value = tl.where(use_near, ngain, tl.where(cross, gain - min_gain, gain))
+                gain = tl.where(use_near, ngain, gain)
+            else:
+                value = gain
+            x = _first_max(value * scale + on_r, e, in_e)  # the expert copied
             moved = tl.sum(tl.where(e == x, gain, 0), axis=0)
             t = tl.sum(tl.where(e == x, target, 0), axis=0)
             ok = moved > 0

@@ -34,6 +34,7 @@ __all__ = [
     "even_rank_loads",
     "balanced_rank_loads",
     "fast_rank_loads",
+    "fast_replay",
     "replay",
     "step_balancedness",
     "summarize",
@@ -76,20 +77,57 @@ def balanced_rank_loads(
 
 
 def fast_rank_loads(
-    placement: ExpertPlacement, loads: np.ndarray, num_fast: int, iterations: int = DEFAULT_ITERATIONS
+    placement: ExpertPlacement,
+    loads: np.ndarray,
+    num_fast: int,
+    iterations: int = DEFAULT_ITERATIONS,
+    num_nodes: int = 1,
+    cross_node_min_gain: int = 0,
 ) -> np.ndarray:
     """float64 ``[k, L, N]`` rank loads with ``num_fast`` spare slots per rank filled every step with copies of
     that step's hottest experts, on top of ``placement`` (the persistent one), and the balanced split over
     all copies (:func:`~megatron_eplb.fast_replicas.plan_fast_replicas`, each step its own)."""
-    from .fast_replicas import fast_tables, plan_fast_replicas, rank_loads_of_copies
+    return fast_replay(placement, loads, num_fast, iterations, num_nodes, cross_node_min_gain)[0]
+
+
+def fast_replay(
+    placement: ExpertPlacement,
+    loads: np.ndarray,
+    num_fast: int,
+    iterations: int = DEFAULT_ITERATIONS,
+    num_nodes: int = 1,
+    cross_node_min_gain: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`fast_rank_loads` with the copies counted.
+
+    Args:
+        placement: ``[L, P]`` persistent placement on ``N`` ranks; loads: ``[k, L, E]``; num_fast: ``F``.
+        num_nodes, cross_node_min_gain: the ranks' nodes and ``m`` of the cross-node rule
+            (:func:`~megatron_eplb.fast_replicas.fast_tables`).
+    Returns:
+        ``(rank_loads float64 [k, L, N], copies int64 [k, L], cross_node int64 [k, L])``: the spare copies used
+        per step and layer, and those of them fetched across nodes.
+    """
+    from .fast_replicas import cross_node_copies, fast_tables, plan_fast_replicas, rank_loads_of_copies
 
     batch = torch.as_tensor(np.asarray(loads, dtype=np.int64))
     out = np.zeros((batch.shape[0], placement.num_layers, placement.num_ranks))
+    copies = np.zeros((batch.shape[0], placement.num_layers), dtype=np.int64)
+    cross = np.zeros_like(copies)
     for layer in range(placement.num_layers):
-        tables = fast_tables(placement.phy2log[layer], placement.num_ranks, placement.num_experts, num_fast)
+        tables = fast_tables(
+            placement.phy2log[layer],
+            placement.num_ranks,
+            placement.num_experts,
+            num_fast,
+            num_nodes=num_nodes,
+            cross_node_min_gain=cross_node_min_gain,
+        )
         plan = plan_fast_replicas(batch[:, layer], tables, iterations)
         out[:, layer] = rank_loads_of_copies(plan.shares, plan.copy_rank, placement.num_ranks).numpy()
-    return out
+        copies[:, layer] = (plan.fast_expert >= 0).flatten(1).sum(1).numpy()
+        cross[:, layer] = cross_node_copies(plan.fast_expert, tables).numpy()
+    return out, copies, cross
 
 
 def best_split_busiest(placement: ExpertPlacement, loads: np.ndarray) -> np.ndarray:
@@ -143,6 +181,8 @@ def replay(
     iterations: int = DEFAULT_ITERATIONS,
     progress: bool = False,
     fast_slots: int = 0,
+    num_nodes: int = 1,
+    cross_node_min_gain: int = 0,
 ) -> dict:
     """Per-step balancedness of every strategy on the same steps.
 
@@ -160,7 +200,14 @@ def replay(
             slots refilled every step with copies of that step's hottest experts
             (:mod:`~megatron_eplb.fast_replicas`); the persistent placement keeps ``R - N * F`` redundant
             slots (same slot count as the other rows). Rows ``default + fast`` (the default placement, never
-            re-planned) and, per policy, ``{policy} + fast`` (re-planned like the others).
+            re-planned) and, per policy, ``{policy} + fast`` (re-planned like the others); a fast row also has
+            ``copies`` and ``cross_node_copies``: spare copies used, and those fetched across nodes, per step
+            (summed over layers; mean over the summary's steps) and ``cross_node_per_step`` [T].
+        num_nodes: nodes the ranks span (``N / num_nodes`` consecutive ranks each): the policies plan with them
+            (``hierarchical``, ``auto``: node-aware) and the fast rows count their copies across nodes.
+        cross_node_min_gain: ``m`` of the per-step replicas' cross-node rule (``eplb_fast_cross_node_min_tokens``;
+            0: off).  With ``num_nodes > 1`` and ``m > 0`` every fast row has a companion ``... (any node)``
+            without the rule (``m = 0``) on the same persistent placements, side by side.
     Returns:
         ``{"config": {...}, "rows": [{"name", "policy", "split", "per_step" [T], "mean", "p10", "worst",
         "moved_slots"}, ...], "split_vs_bound_min": float | None}``; ``split_vs_bound_min`` is the worst
@@ -181,9 +228,14 @@ def replay(
             f"fast_slots={fast_slots} spare slots per rank need {ep_size * fast_slots} of the {redundancy} "
             f"redundant slots (0 <= fast_slots <= redundancy / ep_size)"
         )
+    if num_nodes < 1 or ep_size % num_nodes:
+        raise ValueError(f"num_nodes={num_nodes} does not divide the EP size {ep_size}")
+    if cross_node_min_gain < 0:
+        raise ValueError(f"cross_node_min_gain={cross_node_min_gain} must be >= 0")
+    gains = [cross_node_min_gain] + ([0] if num_nodes > 1 and cross_node_min_gain > 0 else [])
     segments = _schedule(num_steps, interval)
     variants = [(p, False) for p in policies] + ([(p, True) for p in policies] if time_resolved else [])
-    fast_rows = (1 + len(policies)) if fast_slots else 0
+    fast_rows = (1 + len(policies)) * len(gains) if fast_slots else 0
     bar = tqdm(
         total=num_steps * (2 + len(variants) + fast_rows), desc="replay", unit="step", disable=not progress
     )
@@ -212,7 +264,7 @@ def replay(
         for begin, end in segments:
             if begin > 0:
                 past = loads[max(0, begin - window) : begin]
-                new = _plan(past, slots, ep_size, policy, current, resolved)
+                new = _plan(past, slots, ep_size, policy, current, resolved, num_nodes)
                 moved += int(moved_slots(current, new).sum())
                 current = new
             seg = loads[begin:end]
@@ -233,22 +285,36 @@ def replay(
             ratio_min = float(ratio) if ratio_min is None else min(ratio_min, float(ratio))
     if fast_slots:
         start = ExpertPlacement.default(num_layers, num_experts, ep_size, persistent_redundancy)
-        per_step = step_balancedness(fast_rank_loads(start, loads, fast_slots, iterations))
-        rows.append(row("default + fast", "none", "fast", per_step, 0))
-        bar.update(num_steps)
+
+        def fast_rows_of(name: str, policy: str, placements: list, moved: int) -> None:
+            """The fast rows of one persistent schedule ``[(placement, begin, end)]``, one per ``m`` of ``gains``."""
+            for m in gains:
+                parts = [
+                    fast_replay(p, loads[b:e], fast_slots, iterations, num_nodes, m) for p, b, e in placements
+                ]
+                rank_loads, copies, cross = (np.concatenate(x) for x in zip(*parts))
+                label = f"{name} + fast" + (" (any node)" if m != cross_node_min_gain else "")
+                out = row(label, policy, "fast", step_balancedness(rank_loads), moved)
+                out["copies"] = float(copies.sum(1)[first:].mean())
+                out["cross_node_copies"] = float(cross.sum(1)[first:].mean())
+                out["cross_node_per_step"] = cross.sum(1).tolist()
+                out["cross_node_min_gain"] = m
+                rows.append(out)
+                bar.update(num_steps)
+
+        fast_rows_of("default", "none", [(start, 0, num_steps)], 0)
         for policy in policies:
-            current, moved, fast = start, 0, []
+            current, moved, placements = start, 0, []
             for begin, end in segments:
                 if begin > 0:
                     past = loads[max(0, begin - window) : begin]
-                    new = _plan(past, slots - ep_size * fast_slots, ep_size, policy, current, False)
+                    new = _plan(
+                        past, slots - ep_size * fast_slots, ep_size, policy, current, False, num_nodes
+                    )
                     moved += int(moved_slots(current, new).sum())
                     current = new
-                fast.append(fast_rank_loads(current, loads[begin:end], fast_slots, iterations))
-                bar.update(end - begin)
-            rows.append(
-                row(f"{policy} + fast", policy, "fast", step_balancedness(np.concatenate(fast)), moved)
-            )
+                placements.append((current, begin, end))
+            fast_rows_of(policy, policy, placements, moved)
     oracle, moved, previous = [], 0, None
     for t in range(num_steps):
         plan = rebalance(loads[t].astype(np.float64), slots, ep_size, policy=oracle_policy)
@@ -273,16 +339,32 @@ def replay(
         window=window,
         iterations=iterations,
         fast_slots=fast_slots,
+        num_nodes=num_nodes,
+        cross_node_min_gain=cross_node_min_gain,
     )
     return {"config": config, "rows": rows, "split_vs_bound_min": ratio_min}
 
 
 def _plan(
-    past: np.ndarray, slots: int, ep_size: int, policy: str, current: ExpertPlacement, resolved: bool
+    past: np.ndarray,
+    slots: int,
+    ep_size: int,
+    policy: str,
+    current: ExpertPlacement,
+    resolved: bool,
+    num_nodes: int = 1,
 ) -> ExpertPlacement:
-    """A plan from the window ``past [k, L, E]`` (its sum, or its steps with ``resolved``)."""
+    """A plan from the window ``past [k, L, E]`` (its sum, or its steps with ``resolved``), for ranks in
+    ``num_nodes`` nodes (the node-aware policies use them, as the manager's ``eplb_num_nodes``)."""
     if resolved:
         from .policy.time_resolved import plan_for_steps
 
-        return plan_for_steps(past, slots, ep_size, previous=current, policy=policy)
-    return rebalance(past.sum(axis=0).astype(np.float64), slots, ep_size, policy=policy, previous=current)
+        return plan_for_steps(past, slots, ep_size, previous=current, policy=policy, num_nodes=num_nodes)
+    return rebalance(
+        past.sum(axis=0).astype(np.float64),
+        slots,
+        ep_size,
+        policy=policy,
+        previous=current,
+        num_nodes=num_nodes,
+    )

@@ -9,6 +9,7 @@ import torch
 
 from megatron_eplb.cli import main
 from megatron_eplb.fast_replicas import (
+    cross_node_copies,
     fast_tables,
     plan_fast_replicas,
     rank_loads_of_copies,
@@ -259,3 +260,197 @@ def test_fused_plan_module_without_triton():
                 torch.zeros(8, dtype=torch.int64), fast_tables(np.arange(8), 2, 8, 1)
             )
     assert FastPlanner(fast_tables(np.arange(8), 2, 8, 1)).path == "torch"
+
+
+# --------------------------------------------------------------------------- the cross-node rule (issue #20)
+
+
+def _hand_made(m: int, nodes: int = 2):
+    """EP 4 in ``nodes`` nodes, expert ``r`` on rank ``r``, one spare slot each; expert 0 hot on rank 0, rank 1
+    (rank 0's node) busy too: the lightest rank for a copy of expert 0 is rank 2, in the other node."""
+    tables = fast_tables(np.arange(4), 4, 4, 1, num_nodes=nodes, cross_node_min_gain=m)
+    return tables, plan_fast_replicas(torch.tensor([1000, 700, 100, 100]), tables)
+
+
+def test_cross_node_copy_below_min_gain_is_refused_and_the_in_node_one_taken():
+    """Across nodes (rank 2) the copy would take 450 tokens off rank 0, inside the node (rank 1) 150: 300 more.
+    With m = 400 that does not pay, so expert 0's copy goes to rank 1 and nothing crosses the nodes."""
+    tables, plan = _hand_made(400)
+    assert tables.cross_node_rule
+    assert tables.near[0].tolist() == [True, True, False, False]
+    assert plan.fast_expert[:, 0].tolist() == [-1, 0, -1, -1]
+    assert int(cross_node_copies(plan.fast_expert, tables)) == 0
+    loads = rank_loads_of_copies(plan.shares[None], plan.copy_rank[None], 4)[0]
+    assert loads.tolist() == [850, 850, 100, 100]
+    assert torch.equal(plan.shares.sum(-1), torch.tensor([1000, 700, 100, 100]))
+
+
+def test_cross_node_copy_above_min_gain_is_taken():
+    """m = 200: the 300 more tokens pay, expert 0's copy goes to rank 2 (across); the next round's copy of
+    expert 1 (rank 3 across: 300 tokens, rank 0 inside: 75) pays too; a third copy, of expert 0, goes to rank 1
+    (inside)."""
+    tables, plan = _hand_made(200)
+    assert plan.fast_expert[:, 0].tolist() == [-1, 0, 0, 1]
+    assert int(cross_node_copies(plan.fast_expert, tables)) == 2
+    loads = rank_loads_of_copies(plan.shares[None], plan.copy_rank[None], 4)[0]
+    assert loads.tolist() == [475, 475, 474, 476]  # far better than the in-node choice of m = 400 (850)
+    # without the rule a fourth copy crosses too (expert 2 onto rank 0: a few tokens), no better step for it
+    free = plan_fast_replicas(torch.tensor([1000, 700, 100, 100]), fast_tables(np.arange(4), 4, 4, 1))
+    assert free.fast_expert[:, 0].tolist() == [2, 0, 0, 1]
+    assert int(cross_node_copies(free.fast_expert, tables)) == 3
+    assert int(rank_loads_of_copies(free.shares[None], free.copy_rank[None], 4).amax()) == 477
+
+
+def test_one_node_or_no_min_gain_is_bitwise_the_rule_free_plan():
+    rng = np.random.default_rng(21)
+    for ranks, experts, fast in ((8, 16, 1), (8, 64, 2), (4, 16, 1)):
+        load = _skewed(rng, 30, experts)
+        for row in _placements(rng, experts, ranks):
+            base = plan_fast_replicas(load, fast_tables(row, ranks, experts, fast))
+            for nodes, m in ((1, 0), (1, 5000), (2, 0), (ranks, 0)):
+                tables = fast_tables(row, ranks, experts, fast, num_nodes=nodes, cross_node_min_gain=m)
+                assert not tables.cross_node_rule
+                plan = plan_fast_replicas(load, tables)
+                assert all(torch.equal(a, b) for a, b in zip(plan, base)), (ranks, experts, nodes, m)
+            one = fast_tables(row, ranks, experts, fast, num_nodes=1, cross_node_min_gain=100)
+            assert one.near.all() and int(cross_node_copies(base.fast_expert, one).sum()) == 0
+
+
+@pytest.mark.parametrize("ranks,experts,fast,nodes", [(8, 16, 1, 2), (8, 64, 2, 2), (8, 32, 1, 4)])
+def test_cross_node_rule_properties(ranks, experts, fast, nodes):
+    """With the rule: tokens conserved, never worse than the persistent placement alone, every rank the same
+    plan from the same counts, fewer copies across nodes than without it, and each step's busiest rank close."""
+    rng = np.random.default_rng(ranks + experts + nodes)
+    load = _skewed(rng, 40, experts)
+    crossed, crossed_free = 0, 0
+    for row in _placements(rng, experts, ranks):
+        tables = fast_tables(row, ranks, experts, fast, num_nodes=nodes, cross_node_min_gain=64)
+        plan = plan_fast_replicas(load, tables)
+        assert torch.equal(plan.shares.sum(-1), load) and (plan.shares >= 0).all()
+        for t in (0, 13):
+            assert all(torch.equal(a, b[t]) for a, b in zip(plan_fast_replicas(load[t], tables), plan))
+        persistent = balanced_shares(load, replica_tables(row, ranks, experts))
+        before = rank_loads_of_shares(persistent, replica_tables(row, ranks, experts)).amax(-1)
+        after = rank_loads_of_copies(plan.shares, plan.copy_rank, ranks).amax(-1)
+        assert (after <= before).all()
+        free = plan_fast_replicas(load, fast_tables(row, ranks, experts, fast, num_nodes=nodes))
+        crossed += int(cross_node_copies(plan.fast_expert, tables).sum())
+        crossed_free += int(cross_node_copies(free.fast_expert, tables).sum())
+        free_busiest = rank_loads_of_copies(free.shares, free.copy_rank, ranks).amax(-1)
+        assert after.double().mean() <= 1.1 * free_busiest.double().mean()
+        # a spare copy still goes to a rank without a persistent copy of its expert
+        used = plan.fast_expert >= 0
+        rank = torch.arange(ranks).view(1, ranks, 1).expand_as(plan.fast_expert)
+        assert not tables.holds[plan.fast_expert.clamp(min=0), rank][used].any()
+    assert crossed < crossed_free, (crossed, crossed_free)
+
+
+def test_cross_node_tables_and_planner():
+    from megatron_eplb.fast_replicas import FastPlanner, cross_node_break_even
+
+    with pytest.raises(ValueError, match="num_nodes=3 does not divide the 4 ranks"):
+        fast_tables(np.arange(4), 4, 4, 1, num_nodes=3)
+    with pytest.raises(ValueError, match="cross_node_min_gain=-1"):
+        fast_tables(np.arange(4), 4, 4, 1, num_nodes=2, cross_node_min_gain=-1)
+    # near: rank n's node holds a persistent copy (expert 0 on ranks 0 and 5: both nodes)
+    row = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 10, 11, 12, 13, 14])
+    near = fast_tables(row, 8, 15, 1, num_nodes=2).near
+    assert near[0].all() and near[1].tolist() == [True] * 4 + [False] * 4
+    assert near[10].tolist() == [False] * 4 + [True] * 4
+    # the planner computes the rule's plan (the fused kernel's parity: tests/test_fast_replicas_triton.py)
+    tables = fast_tables(np.arange(4), 4, 4, 1, num_nodes=2, cross_node_min_gain=400)
+    planner = FastPlanner(tables)
+    load = torch.tensor([1000, 700, 100, 100])
+    assert all(torch.equal(a, b) for a, b in zip(planner(load), plan_fast_replicas(load, tables)))
+    # retarget: another min gain is a new planner; the same rule, another placement, copied in
+    assert (
+        planner.retarget(fast_tables(np.arange(4), 4, 4, 1, num_nodes=2, cross_node_min_gain=200))
+        is not planner
+    )
+    moved = fast_tables(np.array([1, 0, 2, 3]), 4, 4, 1, num_nodes=2, cross_node_min_gain=400)
+    assert planner.retarget(moved) is planner and torch.equal(planner.tables.near, moved.near)
+    assert (
+        planner(load).fast_expert[:, 0].tolist() == plan_fast_replicas(load, moved).fast_expert[:, 0].tolist()
+    )
+    # the break-even: 2 C / (3 B) tokens, e.g. 400 TFLOP/s over 50 GB/s
+    assert round(cross_node_break_even(400e12, 50e9)) == 5333
+
+
+def test_cross_node_config_key():
+    import argparse
+
+    from megatron_eplb.config import CROSS_NODE_MIN_TOKENS, EPLBConfig, EPLBConfigError, add_eplb_args
+
+    assert EPLBConfig().eplb_fast_cross_node_min_tokens == CROSS_NODE_MIN_TOKENS == 4096
+    args = add_eplb_args(argparse.ArgumentParser()).parse_args(["--eplb-fast-cross-node-min-tokens", "0"])
+    assert EPLBConfig.from_args(args).eplb_fast_cross_node_min_tokens == 0
+    with pytest.raises(EPLBConfigError, match="eplb_fast_cross_node_min_tokens=-1 must be >= 0"):
+        EPLBConfig.from_dict({"eplb_fast_cross_node_min_tokens": -1})
+    with pytest.raises(EPLBConfigError, match="eplb_fast_cross_node_min_tokens must be an integer"):
+        EPLBConfig.from_dict({"eplb_fast_cross_node_min_tokens": "many"})
+
+
+def test_replay_two_nodes_on_the_demo_trace():
+    """The committed demo training trace at EP 8 in 2 nodes, one spare slot per rank: the rule (m = 16 tokens;
+    a step has 2048 (token, expert) pairs per layer, 256 per rank) cuts the copies across nodes by a third or
+    more while per-step balancedness stays within 0.01 of the rule-free greedy's."""
+    from megatron_eplb.trace import read_trace
+
+    loads = read_trace("examples/traces/demo_train_ep2.npz").loads()
+    result = replay(
+        loads, 8, 8, policies=(), interval=50, bound=False, fast_slots=1, num_nodes=2, cross_node_min_gain=16
+    )
+    rows = {row["name"]: row for row in result["rows"]}
+    rule, free = rows["default + fast"], rows["default + fast (any node)"]
+    assert rule["cross_node_min_gain"] == 16 and free["cross_node_min_gain"] == 0
+    assert rule["cross_node_copies"] <= 0.67 * free["cross_node_copies"], (rule, free)
+    assert rule["mean"] >= free["mean"] - 0.01 and rule["mean"] > 0.95
+    assert rule["mean"] > rows["default"]["mean"] + 0.5
+    assert len(rule["cross_node_per_step"]) == 200 and result["config"]["num_nodes"] == 2
+
+
+def test_cli_num_nodes(capsys):
+    trace = "examples/traces/demo_train_ep2.npz"
+    args = ["replay", trace, "--ep-size", "4", "--redundancy", "4", "--steps", "20", "--interval", "10"]
+    args += ["--window", "10", "--no-bound", "--no-progress", "--plot", "", "--policies", "greedy"]
+    args += ["--fast-slots", "1"]
+    assert main([*args, "--num-nodes", "2", "--cross-node-min-tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "default + fast (any node)" in out and "x-node/step" in out and ">= 16 more tokens" in out
+    assert main([*args, "--num-nodes", "3"]) != 0
+    assert "--num-nodes 3 does not divide --ep-size 4" in capsys.readouterr().err
+    assert main([*args, "--num-nodes", "2", "--cross-node-min-tokens", "-1"]) != 0
+    assert "--cross-node-min-tokens must be >= 0" in capsys.readouterr().err
+
+
+def test_fetch_counts_copies_across_nodes():
+    """The seam's fetch counts the copies that come from another node (no holder in the target's node)."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("megatron.core")
+    from megatron_eplb.patches.megatron.fast_replicas import _LayerFetch
+
+    n, f = 8, 1
+    phy2log = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 10, 11, 12, 13, 14])
+    tables = fast_tables(phy2log, n, 15, f, num_nodes=2)
+    copy_rank, union = tables.copy_rank.numpy(), tables.copy_slot.numpy()
+    holders = (copy_rank, np.where(union >= 0, union % 3, -1), (copy_rank < n).sum(1))
+    fast_expert = np.full((n, f), -1)
+    fast_expert[2, 0] = 0  # inside node 0
+    fast_expert[6, 0] = 0  # inside node 1 (rank 5 holds expert 0)
+    fast_expert[7, 0] = 1  # only on rank 0: across
+    fast_expert[1, 0] = 9  # expert 9 only on rank 4: across
+    counts = []
+    for me in range(n):
+        owner = SimpleNamespace(
+            handle=SimpleNamespace(ep_size=n, ep_rank=me),
+            budget=f,
+            _holders=[holders],
+            ranks_per_node=4,
+            width=3,
+        )
+        fetch = _LayerFetch(owner, 0, fast_expert)
+        counts.append((fetch.cross_node, fetch.my_cross_node))
+    assert all(c == 2 for c, _ in counts)
+    assert [mine for _, mine in counts] == [0, 1, 0, 0, 0, 0, 0, 1]
+    assert int(cross_node_copies(torch.as_tensor(fast_expert), tables)) == 2

@@ -4,7 +4,8 @@ back into its holder, the spare slots used, and training over many steps with lo
 
 Launches: EP=2, one per expert kind (SequentialMLP, the legacy GroupedMLP): the MoE-stack checks (allgather and
 alltoall dispatchers; the default placement and one with persistent replicas), a GPTModel trained 100 steps with
-Adam, full activation recompute and the refusals; EP=4 with two spare slots per rank (SequentialMLP).
+Adam, full activation recompute and the refusals; EP=4 with two spare slots per rank (SequentialMLP); EP=4 as
+2 nodes with the cross-node rule (MoE stack and a GPT trained 30 steps).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from test_megatron_patch import (  # noqa: E402
 
 RTOL = 1e-5
 STEPS = 100
+TWO_NODE_STEPS = 30
 LR = 1e-3  # Adam; with 1e-2 the last bits of the copies' gradient sums grow to ~1e-5 over 100 steps
 
 
@@ -299,3 +301,62 @@ def test_fast_replicas_ep4_two_spare_slots():
                 assert r[key] <= RTOL, f"rank {rank} {name}: {key} differs by {r[key]:.2e}"
             assert r["loads_match"] and r["tokens_conserved"] and r["pool_free_after_backward"], (rank, name)
     assert all(sum(res[name]["fetched"] for res in results) > 0 for name in results[0])
+
+
+def _two_node_checks(rank: int, world: int) -> dict:
+    """EP 4 as 2 nodes of 2 ranks (``eplb_num_nodes``), one spare slot per rank, through ``apply``'s config:
+    copies anywhere (``eplb_fast_cross_node_min_tokens = 0``), the cross-node rule at a few tokens, and at more
+    tokens than a step has (no copy crosses the nodes)."""
+    from megatron_eplb.patches import megatron as eplb_mcore
+
+    from megatron_eplb.config import EPLBConfig
+
+    _init(world)
+    torch.manual_seed(100 + rank)
+    x = torch.randn(16, 3, 16)
+    w = torch.randn(16, 3, 16)
+    out = {}
+    for m in (0, 8, 10**6):
+        config = EPLBConfig(eplb_fast_replicas=True, eplb_num_nodes=2, eplb_fast_cross_node_min_tokens=m)
+        ref, pat = _twin_models(_moe_config("alltoall", topk=4, num_layers=2))
+        handle = eplb_mcore.apply(pat, config=config)
+        res = _stack_checks(handle, ref, pat, x, w)
+        fast = handle.fast
+        mine = torch.tensor([fast.fetched_cross_node])
+        torch.distributed.all_reduce(mine)
+        res["group_cross_node"] = fast.group_cross_node  # the same count on every rank
+        res["sum_of_ranks_cross_node"] = int(mine)
+        res["rule"] = (fast.num_nodes, fast.cross_node_min_tokens, fast.planner(0).tables.cross_node_rule)
+        out[m] = res
+    # a GPT trained with the rule on (re-placed by the slow timescale at a third: the tables retargeted)
+    config = EPLBConfig(eplb_fast_replicas=True, eplb_num_nodes=2, eplb_fast_cross_node_min_tokens=4)
+    out["train"] = _gpt_training(dict(config=config), "sequential", TWO_NODE_STEPS, rank, world)
+    return out
+
+
+@pytest.mark.slow
+def test_fast_replicas_two_nodes_cross_node_rule():
+    """With the cross-node rule the outputs and gradients still equal the unpatched model's, the tokens are
+    computed once, and the copies across nodes are counted (each rank its own, their sum the group's); a GPT
+    trained with it has the unpatched model's losses."""
+    results = run_distributed(_two_node_checks, 4, timeout=900)
+    fetched = []
+    for rank, res in enumerate(results):
+        train = res.pop("train")
+        np.testing.assert_allclose(train["losses"]["pat"], train["losses"]["ref"], rtol=RTOL)
+        assert len(train["losses"]["pat"]) == TWO_NODE_STEPS and train["copies_identical"]
+        assert train["optimizer_params"]["pat"] == train["optimizer_params"]["ref"]
+        fetched.append(train["fetched"])
+        for m, r in res.items():
+            for key in ("out", "loss", "x_grad", "router_grad", "expert_grad"):
+                assert r[key] <= RTOL, f"rank {rank} m={m}: {key} differs by {r[key]:.2e}"
+            assert r["loads_match"] and r["tokens_conserved"] and r["pool_free_after_backward"], (rank, m)
+            assert r["group_cross_node"] == r["sum_of_ranks_cross_node"] == results[0][m]["group_cross_node"]
+        assert res[0]["rule"] == (2, 0, False) and res[8]["rule"] == (2, 8, True)
+    first = results[0]
+    print({m: (r["group_cross_node"], sum(x[m]["fetched"] for x in results)) for m, r in first.items()})
+    assert first[0]["group_cross_node"] > 0  # without the rule some copies cross the nodes (measured 4 of 6)
+    assert first[8]["group_cross_node"] < first[0]["group_cross_node"]  # fewer with it (1 of 4)
+    assert first[10**6]["group_cross_node"] == 0  # none pays for more tokens than the step has
+    assert sum(r[10**6]["fetched"] for r in results) > 0  # the in-node copies are still taken
+    assert sum(fetched) > 0  # the GPT's spare slots were used

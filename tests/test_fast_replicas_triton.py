@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megatron_eplb import fast_replicas_triton as fused
-from megatron_eplb.fast_replicas import FastPlanner, fast_tables, plan_fast_replicas
+from megatron_eplb.fast_replicas import FastPlanner, cross_node_copies, fast_tables, plan_fast_replicas
 from megatron_eplb.placement import ExpertPlacement
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -220,3 +220,65 @@ def test_planner_direct_launch_path(monkeypatch):
         assert planner.retarget(other) is planner and planner.path == "triton"
         assert all(torch.equal(a, b) for a, b in zip(planner(w), plan_fast_replicas(w, other)))
     assert FastPlanner(other, fused=False).path == ("graph" if DEVICE.type == "cuda" else "torch")
+
+
+def test_fused_plan_with_nodes_and_the_rule_off():
+    """Tables of 2 nodes without the cross-node rule (``m = 0``) are the rule-free plan, bitwise."""
+    rng = np.random.default_rng(20)
+    row = random_row(rng, 16, 4, 5, 0)
+    tables = fast_tables(row, 4, 16, 1, DEVICE, num_nodes=2, cross_node_min_gain=0)
+    assert not tables.cross_node_rule
+    for load in check_loads(rng, 16)[:4]:
+        w = torch.as_tensor(np.asarray(load), dtype=torch.int64, device=DEVICE)
+        got = fused.plan_fast_replicas_fused(w, tables)
+        assert all(torch.equal(a, b[0]) for a, b in zip(got, plan_fast_replicas(w[None], tables)))
+
+
+@pytest.mark.parametrize(
+    "experts,ranks,slots,fast,nodes,m",
+    [
+        (16, 4, 4, 1, 2, 16),
+        (16, 4, 5, 1, 2, 1),
+        (16, 8, 2, 1, 2, 64),
+        (32, 8, 5, 2, 4, 8),
+        (8, 2, 4, 2, 2, 3),
+    ],
+)
+def test_fused_plan_with_the_cross_node_rule(experts, ranks, slots, fast, nodes, m):
+    """The cross-node rule in the kernel: bitwise the torch plan on random placements (redundant copies, some
+    on one rank) x adversarial loads, on the default placement with skewed loads, and on the hand-made case
+    whose copy across nodes is refused below ``m`` and taken above it."""
+    rng = np.random.default_rng([experts, ranks, slots, fast, nodes, m])
+    row = random_row(rng, experts, ranks, slots)
+    tables = fast_tables(row, ranks, experts, fast, DEVICE, num_nodes=nodes, cross_node_min_gain=m)
+    assert tables.cross_node_rule
+    loads = check_loads(rng, experts)
+    gamma = rng.gamma(0.3, size=(4, experts))
+    loads += [rng.multinomial(2048, g / g.sum()) for g in gamma]
+    default = ExpertPlacement.default(1, experts, ranks, 0).phy2log[0]
+    ruled = fast_tables(default, ranks, experts, fast, DEVICE, num_nodes=nodes, cross_node_min_gain=m)
+    crossed = []
+    for load in loads:
+        w = torch.as_tensor(np.asarray(load), dtype=torch.int64, device=DEVICE)
+        for tab in (tables, ruled):
+            want = plan_fast_replicas(w[None], tab)
+            got = fused.plan_fast_replicas_fused(w, tab)
+            for name, a, b in zip(want._fields, got, want):
+                assert torch.equal(a, b[0]), (
+                    f"{name}: m={m} load={np.asarray(load).tolist()} row={row.tolist()}"
+                )
+            crossed.append(int(cross_node_copies(got.fast_expert, tab)))
+    if m <= 16:  # the rule does not refuse everything here
+        assert sum(crossed) > 0
+
+
+def test_fused_plan_hand_made_cross_node_case():
+    """EP 4 in 2 nodes, expert r on rank r: expert 0's copy across nodes gains 300 tokens more than inside."""
+    load = torch.tensor([1000, 700, 100, 100], device=DEVICE)
+    for m, want in ((400, [-1, 0, -1, -1]), (200, [-1, 0, 0, 1]), (0, [2, 0, 0, 1])):
+        tables = fast_tables(np.arange(4), 4, 4, 1, DEVICE, num_nodes=2, cross_node_min_gain=m)
+        got = fused.plan_fast_replicas_fused(load, tables)
+        assert got.fast_expert[:, 0].tolist() == want
+        assert all(torch.equal(a, b[0]) for a, b in zip(got, plan_fast_replicas(load[None], tables)))
+    ruled = fast_tables(np.arange(4), 4, 4, 1, DEVICE, num_nodes=2, cross_node_min_gain=200)
+    assert FastPlanner(ruled)._kernel()[1] is None  # the planner takes the kernel with the rule too

@@ -61,7 +61,8 @@ def apply(
         replica_dispatch: ``"even"``, ``"local_first"`` or ``"balanced"``; overrides
             ``config.eplb_replica_dispatch``.
         fast_replicas: spare slots per rank for per-step replicas (``fast_replicas.py``; 0 = off); overrides
-            ``config.eplb_fast_replicas`` / ``eplb_fast_replica_budget``.
+            ``config.eplb_fast_replicas`` / ``eplb_fast_replica_budget`` (``eplb_num_nodes`` and
+            ``eplb_fast_cross_node_min_tokens`` from ``config``).
     Raises:
         EPLBPatchError: no MoE layer, unsupported class/dispatcher/parallel layout/version, or a placement
             that does not match the model.  Nothing is changed when it raises.
@@ -99,7 +100,7 @@ def apply(
     if fast_replicas:
         from .fast_replicas import install
 
-        install(handle, fast_replicas, cfg.eplb_num_nodes)
+        install(handle, fast_replicas, cfg.eplb_num_nodes, cfg.eplb_fast_cross_node_min_tokens)
     model._megatron_eplb_handle = handle
     return handle
 

@@ -12,7 +12,10 @@ parameters), every rank gets ``F`` **spare slots** (``eplb_fast_replica_budget``
 2. **fetch** (started right after routing, asynchronously, ahead of the token dispatch; awaited in the experts
    forward, before the expert compute): the chosen experts' weights come from a persistent holder over one
    ``all_to_all_single`` of the EP group that every rank enters (split sizes from the spare choice, brought to
-   the host: identical everywhere; skipped by every rank when no spare slot is used).  Each copy is
+   the host: identical everywhere; skipped by every rank when no spare slot is used); a holder inside the target
+   rank's node first, and a copy no holder of which is in that node is chosen only when it pays for the
+   inter-node link (``eplb_fast_cross_node_min_tokens``, the cross-node rule of
+   :mod:`megatron_eplb.fast_replicas`; counted in :attr:`FastReplicas.fetched_cross_node`).  Each copy is
    read from the holder's parameters through autograd (:class:`_Fetch`): in backward the copy's weight gradient
    travels back by the reverse all-to-all and is summed into the holder's gradient by autograd itself, so it is
    in ``param.grad`` (or Megatron's ``main_grad`` hooks) before the optimizer step, and the persistent
@@ -47,6 +50,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_eplb.config import CROSS_NODE_MIN_TOKENS
 from megatron_eplb.fast_replicas import FastPlan, FastPlanner, FastTables, fast_tables
 from megatron_eplb.replica_split import align_bounds, copy_bounds, source_offset
 
@@ -60,11 +64,16 @@ logger = logging.getLogger(__name__)
 SUPPORTED_FAST_EXPERTS = ("SequentialMLP", "GroupedMLP")
 
 
-def install(handle, budget: int, num_nodes: int = 1) -> FastReplicas:
+def install(
+    handle, budget: int, num_nodes: int = 1, cross_node_min_tokens: int = CROSS_NODE_MIN_TOKENS
+) -> FastReplicas:
     """Give every MoE layer of ``handle`` (a ``MegatronEPLB``) ``budget`` spare slots per rank, refilled every
     step; returns the :class:`FastReplicas` (also ``handle.fast``).  Local: no communication.  With
     ``num_nodes`` > 1 (``eplb_num_nodes``: the EP group's ranks in that many equal consecutive nodes) a copy is
-    fetched from a holder inside its rank's node where there is one.
+    fetched from a holder inside its rank's node where there is one, and a copy that would have to come across
+    nodes is chosen only when it takes at least ``cross_node_min_tokens`` (``eplb_fast_cross_node_min_tokens``)
+    more tokens off the step's busiest rank than the best copy inside a node holding the expert (the cross-node
+    rule of :mod:`megatron_eplb.fast_replicas`; 0: copies go anywhere).
 
     Raises:
         EPLBPatchError: an unsupported expert class or ``gradient_accumulation_fusion`` (names what works).
@@ -85,7 +94,10 @@ def install(handle, budget: int, num_nodes: int = 1) -> FastReplicas:
             )
     if num_nodes < 1 or handle.ep_size % num_nodes:
         raise EPLBPatchError(f"eplb_num_nodes={num_nodes} does not divide the EP size {handle.ep_size}")
-    fast = FastReplicas(handle, int(budget), handle.ep_size // num_nodes)
+    m = cross_node_min_tokens
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0:
+        raise EPLBPatchError(f"eplb_fast_cross_node_min_tokens={m!r} must be an integer >= 0 (tokens)")
+    fast = FastReplicas(handle, int(budget), handle.ep_size // num_nodes, int(cross_node_min_tokens))
     handle.fast = fast
     return fast
 
@@ -146,6 +158,9 @@ class _LayerFetch:
         self.recv_rows: list[int] = []  # my spare slot j of each received row, in source order
         in_splits, out_splits = [0] * n, [0] * n
         recv_by_source: list[list[int]] = [[] for _ in range(n)]
+        #: copies of this step (all ranks) fetched from a holder in another node; of them, this rank's
+        self.cross_node = 0
+        self.my_cross_node = 0
         for t in range(n):
             for j in range(f):
                 e = int(fast_expert[t, j])
@@ -154,6 +169,9 @@ class _LayerFetch:
                 holders = holder_rank[e, : int(count[e])]
                 near = holders[holders // owner.ranks_per_node == t // owner.ranks_per_node]
                 holders = near if len(near) else holders  # a holder inside the target's node first
+                cross = len(near) == 0
+                self.cross_node += int(cross)
+                self.my_cross_node += int(cross and t == me)
                 src = int(holders[(t * f + j) % len(holders)])  # spread the sends over the holders
                 c = int(np.nonzero(holder_rank[e] == src)[0][0])
                 if src == me:
@@ -248,13 +266,23 @@ class FastReplicas:
         handle: the ``MegatronEPLB`` handle (persistent placement, storages, EP group).
         budget: ``F`` spare slots per rank.
         ranks_per_node: EP ranks per node (consecutive): a copy comes from a holder in its rank's node first.
+        cross_node_min_tokens: ``m`` of the cross-node rule (``eplb_fast_cross_node_min_tokens``): a copy from
+            another node only when it takes at least this many more tokens off the busiest rank than an in-node one.
         pool: the receive buffers shared by the layers.
     """
 
-    def __init__(self, handle, budget: int, ranks_per_node: int | None = None) -> None:
+    def __init__(
+        self,
+        handle,
+        budget: int,
+        ranks_per_node: int | None = None,
+        cross_node_min_tokens: int = CROSS_NODE_MIN_TOKENS,
+    ) -> None:
         self.handle = handle
         self.budget = budget
         self.ranks_per_node = ranks_per_node or handle.ep_size
+        self.num_nodes = handle.ep_size // self.ranks_per_node
+        self.cross_node_min_tokens = cross_node_min_tokens
         #: The process group the copies travel over: the EP group, or a communicator of their own
         #: (:meth:`use_separate_group`).
         self.fetch_group = handle.ep_group
@@ -272,6 +300,10 @@ class FastReplicas:
         #: copies fetched by this rank (spare slots used) since :meth:`reset_loads`, and steps (layer forwards).
         self.fetched = 0
         self.forwards = 0
+        #: of :attr:`fetched`, the copies that came from another node (no holder in this rank's node), and the
+        #: cross-node copies of the whole EP group (every rank counts the same number) since :meth:`reset_loads`.
+        self.fetched_cross_node = 0
+        self.group_cross_node = 0
         u = self.union_slots_per_rank
         for idx, layer in enumerate(handle.moe_layers()):
             layer.token_dispatcher = rebuild_dispatcher(layer, n * u, u, handle.ep_rank)
@@ -294,7 +326,15 @@ class FastReplicas:
         cached = self._cache[idx]
         if cached is not None and np.array_equal(cached[0], row):
             return cached[1]
-        tables = fast_tables(row, handle.ep_size, handle.num_experts, self.budget, handle.device)
+        tables = fast_tables(
+            row,
+            handle.ep_size,
+            handle.num_experts,
+            self.budget,
+            handle.device,
+            num_nodes=self.num_nodes,
+            cross_node_min_gain=self.cross_node_min_tokens,
+        )
         planner = FastPlanner(tables) if cached is None else cached[1].retarget(tables)
         self._cache[idx] = (row.copy(), planner)
         self._set_holders(idx, tables)
@@ -369,7 +409,7 @@ class FastReplicas:
             persistent = int(counts[:s].sum())
             out, bias = inner(hidden[:persistent], tokens_per_expert[:s], probs[:persistent])
             spare_counts = counts[s:]
-            self._count(idx, spare_counts)
+            self._count(idx, spare_counts, fetch)
             if copies is None:  # no spare slot used anywhere: nothing routed to them
                 return out, bias
             spare_out, _ = self._spare_forward(
@@ -381,13 +421,15 @@ class FastReplicas:
 
         return forward
 
-    def _count(self, idx: int, spare_counts: torch.Tensor) -> None:
+    def _count(self, idx: int, spare_counts: torch.Tensor, fetch: _LayerFetch) -> None:
         from megatron_eplb.slot_copies import recomputing
 
         if not self.handle.recording or recomputing():
             return
         self.spare_loads[idx] += spare_counts.detach().to("cpu", torch.int64)
         self.fetched += int((spare_counts > 0).sum())
+        self.fetched_cross_node += fetch.my_cross_node
+        self.group_cross_node += fetch.cross_node
         self.forwards += 1
 
     def _spare_forward(self, experts, copies: torch.Tensor, hidden, tokens_per_expert, probs):
@@ -440,6 +482,8 @@ class FastReplicas:
     def reset_loads(self) -> None:
         self.spare_loads.zero_()
         self.fetched = 0
+        self.fetched_cross_node = 0
+        self.group_cross_node = 0
         self.forwards = 0
 
     def memory_report(self, optimizer_bytes_per_param: int = 12) -> dict[str, Any]:

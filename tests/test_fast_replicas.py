@@ -3,6 +3,8 @@ its split, and the replay's fast rows."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -211,11 +213,17 @@ def test_cuda_graph_plan_is_bitwise_the_cpu_plan():
         )
 
 
+def _fetch_owner(n: int, me: int, f: int, holders) -> SimpleNamespace:
+    """The attributes of ``FastReplicas`` a ``_LayerFetch`` reads: rank ``me`` of ``n`` in nodes of 4, ``f`` spare
+    slots, one layer's ``holders``, width 3."""
+    return SimpleNamespace(
+        handle=SimpleNamespace(ep_size=n, ep_rank=me), budget=f, _holders=[holders], ranks_per_node=4, width=3
+    )
+
+
 def test_fetch_prefers_a_holder_inside_the_node():
     """Who sends which copy to whom (host lists, the same on every rank): a holder in the target's node when
     there is one, the sends spread over the holders, every received row sent by exactly one rank."""
-    from types import SimpleNamespace
-
     pytest.importorskip("megatron.core")
     from megatron_eplb.patches.megatron.fast_replicas import _LayerFetch
 
@@ -232,14 +240,7 @@ def test_fetch_prefers_a_holder_inside_the_node():
     fast_expert[7, 0] = 1  # expert 1 only on rank 0: across the nodes
     sends, recvs = {}, {}
     for me in range(n):
-        owner = SimpleNamespace(
-            handle=SimpleNamespace(ep_size=n, ep_rank=me),
-            budget=f,
-            _holders=[holders],
-            ranks_per_node=4,
-            width=3,
-        )
-        fetch = _LayerFetch(owner, 0, fast_expert)
+        fetch = _LayerFetch(_fetch_owner(n, me, f, holders), 0, fast_expert)
         sends[me] = [t for t, _ in fetch.send_items]
         recvs[me] = fetch.out_splits
     assert sends[0] == [2, 7] and sends[5] == [6]
@@ -425,8 +426,6 @@ def test_cli_num_nodes(capsys):
 
 def test_fetch_counts_copies_across_nodes():
     """The seam's fetch counts the copies that come from another node (no holder in the target's node)."""
-    from types import SimpleNamespace
-
     pytest.importorskip("megatron.core")
     from megatron_eplb.patches.megatron.fast_replicas import _LayerFetch
 
@@ -442,14 +441,7 @@ def test_fetch_counts_copies_across_nodes():
     fast_expert[1, 0] = 9  # expert 9 only on rank 4: across
     counts = []
     for me in range(n):
-        owner = SimpleNamespace(
-            handle=SimpleNamespace(ep_size=n, ep_rank=me),
-            budget=f,
-            _holders=[holders],
-            ranks_per_node=4,
-            width=3,
-        )
-        fetch = _LayerFetch(owner, 0, fast_expert)
+        fetch = _LayerFetch(_fetch_owner(n, me, f, holders), 0, fast_expert)
         counts.append((fetch.cross_node, fetch.my_cross_node))
     assert all(c == 2 for c, _ in counts)
     assert [mine for _, mine in counts] == [0, 1, 0, 0, 0, 0, 0, 1]

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from .checkpoint import load_logical_checkpoint, save_logical_checkpoint
 from .comm import any_rank
 from .config import EPLBConfig
-from .gradients import logical_grad_norm, primary_expert_params
+from .gradients import clip_grad_norm_
 from .layer_mover import LayerMover
 from .load_window import LoadWindow
 from .optimizer_state import OptimizerSlotState
@@ -207,28 +207,11 @@ class EPLBManager:
             self.mover.finish(self.state, commit=False)
         self.handle.sum_replica_grads()
 
-    def grad_norm(self) -> float:
-        """L2 norm of the logical model's gradient: dense gradients once (already data-parallel reduced,
-        identical on every rank), each logical expert once (its first copy; copies hold the same summed
-        gradient after :meth:`before_optimizer_step`). Collective over the EP group."""
-        h = self.handle
-        grads = ((p, _grad(p)) for p in h.model.parameters())
-        return logical_grad_norm(
-            ((p, g) for p, g in grads if g is not None),
-            primary_expert_params(h),
-            h.ep_group if h.ep_size > 1 else None,
-            self._device,
-        )
-
     def clip_grad_norm_(self, max_norm: float) -> float:
-        """Scale every gradient so that :meth:`grad_norm` is at most ``max_norm``; returns the norm before."""
-        norm = self.grad_norm()
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0:
-            for p in self.handle.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
-        return norm
+        """Scale every gradient so that the logical model's gradient norm (each logical expert once) is at
+        most ``max_norm``; returns the norm before (:func:`megatron_eplb.gradients.clip_grad_norm_`).
+        Collective over the EP group."""
+        return clip_grad_norm_(self.handle, max_norm, self._device)
 
     @property
     def phase(self) -> Phase:
@@ -626,9 +609,3 @@ class EPLBManager:
         return self._trace.write(
             path or self.config.eplb_trace_path, self.handle, self.step_count, self.trace_meta
         )
-
-
-def _grad(p: torch.Tensor) -> torch.Tensor | None:
-    """The gradient Megatron accumulates into (``main_grad``) where there is one, else ``p.grad``."""
-    g = getattr(p, "main_grad", None)
-    return p.grad if g is None else g

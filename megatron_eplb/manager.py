@@ -52,10 +52,11 @@ from .config import EPLBConfig
 from .gradients import clip_grad_norm_
 from .layer_mover import LayerMover
 from .load_window import LoadWindow
+from .monitor import log_realized
 from .optimizer_state import OptimizerSlotState
 from .phases import Gated, Phase, Planning, RebalanceRecord, Recording, State, Transferring
 from .pipeline import (
-    gather_layers,
+    gather_steps,
     global_placement,
     max_over_world,
     round_summary,
@@ -63,7 +64,7 @@ from .pipeline import (
 )
 from .placement import ExpertPlacement
 from .protocols import ExpertModel, OptimizerSlots, Transport
-from .stats import balance_summary, load_similarity, moved_slots, realized_balance
+from .stats import balance_summary, load_similarity, moved_slots, realized_steps
 from .trace_recorder import TraceRecorder
 from .transfer import plan_transfer
 from .worker import (
@@ -315,37 +316,16 @@ class EPLBManager:
         return self.window.gather()
 
     def _log_realized_balance(self) -> None:
-        """Every ``eplb_log_interval`` steps: the realized balancedness of each of those steps (the slot
-        counts that were computed) beside Megatron's default placement on the same steps' routing (routing
-        does not depend on the placement). Collective; every rank appends to :attr:`realized`, rank 0 logs
-        and writes to the monitor."""
+        """Every ``eplb_log_interval`` steps: the realized balancedness of those steps beside Megatron's default
+        placement (:func:`~megatron_eplb.stats.realized_steps`; with PP of every stage's layers). Collective;
+        every rank appends it to :attr:`realized`, rank 0 logs it and writes it to the monitor."""
         logical, per_slot = self.window.gather_steps(self.config.eplb_log_interval)
-        h = self.handle
-        placement = h.placement
-        if self.stage is not None:  # PP: every stage's layers (collective over the stages)
-            logical, per_slot, phy2log = gather_layers(
-                self.stage, logical, per_slot, placement.phy2log[None], axis=1
-            )
-            placement = ExpertPlacement(phy2log[0], h.ep_size, h.num_experts, allow_same_rank_copies=True)
-        default = ExpertPlacement.default(placement.num_layers, h.num_experts, h.ep_size, 0)
-        metrics = realized_balance(placement, default, logical, per_slot)
-        if metrics is None:
-            return
-        first = self.step_count - per_slot.shape[0] + 1
-        self.realized.append({"first_step": first, "last_step": self.step_count, **metrics})
-        if self._rank != 0:
-            return
-        log.info(
-            "EPLB steps %d-%d: realized balancedness per step %.3f (worst %.3f), Megatron's default placement "
-            "on the same steps %.3f",
-            first,
-            self.step_count,
-            metrics["eplb/balancedness_realized"],
-            metrics["eplb/balancedness_realized_min"],
-            metrics["eplb/balancedness_default_placement"],
-        )
-        if self.monitor is not None:
-            self.monitor.log(self.step_count, {k: v for k, v in metrics.items() if k.startswith("eplb/")})
+        placement, logical, per_slot = gather_steps(self.stage, self.handle.placement, logical, per_slot)
+        entry = realized_steps(placement, logical, per_slot, self.step_count)
+        if entry is not None:
+            self.realized.append(entry)
+            if self._rank == 0:
+                log_realized(entry, self.monitor)
 
     # --------------------------------------------------------------- plan
     def _start_planning(self) -> State:

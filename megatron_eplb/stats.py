@@ -29,6 +29,7 @@ __all__ = [
     "rank_loads",
     "read_load_file",
     "realized_balance",
+    "realized_steps",
     "slot_loads_from_logical",
 ]
 
@@ -292,3 +293,25 @@ def realized_balance(
         "eplb/balancedness_default_placement": float(np.mean(baseline)),
         "steps": len(steps),
     }
+
+
+def realized_steps(
+    placement: ExpertPlacement, logical: np.ndarray, per_slot: np.ndarray, last_step: int
+) -> dict | None:
+    """The realized balancedness of the ``k`` steps ending at ``last_step`` beside Megatron's default
+    placement (``ExpertPlacement.default(L, E, N, 0)``) on the same steps' routing (routing does not depend on
+    the placement): the manager's entry of every ``eplb_log_interval`` steps.
+
+    Args:
+        placement: where the slots are (``per_slot``'s columns).
+        logical: int ``[k, L, E]`` tokens per logical expert, per step.
+        per_slot: int ``[k, L, P]`` tokens each slot computed, per step.
+        last_step: the step of ``per_slot[-1]``.
+    Returns:
+        ``first_step``, ``last_step`` and :func:`realized_balance`'s metrics; None when no step had tokens.
+    """
+    default = ExpertPlacement.default(placement.num_layers, placement.num_experts, placement.num_ranks, 0)
+    metrics = realized_balance(placement, default, logical, per_slot)
+    if metrics is None:
+        return None
+    return {"first_step": last_step - per_slot.shape[0] + 1, "last_step": last_step, **metrics}

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_logical_checkpoint, save_logical_checkpoint
+from .checkpoint import load_manager_checkpoint, record_map, save_manager_checkpoint
 from .comm import any_rank
 from .config import EPLBConfig
 from .gradients import clip_grad_norm_
@@ -57,7 +57,6 @@ from .optimizer_state import OptimizerSlotState
 from .phases import Gated, Phase, Planning, RebalanceRecord, Recording, State, Transferring
 from .pipeline import (
     gather_steps,
-    global_placement,
     max_over_world,
     round_summary,
     stage_of,
@@ -193,6 +192,7 @@ class EPLBManager:
                 min(self.config.eplb_log_interval, self.config.eplb_window_size),
                 self.stage,
                 self._rank,
+                path=self.config.eplb_trace_path,
             )
             if self.config.eplb_trace_path
             else None
@@ -359,13 +359,7 @@ class EPLBManager:
         if self._rank == self._planner_rank:
             if self._worker is None:
                 self._worker = PolicyWorker(policy_fn=self._policy_fn)
-            sub = ExpertPlacement(
-                placement.phy2log[layers],
-                placement.num_ranks,
-                placement.num_experts,
-                allow_same_rank_copies=True,
-                validate=False,
-            )
+            sub = placement.select_layers(layers)
             options = dict(
                 num_nodes=cfg.eplb_num_nodes,
                 num_groups=cfg.eplb_num_groups,
@@ -505,63 +499,22 @@ class EPLBManager:
     def save_checkpoint(
         self, directory: str | os.PathLike, extra: dict[str, Any] | None = None, *, overwrite: bool = False
     ) -> Path:
-        """Save the logical training checkpoint to ``directory`` (collective over every rank; rank 0 writes).
-
-        :func:`megatron_eplb.checkpoint.save_logical_checkpoint`: ``model_logical.pt`` (the model with each
-        logical expert once, the optimizer state by logical parameter name, the optimizer's step count and
-        the manager's step, plus ``extra``, with checksums and the model's shape facts) and
-        ``expert_map.json`` (the placement with the [L, E] load of :meth:`checkpoint_load`), written all or
-        nothing.  A checkpoint already in ``directory`` is replaced only with ``overwrite=True`` (else
-        :class:`~megatron_eplb.errors.CheckpointError`, nothing written).  Any placement or EP size can load
-        it (:meth:`load_checkpoint`).
-        """
-        return save_logical_checkpoint(
-            directory,
-            self.handle,
-            self.optimizer_state,
-            expert_load=self.checkpoint_load(),
-            eplb_step_count=self.step_count,
-            extra=extra,
-            overwrite=overwrite,
-        )
+        """Save the logical training checkpoint (every logical expert once, the optimizer state, the steps,
+        ``extra``; the map beside it) to ``directory``, all or nothing; replace one there only with
+        ``overwrite``.  :func:`megatron_eplb.checkpoint.save_manager_checkpoint`.  Collective; rank 0 writes."""
+        return save_manager_checkpoint(self, directory, extra, overwrite=overwrite)
 
     def load_checkpoint(self, directory: str | os.PathLike, strict: bool = True) -> dict[str, Any]:
-        """Load :meth:`save_checkpoint`'s directory into this model and optimizer, whatever the current
-        placement or EP size (:func:`megatron_eplb.checkpoint.load_logical_checkpoint`: the placement to
-        resume with, then every slot from its logical expert, Adam state and step count included), and
-        continue counting from the saved step.  Returns the payload's metadata and ``placement``."""
-        meta = load_logical_checkpoint(
-            directory,
-            self.handle,
-            slots=self.optimizer_state,
-            config=self.config,
-            strict=strict,
-        )
-        if meta.get("eplb_step_count") is not None:
-            self.resume_at(int(meta["eplb_step_count"]))
-        if self._rank == 0:
-            log.info(
-                "EPLB: resumed from %s at step %d into %r", directory, self.step_count, self.handle.placement
-            )
-        return meta
+        """Load :meth:`save_checkpoint`'s directory whatever the current placement or EP size, and continue
+        counting from the saved step (:func:`megatron_eplb.checkpoint.load_manager_checkpoint`).  Collective.
+        Returns the payload's metadata and ``placement``."""
+        return load_manager_checkpoint(self, directory, strict)
 
     def record_map(self) -> Path | None:
-        """Write the placement now, with :meth:`checkpoint_load`'s ``[L, E]`` load, to
-        ``expert_map_record_path`` (the map a run ends or stops with; a rebalance writes it too).  Collective;
-        rank 0 writes (atomically).  Returns the path, None without a record path."""
-        path = self.config.expert_map_record_path
-        if not path:
-            return None
-        placement = global_placement(self.handle.placement, self.stage, self.checkpoint_load())
-        if self._rank == 0:
-            placement.to_json(path)
-        return Path(path)
-
-    def checkpoint_load(self) -> np.ndarray | None:
-        """The ``[L, E]`` load a checkpoint's map records (a resume at another EP size plans from it): the
-        current window summed over every rank that routes tokens, else the placement's own (collective)."""
-        window, _ = self.gather_window()
-        return window if window.sum() > 0 else self.handle.placement.expert_load
+        """Write the placement now, with the window's ``[L, E]`` load, to ``expert_map_record_path``
+        (:func:`megatron_eplb.checkpoint.record_map`).  Collective; rank 0 writes.  Returns the path, None
+        without a record path."""
+        return record_map(self)
 
     def resume_at(self, step: int) -> None:
         """Continue counting from ``step`` (a resumed run); the next rebalance is a full interval away."""
@@ -586,6 +539,4 @@ class EPLBManager:
         returns the path, other ranks return None."""
         if self._trace is None:
             raise RuntimeError("write_trace() needs eplb_trace_path set in the config")
-        return self._trace.write(
-            path or self.config.eplb_trace_path, self.handle, self.step_count, self.trace_meta
-        )
+        return self._trace.write(self.step_count, path, self.trace_meta)

@@ -81,13 +81,7 @@ def stage_placement(placement: ExpertPlacement, stage: PipelineStage | None) -> 
     if stage is None or placement.num_layers != stage.total_layers or stage.total_layers == stage.num_layers:
         return placement
     rows = slice(stage.layer_offset, stage.layer_offset + stage.num_layers)
-    out = ExpertPlacement(
-        placement.phy2log[rows],
-        placement.num_ranks,
-        placement.num_experts,
-        allow_same_rank_copies=True,
-        validate=False,
-    )
+    out = placement.select_layers(rows)
     if placement.expert_load is not None:
         out = out.with_load(np.asarray(placement.expert_load)[rows])
     return out

@@ -450,6 +450,17 @@ class ExpertPlacement:
             validate=False,
         )
 
+    def select_layers(self, layers: slice | list[int]) -> ExpertPlacement:
+        """The placement of some of its layers (``phy2log [L, P]`` -> ``[L', P]``; ``layers`` a slice or layer
+        ids), their rows taken as they are (unchecked: rows of a checked map), without ``expert_load``."""
+        return ExpertPlacement(
+            self.phy2log[layers],
+            self.num_ranks,
+            self.num_experts,
+            allow_same_rank_copies=True,
+            validate=False,
+        )
+
     def with_layer(self, layer: int, phy2log_row: np.ndarray) -> ExpertPlacement:
         """A copy with layer ``layer``'s row replaced by ``phy2log_row`` (``[P]``), validated like the whole map.
 

@@ -71,9 +71,9 @@ from .worker import (
     PLAN_DROPPED,
     PLAN_PENDING,
     PolicyWorker,
-    agree_on_plan,
-    broadcast_placement,
-    poll_plan,
+    look_for_plan,
+    share_plan,
+    submit_plan,
 )
 
 __all__ = [
@@ -186,17 +186,7 @@ class EPLBManager:
         #: extra keys for the trace file's meta (e.g. the data's domains)
         self.trace_meta: dict[str, Any] = {}
         # eplb_trace_path: every step's counts of every source rank (rank 0 writes the file at close())
-        self._trace = (
-            TraceRecorder(
-                self.window,
-                min(self.config.eplb_log_interval, self.config.eplb_window_size),
-                self.stage,
-                self._rank,
-                path=self.config.eplb_trace_path,
-            )
-            if self.config.eplb_trace_path
-            else None
-        )
+        self._trace = TraceRecorder.for_config(self.window, self.config, self.stage, self._rank)
 
     # ------------------------------------------------------------- the calls
     def before_optimizer_step(self) -> None:
@@ -359,17 +349,7 @@ class EPLBManager:
         if self._rank == self._planner_rank:
             if self._worker is None:
                 self._worker = PolicyWorker(policy_fn=self._policy_fn)
-            sub = placement.select_layers(layers)
-            options = dict(
-                num_nodes=cfg.eplb_num_nodes,
-                num_groups=cfg.eplb_num_groups,
-                policy=cfg.eplb_policy,
-                churn_weight=cfg.eplb_churn_weight,
-                node_locality=cfg.eplb_node_locality,
-            )
-            if step_loads is not None:  # policy.time_resolved.plan_for_steps in the worker
-                options["step_loads"] = step_loads[:, layers].astype(np.float64)
-            self._worker.submit(load[layers].astype(np.float64), sub, options)
+            submit_plan(self._worker, placement, load, layers, cfg, step_loads)
         state.submitted_at = time.monotonic()
         self._log_transition(
             Phase.RECORDING,
@@ -397,25 +377,17 @@ class EPLBManager:
         if self._rank == self._planner_rank and state.arrived is not None:  # PP: kept from an earlier look
             status, new_sub = PLAN_ARRIVED, state.arrived
         elif self._rank == self._planner_rank:
-            worker, cfg = self._worker, self.config
-            hung = worker.hung
-            status, new_sub = poll_plan(
-                worker,
+            status, new_sub = look_for_plan(
+                self._worker,
                 submitted_at=state.submitted_at,
-                timeout=cfg.eplb_worker_timeout,
-                wait=0.0 if state.late or worker.late_in_a_row else cfg.eplb_max_plan_wait,
+                late=state.late,
+                config=self.config,
                 step=self.step_count,
+                monitor=self.monitor,
             )
-            if worker.hung > hung and self.monitor is not None:
-                self.monitor.log(self.step_count, {"eplb/policy_worker_hung": worker.hung})
         pipeline = self.stage is not None
-        status = agree_on_plan(
-            status, self._planner_rank, self.load_group if pipeline else None, every_stage=pipeline
-        )
-        if status == PLAN_ARRIVED:
-            new_sub = broadcast_placement(
-                new_sub, src=self._planner_rank, group=self.load_group if self.stage is not None else None
-            )
+        group = self.load_group if pipeline else None
+        status, new_sub = share_plan(status, new_sub, self._planner_rank, group, every_stage=pipeline)
         record.add_seconds("plan_wait", t0)
         if status == PLAN_PENDING:
             state.arrived = new_sub  # PP: this stage's plan came, another stage's did not: keep it
@@ -442,9 +414,7 @@ class EPLBManager:
             return self._finish(state, "late_plan", "plan late or worker dead")
         old = self.handle.placement
         layers = record.layers_planned
-        phy2log = old.phy2log.copy()
-        phy2log[layers] = new_sub.phy2log
-        new = ExpertPlacement(phy2log, old.num_ranks, old.num_experts, allow_same_rank_copies=True)
+        new = old.with_layers(layers, new_sub)
         record.balancedness_after = balance_summary(new, state.window_load)["mean"]
         self._placement_before_last = old
         self._update_similarity_baseline(state.window_load, layers)

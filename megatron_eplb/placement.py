@@ -461,6 +461,14 @@ class ExpertPlacement:
             validate=False,
         )
 
+    def with_layers(self, layers: slice | list[int], rows: ExpertPlacement) -> ExpertPlacement:
+        """A copy with the layers ``layers`` replaced by ``rows`` (a placement of those layers, as
+        :meth:`select_layers` cuts them), checked like a whole map (copies of one expert on one rank allowed),
+        without ``expert_load``."""
+        phy2log = self.phy2log.copy()
+        phy2log[layers] = rows.phy2log
+        return ExpertPlacement(phy2log, self.num_ranks, self.num_experts, allow_same_rank_copies=True)
+
     def with_layer(self, layer: int, phy2log_row: np.ndarray) -> ExpertPlacement:
         """A copy with layer ``layer``'s row replaced by ``phy2log_row`` (``[P]``), validated like the whole map.
 

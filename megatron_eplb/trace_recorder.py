@@ -49,6 +49,17 @@ class TraceRecorder:
         self.parts: list[tuple[np.ndarray, np.ndarray]] = []  # rank 0: (counts [k, R, L, E], steps [k])
         self.upto = 0  # every step up to this one is kept
 
+    @classmethod
+    def for_config(
+        cls, window: Any, config: Any, stage: PipelineStage | None = None, rank: int = 0
+    ) -> TraceRecorder | None:
+        """The recorder of ``config.eplb_trace_path`` (None without one): a gather every
+        ``min(eplb_log_interval, eplb_window_size)`` steps, before the window's ring overwrites them."""
+        if not config.eplb_trace_path:
+            return None
+        every = min(config.eplb_log_interval, config.eplb_window_size)
+        return cls(window, every, stage, rank, path=config.eplb_trace_path)
+
     def maybe_gather(self, step: int) -> None:
         """At ``step`` (after it was recorded): gather when ``every`` steps are pending (collective then)."""
         if step - self.upto >= self.every:

@@ -283,3 +283,16 @@ def test_select_layers_takes_rows_without_the_load():
     assert rows.phy2log.tolist() == placement.phy2log[[0, 2]].tolist() and rows.expert_load is None
     assert (rows.num_ranks, rows.num_experts) == (2, 4)
     assert placement.select_layers(slice(1, 2)).num_layers == 1
+    back = placement.with_layers([0, 2], rows.with_load(None))
+    assert back == placement and back.expert_load is None
+    swapped = placement.with_layers([1], ExpertPlacement(np.array([[3, 2, 1, 0, 1, 2]]), 2, 4))
+    assert swapped.phy2log[1].tolist() == [3, 2, 1, 0, 1, 2] and swapped.phy2log[0].tolist() == [
+        0,
+        1,
+        2,
+        3,
+        0,
+        1,
+    ]
+    with pytest.raises(ExpertMapError):
+        placement.with_layers([1], ExpertPlacement(np.array([[0, 1, 2, 3, 4, 5]]), 2, 6))

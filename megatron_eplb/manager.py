@@ -55,15 +55,10 @@ from .load_window import LoadWindow
 from .monitor import log_realized
 from .optimizer_state import OptimizerSlotState
 from .phases import Gated, Phase, Planning, RebalanceRecord, Recording, State, Transferring
-from .pipeline import (
-    gather_steps,
-    max_over_world,
-    round_summary,
-    stage_of,
-)
+from .pipeline import gather_steps, max_over_world, round_summary, stage_of
 from .placement import ExpertPlacement
 from .protocols import ExpertModel, OptimizerSlots, Transport
-from .stats import balance_summary, load_similarity, moved_slots, realized_steps
+from .stats import balance_summary, layers_to_replan, moved_slots, realized_steps, update_baseline
 from .trace_recorder import TraceRecorder
 from .transfer import plan_transfer
 from .worker import (
@@ -327,16 +322,11 @@ class EPLBManager:
             self._round_steps = 0
         load, per_slot = self.gather_window()
         placement = self.handle.placement
-        layers = self._layers_to_replan(load)
+        layers = layers_to_replan(load, self._last_update_load, cfg.eplb_update_threshold)
         record = RebalanceRecord(started_step=self.step_count, layers_planned=layers)
-        record.balancedness_before = balance_summary(placement, load)["mean"]
-        if per_slot.sum() > 0:
-            record.measured_balancedness_before = balance_summary(placement, per_slot, per_slot=True)["mean"]
-        last = self.history[-1] if self.history else None
-        if last is not None and np.isnan(last.measured_balancedness_after) and per_slot.sum() > 0:
-            last.measured_balancedness_after = record.measured_balancedness_before
-            if self._placement_before_last is not None:
-                last.old_placement_next_window = balance_summary(self._placement_before_last, load)["mean"]
+        record.measure_before(placement, load, per_slot)
+        if self.history:  # the last rebalance's placement, measured on this window
+            self.history[-1].measure_next_window(record, self._placement_before_last, load)
         step_loads = None
         if cfg.eplb_time_resolved and layers:  # the window's steps one by one (collective)
             step_loads, _ = self.window.gather_steps(self.window.filled)
@@ -357,13 +347,6 @@ class EPLBManager:
             f"window of {self.window.filled} steps, {len(layers)} layers to plan",
         )
         return state
-
-    def _layers_to_replan(self, load: np.ndarray) -> list[int]:
-        threshold = self.config.eplb_update_threshold
-        if threshold is None or self._last_update_load is None:
-            return list(range(self.handle.num_layers))
-        similarity = load_similarity(load, self._last_update_load)
-        return [int(layer) for layer in np.nonzero(similarity < threshold)[0]]
 
     def _await_plan(self, state: Planning) -> State:
         """PLANNING at or past its due step: the plan is there -> TRANSFERRING (or RECORDING when nothing
@@ -417,7 +400,7 @@ class EPLBManager:
         new = old.with_layers(layers, new_sub)
         record.balancedness_after = balance_summary(new, state.window_load)["mean"]
         self._placement_before_last = old
-        self._update_similarity_baseline(state.window_load, layers)
+        self._last_update_load = update_baseline(self._last_update_load, state.window_load, layers)
         plan = plan_transfer(old, new)
         if not plan.layers_changed:
             return self._finish(state, "no_change", "the policy kept every slot")
@@ -429,12 +412,6 @@ class EPLBManager:
             Phase.PLANNING, Phase.TRANSFERRING, f"{len(queue)} layers, {record.moved_slots} slots to move"
         )
         return Transferring(record, state.window_load, old, new, plan, executor, queue)
-
-    def _update_similarity_baseline(self, window_load: np.ndarray, layers: list[int]) -> None:
-        if self._last_update_load is None:
-            self._last_update_load = window_load.astype(np.float64).copy()
-        else:
-            self._last_update_load[layers] = window_load[layers]
 
     def _any_rank(self, flag: bool, world: bool = False) -> bool:
         return any_rank(flag, None if world else self.load_group, self._device)

@@ -23,6 +23,7 @@ __all__ = [
     "balancedness",
     "balance_summary",
     "expert_load_balance_ratio",
+    "layers_to_replan",
     "load_similarity",
     "moved_slots",
     "moved_bytes",
@@ -31,6 +32,7 @@ __all__ = [
     "realized_balance",
     "realized_steps",
     "slot_loads_from_logical",
+    "update_baseline",
 ]
 
 
@@ -165,6 +167,25 @@ def load_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     dot = (a * b).sum(axis=1)
     norm = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return np.divide(dot, norm, out=np.ones_like(dot), where=norm > 0)
+
+
+def layers_to_replan(load: np.ndarray, baseline: np.ndarray | None, threshold: float | None) -> list[int]:
+    """xLLM's per-layer update test (``eplb_update_threshold``): the layers whose ``load [L, E]`` is less
+    similar than ``threshold`` (:func:`load_similarity`) to ``baseline [L, E]``, the load at each layer's last
+    update (:func:`update_baseline`); every layer without a threshold or a baseline."""
+    if threshold is None or baseline is None:
+        return list(range(load.shape[0]))
+    similarity = load_similarity(load, baseline)
+    return [int(layer) for layer in np.nonzero(similarity < threshold)[0]]
+
+
+def update_baseline(baseline: np.ndarray | None, load: np.ndarray, layers: list[int]) -> np.ndarray:
+    """:func:`layers_to_replan`'s baseline after the layers ``layers`` were updated from ``load [L, E]``: their
+    rows replaced (in place), or the whole ``load`` (float64) the first time."""
+    if baseline is None:
+        return load.astype(np.float64).copy()
+    baseline[layers] = load[layers]
+    return baseline
 
 
 def read_load_file(path: str | os.PathLike, *, keep_dense_rows: bool = False) -> np.ndarray:

@@ -160,3 +160,15 @@ def test_realized_steps_beside_the_default_placement():
     # Megatron's default (experts 0, 1 on rank 0; 2, 3 on rank 1) on the same routing: 5/8, then 1
     assert entry["eplb/balancedness_default_placement"] == pytest.approx((0.625 + 1.0) / 2)
     assert stats.realized_steps(placement, logical[1:2], per_slot[1:2], last_step=11) is None
+
+
+def test_layers_to_replan_by_similarity_to_each_layers_last_update():
+    load = np.array([[10.0, 0.0], [5.0, 5.0], [1.0, 1.0]])
+    assert stats.layers_to_replan(load, None, 0.9) == [0, 1, 2]  # no update yet: every layer
+    baseline = stats.update_baseline(None, load.astype(np.int64), [0])  # the first time: all of it
+    assert baseline.dtype == np.float64 and np.array_equal(baseline, load)
+    assert stats.layers_to_replan(load, baseline, None) == [0, 1, 2]  # no threshold: every layer
+    new = np.array([[0.0, 10.0], [5.0, 5.0], [1.0, 0.9]])
+    assert stats.layers_to_replan(new, baseline, 0.9) == [0]
+    stats.update_baseline(baseline, new, [0])  # only the updated layer's row
+    assert baseline[0].tolist() == [0.0, 10.0] and baseline[2].tolist() == [1.0, 1.0]

@@ -102,6 +102,7 @@ __all__ = [
     "save_logical_checkpoint",
     "save_manager_checkpoint",
     "split_expert_key",
+    "write_record_map",
 ]
 
 log = logging.getLogger("megatron_eplb")
@@ -609,7 +610,14 @@ def record_map(manager: EPLBManager) -> Path | None:
     if not path:
         return None
     load = manager_entries(manager)["expert_load"]
-    placement = global_placement(manager.handle.placement, manager.stage, load)
+    return write_record_map(path, global_placement(manager.handle.placement, manager.stage, load))
+
+
+def write_record_map(path: str | os.PathLike | None, placement: ExpertPlacement) -> Path | None:
+    """Write ``placement`` to ``path`` (``expert_map_record_path``; nothing without one) on rank 0,
+    atomically.  Returns the path, None without one."""
+    if not path:
+        return None
     if not dist.is_initialized() or dist.get_rank() == 0:
         placement.to_json(path)
     return Path(path)

@@ -29,8 +29,11 @@ The model side is a *handle* (``megatron_eplb.patches.megatron.apply`` returns o
 A transfer never blocks a step: ``step()`` posts a layer's P2P sends/receives and returns; the layer
 finishes, is checked and switches placement just before its next forward (the weights and optimizer
 state it carries do not change in between), or is rolled back if that forward did not run before the
-next optimizer step.  This module decides when; :class:`~megatron_eplb.layer_mover.LayerMover`
-(:mod:`megatron_eplb.layer_mover`) does the moves.
+next optimizer step.  This module decides when; what each step does lives with its owner: the loads in
+:mod:`~megatron_eplb.load_window`, the plan in :mod:`~megatron_eplb.worker`, the moves in
+:class:`~megatron_eplb.layer_mover.LayerMover`, metrics in :mod:`~megatron_eplb.stats` and
+:mod:`~megatron_eplb.monitor`, gradients in :mod:`~megatron_eplb.gradients`, checkpoints and the record map in
+:mod:`~megatron_eplb.checkpoint`, the trace in :mod:`~megatron_eplb.trace_recorder`.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_manager_checkpoint, record_map, save_manager_checkpoint
+from .checkpoint import load_manager_checkpoint, record_map, save_manager_checkpoint, write_record_map
 from .comm import any_rank
 from .config import EPLBConfig
 from .gradients import clip_grad_norm_
@@ -263,8 +266,7 @@ class EPLBManager:
         mine = records[-1].as_dict() if records else None
         load = self._last_window_load if mine is not None else None
         placement, merged = round_summary(self.handle.placement, self.stage, load, mine)
-        if self.config.expert_map_record_path and self._rank == 0:
-            placement.to_json(self.config.expert_map_record_path)
+        write_record_map(self.config.expert_map_record_path, placement)
         if merged["outcome"] == "none":
             return
         self._completed.append(RebalanceRecord(**merged))
@@ -430,12 +432,10 @@ class EPLBManager:
             self._log_transition(state.phase, nxt.phase, why)
             return nxt
         self._completed.append(record)
-        if (
-            outcome in ("committed", "failed_layers", "no_change")  # the map a run ends with, with its load
-            and self.config.expert_map_record_path
-            and self._rank == 0
-        ):
-            self.handle.placement.with_load(state.window_load).to_json(self.config.expert_map_record_path)
+        if outcome in ("committed", "failed_layers", "no_change"):  # the map a run ends with, with its load
+            write_record_map(
+                self.config.expert_map_record_path, self.handle.placement.with_load(state.window_load)
+            )
         if self.monitor is not None:
             self.monitor.rebalance(self.step_count, record, self.handle.placement, state.window_load)
         nxt = Gated() if self.config.gate_eplb and outcome == "committed" else Recording()

@@ -563,7 +563,7 @@ def save_manager_checkpoint(
     directory: str | os.PathLike,
     extra: Mapping[str, Any] | None = None,
     *,
-    overwrite=False,
+    overwrite: bool = False,
 ) -> Path:
     """:func:`save_logical_checkpoint` of a manager's model and optimizer slots to ``directory``: the model
     with each logical expert once, the optimizer state by logical parameter name, the optimizer's step count

@@ -1,7 +1,9 @@
-"""The gradient norm of the logical model: each logical expert counted once, whatever its copies.
+"""The gradient of the logical model: its norm with each logical expert counted once, whatever its copies,
+and clipping by that norm.
 
 Pure over tensors (no Megatron, no DeepSpeed): the plain-torch manager and the DeepSpeed engine both hand
 their gradients here.  The sums stay on the gradients' device; the one host sync is the returned float.
+(The sum of a logical expert's copies' gradients is the model handle's: ``ExpertModel.sum_replica_grads``.)
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import torch.distributed as dist
 from .comm import collective_device
 from .slots import SlotParam
 
-__all__ = ["logical_grad_norm", "primary_expert_params"]
+__all__ = ["clip_grad_norm_", "handle_grad_norm", "logical_grad_norm", "param_grad", "primary_expert_params"]
+
+
+def param_grad(p: torch.Tensor) -> torch.Tensor | None:
+    """The gradient Megatron accumulates into (``main_grad``) where there is one, else ``p.grad``."""
+    g = getattr(p, "main_grad", None)
+    return p.grad if g is None else g
 
 
 def _sum_of_squares(grads: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -82,3 +90,29 @@ def logical_grad_norm(
     if dense_group is not None and dist.is_initialized() and dist.get_world_size(dense_group) > 1:
         dist.all_reduce(dense_sq, group=dense_group)
     return float((dense_sq + expert_sq).sqrt())
+
+
+def handle_grad_norm(handle: Any, device: torch.device | str | None = None) -> float:
+    """L2 norm of the logical gradient of ``handle.model`` (:func:`logical_grad_norm`): dense gradients once
+    (already data-parallel reduced, identical on every rank), each logical expert once (its first copy;
+    copies hold the same summed gradient after ``handle.sum_replica_grads()``).  ``device``: where the sums
+    live.  Collective over ``handle.ep_group``."""
+    grads = ((p, param_grad(p)) for p in handle.model.parameters())
+    return logical_grad_norm(
+        ((p, g) for p, g in grads if g is not None),
+        primary_expert_params(handle),
+        handle.ep_group if handle.ep_size > 1 else None,
+        device,
+    )
+
+
+def clip_grad_norm_(handle: Any, max_norm: float, device: torch.device | str | None = None) -> float:
+    """Scale every gradient of ``handle.model`` so that :func:`handle_grad_norm` is at most ``max_norm``;
+    returns the norm before.  Collective over ``handle.ep_group``."""
+    norm = handle_grad_norm(handle, device)
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for p in handle.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm

@@ -29,8 +29,11 @@ The model side is a *handle* (``megatron_eplb.patches.megatron.apply`` returns o
 A transfer never blocks a step: ``step()`` posts a layer's P2P sends/receives and returns; the layer
 finishes, is checked and switches placement just before its next forward (the weights and optimizer
 state it carries do not change in between), or is rolled back if that forward did not run before the
-next optimizer step.  This module decides when; :class:`~megatron_eplb.layer_mover.LayerMover`
-(:mod:`megatron_eplb.layer_mover`) does the moves.
+next optimizer step.  This module decides when; what each step does lives with its owner: the loads in
+:mod:`~megatron_eplb.load_window`, the plan in :mod:`~megatron_eplb.worker`, the moves in
+:class:`~megatron_eplb.layer_mover.LayerMover`, metrics in :mod:`~megatron_eplb.stats` and
+:mod:`~megatron_eplb.monitor`, gradients in :mod:`~megatron_eplb.gradients`, checkpoints and the record map in
+:mod:`~megatron_eplb.checkpoint`, the trace in :mod:`~megatron_eplb.trace_recorder`.
 """
 
 from __future__ import annotations
@@ -46,24 +49,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_logical_checkpoint, save_logical_checkpoint
+from .checkpoint import load_manager_checkpoint, record_map, save_manager_checkpoint, write_record_map
 from .comm import any_rank
 from .config import EPLBConfig
-from .gradients import logical_grad_norm, primary_expert_params
+from .gradients import clip_grad_norm_
 from .layer_mover import LayerMover
 from .load_window import LoadWindow
+from .monitor import log_realized
 from .optimizer_state import OptimizerSlotState
 from .phases import Gated, Phase, Planning, RebalanceRecord, Recording, State, Transferring
-from .pipeline import (
-    gather_layers,
-    global_placement,
-    max_over_world,
-    round_summary,
-    stage_of,
-)
+from .pipeline import gather_steps, max_over_world, round_summary, stage_of
 from .placement import ExpertPlacement
 from .protocols import ExpertModel, OptimizerSlots, Transport
-from .stats import balance_summary, load_similarity, moved_slots, realized_balance
+from .stats import balance_summary, layers_to_replan, moved_slots, realized_steps, update_baseline
 from .trace_recorder import TraceRecorder
 from .transfer import plan_transfer
 from .worker import (
@@ -71,9 +69,9 @@ from .worker import (
     PLAN_DROPPED,
     PLAN_PENDING,
     PolicyWorker,
-    agree_on_plan,
-    broadcast_placement,
-    poll_plan,
+    look_for_plan,
+    share_plan,
+    submit_plan,
 )
 
 __all__ = [
@@ -186,16 +184,7 @@ class EPLBManager:
         #: extra keys for the trace file's meta (e.g. the data's domains)
         self.trace_meta: dict[str, Any] = {}
         # eplb_trace_path: every step's counts of every source rank (rank 0 writes the file at close())
-        self._trace = (
-            TraceRecorder(
-                self.window,
-                min(self.config.eplb_log_interval, self.config.eplb_window_size),
-                self.stage,
-                self._rank,
-            )
-            if self.config.eplb_trace_path
-            else None
-        )
+        self._trace = TraceRecorder.for_config(self.window, self.config, self.stage, self._rank)
 
     # ------------------------------------------------------------- the calls
     def before_optimizer_step(self) -> None:
@@ -207,28 +196,11 @@ class EPLBManager:
             self.mover.finish(self.state, commit=False)
         self.handle.sum_replica_grads()
 
-    def grad_norm(self) -> float:
-        """L2 norm of the logical model's gradient: dense gradients once (already data-parallel reduced,
-        identical on every rank), each logical expert once (its first copy; copies hold the same summed
-        gradient after :meth:`before_optimizer_step`). Collective over the EP group."""
-        h = self.handle
-        grads = ((p, _grad(p)) for p in h.model.parameters())
-        return logical_grad_norm(
-            ((p, g) for p, g in grads if g is not None),
-            primary_expert_params(h),
-            h.ep_group if h.ep_size > 1 else None,
-            self._device,
-        )
-
     def clip_grad_norm_(self, max_norm: float) -> float:
-        """Scale every gradient so that :meth:`grad_norm` is at most ``max_norm``; returns the norm before."""
-        norm = self.grad_norm()
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0:
-            for p in self.handle.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
-        return norm
+        """Scale every gradient so that the logical model's gradient norm (each logical expert once) is at
+        most ``max_norm``; returns the norm before (:func:`megatron_eplb.gradients.clip_grad_norm_`).
+        Collective over the EP group."""
+        return clip_grad_norm_(self.handle, max_norm, self._device)
 
     @property
     def phase(self) -> Phase:
@@ -294,8 +266,7 @@ class EPLBManager:
         mine = records[-1].as_dict() if records else None
         load = self._last_window_load if mine is not None else None
         placement, merged = round_summary(self.handle.placement, self.stage, load, mine)
-        if self.config.expert_map_record_path and self._rank == 0:
-            placement.to_json(self.config.expert_map_record_path)
+        write_record_map(self.config.expert_map_record_path, placement)
         if merged["outcome"] == "none":
             return
         self._completed.append(RebalanceRecord(**merged))
@@ -332,37 +303,16 @@ class EPLBManager:
         return self.window.gather()
 
     def _log_realized_balance(self) -> None:
-        """Every ``eplb_log_interval`` steps: the realized balancedness of each of those steps (the slot
-        counts that were computed) beside Megatron's default placement on the same steps' routing (routing
-        does not depend on the placement). Collective; every rank appends to :attr:`realized`, rank 0 logs
-        and writes to the monitor."""
+        """Every ``eplb_log_interval`` steps: the realized balancedness of those steps beside Megatron's default
+        placement (:func:`~megatron_eplb.stats.realized_steps`; with PP of every stage's layers). Collective;
+        every rank appends it to :attr:`realized`, rank 0 logs it and writes it to the monitor."""
         logical, per_slot = self.window.gather_steps(self.config.eplb_log_interval)
-        h = self.handle
-        placement = h.placement
-        if self.stage is not None:  # PP: every stage's layers (collective over the stages)
-            logical, per_slot, phy2log = gather_layers(
-                self.stage, logical, per_slot, placement.phy2log[None], axis=1
-            )
-            placement = ExpertPlacement(phy2log[0], h.ep_size, h.num_experts, allow_same_rank_copies=True)
-        default = ExpertPlacement.default(placement.num_layers, h.num_experts, h.ep_size, 0)
-        metrics = realized_balance(placement, default, logical, per_slot)
-        if metrics is None:
-            return
-        first = self.step_count - per_slot.shape[0] + 1
-        self.realized.append({"first_step": first, "last_step": self.step_count, **metrics})
-        if self._rank != 0:
-            return
-        log.info(
-            "EPLB steps %d-%d: realized balancedness per step %.3f (worst %.3f), Megatron's default placement "
-            "on the same steps %.3f",
-            first,
-            self.step_count,
-            metrics["eplb/balancedness_realized"],
-            metrics["eplb/balancedness_realized_min"],
-            metrics["eplb/balancedness_default_placement"],
-        )
-        if self.monitor is not None:
-            self.monitor.log(self.step_count, {k: v for k, v in metrics.items() if k.startswith("eplb/")})
+        placement, logical, per_slot = gather_steps(self.stage, self.handle.placement, logical, per_slot)
+        entry = realized_steps(placement, logical, per_slot, self.step_count)
+        if entry is not None:
+            self.realized.append(entry)
+            if self._rank == 0:
+                log_realized(entry, self.monitor)
 
     # --------------------------------------------------------------- plan
     def _start_planning(self) -> State:
@@ -374,16 +324,11 @@ class EPLBManager:
             self._round_steps = 0
         load, per_slot = self.gather_window()
         placement = self.handle.placement
-        layers = self._layers_to_replan(load)
+        layers = layers_to_replan(load, self._last_update_load, cfg.eplb_update_threshold)
         record = RebalanceRecord(started_step=self.step_count, layers_planned=layers)
-        record.balancedness_before = balance_summary(placement, load)["mean"]
-        if per_slot.sum() > 0:
-            record.measured_balancedness_before = balance_summary(placement, per_slot, per_slot=True)["mean"]
-        last = self.history[-1] if self.history else None
-        if last is not None and np.isnan(last.measured_balancedness_after) and per_slot.sum() > 0:
-            last.measured_balancedness_after = record.measured_balancedness_before
-            if self._placement_before_last is not None:
-                last.old_placement_next_window = balance_summary(self._placement_before_last, load)["mean"]
+        record.measure_before(placement, load, per_slot)
+        if self.history:  # the last rebalance's placement, measured on this window
+            self.history[-1].measure_next_window(record, self._placement_before_last, load)
         step_loads = None
         if cfg.eplb_time_resolved and layers:  # the window's steps one by one (collective)
             step_loads, _ = self.window.gather_steps(self.window.filled)
@@ -396,23 +341,7 @@ class EPLBManager:
         if self._rank == self._planner_rank:
             if self._worker is None:
                 self._worker = PolicyWorker(policy_fn=self._policy_fn)
-            sub = ExpertPlacement(
-                placement.phy2log[layers],
-                placement.num_ranks,
-                placement.num_experts,
-                allow_same_rank_copies=True,
-                validate=False,
-            )
-            options = dict(
-                num_nodes=cfg.eplb_num_nodes,
-                num_groups=cfg.eplb_num_groups,
-                policy=cfg.eplb_policy,
-                churn_weight=cfg.eplb_churn_weight,
-                node_locality=cfg.eplb_node_locality,
-            )
-            if step_loads is not None:  # policy.time_resolved.plan_for_steps in the worker
-                options["step_loads"] = step_loads[:, layers].astype(np.float64)
-            self._worker.submit(load[layers].astype(np.float64), sub, options)
+            submit_plan(self._worker, placement, load, layers, cfg, step_loads)
         state.submitted_at = time.monotonic()
         self._log_transition(
             Phase.RECORDING,
@@ -420,13 +349,6 @@ class EPLBManager:
             f"window of {self.window.filled} steps, {len(layers)} layers to plan",
         )
         return state
-
-    def _layers_to_replan(self, load: np.ndarray) -> list[int]:
-        threshold = self.config.eplb_update_threshold
-        if threshold is None or self._last_update_load is None:
-            return list(range(self.handle.num_layers))
-        similarity = load_similarity(load, self._last_update_load)
-        return [int(layer) for layer in np.nonzero(similarity < threshold)[0]]
 
     def _await_plan(self, state: Planning) -> State:
         """PLANNING at or past its due step: the plan is there -> TRANSFERRING (or RECORDING when nothing
@@ -440,25 +362,17 @@ class EPLBManager:
         if self._rank == self._planner_rank and state.arrived is not None:  # PP: kept from an earlier look
             status, new_sub = PLAN_ARRIVED, state.arrived
         elif self._rank == self._planner_rank:
-            worker, cfg = self._worker, self.config
-            hung = worker.hung
-            status, new_sub = poll_plan(
-                worker,
+            status, new_sub = look_for_plan(
+                self._worker,
                 submitted_at=state.submitted_at,
-                timeout=cfg.eplb_worker_timeout,
-                wait=0.0 if state.late or worker.late_in_a_row else cfg.eplb_max_plan_wait,
+                late=state.late,
+                config=self.config,
                 step=self.step_count,
+                monitor=self.monitor,
             )
-            if worker.hung > hung and self.monitor is not None:
-                self.monitor.log(self.step_count, {"eplb/policy_worker_hung": worker.hung})
         pipeline = self.stage is not None
-        status = agree_on_plan(
-            status, self._planner_rank, self.load_group if pipeline else None, every_stage=pipeline
-        )
-        if status == PLAN_ARRIVED:
-            new_sub = broadcast_placement(
-                new_sub, src=self._planner_rank, group=self.load_group if self.stage is not None else None
-            )
+        group = self.load_group if pipeline else None
+        status, new_sub = share_plan(status, new_sub, self._planner_rank, group, every_stage=pipeline)
         record.add_seconds("plan_wait", t0)
         if status == PLAN_PENDING:
             state.arrived = new_sub  # PP: this stage's plan came, another stage's did not: keep it
@@ -485,12 +399,10 @@ class EPLBManager:
             return self._finish(state, "late_plan", "plan late or worker dead")
         old = self.handle.placement
         layers = record.layers_planned
-        phy2log = old.phy2log.copy()
-        phy2log[layers] = new_sub.phy2log
-        new = ExpertPlacement(phy2log, old.num_ranks, old.num_experts, allow_same_rank_copies=True)
+        new = old.with_layers(layers, new_sub)
         record.balancedness_after = balance_summary(new, state.window_load)["mean"]
         self._placement_before_last = old
-        self._update_similarity_baseline(state.window_load, layers)
+        self._last_update_load = update_baseline(self._last_update_load, state.window_load, layers)
         plan = plan_transfer(old, new)
         if not plan.layers_changed:
             return self._finish(state, "no_change", "the policy kept every slot")
@@ -502,12 +414,6 @@ class EPLBManager:
             Phase.PLANNING, Phase.TRANSFERRING, f"{len(queue)} layers, {record.moved_slots} slots to move"
         )
         return Transferring(record, state.window_load, old, new, plan, executor, queue)
-
-    def _update_similarity_baseline(self, window_load: np.ndarray, layers: list[int]) -> None:
-        if self._last_update_load is None:
-            self._last_update_load = window_load.astype(np.float64).copy()
-        else:
-            self._last_update_load[layers] = window_load[layers]
 
     def _any_rank(self, flag: bool, world: bool = False) -> bool:
         return any_rank(flag, None if world else self.load_group, self._device)
@@ -526,12 +432,10 @@ class EPLBManager:
             self._log_transition(state.phase, nxt.phase, why)
             return nxt
         self._completed.append(record)
-        if (
-            outcome in ("committed", "failed_layers", "no_change")  # the map a run ends with, with its load
-            and self.config.expert_map_record_path
-            and self._rank == 0
-        ):
-            self.handle.placement.with_load(state.window_load).to_json(self.config.expert_map_record_path)
+        if outcome in ("committed", "failed_layers", "no_change"):  # the map a run ends with, with its load
+            write_record_map(
+                self.config.expert_map_record_path, self.handle.placement.with_load(state.window_load)
+            )
         if self.monitor is not None:
             self.monitor.rebalance(self.step_count, record, self.handle.placement, state.window_load)
         nxt = Gated() if self.config.gate_eplb and outcome == "committed" else Recording()
@@ -542,63 +446,22 @@ class EPLBManager:
     def save_checkpoint(
         self, directory: str | os.PathLike, extra: dict[str, Any] | None = None, *, overwrite: bool = False
     ) -> Path:
-        """Save the logical training checkpoint to ``directory`` (collective over every rank; rank 0 writes).
-
-        :func:`megatron_eplb.checkpoint.save_logical_checkpoint`: ``model_logical.pt`` (the model with each
-        logical expert once, the optimizer state by logical parameter name, the optimizer's step count and
-        the manager's step, plus ``extra``, with checksums and the model's shape facts) and
-        ``expert_map.json`` (the placement with the [L, E] load of :meth:`checkpoint_load`), written all or
-        nothing.  A checkpoint already in ``directory`` is replaced only with ``overwrite=True`` (else
-        :class:`~megatron_eplb.errors.CheckpointError`, nothing written).  Any placement or EP size can load
-        it (:meth:`load_checkpoint`).
-        """
-        return save_logical_checkpoint(
-            directory,
-            self.handle,
-            self.optimizer_state,
-            expert_load=self.checkpoint_load(),
-            eplb_step_count=self.step_count,
-            extra=extra,
-            overwrite=overwrite,
-        )
+        """Save the logical training checkpoint (every logical expert once, the optimizer state, the steps,
+        ``extra``; the map beside it) to ``directory``, all or nothing; replace one there only with
+        ``overwrite``.  :func:`megatron_eplb.checkpoint.save_manager_checkpoint`.  Collective; rank 0 writes."""
+        return save_manager_checkpoint(self, directory, extra, overwrite=overwrite)
 
     def load_checkpoint(self, directory: str | os.PathLike, strict: bool = True) -> dict[str, Any]:
-        """Load :meth:`save_checkpoint`'s directory into this model and optimizer, whatever the current
-        placement or EP size (:func:`megatron_eplb.checkpoint.load_logical_checkpoint`: the placement to
-        resume with, then every slot from its logical expert, Adam state and step count included), and
-        continue counting from the saved step.  Returns the payload's metadata and ``placement``."""
-        meta = load_logical_checkpoint(
-            directory,
-            self.handle,
-            slots=self.optimizer_state,
-            config=self.config,
-            strict=strict,
-        )
-        if meta.get("eplb_step_count") is not None:
-            self.resume_at(int(meta["eplb_step_count"]))
-        if self._rank == 0:
-            log.info(
-                "EPLB: resumed from %s at step %d into %r", directory, self.step_count, self.handle.placement
-            )
-        return meta
+        """Load :meth:`save_checkpoint`'s directory whatever the current placement or EP size, and continue
+        counting from the saved step (:func:`megatron_eplb.checkpoint.load_manager_checkpoint`).  Collective.
+        Returns the payload's metadata and ``placement``."""
+        return load_manager_checkpoint(self, directory, strict)
 
     def record_map(self) -> Path | None:
-        """Write the placement now, with :meth:`checkpoint_load`'s ``[L, E]`` load, to
-        ``expert_map_record_path`` (the map a run ends or stops with; a rebalance writes it too).  Collective;
-        rank 0 writes (atomically).  Returns the path, None without a record path."""
-        path = self.config.expert_map_record_path
-        if not path:
-            return None
-        placement = global_placement(self.handle.placement, self.stage, self.checkpoint_load())
-        if self._rank == 0:
-            placement.to_json(path)
-        return Path(path)
-
-    def checkpoint_load(self) -> np.ndarray | None:
-        """The ``[L, E]`` load a checkpoint's map records (a resume at another EP size plans from it): the
-        current window summed over every rank that routes tokens, else the placement's own (collective)."""
-        window, _ = self.gather_window()
-        return window if window.sum() > 0 else self.handle.placement.expert_load
+        """Write the placement now, with the window's ``[L, E]`` load, to ``expert_map_record_path``
+        (:func:`megatron_eplb.checkpoint.record_map`).  Collective; rank 0 writes.  Returns the path, None
+        without a record path."""
+        return record_map(self)
 
     def resume_at(self, step: int) -> None:
         """Continue counting from ``step`` (a resumed run); the next rebalance is a full interval away."""
@@ -623,12 +486,4 @@ class EPLBManager:
         returns the path, other ranks return None."""
         if self._trace is None:
             raise RuntimeError("write_trace() needs eplb_trace_path set in the config")
-        return self._trace.write(
-            path or self.config.eplb_trace_path, self.handle, self.step_count, self.trace_meta
-        )
-
-
-def _grad(p: torch.Tensor) -> torch.Tensor | None:
-    """The gradient Megatron accumulates into (``main_grad``) where there is one, else ``p.grad``."""
-    g = getattr(p, "main_grad", None)
-    return p.grad if g is None else g
+        return self._trace.write(self.step_count, path, self.trace_meta)

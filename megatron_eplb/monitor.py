@@ -1,7 +1,7 @@
 """Metrics sinks for EPLB: the log, wandb (offline works, respects ``WANDB_MODE``) and TensorBoard.
 
-The manager calls :meth:`Monitor.rebalance` when a rebalance completes; training loops call
-:meth:`Monitor.log` with their own scalars.  One rank writes (create the monitor on rank 0 only, or pass
+The manager calls :meth:`Monitor.rebalance` when a rebalance completes and :func:`log_realized` every
+``eplb_log_interval`` steps; training loops call :meth:`Monitor.log` with their own scalars.  One rank writes (create the monitor on rank 0 only, or pass
 ``rank``).  Imports neither Megatron nor DeepSpeed; wandb, TensorBoard and matplotlib are imported lazily
 and each sink is skipped with a warning when its package is missing.
 
@@ -23,7 +23,7 @@ import numpy as np
 from .placement import ExpertPlacement
 from .stats import balance_summary
 
-__all__ = ["Monitor", "plot_expert_load"]
+__all__ = ["Monitor", "log_realized", "plot_expert_load"]
 
 log = logging.getLogger("megatron_eplb")
 
@@ -49,6 +49,23 @@ def plot_expert_load(load: np.ndarray, path: str | os.PathLike | None = None, *,
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100)
     return fig
+
+
+def log_realized(entry: dict[str, Any], monitor: Monitor | None = None) -> None:
+    """The log line of the realized balancedness of some steps beside Megatron's default placement
+    (``entry``: :func:`megatron_eplb.stats.realized_steps`), and its ``eplb/`` metrics to ``monitor`` at
+    its last step.  Call it on the writing rank."""
+    log.info(
+        "EPLB steps %d-%d: realized balancedness per step %.3f (worst %.3f), Megatron's default placement "
+        "on the same steps %.3f",
+        entry["first_step"],
+        entry["last_step"],
+        entry["eplb/balancedness_realized"],
+        entry["eplb/balancedness_realized_min"],
+        entry["eplb/balancedness_default_placement"],
+    )
+    if monitor is not None:
+        monitor.log(entry["last_step"], {k: v for k, v in entry.items() if k.startswith("eplb/")})
 
 
 class Monitor:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .placement import ExpertPlacement
+from .stats import balance_summary
 
 __all__ = ["Gated", "Phase", "Planning", "RebalanceRecord", "Recording", "State", "Transferring"]
 
@@ -43,6 +44,25 @@ class RebalanceRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def measure_before(self, placement: ExpertPlacement, load: np.ndarray, per_slot: np.ndarray) -> None:
+        """The window this rebalance plans from, under the placement it ran on: ``balancedness_before``
+        predicted from ``load [L, E]``, ``measured_balancedness_before`` from the slots' counts ``per_slot
+        [L, P]`` (when they computed any tokens)."""
+        self.balancedness_before = balance_summary(placement, load)["mean"]
+        if per_slot.sum() > 0:
+            self.measured_balancedness_before = balance_summary(placement, per_slot, per_slot=True)["mean"]
+
+    def measure_next_window(
+        self, nxt: RebalanceRecord, old: ExpertPlacement | None, load: np.ndarray
+    ) -> None:
+        """Once, from the measured window of the next rebalance (``nxt``, after :meth:`measure_before`): the
+        balancedness this rebalance's placement reached (``measured_balancedness_after``) and what ``old``,
+        the placement before it, would have given on that window's ``load [L, E]``."""
+        if np.isnan(self.measured_balancedness_after) and not np.isnan(nxt.measured_balancedness_before):
+            self.measured_balancedness_after = nxt.measured_balancedness_before
+            if old is not None:
+                self.old_placement_next_window = balance_summary(old, load)["mean"]
 
     def add_seconds(self, phase: str, since: float) -> None:
         """Add the time from ``since`` (``time.monotonic()``) to now to ``seconds[phase]``."""

@@ -25,6 +25,7 @@ __all__ = [
     "PipelineStage",
     "gather_layers",
     "gather_over_stages",
+    "gather_steps",
     "global_placement",
     "max_over_world",
     "merge_stage_records",
@@ -80,13 +81,7 @@ def stage_placement(placement: ExpertPlacement, stage: PipelineStage | None) -> 
     if stage is None or placement.num_layers != stage.total_layers or stage.total_layers == stage.num_layers:
         return placement
     rows = slice(stage.layer_offset, stage.layer_offset + stage.num_layers)
-    out = ExpertPlacement(
-        placement.phy2log[rows],
-        placement.num_ranks,
-        placement.num_experts,
-        allow_same_rank_copies=True,
-        validate=False,
-    )
+    out = placement.select_layers(rows)
     if placement.expert_load is not None:
         out = out.with_load(np.asarray(placement.expert_load)[rows])
     return out
@@ -110,6 +105,21 @@ def gather_layers(stage: PipelineStage | None, *arrays: np.ndarray, axis: int = 
         return tuple(arrays)
     parts = gather_over_stages(tuple(np.asarray(a) for a in arrays), stage)
     return tuple(np.concatenate([p[i] for p in parts], axis=axis) for i in range(len(arrays)))
+
+
+def gather_steps(
+    stage: PipelineStage | None, placement: ExpertPlacement, logical: np.ndarray, per_slot: np.ndarray
+) -> tuple[ExpertPlacement, np.ndarray, np.ndarray]:
+    """Some steps' counts of every stage's layers (``logical [k, L_s, E]``, ``per_slot [k, L_s, P]`` ->
+    ``[k, L, ...]``) and the whole model's placement (``phy2log [L_s, P]`` -> ``[L, P]``), in one gather.
+    Collective over ``stage.group``; with PP = 1 the inputs themselves."""
+    if stage is None:
+        return placement, logical, per_slot
+    logical, per_slot, phy2log = gather_layers(stage, logical, per_slot, placement.phy2log[None], axis=1)
+    whole = ExpertPlacement(
+        phy2log[0], placement.num_ranks, placement.num_experts, allow_same_rank_copies=True
+    )
+    return whole, logical, per_slot
 
 
 def global_placement(

@@ -450,6 +450,25 @@ class ExpertPlacement:
             validate=False,
         )
 
+    def select_layers(self, layers: slice | list[int]) -> ExpertPlacement:
+        """The placement of some of its layers (``phy2log [L, P]`` -> ``[L', P]``; ``layers`` a slice or layer
+        ids), their rows taken as they are (unchecked: rows of a checked map), without ``expert_load``."""
+        return ExpertPlacement(
+            self.phy2log[layers],
+            self.num_ranks,
+            self.num_experts,
+            allow_same_rank_copies=True,
+            validate=False,
+        )
+
+    def with_layers(self, layers: slice | list[int], rows: ExpertPlacement) -> ExpertPlacement:
+        """A copy with the layers ``layers`` replaced by ``rows`` (a placement of those layers, as
+        :meth:`select_layers` cuts them), checked like a whole map (copies of one expert on one rank allowed),
+        without ``expert_load``."""
+        phy2log = self.phy2log.copy()
+        phy2log[layers] = rows.phy2log
+        return ExpertPlacement(phy2log, self.num_ranks, self.num_experts, allow_same_rank_copies=True)
+
     def with_layer(self, layer: int, phy2log_row: np.ndarray) -> ExpertPlacement:
         """A copy with layer ``layer``'s row replaced by ``phy2log_row`` (``[P]``), validated like the whole map.
 

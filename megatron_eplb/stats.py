@@ -23,13 +23,16 @@ __all__ = [
     "balancedness",
     "balance_summary",
     "expert_load_balance_ratio",
+    "layers_to_replan",
     "load_similarity",
     "moved_slots",
     "moved_bytes",
     "rank_loads",
     "read_load_file",
     "realized_balance",
+    "realized_steps",
     "slot_loads_from_logical",
+    "update_baseline",
 ]
 
 
@@ -166,6 +169,25 @@ def load_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(dot, norm, out=np.ones_like(dot), where=norm > 0)
 
 
+def layers_to_replan(load: np.ndarray, baseline: np.ndarray | None, threshold: float | None) -> list[int]:
+    """xLLM's per-layer update test (``eplb_update_threshold``): the layers whose ``load [L, E]`` is less
+    similar than ``threshold`` (:func:`load_similarity`) to ``baseline [L, E]``, the load at each layer's last
+    update (:func:`update_baseline`); every layer without a threshold or a baseline."""
+    if threshold is None or baseline is None:
+        return list(range(load.shape[0]))
+    similarity = load_similarity(load, baseline)
+    return [int(layer) for layer in np.nonzero(similarity < threshold)[0]]
+
+
+def update_baseline(baseline: np.ndarray | None, load: np.ndarray, layers: list[int]) -> np.ndarray:
+    """:func:`layers_to_replan`'s baseline after the layers ``layers`` were updated from ``load [L, E]``: their
+    rows replaced (in place), or the whole ``load`` (float64) the first time."""
+    if baseline is None:
+        return load.astype(np.float64).copy()
+    baseline[layers] = load[layers]
+    return baseline
+
+
 def read_load_file(path: str | os.PathLike, *, keep_dense_rows: bool = False) -> np.ndarray:
     """Read a load heat map ``{"logical_count": [[...]]}`` (or an expert map with ``expert_load``), or one
     load of a file that holds several per model and domain (the OLMoE/Mixtral counts of
@@ -292,3 +314,25 @@ def realized_balance(
         "eplb/balancedness_default_placement": float(np.mean(baseline)),
         "steps": len(steps),
     }
+
+
+def realized_steps(
+    placement: ExpertPlacement, logical: np.ndarray, per_slot: np.ndarray, last_step: int
+) -> dict | None:
+    """The realized balancedness of the ``k`` steps ending at ``last_step`` beside Megatron's default
+    placement (``ExpertPlacement.default(L, E, N, 0)``) on the same steps' routing (routing does not depend on
+    the placement): the manager's entry of every ``eplb_log_interval`` steps.
+
+    Args:
+        placement: where the slots are (``per_slot``'s columns).
+        logical: int ``[k, L, E]`` tokens per logical expert, per step.
+        per_slot: int ``[k, L, P]`` tokens each slot computed, per step.
+        last_step: the step of ``per_slot[-1]``.
+    Returns:
+        ``first_step``, ``last_step`` and :func:`realized_balance`'s metrics; None when no step had tokens.
+    """
+    default = ExpertPlacement.default(placement.num_layers, placement.num_experts, placement.num_ranks, 0)
+    metrics = realized_balance(placement, default, logical, per_slot)
+    if metrics is None:
+        return None
+    return {"first_step": last_step - per_slot.shape[0] + 1, "last_step": last_step, **metrics}

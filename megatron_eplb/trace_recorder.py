@@ -27,16 +27,38 @@ class TraceRecorder:
     """Keeps every step's ``[R, L, E]`` counts (``R`` source ranks) for a trace file.
 
     Args:
-        window: the manager's load window (``gather_steps_per_rank(k) -> [k, R, L_s, E]``, collective).
+        window: the manager's load window (``gather_steps_per_rank(k) -> [k, R, L_s, E]``, collective; its
+            ``handle`` gives the model's facts).
         every: steps between two gathers (at most the window's length).
         stage: the pipeline stage (:mod:`megatron_eplb.pipeline`), None with PP = 1.
         rank: this process's global rank (rank 0 keeps the counts and writes).
+        path: the file :meth:`write` writes by default (``eplb_trace_path``).
     """
 
-    def __init__(self, window: Any, every: int, stage: PipelineStage | None = None, rank: int = 0) -> None:
+    def __init__(
+        self,
+        window: Any,
+        every: int,
+        stage: PipelineStage | None = None,
+        rank: int = 0,
+        *,
+        path: str | os.PathLike | None = None,
+    ) -> None:
         self.window, self.every, self.stage, self.rank = window, int(every), stage, rank
+        self.path = path
         self.parts: list[tuple[np.ndarray, np.ndarray]] = []  # rank 0: (counts [k, R, L, E], steps [k])
         self.upto = 0  # every step up to this one is kept
+
+    @classmethod
+    def for_config(
+        cls, window: Any, config: Any, stage: PipelineStage | None = None, rank: int = 0
+    ) -> TraceRecorder | None:
+        """The recorder of ``config.eplb_trace_path`` (None without one): a gather every
+        ``min(eplb_log_interval, eplb_window_size)`` steps, before the window's ring overwrites them."""
+        if not config.eplb_trace_path:
+            return None
+        every = min(config.eplb_log_interval, config.eplb_window_size)
+        return cls(window, every, stage, rank, path=config.eplb_trace_path)
 
     def maybe_gather(self, step: int) -> None:
         """At ``step`` (after it was recorded): gather when ``every`` steps are pending (collective then)."""
@@ -53,13 +75,14 @@ class TraceRecorder:
         self.upto = step
 
     def write(
-        self, path: str | os.PathLike, handle: Any, step: int, extra: dict | None = None
+        self, step: int, path: str | os.PathLike | None = None, extra: dict | None = None
     ) -> Path | None:
-        """Gather what is pending at ``step`` and write every kept step to ``path`` with the model's facts
-        (``handle``: EP size, layers, experts, layer names, replica dispatch) and ``extra`` in the meta.
-        Collective; rank 0 writes and returns the path, other ranks return None."""
+        """Gather what is pending at ``step`` and write every kept step to ``path`` (default :attr:`path`) with
+        the model's facts (the window's handle: EP size, layers, experts, layer names, replica dispatch) and
+        ``extra`` in the meta.  Collective; rank 0 writes and returns the path, other ranks return None."""
         if step > self.upto:
             self.gather(step)
+        handle = self.window.handle
         names = list(getattr(handle, "layer_names", []))
         if self.stage is not None:  # PP: every stage's layers, under the whole model's names (collective)
             names = list(handle.state_to_global(dict.fromkeys(names)))
@@ -76,7 +99,7 @@ class TraceRecorder:
         }
         counts = np.concatenate([c for c, _ in self.parts])
         steps = np.concatenate([s for _, s in self.parts])
-        path = write_trace(path, LoadTrace(counts, steps, meta))
+        path = write_trace(path or self.path, LoadTrace(counts, steps, meta))
         log.info(
             "EPLB: wrote the load trace of %d steps (%s sources) to %s", len(steps), counts.shape[1], path
         )

@@ -5,6 +5,10 @@ current placement; the worker process runs the policy and sends back a new :clas
 Requests carry an id, so an answer that arrives after its request was given up (timeout, a newer request)
 is discarded.  A worker that died (killed, crashed) is detected and started anew on the next submit.
 :func:`broadcast_placement` then tells every rank, together, whether a plan arrived and what it is.
+
+The manager's side of a rebalance's *plan* step: :func:`submit_plan` (the window's layers and the policy
+options of the config), :func:`look_for_plan` (the planning rank's look at the due step and after) and
+:func:`share_plan` (every rank takes the same verdict and plan).
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ __all__ = [
     "agree_on_plan",
     "broadcast_placement",
     "default_policy_fn",
+    "look_for_plan",
     "poll_plan",
+    "share_plan",
+    "submit_plan",
 ]
 
 log = logging.getLogger("megatron_eplb")
@@ -465,3 +472,59 @@ def agree_on_plan(verdict: int, src: int, group=None, every_stage: bool = False)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     dropped, pending = flags.tolist()
     return PLAN_DROPPED if dropped else PLAN_PENDING if pending else PLAN_ARRIVED
+
+
+def submit_plan(
+    worker: PolicyWorker,
+    placement: ExpertPlacement,
+    load: np.ndarray,
+    layers: list[int],
+    config: Any,
+    step_loads: np.ndarray | None = None,
+) -> int:
+    """Submit the layers ``layers`` of a window to ``worker``: their rows of ``load [L, E]`` and of
+    ``placement`` (:meth:`ExpertPlacement.select_layers`), with the policy options of ``config``
+    (``eplb_policy``, ``eplb_num_nodes``, ``eplb_num_groups``, ``eplb_churn_weight``, ``eplb_node_locality``)
+    and, with ``eplb_time_resolved``, the window's steps (``step_loads [k, L, E]``, for
+    ``policy.time_resolved.plan_for_steps``).  Returns the request id."""
+    options = dict(
+        num_nodes=config.eplb_num_nodes,
+        num_groups=config.eplb_num_groups,
+        policy=config.eplb_policy,
+        churn_weight=config.eplb_churn_weight,
+        node_locality=config.eplb_node_locality,
+    )
+    if step_loads is not None:
+        options["step_loads"] = step_loads[:, layers].astype(np.float64)
+    return worker.submit(load[layers].astype(np.float64), placement.select_layers(layers), options)
+
+
+def look_for_plan(
+    worker: PolicyWorker, *, submitted_at: float, late: bool, config: Any, step: int, monitor: Any = None
+) -> tuple[int, ExpertPlacement | None]:
+    """The planning rank's look at its submitted plan (:func:`poll_plan`, given up ``eplb_worker_timeout``
+    after ``submitted_at``): the due step waits at most ``eplb_max_plan_wait``, a later look (``late``) or one
+    after missed deadlines not at all.  A hung worker replaced here is counted to ``monitor``
+    (``eplb/policy_worker_hung``)."""
+    hung = worker.hung
+    verdict = poll_plan(
+        worker,
+        submitted_at=submitted_at,
+        timeout=config.eplb_worker_timeout,
+        wait=0.0 if late or worker.late_in_a_row else config.eplb_max_plan_wait,
+        step=step,
+    )
+    if worker.hung > hung and monitor is not None:
+        monitor.log(step, {"eplb/policy_worker_hung": worker.hung})
+    return verdict
+
+
+def share_plan(
+    verdict: int, placement: ExpertPlacement | None, src: int, group=None, every_stage: bool = False
+) -> tuple[int, ExpertPlacement | None]:
+    """:func:`agree_on_plan`, then, when the plan arrived, :func:`broadcast_placement`: the planning rank's
+    ``(verdict, placement)`` on every rank of ``group`` (``placement`` as given when none arrived)."""
+    verdict = agree_on_plan(verdict, src, group, every_stage=every_stage)
+    if verdict == PLAN_ARRIVED:
+        placement = broadcast_placement(placement, src=src, group=group)
+    return verdict, placement

@@ -138,3 +138,17 @@ def copies_identical(handle, optimizer_state=None) -> bool:
             if not torch.equal(copies, copies[:1].expand_as(copies)):
                 return False
     return True
+
+
+def engine_train_step(
+    engine, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
+) -> tuple[float, bool]:
+    """One training step of a DeepSpeed engine around a GPT model on ``tokens [b, t + 1]`` (next-token labels;
+    ``pos [b, t]``, ``mask``: the attention mask): returns the loss averaged over every rank and whether a
+    rebalance completed at this step (``engine.eplb_last_record``).  Collective over the world."""
+    loss = engine(tokens[:, :-1], pos, mask, labels=tokens[:, 1:]).float().mean()
+    engine.backward(loss)
+    engine.step()
+    value = loss.detach().clone()
+    torch.distributed.all_reduce(value)
+    return float(value) / torch.distributed.get_world_size(), engine.eplb_last_record is not None

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "examples"))
 
 from demo import MODEL, launcher  # noqa: E402  (the demo's model and launcher command; no demo run)
+from models import engine_train_step  # noqa: E402
 
 ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 SMALL = ["--num-layers", "2", "--hidden-size", "32", "--num-experts", "8", "--ffn-hidden-size", "64",
@@ -353,13 +354,9 @@ def _train(stage: int, eplb, steps: int, extra=(), policy_fn=None, model=SMALL, 
     losses, records = [], 0
     for _ in range(steps):
         tok = torch.randint(0, 256, (b, t + 1), generator=gen)
-        loss = engine(tok[:, :-1], pos, train.causal_mask(t), labels=tok[:, 1:]).float().mean()
-        engine.backward(loss)
-        engine.step()
-        value = loss.detach().clone()
-        dist.all_reduce(value)
-        losses.append(float(value) / dist.get_world_size())
-        records += engine.eplb_last_record is not None
+        loss, recorded = engine_train_step(engine, tok, pos, train.causal_mask(t))
+        losses.append(loss)
+        records += recorded
         if step_counts is not None:
             step_counts.append(manager.step_count if manager is not None else None)
     return engine, manager, losses, records

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "examples"))
 
-from models import copies_identical  # noqa: E402
+from models import copies_identical, engine_train_step  # noqa: E402
 from test_deepspeed import (  # noqa: E402
     BF16_REPLICA_RTOL,
     ENV,
@@ -112,13 +112,9 @@ def _train(tp: int, ep: int, ds: str, eplb, policy_fn=None, steps: int = STEPS, 
     losses, records, loads = [], 0, []
     for _ in range(steps):
         tok = torch.randint(0, 256, (B, T + 1), generator=gen)[rows]
-        loss = engine(tok[:, :-1], pos, train.causal_mask(T), labels=tok[:, 1:]).float().mean()
-        engine.backward(loss)
-        engine.step()
-        value = loss.detach().clone()
-        dist.all_reduce(value)
-        losses.append(float(value) / dist.get_world_size())
-        records += engine.eplb_last_record is not None
+        loss, recorded = engine_train_step(engine, tok, pos, train.causal_mask(T))
+        losses.append(loss)
+        records += recorded
         if manager is not None:
             logical, _ = manager.window.gather_steps(1)
             loads.append(logical[0].sum(axis=1).tolist())  # tokens x top-k routed per MoE layer this step

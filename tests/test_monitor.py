@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_eplb.manager import RebalanceRecord
-from megatron_eplb.monitor import Monitor
+from megatron_eplb.monitor import Monitor, log_realized
 from megatron_eplb.placement import ExpertPlacement
 
 
@@ -32,3 +32,21 @@ def test_monitor_writes_wandb_images_tables_and_tensorboard(tmp_path, monkeypatc
     assert table["columns"] == ["step", "layer", "expert", "tokens"] and len(table["data"]) == 8
     assert (tmp_path / "expert_load.png").is_file()
     assert list((tmp_path / "tensorboard").glob("events.*"))
+
+
+def test_log_realized_writes_the_line_and_the_eplb_metrics(caplog):
+    logged = []
+
+    class Sink:
+        def log(self, step, scalars):
+            logged.append((step, scalars))
+
+    entry = {"first_step": 3, "last_step": 4, "eplb/balancedness_realized": 0.9,
+             "eplb/balancedness_realized_min": 0.8, "eplb/balancedness_default_placement": 0.7, "steps": 2}  # fmt: skip
+    with caplog.at_level("INFO", logger="megatron_eplb"):
+        log_realized(entry, Sink())
+    assert caplog.messages == [
+        "EPLB steps 3-4: realized balancedness per step 0.900 (worst 0.800), Megatron's default placement on "
+        "the same steps 0.700"
+    ]
+    assert logged == [(4, {k: v for k, v in entry.items() if k.startswith("eplb/")})]

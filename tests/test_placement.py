@@ -275,3 +275,24 @@ def test_map_pitfalls_name_the_cause():
             ExpertPlacement.from_dict(
                 _plain([[0, 1, 2, 3], [4, 5, 6, 7]], expert_load=[[1, 1, bad, 1, 1, 1, 1, 1]])
             )
+
+
+def test_select_layers_takes_rows_without_the_load():
+    placement = ExpertPlacement.default(3, 4, 2, 2).with_load(np.arange(12).reshape(3, 4))
+    rows = placement.select_layers([0, 2])
+    assert rows.phy2log.tolist() == placement.phy2log[[0, 2]].tolist() and rows.expert_load is None
+    assert (rows.num_ranks, rows.num_experts) == (2, 4)
+    assert placement.select_layers(slice(1, 2)).num_layers == 1
+    back = placement.with_layers([0, 2], rows.with_load(None))
+    assert back == placement and back.expert_load is None
+    swapped = placement.with_layers([1], ExpertPlacement(np.array([[3, 2, 1, 0, 1, 2]]), 2, 4))
+    assert swapped.phy2log[1].tolist() == [3, 2, 1, 0, 1, 2] and swapped.phy2log[0].tolist() == [
+        0,
+        1,
+        2,
+        3,
+        0,
+        1,
+    ]
+    with pytest.raises(ExpertMapError):
+        placement.with_layers([1], ExpertPlacement(np.array([[0, 1, 2, 3, 4, 5]]), 2, 6))

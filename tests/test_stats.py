@@ -147,3 +147,28 @@ def test_every_real_trace_works_with_the_cli(capsys):
     for pickle in sorted((REAL_TRACES / "olmoe_routing_output" / "original_pkl").rglob("*.pkl"))[:3]:
         assert main(["evaluate", "--load", str(pickle), "--map", "unused.json"]) == 2
         assert "is a Python pickle" in capsys.readouterr().err
+
+
+def test_realized_steps_beside_the_default_placement():
+    placement = ExpertPlacement(np.array([[0, 1, 2, 3, 0, 1]]), 2, 4)  # experts 0 and 1 on both ranks
+    logical = np.array([[[6, 2, 1, 1]], [[0, 0, 0, 0]], [[2, 2, 2, 2]]])  # [k, L, E]
+    per_slot = np.array([[[3, 1, 1, 1, 3, 1]], [[0] * 6], [[2, 1, 2, 2, 0, 1]]])  # [k, L, P]
+    entry = stats.realized_steps(placement, logical, per_slot, last_step=12)
+    assert (entry["first_step"], entry["last_step"], entry["steps"]) == (10, 12, 2)  # the empty step left out
+    assert entry["eplb/balancedness_realized"] == pytest.approx((1.0 + 0.8) / 2)
+    assert entry["eplb/balancedness_realized_min"] == pytest.approx(0.8)
+    # Megatron's default (experts 0, 1 on rank 0; 2, 3 on rank 1) on the same routing: 5/8, then 1
+    assert entry["eplb/balancedness_default_placement"] == pytest.approx((0.625 + 1.0) / 2)
+    assert stats.realized_steps(placement, logical[1:2], per_slot[1:2], last_step=11) is None
+
+
+def test_layers_to_replan_by_similarity_to_each_layers_last_update():
+    load = np.array([[10.0, 0.0], [5.0, 5.0], [1.0, 1.0]])
+    assert stats.layers_to_replan(load, None, 0.9) == [0, 1, 2]  # no update yet: every layer
+    baseline = stats.update_baseline(None, load.astype(np.int64), [0])  # the first time: all of it
+    assert baseline.dtype == np.float64 and np.array_equal(baseline, load)
+    assert stats.layers_to_replan(load, baseline, None) == [0, 1, 2]  # no threshold: every layer
+    new = np.array([[0.0, 10.0], [5.0, 5.0], [1.0, 0.9]])
+    assert stats.layers_to_replan(new, baseline, 0.9) == [0]
+    stats.update_baseline(baseline, new, [0])  # only the updated layer's row
+    assert baseline[0].tolist() == [0.0, 10.0] and baseline[2].tolist() == [1.0, 1.0]

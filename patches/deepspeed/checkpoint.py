@@ -17,7 +17,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_eplb.checkpoint import CHECKPOINT_FILENAME, load_logical_checkpoint, save_logical_checkpoint
+from megatron_eplb.checkpoint import (
+    CHECKPOINT_FILENAME,
+    load_logical_checkpoint,
+    manager_entries,
+    resume_manager,
+    save_logical_checkpoint,
+)
 from megatron_eplb.checkpoint_files import atomic_write_text
 from megatron_eplb.errors import CheckpointError
 
@@ -127,8 +133,7 @@ def save_checkpoint(
         handle,
         DeepSpeedSlotState(engine),
         model=engine.module,
-        expert_load=manager.checkpoint_load() if manager is not None else None,
-        eplb_step_count=manager.step_count if manager is not None else None,
+        **manager_entries(manager),
         extra=extra,
         overwrite=overwrite,
     )
@@ -168,7 +173,6 @@ def load_checkpoint(engine, manager, load_dir: str | os.PathLike, tag: str | Non
     if engine.lr_scheduler is not None and meta.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
     engine.global_steps = meta.get("global_steps", 0)
-    if manager is not None and meta.get("eplb_step_count") is not None:
-        manager.resume_at(meta["eplb_step_count"])
+    resume_manager(manager, meta)
     meta["tag"] = tag
     return meta

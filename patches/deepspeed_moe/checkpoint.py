@@ -38,6 +38,8 @@ from megatron_eplb.checkpoint import (
     CHECKPOINT_FILENAME,
     load_expert_map,
     load_logical_checkpoint,
+    manager_entries,
+    resume_manager,
     save_logical_checkpoint,
 )
 from megatron_eplb.errors import CheckpointError
@@ -91,8 +93,7 @@ def load_checkpoint(
     if load_lr_scheduler_states and engine.lr_scheduler is not None and meta.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
     engine.global_steps = int(meta.get("global_steps") or 0)
-    if manager is not None and meta.get("eplb_step_count") is not None:
-        manager.resume_at(int(meta["eplb_step_count"]))
+    resume_manager(manager, meta)
     return meta
 
 
@@ -140,8 +141,7 @@ def install_checkpoint_hooks(engine, manager, handle) -> None:
             handle,
             _slot_state(engine),
             model=engine.module,
-            expert_load=manager.checkpoint_load() if manager is not None else None,
-            eplb_step_count=manager.step_count if manager is not None else None,
+            **manager_entries(manager),
             extra={
                 "global_steps": engine.global_steps,
                 "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron_eplb.checkpoint import check_state_fits
 from megatron_eplb.comm import all_gather_counts, collective_device
 from megatron_eplb.errors import CheckpointError
+from megatron_eplb.gradients import param_grad
 from megatron_eplb.load_recorder import LoadRecorder
 from megatron_eplb.pipeline import PipelineStage
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
@@ -533,6 +534,5 @@ def _slot_grad(sp: SlotParam) -> torch.Tensor:
 
 
 def _grad_dtype_device(p: torch.nn.Parameter) -> tuple[torch.dtype, torch.device]:
-    g = getattr(p, "main_grad", None)
-    g = p.grad if g is None else g
+    g = param_grad(p)
     return (p.dtype, p.device) if g is None else (g.dtype, g.device)

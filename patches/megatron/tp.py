@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eplb.comm import collective_device
+from megatron_eplb.gradients import param_grad
 
 __all__ = [
     "SequenceParallelTorchNorm",
@@ -109,7 +110,7 @@ def allreduce_tp_replicated_grads(summed: list, averaged: list, group=None) -> N
         return
     size = dist.get_world_size(group)
     for params, average in ((summed, False), (averaged, True)):
-        grads = [g for g in (_grad(p) for p in params) if g is not None]
+        grads = [g for g in (param_grad(p) for p in params) if g is not None]
         if not grads:
             continue
         device = collective_device(group)
@@ -201,8 +202,3 @@ def shard_dense_state(model: torch.nn.Module, state: dict, skip: set[int]) -> di
         if name in state and id(p) not in skip and is_tp_sharded(p) and torch.is_tensor(state[name]):
             state[name] = shard_tp(p, state[name])
     return state
-
-
-def _grad(p: torch.Tensor) -> torch.Tensor | None:
-    g = getattr(p, "main_grad", None)
-    return p.grad if g is None else g

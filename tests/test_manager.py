@@ -270,7 +270,10 @@ def _train(
         ref_state = _expert_table(ref, lambda p, _k=key: opt_ref.state[p][_k])
         for layer, slots in enumerate(_slot_state_table(handle, manager, key)):
             phy2log = handle.placement.phy2log[layer]
-            state_equal &= bool(torch.allclose(slots, ref_state[layer][phy2log], rtol=1e-4, atol=1e-9))
+            want = ref_state[layer][phy2log]
+            # fp32 rounding of the replica-gradient sums, relative to the tensor's scale (an element near 0
+            # measured against itself would need bitwise-equal sums)
+            state_equal &= bool(torch.allclose(slots, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())))
             for e in range(handle.num_experts):
                 copies = slots[torch.as_tensor(phy2log == e)]
                 state_copies_identical &= bool(torch.equal(copies, copies[:1].expand_as(copies)))

@@ -263,7 +263,9 @@ def _train(
         for slot in range(handle.slots_per_rank):
             e = int(handle.placement.phy2log[layer, handle.ep_rank * handle.slots_per_rank + slot])
             flat = torch.cat([t.reshape(-1) for t in handle.slot_tensors(layer, slot)])
-            weights_equal &= bool(torch.allclose(flat, table[e], rtol=RTOL, atol=1e-6))
+            # atol: Adam turns fp32 rounding of an element's near-zero gradient (summed over two copies instead
+            # of one GEMM) into up to ~1.4e-6 of weight over 50 steps (weights of scale 0.14)
+            weights_equal &= bool(torch.allclose(flat, table[e], rtol=RTOL, atol=1e-5))
     # ... and their Adam moments (moved with the weights); copies' moments bitwise identical
     state_equal, state_copies_identical = True, True
     for key in ("exp_avg", "exp_avg_sq"):

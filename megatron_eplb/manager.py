@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_manager_checkpoint, record_map, save_manager_checkpoint, write_record_map
+from .checkpoint_manager import load_manager_checkpoint, record_map, save_manager_checkpoint, write_record_map
 from .comm import any_rank
 from .config import EPLBConfig
 from .gradients import clip_grad_norm_
@@ -448,18 +448,18 @@ class EPLBManager:
     ) -> Path:
         """Save the logical training checkpoint (every logical expert once, the optimizer state, the steps,
         ``extra``; the map beside it) to ``directory``, all or nothing; replace one there only with
-        ``overwrite``.  :func:`megatron_eplb.checkpoint.save_manager_checkpoint`.  Collective; rank 0 writes."""
+        ``overwrite``.  :func:`megatron_eplb.checkpoint_manager.save_manager_checkpoint`.  Collective; rank 0 writes."""
         return save_manager_checkpoint(self, directory, extra, overwrite=overwrite)
 
     def load_checkpoint(self, directory: str | os.PathLike, strict: bool = True) -> dict[str, Any]:
         """Load :meth:`save_checkpoint`'s directory whatever the current placement or EP size, and continue
-        counting from the saved step (:func:`megatron_eplb.checkpoint.load_manager_checkpoint`).  Collective.
+        counting from the saved step (:func:`megatron_eplb.checkpoint_manager.load_manager_checkpoint`).  Collective.
         Returns the payload's metadata and ``placement``."""
         return load_manager_checkpoint(self, directory, strict)
 
     def record_map(self) -> Path | None:
         """Write the placement now, with the window's ``[L, E]`` load, to ``expert_map_record_path``
-        (:func:`megatron_eplb.checkpoint.record_map`).  Collective; rank 0 writes.  Returns the path, None
+        (:func:`megatron_eplb.checkpoint_manager.record_map`).  Collective; rank 0 writes.  Returns the path, None
         without a record path."""
         return record_map(self)
 

@@ -20,11 +20,10 @@ import torch.distributed as dist
 from megatron_eplb.checkpoint import (
     CHECKPOINT_FILENAME,
     load_logical_checkpoint,
-    manager_entries,
-    resume_manager,
     save_logical_checkpoint,
 )
 from megatron_eplb.checkpoint_files import atomic_write_text
+from megatron_eplb.checkpoint_manager import manager_entries, resume_manager
 from megatron_eplb.errors import CheckpointError
 
 from .errors import DeepSpeedEPLBError

@@ -38,10 +38,9 @@ from megatron_eplb.checkpoint import (
     CHECKPOINT_FILENAME,
     load_expert_map,
     load_logical_checkpoint,
-    manager_entries,
-    resume_manager,
     save_logical_checkpoint,
 )
+from megatron_eplb.checkpoint_manager import manager_entries, resume_manager
 from megatron_eplb.errors import CheckpointError
 from megatron_eplb.placement import ExpertPlacement
 

@@ -67,6 +67,11 @@ class LoadRecorder:
             acc = accs[routed.shape] = torch.zeros(routed.shape, dtype=torch.int32, device=routed.device)
         acc.add_(routed)  # int32 += bool; overflows only after 2**31 forwards between two reads
 
+    def count_into(self, layer: int) -> torch.Tensor:
+        """The live int64 ``[E]`` row of ``layer``'s logical loads, for a caller that counts the routed pairs
+        itself (the balanced split's count): adding a forward's counts into it in place records them."""
+        return self.logical_rows[layer]
+
     def keep_slot_counts(self, layer: int, counts: Any) -> None:
         """Keep ``counts`` (``[S]`` tokens per local slot of one forward of ``layer``: a tensor on any device,
         or a host sequence) for :meth:`slot_loads`.  During CUDA graph capture a CUDA tensor is added in place

@@ -4,11 +4,14 @@ logical ``[T, E]`` probs and routing map become the ``[T, P]`` ones a dispatcher
 Pure torch (no Megatron, no DeepSpeed): :class:`SlotTables` (one layer's placement as the routing reads it,
 made once per placement by :func:`slot_tables`), :func:`route_to_slots_torch` (the torch functions: 14-15 small
 kernels on CUDA) and :func:`route_to_slots`, which runs the fused Triton kernels of
-:mod:`megatron_eplb.slot_routing_triton` (bitwise the same outputs and gradient; two launches forward, one
-backward) on CUDA where triton imports and the shapes fit, else the torch functions.  Which path runs is logged
+:mod:`megatron_eplb.slot_routing_triton` (bitwise the same outputs and gradient; a count and the routing forward,
+one kernel backward) on CUDA where triton imports and the shapes fit, else the torch functions.  Which path runs is logged
 once per process (and per reason); a fused launch that fails is logged and the torch path runs from then on.
 Neither path syncs with the host or decides anything from tensor values, so both can be captured in a CUDA
 graph; inside a capture the kernels run only once they have run outside one (triton compiles at a first launch).
+
+:func:`count_pairs` is the count a caller that needs the batch's pairs per expert first (the balanced split)
+makes, handed on to :func:`route_to_slots` so that the map is counted once.
 
 ``patches/megatron/dispatchers.py`` re-exports these names (where they lived before).
 """
@@ -20,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["SlotTables", "route_to_slots", "route_to_slots_torch", "slot_tables"]
+__all__ = ["PairCounts", "SlotTables", "count_pairs", "route_to_slots", "route_to_slots_torch", "slot_tables"]
 
 
 class SlotTables(NamedTuple):
@@ -74,6 +77,45 @@ def slot_tables(
     )
 
 
+class PairCounts(NamedTuple):
+    """One batch's (token, expert) pairs per expert, from :func:`count_pairs`.
+
+    Attributes:
+        counts: int64 ``[E]`` pairs of each expert (every pair the dispatcher sends).
+        blocks: int32 ``[B, E]`` pairs per block of tokens, read by the fused routing (``None`` on the torch path).
+        table: int32 ``[2P + E]`` the fused routing's slot tables (``None`` on the torch path).
+    """
+
+    counts: torch.Tensor
+    blocks: torch.Tensor | None = None
+    table: torch.Tensor | None = None
+
+
+def count_pairs(
+    routing_map: torch.Tensor, tables: SlotTables, num_slots: int, *, record: torch.Tensor | None = None
+) -> PairCounts:
+    """The pairs of each expert in ``routing_map`` (bool ``[T, E]``), and what the fused routing of the same map
+    reads (pass the result to :func:`route_to_slots` as ``counted``): one count kernel on CUDA where the fused
+    kernels run, else ``routing_map.sum(0)``.  ``record``: an int64 ``[E]`` buffer the counts are also added into
+    (in place, so capturable).  No host sync."""
+    fused = None
+    if routing_map.is_cuda and not _FUSED_FAILED:
+        fused = _fused_kernels(None, routing_map, tables, num_slots, None, log=False)
+        if fused is not None and torch.cuda.is_current_stream_capturing():
+            fused = fused if fused.count_compiled(routing_map, tables, num_slots) else None
+    if fused is not None:
+        try:
+            return PairCounts(*fused.count_pairs(routing_map, tables, num_slots, record))
+        except Exception as exc:  # noqa: BLE001 - the torch sum computes the same counts
+            if torch.cuda.is_current_stream_capturing():
+                raise
+            _give_up(exc)
+    counts = routing_map.sum(dim=0, dtype=torch.int64)
+    if record is not None:
+        record.add_(counts)
+    return PairCounts(counts)
+
+
 def route_to_slots(
     probs: torch.Tensor,
     routing_map: torch.Tensor,
@@ -82,10 +124,12 @@ def route_to_slots(
     *,
     offset: int = 0,
     split: tuple[torch.Tensor, torch.Tensor] | None = None,
+    counted: PairCounts | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Map logical routing to physical slots: :func:`route_to_slots_torch`'s result (its docstring has the
     rules and arguments), by the fused kernels on CUDA where they run (bitwise equal, the gradient of ``probs``
-    too), else by the torch functions.  No host sync; capturable in a CUDA graph.
+    too), else by the torch functions.  No host sync; capturable in a CUDA graph.  ``counted``: this map's
+    :func:`count_pairs`, when the caller counted it already (the fused path then skips its own count).
 
     Returns:
         probs ``[T, P]`` and bool routing map ``[T, P]``.
@@ -97,9 +141,11 @@ def route_to_slots(
             if capturing and not fused.compiled(probs, tables, num_slots, split):
                 _log("torch inside a CUDA-graph capture until the fused kernels have run outside one")
             else:
+                if counted is not None and counted.blocks is None:
+                    counted = None  # counted by the torch path: the fused routing counts its own blocks
                 try:
                     out = fused.route_to_slots(
-                        probs, routing_map, tables, num_slots, offset=offset, split=split
+                        probs, routing_map, tables, num_slots, offset=offset, split=split, counted=counted
                     )
                 except Exception as exc:  # noqa: BLE001 - the torch path computes the same result
                     if capturing:
@@ -177,7 +223,7 @@ def _log(what: str, warn: bool = False) -> None:
     (log.warning if warn else log.info)("%s", line)
 
 
-def _fused_kernels(probs, routing_map, tables, num_slots: int, split):
+def _fused_kernels(probs, routing_map, tables, num_slots: int, split, log: bool = True):
     """The fused kernels' module when they take these shapes on CUDA, else ``None`` (the reason logged once)."""
     global _FUSED
     if _FUSED is None:  # imported once per process
@@ -196,7 +242,8 @@ def _fused_kernels(probs, routing_map, tables, num_slots: int, split):
     if why is not None:
         _log(f"torch for these shapes ({why})")
         return None
-    _log("fused Triton kernels (two launches forward, one backward)")
+    if log:
+        _log("fused Triton kernels (a count and the routing forward, one backward)")
     return _FUSED
 
 

@@ -44,6 +44,9 @@ except Exception:  # noqa: BLE001 - any import failure means "no triton"
 __all__ = ["available", "compiled", "launch_config", "route_to_slots", "unfit"]
 
 _MAX_INDEX = 1 << 31
+_SCAN_T = 32  # tokens per step of the count and of the routing's scan
+_COUNT_GROUP = 4  # blocks of tokens per program of the count
+_MAX_BLOCKS = 256  # blocks of tokens read per step of a program's prefix (more tokens: longer blocks)
 _WARM: set[tuple] = set()  # the kernel variants that ran outside a CUDA-graph capture (compiled, loaded)
 _BACKWARD_FAILED = False  # the backward kernel failed in this process: its torch gather from then on
 
@@ -66,7 +69,7 @@ def launch_config(num_experts: int, num_slots: int, num_spread: int, copies: int
     ``[ROWS_T, BLOCK_P]`` tile of 4096 elements at most); ``BLOCK_E``: experts per tile."""
     block_p = min(_pow2(num_slots), 128)
     return (
-        ("SCAN_T", 4096),
+        ("SCAN_T", _SCAN_T),
         ("BLOCK_P", block_p),
         ("P_BLOCKS", triton.cdiv(num_slots, block_p) if triton is not None else 1),
         ("ROWS_T", max(16, 4096 // block_p)),
@@ -77,16 +80,21 @@ def launch_config(num_experts: int, num_slots: int, num_spread: int, copies: int
     )
 
 
-def unfit(probs: torch.Tensor, routing_map: torch.Tensor, tables, num_slots: int, split=None) -> str | None:
-    """Why these shapes do not fit the kernels (``None`` when they do).  Shapes and dtypes only: no host sync."""
-    if probs.dim() != 2 or probs.shape != routing_map.shape:
-        return f"probs {tuple(probs.shape)} and routing map {tuple(routing_map.shape)} are not one [T, E]"
-    if not probs.is_floating_point() or routing_map.dtype != torch.bool:
-        return f"probs {probs.dtype} / routing map {routing_map.dtype} are not float / bool"
+def unfit(
+    probs: torch.Tensor | None, routing_map: torch.Tensor, tables, num_slots: int, split=None
+) -> str | None:
+    """Why these shapes do not fit the kernels (``None`` when they do; ``probs=None``: the count alone).  Shapes
+    and dtypes only: no host sync."""
+    if routing_map.dim() != 2 or (probs is not None and probs.shape != routing_map.shape):
+        shape = None if probs is None else tuple(probs.shape)
+        return f"probs {shape} and routing map {tuple(routing_map.shape)} are not one [T, E]"
+    if (probs is not None and not probs.is_floating_point()) or routing_map.dtype != torch.bool:
+        return f"probs {None if probs is None else probs.dtype} / routing map {routing_map.dtype} are not float / bool"
     devices = {t.device for t in (routing_map, *tables, *(split or ()))}
-    if devices != {probs.device}:
-        return f"probs on {probs.device}, routing map, tables and split on {sorted(map(str, devices))}"
-    num_tokens, num_experts = probs.shape
+    if devices != {routing_map.device if probs is None else probs.device}:
+        where = routing_map.device if probs is None else probs.device
+        return f"probs on {where}, routing map, tables and split on {sorted(map(str, devices))}"
+    num_tokens, num_experts = routing_map.shape
     if num_tokens * max(num_experts, num_slots, tables.spread.numel()) >= _MAX_INDEX:
         return f"T = {num_tokens} x max(E, P, K) reaches 2**31 (int32 offsets)"
     if tables.spread_slots.dim() != 2 or tables.spread_slots.shape[0] != tables.spread.numel():
@@ -96,18 +104,100 @@ def unfit(probs: torch.Tensor, routing_map: torch.Tensor, tables, num_slots: int
     return None
 
 
-def _variant(kind: str, probs: torch.Tensor, tables, num_slots: int, split) -> tuple:
-    """What triton compiles a variant of the ``kind`` kernels for (the integer sizes are not specialized)."""
+def _variant(
+    kind: str, device: torch.device, dtype, tables, num_experts: int, num_slots: int, split
+) -> tuple:
+    """What triton compiles a variant of the ``kind`` kernel for (the integer sizes are not specialized)."""
     num_bounds = 0 if split is None else split[1].shape[1]
     num_spread, copies = tables.spread_slots.shape
-    cfg = launch_config(probs.shape[1], num_slots, num_spread, copies, num_bounds)
-    return (kind, probs.device, probs.dtype, split is not None, cfg)
+    cfg = launch_config(num_experts, num_slots, num_spread, copies, num_bounds)
+    return (kind, device, dtype, split is not None, cfg)
+
+
+def _count_variant(routing_map: torch.Tensor, tables, num_slots: int) -> tuple:
+    return _variant("count", routing_map.device, None, tables, routing_map.shape[1], num_slots, None)
 
 
 def compiled(probs: torch.Tensor, tables, num_slots: int, split=None) -> bool:
     """Whether the forward kernels for these dtypes and sizes ran outside a CUDA-graph capture (so a capture
     does not compile them)."""
-    return _variant("forward", probs, tables, num_slots, split) in _WARM
+    return (
+        _variant("forward", probs.device, probs.dtype, tables, probs.shape[1], num_slots, split) in _WARM
+        and _count_variant(probs, tables, num_slots) in _WARM
+    )
+
+
+def count_compiled(routing_map: torch.Tensor, tables, num_slots: int) -> bool:
+    """Whether the count kernel for these sizes ran outside a CUDA-graph capture."""
+    return _count_variant(routing_map, tables, num_slots) in _WARM
+
+
+def block_tokens(num_tokens: int) -> int:
+    """Tokens per program of the count and the routing (a multiple of the scan step, at most 256 programs'
+    worth of blocks before each program's prefix needs a second tile)."""
+    return _SCAN_T * max(1, -(-num_tokens // (_SCAN_T * _MAX_BLOCKS)))
+
+
+def count_pairs(routing_map: torch.Tensor, tables, num_slots: int, record: torch.Tensor | None = None):
+    """This batch's pairs per expert in one launch: ``(counts, blocks, table)``, see
+    :class:`~megatron_eplb.slot_routing.PairCounts`.
+
+    Args:
+        routing_map: bool ``[T, E]`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+        tables: the layer's :class:`~megatron_eplb.slot_routing.SlotTables`.
+        num_slots: ``P``.
+        record: optional int64 ``[E]`` the counts are also added into (in place).
+    Returns:
+        int64 ``[E]`` pairs of each expert, int32 ``[B, E]`` pairs per block of :func:`block_tokens` tokens,
+        int32 ``[2P + E]`` tables of the routing kernel.  Two launches (a zero fill and the count); no host sync.
+    """
+    if routing_map.is_cuda and routing_map.device.index != torch.cuda.current_device():
+        with torch.cuda.device(routing_map.device):
+            return count_pairs(routing_map, tables, num_slots, record)
+    num_tokens, num_experts = routing_map.shape
+    fixed, spread, spread_slots, spread_count = tables
+    num_spread, copies = spread_slots.shape
+    device = routing_map.device
+    step = block_tokens(num_tokens)
+    num_blocks = -(-num_tokens // step)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    blocks = torch.empty(num_blocks, num_experts, dtype=torch.int32, device=device)
+    table = torch.empty(2 * num_slots + num_experts, dtype=torch.int32, device=device)
+    fixed = fixed.contiguous()
+    # an empty [K] view may point one past its allocation: hand any valid pointer (never read when K = 0)
+    spread = spread.contiguous() if num_spread else fixed
+    spread_slots = spread_slots.contiguous() if num_spread else fixed
+    spread_count = spread_count.contiguous() if num_spread else fixed
+    cfg = dict(launch_config(num_experts, num_slots, num_spread, copies, 0))
+    _count_kernel[(-(-num_blocks // _COUNT_GROUP) + 1,)](
+        routing_map.contiguous().view(torch.uint8),
+        counts,
+        blocks,
+        counts if record is None else record,
+        fixed,
+        spread,
+        spread_slots,
+        spread_count,
+        table,
+        num_tokens,
+        num_experts,
+        num_spread,
+        copies,
+        num_slots,
+        step,
+        num_blocks,
+        RECORD=record is not None,
+        GROUP=_COUNT_GROUP,
+        SCAN_T=cfg["SCAN_T"],
+        BLOCK_P=cfg["BLOCK_P"],
+        BLOCK_E=cfg["BLOCK_E"],
+        C_P=cfg["C_P"],
+        K_BLOCK=cfg["K_BLOCK"],
+        num_warps=8,
+    )
+    if not (routing_map.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _WARM.add(_count_variant(routing_map, tables, num_slots))
+    return counts, blocks, table
 
 
 def route_to_slots(
@@ -118,98 +208,95 @@ def route_to_slots(
     *,
     offset: int = 0,
     split: tuple[torch.Tensor, torch.Tensor] | None = None,
+    counted=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~megatron_eplb.slot_routing.route_to_slots_torch` fused (bitwise equal, differentiable in ``probs``).
 
     Args:
         probs: float ``[T, E]``; routing_map: bool ``[T, E]``; on CUDA, or CPU under ``TRITON_INTERPRET=1``.
-        tables: the layer's :class:`~megatron_eplb.slot_routing.SlotTables` (``K`` spread experts).
+        tables: the layer's :class:`~megatron_eplb.slot_routing.SlotTables`.
         num_slots: ``P``.
         offset: round-robin start.
         split: optional ``(first [E], bounds [E, C-1])`` int64 (then ``offset`` is not read).
+        counted: optional :func:`count_pairs` of this ``routing_map`` and ``tables`` (else counted here).
     Returns:
-        probs ``[T, P]`` (``probs``' dtype) and bool routing map ``[T, P]``.  Three launches at most (two
-        forward, one backward); no host sync.
+        probs ``[T, P]`` (``probs``' dtype) and bool routing map ``[T, P]``.  Four launches at most (the count
+        unless given, the routing, one backward); no host sync.
     """
     if triton is None:
         raise RuntimeError("megatron-eplb: the fused routing needs triton, which does not import here")
     if probs.is_cuda and probs.device.index != torch.cuda.current_device():
         with torch.cuda.device(probs.device):  # triton launches on the current device
-            return route_to_slots(probs, routing_map, tables, num_slots, offset=offset, split=split)
+            return route_to_slots(
+                probs, routing_map, tables, num_slots, offset=offset, split=split, counted=counted
+            )
+    if counted is None:
+        counted = count_pairs(routing_map, tables, num_slots)
     if torch.is_grad_enabled() and probs.requires_grad:
-        out = _Route.apply(probs, routing_map, tables, num_slots, offset, split)
+        out = _Route.apply(probs, routing_map, tables, num_slots, offset, split, counted)
     else:
-        out = _forward(probs, routing_map, tables, num_slots, offset, split)[:2]
+        out = _forward(probs, routing_map, tables, num_slots, offset, split, counted)[:2]
     if not (probs.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _WARM.add(_variant("forward", probs, tables, num_slots, split))
+        _WARM.add(_variant("forward", probs.device, probs.dtype, tables, probs.shape[1], num_slots, split))
     return out
 
 
-def _forward(probs, routing_map, tables, num_slots: int, offset: int, split):
+def _forward(probs, routing_map, tables, num_slots: int, offset: int, split, counted):
     """``(phys_probs [T, P], phys_map [T, P], sel [K, T], table [2P + E], routing_map as uint8 [T, E])``."""
     num_tokens, num_experts = probs.shape
+    _, blocks, table = counted
     fixed, spread, spread_slots, spread_count = tables
     num_spread, copies = spread_slots.shape
     probs = probs.contiguous()
     routed = routing_map.contiguous().view(torch.uint8)
     device = probs.device
     sel = torch.empty(num_spread, num_tokens, dtype=torch.int32, device=device)
-    table = torch.empty(2 * num_slots + num_experts, dtype=torch.int32, device=device)
-    fixed = fixed.contiguous()
-    # an empty [K] view may point one past its allocation: hand any valid pointer (never read when K = 0)
-    spread = spread.contiguous() if num_spread else fixed
-    spread_slots = spread_slots.contiguous() if num_spread else fixed
-    spread_count = spread_count.contiguous() if num_spread else fixed
+    phys_probs = torch.empty(num_tokens, num_slots, dtype=probs.dtype, device=device)
+    phys_map = torch.empty(num_tokens, num_slots, dtype=torch.uint8, device=device)
+    if not num_tokens:
+        return phys_probs, phys_map.view(torch.bool), sel, table, routed
+    spread = spread.contiguous() if num_spread else table
+    spread_slots = spread_slots.contiguous() if num_spread else table
+    spread_count = spread_count.contiguous() if num_spread else table
     if split is None:
-        first, bounds, num_bounds = fixed, fixed, 0
+        first, bounds, num_bounds = table, table, 0
     else:
         first, bounds = split[0].contiguous(), split[1].contiguous()
         num_bounds = bounds.shape[1]
-        bounds = bounds if bounds.numel() else fixed
+        bounds = bounds if bounds.numel() else table
     cfg = dict(launch_config(num_experts, num_slots, num_spread, copies, num_bounds))
-    _spread_slots_kernel[(num_spread + 1,)](
+    step = block_tokens(num_tokens)
+    _route_kernel[(blocks.shape[0],)](
+        probs,
         routed,
-        fixed,
+        blocks,
         spread,
         spread_slots,
         spread_count,
         first,
         bounds,
-        sel,
         table,
+        sel,
+        phys_probs,
+        phys_map,
         num_tokens,
         num_experts,
         num_spread,
         copies,
         num_bounds,
         num_slots,
+        step,
         int(offset),
         SPLIT=split is not None,
         SCAN_T=cfg["SCAN_T"],
+        ROWS_T=cfg["ROWS_T"],
         BLOCK_P=cfg["BLOCK_P"],
-        BLOCK_E=cfg["BLOCK_E"],
-        C_P=cfg["C_P"],
+        P_BLOCKS=cfg["P_BLOCKS"],
         B_P=cfg["B_P"],
         K_BLOCK=cfg["K_BLOCK"],
+        NB_TILE=_MAX_BLOCKS,
         num_warps=8,
     )
-    phys_probs = torch.empty(num_tokens, num_slots, dtype=probs.dtype, device=device)
-    phys_map = torch.empty(num_tokens, num_slots, dtype=torch.uint8, device=device)
-    if num_tokens:
-        _rows_kernel[(triton.cdiv(num_tokens, cfg["ROWS_T"]),)](
-            probs,
-            routed,
-            sel,
-            table,
-            phys_probs,
-            phys_map,
-            num_tokens,
-            num_experts,
-            num_slots,
-            ROWS_T=cfg["ROWS_T"],
-            BLOCK_P=cfg["BLOCK_P"],
-            P_BLOCKS=cfg["P_BLOCKS"],
-        )
     return phys_probs, phys_map.view(torch.bool), sel, table, routed
 
 
@@ -286,9 +373,9 @@ class _Route(torch.autograd.Function):
     saved int32 slots of the spread experts and the tables, no ``[T, P]`` tensor kept)."""
 
     @staticmethod
-    def forward(ctx, probs, routing_map, tables, num_slots, offset, split):
+    def forward(ctx, probs, routing_map, tables, num_slots, offset, split, counted):
         phys_probs, phys_map, sel, table, routed = _forward(
-            probs, routing_map, tables, num_slots, offset, split
+            probs, routing_map, tables, num_slots, offset, split, counted
         )
         ctx.save_for_backward(routed, tables.fixed, sel, table)
         ctx.num_slots = num_slots
@@ -298,14 +385,14 @@ class _Route(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_probs, _grad_map):
         if grad_probs is None:
-            return None, None, None, None, None, None
+            return (None,) * 7
         routed, fixed, sel, table = ctx.saved_tensors
         if grad_probs.is_cuda and grad_probs.device.index != torch.cuda.current_device():
             with torch.cuda.device(grad_probs.device):
                 grad = _backward(grad_probs, routed, fixed, sel, table, ctx.num_slots)
         else:
             grad = _backward(grad_probs, routed, fixed, sel, table, ctx.num_slots)
-        return grad, None, None, None, None, None
+        return (grad,) + (None,) * 6
 
 
 if triton is not None:
@@ -316,64 +403,67 @@ if triton is not None:
             "num_experts",
             "num_spread",
             "copies",
-            "num_bounds",
             "num_slots",
-            "offset",
+            "block_tokens",
+            "num_blocks",
         ]
     )
-    def _spread_slots_kernel(
+    def _count_kernel(
         map_ptr,  # uint8 [T, E]
+        counts_ptr,  # int64 [E], zeroed: added into
+        blocks_ptr,  # int32 [B, E], written
+        record_ptr,  # int64 [E]: added into (RECORD)
         fixed_ptr,  # int [E]
         spread_ptr,  # int [K]
         spread_slots_ptr,  # int [K, C]
         count_ptr,  # int [K] (the [K, 1] column)
-        first_ptr,  # int64 [E] (SPLIT)
-        bounds_ptr,  # int64 [E, C - 1] (SPLIT)
-        sel_ptr,  # int32 [K, T], written
         table_ptr,  # int32 [2P + E], written
         num_tokens,
         num_experts,
         num_spread,
         copies,  # C
-        num_bounds,  # C - 1 of the split's bounds
         num_slots,  # P
-        offset,
-        SPLIT: tl.constexpr,
+        block_tokens,
+        num_blocks,  # B
+        RECORD: tl.constexpr,
+        GROUP: tl.constexpr,
         SCAN_T: tl.constexpr,
         BLOCK_P: tl.constexpr,
         BLOCK_E: tl.constexpr,
         C_P: tl.constexpr,
-        B_P: tl.constexpr,
         K_BLOCK: tl.constexpr,
     ):
-        k = tl.program_id(0)
-        if k < num_spread:
-            # The pairs of spread expert e in token order: pair i (0-based) goes to its copy's slot.
-            e = tl.load(spread_ptr + k).to(tl.int64)
-            count = tl.load(count_ptr + k).to(tl.int64)
-            b = tl.arange(0, B_P)
-            if SPLIT:
-                start = tl.load(first_ptr + e).to(tl.int64)
-                bound = tl.load(bounds_ptr + e * num_bounds + b, mask=b < num_bounds, other=0).to(tl.int64)
-            carry = tl.zeros([], dtype=tl.int64)
-            t0 = 0
-            while t0 < num_tokens:  # (loops with runtime bounds are while loops: triton's interpreter)
-                t = t0 + tl.arange(0, SCAN_T)
-                in_t = t < num_tokens
-                hit = tl.load(map_ptr + t * num_experts + e, mask=in_t, other=0).to(tl.int64)
-                pairs = carry + tl.cumsum(hit, axis=0)  # the torch cumsum: pair i has i + 1, others the last
-                carry += tl.sum(hit, axis=0)
-                if SPLIT:  # searchsorted(bounds - first, pairs): #{c : bounds[e, c] - first[e] < pairs}
-                    below = (bound[None, :] - start < pairs[:, None]) & (b < num_bounds)[None, :]
-                    copy = tl.sum(below.to(tl.int64), axis=1)
-                else:  # (pairs + offset - 1) % count, floor division's remainder (count > 0)
-                    copy = (pairs + (offset - 1)) % count
-                    copy = tl.where((copy != 0) & ((copy < 0) != (count < 0)), copy + count, copy)
-                slot = tl.load(
-                    spread_slots_ptr + k * copies + copy, mask=in_t & (copy >= 0) & (copy < copies), other=-1
+        g = tl.program_id(0)
+        if g * GROUP < num_blocks:
+            # Blocks g * GROUP ... of GROUP: each one's pairs of every expert (its tokens in SCAN_T steps) into
+            # its row of blocks, their sum into the totals (one atomic add per expert and program).
+            b = g * GROUP + tl.arange(0, GROUP)
+            s = tl.arange(0, SCAN_T)
+            e0 = 0
+            while e0 < num_experts:
+                e = e0 + tl.arange(0, BLOCK_E)
+                in_e = e < num_experts
+                acc = tl.zeros([GROUP, BLOCK_E], dtype=tl.int32)
+                t0 = 0
+                while t0 < block_tokens:
+                    t = b[:, None] * block_tokens + t0 + s[None, :]  # [GROUP, SCAN_T]
+                    live = ((b < num_blocks)[:, None] & (t < num_tokens))[:, :, None] & in_e[None, None, :]
+                    hit = tl.load(
+                        map_ptr + t[:, :, None] * num_experts + e[None, None, :], mask=live, other=0
+                    )
+                    acc += tl.sum(hit.to(tl.int32), axis=1)
+                    t0 += SCAN_T
+                tl.store(
+                    blocks_ptr + b[:, None] * num_experts + e[None, :],
+                    acc,
+                    mask=(b < num_blocks)[:, None] & in_e[None, :],
                 )
-                tl.store(sel_ptr + k * num_tokens + t, slot.to(tl.int32), mask=in_t)
-                t0 += SCAN_T
+                total = tl.sum(acc, axis=0).to(tl.int64)
+                some = in_e & (total > 0)
+                tl.atomic_add(counts_ptr + e, total, mask=some)
+                if RECORD:
+                    tl.atomic_add(record_ptr + e, total, mask=some)
+                e0 += BLOCK_E
         else:
             # The tables: each slot's expert and spread index, each expert's spread index (K_BLOCK spread
             # experts at a time).
@@ -431,41 +521,132 @@ if triton is not None:
                 tl.store(table_ptr + 2 * num_slots + e, spread_of.to(tl.int32), mask=e < num_experts)
                 e0 += BLOCK_E
 
-    @triton.jit(do_not_specialize=["num_tokens", "num_experts", "num_slots"])
-    def _rows_kernel(
+    @triton.jit(
+        do_not_specialize=[
+            "num_tokens",
+            "num_experts",
+            "num_spread",
+            "copies",
+            "num_bounds",
+            "num_slots",
+            "block_tokens",
+            "offset",
+        ]
+    )
+    def _route_kernel(
         probs_ptr,  # float [T, E]
         map_ptr,  # uint8 [T, E]
-        sel_ptr,  # int32 [K, T]
-        table_ptr,  # int32 [2P + E]
+        blocks_ptr,  # int32 [B, E]: pairs per block of tokens (_count_kernel)
+        spread_ptr,  # int [K]
+        spread_slots_ptr,  # int [K, C]
+        count_ptr,  # int [K] (the [K, 1] column)
+        first_ptr,  # int64 [E] (SPLIT)
+        bounds_ptr,  # int64 [E, C - 1] (SPLIT)
+        table_ptr,  # int32 [2P + E] (_count_kernel)
+        sel_ptr,  # int32 [K, T], written
         out_probs_ptr,  # float [T, P], written
         out_map_ptr,  # uint8 [T, P], written
         num_tokens,
         num_experts,
-        num_slots,
+        num_spread,
+        copies,  # C
+        num_bounds,  # C - 1 of the split's bounds
+        num_slots,  # P
+        block_tokens,
+        offset,
+        SPLIT: tl.constexpr,
+        SCAN_T: tl.constexpr,
         ROWS_T: tl.constexpr,
         BLOCK_P: tl.constexpr,
         P_BLOCKS: tl.constexpr,
+        B_P: tl.constexpr,
+        K_BLOCK: tl.constexpr,
+        NB_TILE: tl.constexpr,
     ):
-        t = tl.program_id(0) * ROWS_T + tl.arange(0, ROWS_T)
-        in_t = t < num_tokens
-        for pb in tl.static_range(P_BLOCKS):
-            p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-            in_p = p < num_slots
-            owner = tl.load(table_ptr + p, mask=in_p, other=-1)
-            k = tl.load(table_ptr + num_slots + p, mask=in_p, other=-1)
-            some = in_t[:, None] & (owner >= 0)[None, :]
-            pair = t[:, None] * num_experts + owner[None, :]
-            on = tl.load(map_ptr + pair, mask=some, other=0) != 0
-            sel = tl.load(
-                sel_ptr + k[None, :] * num_tokens + t[:, None], mask=some & (k >= 0)[None, :], other=-1
-            )
-            on = on & ((k < 0)[None, :] | (sel == p[None, :]))
-            prob = tl.load(probs_ptr + pair, mask=some & on)
-            prob = tl.where(on, prob, tl.zeros_like(prob))
-            out = t[:, None] * num_slots + p[None, :]
-            keep = in_t[:, None] & in_p[None, :]
-            tl.store(out_probs_ptr + out, prob, mask=keep)
-            tl.store(out_map_ptr + out, on.to(tl.uint8), mask=keep)
+        b = tl.program_id(0)
+        t_begin = b * block_tokens
+        t_end = tl.minimum(t_begin + block_tokens, num_tokens)
+        # 1. The slot of each pair of a spread expert in this block, into sel: pair i (0-based, in token order
+        #    over the whole batch) takes its copy's slot; the pairs before the block come from the blocks'
+        #    counts, those inside from a scan with a running carry (the torch cumsum: pair i has i + 1).
+        kb = tl.arange(0, K_BLOCK)
+        nb = tl.arange(0, NB_TILE)
+        j0 = 0
+        while j0 < num_spread:
+            j = j0 + kb
+            in_j = j < num_spread
+            e = tl.load(spread_ptr + j, mask=in_j, other=0).to(tl.int64)
+            count = tl.load(count_ptr + j, mask=in_j, other=1).to(tl.int64)
+            carry = tl.zeros([K_BLOCK], dtype=tl.int64)
+            b0 = 0
+            while b0 < b:
+                bb = b0 + nb
+                before = tl.load(
+                    blocks_ptr + bb[:, None] * num_experts + e[None, :],
+                    mask=(bb < b)[:, None] & in_j[None, :],
+                    other=0,
+                )
+                carry += tl.sum(before.to(tl.int64), axis=0)
+                b0 += NB_TILE
+            if SPLIT:
+                start = tl.load(first_ptr + e, mask=in_j, other=0).to(tl.int64)
+            t0 = t_begin
+            while t0 < t_end:
+                t = t0 + tl.arange(0, SCAN_T)
+                live = (t < t_end)[:, None] & in_j[None, :]
+                hit = tl.load(map_ptr + t[:, None] * num_experts + e[None, :], mask=live, other=0).to(
+                    tl.int64
+                )
+                pairs = carry[None, :] + tl.cumsum(hit, axis=0)
+                carry += tl.sum(hit, axis=0)
+                if SPLIT:  # searchsorted(bounds - first, pairs): #{c : bounds[e, c] - first[e] < pairs}
+                    copy = tl.zeros([SCAN_T, K_BLOCK], dtype=tl.int64)
+                    for c in tl.static_range(B_P):
+                        bound = tl.load(
+                            bounds_ptr + e * num_bounds + c, mask=in_j & (c < num_bounds), other=0
+                        ).to(tl.int64)
+                        below = (bound - start)[None, :] < pairs
+                        copy += (below & (c < num_bounds)).to(tl.int64)
+                else:  # (pairs + offset - 1) % count, floor division's remainder (count > 0)
+                    copy = (pairs + (offset - 1)) % count[None, :]
+                    copy = tl.where(
+                        (copy != 0) & ((copy < 0) != (count[None, :] < 0)), copy + count[None, :], copy
+                    )
+                slot = tl.load(
+                    spread_slots_ptr + j[None, :] * copies + copy,
+                    mask=live & (copy >= 0) & (copy < copies),
+                    other=-1,
+                )
+                tl.store(sel_ptr + j[None, :] * num_tokens + t[:, None], slot.to(tl.int32), mask=live)
+                t0 += SCAN_T
+            j0 += K_BLOCK
+        tl.debug_barrier()  # this block's sel, written by all of the program's threads, is read below
+        # 2. Whole rows of both outputs (zeros and the routed pairs, no separate zero fill) as a gather: slot p of
+        #    token t holds expert e = table[p]'s pair when it is routed and its slot is p (sel[k, t] == p for a
+        #    spread expert, always for the others: p is their one slot).
+        r0 = t_begin
+        while r0 < t_end:
+            t = r0 + tl.arange(0, ROWS_T)
+            in_t = t < t_end
+            for pb in tl.static_range(P_BLOCKS):
+                p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+                in_p = p < num_slots
+                owner = tl.load(table_ptr + p, mask=in_p, other=-1)
+                k = tl.load(table_ptr + num_slots + p, mask=in_p, other=-1)
+                some = in_t[:, None] & (owner >= 0)[None, :]
+                pair = t[:, None] * num_experts + owner[None, :]
+                on = tl.load(map_ptr + pair, mask=some, other=0) != 0
+                sel = tl.load(
+                    sel_ptr + k[None, :] * num_tokens + t[:, None], mask=some & (k >= 0)[None, :], other=-1
+                )
+                on = on & ((k < 0)[None, :] | (sel == p[None, :]))
+                prob = tl.load(probs_ptr + pair, mask=some & on)
+                prob = tl.where(on, prob, tl.zeros_like(prob))
+                out = t[:, None] * num_slots + p[None, :]
+                keep = in_t[:, None] & in_p[None, :]
+                tl.store(out_probs_ptr + out, prob, mask=keep)
+                tl.store(out_map_ptr + out, on.to(tl.uint8), mask=keep)
+            r0 += ROWS_T
 
     @triton.jit(do_not_specialize=["num_tokens", "num_experts", "num_slots", "stride_t", "stride_p"])
     def _grad_kernel(

@@ -323,3 +323,40 @@ def test_unfit_shapes_name_the_reason():
     assert "[T, E]" in fused.unfit(probs, (probs > 0.5)[:3], tables, 3)
     if DEVICE.type == "cuda":
         assert "tables" in fused.unfit(probs.to(DEVICE), (probs > 0.5).to(DEVICE), tables, 3)
+
+
+def test_the_count_is_the_maps_and_feeds_the_routing():
+    """``count_pairs``: the counts are the map's column sums (added into ``record`` too), the blocks its sums
+    per block of tokens; the routing handed them is the same as the one that counts itself."""
+    rng = np.random.default_rng(11)
+    gen = torch.Generator().manual_seed(11)
+    routing_map, tables, kwargs, num_slots = list(_cases(rng, 700, 16, 4, 6, 4))[3]  # the split
+    routing_map, tables, kwargs = _on(routing_map), _on(tables), _on(kwargs)
+    record = torch.full((16,), 5, dtype=torch.int64, device=DEVICE)
+    counts, blocks, table = fused.count_pairs(routing_map, tables, num_slots, record)
+    step = fused.block_tokens(700)
+    want = routing_map.sum(0)
+    assert counts.dtype == torch.int64 and torch.equal(counts, want) and torch.equal(record, want + 5)
+    assert blocks.shape == (-(-700 // step), 16)
+    for b in range(blocks.shape[0]):
+        assert torch.equal(blocks[b].long(), routing_map[b * step : (b + 1) * step].sum(0))
+    probs = torch.rand(700, 16, generator=gen).to(DEVICE)
+    given = slot_routing.PairCounts(counts, blocks, table)
+    got = fused.route_to_slots(probs, routing_map, tables, num_slots, counted=given, **kwargs)
+    want = route_to_slots_torch(probs, routing_map, tables, num_slots, **kwargs)
+    assert torch.equal(got[1], want[1]) and torch.equal(_bits(got[0]), _bits(want[0]))
+    # the public count: the same counts on either path, the record added once
+    record.zero_()
+    assert torch.equal(slot_routing.count_pairs(routing_map, tables, num_slots, record=record).counts, counts)
+    assert torch.equal(record, counts)
+
+
+def test_blocks_of_several_scan_steps(monkeypatch):
+    """Fewer blocks than scan steps (a long batch): each program scans its block in steps with a carry."""
+    monkeypatch.setattr(fused, "_MAX_BLOCKS", 2)
+    rng = np.random.default_rng(12)
+    gen = torch.Generator().manual_seed(12)
+    steps = -(-1000 // fused._SCAN_T)
+    assert fused.block_tokens(1000) == fused._SCAN_T * -(-steps // 2) > fused._SCAN_T
+    for routing_map, tables, kwargs, num_slots in list(_cases(rng, 1000, 16, 2, 12, 4))[:5]:
+        _check(routing_map, tables, kwargs, num_slots, torch.float32, gen)

@@ -30,6 +30,7 @@ from megatron_eplb.pipeline import PipelineStage
 from megatron_eplb.placement import ExpertMapError, ExpertPlacement
 from megatron_eplb.replica_split import BalancedSplit, device_tables, replica_tables, source_offset
 from megatron_eplb.slot_copies import all_gather_rows, gather_logical, recomputing, refill_slots
+from megatron_eplb.slot_routing import count_pairs
 from megatron_eplb.slots import SlotParam, SlotShape
 
 from . import dist_ckpt, pipeline, tp
@@ -133,6 +134,8 @@ class MegatronEPLB(SlotShape):
         self._storages: list[ExpertStorage] = [None] * self.num_layers
         # The load buffers (the per-forward counts: logical pairs routed, tokens per local slot).
         self._recorder = LoadRecorder(self.num_layers, self.num_experts, self.slots_per_rank, self.device)
+        # The split's first positions at EP = 1: no pairs before this rank's (made once, read by every forward).
+        self._no_pairs_before = torch.zeros(self.num_experts, dtype=torch.int64, device=self.device)
         #: Record loads (``loads()``, ``slot_loads()``) on real forwards; ``False`` pauses recording (e.g. for
         #: evaluation forwards that should not steer the placement).
         self.recording = True
@@ -489,34 +492,36 @@ class MegatronEPLB(SlotShape):
         self, idx: int, probs: torch.Tensor, routing_map: torch.Tensor, padding_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Record logical loads; map ``[T, E]`` probs / routing map to ``[T, P]`` physical slots."""
-        if self.recording and self._counts_logical and not recomputing():
+        slots, direct, replicas = self._tables[idx]
+        record = self.recording and self._counts_logical and not recomputing()
+        if record and (padding_mask is not None or replicas is None or self.fast is not None):
             routed = routing_map
             if padding_mask is not None:  # Megatron's router: True marks padding
                 routed = routing_map & ~padding_mask.reshape(-1, 1).to(routing_map.device)
             self._recorder.count_routed(idx, routed)
+            record = False
         if self.fast is not None:  # per-step replicas: this step's copies and split (fast_replicas.py)
             return self.fast.route(idx, probs, routing_map)
-        slots, direct, replicas = self._tables[idx]
         if direct is True:  # slot s holds expert s: physical routing is the logical routing
             return probs, routing_map
         if direct is not None:  # one copy of each expert: a column gather (phys[:, s] = log[:, phy2log[s]])
             return probs.index_select(1, direct), routing_map.index_select(1, direct)
-        return route_to_slots(
-            probs,
-            routing_map,
-            slots,
-            self.num_slots,
-            offset=self.ep_rank,
-            split=None if replicas is None else self._batch_split(routing_map, replicas),
+        if replicas is None:
+            return route_to_slots(probs, routing_map, slots, self.num_slots, offset=self.ep_rank)
+        # The balanced dispatch: the batch's pairs counted once (recorded in the same kernel), then the split.
+        counted = count_pairs(
+            routing_map, slots, self.num_slots, record=self._recorder.count_into(idx) if record else None
         )
+        split = self._batch_split(counted.counts, replicas)
+        return route_to_slots(probs, routing_map, slots, self.num_slots, split=split, counted=counted)
 
-    def _batch_split(
-        self, routing_map: torch.Tensor, split: BalancedSplit
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This batch's split of the replicated experts (``balanced`` dispatch): the ``[E]`` pair counts of
-        every EP rank (one all-gather on the device, no host sync), the shares from their sums, and this
-        rank's ``(first [E], bounds [E, C-1])`` for :func:`route_to_slots`.  Every rank computes the same."""
-        counts = routing_map.sum(dim=0, dtype=torch.int64)  # [E], every pair the dispatcher sends
+    def _batch_split(self, counts: torch.Tensor, split: BalancedSplit) -> tuple[torch.Tensor, torch.Tensor]:
+        """This batch's split of the replicated experts (``balanced`` dispatch) from this rank's int64 ``[E]`` pair
+        counts: those of every EP rank (one all-gather on the device, no host sync), the shares from their sums,
+        and this rank's ``(first [E], bounds [E, C-1])`` for :func:`route_to_slots`.  Every rank computes the
+        same."""
+        if self.ep_size == 1:
+            return self._no_pairs_before, split(counts)
         every = all_gather_counts(counts, self.ep_group, self.ep_size)  # [EP, E]
         return source_offset(every, self.ep_rank), split(every.sum(dim=0))
 

@@ -45,7 +45,8 @@ class KernelPaths:
     """Replay the fused kernel inside a captured CUDA graph (input copy, replay, output copy) instead of one
     direct launch: a triton launch costs more host time than a replay (50-60 us against 30-50 us per call on an
     H200 host; ``benchmarks/replica_split_bench.py`` and ``benchmarks/fast_replicas_gpu.py`` time both), and
-    the forwards it runs in are host-bound."""
+    the forwards it runs in are host-bound.  The balanced split overrides it: its launch measured no dearer than
+    a replay, and the replay's copies are kernels on the forward's critical path."""
 
     _fused_failed = False  # a kernel of this class failed in this process: the graph path from then on
     _logged: set[str] = set()

@@ -82,7 +82,7 @@ class PairCounts(NamedTuple):
 
     Attributes:
         counts: int64 ``[E]`` pairs of each expert (every pair the dispatcher sends).
-        blocks: int32 ``[B, E]`` pairs per block of tokens, read by the fused routing (``None`` on the torch path).
+        blocks: int32 ``[E, B]`` pairs per block of tokens, read by the fused routing (``None`` on the torch path).
         table: int32 ``[2P + E]`` the fused routing's slot tables (``None`` on the torch path).
     """
 

@@ -1,21 +1,26 @@
-"""The routing onto slots (:func:`megatron_eplb.slot_routing.route_to_slots_torch`) as two fused Triton kernels
-and a one-kernel backward, bitwise equal (outputs and the gradient of ``probs``), instead of 14-15 small
-kernels per MoE layer forward.
+"""The routing onto slots (:func:`megatron_eplb.slot_routing.route_to_slots_torch`) as two Triton kernels forward
+(a count and the routing) and one backward, bitwise equal (outputs and the gradient of ``probs``), instead of
+14-15 small kernels per MoE layer forward.
 
 Shapes as in :mod:`megatron_eplb.slot_routing`: ``T`` tokens, ``E`` logical experts, ``P`` slots, ``K`` spread
-experts, ``C`` most copies (``spread_slots [K, C]``), ``C - 1`` split bounds per expert.
+experts, ``C`` most copies (``spread_slots [K, C]``), ``C - 1`` split bounds per expert, ``B`` blocks of
+:func:`block_tokens` tokens.
 
-1. :func:`_spread_slots_kernel`, one program per spread expert ``k`` plus one for the tables: program ``k``
-   scans ``routing_map[:, spread[k]]`` over the tokens in blocks (``tl.cumsum`` plus a running carry: the
-   number of pairs so far, as the torch ``cumsum``), picks each pair's copy (round-robin
-   ``(i + offset) % count`` or the split's ``#{c : bounds[e, c] <= first[e] + i}``) and writes its slot into
-   int32 ``sel [K, T]`` (every token, routed or not, as the torch code's slot).  The last program writes int32
-   ``table [2P + E]``: the expert of each slot (``-1``: none receives pairs: an empty slot, or a copy that a
-   ``local_slot`` leaves out), whether that expert is spread (its ``k``, else ``-1``), and each expert's ``k``.
-2. :func:`_rows_kernel`, one program per block of tokens, writes whole rows of both outputs (zeros and the
-   routed pairs, so no separate zero fill) as a gather: slot ``p`` of token ``t`` holds expert
-   ``e = table[p]``'s pair when it is routed and its slot is ``p`` (``sel[k, t] == p`` for a spread expert,
-   always for the others: ``p`` is their one slot).
+1. :func:`_count_kernel` (:func:`count_pairs`), one program per :data:`_COUNT_GROUP` blocks of tokens plus one
+   for the tables: each block's pairs of every expert into int32 ``blocks [E, B]``, their sums into int64
+   ``counts [E]`` (and into a caller's record buffer) by atomic adds.  The balanced split reads ``counts``
+   before the routing (so a caller counts once, :class:`~megatron_eplb.slot_routing.PairCounts`).  The last
+   program writes int32 ``table [2P + E]``: the expert of each slot (``-1``: none receives pairs: an empty slot,
+   or a copy that a ``local_slot`` leaves out), whether that expert is spread (its ``k``, else ``-1``), and each
+   expert's ``k``.
+2. :func:`_route_kernel`, one program per block of tokens.  First, for every spread expert, the number of its
+   pairs before the block (a sum over ``blocks``) plus a scan inside it (``tl.cumsum`` with a running carry: as
+   the torch ``cumsum``) gives each pair's position ``i``; the pair takes its copy (round-robin
+   ``(i + offset) % count`` or the split's ``#{c : bounds[e, c] <= first[e] + i}``) and its slot goes into int32
+   ``sel [K, T]`` (every token, routed or not, as the torch code's slot).  Then, after a barrier, whole rows of
+   both outputs (zeros and the routed pairs, so no separate zero fill) as a gather: slot ``p`` of token ``t``
+   holds expert ``e = table[p]``'s pair when it is routed and its slot is ``p`` (``sel[k, t] == p`` for a spread
+   expert, always for the others: ``p`` is their one slot).
 3. :func:`_grad_kernel` (backward), one program per block of tokens: ``grad_probs[t, e] = grad[t, slot[t, e]]``
    where routed, else 0 (the torch code's ``scatter`` / ``where`` backward).
 
@@ -64,9 +69,10 @@ def _pow2(x: int) -> int:
 def launch_config(num_experts: int, num_slots: int, num_spread: int, copies: int, num_bounds: int) -> tuple:
     """The kernels' block sizes for one layer's shapes: ``((name, value), ...)`` (powers of two).
 
-    ``SCAN_T``: tokens per step of a spread expert's scan (8 warps); ``BLOCK_P`` / ``P_BLOCKS``: slots per tile and tiles
-    per row (``P`` up to 128 in one tile); ``K_BLOCK``: spread experts per step of the tables; ``ROWS_T``: tokens per program of the row and gradient kernels (a
-    ``[ROWS_T, BLOCK_P]`` tile of 4096 elements at most); ``BLOCK_E``: experts per tile."""
+    ``SCAN_T``: tokens per step of the count and of the routing's scan; ``BLOCK_P`` / ``P_BLOCKS``: slots per tile
+    and tiles per row (``P`` up to 128 in one tile); ``ROWS_T``: tokens per step of the rows and per program of the
+    gradient (a ``[ROWS_T, BLOCK_P]`` tile of 4096 elements at most); ``BLOCK_E``: experts per tile; ``C_P`` /
+    ``B_P``: copies and split bounds padded; ``K_BLOCK``: spread experts per step."""
     block_p = min(_pow2(num_slots), 128)
     return (
         ("SCAN_T", _SCAN_T),
@@ -148,7 +154,7 @@ def count_pairs(routing_map: torch.Tensor, tables, num_slots: int, record: torch
         num_slots: ``P``.
         record: optional int64 ``[E]`` the counts are also added into (in place).
     Returns:
-        int64 ``[E]`` pairs of each expert, int32 ``[B, E]`` pairs per block of :func:`block_tokens` tokens,
+        int64 ``[E]`` pairs of each expert, int32 ``[E, B]`` pairs per block of :func:`block_tokens` tokens,
         int32 ``[2P + E]`` tables of the routing kernel.  Two launches (a zero fill and the count); no host sync.
     """
     if routing_map.is_cuda and routing_map.device.index != torch.cuda.current_device():
@@ -161,7 +167,7 @@ def count_pairs(routing_map: torch.Tensor, tables, num_slots: int, record: torch
     step = block_tokens(num_tokens)
     num_blocks = -(-num_tokens // step)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    blocks = torch.empty(num_blocks, num_experts, dtype=torch.int32, device=device)
+    blocks = torch.empty(num_experts, num_blocks, dtype=torch.int32, device=device)
     table = torch.empty(2 * num_slots + num_experts, dtype=torch.int32, device=device)
     fixed = fixed.contiguous()
     # an empty [K] view may point one past its allocation: hand any valid pointer (never read when K = 0)
@@ -266,7 +272,7 @@ def _forward(probs, routing_map, tables, num_slots: int, offset: int, split, cou
         bounds = bounds if bounds.numel() else table
     cfg = dict(launch_config(num_experts, num_slots, num_spread, copies, num_bounds))
     step = block_tokens(num_tokens)
-    _route_kernel[(blocks.shape[0],)](
+    _route_kernel[(blocks.shape[1],)](
         probs,
         routed,
         blocks,
@@ -286,6 +292,7 @@ def _forward(probs, routing_map, tables, num_slots: int, offset: int, split, cou
         num_bounds,
         num_slots,
         step,
+        blocks.shape[1],
         int(offset),
         SPLIT=split is not None,
         SCAN_T=cfg["SCAN_T"],
@@ -411,7 +418,7 @@ if triton is not None:
     def _count_kernel(
         map_ptr,  # uint8 [T, E]
         counts_ptr,  # int64 [E], zeroed: added into
-        blocks_ptr,  # int32 [B, E], written
+        blocks_ptr,  # int32 [E, B], written
         record_ptr,  # int64 [E]: added into (RECORD)
         fixed_ptr,  # int [E]
         spread_ptr,  # int [K]
@@ -454,15 +461,15 @@ if triton is not None:
                     acc += tl.sum(hit.to(tl.int32), axis=1)
                     t0 += SCAN_T
                 tl.store(
-                    blocks_ptr + b[:, None] * num_experts + e[None, :],
+                    blocks_ptr + e[None, :] * num_blocks + b[:, None],
                     acc,
                     mask=(b < num_blocks)[:, None] & in_e[None, :],
                 )
                 total = tl.sum(acc, axis=0).to(tl.int64)
                 some = in_e & (total > 0)
-                tl.atomic_add(counts_ptr + e, total, mask=some)
+                tl.atomic_add(counts_ptr + e, total, mask=some, sem="relaxed")
                 if RECORD:
-                    tl.atomic_add(record_ptr + e, total, mask=some)
+                    tl.atomic_add(record_ptr + e, total, mask=some, sem="relaxed")
                 e0 += BLOCK_E
         else:
             # The tables: each slot's expert and spread index, each expert's spread index (K_BLOCK spread
@@ -530,13 +537,14 @@ if triton is not None:
             "num_bounds",
             "num_slots",
             "block_tokens",
+            "num_blocks",
             "offset",
         ]
     )
     def _route_kernel(
         probs_ptr,  # float [T, E]
         map_ptr,  # uint8 [T, E]
-        blocks_ptr,  # int32 [B, E]: pairs per block of tokens (_count_kernel)
+        blocks_ptr,  # int32 [E, B]: pairs per block of tokens (_count_kernel)
         spread_ptr,  # int [K]
         spread_slots_ptr,  # int [K, C]
         count_ptr,  # int [K] (the [K, 1] column)
@@ -553,6 +561,7 @@ if triton is not None:
         num_bounds,  # C - 1 of the split's bounds
         num_slots,  # P
         block_tokens,
+        num_blocks,  # B
         offset,
         SPLIT: tl.constexpr,
         SCAN_T: tl.constexpr,
@@ -582,7 +591,7 @@ if triton is not None:
             while b0 < b:
                 bb = b0 + nb
                 before = tl.load(
-                    blocks_ptr + bb[:, None] * num_experts + e[None, :],
+                    blocks_ptr + e[None, :] * num_blocks + bb[:, None],
                     mask=(bb < b)[:, None] & in_j[None, :],
                     other=0,
                 )
@@ -640,7 +649,7 @@ if triton is not None:
                     sel_ptr + k[None, :] * num_tokens + t[:, None], mask=some & (k >= 0)[None, :], other=-1
                 )
                 on = on & ((k < 0)[None, :] | (sel == p[None, :]))
-                prob = tl.load(probs_ptr + pair, mask=some & on)
+                prob = tl.load(probs_ptr + pair, mask=some)  # not waiting for sel
                 prob = tl.where(on, prob, tl.zeros_like(prob))
                 out = t[:, None] * num_slots + p[None, :]
                 keep = in_t[:, None] & in_p[None, :]

@@ -337,9 +337,9 @@ def test_the_count_is_the_maps_and_feeds_the_routing():
     step = fused.block_tokens(700)
     want = routing_map.sum(0)
     assert counts.dtype == torch.int64 and torch.equal(counts, want) and torch.equal(record, want + 5)
-    assert blocks.shape == (-(-700 // step), 16)
-    for b in range(blocks.shape[0]):
-        assert torch.equal(blocks[b].long(), routing_map[b * step : (b + 1) * step].sum(0))
+    assert blocks.shape == (16, -(-700 // step))
+    for b in range(blocks.shape[1]):
+        assert torch.equal(blocks[:, b].long(), routing_map[b * step : (b + 1) * step].sum(0))
     probs = torch.rand(700, 16, generator=gen).to(DEVICE)
     given = slot_routing.PairCounts(counts, blocks, table)
     got = fused.route_to_slots(probs, routing_map, tables, num_slots, counted=given, **kwargs)

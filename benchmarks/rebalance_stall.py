@@ -77,6 +77,9 @@ def part_train(device, small: bool, canary: str = "off", more_canaries: tuple[st
         eplb_window_size=10,
         eplb_layers_per_step=1,
         eplb_transfer_canary=canary,
+        # --small (the CPU smoke run of this script): the due step waits for the plan, so a policy worker that
+        # starts slowly on a loaded machine still plans within the short run
+        **({"eplb_max_plan_wait": 25.0} if small else {}),
     )
     handle = eplb_mcore.apply(model, config=EPLBConfig.from_dict(base_cfg))
     opt = torch.optim.Adam(model.parameters(), lr=1e-5, fused=CUDA)

@@ -4,9 +4,10 @@ logical ``[T, E]`` probs and routing map become the ``[T, P]`` ones a dispatcher
 Pure torch (no Megatron, no DeepSpeed): :class:`SlotTables` (one layer's placement as the routing reads it,
 made once per placement by :func:`slot_tables`), :func:`route_to_slots_torch` (the torch functions: 14-15 small
 kernels on CUDA) and :func:`route_to_slots`, which runs the fused Triton kernels of
-:mod:`megatron_eplb.slot_routing_triton` (bitwise the same outputs and gradient; a count and the routing forward,
-one kernel backward) on CUDA where triton imports and the shapes fit, else the torch functions.  Which path runs is logged
-once per process (and per reason); a fused launch that fails is logged and the torch path runs from then on.
+:mod:`megatron_eplb.slot_routing_triton` (bitwise the same outputs and gradient; a count and the routing
+forward, one kernel backward) on CUDA where triton imports and the shapes fit, else the torch functions.  Which
+path runs is logged once per process (and per reason); a fused launch that fails is logged and the torch path
+runs from then on.
 Neither path syncs with the host or decides anything from tensor values, so both can be captured in a CUDA
 graph; inside a capture the kernels run only once they have run outside one (triton compiles at a first launch).
 

@@ -40,6 +40,8 @@ from .replica_split import _BIG, DEFAULT_ITERATIONS, ReplicaTables
 try:  # CPU CI has no triton: everything below the guard is then never defined
     import triton
     import triton.language as tl
+
+    from .triton_launch import Launcher
 except Exception:  # noqa: BLE001 - any import failure means "no triton"
     triton = None
     tl = None
@@ -121,7 +123,8 @@ def balanced_bounds(
             return balanced_bounds(load, tables, iterations, align)
     cfg = dict(_launch_config(num_experts, copies, replicated.numel(), num_ranks))
     num_warps = cfg.pop("num_warps")
-    _balanced_bounds_kernel[(1,)](
+    _bounds_launch(
+        1,
         load.contiguous(),
         copy_rank.contiguous(),
         copy_count.contiguous(),
@@ -134,12 +137,15 @@ def balanced_bounds(
         num_ranks,
         copies,
         max(int(align), 1),
-        ITERATIONS=max(int(iterations), 0),
-        E_BLOCKS=triton.cdiv(num_experts, cfg["BLOCK_E"]),
-        BIG=_BIG,
+        max(int(iterations), 0),  # ITERATIONS
+        triton.cdiv(num_experts, cfg["BLOCK_E"]),  # E_BLOCKS
+        _BIG,
+        cfg["C_P"],
+        cfg["K_P"],
+        cfg["N_P"],
+        cfg["BLOCK_E"],
         num_warps=num_warps,
         enable_fp_fusion=False,  # no fp64 multiply-add contraction (none arises; this makes it certain)
-        **cfg,
     )
     return bounds
 
@@ -218,8 +224,13 @@ if triton is not None:
         """The balanced split's water-filling rounds from ``x [R, C_P]`` (the even split): every row's
         ``amount [R]`` water-filled over its copies (``rank [R, C_P]``, ``missing`` = padding, rank ``N``) with
         the others held, the step shortened by the exact line search; ``fixed [N_P]`` rank loads of experts
-        outside the tile.  Returns ``[R, C_P]`` (rows sum to ``amount``, 0 on padding)."""
-        for _ in range(ITERATIONS):
+        outside the tile.  Returns ``[R, C_P]`` (rows sum to ``amount``, 0 on padding).
+
+        A round is a function of ``x`` alone, so once one moves nothing the rest would not either: the loop
+        stops there (the same result as all ``ITERATIONS`` rounds; at one rank the first round moves nothing)."""
+        done = tl.full([], 0, tl.int32)
+        moving = tl.full([], 1, tl.int1)
+        while moving & (done < ITERATIONS):
             rank_load = fixed + _to_ranks(x, rank, n)  # [N_P]
             others = tl.where(missing, BIG, _from_ranks(rank_load, rank, n) - x)
             step = _water_fill(others, amount, c) - x
@@ -232,6 +243,8 @@ if triton is not None:
             # after = cumsum(x) + moved, x = diff(after): the same integers as x + diff(moved)
             moved = _floor_to_int(alpha * _cumsum(step, c).to(tl.float64))
             x = x + moved - _previous(moved, c)
+            moving = tl.sum((moved != 0).to(tl.int32)) > 0
+            done += 1
         return x
 
     @triton.jit
@@ -302,3 +315,5 @@ if triton is not None:
         bound = _align(_cumsum(x, c), amount, align)
         out = in_k[:, None] & (c[None, :] < copies - 1)
         tl.store(bounds_ptr + rep[:, None] * (copies - 1) + c[None, :], bound, mask=out)
+
+    _bounds_launch = Launcher(_balanced_bounds_kernel)

@@ -145,10 +145,15 @@ def part_record(
         )
     }
 
-    # Correctness: every instance's output is bitwise equal; the loads are the router's counts.
+    # Correctness: every instance's output equals the unpatched one (bitwise without replicas; with them the
+    # split experts' rows go through other GEMM groups, so bf16 rounds differently); the loads are the router's.
     with torch.no_grad():
         y_ref = models["unpatched0"](x)
-        out["bitwise_equal"] = all(bool(torch.equal(m(x), y_ref)) for m in models.values())
+        ys = [m(x) for m in models.values()]
+        out["bitwise_equal"] = all(bool(torch.equal(y, y_ref)) for y in ys)
+        scale = y_ref.float().abs().max().clamp(min=1e-30)
+        out["max_rel_diff"] = max(float((y.float() - y_ref.float()).abs().max() / scale) for y in ys)
+        del ys
         h0 = handles["patched0"]
         h0.reset_loads()
         models["patched0"](x)
@@ -309,7 +314,8 @@ def _table(r: dict) -> str:
         f"{k['added_us_per_forward']:.1f} us device"
     )
     lines.append(
-        f"  bitwise equal {p['bitwise_equal']}, loads ok {p['loads_sum_ok']}, "
+        f"  outputs bitwise equal {p['bitwise_equal']} (max difference {p['max_rel_diff']:.1e} of the largest), "
+        f"loads ok {p['loads_sum_ok']}, "
         f"CUDA graph replay counts ok {p['cuda_graph_replay_counts_ok']}"
     )
     return "\n".join(lines)

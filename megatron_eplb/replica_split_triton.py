@@ -40,8 +40,6 @@ from .replica_split import _BIG, DEFAULT_ITERATIONS, ReplicaTables
 try:  # CPU CI has no triton: everything below the guard is then never defined
     import triton
     import triton.language as tl
-
-    from .triton_launch import Launcher
 except Exception:  # noqa: BLE001 - any import failure means "no triton"
     triton = None
     tl = None
@@ -123,8 +121,7 @@ def balanced_bounds(
             return balanced_bounds(load, tables, iterations, align)
     cfg = dict(_launch_config(num_experts, copies, replicated.numel(), num_ranks))
     num_warps = cfg.pop("num_warps")
-    _bounds_launch(
-        1,
+    _balanced_bounds_kernel[(1,)](
         load.contiguous(),
         copy_rank.contiguous(),
         copy_count.contiguous(),
@@ -137,15 +134,12 @@ def balanced_bounds(
         num_ranks,
         copies,
         max(int(align), 1),
-        max(int(iterations), 0),  # ITERATIONS
-        triton.cdiv(num_experts, cfg["BLOCK_E"]),  # E_BLOCKS
-        _BIG,
-        cfg["C_P"],
-        cfg["K_P"],
-        cfg["N_P"],
-        cfg["BLOCK_E"],
+        ITERATIONS=max(int(iterations), 0),
+        E_BLOCKS=triton.cdiv(num_experts, cfg["BLOCK_E"]),
+        BIG=_BIG,
         num_warps=num_warps,
         enable_fp_fusion=False,  # no fp64 multiply-add contraction (none arises; this makes it certain)
+        **cfg,
     )
     return bounds
 
@@ -315,5 +309,3 @@ if triton is not None:
         bound = _align(_cumsum(x, c), amount, align)
         out = in_k[:, None] & (c[None, :] < copies - 1)
         tl.store(bounds_ptr + rep[:, None] * (copies - 1) + c[None, :], bound, mask=out)
-
-    _bounds_launch = Launcher(_balanced_bounds_kernel)

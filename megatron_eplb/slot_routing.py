@@ -24,7 +24,15 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["PairCounts", "SlotTables", "count_pairs", "route_to_slots", "route_to_slots_torch", "slot_tables"]
+__all__ = [
+    "PairCounts",
+    "SlotTables",
+    "count_pairs",
+    "route_to_slots",
+    "route_to_slots_torch",
+    "routing_table",
+    "slot_tables",
+]
 
 
 class SlotTables(NamedTuple):
@@ -36,12 +44,15 @@ class SlotTables(NamedTuple):
         spread: int64 ``[K]`` the experts whose pairs are spread over their copies (ascending).
         spread_slots: int64 ``[K, C]`` their slots (``log2phy`` rows, ``-1`` padded).
         spread_count: int64 ``[K, 1]`` their copies.
+        table: optional int32 ``[2P + E]`` the fused routing's slot table (:func:`routing_table`), made with the
+            tables when ``P`` is given (else the count kernel makes it in every forward).
     """
 
     fixed: torch.Tensor
     spread: torch.Tensor
     spread_slots: torch.Tensor
     spread_count: torch.Tensor
+    table: torch.Tensor | None = None
 
 
 def slot_tables(
@@ -50,6 +61,7 @@ def slot_tables(
     local_slot: torch.Tensor | None = None,
     *,
     spread: torch.Tensor | None = None,
+    num_slots: int | None = None,
 ) -> SlotTables:
     """The :class:`SlotTables` of one layer's placement (pure; on the tensors' device).
 
@@ -61,6 +73,7 @@ def slot_tables(
             ``local_slot``, found with ``nonzero`` (a host sync on CUDA: build the tables on the host, once per
             placement).  Experts of one copy may be listed (their pairs all take copy 0), so per-batch tables
             made on the device pass every expert (then ``local_slot`` must be None).
+        num_slots: ``P``; given, the tables carry their :func:`routing_table` (made once here, not per forward).
     """
     fixed = log2phy[:, 0]
     if local_slot is not None:
@@ -70,12 +83,41 @@ def slot_tables(
         if local_slot is not None:
             several &= local_slot < 0
         spread = several.nonzero().flatten()
-    return SlotTables(
+    tables = SlotTables(
         fixed.contiguous(),
         spread,
         log2phy.index_select(0, spread),
         replica_count.index_select(0, spread).unsqueeze(1),
     )
+    return tables if num_slots is None else tables._replace(table=routing_table(tables, num_slots))
+
+
+def routing_table(tables: SlotTables, num_slots: int) -> torch.Tensor:
+    """The fused routing's slot table of a placement (pure torch, no host sync; what the count kernel writes).
+
+    Args:
+        tables: the layer's :class:`SlotTables` (``E`` experts, ``K`` spread, ``C`` most copies).
+        num_slots: ``P``.
+    Returns:
+        int32 ``[2P + E]``: the expert of each slot (``-1``: none receives pairs: an empty slot, or a copy that
+        a ``local_slot`` leaves out), each slot's spread index ``k`` (``-1``: not a spread expert's copy), and
+        each expert's ``k`` (``-1``: not spread).
+    """
+    fixed, spread, spread_slots, spread_count = tables[:4]
+    num_spread, copies = spread_slots.shape
+    device = fixed.device
+    k_of = torch.arange(num_spread, device=device)
+    spread_of = torch.full_like(fixed, -1).index_copy_(0, spread, k_of)  # [E]
+    # A slot index of P collects whatever is not a slot, dropped below.
+    one = torch.where((spread_of < 0) & (fixed >= 0) & (fixed < num_slots), fixed, num_slots)  # [E]
+    live = torch.arange(copies, device=device) < spread_count  # [K, C]
+    copy = torch.where(live & (spread_slots >= 0) & (spread_slots < num_slots), spread_slots, num_slots)
+    owner = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=device)
+    owner.scatter_(0, one, torch.arange(fixed.shape[0], device=device))
+    owner.scatter_(0, copy.flatten(), spread.unsqueeze(1).expand(num_spread, copies).flatten())
+    k_of_slot = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=device)
+    k_of_slot.scatter_(0, copy.flatten(), k_of.unsqueeze(1).expand(num_spread, copies).flatten())
+    return torch.cat([owner[:num_slots], k_of_slot[:num_slots], spread_of]).to(torch.int32)
 
 
 class PairCounts(NamedTuple):

@@ -10,7 +10,8 @@ experts, ``C`` most copies (``spread_slots [K, C]``), ``C - 1`` split bounds per
    before the routing (so a caller counts once, :class:`~megatron_eplb.slot_routing.PairCounts`).  The last
    program writes int32 ``table [2P + E]``: the expert of each slot (``-1``: none receives pairs: an empty slot,
    or a copy that a ``local_slot`` leaves out), whether that expert is spread (its ``k``, else ``-1``), and each
-   expert's ``k``.
+   expert's ``k`` (:func:`~megatron_eplb.slot_routing.routing_table`; tables made with ``num_slots`` carry it,
+   and that program is not launched).
 2. :func:`route_kernel`, one program per block of tokens.  First, for every spread expert, the number of its
    pairs before the block (a sum over ``blocks``) plus a scan inside it (``tl.cumsum`` with a running carry: as
    the torch ``cumsum``) gives each pair's position ``i``; the pair takes its copy (round-robin

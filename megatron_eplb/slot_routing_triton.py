@@ -81,7 +81,7 @@ def unfit(
         return f"probs {shape} and routing map {tuple(routing_map.shape)} are not one [T, E]"
     if (probs is not None and not probs.is_floating_point()) or routing_map.dtype != torch.bool:
         return f"probs {None if probs is None else probs.dtype} / routing map {routing_map.dtype} are not float / bool"
-    devices = {t.device for t in (routing_map, *tables, *(split or ()))}
+    devices = {t.device for t in (routing_map, *tables, *(split or ())) if t is not None}
     if devices != {routing_map.device if probs is None else probs.device}:
         where = routing_map.device if probs is None else probs.device
         return f"probs on {where}, routing map, tables and split on {sorted(map(str, devices))}"
@@ -90,6 +90,9 @@ def unfit(
         return f"T = {num_tokens} x max(E, P, K) reaches 2**31 (int32 offsets)"
     if tables.spread_slots.dim() != 2 or tables.spread_slots.shape[0] != tables.spread.numel():
         return f"spread_slots {tuple(tables.spread_slots.shape)} is not [K, C]"
+    table = tables.table
+    if table is not None and (table.dtype != torch.int32 or table.shape != (2 * num_slots + num_experts,)):
+        return f"the tables' routing table ({table.dtype}, {tuple(table.shape)}) is not int32 [2P + E]"
     if split is not None and split[1].dim() != 2:
         return f"split bounds {tuple(split[1].shape)} are not [E, C - 1]"
     return None
@@ -148,7 +151,8 @@ def count_pairs(routing_map: torch.Tensor, tables, num_slots: int, record: torch
         record: optional int64 ``[E]`` the counts are also added into (in place).
     Returns:
         int64 ``[E]`` pairs of each expert, int32 ``[E, B]`` pairs per block of :func:`block_tokens` tokens,
-        int32 ``[2P + E]`` tables of the routing kernel.  Two launches (a zero fill and the count); no host sync.
+        int32 ``[2P + E]`` tables of the routing kernel (``tables.table`` where the tables carry it).  Two
+        launches (a zero fill and the count); no host sync.
     """
     if routing_map.is_cuda and routing_map.device.index != torch.cuda.current_device():
         with torch.cuda.device(routing_map.device):
@@ -160,11 +164,14 @@ def count_pairs(routing_map: torch.Tensor, tables, num_slots: int, record: torch
     num_blocks = -(-num_tokens // step)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
     blocks = torch.empty(num_experts, num_blocks, dtype=torch.int32, device=device)
-    table = torch.empty(2 * num_slots + num_experts, dtype=torch.int32, device=device)
+    table = tables.table  # made with the tables, else by one more program here
+    made = table is None
+    if made:
+        table = torch.empty(2 * num_slots + num_experts, dtype=torch.int32, device=device)
     fixed = tables.fixed.contiguous()
     spread, spread_slots, spread_count = _spread_args(tables, fixed)
     cfg = dict(launch_config(num_experts, num_slots, num_spread, copies, 0))
-    count_kernel[(-(-num_blocks // _COUNT_GROUP) + 1,)](
+    count_kernel[(-(-num_blocks // _COUNT_GROUP) + made,)](  # the program past the blocks' writes the table
         routing_map.contiguous().view(torch.uint8),
         counts,
         blocks,
@@ -321,7 +328,7 @@ def _give_up_backward(exc: Exception) -> None:
 
 
 def _backward_kernel(grad, routed, fixed, sel, table, num_slots: int, cfg: dict, variant, capturing: bool):
-    """:func:`_backward` in one launch of :func:`_grad_kernel`."""
+    """:func:`_backward` in one launch of the gradient kernel."""
     num_tokens, num_experts = routed.shape
     out = torch.empty(num_tokens, num_experts, dtype=grad.dtype, device=grad.device)
     if num_tokens == 0 or num_experts == 0:

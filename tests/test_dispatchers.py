@@ -36,6 +36,23 @@ def test_route_to_slots_even_split():
     assert lf_map[:, 3].sum() == 7
 
 
+def test_routing_table_names_each_slots_expert_and_copy():
+    """``routing_table`` (made with the tables, read by the fused routing): slot -> expert (``-1`` where no pair
+    goes: an empty slot, or a copy a ``local_slot`` leaves out), slot -> spread index, expert -> spread index."""
+    row = np.array([0, 1, 2, 0, 3, 0, -1])  # expert 0 in slots 0, 3, 5; slot 6 empty
+    log2phy, count = (torch.from_numpy(a[0]) for a in build_log2phy(row[None, :], 4))
+    count = count.clamp(min=1)
+    table = slot_tables(log2phy, count, num_slots=7).table
+    assert table.dtype == torch.int32
+    assert table.tolist() == [0, 1, 2, 0, 3, 0, -1] + [0, -1, -1, 0, -1, 0, -1] + [0, -1, -1, -1]
+    local = torch.tensor([3, -1, 2, -1])  # expert 0's pairs all on slot 3: slots 0 and 5 get none
+    table = slot_tables(log2phy, count, local, num_slots=7).table
+    assert table.tolist() == [-1, 1, 2, 0, 3, -1, -1] + [-1] * 7 + [-1] * 4
+    every = slot_tables(log2phy, count, spread=torch.arange(4), num_slots=7).table  # every expert spread
+    assert every.tolist() == [0, 1, 2, 0, 3, 0, -1] + [0, 1, 2, 0, 3, 0, -1] + [0, 1, 2, 3]
+    assert slot_tables(log2phy, count).table is None  # without P: the count kernel makes it per forward
+
+
 def test_route_to_slots_per_batch_shares_over_source_ranks():
     """``split``: each source rank routes its pairs by the shared bounds; together the copies get their shares."""
     from megatron_eplb.replica_split import balanced_shares, copy_bounds, replica_tables, source_offsets

@@ -72,7 +72,8 @@ def _routings(rng, tokens: int, experts: int, topk: int, sources: int) -> list[t
 
 def _cases(rng, tokens: int, experts: int, ranks: int, slots_per_rank: int, topk: int):
     """``(routing_map, tables, kwargs, P)`` for the first three EP ranks: round-robin (the default tables, ``local_slot``
-    tables, every expert spread) and the split over source ranks (default tables, every expert spread)."""
+    tables, every expert spread) and the split over source ranks (default tables, every expert spread); the
+    ``local_slot`` and the last tables carry their routing table."""
     row = _placement(rng, experts, ranks, slots_per_rank)
     log2phy, count = build_log2phy(row[None, :], experts)
     log2phy, count = torch.from_numpy(log2phy[0]), torch.from_numpy(count[0])
@@ -91,10 +92,21 @@ def _cases(rng, tokens: int, experts: int, ranks: int, slots_per_rank: int, topk
                 local[row[slot]] = slot
         split = (first[rank], bounds)
         yield routing_map, default, dict(offset=rank), num_slots
-        yield routing_map, slot_tables(log2phy, count, local), dict(offset=rank + 5), num_slots
+        yield (
+            routing_map,
+            slot_tables(log2phy, count, local, num_slots=num_slots),
+            dict(offset=rank + 5),
+            num_slots,
+        )
         yield routing_map, slot_tables(log2phy, count, spread=every), dict(offset=rank), num_slots
         yield routing_map, default, dict(split=split), num_slots
-        yield routing_map, slot_tables(log2phy, count, spread=every), dict(split=split), num_slots
+        # the routing table made with the tables (the count kernel makes the others')
+        yield (
+            routing_map,
+            slot_tables(log2phy, count, spread=every, num_slots=num_slots),
+            dict(split=split),
+            num_slots,
+        )
 
 
 def _on(x):
@@ -349,6 +361,20 @@ def test_the_count_is_the_maps_and_feeds_the_routing():
     record.zero_()
     assert torch.equal(slot_routing.count_pairs(routing_map, tables, num_slots, record=record).counts, counts)
     assert torch.equal(record, counts)
+
+
+def test_the_routing_table_made_with_the_tables_is_the_count_kernels():
+    """``slot_tables(..., num_slots=P)``'s table (torch, once per placement) equals the one the count kernel
+    writes, for every kind of tables; the count then writes none (the tables' own is handed on)."""
+    rng = np.random.default_rng(12)
+    for routing_map, tables, _, num_slots in _cases(rng, 300, 16, 4, 6, 4):
+        routing_map, tables = _on(routing_map), _on(tables)
+        bare = tables._replace(table=None)
+        made = slot_routing.routing_table(bare, num_slots)
+        assert made.dtype == torch.int32 and made.shape == (2 * num_slots + 16,)
+        assert torch.equal(fused.count_pairs(routing_map, bare, num_slots)[2], made)
+        carried = tables._replace(table=made)
+        assert fused.count_pairs(routing_map, carried, num_slots)[2] is made
 
 
 def test_blocks_of_several_scan_steps(monkeypatch):

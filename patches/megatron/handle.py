@@ -429,7 +429,12 @@ class MegatronEPLB(SlotShape):
         copies = log2phy.shape[2]
         # Built on the host (which experts are spread: no host sync in the forward), then moved at once.
         parts = list(
-            slot_tables(torch.from_numpy(log2phy[0]), torch.from_numpy(np.maximum(count[0], 1)), local_slot)
+            slot_tables(
+                torch.from_numpy(log2phy[0]),
+                torch.from_numpy(np.maximum(count[0], 1)),
+                local_slot,
+                num_slots=self.num_slots,
+            )
         )
         permutation = row.shape[0] == self.num_experts and np.array_equal(
             np.sort(row), np.arange(self.num_experts)
@@ -444,7 +449,8 @@ class MegatronEPLB(SlotShape):
             tables = replica_tables(row, self.ep_size, self.num_experts, self.device)
             old = self._tables[layer].replicas if layer is not None else None
             replicas = BalancedSplit(tables, align=self.split_align) if old is None else old.retarget(tables)
-        return _LayerTables(SlotTables(*parts[:4]), direct, replicas)
+        slots = SlotTables(*parts[:4], parts[4].to(torch.int32))  # the routing table: int32 (one cast)
+        return _LayerTables(slots, direct, replicas)
 
     def _convert_layer(self, idx: int, layer: torch.nn.Module) -> None:
         """Rebuild the experts for S slots (filled from the logical experts) and the dispatcher for P."""

@@ -171,7 +171,7 @@ def count_pairs(routing_map: torch.Tensor, tables, num_slots: int, record: torch
     fixed = tables.fixed.contiguous()
     spread, spread_slots, spread_count = _spread_args(tables, fixed)
     cfg = dict(launch_config(num_experts, num_slots, num_spread, copies, 0))
-    count_kernel[(-(-num_blocks // _COUNT_GROUP) + made,)](  # the program past the blocks' writes the table
+    count_kernel[(-(-num_blocks // _COUNT_GROUP) + made,)](  # + one program for the table, unless carried
         routing_map.contiguous().view(torch.uint8),
         counts,
         blocks,

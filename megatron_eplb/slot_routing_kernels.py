@@ -38,18 +38,11 @@ __all__ = ["count_kernel", "grad_kernel", "route_kernel"]
 
 
 if triton is not None:
+    # The sizes the count and the routing take: one compiled variant for all values (triton would specialize
+    # integers equal to 1 or divisible by 16).
+    _SIZES = ["num_tokens", "num_experts", "num_spread", "copies", "num_slots", "block_tokens", "num_blocks"]
 
-    @triton.jit(
-        do_not_specialize=[
-            "num_tokens",
-            "num_experts",
-            "num_spread",
-            "copies",
-            "num_slots",
-            "block_tokens",
-            "num_blocks",
-        ]
-    )
+    @triton.jit(do_not_specialize=_SIZES)
     def count_kernel(
         map_ptr,  # uint8 [T, E]
         counts_ptr,  # int64 [E], zeroed: added into
@@ -163,19 +156,7 @@ if triton is not None:
                 tl.store(table_ptr + 2 * num_slots + e, spread_of.to(tl.int32), mask=e < num_experts)
                 e0 += BLOCK_E
 
-    @triton.jit(
-        do_not_specialize=[
-            "num_tokens",
-            "num_experts",
-            "num_spread",
-            "copies",
-            "num_bounds",
-            "num_slots",
-            "block_tokens",
-            "num_blocks",
-            "offset",
-        ]
-    )
+    @triton.jit(do_not_specialize=[*_SIZES, "num_bounds", "offset"])
     def route_kernel(
         probs_ptr,  # float [T, E]
         map_ptr,  # uint8 [T, E]
